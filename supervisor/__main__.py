@@ -1,0 +1,5 @@
+"""`python -m supervisor` is the `bluegreen` command."""
+
+from .cli import main
+
+raise SystemExit(main())

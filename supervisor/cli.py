@@ -1,0 +1,259 @@
+"""The `bluegreen` command: run the daemon, or talk to it over its control socket.
+
+Exit codes: 0 done; 1 the operation failed and traffic is unchanged; 2 usage or config
+error; 3 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from . import __version__, protocol
+from .config import Config, load
+from .errors import ConfigError, Unreachable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_CONFIG = "bluegreen.toml"
+
+DESCRIPTION = """\
+Zero-downtime blue/green releases of one web app behind nginx.
+
+The daemon runs two copies of your app on alternating ports (blue, green). `swap` starts
+the new build on the idle port, waits until it is ready, points nginx at it (tested and
+confirmed reload), waits until the old copy has no request in flight, then stops it.
+"""
+
+EPILOG = """\
+examples:
+  bluegreen daemon -c app.toml              run the daemon (foreground; Ctrl-C stops app and nginx)
+  bluegreen swap -c app.toml releases/42    release a build (blocks until the old one is stopped)
+  bluegreen status -c app.toml              what serves now, and the last swap's phases
+  bluegreen rollback -c app.toml            swap back to the previous build
+  echo status | socat - UNIX-CONNECT:run/bluegreen.sock
+
+The config is -c PATH, else $BLUEGREEN_CONFIG, else ./bluegreen.toml.
+exit codes: 0 done, 1 failed (traffic unchanged), 2 usage/config error, 3 daemon unreachable
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", metavar="PATH", help="config file (default: $BLUEGREEN_CONFIG or ./bluegreen.toml)")
+    common.add_argument("--socket", metavar="PATH", help="control socket (default: daemon.socket from the config)")
+
+    parser = argparse.ArgumentParser(
+        prog="bluegreen", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"bluegreen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("daemon", parents=[common], help="run the daemon in the foreground",
+                   description="Run the daemon: start the saved (or app.build) build and nginx, serve the "
+                               "control socket. SIGTERM/SIGINT stop the app and the managed nginx cleanly.")
+    p = sub.add_parser("swap", parents=[common], help="release BUILD with zero downtime",
+                       description="Start BUILD on the standby slot, switch nginx to it once ready, drain and "
+                                   "stop the old slot. Without BUILD, restart the current build.")
+    p.add_argument("build", nargs="?", metavar="BUILD", help="build directory (relative to the current directory)")
+    p.add_argument("--json", action="store_true", help="print the raw reply lines")
+    p = sub.add_parser("rollback", parents=[common], help="swap back to the previous build")
+    p.add_argument("--json", action="store_true", help="print the raw reply lines")
+    p = sub.add_parser("status", parents=[common], help="show the active slot, the standby, the last swap")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    sub.add_parser("check-config", parents=[common], help="validate the config and report every problem")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args)
+        if args.command == "daemon":
+            from .daemon import serve  # the daemon's imports are not needed by the client
+
+            return serve(_config(args))
+        sock = _socket_path(args)
+        if args.command == "status":
+            return status(sock, args.json)
+        if args.command == "swap":
+            req: dict[str, Any] = {"cmd": "swap"}
+            if args.build:
+                req["build"] = os.path.abspath(args.build)
+            return stream(sock, req, args.json)
+        if args.command == "rollback":
+            return stream(sock, {"cmd": "rollback"}, args.json)
+    except ConfigError as e:
+        _err("config error:\n  " + "\n  ".join(e.problems))
+        return EXIT_USAGE
+    except Unreachable as e:
+        _err(e.message)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        _err("interrupted: a swap already started goes on in the daemon; see `bluegreen status`")
+        return EXIT_FAILED
+    return EXIT_USAGE
+
+
+def _err(text: str) -> None:
+    print(f"bluegreen: {text}", file=sys.stderr)
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("BLUEGREEN_CONFIG") or DEFAULT_CONFIG)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = _config_path(args)
+    if not args.config and not os.environ.get("BLUEGREEN_CONFIG") and not path.exists():
+        raise ConfigError(f"no config given and ./{DEFAULT_CONFIG} does not exist; pass -c PATH or --socket PATH")
+    return load(path)
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    return _config(args).daemon.socket
+
+
+def check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    print(f"{cfg.path}: ok")
+    print(f"  app: {' '.join(cfg.app.command)}  ports blue={cfg.app.ports[0]} green={cfg.app.ports[1]}")
+    print(f"  nginx: {cfg.nginx.mode}" + (f" on {cfg.nginx.listen}" if cfg.nginx.mode == "managed" else
+                                          f", upstream file {cfg.nginx.upstream_file}"))
+    print(f"  socket: {cfg.daemon.socket}  state: {cfg.daemon.state_dir}")
+    return EXIT_OK
+
+
+def request(sock_path: Path, req: dict[str, Any], timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every reply line (progress events, then the final one)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(str(sock_path))
+    except FileNotFoundError:
+        s.close()
+        raise Unreachable(f"no daemon socket at {sock_path}: is `bluegreen daemon` running with this config?") from None
+    except (ConnectionRefusedError, socket.timeout):
+        s.close()
+        raise Unreachable(f"no daemon answers on {sock_path} (stale socket?): start `bluegreen daemon`") from None
+    except PermissionError:
+        s.close()
+        raise Unreachable(f"permission denied on {sock_path}: run as the daemon's user") from None
+    s.settimeout(timeout)
+    with s, s.makefile("rb") as f:
+        s.sendall(protocol.encode(req))
+        for line in f:
+            msg = protocol.parse_reply(line)
+            yield msg
+            if "ok" in msg:
+                return
+    raise Unreachable("the daemon closed the connection without a final reply; see its log")
+
+
+def status(sock: Path, as_json: bool, out: TextIO = sys.stdout) -> int:
+    final = list(request(sock, {"cmd": "status"}, timeout=10))[-1]
+    if not final.get("ok"):
+        return _print_error(final)
+    st = final["result"]
+    if as_json:
+        json.dump(st, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(format_status(st))
+    return EXIT_OK
+
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = int(time.time() - t)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    d = st["daemon"]
+    lines = [f"daemon   pid {d['pid']} {d['status']}, up {_ago(d['since'])} (v{d['version']}, {d['config']})"]
+    a = st.get("active")
+    if a:
+        health = "" if a.get("alive") else "  ** NOT RUNNING **"
+        lines.append(f"active   {a['slot']} :{a['port']} pid {a['pid']} up {_ago(a['since'])}  {a['build']}{health}")
+    else:
+        lines.append("active   none")
+    sb = st.get("standby")
+    lines.append(f"standby  {sb['slot']} :{sb['port']} pid {sb['pid']}  {sb['build']}" if sb else "standby  none")
+    n = st["nginx"]
+    where = n.get("listen") or n.get("upstream_file")
+    lines.append(f"nginx    {n['mode']} {where}, " + (f"master pid {n['master_pid']}" if n.get("running")
+                                                        else f"NOT RUNNING: {n.get('error')}"))
+    if st.get("swap"):
+        s = st["swap"]
+        lines.append(f"swap     {s['reason']} to {s['build']} in progress, phase {s['phase']}")
+    last = st.get("last_swap")
+    if last:
+        phases = " ".join(f"{k} {v:.3f}s" for k, v in last["durations"].items())
+        lines.append(f"last     {last['reason']} to {last['build']}: {last['outcome']} {_ago(last['finished_at'])} ago")
+        lines.append(f"         {phases}")
+        if last.get("error"):
+            lines.append(f"         error {last['error']['code']}: {last['error']['message'].splitlines()[0]}")
+    if st.get("previous_build"):
+        lines.append(f"previous {st['previous_build']}  (bluegreen rollback)")
+    return "\n".join(lines) + "\n"
+
+
+def _describe(event: dict[str, Any]) -> str:
+    name = event["event"]
+    if name == "prepare":
+        return f"{event['slot']} :{event['port']}"
+    if name == "start":
+        return f"pid {event['pid']}, log {event['log']}"
+    if name == "ready":
+        return f"{event['target']} ({event['checks']} checks)"
+    if name == "switch":
+        return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
+                f"confirm {event['confirm'] * 1000:.0f}ms)")
+    if name == "drain":
+        cut = f", {event['connections_cut']} connection(s) cut at the timeout" if event["timed_out"] else ""
+        return f"old workers gone after {event['workers_wait']:.3f}s{cut}"
+    if name == "stop":
+        return f"pid {event['pid']} {event['how']}"
+    return ""
+
+
+def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.stdout) -> int:
+    final: dict[str, Any] = {}
+    for msg in request(sock, req):
+        if as_json:
+            out.write(json.dumps(msg) + "\n")
+        elif "event" in msg:
+            if msg.get("status") == "begin":
+                out.write(f"  {msg['event']:<8} ...\n")
+            else:
+                out.write(f"  {msg['event']:<8} {msg['duration']:7.3f}s  {_describe(msg)}\n")
+        out.flush()
+        final = msg
+    if not final.get("ok"):
+        return EXIT_FAILED if as_json else _print_error(final)
+    if not as_json:
+        r = final["result"]
+        a, sw = r["active"], r["swap"]
+        total = (sw.get("finished_at") or 0) - sw["started_at"]
+        out.write(f"done in {total:.2f}s: {a['slot']} :{a['port']} pid {a['pid']} serves {a['build']}\n")
+        for w in sw.get("warnings") or []:
+            out.write(f"warning: {w}\n")
+    return EXIT_OK
+
+
+def _print_error(final: dict[str, Any]) -> int:
+    e = final.get("error") or {}
+    phase = f" in phase {e['phase']}" if e.get("phase") else ""
+    _err(f"failed{phase} [{e.get('code')}]: {e.get('message')}")
+    if e.get("code") in ("bad_request", "config"):
+        return EXIT_USAGE
+    return EXIT_FAILED

@@ -1,0 +1,434 @@
+"""The configuration schema: TOML in, frozen dataclasses out, every problem named by its key.
+
+Each key is declared once in `SCHEMA` (type, default, help); loading checks types,
+rejects unknown keys, then checks the rules that span keys. All problems are
+collected so `bluegreen check-config` can report them at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+SLOTS = ("blue", "green")
+PLACEHOLDERS = ("port", "slot", "build", "build_name", "slot_dir")
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+# --- value parsers: each returns the parsed value or raises ValueError(what was expected)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
+
+
+def _nonempty_str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _optional_str(v: Any) -> str | None:
+    return None if v is None else _nonempty_str(v)
+
+
+def _positive(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return float(v)
+
+
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError("expected a whole number greater than 0")
+    return v
+
+
+def _argv(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
+        raise ValueError('expected a non-empty list of strings, like ["node", "server.js"] (never a shell string)')
+    if not v[0].strip():
+        raise ValueError("the program (first element) is empty")
+    return tuple(v)
+
+
+def _optional_argv(v: Any) -> tuple[str, ...] | None:
+    return None if v is None else _argv(v)
+
+
+def _env(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ValueError('expected a table of strings, like { PORT = "{port}" }')
+    return dict(v)
+
+
+def _ports(v: Any) -> tuple[int, int]:
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in v)
+    ):
+        raise ValueError("expected two TCP ports (1-65535), blue then green, like [8001, 8002]")
+    if v[0] == v[1]:
+        raise ValueError("two different ports are needed")
+    return (v[0], v[1])
+
+
+def _signal(v: Any) -> signal.Signals:
+    if not isinstance(v, str):
+        raise ValueError('expected a signal name like "SIGTERM"')
+    name = v.upper() if v.upper().startswith("SIG") else "SIG" + v.upper()
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError('unknown signal name; use one like "SIGTERM", "SIGINT" or "SIGQUIT"') from None
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in options:
+            raise ValueError("expected one of " + ", ".join(f'"{o}"' for o in options))
+        return v
+
+    return parse
+
+
+def _listen(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError('expected "HOST:PORT" or "PORT", like "127.0.0.1:8080"')
+    port = v.rsplit(":", 1)[-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError('expected "HOST:PORT" or "PORT" with a port in 1-65535, like "127.0.0.1:8080"')
+    return v
+
+
+def _workers(v: Any) -> str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return str(v)
+    raise ValueError('expected "auto" or a whole number greater than 0')
+
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: how to parse it, its default, and what it is for."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any = REQUIRED
+    help: str = ""
+
+
+SCHEMA: dict[str, tuple[Key, ...]] = {
+    "daemon": (
+        Key("socket", _optional_str, None, "control socket path (default: <state_dir>/bluegreen.sock)"),
+        Key("state_dir", _nonempty_str, "run", "state.json, logs/ and the managed nginx prefix live here"),
+    ),
+    "app": (
+        Key("command", _argv, REQUIRED, "argv list of the app; never run through a shell"),
+        Key("cwd", _nonempty_str, "{build}", "working directory of the app"),
+        Key("env", _env, {}, "extra environment, on top of the daemon's own"),
+        Key("ports", _ports, REQUIRED, "the blue and the green port"),
+        Key("build", _nonempty_str, REQUIRED, "the build started when there is no saved state"),
+    ),
+    "app.ready": (
+        Key("url", _optional_str, None, "HTTP URL answered with 2xx when ready; unset = TCP connect check"),
+        Key("timeout", _positive, 60.0, "seconds the standby has to become ready"),
+        Key("interval", _positive, 0.1, "seconds between two checks"),
+    ),
+    "app.stop": (
+        Key("signal", _signal, "SIGTERM", "signal sent to the old app's process group"),
+        Key("timeout", _positive, 30.0, "seconds to wait before SIGKILL of the whole tree"),
+    ),
+    "drain": (
+        Key("timeout", _positive, 30.0, "the longest an old slot keeps serving after the switch"),
+        Key("interval", _positive, 0.02, "seconds between two in-flight counts"),
+    ),
+    "nginx": (
+        Key("mode", _choice("managed", "external"), "managed", "managed: own unprivileged nginx; external: a system nginx"),
+        Key("binary", _nonempty_str, "nginx", "the nginx executable"),
+        Key("listen", _listen, "127.0.0.1:8080", "managed mode: the address nginx listens on"),
+        Key("worker_processes", _workers, 1, "managed mode: nginx worker_processes"),
+        Key("user", _optional_str, None, "managed mode, daemon run as root: the workers' user (default: root's own)"),
+        Key("reload_timeout", _positive, 10.0, "seconds to wait for a reload to be confirmed"),
+        Key("upstream_file", _optional_str, None, "external mode: the file the daemon rewrites"),
+        Key("upstream_name", _nonempty_str, "bluegreen_app", "the upstream block's name (proxy_pass http://NAME)"),
+        Key("pid_file", _optional_str, None, "external mode: the master's pid file"),
+        Key("error_log", _optional_str, None, "external mode: nginx's error log, quoted when a reload fails"),
+        Key("test_command", _optional_argv, None, "external mode: argv that tests the config (default: nginx -t)"),
+        Key("reload_command", _optional_argv, None, "external mode: argv that reloads (default: nginx -s reload)"),
+    ),
+}
+
+
+# --- the typed result
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: Path
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class ReadyConfig:
+    url: str | None
+    timeout: float
+    interval: float
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    signal: signal.Signals
+    timeout: float
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    command: tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str]
+    ports: tuple[int, int]
+    build: Path
+    ready: ReadyConfig
+    stop: StopConfig
+
+    def port(self, slot: str) -> int:
+        return self.ports[SLOTS.index(slot)]
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    timeout: float
+    interval: float
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    mode: str
+    binary: str
+    listen: str
+    worker_processes: str
+    user: str | None
+    reload_timeout: float
+    upstream_file: Path | None
+    upstream_name: str
+    pid_file: Path | None
+    error_log: Path | None
+    test_command: tuple[str, ...]
+    reload_command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    app: AppConfig
+    drain: DrainConfig
+    nginx: NginxConfig
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+# --- placeholders
+
+
+def expand(template: str, context: Mapping[str, str]) -> str:
+    """Fill `{port}`-style placeholders; `{{` and `}}` are literal braces."""
+    return template.format_map(context)
+
+
+def placeholder_problems(where: str, template: str) -> list[str]:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        return [f"{where}: {e} in {template!r} (write {{{{ and }}}} for literal braces)"]
+    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+    return [
+        f"{where}: unknown placeholder {{{n}}} in {template!r}; known: {known}"
+        for n in names
+        if n not in PLACEHOLDERS
+    ]
+
+
+# --- loading
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass -c PATH (see config.example.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    problems: list[str] = []
+    values = _check_keys(data, problems)
+    _cross_check(values, path, data, problems)
+    if problems:
+        raise ConfigError(problems)
+    return _assemble(values, path, data)
+
+
+def _check_keys(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """Type-check every declared key, fill defaults, and name every unknown key."""
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        table: Any = data
+        for part in section.split("."):
+            table = table.get(part, {}) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            problems.append(f"[{section}]: expected a table")
+            table = {}
+        subsections = {s.split(".")[-1] for s in SCHEMA if s.startswith(section + ".")}
+        known = {k.name for k in keys}
+        for name in table:
+            if name not in known and name not in subsections:
+                hint = ", ".join(sorted(known | subsections))
+                problems.append(f"{section}.{name}: unknown key (known keys in [{section}]: {hint})")
+        values[section] = {}
+        for key in keys:
+            if key.name not in table:
+                if key.default is REQUIRED:
+                    problems.append(f"{section}.{key.name}: missing; {key.help}")
+                    continue
+                if key.default is None:
+                    values[section][key.name] = None
+                    continue
+                raw = key.default
+            else:
+                raw = table[key.name]
+            try:
+                values[section][key.name] = key.parse(raw)
+            except ValueError as e:
+                problems.append(f"{section}.{key.name}: {e}, got {raw!r}")
+    for name in data:
+        if name not in {s.split(".")[0] for s in SCHEMA}:
+            problems.append(f"[{name}]: unknown section (known: {', '.join(s for s in SCHEMA if '.' not in s)})")
+    return values
+
+
+def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any], problems: list[str]) -> None:
+    """Rules that span keys; each runs only on keys that parsed, so all problems show at once."""
+    d, a, r, n = v["daemon"], v["app"], v["app.ready"], v["nginx"]
+    if "state_dir" in d:
+        sock = _socket_path(d, path.parent)
+        if len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
+            problems.append(
+                f"daemon.socket: {sock} is {len(os.fsencode(str(sock)))} bytes; Unix sockets allow at most "
+                f"{MAX_SOCKET_PATH}; choose a shorter path"
+            )
+    for i, arg in enumerate(a.get("command", ())):
+        problems += placeholder_problems(f"app.command[{i}]", arg)
+    if "cwd" in a:
+        problems += placeholder_problems("app.cwd", a["cwd"])
+    for k, x in a.get("env", {}).items():
+        problems += placeholder_problems(f"app.env.{k}", x)
+    if r.get("url") is not None:
+        problems += placeholder_problems("app.ready.url", r["url"])
+        if not r["url"].startswith(("http://", "https://")):
+            problems.append(f"app.ready.url: expected an http:// URL, got {r['url']!r}")
+    if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
+        problems.append(
+            f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
+        )
+    mode = n.get("mode")
+    if mode == "external":
+        for key in ("upstream_file", "pid_file"):
+            if not n.get(key):
+                problems.append(f'nginx.{key}: required when nginx.mode = "external"')
+        for key in ("listen", "worker_processes", "user"):
+            if key in data.get("nginx", {}):
+                problems.append(f'nginx.{key}: only used when nginx.mode = "managed"; remove it')
+    elif mode == "managed":
+        for key in ("upstream_file", "pid_file", "error_log", "test_command", "reload_command"):
+            if n.get(key) is not None:
+                problems.append(f'nginx.{key}: only used when nginx.mode = "external"; remove it')
+        if "binary" in n and resolve_binary(n["binary"]) is None:
+            problems.append(
+                f"nginx.binary: {n['binary']!r} not found on PATH or in /usr/sbin; install nginx "
+                "(apt-get install nginx) or set nginx.binary to its full path"
+            )
+
+
+def _rel(base: Path, p: str) -> Path:
+    return (base / os.path.expanduser(p)).absolute()
+
+
+def _socket_path(d: dict[str, Any], base: Path) -> Path:
+    return _rel(base, d["socket"]) if d.get("socket") else _rel(base, d["state_dir"]) / "bluegreen.sock"
+
+
+def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -> Config:
+    base = path.parent
+    d, a, r, s, dr, n = (v[k] for k in ("daemon", "app", "app.ready", "app.stop", "drain", "nginx"))
+    binary = n["binary"]
+    if n["mode"] == "managed":
+        binary = resolve_binary(binary) or binary
+
+    def opt(key: str) -> Path | None:
+        return _rel(base, n[key]) if n[key] else None
+
+    return Config(
+        path=path,
+        daemon=DaemonConfig(socket=_socket_path(d, base), state_dir=_rel(base, d["state_dir"])),
+        app=AppConfig(
+            command=a["command"],
+            cwd=a["cwd"],
+            env=a["env"],
+            ports=a["ports"],
+            build=_rel(base, a["build"]),
+            ready=ReadyConfig(url=r["url"], timeout=r["timeout"], interval=r["interval"]),
+            stop=StopConfig(signal=s["signal"], timeout=s["timeout"]),
+        ),
+        drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
+        nginx=NginxConfig(
+            mode=n["mode"],
+            binary=binary,
+            listen=n["listen"],
+            worker_processes=n["worker_processes"],
+            user=n["user"],
+            reload_timeout=n["reload_timeout"],
+            upstream_file=opt("upstream_file"),
+            upstream_name=n["upstream_name"],
+            pid_file=opt("pid_file"),
+            error_log=opt("error_log"),
+            test_command=n["test_command"] or (binary, "-t"),
+            reload_command=n["reload_command"] or (binary, "-s", "reload"),
+        ),
+        raw=data,
+    )
+
+
+def resolve_binary(name: str) -> str | None:
+    """Find an executable on PATH, then in /usr/sbin (not on a normal user's PATH on Debian)."""
+    found = shutil.which(name)
+    if found is None and os.sep not in name:
+        found = shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+    return found

@@ -1,0 +1,434 @@
+"""The daemon: owns the slots, nginx, the state, and the one swap that may run at a time.
+
+Signal handlers only enqueue; the main task reacts. Start-up: lock the state dir, open the
+control socket (status answers "starting" at once), start the saved or configured build,
+point nginx at it. SIGTERM/SIGINT: stop accepting, cancel a running swap (its standby is
+stopped), stop nginx gracefully (managed mode), then the app; a second signal forces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import __version__, drain, nginx, probes, slots
+from .config import SLOTS, Config, expand
+from .control import ControlServer
+from .errors import AppError, BluegreenError, BuildError, Busy, NotReadyYet, PortInUse
+from .protocol import COMMANDS, Request
+from .state import SlotState, State, StateStore
+from .swap import Plan, SwapRecord, run_swap
+
+log = logging.getLogger("bluegreen")
+
+
+def other_slot(slot: str) -> str:
+    return SLOTS[1 - SLOTS.index(slot)]
+
+
+def check_build(build: Path) -> Path:
+    if not build.is_absolute():
+        raise BuildError(f"build path {str(build)!r} must be absolute (the CLI resolves relative paths for you)")
+    if not build.exists():
+        raise BuildError(f"build {build} does not exist")
+    if not build.is_dir():
+        raise BuildError(f"build {build} is not a directory")
+    return build
+
+
+def port_holder(port: int) -> str:
+    """Name the process listening on `port` (only called on the error path: it scans every socket)."""
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                try:
+                    cmd = " ".join(psutil.Process(c.pid).cmdline()) or psutil.Process(c.pid).name()
+                except psutil.Error:
+                    cmd = "?"
+                return f"pid {c.pid} ({cmd})"
+    except psutil.Error:
+        pass
+    return "a process this user cannot see (try as root: ss -ltnp)"
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.daemon.state_dir
+        self.store = StateStore(self.state_dir / "state.json")
+        self.state = State()
+        self.nginx = nginx.make(config)
+        self.control = ControlServer(config.daemon.socket, self.handle)
+        self.active: slots.AppProcess | None = None
+        self.standby: slots.AppProcess | None = None
+        self.swap: SwapRecord | None = None
+        self.swap_task: asyncio.Task[Any] | None = None
+        self.status = "starting"
+        self.started_at = time.time()
+        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self._lock_fd: int | None = None
+
+    # ---- life cycle
+
+    async def run(self) -> int:
+        for sub in ("logs", "slots"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._lock()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        await self.control.start()
+        log.info("bluegreen %s daemon pid %d, config %s, socket %s", __version__, os.getpid(),
+                 self.config.path, self.config.daemon.socket)
+        boot = asyncio.ensure_future(self.boot())
+        stop_sig = asyncio.ensure_future(self.signals.get())
+        done, _ = await asyncio.wait({boot, stop_sig}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if boot in done:
+            if boot.exception() is not None:
+                err = boot.exception()
+                msg = err.message if isinstance(err, BluegreenError) else repr(err)
+                log.error("start-up failed: %s", msg)
+                code = 1
+            else:
+                self.status = "serving"
+                await stop_sig
+        else:
+            boot.cancel()
+            await asyncio.gather(boot, return_exceptions=True)
+        stop_sig.cancel()
+        await self.shutdown()
+        return code
+
+    async def boot(self) -> None:
+        self.state = self.store.load()
+        saved = self.state.active
+        slot, build = "blue", self.config.app.build
+        if saved is not None:
+            if Path(saved.build).is_dir():
+                slot, build = saved.slot, Path(saved.build)
+            else:
+                log.warning("saved build %s is gone; starting app.build %s", saved.build, build)
+        check_build(build)
+        port = self.config.app.port(slot)
+        self._check_port_free(port)
+        log.info("starting %s on %s (port %d)", build, slot, port)
+        app = await self._spawn(slot, build)
+        self.standby = app
+        try:
+            ready = await probes.wait_ready(app, self.config.app.ready, self._ready_url(app))
+            log.info("%s ready after %.2fs (%d checks)", slot, ready.seconds, ready.checks)
+            if isinstance(self.nginx, nginx.ManagedNginx):
+                info = await self.nginx.start(port)
+                log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
+            else:
+                await self.nginx.switch(port)
+                log.info("external nginx switched to port %d", port)
+        except BaseException:
+            await slots.stop(app, self.config.app.stop.signal, self.config.app.stop.timeout)
+            self.standby = None
+            raise
+        self.standby = None
+        self.active = app
+        self._remember(app)
+        self.store.save(self.state)
+        log.info("serving %s from %s (port %d, pid %d)", build, slot, port, app.pid)
+
+    async def shutdown(self) -> None:
+        self.status = "stopping"
+        log.info("shutting down")
+        force = asyncio.ensure_future(self.signals.get())
+        work = asyncio.ensure_future(self._shutdown_steps(graceful=True))
+        done, _ = await asyncio.wait({force, work}, return_when=asyncio.FIRST_COMPLETED)
+        if force in done:
+            log.warning("second signal: forcing shutdown")
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            await self._shutdown_steps(graceful=False)
+        force.cancel()
+        await self.control.close()
+        self._unlock()
+        log.info("stopped")
+
+    async def _shutdown_steps(self, graceful: bool) -> None:
+        if self.swap_task is not None and not self.swap_task.done():
+            self.swap_task.cancel()
+            await asyncio.gather(self.swap_task, return_exceptions=True)
+        timeout = self.config.drain.timeout if graceful else 0.0
+        # nginx first, so no request is sent to an app that is already stopping.
+        if isinstance(self.nginx, nginx.ManagedNginx):
+            how = await self.nginx.stop(timeout)
+            log.info("managed nginx %s", how)
+        stop = self.config.app.stop
+        for app in (self.standby, self.active):
+            if app is not None:
+                result = await slots.stop(app, stop.signal, stop.timeout if graceful else 0.0)
+                log.info("%s (pid %d) %s", app.slot, app.pid, result["how"])
+
+    def _lock(self) -> None:
+        path = self.state_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise BluegreenError(
+                f"another bluegreen daemon (pid {other}) already uses {self.state_dir}; "
+                "stop it first, or give this config its own daemon.state_dir",
+                code="locked",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---- app processes
+
+    def _context(self, slot: str, build: Path) -> dict[str, str]:
+        slot_dir = self.state_dir / "slots" / slot
+        return {
+            "port": str(self.config.app.port(slot)),
+            "slot": slot,
+            "build": str(build),
+            "build_name": build.name,
+            "slot_dir": str(slot_dir),
+        }
+
+    def _ready_url(self, app: slots.AppProcess) -> str | None:
+        url = self.config.app.ready.url
+        return expand(url, self._context(app.slot, app.build)) if url else None
+
+    async def _spawn(self, slot: str, build: Path) -> slots.AppProcess:
+        app = self.config.app
+        ctx = self._context(slot, build)
+        Path(ctx["slot_dir"]).mkdir(parents=True, exist_ok=True)
+        cwd = Path(expand(app.cwd, ctx))
+        if not cwd.is_absolute():
+            cwd = self.config.path.parent / cwd
+        env = {k: expand(v, ctx) for k, v in app.env.items()}
+        env.update(BLUEGREEN_SLOT=slot, BLUEGREEN_PORT=ctx["port"], BLUEGREEN_BUILD=str(build))
+        return await slots.spawn(
+            [expand(a, ctx) for a in app.command], cwd, env,
+            slot=slot, port=app.port(slot), build=build, log_path=self.state_dir / "logs" / f"{slot}.log",
+        )
+
+    def _check_port_free(self, port: int) -> None:
+        if drain.listening(port):
+            raise PortInUse(
+                f"port {port} is already in use by {port_holder(port)}; stop that process or change app.ports",
+                port=port,
+            )
+
+    def _remember(self, app: slots.AppProcess) -> None:
+        self.state.active = SlotState(app.slot, app.port, str(app.build), app.pid, app.create_time, app.started_at)
+
+    # ---- control commands
+
+    async def handle(self, request: Request, reply: Any) -> Any:
+        handler = getattr(self, f"cmd_{request.cmd}")
+        return await handler(reply, **request.args)
+
+    async def cmd_help(self, reply: Any) -> Any:
+        return {name: spec.help for name, spec in COMMANDS.items()}
+
+    async def cmd_status(self, reply: Any) -> Any:
+        return self.status_report()
+
+    async def cmd_swap(self, reply: Any, build: str | None = None) -> Any:
+        if build is None:
+            if self.active is None:
+                raise NotReadyYet("the daemon has not started the app yet; try again when status shows it serving")
+            target = self.active.build
+        else:
+            target = Path(build)
+        return await self.run_swap(check_build(target), reply, reason="swap" if build else "restart")
+
+    async def cmd_rollback(self, reply: Any) -> Any:
+        previous = self.state.previous_build
+        if not previous:
+            raise BluegreenError("there is no previous build to roll back to (no swap has completed yet)",
+                                 code="no_previous")
+        return await self.run_swap(check_build(Path(previous)), reply, reason="rollback")
+
+    async def run_swap(self, build: Path, reply: Any, reason: str) -> Any:
+        if self.swap_task is not None and not self.swap_task.done():
+            assert self.swap is not None
+            raise Busy(
+                f"a {self.swap.reason} to {self.swap.build} is in progress (phase: {self.swap.phase}); "
+                "wait for it to finish (bluegreen status)",
+                phase=self.swap.phase,
+            )
+        if self.status != "serving" or self.active is None:
+            raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
+        old = self.active
+        slot = other_slot(old.slot)
+        plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason)
+        record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
+        self.swap = record
+        log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)
+
+        def emit(event: dict[str, Any]) -> None:
+            if event.get("status") == "done":
+                detail = {k: v for k, v in event.items() if k not in ("event", "status", "elapsed")}
+                log.info("  %s done %s", event["event"], detail)
+            reply(event)
+
+        # The swap runs as its own task: a client that disconnects does not cancel it.
+        self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), emit, record))
+        try:
+            await asyncio.shield(self.swap_task)
+        except BluegreenError as e:
+            log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
+            raise
+        finally:
+            self.state.last_swap = record.to_dict()
+            self.state.history.append({k: record.to_dict()[k] for k in ("build", "reason", "outcome", "started_at")})
+            try:
+                self.store.save(self.state)
+            except BluegreenError as e:
+                log.error("%s", e.message)
+        log.info("%s to %s done in %.2fs", reason, build, (record.finished_at or 0) - record.started_at)
+        return {"active": self.active.to_dict() if self.active else None, "swap": record.to_dict()}
+
+    def status_report(self) -> dict[str, Any]:
+        n: dict[str, Any] = {"mode": self.config.nginx.mode}
+        try:
+            n["master_pid"] = self.nginx.master_pid()
+            n["running"] = True
+        except BluegreenError as e:
+            n["running"] = False
+            n["error"] = e.message
+        if isinstance(self.nginx, nginx.ManagedNginx):
+            n["listen"] = self.config.nginx.listen
+            n["prefix"] = str(self.nginx.prefix)
+        else:
+            n["upstream_file"] = str(self.nginx.upstream_path)
+        running = self.swap if self.swap_task is not None and not self.swap_task.done() else None
+        return {
+            "daemon": {"pid": os.getpid(), "version": __version__, "status": self.status,
+                       "since": self.started_at, "config": str(self.config.path), "state_dir": str(self.state_dir)},
+            "active": self.active.to_dict() if self.active else None,
+            "standby": self.standby.to_dict() if self.standby else None,
+            "previous_build": self.state.previous_build,
+            "swap": running.to_dict() if running else None,
+            "last_swap": self.state.last_swap,
+            "nginx": n,
+        }
+
+
+class SlotOps:
+    """The real I/O behind each swap phase (see swap.SwapOps)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.cfg = daemon.config
+
+    async def prepare(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
+        check_build(plan.build)
+        self.d._check_port_free(plan.port)
+        return {"slot": plan.slot, "port": plan.port, "build": str(plan.build)}
+
+    async def start(self, plan: Plan[slots.AppProcess]) -> tuple[slots.AppProcess, dict[str, Any]]:
+        app = await self.d._spawn(plan.slot, plan.build)
+        self.d.standby = app
+        return app, {"pid": app.pid, "log": str(app.log_path)}
+
+    async def wait_ready(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
+        r = await probes.wait_ready(standby, self.cfg.app.ready, self.d._ready_url(standby))
+        return {"checks": r.checks, "target": r.target}
+
+    async def switch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
+        if not standby.alive():
+            raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} right after it "
+                           "became ready; nginx was not switched", code="app_exited")
+        return await self.d.nginx.switch(plan.port)
+
+    async def switch_back(self, plan: Plan[slots.AppProcess]) -> None:
+        try:
+            await self.d.nginx.switch(plan.old.port)
+        except BluegreenError as e:
+            log.error("could not switch nginx back to port %d: %s", plan.old.port, e.message)
+
+    async def commit(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
+        d = self.d
+        before = (d.state.active, d.state.previous_build)
+        d.state.previous_build = str(plan.old.build)
+        d._remember(standby)
+        try:
+            d.store.save(d.state)
+        except BluegreenError:
+            d.state.active, d.state.previous_build = before
+            raise
+        d.active, d.standby = standby, None
+        return {"state": str(d.store.path)}
+
+    async def _drain(self, port: int) -> dict[str, Any]:
+        began = time.monotonic()
+        deadline = began + self.cfg.drain.timeout
+        old_workers = await self.d.nginx.wait_old_generation(deadline)
+        workers_s = time.monotonic() - began
+        left = drain.inflight(port)
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(self.cfg.drain.interval)
+            left = drain.inflight(port)
+        return {
+            "workers_wait": round(workers_s, 4),
+            "old_workers_left": len(old_workers),
+            "connections_cut": left,
+            "timed_out": bool(left or old_workers),
+        }
+
+    async def drain(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
+        result = await self._drain(plan.old.port)
+        if result["timed_out"]:
+            log.warning("drain of %s timed out after %gs: %d connection(s) will be cut",
+                        plan.old.slot, self.cfg.drain.timeout, result["connections_cut"])
+        return result
+
+    async def stop_old(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
+        s = self.cfg.app.stop
+        return await slots.stop(plan.old, s.signal, s.timeout)
+
+    async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
+        if drain:
+            await self._drain(standby.port)
+        s = self.cfg.app.stop
+        result = await slots.stop(standby, s.signal, s.timeout)
+        log.info("standby %s (pid %d) %s", standby.slot, standby.pid, result["how"])
+        if self.d.standby is standby:
+            self.d.standby = None
+
+
+def setup_logging(state_dir: Path) -> None:
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger("bluegreen")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(state_dir / "logs" / "daemon.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    setup_logging(config.daemon.state_dir)
+    try:
+        return asyncio.run(Daemon(config).run())
+    except BluegreenError as e:
+        log.error("%s", e.message)
+        return 1

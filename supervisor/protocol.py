@@ -1,0 +1,143 @@
+"""The control socket's wire format, shared by the daemon and the CLI.
+
+One request per connection, one JSON object per line (UTF-8, at most 64 KiB):
+
+    -> {"cmd": "swap", "build": "/srv/app/releases/42"}      (optional "v": 1)
+    -> swap /srv/app/releases/42                             (a line not starting with "{" is read as words)
+    <- {"event": "start", "status": "begin", "elapsed": 0.002, ...}   zero or more progress lines
+    <- {"ok": true, "result": {...}}                                  exactly one final line
+    <- {"ok": false, "error": {"code": "busy", "message": "..."}}
+
+Commands: swap [BUILD], rollback, status, help. BUILD over the socket must be an
+absolute path (the daemon cannot know the caller's working directory; the CLI resolves it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RequestError
+
+VERSION = 1
+MAX_LINE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    help: str
+    # argument name -> (accepted JSON type, required)
+    args: dict[str, tuple[type, bool]] = field(default_factory=dict)
+    # the order words map onto args: "swap /x" -> build="/x"
+    positional: tuple[str, ...] = ()
+    changes_traffic: bool = False
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in (
+        CommandSpec(
+            "swap",
+            "start BUILD (default: the current build) on the standby slot, switch nginx to it, drain and stop the old one",
+            {"build": (str, False)},
+            ("build",),
+            changes_traffic=True,
+        ),
+        CommandSpec("rollback", "swap back to the build that served before the last swap", changes_traffic=True),
+        CommandSpec("status", "active and standby slots, the running swap, the last swap's phases"),
+        CommandSpec("help", "list the commands"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any]
+
+
+def parse_request(line: bytes | str) -> Request:
+    """Parse one request line (JSON object or words); raise RequestError saying what is wrong."""
+    if isinstance(line, bytes):
+        if len(line) > MAX_LINE:
+            raise RequestError(f"request line is {len(line)} bytes; the limit is {MAX_LINE}")
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("request is not valid UTF-8") from None
+    text = line.strip()
+    if not text:
+        raise RequestError('empty request; send a JSON object like {"cmd": "status"} or words like "status"')
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(obj, dict):
+            raise RequestError("a request must be a JSON object")
+    else:
+        words = text.split()
+        obj = {"cmd": words[0]}
+        spec = COMMANDS.get(words[0])
+        if spec is not None:
+            if len(words) - 1 > len(spec.positional):
+                raise RequestError(f"{spec.name}: too many words; usage: {usage(spec)}")
+            obj.update(zip(spec.positional, words[1:]))
+    return _validate(obj)
+
+
+def _validate(obj: dict[str, Any]) -> Request:
+    cmd = obj.get("cmd")
+    if not isinstance(cmd, str):
+        raise RequestError('missing "cmd" (a string); known commands: ' + ", ".join(COMMANDS))
+    spec = COMMANDS.get(cmd)
+    if spec is None:
+        raise RequestError(f"unknown command {cmd!r}; known commands: " + ", ".join(COMMANDS))
+    version = obj.get("v", VERSION)
+    if version != VERSION:
+        raise RequestError(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")
+    args: dict[str, Any] = {}
+    for name, value in obj.items():
+        if name in ("cmd", "v"):
+            continue
+        if name not in spec.args:
+            raise RequestError(f"{cmd}: unknown argument {name!r}; usage: {usage(spec)}")
+        kind, _ = spec.args[name]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise RequestError(f"{cmd}: {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+        args[name] = value
+    for name, (_, required) in spec.args.items():
+        if required and name not in args:
+            raise RequestError(f"{cmd}: missing argument {name!r}; usage: {usage(spec)}")
+    return Request(cmd, args)
+
+
+def usage(spec: CommandSpec) -> str:
+    parts = [spec.name] + [f"[{a.upper()}]" if not spec.args[a][1] else a.upper() for a in spec.positional]
+    return " ".join(parts)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def event(name: str, **fields: Any) -> dict[str, Any]:
+    return {"event": name, **fields}
+
+
+def success(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def failure(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message, **details}}
+
+
+def parse_reply(line: bytes) -> dict[str, Any]:
+    """Client side: decode one reply line."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError("reply is not a JSON object")
+    return obj

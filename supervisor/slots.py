@@ -1,0 +1,193 @@
+"""App processes: the only module that creates or stops them.
+
+Each app runs in its own session (so its own process group), with stdout and stderr
+appended to `state_dir/logs/<slot>.log`. Stopping signals the whole group, waits, then
+SIGKILLs the group and every descendant it had, so no orphan outlives its slot.
+Knows nothing about HTTP or nginx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import aiofiles
+import psutil
+
+from .errors import AppError
+
+
+@dataclass
+class AppProcess:
+    slot: str
+    port: int
+    build: Path
+    pid: int
+    create_time: float
+    log_path: Path
+    started_at: float = field(default_factory=time.time)
+    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    exit_reason: str | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.returncode is None
+        try:  # not our child (adopted): match pid *and* start time, pids get reused
+            return psutil.Process(self.pid).create_time() == self.create_time
+        except psutil.Error:
+            return False
+
+    async def wait(self) -> int | None:
+        if self.proc is not None:
+            return await self.proc.wait()
+        while self.alive():
+            await asyncio.sleep(0.05)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "port": self.port,
+            "pid": self.pid,
+            "build": str(self.build),
+            "since": self.started_at,
+            "alive": self.alive(),
+            "log": str(self.log_path),
+        }
+
+
+def describe_exit(returncode: int | None, *, we_killed: bool = False) -> str:
+    if returncode is None:
+        return "exited (status unknown: not our child)"
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    sig = signal.Signals(-returncode)
+    hint = " (perhaps out of memory?)" if sig == signal.SIGKILL and not we_killed else ""
+    return f"killed by {sig.name}{hint}"
+
+
+async def spawn(
+    argv: list[str], cwd: Path, env: Mapping[str, str], *, slot: str, port: int, build: Path, log_path: Path
+) -> AppProcess:
+    """Start the app in a new session; raise AppError(start_failed) if it cannot be executed."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"--- bluegreen {stamp}: starting {build} on {slot} (port {port}): {argv}\n".encode())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                env={**os.environ, **env},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except FileNotFoundError as e:
+            missing = cwd if not cwd.is_dir() else argv[0]
+            raise AppError(
+                f"cannot start the app: {missing} does not exist (check app.command and app.cwd)",
+                code="start_failed",
+            ) from e
+        except PermissionError as e:
+            raise AppError(
+                f"cannot start the app: permission denied running {argv[0]!r} in {cwd}", code="start_failed"
+            ) from e
+    try:
+        created = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        created = 0.0
+    return AppProcess(slot, port, build, proc.pid, created, log_path, proc=proc)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+async def _gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Poll (without reaping: they are not our children) until all exit or the deadline; return survivors."""
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    while alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str, Any]:
+    """Signal the app's group, wait up to `timeout`, then SIGKILL the tree. Return how it ended."""
+    began = time.monotonic()
+    if not app.alive():
+        app.exit_reason = app.exit_reason or describe_exit(app.returncode)
+        return {"pid": app.pid, "how": f"already gone: {app.exit_reason}", "seconds": 0.0}
+    tree = _tree(app.pid)  # collect now: once the leader dies its children are reparented
+    _killpg(app.pid, sig)
+    deadline = began + timeout
+    leader_done = await _wait_leader(app, deadline)
+    survivors = await _gone(tree, deadline)
+    killed = not leader_done or bool(survivors)
+    if killed:
+        _killpg(app.pid, signal.SIGKILL)
+        for p in survivors:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        await _wait_leader(app, time.monotonic() + 10)
+        await _gone(survivors, time.monotonic() + 10)
+    # Anything left in the group (a grandchild that outlived its parent) goes too.
+    _killpg(app.pid, signal.SIGKILL)
+    exit_text = describe_exit(app.returncode, we_killed=True)
+    if killed:
+        what = "did not exit" if not leader_done else f"left {len(survivors)} child process(es) running"
+        how = f"{what} within {timeout:g}s of {sig.name}: killed with SIGKILL ({exit_text})"
+    else:
+        how = f"{exit_text} after {sig.name}"
+    app.exit_reason = how
+    return {"pid": app.pid, "how": how, "killed": killed, "seconds": round(time.monotonic() - began, 4)}
+
+
+async def _wait_leader(app: AppProcess, deadline: float) -> bool:
+    try:
+        await asyncio.wait_for(app.wait(), max(0.0, deadline - time.monotonic()))
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last `lines` lines of a log, read without blocking the loop."""
+    try:
+        async with aiofiles.open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            await f.seek(max(0, size - 16384))
+            data = await f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import DaemonRun, free_ports, make_build  # noqa: E402
+
+
+def needs(binary: str) -> None:
+    if shutil.which(binary) is None and shutil.which(binary, path="/usr/sbin") is None:
+        pytest.fail(f"{binary} is not installed: run scripts/test, which installs it")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp dir: a Unix socket path must fit in 107 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="bg-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def render_config(d: Path, *, build: Path, ports: tuple[int, int], listen: int, extra: str = "",
+                  ready: str = 'url = "http://127.0.0.1:{port}/health"\ntimeout = 30\ninterval = 0.05',
+                  drain_timeout: float = 30, stop_timeout: float = 10, nginx: str | None = None) -> str:
+    nginx = nginx if nginx is not None else f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2'
+    return f"""
+[daemon]
+state_dir = "run"
+
+[app]
+command = ["node", "server.js"]
+env = {{ PORT = "{{port}}" }}
+ports = [{ports[0]}, {ports[1]}]
+build = "{build}"
+
+[app.ready]
+{ready}
+
+[app.stop]
+timeout = {stop_timeout}
+
+[drain]
+timeout = {drain_timeout}
+
+[nginx]
+{nginx}
+{extra}
+"""
+
+
+@pytest.fixture
+def make_daemon(short_tmp: Path) -> Iterator[Callable[..., DaemonRun]]:
+    """Start real daemons (managed nginx by default) and always tear them down, leftovers included."""
+    needs("nginx")
+    needs("node")
+    runs: list[DaemonRun] = []
+
+    def factory(start: bool = True, **kw: Any) -> DaemonRun:
+        listen, blue, green = free_ports(3)
+        build = kw.pop("build", None) or make_build(short_tmp / "releases", "v1")
+        cfg = short_tmp / "bluegreen.toml"
+        cfg.write_text(render_config(short_tmp, build=build, ports=(blue, green), listen=listen, **kw))
+        run = DaemonRun(dir=short_tmp, config=cfg, listen_port=listen, ports=(blue, green))
+        runs.append(run)
+        return run.start() if start else run
+
+    yield factory
+    for run in runs:
+        run.stop()
+
+
+@pytest.fixture
+def releases(short_tmp: Path) -> Path:
+    d = short_tmp / "releases"
+    d.mkdir(exist_ok=True)
+    return d

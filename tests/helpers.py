@@ -1,0 +1,265 @@
+"""Test helpers: wait on conditions (never bare sleeps), pick ports at run time, run a real
+daemon and kill every process it started, build app releases, and drive HTTP load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_APP = ROOT / "examples" / "node-app" / "v1" / "server.js"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, describe: str = "condition",
+               on_timeout: Callable[[], str] | None = None, interval: float = 0.02) -> Any:
+    """Poll `predicate` on a monotonic clock until it returns truthy; fail with context on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = on_timeout() if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {describe}\n{extra}")
+        time.sleep(interval)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports, chosen by the kernel (held together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def make_build(parent: Path, name: str, *, version: str | None = None, boot_delay_ms: int = 0,
+               healthy: bool = True, server_js: str | None = None) -> Path:
+    """A release directory of the example Node app (or of `server_js`), like a CI artefact."""
+    build = parent / name
+    build.mkdir(parents=True)
+    if server_js is None:
+        shutil.copy(NODE_APP, build / "server.js")
+    else:
+        (build / "server.js").write_text(server_js)
+    pkg = {"name": "app", "version": version or name, "bootDelayMs": boot_delay_ms, "healthy": healthy}
+    (build / "package.json").write_text(json.dumps(pkg))
+    return build
+
+
+def http_get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+    """One GET on a fresh connection; returns (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _unchunk(body)
+    return status, body.decode("utf-8", "replace")
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2:]
+    return out
+
+
+def bluegreen(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would."""
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def kill_tree(pids: list[int]) -> None:
+    """SIGKILL each pid's process group and tree (teardown of whatever a test started)."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in procs:
+        try:
+            os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+@dataclass
+class DaemonRun:
+    """A real `bluegreen daemon` in its own session, with a config written for this test."""
+
+    dir: Path
+    config: Path
+    listen_port: int
+    ports: tuple[int, int]
+    proc: subprocess.Popen[bytes] | None = None
+    seen: set[int] = field(default_factory=set)
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "run" / "bluegreen.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "daemon.out"
+
+    def start(self, wait: bool = True) -> "DaemonRun":
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "daemon", "-c", str(self.config)],
+                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        if wait:
+            wait_until(self.serving, 60, "the daemon to serve", self.output)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def status(self) -> dict[str, Any] | None:
+        r = bluegreen("status", "--json", "--socket", str(self.socket), timeout=30)
+        if r.returncode != 0:
+            return None
+        st = json.loads(r.stdout)
+        self.remember(st)
+        return st
+
+    def remember(self, st: dict[str, Any]) -> None:
+        """Keep every pid the daemon ever reported, so teardown can kill leftovers by pid."""
+        for key in ("active", "standby"):
+            if st.get(key):
+                self.seen.add(st[key]["pid"])
+        if st["nginx"].get("master_pid"):
+            self.seen.add(st["nginx"]["master_pid"])
+
+    def serving(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
+        if not self.socket.exists():
+            return False
+        st = self.status()
+        return bool(st and st["daemon"]["status"] == "serving")
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return bluegreen(*args, "-c", str(self.config), timeout=timeout)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True) if self.proc else []
+        except psutil.Error:
+            return []
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; then kill anything it left behind. Returns the exit code."""
+        if self.proc is None:
+            return None
+        for c in self.children():
+            self.seen.add(c.pid)
+        code = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            code = self.proc.returncode
+        kill_tree([self.proc.pid, *self.seen])
+        return code
+
+
+class Load:
+    """Concurrent clients hitting nginx, each request on a fresh connection; counts every failure.
+
+    A share of requests is slow (served in `slow_ms`), so some are always in flight at a switch.
+    """
+
+    def __init__(self, port: int, clients: int = 6, slow_every: int = 10, slow_ms: int = 1000) -> None:
+        self.port = port
+        self.clients = clients
+        self.slow_every = slow_every
+        self.slow_ms = slow_ms
+        self.stop_flag = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.slow_ok = 0
+        self.failures: Counter[str] = Counter()
+        self.examples: list[str] = []
+        self.versions: Counter[str] = Counter()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(30)
+
+    @property
+    def total(self) -> int:
+        return self.ok + sum(self.failures.values())
+
+    def _client(self, index: int) -> None:
+        n = 0
+        while not self.stop_flag.is_set():
+            n += 1
+            slow = (n + index) % self.slow_every == 0
+            path = f"/slow?ms={self.slow_ms}" if slow else "/"
+            try:
+                status, body = http_get(self.port, path, timeout=30)
+                kind = None if status == 200 else f"http_{status}"
+            except ConnectionRefusedError:
+                kind = "refused"
+            except ConnectionResetError:
+                kind = "reset"
+            except socket.timeout:
+                kind = "timeout"
+            except OSError as e:
+                kind = f"oserror_{e.errno}"
+            except (ValueError, IndexError):
+                kind = "garbled"
+            with self.lock:
+                if kind is None:
+                    self.ok += 1
+                    self.slow_ok += slow
+                    self.versions[body.split()[-1] if not slow else body.split()[0]] += 1
+                else:
+                    self.failures[kind] += 1
+                    if len(self.examples) < 5:
+                        self.examples.append(f"{path}: {kind}")

@@ -1,0 +1,172 @@
+"""Config validation: every bad key is named, with what was expected; all problems at once."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor import config
+from supervisor.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = Path("/srv/app/bluegreen.toml")
+
+MINIMAL = """
+[app]
+command = ["node", "server.js"]
+ports = [8001, 8002]
+build = "releases/1"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        config.parse(text, CFG)
+    return e.value.problems
+
+
+def test_minimal_config_gets_documented_defaults() -> None:
+    c = config.parse(MINIMAL, CFG)
+    assert c.app.command == ("node", "server.js")
+    assert c.app.cwd == "{build}"
+    assert c.app.build == Path("/srv/app/releases/1")  # relative to the config file
+    assert c.daemon.state_dir == Path("/srv/app/run")
+    assert c.daemon.socket == Path("/srv/app/run/bluegreen.sock")
+    assert c.app.ready.url is None and c.app.ready.timeout == 60
+    assert c.app.stop.signal == signal.SIGTERM and c.app.stop.timeout == 30
+    assert c.drain.timeout == 30
+    assert c.nginx.mode == "managed" and c.nginx.listen == "127.0.0.1:8080"
+    assert c.app.port("blue") == 8001 and c.app.port("green") == 8002
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    c = config.load(ROOT / "config.example.toml")
+    assert c.nginx.mode == "managed"
+    text = (ROOT / "config.example.toml").read_text()
+    for section, keys in config.SCHEMA.items():
+        for key in keys:
+            assert re.search(rf"^#?\s*{key.name}\s*=", text, re.M), f"{section}.{key.name} is not in config.example.toml"
+
+
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        ('[app]\ncolour = "blue"', "app.colour: unknown key"),
+        ("[daemon]\nsockett = 'x'", "daemon.sockett: unknown key"),
+        ("[nginx]\nlisten = 'localhost:http'", "nginx.listen: expected"),
+        ("[app.ready]\ntimeout = -1", "app.ready.timeout: expected a number of seconds greater than 0, got -1"),
+        ("[app.stop]\nsignal = 'SIGNOPE'", "app.stop.signal: unknown signal name"),
+        ("[drain]\ntimeout = 'long'", "drain.timeout: expected a number"),
+        ("[nginx]\nmode = 'docker'", 'nginx.mode: expected one of "managed", "external"'),
+        ("[logging]\nlevel = 'debug'", "[logging]: unknown section"),
+        ("[app.ready]\nurl = 'http://127.0.0.1:{prot}/'", "app.ready.url: unknown placeholder {prot}"),
+        ("[app.ready]\nurl = 'tcp://127.0.0.1:{port}'", "app.ready.url: expected an http:// URL"),
+    ],
+)
+def test_bad_key_is_named(snippet: str, expected: str) -> None:
+    # MINIMAL's [app] table is extended (TOML allows no second [app] header).
+    text = MINIMAL.replace("[app]\n", "[app]\n" + snippet.split("\n", 1)[1] + "\n") if snippet.startswith("[app]\n") \
+        else MINIMAL + "\n" + snippet
+    assert any(expected in p for p in problems(text)), problems(text)
+
+
+def test_ports_must_differ() -> None:
+    text = MINIMAL.replace("[8001, 8002]", "[8001, 8001]")
+    assert problems(text) == ["app.ports: two different ports are needed, got [8001, 8001]"]
+
+
+def test_command_must_be_an_argv_list_never_a_shell_string() -> None:
+    text = MINIMAL.replace('["node", "server.js"]', '"node server.js"')
+    assert problems(text)[0].startswith("app.command: expected a non-empty list of strings")
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = """
+[app]
+command = "node server.js"
+ports = [1, 1]
+extra = true
+[nginx]
+mode = "external"
+"""
+    found = problems(text)
+    for key in ("app.command", "app.ports", "app.build: missing", "app.extra", "nginx.upstream_file",
+                "nginx.pid_file"):
+        assert any(p.startswith(key) for p in found), (key, found)
+
+
+def test_external_mode_needs_upstream_file_and_pid_file_and_rejects_managed_keys() -> None:
+    found = problems(MINIMAL + '[nginx]\nmode = "external"\nlisten = "127.0.0.1:80"\n')
+    assert 'nginx.upstream_file: required when nginx.mode = "external"' in found
+    assert 'nginx.listen: only used when nginx.mode = "managed"; remove it' in found
+
+
+def test_external_mode_defaults_its_commands() -> None:
+    c = config.parse(MINIMAL + '[nginx]\nmode = "external"\nupstream_file = "up.conf"\npid_file = "/run/nginx.pid"\n', CFG)
+    assert c.nginx.upstream_file == Path("/srv/app/up.conf")
+    assert c.nginx.test_command == ("nginx", "-t")
+    assert c.nginx.reload_command == ("nginx", "-s", "reload")
+
+
+def test_socket_path_too_long_for_unix_sockets_is_refused() -> None:
+    found = problems(MINIMAL + f'[daemon]\nsocket = "/{"s" * 120}.sock"\n')
+    assert found[0].startswith("daemon.socket:") and "at most 107" in found[0]
+
+
+def test_missing_file_says_how_to_pass_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; pass -c PATH"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_a_config_error() -> None:
+    assert "not valid TOML" in problems("[app\n")[0]
+
+
+def test_expand_fills_placeholders_and_keeps_literal_braces() -> None:
+    ctx = {"port": "8002", "slot": "green", "build": "/b/42", "build_name": "42", "slot_dir": "/s/green"}
+    assert config.expand("{slot}:{port} {build_name} {{x}}", ctx) == "green:8002 42 {x}"
+
+
+# Fuzz: whatever TOML a user writes, loading either succeeds or raises ConfigError (never crashes).
+toml_scalars = st.one_of(st.integers(-5, 70000), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                         st.text(max_size=20), st.lists(st.integers(0, 70000), max_size=3),
+                         st.lists(st.text(max_size=8), max_size=3))
+
+
+def _toml_value(v: object) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([f"{s}.{k.name}" for s, ks in config.SCHEMA.items() for k in ks] + ["app.x"]),
+                       toml_scalars, max_size=8))
+def test_fuzzed_configs_load_or_fail_cleanly(values: dict[str, object]) -> None:
+    sections: dict[str, list[str]] = {}
+    for dotted, v in values.items():
+        section, key = dotted.rsplit(".", 1)
+        sections.setdefault(section, []).append(f"{key} = {_toml_value(v)}")
+    text = "\n".join(f"[{s}]\n" + "\n".join(lines) for s, lines in sections.items())
+    try:
+        config.parse(text, CFG)
+    except ConfigError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_fuzzed_text_loads_or_fails_cleanly(text: str) -> None:
+    try:
+        config.parse(text, CFG)
+    except ConfigError:
+        pass

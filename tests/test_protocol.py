@@ -1,0 +1,88 @@
+"""The control protocol: JSON or words in, a validated request out, or a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor import protocol
+from supervisor.errors import RequestError
+
+
+def test_json_request() -> None:
+    r = protocol.parse_request(b'{"cmd": "swap", "build": "/srv/app/42"}\n')
+    assert r == protocol.Request("swap", {"build": "/srv/app/42"})
+
+
+def test_words_request_like_socat_users_type() -> None:
+    assert protocol.parse_request("swap /srv/app/43\n") == protocol.Request("swap", {"build": "/srv/app/43"})
+    assert protocol.parse_request("status") == protocol.Request("status", {})
+    assert protocol.parse_request("swap") == protocol.Request("swap", {})
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"", "empty request"),
+        (b"{not json", "invalid JSON"),
+        (b'{"cmd": "status"', "invalid JSON"),
+        (b"{}", 'missing "cmd"'),
+        (b'["status"]', "unknown command '[\"status\"]'"),
+        (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, rollback, status, help"),
+        (b"launch /x", "unknown command 'launch'"),
+        (b'{"cmd": "swap", "build": 42}', "'build' must be a str, got int"),
+        (b'{"cmd": "swap", "bulid": "/x"}', "unknown argument 'bulid'"),
+        (b'{"cmd": 7}', 'missing "cmd"'),
+        (b'{"cmd": "status", "v": 2}', "protocol version 2 is not supported"),
+        (b"swap /a /b", "too many words"),
+        (b"\xff\xfe", "not valid UTF-8"),
+    ],
+)
+def test_bad_requests_get_a_clear_error(line: bytes, message: str) -> None:
+    with pytest.raises(RequestError) as e:
+        protocol.parse_request(line)
+    assert message in e.value.message
+    assert e.value.code == "bad_request"
+
+
+def test_line_over_the_limit_is_refused() -> None:
+    with pytest.raises(RequestError, match="limit is 65536"):
+        protocol.parse_request(b"{" + b" " * protocol.MAX_LINE + b"}")
+
+
+def test_replies_are_one_json_object_per_line() -> None:
+    line = protocol.encode(protocol.failure("busy", "a swap is running", phase="ready"))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {"ok": False, "error": {"code": "busy", "message": "a swap is running", "phase": "ready"}}
+    assert protocol.parse_reply(protocol.encode(protocol.success({"a": 1}))) == {"ok": True, "result": {"a": 1}}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzzed_bytes_parse_or_fail_cleanly(line: bytes) -> None:
+    try:
+        r = protocol.parse_request(line)
+    except RequestError as e:
+        assert e.message
+    else:
+        assert r.cmd in protocol.COMMANDS
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.sampled_from(["cmd", "build", "v", "x"]),
+                       st.one_of(st.sampled_from(list(protocol.COMMANDS)), json_values), max_size=4))
+def test_fuzzed_json_objects_parse_or_fail_cleanly(obj: dict[str, object]) -> None:
+    try:
+        r = protocol.parse_request(json.dumps(obj).encode())
+    except RequestError as e:
+        assert e.message
+    else:
+        assert r.cmd in protocol.COMMANDS and all(isinstance(v, str) for v in r.args.values())

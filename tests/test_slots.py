@@ -1,0 +1,128 @@
+"""App processes and readiness, against real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import free_ports
+from supervisor import probes, slots
+from supervisor.config import ReadyConfig
+from supervisor.errors import AppError
+
+PY = sys.executable
+
+
+def spawn(tmp: Path, code: str, port: int = 0) -> slots.AppProcess:
+    script = tmp / "app.py"
+    script.write_text(textwrap.dedent(code))
+    return asyncio.get_event_loop().run_until_complete(
+        slots.spawn([PY, str(script)], tmp, {"PORT": str(port)}, slot="blue", port=port, build=tmp,
+                    log_path=tmp / "logs" / "blue.log"))
+
+
+@pytest.fixture
+def loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+
+
+def test_graceful_app_exits_on_sigterm(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    app = spawn(tmp_path, """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+        print("up", flush=True)
+        while True: time.sleep(1)
+    """)
+    assert __import__("os").getpgid(app.pid) == app.pid  # its own process group
+    loop.run_until_complete(asyncio.sleep(0.3))
+    result = loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 10))
+    assert result["how"] == "exited with code 0 after SIGTERM" and not result["killed"]
+    assert not app.alive()
+
+
+def test_app_ignoring_sigterm_is_killed_with_its_whole_tree(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    pidfile = tmp_path / "child.pid"
+    app = spawn(tmp_path, f"""
+        import os, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        open({str(pidfile)!r}, "w").write(str(child.pid))
+        while True: time.sleep(1)
+    """)
+    from helpers import wait_until
+    wait_until(lambda: pidfile.exists() and pidfile.read_text(), 20, "the child to start")
+    child = psutil.Process(int(pidfile.read_text()))
+    result = loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 0.5))
+    assert result["killed"] and "did not exit within 0.5s of SIGTERM: killed with SIGKILL" in result["how"]
+    psutil.wait_procs([child], timeout=10)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_describe_exit() -> None:
+    assert slots.describe_exit(3) == "exited with code 3"
+    assert slots.describe_exit(-9) == "killed by SIGKILL (perhaps out of memory?)"
+    assert slots.describe_exit(-9, we_killed=True) == "killed by SIGKILL"
+    assert slots.describe_exit(-15) == "killed by SIGTERM"
+
+
+def test_ready_fails_at_once_when_the_app_exits_and_shows_its_log(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    app = spawn(tmp_path, """
+        import sys
+        print("FATAL: cannot connect to database", flush=True)
+        sys.exit(3)
+    """)
+    ready = ReadyConfig(url=None, timeout=120, interval=0.05)
+    with pytest.raises(AppError) as e:
+        loop.run_until_complete(probes.wait_ready(app, ready, None))
+    assert e.value.code == "app_exited"
+    assert "exited with code 3 before it was ready" in e.value.message
+    assert "FATAL: cannot connect to database" in e.value.message
+
+
+def test_ready_times_out_when_health_never_passes(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    (port,) = free_ports(1)
+    app = spawn(tmp_path, """
+        import http.server, os
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(503); self.end_headers()
+            def log_message(self, *a): pass
+        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+    """, port)
+    ready = ReadyConfig(url=f"http://127.0.0.1:{port}/health", timeout=1.0, interval=0.05)
+    try:
+        with pytest.raises(AppError) as e:
+            loop.run_until_complete(probes.wait_ready(app, ready, ready.url))
+        assert e.value.code == "not_ready"
+        assert "last answered HTTP 503" in e.value.message
+    finally:
+        loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+
+
+def test_ready_passes_on_2xx(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    (port,) = free_ports(1)
+    app = spawn(tmp_path, """
+        import http.server, os
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(204); self.end_headers()
+            def log_message(self, *a): pass
+        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+    """, port)
+    try:
+        r = loop.run_until_complete(probes.wait_ready(app, ReadyConfig(f"http://127.0.0.1:{port}/", 30, 0.05),
+                                                      f"http://127.0.0.1:{port}/"))
+        assert r.checks >= 1
+        tcp = loop.run_until_complete(probes.wait_ready(app, ReadyConfig(None, 30, 0.05), None))
+        assert tcp.target == f"tcp://127.0.0.1:{port}"
+    finally:
+        loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))

@@ -1,0 +1,160 @@
+"""The swap's phase sequence, driven with fakes: the order, and what each failure leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.errors import AppError, BluegreenError, NginxError, StateError
+from supervisor.swap import ORDER, Phase, Plan, SwapRecord, run_swap
+
+
+class FakeOps:
+    """Records every call; `fail` makes one phase raise; `block` makes one phase wait on an event."""
+
+    def __init__(self, fail: dict[str, BaseException] | None = None, block: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail or {}
+        self.block = block
+        self.blocked = asyncio.Event()
+        self.release = asyncio.Event()
+        self.upstream = "old"
+
+    async def _step(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.block:
+            self.blocked.set()
+            await self.release.wait()
+        if name in self.fail:
+            raise self.fail[name]
+
+    async def prepare(self, plan: Plan[str]) -> dict[str, Any]:
+        await self._step("prepare")
+        return {"port": plan.port}
+
+    async def start(self, plan: Plan[str]) -> tuple[str, dict[str, Any]]:
+        await self._step("start")
+        return "standby", {"pid": 42}
+
+    async def wait_ready(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("ready")
+        return {}
+
+    async def switch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("switch")
+        self.upstream = "new"
+        return {}
+
+    async def switch_back(self, plan: Plan[str]) -> None:
+        self.calls.append("switch_back")
+        self.upstream = "old"
+
+    async def commit(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("commit")
+        return {}
+
+    async def drain(self, plan: Plan[str]) -> dict[str, Any]:
+        await self._step("drain")
+        return {"connections_cut": 0}
+
+    async def stop_old(self, plan: Plan[str]) -> dict[str, Any]:
+        await self._step("stop")
+        return {"how": "exited with code 0 after SIGTERM"}
+
+    async def discard(self, standby: str, *, drain: bool) -> None:
+        self.calls.append(f"discard(drain={drain})")
+
+
+PLAN: Plan[str] = Plan(build=Path("/b/2"), slot="green", port=8002, old="old-app")
+
+
+def record() -> SwapRecord:
+    return SwapRecord(build="/b/2", to_slot="green", to_port=8002, from_slot="blue", reason="swap")
+
+
+def run(ops: FakeOps, events: list[dict[str, Any]] | None = None) -> SwapRecord:
+    rec = record()
+    asyncio.run(run_swap(PLAN, ops, (events if events is not None else []).append, rec))
+    return rec
+
+
+def run_failing(ops: FakeOps) -> tuple[SwapRecord, BluegreenError]:
+    rec = record()
+    with pytest.raises(BluegreenError) as e:
+        asyncio.run(run_swap(PLAN, ops, lambda _: None, rec))
+    return rec, e.value
+
+
+def test_phases_run_in_order_and_each_emits_begin_and_done() -> None:
+    ops, events = FakeOps(), []
+    rec = run(ops, events)
+    assert ops.calls == [p.value for p in ORDER]
+    assert [(e["event"], e["status"]) for e in events] == [(p.value, s) for p in ORDER for s in ("begin", "done")]
+    assert rec.outcome == "done" and rec.error is None
+    assert list(rec.durations) == [p.value for p in ORDER]
+    assert events[1]["port"] == 8002  # details of a phase ride on its done event
+
+
+@pytest.mark.parametrize("phase", ["ready", "switch"])
+def test_failure_before_the_switch_stops_the_standby_and_keeps_traffic(phase: str) -> None:
+    ops = FakeOps(fail={phase: AppError("boom")})
+    rec, err = run_failing(ops)
+    assert ops.calls[-1] == "discard(drain=False)"
+    assert "commit" not in ops.calls and "stop" not in ops.calls
+    assert ops.upstream == "old"
+    assert rec.outcome == "failed" and rec.error["phase"] == phase and err.details["phase"] == phase
+
+
+def test_failure_in_prepare_starts_nothing() -> None:
+    ops = FakeOps(fail={"prepare": BluegreenError("port taken", code="port_in_use")})
+    rec, err = run_failing(ops)
+    assert ops.calls == ["prepare"]
+    assert err.code == "port_in_use" and rec.error["code"] == "port_in_use"
+
+
+def test_failed_commit_switches_back_then_drains_and_stops_the_standby() -> None:
+    ops = FakeOps(fail={"commit": StateError("disk full")})
+    rec, err = run_failing(ops)
+    assert ops.calls[-3:] == ["commit", "switch_back", "discard(drain=True)"]
+    assert ops.upstream == "old" and "stop" not in ops.calls
+    assert err.code == "state_write_failed"
+
+
+def test_after_commit_a_drain_problem_is_a_warning_not_a_failed_swap() -> None:
+    ops = FakeOps(fail={"drain": BluegreenError("drain timed out")})
+    rec = run(ops)
+    assert rec.outcome == "done"
+    assert ops.calls[-1] == "stop"  # the old one is stopped anyway
+    assert rec.warnings == ["drain: drain timed out"]
+
+
+def test_unexpected_exception_becomes_an_internal_error_and_still_cleans_up() -> None:
+    ops = FakeOps(fail={"ready": RuntimeError("bug")})
+    rec, err = run_failing(ops)
+    assert err.code == "internal" and "bug" in err.message
+    assert "discard(drain=False)" in ops.calls
+
+
+def test_cancelled_while_waiting_for_ready_discards_the_standby() -> None:
+    async def scenario() -> tuple[FakeOps, SwapRecord]:
+        ops, rec = FakeOps(block="ready"), record()
+        task = asyncio.ensure_future(run_swap(PLAN, ops, lambda _: None, rec))
+        await ops.blocked.wait()
+        assert rec.phase == Phase.READY.value  # status can show where a swap is
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return ops, rec
+
+    ops, rec = asyncio.run(scenario())
+    assert ops.calls == ["prepare", "start", "ready", "discard(drain=False)"]
+    assert rec.outcome == "failed" and rec.error["code"] == "cancelled"
+
+
+def test_nginx_error_keeps_its_code() -> None:
+    ops = FakeOps(fail={"switch": NginxError("nginx -t failed", code="nginx_test_failed")})
+    _, err = run_failing(ops)
+    assert err.code == "nginx_test_failed"
