@@ -62,8 +62,11 @@ def make_daemon(short_tmp: Path) -> Iterator[Callable[..., DaemonRun]]:
     needs("node")
     runs: list[DaemonRun] = []
 
-    def factory(start: bool = True, **kw: Any) -> DaemonRun:
-        listen, blue, green = free_ports(3)
+    def factory(start: bool = True, ports: tuple[int, int] | None = None, listen: int | None = None,
+                **kw: Any) -> DaemonRun:
+        picked = free_ports(3)
+        listen = listen or picked[0]
+        blue, green = ports or (picked[1], picked[2])
         build = kw.pop("build", None) or make_build(short_tmp / "releases", "v1")
         cfg = short_tmp / "bluegreen.toml"
         cfg.write_text(render_config(short_tmp, build=build, ports=(blue, green), listen=listen, **kw))

@@ -1,0 +1,137 @@
+"""External mode: the user runs nginx; bluegreen only rewrites the included upstream file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, wait_until
+from supervisor.config import resolve_binary
+from supervisor.nginx import render_upstream
+
+pytestmark = pytest.mark.e2e
+
+NGINX_CONF = """
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/conf.d/*.conf;
+    server {{
+        listen 127.0.0.1:{listen};
+        location / {{ proxy_pass http://myapp; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def system_nginx(short_tmp: Path):
+    """An nginx started by 'the user' (this test), with its own prefix, before any daemon."""
+    nginx = resolve_binary("nginx")
+    assert nginx, "nginx is not installed: run scripts/test"
+    prefix = short_tmp / "nginx"
+    (prefix / "conf.d").mkdir(parents=True)
+    listen, blue, green = free_ports(3)
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, user=user))
+    # What a user has before adopting bluegreen: an upstream pointing at the blue port.
+    (prefix / "conf.d" / "upstream.conf").write_text(render_upstream("myapp", blue))
+    base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    master = subprocess.Popen(base + ["-g", "daemon off;"], start_new_session=True)
+    wait_until(lambda: (prefix / "nginx.pid").exists() and (prefix / "nginx.pid").read_text().strip(), 30,
+               "the external nginx to start")
+    yield {"base": base, "prefix": prefix, "conf": conf, "listen": listen, "ports": (blue, green), "master": master}
+    if master.poll() is None:
+        master.send_signal(signal.SIGQUIT)
+        try:
+            master.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_tree([master.pid])
+
+
+def external_daemon(make_daemon, system_nginx, releases: Path) -> DaemonRun:
+    n = system_nginx
+    prefix, base = n["prefix"], n["base"]
+    run = make_daemon(
+        start=False,
+        ports=n["ports"],
+        listen=n["listen"],
+        build=make_build(releases, "v1"),
+        nginx="\n".join([
+            'mode = "external"',
+            f'upstream_file = "{prefix}/conf.d/upstream.conf"',
+            'upstream_name = "myapp"',
+            f'pid_file = "{prefix}/nginx.pid"',
+            f'error_log = "{prefix}/error.log"',
+            "test_command = [" + ", ".join(f'"{a}"' for a in base + ["-t"]) + "]",
+            "reload_command = [" + ", ".join(f'"{a}"' for a in base + ["-s", "reload"]) + "]",
+        ]),
+    )
+    return run.start()
+
+
+def test_external_mode_swaps_through_the_users_nginx(make_daemon, system_nginx, releases: Path) -> None:
+    run = external_daemon(make_daemon, system_nginx, releases)
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    v2 = make_build(releases, "v2")
+    r = run.cli("swap", str(v2))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert http_get(run.listen_port, "/") == (200, "hello from v2\n")
+    upstream = (system_nginx["prefix"] / "conf.d" / "upstream.conf").read_text()
+    assert upstream == render_upstream("myapp", run.ports[1])
+    st = run.status()
+    assert st["nginx"]["mode"] == "external" and st["nginx"]["master_pid"] == system_nginx["master"].pid
+    # Only our file changed: no stray temp file next to it for `include *.conf` to pick up.
+    assert sorted(os.listdir(system_nginx["prefix"] / "conf.d")) == ["upstream.conf"]
+
+
+def test_failed_nginx_test_restores_the_upstream_byte_for_byte(make_daemon, system_nginx, releases: Path) -> None:
+    run = external_daemon(make_daemon, system_nginx, releases)
+    upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
+    before = upstream.read_bytes()
+    # The user's main config is broken by someone else meanwhile: nginx -t must catch it.
+    conf: Path = system_nginx["conf"]
+    good = conf.read_text()
+    conf.write_text(good.replace("worker_connections 256;", "worker_connections 256; bogus_directive on;"))
+    v2 = make_build(releases, "v2")
+    r = run.cli("swap", str(v2))
+    assert r.returncode == 1
+    assert "[nginx_test_failed]" in r.stderr
+    assert 'unknown directive "bogus_directive"' in r.stderr  # nginx's own words
+    assert upstream.read_bytes() == before
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    st = run.status()
+    assert st["active"]["slot"] == "blue" and st["standby"] is None
+    # Fixed config: the same swap now goes through.
+    conf.write_text(good)
+    assert run.cli("swap", str(v2)).returncode == 0
+    assert http_get(run.listen_port, "/") == (200, "hello from v2\n")
+
+
+def test_stale_pid_file_fails_the_swap_with_a_clear_error(make_daemon, system_nginx, releases: Path) -> None:
+    run = external_daemon(make_daemon, system_nginx, releases)
+    pid_file: Path = system_nginx["prefix"] / "nginx.pid"
+    real = pid_file.read_text()
+    pid_file.write_text("")  # what `nginx -t` leaves behind when no master runs
+    try:
+        r = run.cli("swap", str(make_build(releases, "v2")))
+        assert r.returncode == 1
+        assert "[nginx_down]" in r.stderr and "empty or invalid" in r.stderr
+        assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    finally:
+        pid_file.write_text(real)
