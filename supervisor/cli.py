@@ -20,6 +20,7 @@ from .config import Config, load
 from .errors import ConfigError, Unreachable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish..."}
 DEFAULT_CONFIG = "bluegreen.toml"
 
 DESCRIPTION = """\
@@ -233,7 +234,8 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
             out.write(json.dumps(msg) + "\n")
         elif "event" in msg:
             if msg.get("status") == "begin":
-                out.write(f"  {msg['event']:<8} ...\n")
+                if msg["event"] in SLOW_PHASES:  # say what we wait for; the others take milliseconds
+                    out.write(f"  {msg['event']:<8} {SLOW_PHASES[msg['event']]}\n")
             else:
                 out.write(f"  {msg['event']:<8} {msg['duration']:7.3f}s  {_describe(msg)}\n")
         out.flush()

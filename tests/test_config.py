@@ -170,3 +170,10 @@ def test_fuzzed_text_loads_or_fails_cleanly(text: str) -> None:
         config.parse(text, CFG)
     except ConfigError:
         pass
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for section, keys in config.SCHEMA.items():
+        for key in keys:
+            assert f"`{section}.{key.name}`" in readme, f"{section}.{key.name} is missing from README's config table"

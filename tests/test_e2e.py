@@ -221,3 +221,21 @@ def test_daemon_restart_resumes_the_saved_build(make_daemon, releases: Path) -> 
     st = run.status()
     assert st["active"]["build"] == str(v2) and st["active"]["slot"] == "green"
     assert serves(run, "v2")
+
+
+def test_foreign_process_on_the_standby_port_fails_the_swap_and_is_named(make_daemon, releases: Path) -> None:
+    run = make_daemon()
+    squatter = subprocess.Popen([sys.executable, "-c", f"""
+import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", {run.ports[1]})); s.listen(); print("bound", flush=True); time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert squatter.stdout.readline().strip() == "bound"
+        r = run.cli("swap", str(make_build(releases, "v2")))
+        assert r.returncode == 1
+        assert "[port_in_use]" in r.stderr and f"pid {squatter.pid}" in r.stderr and "time.sleep(600)" in r.stderr
+        assert run.status()["standby"] is None
+        assert serves(run, "v1")
+    finally:
+        squatter.kill()
+        squatter.wait()
