@@ -7,6 +7,7 @@ error; 3 the daemon cannot be reached.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "daemon":
             from .daemon import serve  # the daemon's imports are not needed by the client
 
-            return serve(_config(args))
+            cfg = _config(args)
+            if args.socket:
+                cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, socket=Path(args.socket).absolute()))
+            return serve(cfg)
         sock = _socket_path(args)
         if args.command == "status":
             return status(sock, args.json)

@@ -26,6 +26,18 @@ def spawn(tmp: Path, code: str, port: int = 0) -> slots.AppProcess:
                     log_path=tmp / "logs" / "blue.log"))
 
 
+def http_app(status: int) -> str:
+    """A tiny HTTP server on $PORT that answers every GET with `status`."""
+    return f"""
+        import http.server, os
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response({status}); self.end_headers()
+            def log_message(self, *a): pass
+        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+    """
+
+
 @pytest.fixture
 def loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
@@ -90,14 +102,7 @@ def test_ready_fails_at_once_when_the_app_exits_and_shows_its_log(tmp_path: Path
 
 def test_ready_times_out_when_health_never_passes(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     (port,) = free_ports(1)
-    app = spawn(tmp_path, """
-        import http.server, os
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(503); self.end_headers()
-            def log_message(self, *a): pass
-        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-    """, port)
+    app = spawn(tmp_path, http_app(503), port)
     ready = ReadyConfig(url=f"http://127.0.0.1:{port}/health", timeout=1.0, interval=0.05)
     try:
         with pytest.raises(AppError) as e:
@@ -110,14 +115,7 @@ def test_ready_times_out_when_health_never_passes(tmp_path: Path, loop: asyncio.
 
 def test_ready_passes_on_2xx(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     (port,) = free_ports(1)
-    app = spawn(tmp_path, """
-        import http.server, os
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(204); self.end_headers()
-            def log_message(self, *a): pass
-        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-    """, port)
+    app = spawn(tmp_path, http_app(204), port)
     try:
         r = loop.run_until_complete(probes.wait_ready(app, ReadyConfig(f"http://127.0.0.1:{port}/", 30, 0.05),
                                                       f"http://127.0.0.1:{port}/"))
