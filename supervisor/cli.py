@@ -38,6 +38,7 @@ examples:
   bluegreen swap -c app.toml releases/42    release a build (blocks until the old one is stopped)
   bluegreen status -c app.toml              what serves now, and the last swap's phases
   bluegreen rollback -c app.toml            swap back to the previous build
+  bluegreen cancel -c app.toml              stop a swap that has not switched traffic yet
   echo status | socat - UNIX-CONNECT:run/bluegreen.sock
 
 The config is -c PATH, else $BLUEGREEN_CONFIG, else ./bluegreen.toml.
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw reply lines")
     p = sub.add_parser("rollback", parents=[common], help="swap back to the previous build")
     p.add_argument("--json", action="store_true", help="print the raw reply lines")
+    sub.add_parser("cancel", parents=[common], help="stop a running swap before it switches traffic",
+                   description="Cancel the running swap if it has not switched nginx yet: its standby is "
+                               "stopped (whole process tree) and traffic stays where it is.")
     p = sub.add_parser("status", parents=[common], help="show the active slot, the standby, the last swap")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     sub.add_parser("check-config", parents=[common], help="validate the config and report every problem")
@@ -93,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             return stream(sock, req, args.json)
         if args.command == "rollback":
             return stream(sock, {"cmd": "rollback"}, args.json)
+        if args.command == "cancel":
+            final = list(request(sock, {"cmd": "cancel"}, timeout=600))[-1]
+            if not final.get("ok"):
+                return _print_error(final)
+            print(f"cancelled the swap to {final['result']['cancelled']} (phase {final['result']['phase']}); "
+                  "traffic unchanged")
+            return EXIT_OK
     except ConfigError as e:
         _err("config error:\n  " + "\n  ".join(e.problems))
         return EXIT_USAGE
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         _err(e.message)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
-        _err("interrupted: a swap already started goes on in the daemon; see `bluegreen status`")
+        _err("interrupted: a swap already started goes on in the daemon; see `bluegreen status`, "
+             "or stop it with `bluegreen cancel`")
         return EXIT_FAILED
     return EXIT_USAGE
 

@@ -8,6 +8,7 @@ collected so `bluegreen check-config` can report them at once.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import string
@@ -76,6 +77,21 @@ def _env(v: Any) -> dict[str, str]:
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
         raise ValueError('expected a table of strings, like { PORT = "{port}" }')
     return dict(v)
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(a, str) and a for a in v):
+        raise ValueError('expected a list of non-empty strings, like ["logs", "temp"]')
+    return tuple(v)
+
+
+def _regex(v: Any) -> re.Pattern[str] | None:
+    if v is None:
+        return None
+    try:
+        return re.compile(_nonempty_str(v))
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression ({e})") from None
 
 
 def _ports(v: Any) -> tuple[int, int]:
@@ -148,11 +164,16 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("env", _env, {}, "extra environment, on top of the daemon's own"),
         Key("ports", _ports, REQUIRED, "the blue and the green port"),
         Key("build", _nonempty_str, REQUIRED, "the build started when there is no saved state"),
+        Key("dirs", _str_list, [], "directories created in the slot dir before each start"),
+        Key("files", _env, {}, "slot files rendered from templates before each start: destination = source"),
     ),
     "app.ready": (
         Key("url", _optional_str, None, "HTTP URL answered with 2xx when ready; unset = TCP connect check"),
         Key("timeout", _positive, 60.0, "seconds the standby has to become ready"),
         Key("interval", _positive, 0.1, "seconds between two checks"),
+        Key("passes", _positive_int, 1, "consecutive passing checks needed"),
+        Key("body", _optional_str, None, "the response body must contain this string"),
+        Key("log", _regex, None, "a regex that must appear in the app's log (since this start) first"),
     ),
     "app.stop": (
         Key("signal", _signal, "SIGTERM", "signal sent to the old app's process group"),
@@ -193,6 +214,9 @@ class ReadyConfig:
     url: str | None
     timeout: float
     interval: float
+    passes: int = 1
+    body: str | None = None
+    log: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,8 @@ class AppConfig:
     build: Path
     ready: ReadyConfig
     stop: StopConfig
+    dirs: tuple[str, ...] = ()
+    files: Mapping[str, Path] = field(default_factory=dict)
 
     def port(self, slot: str) -> int:
         return self.ports[SLOTS.index(slot)]
@@ -253,6 +279,15 @@ class Config:
 def expand(template: str, context: Mapping[str, str]) -> str:
     """Fill `{port}`-style placeholders; `{{` and `}}` are literal braces."""
     return template.format_map(context)
+
+
+_TOKEN = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+def render_tokens(text: str, context: Mapping[str, str]) -> str:
+    """Fill only the known `{port}`-style tokens of a file template; every other brace (`${catalina.base}`,
+    JSON, ...) is left as it is, so existing config files work as templates unchanged."""
+    return _TOKEN.sub(lambda m: context[m.group(1)], text)
 
 
 def placeholder_problems(where: str, template: str) -> list[str]:
@@ -348,6 +383,12 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
         problems += placeholder_problems(f"app.command[{i}]", arg)
     if "cwd" in a:
         problems += placeholder_problems("app.cwd", a["cwd"])
+    for i, d in enumerate(a.get("dirs", ())):
+        problems += placeholder_problems(f"app.dirs[{i}]", d)
+    for dest, src in a.get("files", {}).items():
+        problems += placeholder_problems(f"app.files.{dest!r}", dest)
+        if not _rel(path.parent, src).is_file():
+            problems.append(f"app.files.{dest!r}: source {_rel(path.parent, src)} does not exist or is not a file")
     for k, x in a.get("env", {}).items():
         problems += placeholder_problems(f"app.env.{k}", x)
     if r.get("url") is not None:
@@ -404,8 +445,11 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             env=a["env"],
             ports=a["ports"],
             build=_rel(base, a["build"]),
-            ready=ReadyConfig(url=r["url"], timeout=r["timeout"], interval=r["interval"]),
+            ready=ReadyConfig(url=r["url"], timeout=r["timeout"], interval=r["interval"], passes=r["passes"],
+                              body=r["body"], log=r["log"]),
             stop=StopConfig(signal=s["signal"], timeout=s["timeout"]),
+            dirs=a["dirs"],
+            files={dest: _rel(base, src) for dest, src in a["files"].items()},
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         nginx=NginxConfig(

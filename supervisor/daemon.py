@@ -29,6 +29,8 @@ from .state import SlotState, State, StateStore
 from .swap import Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")
+# Before commit a swap can be undone without touching traffic (see swap.py).
+CANCELLABLE = ("prepare", "start", "ready", "switch")
 
 
 def other_slot(slot: str) -> str:
@@ -215,7 +217,9 @@ class Daemon:
     async def _spawn(self, slot: str, build: Path) -> slots.AppProcess:
         app = self.config.app
         ctx = self._context(slot, build)
-        Path(ctx["slot_dir"]).mkdir(parents=True, exist_ok=True)
+        slot_dir = Path(ctx["slot_dir"])
+        slot_dir.mkdir(parents=True, exist_ok=True)
+        slots.lay_out(slot_dir, app.dirs, app.files, ctx)
         cwd = Path(expand(app.cwd, ctx))
         if not cwd.is_absolute():
             cwd = self.config.path.parent / cwd
@@ -264,6 +268,22 @@ class Daemon:
                                  code="no_previous")
         return await self.run_swap(check_build(Path(previous)), reply, reason="rollback")
 
+    async def cmd_cancel(self, reply: Any) -> Any:
+        task, record = self.swap_task, self.swap
+        if task is None or task.done() or record is None:
+            raise BluegreenError("no swap is running", code="no_swap")
+        if record.phase not in CANCELLABLE:
+            raise BluegreenError(
+                f"the swap is past the switch (phase: {record.phase}): the new build serves; "
+                "let it finish draining, then `bluegreen rollback` if needed",
+                code="too_late", phase=record.phase,
+            )
+        log.info("cancelling the %s to %s in phase %s", record.reason, record.build, record.phase)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return {"cancelled": record.build, "phase": record.error.get("phase") if record.error else None,
+                "active": self.active.to_dict() if self.active else None}
+
     async def run_swap(self, build: Path, reply: Any, reason: str) -> Any:
         if self.swap_task is not None and not self.swap_task.done():
             assert self.swap is not None
@@ -291,6 +311,13 @@ class Daemon:
         self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), emit, record))
         try:
             await asyncio.shield(self.swap_task)
+        except asyncio.CancelledError:
+            if self.swap_task.cancelled() and self.status == "serving":
+                # `bluegreen cancel`, not our own connection being torn down
+                raise BluegreenError(f"the {reason} was cancelled in phase {record.error and record.error.get('phase')}; "
+                                     "the standby was stopped and traffic is unchanged", code="cancelled",
+                                     phase=record.error and record.error.get("phase")) from None
+            raise
         except BluegreenError as e:
             log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
             raise
@@ -349,7 +376,7 @@ class SlotOps:
 
     async def wait_ready(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
         r = await probes.wait_ready(standby, self.cfg.app.ready, self.d._ready_url(standby))
-        return {"checks": r.checks, "target": r.target}
+        return {"checks": r.checks, "target": r.target, "log_line": r.log_line}
 
     async def switch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
         if not standby.alive():

@@ -19,7 +19,9 @@ from typing import Any, Mapping
 import aiofiles
 import psutil
 
+from .config import expand, render_tokens
 from .errors import AppError
+from .fsutil import atomic_write
 
 
 @dataclass
@@ -30,6 +32,7 @@ class AppProcess:
     pid: int
     create_time: float
     log_path: Path
+    log_offset: int = 0  # where this start's output begins in the (shared, appended) slot log
     started_at: float = field(default_factory=time.time)
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
     exit_reason: str | None = None
@@ -68,6 +71,9 @@ class AppProcess:
 def describe_exit(returncode: int | None, *, we_killed: bool = False) -> str:
     if returncode is None:
         return "exited (status unknown: not our child)"
+    if returncode > 128 and returncode - 128 in signal.valid_signals():
+        # Shells and the JVM exit 128+N when signal N ended them (143 = a clean JVM exit on SIGTERM).
+        return f"exited with code {returncode} (128+{signal.Signals(returncode - 128).name})"
     if returncode >= 0:
         return f"exited with code {returncode}"
     sig = signal.Signals(-returncode)
@@ -83,6 +89,7 @@ async def spawn(
     with open(log_path, "ab", buffering=0) as log:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"--- bluegreen {stamp}: starting {build} on {slot} (port {port}): {argv}\n".encode())
+        offset = log.tell()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -107,7 +114,22 @@ async def spawn(
         created = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         created = 0.0
-    return AppProcess(slot, port, build, proc.pid, created, log_path, proc=proc)
+    return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, proc=proc)
+
+
+def lay_out(slot_dir: Path, dirs: tuple[str, ...], files: Mapping[str, Path], context: Mapping[str, str]) -> None:
+    """Create the slot's directories and render its files (before every start), so each slot has its
+    own copy, e.g. a per-slot CATALINA_BASE. Relative destinations are relative to the slot dir."""
+    try:
+        for d in dirs:
+            (slot_dir / expand(d, context)).mkdir(parents=True, exist_ok=True)
+        for dest, src in files.items():
+            target = slot_dir / expand(dest, context)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, render_tokens(src.read_text(encoding="utf-8"), context).encode(), mode=0o644)
+    except OSError as e:
+        raise AppError(f"cannot lay out the slot directory {slot_dir}: {e} (check app.dirs and app.files)",
+                       code="start_failed") from e
 
 
 def _tree(pid: int) -> list[psutil.Process]:

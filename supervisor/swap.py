@@ -154,7 +154,8 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
         raise err from e
     except asyncio.CancelledError:
         record.outcome = "failed"
-        record.error = {"code": "cancelled", "message": "the daemon is shutting down", "phase": record.phase}
+        record.error = {"code": "cancelled", "message": "cancelled (bluegreen cancel, or the daemon is stopping)",
+                        "phase": record.phase}
         raise
     finally:
         record.finished_at = time.time()

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import DaemonRun, free_ports, make_build  # noqa: E402
+from helpers import DaemonRun, example_config, free_ports, make_build  # noqa: E402
 
 
 def needs(binary: str) -> None:
@@ -63,13 +63,16 @@ def make_daemon(short_tmp: Path) -> Iterator[Callable[..., DaemonRun]]:
     runs: list[DaemonRun] = []
 
     def factory(start: bool = True, ports: tuple[int, int] | None = None, listen: int | None = None,
-                **kw: Any) -> DaemonRun:
+                example: Path | None = None, **kw: Any) -> DaemonRun:
         picked = free_ports(3)
         listen = listen or picked[0]
         blue, green = ports or (picked[1], picked[2])
-        build = kw.pop("build", None) or make_build(short_tmp / "releases", "v1")
         cfg = short_tmp / "bluegreen.toml"
-        cfg.write_text(render_config(short_tmp, build=build, ports=(blue, green), listen=listen, **kw))
+        if example is not None:  # a shipped example config, only its ports and paths changed
+            example_config(example, cfg, listen, (blue, green))
+        else:
+            build = kw.pop("build", None) or make_build(short_tmp / "releases", "v1")
+            cfg.write_text(render_config(short_tmp, build=build, ports=(blue, green), listen=listen, **kw))
         run = DaemonRun(dir=short_tmp, config=cfg, listen_port=listen, ports=(blue, green))
         runs.append(run)
         return run.start() if start else run

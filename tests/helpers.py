@@ -139,8 +139,11 @@ class DaemonRun:
 
     def start(self, wait: bool = True) -> "DaemonRun":
         out = open(self.log, "ab")
+        # The venv's bin/ on PATH, as for a user who installed bluegreen and gunicorn in one venv.
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "daemon", "-c", str(self.config)],
-                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
         out.close()
         if wait:
             wait_until(self.serving, 60, "the daemon to serve", self.output)
@@ -207,8 +210,10 @@ class Load:
     A share of requests is slow (served in `slow_ms`), so some are always in flight at a switch.
     """
 
-    def __init__(self, port: int, clients: int = 6, slow_every: int = 10, slow_ms: int = 1000) -> None:
+    def __init__(self, port: int, clients: int = 6, slow_every: int = 10, slow_ms: int = 1000,
+                 slow_path: str = "/slow?ms={ms}") -> None:
         self.port = port
+        self.slow_path = slow_path
         self.clients = clients
         self.slow_every = slow_every
         self.slow_ms = slow_ms
@@ -240,7 +245,7 @@ class Load:
         while not self.stop_flag.is_set():
             n += 1
             slow = (n + index) % self.slow_every == 0
-            path = f"/slow?ms={self.slow_ms}" if slow else "/"
+            path = self.slow_path.format(ms=self.slow_ms) if slow else "/"
             try:
                 status, body = http_get(self.port, path, timeout=30)
                 kind = None if status == 200 else f"http_{status}"
@@ -263,3 +268,54 @@ class Load:
                     self.failures[kind] += 1
                     if len(self.examples) < 5:
                         self.examples.append(f"{path}: {kind}")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write the TOML subset our configs use (tables, strings, numbers, booleans, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(v)
+
+    lines: list[str] = []
+
+    def table(name: str, t: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in t.items() if not (isinstance(v, dict) and f"{name}.{k}" in TABLES)}
+        # (top-level names are checked as ".daemon", nested ones as ".app.ready")
+        if name:
+            lines.append(f"[{name.lstrip('.')}]")
+        lines.extend(f"{json.dumps(k)} = {value(v)}" for k, v in scalars.items())
+        for k, v in t.items():
+            if k not in scalars:
+                table(f"{name}.{k}", v)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+# The names that are TOML tables (not inline tables) in our configs.
+TABLES = {".daemon", ".app", ".app.ready", ".app.stop", ".app.files", ".drain", ".nginx"}
+
+
+def example_config(example: Path, dest: Path, listen: int, ports: tuple[int, int]) -> Path:
+    """Copy a shipped example config to `dest`, changing only ports and making paths absolute."""
+    import tomllib
+
+    data = tomllib.loads(example.read_text())
+    base = example.parent
+    data["daemon"]["state_dir"] = str(dest.parent / "run")
+    data["app"]["ports"] = list(ports)
+    data["app"]["build"] = str((base / data["app"]["build"]).resolve())
+    data["app"]["files"] = {k: str((base / v).resolve()) for k, v in data["app"].get("files", {}).items()}
+    data["nginx"]["listen"] = f"127.0.0.1:{listen}"
+    dest.write_text(dump_toml(data))
+    return dest

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import free_ports
-from supervisor import probes, slots
+from helpers import free_ports, wait_until
+from supervisor import drain, probes, slots
 from supervisor.config import ReadyConfig
 from supervisor.errors import AppError
 
@@ -81,6 +81,7 @@ def test_app_ignoring_sigterm_is_killed_with_its_whole_tree(tmp_path: Path, loop
 
 def test_describe_exit() -> None:
     assert slots.describe_exit(3) == "exited with code 3"
+    assert slots.describe_exit(143) == "exited with code 143 (128+SIGTERM)"
     assert slots.describe_exit(-9) == "killed by SIGKILL (perhaps out of memory?)"
     assert slots.describe_exit(-9, we_killed=True) == "killed by SIGKILL"
     assert slots.describe_exit(-15) == "killed by SIGTERM"
@@ -108,7 +109,7 @@ def test_ready_times_out_when_health_never_passes(tmp_path: Path, loop: asyncio.
         with pytest.raises(AppError) as e:
             loop.run_until_complete(probes.wait_ready(app, ready, ready.url))
         assert e.value.code == "not_ready"
-        assert "last answered HTTP 503" in e.value.message
+        assert "HTTP 503" in e.value.message
     finally:
         loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
 
@@ -124,3 +125,67 @@ def test_ready_passes_on_2xx(tmp_path: Path, loop: asyncio.AbstractEventLoop) ->
         assert tcp.target == f"tcp://127.0.0.1:{port}"
     finally:
         loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+
+
+def sequence_app(answers: list[tuple[int, str]]) -> str:
+    """An HTTP app that gives `answers` in order (then repeats the last), like an app still warming up."""
+    return f"""
+        import http.server, os
+        answers = {answers!r}
+        n = 0
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                global n
+                status, body = answers[min(n, len(answers) - 1)]
+                n += 1
+                self.send_response(status); self.end_headers(); self.wfile.write(body.encode())
+            def log_message(self, *a): pass
+        http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+    """
+
+
+def ready_with(tmp: Path, loop: asyncio.AbstractEventLoop, answers: list[tuple[int, str]], **kw) -> probes.ReadyResult:
+    (port,) = free_ports(1)
+    app = spawn(tmp, sequence_app(answers), port)
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        wait_until(lambda: drain.listening(port), 30, "the app to listen")  # so every check gets an answer
+        return loop.run_until_complete(probes.wait_ready(app, ReadyConfig(url, 30, 0.02, **kw), url))
+    finally:
+        loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+
+
+def test_body_check_waits_for_the_expected_text(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    answers = [(200, "STARTING")] * 3 + [(200, "status: UP")]
+    assert ready_with(tmp_path, loop, answers).checks == 1  # any 2xx would do
+    assert ready_with(tmp_path, loop, answers, body="UP").checks == 4
+
+
+def test_passes_needs_consecutive_successes(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    flaky = [(200, "ok"), (503, "gc pause"), (200, "ok"), (200, "ok"), (200, "ok")]
+    assert ready_with(tmp_path, loop, flaky, passes=3).checks == 5
+
+
+def test_log_pattern_counts_only_lines_of_this_start(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    import re
+
+    (port,) = free_ports(1)
+    log = tmp_path / "logs" / "blue.log"
+    log.parent.mkdir()
+    log.write_text("Server startup in 999 ms   <- a previous start's line\n")
+    pattern = re.compile("Server startup in")
+    # This start answers on its port but never logs the line: not ready, whatever the old log says.
+    silent = spawn(tmp_path, http_app(200), port)
+    try:
+        with pytest.raises(AppError, match="no log line matching 'Server startup in' yet"):
+            loop.run_until_complete(probes.wait_ready(silent, ReadyConfig(None, 1.0, 0.02, log=pattern), None))
+    finally:
+        loop.run_until_complete(slots.stop(silent, slots.signal.SIGTERM, 5))
+    # This start prints the line: ready, and the matched line is reported.
+    booting = spawn(tmp_path, http_app(200).replace("http.server.HTTPServer(",
+                                                      "print('INFO Server startup in [1234] milliseconds', flush=True)\n        http.server.HTTPServer("), port)
+    try:
+        r = loop.run_until_complete(probes.wait_ready(booting, ReadyConfig(None, 30, 0.02, log=pattern), None))
+        assert r.log_line == "INFO Server startup in [1234] milliseconds"
+    finally:
+        loop.run_until_complete(slots.stop(booting, slots.signal.SIGTERM, 5))

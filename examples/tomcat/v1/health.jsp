@@ -1,0 +1,2 @@
+<%@ page contentType="text/plain; charset=UTF-8" trimDirectiveWhitespaces="true" %>
+UP
