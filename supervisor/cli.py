@@ -39,6 +39,7 @@ examples:
   bluegreen status -c app.toml              what serves now, and the last swap's phases
   bluegreen rollback -c app.toml            swap back to the previous build
   bluegreen cancel -c app.toml              stop a swap that has not switched traffic yet
+  bluegreen quit --keep-serving -c app.toml stop the daemon only; the next daemon adopts the app
   echo status | socat - UNIX-CONNECT:run/bluegreen.sock
 
 The config is -c PATH, else $BLUEGREEN_CONFIG, else ./bluegreen.toml.
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("cancel", parents=[common], help="stop a running swap before it switches traffic",
                    description="Cancel the running swap if it has not switched nginx yet: its standby is "
                                "stopped (whole process tree) and traffic stays where it is.")
+    p = sub.add_parser("quit", parents=[common], help="stop the daemon (optionally leaving the app serving)",
+                       description="Stop the daemon. By default it stops the app and the managed nginx, like "
+                                   "SIGTERM. With --keep-serving they keep serving and the next `bluegreen daemon` "
+                                   "adopts them without a restart (use it to upgrade or restart bluegreen itself).")
+    p.add_argument("--keep-serving", action="store_true", help="leave the app and the managed nginx running")
     p = sub.add_parser("status", parents=[common], help="show the active slot, the standby, the last swap")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     sub.add_parser("check-config", parents=[common], help="validate the config and report every problem")
@@ -97,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             return stream(sock, req, args.json)
         if args.command == "rollback":
             return stream(sock, {"cmd": "rollback"}, args.json)
+        if args.command == "quit":
+            final = list(request(sock, {"cmd": "quit", "keep": args.keep_serving}, timeout=600))[-1]
+            if not final.get("ok"):
+                return _print_error(final)
+            print("the daemon is stopping" + ("; the app and nginx keep serving" if final["result"]["keep_serving"]
+                                               else ", with the app and its managed nginx"))
+            return EXIT_OK
         if args.command == "cancel":
             final = list(request(sock, {"cmd": "cancel"}, timeout=600))[-1]
             if not final.get("ok"):
@@ -219,6 +232,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"         {phases}")
         if last.get("error"):
             lines.append(f"         error {last['error']['code']}: {last['error']['message'].splitlines()[0]}")
+    if d.get("failure"):
+        lines.append(f"FAILED   {d['failure']}")
+    for e in (st.get("events") or [])[-5:]:
+        detail = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "event"))
+        lines.append(f"event    {_ago(e['at'])} ago {e['event']} {detail}")
     if st.get("previous_build"):
         lines.append(f"previous {st['previous_build']}  (bluegreen rollback)")
     return "\n".join(lines) + "\n"

@@ -157,6 +157,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "daemon": (
         Key("socket", _optional_str, None, "control socket path (default: <state_dir>/bluegreen.sock)"),
         Key("state_dir", _nonempty_str, "run", "state.json, logs/ and the managed nginx prefix live here"),
+        Key("on_stop", _choice("stop", "keep"), "stop",
+            "what SIGTERM/SIGINT do: stop the app and managed nginx, or keep them serving for the next daemon"),
+        Key("socket_group", _optional_str, None, "group that may use the socket (mode 0660); default: owner only (0600)"),
+        Key("allow_users", _str_list, [], "users allowed on the socket besides the daemon's own user"),
+        Key("allow_groups", _str_list, [], "groups whose members are allowed on the socket"),
+        Key("client_timeout", _positive, 10.0, "seconds a client has to send its request line"),
     ),
     "app": (
         Key("command", _argv, REQUIRED, "argv list of the app; never run through a shell"),
@@ -174,6 +180,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("passes", _positive_int, 1, "consecutive passing checks needed"),
         Key("body", _optional_str, None, "the response body must contain this string"),
         Key("log", _regex, None, "a regex that must appear in the app's log (since this start) first"),
+    ),
+    "app.restart": (
+        Key("attempts", _positive_int, 5, "restarts of a crashed active app before giving up (status: failed)"),
+        Key("backoff", _positive, 1.0, "seconds before the second restart, doubled each time"),
+        Key("backoff_max", _positive, 30.0, "the longest wait between two restarts"),
+        Key("reset_after", _positive, 60.0, "an app that ran this long before crashing starts a fresh count"),
     ),
     "app.stop": (
         Key("signal", _signal, "SIGTERM", "signal sent to the old app's process group"),
@@ -207,6 +219,23 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
 class DaemonConfig:
     socket: Path
     state_dir: Path
+    on_stop: str = "stop"
+    socket_group: str | None = None
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] = ()
+    client_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    attempts: int = 5
+    backoff: float = 1.0
+    backoff_max: float = 30.0
+    reset_after: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """The wait before restart number `attempt` (1-based): none for the first, then doubling, capped."""
+        return 0.0 if attempt <= 1 else min(self.backoff_max, self.backoff * 2 ** (attempt - 2))
 
 
 @dataclass(frozen=True)
@@ -236,6 +265,7 @@ class AppConfig:
     stop: StopConfig
     dirs: tuple[str, ...] = ()
     files: Mapping[str, Path] = field(default_factory=dict)
+    restart: RestartConfig = RestartConfig()
 
     def port(self, slot: str) -> int:
         return self.ports[SLOTS.index(slot)]
@@ -379,6 +409,21 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
                 f"daemon.socket: {sock} is {len(os.fsencode(str(sock)))} bytes; Unix sockets allow at most "
                 f"{MAX_SOCKET_PATH}; choose a shorter path"
             )
+    import grp
+    import pwd
+
+    for name in d.get("allow_users", ()):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            problems.append(f"daemon.allow_users: no such user {name!r}")
+    for key in ("allow_groups", "socket_group"):
+        names = d.get(key) or ()
+        for name in [names] if isinstance(names, str) else names:
+            try:
+                grp.getgrnam(name)
+            except KeyError:
+                problems.append(f"daemon.{key}: no such group {name!r}")
     for i, arg in enumerate(a.get("command", ())):
         problems += placeholder_problems(f"app.command[{i}]", arg)
     if "cwd" in a:
@@ -429,6 +474,7 @@ def _socket_path(d: dict[str, Any], base: Path) -> Path:
 def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -> Config:
     base = path.parent
     d, a, r, s, dr, n = (v[k] for k in ("daemon", "app", "app.ready", "app.stop", "drain", "nginx"))
+    rs = v["app.restart"]
     binary = n["binary"]
     if n["mode"] == "managed":
         binary = resolve_binary(binary) or binary
@@ -438,7 +484,9 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
 
     return Config(
         path=path,
-        daemon=DaemonConfig(socket=_socket_path(d, base), state_dir=_rel(base, d["state_dir"])),
+        daemon=DaemonConfig(socket=_socket_path(d, base), state_dir=_rel(base, d["state_dir"]), on_stop=d["on_stop"],
+                            socket_group=d["socket_group"], allow_users=d["allow_users"],
+                            allow_groups=d["allow_groups"], client_timeout=d["client_timeout"]),
         app=AppConfig(
             command=a["command"],
             cwd=a["cwd"],
@@ -449,6 +497,8 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
                               body=r["body"], log=r["log"]),
             stop=StopConfig(signal=s["signal"], timeout=s["timeout"]),
             dirs=a["dirs"],
+            restart=RestartConfig(attempts=rs["attempts"], backoff=rs["backoff"], backoff_max=rs["backoff_max"],
+                                  reset_after=rs["reset_after"]),
             files={dest: _rel(base, src) for dest, src in a["files"].items()},
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),

@@ -1,35 +1,67 @@
 """The control socket server: read one request line, stream events, write one final reply.
 
 The wire format is in protocol.py. A client that disconnects mid-swap does not stop the
-swap; a client that sends nothing is dropped after IDLE_TIMEOUT; a line over the size
+swap; a client that sends nothing is dropped after daemon.client_timeout; a line over the size
 limit gets an error and a closed connection. Nothing a client sends can crash the daemon.
+Peers are checked with SO_PEERCRED: root, the daemon's user, daemon.allow_users, and members
+of daemon.allow_groups / daemon.socket_group; anyone else gets `forbidden`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
+import pwd
+import socket
+import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from . import protocol
+from .config import DaemonConfig
 from .errors import BluegreenError, RequestError
 
 log = logging.getLogger("bluegreen.control")
-
-IDLE_TIMEOUT = 10.0
 
 Reply = Callable[[dict[str, Any]], None]
 Handler = Callable[[protocol.Request, Reply], Awaitable[Any]]
 
 
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, config: DaemonConfig | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.config = config or DaemonConfig(socket=path, state_dir=path.parent)
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[asyncio.Task[Any]] = set()
+        self.allowed_uids, self.allowed_gids = self._allowed()
+
+    def _allowed(self) -> tuple[set[int], set[int]]:
+        """Root, the daemon's own user, `allow_users`; members of `allow_groups` and `socket_group`."""
+        uids = {0, os.geteuid()} | {pwd.getpwnam(u).pw_uid for u in self.config.allow_users}
+        groups = list(self.config.allow_groups) + ([self.config.socket_group] if self.config.socket_group else [])
+        return uids, {grp.getgrnam(g).gr_gid for g in groups}
+
+    def _peer_allowed(self, sock: socket.socket | None) -> tuple[bool, str]:
+        if sock is None:
+            return False, "unknown peer"
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid in self.allowed_uids or gid in self.allowed_gids:
+            return True, ""
+        try:  # supplementary groups of the peer process
+            with open(f"/proc/{pid}/status") as f:
+                groups = next((ln.split()[1:] for ln in f if ln.startswith("Groups:")), [])
+            if self.allowed_gids & {int(g) for g in groups}:
+                return True, ""
+        except OSError:
+            pass
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return False, f"user {name} (uid {uid})"
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,11 +73,15 @@ class ControlServer:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=protocol.MAX_LINE + 1)
         finally:
             os.umask(old)
+        if self.config.socket_group:
+            os.chown(self.path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
+            os.chmod(self.path, 0o660)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+        if self.connections:  # let replies already written (quit, a cancelled swap's error) reach their clients
+            await asyncio.wait(list(self.connections), timeout=1.0)
         for task in list(self.connections):
             task.cancel()
         try:
@@ -67,8 +103,14 @@ class ControlServer:
                 pass
 
         try:
+            allowed, who = self._peer_allowed(writer.get_extra_info("socket"))
+            if not allowed:
+                log.warning("refused a control connection from %s", who)
+                raise BluegreenError(f"{who} may not use this socket; allow it with daemon.allow_users or "
+                                     "daemon.allow_groups", code="forbidden")
+            timeout = self.config.client_timeout
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
             except asyncio.IncompleteReadError as e:
                 line = e.partial  # `printf status | socat` sends no newline
                 if not line:
@@ -76,7 +118,7 @@ class ControlServer:
             except asyncio.LimitOverrunError:
                 raise RequestError(f"request line is longer than {protocol.MAX_LINE} bytes") from None
             except asyncio.TimeoutError:
-                raise RequestError(f"no request line within {IDLE_TIMEOUT:g}s") from None
+                raise RequestError(f"no request line within {timeout:g}s") from None
             request = protocol.parse_request(line)
             result = await self.handler(request, reply)
             reply(protocol.success(result))

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ from .swap import Plan, SwapRecord, run_swap
 log = logging.getLogger("bluegreen")
 # Before commit a swap can be undone without touching traffic (see swap.py).
 CANCELLABLE = ("prepare", "start", "ready", "switch")
+# Phases whose start is written to state.json (with the standby's pid once it exists).
+PERSISTED_PHASES = ("start", "ready", "switch", "commit", "drain", "stop")
+
+
+def _slot_state(app: slots.AppProcess) -> SlotState:
+    return SlotState(app.slot, app.port, str(app.build), app.pid, app.create_time, app.started_at)
 
 
 def other_slot(slot: str) -> str:
@@ -69,14 +76,20 @@ class Daemon:
         self.store = StateStore(self.state_dir / "state.json")
         self.state = State()
         self.nginx = nginx.make(config)
-        self.control = ControlServer(config.daemon.socket, self.handle)
+        self.control = ControlServer(config.daemon.socket, self.handle, config.daemon)
         self.active: slots.AppProcess | None = None
         self.standby: slots.AppProcess | None = None
         self.swap: SwapRecord | None = None
         self.swap_task: asyncio.Task[Any] | None = None
+        self.monitor_task: asyncio.Task[Any] | None = None
+        # starting | serving | recovering | failed | stopping
         self.status = "starting"
+        self.failure: str | None = None
+        self.restarts = 0  # restarts of a crashed active app since it last ran stably
+        self._crashed_pid: int | None = None
         self.started_at = time.time()
-        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.signals: asyncio.Queue[Any] = asyncio.Queue()
+        self.keep_serving = config.daemon.on_stop == "keep"
         self._lock_fd: int | None = None
 
     # ---- life cycle
@@ -103,6 +116,7 @@ class Daemon:
                 code = 1
             else:
                 self.status = "serving"
+                self.monitor_task = asyncio.ensure_future(self.monitor())
                 await stop_sig
         else:
             boot.cancel()
@@ -113,6 +127,11 @@ class Daemon:
 
     async def boot(self) -> None:
         self.state = self.store.load()
+        managed = isinstance(self.nginx, nginx.ManagedNginx)
+        if managed and self.nginx.adopt(self.state.nginx):
+            log.info("adopted the running managed nginx (pid %d)", self.nginx.pid)
+        if await self.adopt():
+            return
         saved = self.state.active
         slot, build = "blue", self.config.app.build
         if saved is not None:
@@ -129,25 +148,190 @@ class Daemon:
         try:
             ready = await probes.wait_ready(app, self.config.app.ready, self._ready_url(app))
             log.info("%s ready after %.2fs (%d checks)", slot, ready.seconds, ready.checks)
-            if isinstance(self.nginx, nginx.ManagedNginx):
+            if managed and not self.nginx.alive():
                 info = await self.nginx.start(port)
                 log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
             else:
+                if managed:
+                    await self.nginx.ensure_config()
                 await self.nginx.switch(port)
-                log.info("external nginx switched to port %d", port)
+                log.info("nginx switched to port %d", port)
         except BaseException:
             await slots.stop(app, self.config.app.stop.signal, self.config.app.stop.timeout)
             self.standby = None
             raise
         self.standby = None
         self.active = app
+        self.state.swap = None
         self._remember(app)
         self.store.save(self.state)
         log.info("serving %s from %s (port %d, pid %d)", build, slot, port, app.pid)
 
+    def _adoptable(self, saved: SlotState | dict[str, Any] | None) -> slots.AppProcess | None:
+        if not saved:
+            return None
+        s = SlotState(**saved) if isinstance(saved, dict) else saved
+        return slots.adopt(s.slot, s.port, Path(s.build), s.pid, s.create_time, s.since,
+                           self.state_dir / "logs" / f"{s.slot}.log")
+
+    async def adopt(self) -> bool:
+        """Take over the processes a previous daemon left running, instead of restarting them.
+
+        An interrupted swap is finished if it had committed (state.json names the new slot
+        active), and undone otherwise; either way nginx is pointed at the active slot and the
+        other slot's process is drained and stopped.
+        """
+        st = self.state
+        interrupted = st.swap or {}
+        active = self._adoptable(st.active)
+        others = [self._adoptable(interrupted.get(k)) for k in ("standby", "old")]
+        if interrupted and not interrupted.get("standby"):
+            # Killed between spawning the standby and recording it: find it by the marker it inherited.
+            slot = other_slot(interrupted["old"]["slot"])
+            others += slots.find_ours(self.state_dir, slot, self.state_dir / "logs" / f"{slot}.log")
+        leftovers = [p for p in others if p is not None and (active is None or p.pid != active.pid)]
+        if interrupted:
+            committed = active is not None and interrupted.get("standby") and \
+                interrupted["standby"]["pid"] == active.pid
+            log.warning("a %s to %s was interrupted in phase %s; %s it", interrupted.get("reason"),
+                        interrupted.get("build"), interrupted.get("phase"), "finishing" if committed else "undoing")
+        if active is None:
+            for p in leftovers:  # they would hold the ports the fresh start needs
+                await self._retire(p, drain=False)
+            st.swap = None
+            return False
+        # Past this point a failure must not stop what still serves: detach and exit.
+        try:
+            managed = isinstance(self.nginx, nginx.ManagedNginx)
+            if managed and not self.nginx.alive():
+                await self.nginx.start(active.port)
+            else:
+                changed = await self.nginx.ensure_config() if managed else False
+                # After an interrupted swap we cannot know which upstream the master has loaded.
+                if interrupted or changed or self._upstream_port() != active.port:
+                    await self.nginx.switch(active.port)
+        except BaseException:
+            log.error("could not point nginx at the adopted %s slot; leaving every process as it was",
+                      active.slot)
+            self.keep_serving = True
+            raise
+        self.active = active
+        self._event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
+        log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
+        for p in leftovers:
+            await self._retire(p, drain=True)
+        st.swap = None
+        self._remember(active)
+        self.store.save(st)
+        return True
+
+    def _upstream_port(self) -> int | None:
+        text = (self.nginx.read_upstream() or b"").decode(errors="replace")
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "server":
+                port = parts[1].rstrip(";").rsplit(":", 1)[-1]
+                return int(port) if port.isdigit() else None
+        return None
+
+    async def _retire(self, app: slots.AppProcess, drain: bool) -> None:
+        ops = SlotOps(self)
+        if drain:
+            await ops._drain(app.port)
+        s = self.config.app.stop
+        result = await slots.stop(app, s.signal, s.timeout)
+        log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
+
+    # ---- watching the active app and nginx
+
+    async def monitor(self) -> None:
+        """Notice a dead active app or managed nginx within ~0.1 s and bring it back."""
+        while True:
+            await asyncio.sleep(0.1)
+            if self.swap_task is not None and not self.swap_task.done():
+                continue  # a swap replaces the active app anyway; a failed one is seen next round
+            try:
+                if isinstance(self.nginx, nginx.ManagedNginx) and not self.nginx.alive():
+                    await self.restart_nginx()
+                if self.active is not None and not self.active.alive() and self.status in ("serving", "recovering"):
+                    await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the monitor must outlive any single failure
+                log.exception("monitor error")
+
+    async def restart_nginx(self) -> None:
+        assert isinstance(self.nginx, nginx.ManagedNginx)
+        lines = self.nginx._log_since(0)[-3:]
+        log.error("the managed nginx master (pid %s) died%s; restarting it", self.nginx.pid,
+                  (": " + " | ".join(lines)) if lines else "")
+        self._event("nginx_died", pid=self.nginx.pid)
+        port = self.active.port if self.active else self.config.app.port("blue")
+        try:
+            info = await self.nginx.start(port)
+        except BluegreenError as e:
+            log.error("could not restart nginx: %s; retrying in 1s", e.message)
+            await asyncio.sleep(1.0)
+            return
+        self._event("nginx_restarted", pid=info["pid"])
+        if self.active is not None:
+            self._remember(self.active)
+        self._save_quietly()
+
+    async def recover(self) -> None:
+        """The active app died: start the same build on the other slot, with capped backoff."""
+        dead = self.active
+        assert dead is not None
+        r = self.config.app.restart
+        if self._crashed_pid != dead.pid:  # a new crash (not a retry of the same one)
+            self._crashed_pid = dead.pid
+            why = dead.exit_reason or slots.describe_exit(dead.returncode)
+            if time.time() - dead.started_at >= r.reset_after:
+                self.restarts = 0
+            log.error("the active app (%s, pid %d, %s) %s", dead.slot, dead.pid, dead.build, why)
+            self._event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
+        self.restarts += 1
+        if self.restarts > r.attempts:
+            self.status = "failed"
+            self.failure = (f"the app crashed {self.restarts - 1} times in a row; not restarting it again. "
+                            f"Fix the build and `bluegreen swap` to it (see {dead.log_path})")
+            log.error("%s", self.failure)
+            self._event("failed", build=str(dead.build), restarts=self.restarts - 1)
+            self._save_quietly()
+            return
+        self.status = "recovering"
+        delay = r.delay(self.restarts)
+        if delay:
+            log.info("restart %d of %d in %.1fs", self.restarts, r.attempts, delay)
+            await asyncio.sleep(delay)
+        if self.active is not dead:  # a user's swap replaced it meanwhile
+            return
+        try:
+            await self.run_swap(dead.build, lambda event: None, reason="recover")
+        except BluegreenError as e:
+            log.error("restart %d failed: %s", self.restarts, e.message.splitlines()[0])
+            return
+        self.status = "serving"
+        self._event("restarted", slot=self.active.slot if self.active else None,
+                    pid=self.active.pid if self.active else None)
+
+    def _event(self, kind: str, **details: Any) -> None:
+        self.state.events.append({"at": time.time(), "event": kind, **details})
+
+    def _save_quietly(self) -> None:
+        try:
+            self.store.save(self.state)
+        except BluegreenError as e:
+            log.error("%s", e.message)
+
+    # ---- stopping
+
     async def shutdown(self) -> None:
         self.status = "stopping"
-        log.info("shutting down")
+        log.info("shutting down%s", " (keeping the app and nginx serving)" if self.keep_serving else "")
+        if self.monitor_task is not None:
+            self.monitor_task.cancel()
+            await asyncio.gather(self.monitor_task, return_exceptions=True)
         force = asyncio.ensure_future(self.signals.get())
         work = asyncio.ensure_future(self._shutdown_steps(graceful=True))
         done, _ = await asyncio.wait({force, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -165,11 +349,21 @@ class Daemon:
         if self.swap_task is not None and not self.swap_task.done():
             self.swap_task.cancel()
             await asyncio.gather(self.swap_task, return_exceptions=True)
+        managed = isinstance(self.nginx, nginx.ManagedNginx)
+        if self.keep_serving:
+            if self.active is not None and self.active.alive():
+                self.state.nginx = self.nginx.identity() if managed else None
+                self._remember(self.active)
+                self._save_quietly()
+                log.info("left %s (pid %d)%s running; the next daemon adopts them", self.active.slot,
+                         self.active.pid, f" and nginx (pid {self.nginx.pid})" if managed else "")
+            return
         timeout = self.config.drain.timeout if graceful else 0.0
         # nginx first, so no request is sent to an app that is already stopping.
-        if isinstance(self.nginx, nginx.ManagedNginx):
+        if managed:
             how = await self.nginx.stop(timeout)
             log.info("managed nginx %s", how)
+        self.state.nginx = None
         stop = self.config.app.stop
         for app in (self.standby, self.active):
             if app is not None:
@@ -224,7 +418,8 @@ class Daemon:
         if not cwd.is_absolute():
             cwd = self.config.path.parent / cwd
         env = {k: expand(v, ctx) for k, v in app.env.items()}
-        env.update(BLUEGREEN_SLOT=slot, BLUEGREEN_PORT=ctx["port"], BLUEGREEN_BUILD=str(build))
+        env.update(BLUEGREEN_SLOT=slot, BLUEGREEN_PORT=ctx["port"], BLUEGREEN_BUILD=str(build),
+                   BLUEGREEN_STATE_DIR=str(self.state_dir))
         return await slots.spawn(
             [expand(a, ctx) for a in app.command], cwd, env,
             slot=slot, port=app.port(slot), build=build, log_path=self.state_dir / "logs" / f"{slot}.log",
@@ -238,7 +433,8 @@ class Daemon:
             )
 
     def _remember(self, app: slots.AppProcess) -> None:
-        self.state.active = SlotState(app.slot, app.port, str(app.build), app.pid, app.create_time, app.started_at)
+        self.state.active = _slot_state(app)
+        self.state.nginx = self.nginx.identity() if isinstance(self.nginx, nginx.ManagedNginx) else None
 
     # ---- control commands
 
@@ -284,6 +480,11 @@ class Daemon:
         return {"cancelled": record.build, "phase": record.error.get("phase") if record.error else None,
                 "active": self.active.to_dict() if self.active else None}
 
+    async def cmd_quit(self, reply: Any, keep: bool = False) -> Any:
+        self.keep_serving = self.keep_serving or keep
+        self.signals.put_nowait("quit")
+        return {"stopping": True, "keep_serving": self.keep_serving}
+
     async def run_swap(self, build: Path, reply: Any, reason: str) -> Any:
         if self.swap_task is not None and not self.swap_task.done():
             assert self.swap is not None
@@ -292,7 +493,7 @@ class Daemon:
                 "wait for it to finish (bluegreen status)",
                 phase=self.swap.phase,
             )
-        if self.status != "serving" or self.active is None:
+        if self.status not in ("serving", "recovering", "failed") or self.active is None:
             raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
         old = self.active
         slot = other_slot(old.slot)
@@ -305,6 +506,14 @@ class Daemon:
             if event.get("status") == "done":
                 detail = {k: v for k, v in event.items() if k not in ("event", "status", "elapsed")}
                 log.info("  %s done %s", event["event"], detail)
+            step = (event["event"], event.get("status"))
+            if step == ("start", "done") or (step[1] == "begin" and step[0] in PERSISTED_PHASES):
+                # Written before each step that changes processes or traffic: a daemon killed
+                # right after it can tell, on restart, what to finish or undo.
+                self.state.swap = {"phase": event["event"], "reason": reason, "build": str(build),
+                                   "old": asdict(_slot_state(old)),
+                                   "standby": asdict(_slot_state(self.standby)) if self.standby else None}
+                self.store.save(self.state)
             reply(event)
 
         # The swap runs as its own task: a client that disconnects does not cancel it.
@@ -312,7 +521,7 @@ class Daemon:
         try:
             await asyncio.shield(self.swap_task)
         except asyncio.CancelledError:
-            if self.swap_task.cancelled() and self.status == "serving":
+            if self.swap_task.cancelled() and self.status != "stopping":
                 # `bluegreen cancel`, not our own connection being torn down
                 raise BluegreenError(f"the {reason} was cancelled in phase {record.error and record.error.get('phase')}; "
                                      "the standby was stopped and traffic is unchanged", code="cancelled",
@@ -322,12 +531,12 @@ class Daemon:
             log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
             raise
         finally:
+            self.state.swap = None
             self.state.last_swap = record.to_dict()
             self.state.history.append({k: record.to_dict()[k] for k in ("build", "reason", "outcome", "started_at")})
-            try:
-                self.store.save(self.state)
-            except BluegreenError as e:
-                log.error("%s", e.message)
+            self._save_quietly()
+        if reason != "recover":  # a release the user asked for: a fresh start for crash counting
+            self.restarts, self.status, self.failure = 0, "serving", None
         log.info("%s to %s done in %.2fs", reason, build, (record.finished_at or 0) - record.started_at)
         return {"active": self.active.to_dict() if self.active else None, "swap": record.to_dict()}
 
@@ -347,7 +556,9 @@ class Daemon:
         running = self.swap if self.swap_task is not None and not self.swap_task.done() else None
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "status": self.status,
-                       "since": self.started_at, "config": str(self.config.path), "state_dir": str(self.state_dir)},
+                       "since": self.started_at, "config": str(self.config.path), "state_dir": str(self.state_dir),
+                       "failure": self.failure, "restarts": self.restarts},
+            "events": self.state.events[-10:],
             "active": self.active.to_dict() if self.active else None,
             "standby": self.standby.to_dict() if self.standby else None,
             "previous_build": self.state.previous_build,
@@ -382,7 +593,12 @@ class SlotOps:
         if not standby.alive():
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} right after it "
                            "became ready; nginx was not switched", code="app_exited")
-        return await self.d.nginx.switch(plan.port)
+        result = await self.d.nginx.switch(plan.port)
+        if not standby.alive():  # it died while nginx reloaded: put the old upstream back at once
+            await self.switch_back(plan)
+            raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} during the switch; "
+                           "nginx was switched back", code="app_exited")
+        return result
 
     async def switch_back(self, plan: Plan[slots.AppProcess]) -> None:
         try:

@@ -24,6 +24,7 @@ import psutil
 from .config import Config
 from .errors import NginxError
 from .fsutil import atomic_write
+from .slots import same_process
 
 PLAIN_WORKER = "nginx: worker process"
 SHUTTING_DOWN = "shutting down"
@@ -354,6 +355,8 @@ class ManagedNginx(Nginx):
         self.error_log = self.prefix / "error.log"
         self.pid_file = self.prefix / "nginx.pid"
         self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.create_time = 0.0
 
     def base_argv(self) -> list[str]:
         # -e keeps start-up logging out of /var/log/nginx; every reload/test uses these exact args.
@@ -364,19 +367,65 @@ class ManagedNginx(Nginx):
         return self.base_argv() + ["-t", "-q"]
 
     def master_pid(self) -> int:
-        if self.proc is None or self.proc.returncode is not None:
-            raise NginxError("the managed nginx is not running", code="nginx_down")
-        return self.proc.pid
+        if not self.alive():
+            raise NginxError(f"the managed nginx is not running (see {self.error_log})", code="nginx_down")
+        assert self.pid is not None
+        return self.pid
 
     async def send_reload(self, master: int) -> None:
         # We own the master: signal it directly rather than through the pid file.
         os.kill(master, signal.SIGHUP)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self.pid is not None and same_process(self.pid, self.create_time)
+
+    def identity(self) -> dict[str, Any] | None:
+        """What the next daemon needs to adopt this master."""
+        return {"pid": self.pid, "create_time": self.create_time} if self.alive() else None
+
+    def adopt(self, saved: dict[str, Any] | None) -> bool:
+        """Take over the master a previous daemon started, if it still runs with our prefix."""
+        if not saved or not same_process(saved["pid"], saved["create_time"]):
+            return False
+        try:
+            cmdline = " ".join(psutil.Process(saved["pid"]).cmdline())
+        except psutil.Error:
+            return False
+        if str(self.prefix) not in cmdline:
+            return False
+        self.proc, self.pid, self.create_time = None, saved["pid"], saved["create_time"]
+        return True
+
+    async def ensure_config(self) -> bool:
+        """Rewrite nginx.conf from the current bluegreen config; True if it changed (a reload is due)."""
+        text = render_managed_conf(self.config, self.prefix, self.upstream_path).encode()
+        try:
+            if self.conf_path.read_bytes() == text:
+                return False
+        except OSError:
+            pass
+        atomic_write(self.conf_path, text)
+        return True
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+                return True
+            except asyncio.TimeoutError:
+                return False
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def start(self, port: int) -> dict[str, Any]:
         """Write the config for `port`, test it, start nginx, wait until it accepts connections."""
+        await self._clear_dead_master()
         self._refuse_leftover()
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
@@ -392,6 +441,11 @@ class ManagedNginx(Nginx):
             )
         finally:
             log.close()
+        self.pid = self.proc.pid
+        try:
+            self.create_time = psutil.Process(self.pid).create_time()
+        except psutil.Error:
+            self.create_time = 0.0
         deadline = time.monotonic() + self.n.reload_timeout
         while True:
             if self.proc.returncode is not None:
@@ -428,21 +482,42 @@ class ManagedNginx(Nginx):
 
     async def stop(self, timeout: float) -> str:
         """Graceful stop (SIGQUIT: finish in-flight requests), then SIGKILL the group."""
-        if self.proc is None or self.proc.returncode is not None:
+        if not self.alive():
             return "not running"
-        pid = self.proc.pid
-        os.kill(pid, signal.SIGQUIT)
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-            how = "stopped gracefully"
-        except asyncio.TimeoutError:
-            how = f"killed after {timeout:g}s"
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the master's group: no worker survives it
-        except (ProcessLookupError, PermissionError):
-            pass
-        await self.proc.wait()
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGQUIT)
+        how = "stopped gracefully" if await self._wait_exit(timeout) else f"killed after {timeout:g}s"
+        _killpg(self.pid, signal.SIGKILL)  # the master's group: no worker survives it
+        await self._wait_exit(10)
         return how
+
+    async def _clear_dead_master(self) -> None:
+        """A master killed with SIGKILL leaves its workers running, holding the listen socket:
+        let them finish (SIGQUIT), then make sure they are gone before a new master binds."""
+        if self.pid is None or self.alive():
+            return
+        old = self.pid
+        _killpg(old, signal.SIGQUIT)
+        deadline = time.monotonic() + min(5.0, self.config.drain.timeout)
+        while _group_alive(old) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        _killpg(old, signal.SIGKILL)
+        self.pid = None
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _accepts(listen: str) -> bool:

@@ -8,7 +8,7 @@ One request per connection, one JSON object per line (UTF-8, at most 64 KiB):
     <- {"ok": true, "result": {...}}                                  exactly one final line
     <- {"ok": false, "error": {"code": "busy", "message": "..."}}
 
-Commands: swap [BUILD], rollback, cancel, status, help. BUILD over the socket must be an
+Commands: swap [BUILD], rollback, cancel, status, quit, help. BUILD over the socket must be an
 absolute path (the daemon cannot know the caller's working directory; the CLI resolves it).
 """
 
@@ -48,6 +48,8 @@ COMMANDS: dict[str, CommandSpec] = {
         CommandSpec("rollback", "swap back to the build that served before the last swap", changes_traffic=True),
         CommandSpec("cancel", "stop a running swap before it switches traffic (its standby is stopped)"),
         CommandSpec("status", "active and standby slots, the running swap, the last swap's phases"),
+        CommandSpec("quit", "stop the daemon; with keep=true the app and managed nginx keep serving "
+                            "and the next daemon adopts them", {"keep": (bool, False)}),
         CommandSpec("help", "list the commands"),
     )
 }

@@ -44,10 +44,7 @@ class AppProcess:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.returncode is None
-        try:  # not our child (adopted): match pid *and* start time, pids get reused
-            return psutil.Process(self.pid).create_time() == self.create_time
-        except psutil.Error:
-            return False
+        return same_process(self.pid, self.create_time)
 
     async def wait(self) -> int | None:
         if self.proc is not None:
@@ -66,6 +63,41 @@ class AppProcess:
             "alive": self.alive(),
             "log": str(self.log_path),
         }
+
+
+def same_process(pid: int, create_time: float) -> bool:
+    """Is `pid` still the process we started (pids get reused: the start time must match too)?"""
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def adopt(slot: str, port: int, build: Path, pid: int, create_time: float, since: float,
+          log_path: Path) -> AppProcess | None:
+    """Take over an app a previous daemon started, if it is still that same process."""
+    if not same_process(pid, create_time):
+        return None
+    return AppProcess(slot, port, build, pid, create_time, log_path, started_at=since)
+
+
+def find_ours(state_dir: Path, slot: str, log_path: Path) -> list[AppProcess]:
+    """Session leaders this state dir started for `slot` (marked by the environment they inherit)."""
+    marker = f"BLUEGREEN_STATE_DIR={state_dir}\0".encode()
+    slot_marker = f"BLUEGREEN_SLOT={slot}\0".encode()
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) != p.pid:
+                continue
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                env = f.read() + b"\0"
+            if marker in env and slot_marker in env:
+                found.append(AppProcess(slot, 0, Path("?"), p.pid, p.create_time(), log_path))
+        except (OSError, psutil.Error):
+            continue
+    return found
 
 
 def describe_exit(returncode: int | None, *, we_killed: bool = False) -> str:

@@ -29,6 +29,12 @@ class State:
     previous_build: str | None = None
     last_swap: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A swap in progress: {"phase", "reason", "build", "standby": SlotState|None, "old": SlotState}.
+    # Written as the swap goes, so a daemon killed mid-swap can finish or undo it on restart.
+    swap: dict[str, Any] | None = None
+    # The managed nginx master {"pid", "create_time"}, adopted by the next daemon if still running.
+    nginx: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return (json.dumps({"version": VERSION, **asdict(self)}, indent=2) + "\n").encode()
@@ -44,6 +50,9 @@ class State:
             previous_build=obj.get("previous_build"),
             last_swap=obj.get("last_swap"),
             history=list(obj.get("history") or []),
+            swap=obj.get("swap"),
+            nginx=obj.get("nginx"),
+            events=list(obj.get("events") or []),
         )
 
 
@@ -70,6 +79,7 @@ class StateStore:
 
     def save(self, state: State) -> None:
         state.history = state.history[-HISTORY:]
+        state.events = state.events[-HISTORY:]
         try:
             atomic_write(self.path, state.to_json(), mode=0o600)
         except OSError as e:

@@ -31,7 +31,7 @@ def test_words_request_like_socat_users_type() -> None:
         (b'{"cmd": "status"', "invalid JSON"),
         (b"{}", 'missing "cmd"'),
         (b'["status"]', "unknown command '[\"status\"]'"),
-        (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, rollback, cancel, status, help"),
+        (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, rollback, cancel, status, quit, help"),
         (b"launch /x", "unknown command 'launch'"),
         (b'{"cmd": "swap", "build": 42}', "'build' must be a str, got int"),
         (b'{"cmd": "swap", "bulid": "/x"}', "unknown argument 'bulid'"),
