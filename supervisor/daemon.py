@@ -245,10 +245,12 @@ class Daemon:
     # ---- watching the active app and nginx
 
     async def monitor(self) -> None:
-        """Notice a dead active app or managed nginx within ~0.1 s and bring it back."""
+        """Notice a dead active app or managed nginx at once (our children) or within 0.25 s
+        (adopted processes, polled), and bring it back."""
         while True:
-            await asyncio.sleep(0.1)
+            await self._wait_for_an_exit(0.25)
             if self.swap_task is not None and not self.swap_task.done():
+                await asyncio.gather(self.swap_task, return_exceptions=True)
                 continue  # a swap replaces the active app anyway; a failed one is seen next round
             try:
                 if isinstance(self.nginx, nginx.ManagedNginx) and not self.nginx.alive():
@@ -259,6 +261,19 @@ class Daemon:
                 raise
             except Exception:  # the monitor must outlive any single failure
                 log.exception("monitor error")
+
+    async def _wait_for_an_exit(self, timeout: float) -> None:
+        procs = [p for p in (self.active and self.active.proc, getattr(self.nginx, "proc", None))
+                 if p is not None and p.returncode is None]
+        if not procs:
+            await asyncio.sleep(timeout)
+            return
+        waits = [asyncio.ensure_future(p.wait()) for p in procs]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def restart_nginx(self) -> None:
         assert isinstance(self.nginx, nginx.ManagedNginx)
@@ -510,9 +525,11 @@ class Daemon:
             if step == ("start", "done") or (step[1] == "begin" and step[0] in PERSISTED_PHASES):
                 # Written before each step that changes processes or traffic: a daemon killed
                 # right after it can tell, on restart, what to finish or undo.
+                # The new process: the standby until commit, the active one after it.
+                new = self.standby or (self.active if self.active is not old else None)
                 self.state.swap = {"phase": event["event"], "reason": reason, "build": str(build),
                                    "old": asdict(_slot_state(old)),
-                                   "standby": asdict(_slot_state(self.standby)) if self.standby else None}
+                                   "standby": asdict(_slot_state(new)) if new else None}
                 self.store.save(self.state)
             reply(event)
 
