@@ -135,3 +135,31 @@ def test_stale_pid_file_fails_the_swap_with_a_clear_error(make_daemon, system_ng
         assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
     finally:
         pid_file.write_text(real)
+
+
+def test_reload_refused_by_the_master_is_detected_and_undone(make_daemon, system_nginx, releases: Path) -> None:
+    """`nginx -t` passes and `nginx -s reload` exits 0, but the master cannot bind a port and keeps
+    its old config: exactly the failure a hand-run reload never notices."""
+    import socket as sk
+
+    run = external_daemon(make_daemon, system_nginx, releases)
+    upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
+    before = upstream.read_bytes()
+    squatter = sk.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    conf: Path = system_nginx["conf"]
+    good = conf.read_text()
+    conf.write_text(good.replace("    server {", f"    server {{ listen 127.0.0.1:{taken}; }}\n    server {{", 1))
+    try:
+        r = run.cli("swap", str(make_build(releases, "v2")))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "[nginx_reload_failed]" in r.stderr
+        assert "Address already in use" in r.stderr  # the master's own [emerg] line
+        assert upstream.read_bytes() == before
+        assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+        assert run.status()["standby"] is None
+    finally:
+        squatter.close()
+        conf.write_text(good)

@@ -323,3 +323,26 @@ def test_garbage_on_the_socket_never_hurts(make_daemon, releases: Path) -> None:
     finally:
         idle.close()
     assert run.proc.poll() is None
+
+
+def test_socket_group_shares_the_socket_with_its_members(make_daemon) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    run = make_daemon(start=False)
+    run.config.write_text(run.config.read_text().replace('state_dir = "run"',
+                                                          'state_dir = "run"\nsocket_group = "nogroup"'))
+    run.start()
+    import grp
+
+    st = run.socket.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+    os.chmod(run.dir, 0o755)
+    os.chmod(run.dir / "run", 0o755)
+    client = subprocess.run(
+        [sys.executable, "-c", f"""
+import os, socket
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX); s.connect({str(run.socket)!r}); s.sendall(b"status\\n")
+print(s.makefile().readline())
+"""], capture_output=True, text=True, timeout=30)
+    assert json.loads(client.stdout)["ok"], client.stdout + client.stderr
