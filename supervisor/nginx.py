@@ -1,10 +1,11 @@
 """nginx: render the upstream, switch it safely, confirm the reload, and (managed mode) run nginx.
 
 A switch is: write the upstream atomically -> `nginx -t` with the master's own -p/-c/-e
--> reload -> confirm from the master's workers (new ones titled "nginx: worker process",
-every older one gone or "shutting down"). A reload command exiting 0 only means a signal
-was sent; the master may still refuse the config (a taken `listen` port) and keep the old
-workers. Any failure puts the previous upstream file back, byte for byte.
+-> reload -> confirm from the master's workers: new ones titled "nginx: worker process"
+(forked only once the master accepted the config). A reload command exiting 0 only means a
+signal was sent; the master may still refuse the config (a taken `listen` port) and keep the
+old workers. Any failure puts the previous upstream file back, byte for byte. The old
+generation of workers is remembered: the drain waits until every one has exited.
 See shared NGINX-NOTES.md for the measurements behind each step.
 """
 
@@ -273,8 +274,10 @@ class Nginx:
                 )
             now = workers(master)
             new = [p for p, t in now.items() if p not in before and t == PLAIN_WORKER]
-            old_active = [p for p in before if p in now and SHUTTING_DOWN not in now[p]]
-            if len(new) >= expected and not old_active:
+            # New workers exist only once the master accepted the new config: that is the switch.
+            # nginx tells the old workers to quit 100 ms later (hard-coded); the drain phase then
+            # waits until every one of them has exited, which is stronger than "shutting down".
+            if len(new) >= expected:
                 return
             errors = self._log_since(log_offset)
             if errors and not new:
@@ -286,7 +289,7 @@ class Nginx:
             if time.monotonic() > deadline:
                 raise NginxError(
                     f"the reload was not confirmed within {self.n.reload_timeout:g}s "
-                    f"({len(new)} new worker(s) of {expected}, {len(old_active)} old one(s) still active)"
+                    f"({len(new)} new worker(s) of {expected})"
                     + (": " + " | ".join(errors) if errors else "; see nginx's error log"),
                     code="nginx_reload_failed",
                     nginx=errors,

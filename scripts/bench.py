@@ -1,0 +1,625 @@
+"""Benchmark: what a release costs and how many requests it loses, bluegreen vs the hand recipes.
+
+One run drives the same example Node app (boot delay --boot-ms) under the same open-loop load
+(--rate requests/s, half on fresh connections, half on keep-alive connections, 10% slow
+requests of 1 s) through nginx, with --releases releases for each approach:
+
+  bluegreen      `bluegreen swap` through the daemon and its managed nginx
+  plain restart  stop the app (SIGTERM, graceful), start the new build on the same port
+  nginx recipe   the seeds' recipe: two copies in one upstream; mark one `down`, reload,
+                 restart it at once (waiting only until it answers), then the other; both up
+
+Every non-2xx answer, reset, refused connection, early EOF and timeout is a failure.
+Then the daemon's footprint (RSS, CPU) idle and during swaps. Separately:
+  --soak N    N back-to-back swaps of a fast app: failures, daemon RSS and fds start/end
+  --scale     cost of one in-flight count with 1k and 10k other TCP sockets on the host
+Loopback only; every process started is stopped at the end. Timings are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from conftest import render_config  # noqa: E402
+from helpers import DaemonRun, free_ports, kill_tree, make_build  # noqa: E402
+from supervisor import drain  # noqa: E402
+from supervisor.config import resolve_binary  # noqa: E402
+from supervisor.nginx import render_upstream  # noqa: E402
+
+SLOW_EVERY = 10  # one request in ten is slow
+SLOW_MS = 1000
+TIMEOUT = 15.0
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class Result:
+    start: float
+    end: float
+    client: str  # fresh | keepalive
+    slow: bool
+    kind: str  # ok | http_502 | reset | refused | eof | timeout | ...
+    version: str = ""
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """Status, body, and whether the server keeps the connection open."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await reader.read()
+    keep = headers.get("connection", "").lower() != "close"
+    return status, body, keep
+
+
+class OpenLoopLoad:
+    """Requests scheduled at a fixed rate whatever the server does (open loop)."""
+
+    def __init__(self, port: int, rate: float, keepalive: bool = True, slow: bool = True) -> None:
+        self.port, self.rate, self.keepalive, self.slow = port, rate, keepalive, slow
+        self.results: list[Result] = []
+        self.pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.running = True
+
+    async def run(self) -> None:
+        t0 = time.monotonic()
+        i = 0
+        while self.running:
+            i += 1
+            delay = t0 + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            client = "keepalive" if self.keepalive and i % 2 == 0 else "fresh"
+            slow = self.slow and i % SLOW_EVERY == 0
+            task = asyncio.ensure_future(self.one(client, slow))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        self.running = False
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=TIMEOUT + 5)
+        for _, w in self.pool:
+            w.close()
+
+    async def one(self, client: str, slow: bool) -> None:
+        path = f"/slow?ms={SLOW_MS}" if slow else "/"
+        start = time.time()
+        conn = None
+        try:
+            if client == "keepalive" and self.pool:
+                conn = self.pool.pop()
+            else:
+                conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), TIMEOUT)
+            reader, writer = conn
+            hdr = "keep-alive" if client == "keepalive" else "close"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: {hdr}\r\n\r\n".encode())
+            status, body, keep = await asyncio.wait_for(read_response(reader), TIMEOUT)
+            words = body.decode(errors="replace").split()
+            version = (words[0] if slow else words[-1]) if words else ""
+            kind = "ok" if 200 <= status < 300 else f"http_{status}"
+            if client == "keepalive" and keep and kind == "ok":
+                self.pool.append(conn)
+                conn = None
+        except ConnectionRefusedError:
+            kind, version = "refused", ""
+        except (ConnectionResetError, BrokenPipeError):
+            kind, version = "reset", ""
+        except asyncio.IncompleteReadError:
+            kind, version = "eof", ""
+        except asyncio.TimeoutError:
+            kind, version = "timeout", ""
+        except (OSError, ValueError, IndexError) as e:
+            kind, version = type(e).__name__, ""
+        finally:
+            if conn is not None:
+                conn[1].close()
+        self.results.append(Result(start, time.time(), client, slow, kind, version))
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Procs:
+    """Every process the bench starts, each in its own session; all killed at the end."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def start(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None,
+              log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        p = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pids.append(p.pid)
+        return p
+
+    def cleanup(self) -> None:
+        kill_tree(self.pids)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return s.recv(32).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+class BenchNginx:
+    """A plain nginx for the baselines, shaped like bluegreen's managed one."""
+
+    def __init__(self, procs: Procs, prefix: Path, listen: int, upstream: str) -> None:
+        self.prefix = prefix
+        self.binary = resolve_binary("nginx") or "nginx"
+        (prefix / "temp").mkdir(parents=True)
+        self.upstream = prefix / "upstream.conf"
+        self.upstream.write_text(upstream)
+        user = "user root;" if os.geteuid() == 0 else ""
+        temp = " ".join(f"{k}_temp_path {prefix}/temp/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (prefix / "nginx.conf").write_text(f"""{user} worker_processes 1; pid {prefix}/nginx.pid;
+error_log {prefix}/error.log; events {{ worker_connections 4096; }}
+http {{ access_log off; {temp} include {self.upstream};
+  server {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass http://app; proxy_http_version 1.1;
+  proxy_set_header Connection ""; }} }} }}
+""")
+        self.argv = [self.binary, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+        self.proc = procs.start(self.argv + ["-g", "daemon off;"], prefix)
+        wait_for(lambda: (prefix / "nginx.pid").exists(), 10, "the bench nginx")
+
+    def reload(self, upstream: str) -> None:
+        self.upstream.write_text(upstream)
+        subprocess.run(self.argv + ["-s", "reload"], check=True, capture_output=True)
+
+
+def upstream(servers: list[str]) -> str:
+    return "upstream app {\n" + "".join(f"    server {s};\n" for s in servers) + "}\n"
+
+
+def node_app(procs: Procs, build: Path, port: int, logs: Path) -> subprocess.Popen[bytes]:
+    return procs.start(["node", "server.js"], build, {"PORT": str(port)}, logs / f"app-{port}.log")
+
+
+def stop_app(p: subprocess.Popen[bytes]) -> None:
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+# ---------------------------------------------------------------- one approach
+
+
+@dataclass
+class Measured:
+    name: str
+    results: list[Result]
+    windows: list[tuple[float, float]]
+    releases: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def measure(name: str, port: int, rate: float, releases: int, gap: float,
+                  release: Callable[[int], Awaitable[dict[str, Any]]], keepalive: bool = True,
+                  slow: bool = True, on_tick: Callable[[], None] | None = None) -> Measured:
+    load = OpenLoopLoad(port, rate, keepalive, slow)
+    runner = asyncio.ensure_future(load.run())
+    await asyncio.sleep(min(2.0, gap))
+    windows, infos = [], []
+    for i in range(releases):
+        t0 = time.time()
+        info = await release(i)
+        windows.append((t0, time.time()))
+        infos.append(info)
+        if on_tick:
+            on_tick()
+        await asyncio.sleep(gap)
+    load.running = False
+    await runner
+    await load.stop()
+    print(f"  {name}: {len(load.results)} requests, {releases} releases", file=sys.stderr)
+    return Measured(name, load.results, windows, infos)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(m: Measured) -> dict[str, Any]:
+    def during(r: Result) -> bool:
+        return any(r.start <= b and r.end >= a for a, b in m.windows)
+
+    ok = [r for r in m.results if r.kind == "ok"]
+    failed = [r for r in m.results if r.kind != "ok"]
+    by_client: dict[str, dict[str, int]] = {}
+    for client in ("fresh", "keepalive"):
+        by_client[client] = dict(Counter(r.kind for r in failed if r.client == client))
+    steady = [(r.end - r.start) * 1000 for r in ok if not during(r) and not r.slow]
+    swapping = [(r.end - r.start) * 1000 for r in ok if during(r) and not r.slow]
+    return {
+        "approach": m.name,
+        "requests": len(m.results),
+        "requests_fresh": sum(1 for r in m.results if r.client == "fresh"),
+        "requests_keepalive": sum(1 for r in m.results if r.client == "keepalive"),
+        "slow_requests": sum(1 for r in m.results if r.slow),
+        "failed": len(failed),
+        "failed_by_client": by_client,
+        "latency_ms": {"steady_p50": pct(steady, 50), "steady_p99": pct(steady, 99),
+                       "swap_p50": pct(swapping, 50), "swap_p99": pct(swapping, 99)},
+        "release_s_mean": statistics.mean(b - a for a, b in m.windows) if m.windows else None,
+    }
+
+
+def bluegreen_phases(m: Measured) -> dict[str, Any]:
+    swaps = [info["swap"] for info in m.releases]
+    d = [s["durations"] for s in swaps]
+    sw = [s["details"]["switch"] for s in swaps]
+    total = [s["finished_at"] - s["started_at"] for s in swaps]
+    overhead = [t - x["ready"] - x["drain"] for t, x in zip(total, d)]
+    lags = []
+    for s, x in zip(swaps, d):
+        drain_start = s["started_at"] + sum(x[p] for p in ("prepare", "start", "ready", "switch", "commit"))
+        workers_gone = drain_start + s["details"]["drain"]["workers_wait"]
+        old_version = Path(s["from_build"]).name if s.get("from_build") else None
+        last_old = max((r.end for r in m.results if r.version and r.version == old_version
+                        and r.end <= s["finished_at"] + 1), default=0.0)
+        lags.append((s["finished_at"] - max(workers_gone, last_old)) * 1000)
+    mean = statistics.mean
+    return {
+        "start_to_ready_s": mean(x["start"] + x["ready"] for x in d),
+        "switch_ms": {"total": mean(x["switch"] for x in d) * 1000,
+                      "write": mean(x["switch"] - y["test"] - y["reload"] - y["confirm"] for x, y in zip(d, sw)) * 1000,
+                      "test": mean(y["test"] for y in sw) * 1000, "reload": mean(y["reload"] for y in sw) * 1000,
+                      "confirm": mean(y["confirm"] for y in sw) * 1000},
+        "drain_s": mean(x["drain"] for x in d),
+        "stop_ms": mean(x["stop"] for x in d) * 1000,
+        "release_s": mean(total),
+        "overhead_ms_median": statistics.median(overhead) * 1000,
+        "overhead_ms_all": [round(o * 1000, 1) for o in overhead],
+        "drain_lag_ms_p95": pct(lags, 95),
+        "drain_lag_ms_all": [round(x, 1) for x in lags],
+    }
+
+
+# ---------------------------------------------------------------- the three approaches
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = Path(tempfile.mkdtemp(prefix="bg-bench-"))
+        self.procs = Procs()
+        self.logs = self.dir / "logs"
+        self.logs.mkdir()
+        releases = self.dir / "releases"
+        self.builds = [make_build(releases, v, boot_delay_ms=args.boot_ms) for v in ("v1", "v2")]
+        self.fast = [make_build(self.dir / "fast", v) for v in ("v1", "v2")]
+        self.daemon: DaemonRun | None = None
+
+    def cleanup(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+        self.procs.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start_daemon(self, builds: list[Path], name: str) -> DaemonRun:
+        listen, blue, green = free_ports(3)
+        d = self.dir / name
+        d.mkdir()
+        cfg = d / "bluegreen.toml"
+        cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=30,
+                                     nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1'))
+        self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
+        return self.daemon
+
+    async def swap(self, run: DaemonRun, build: Path) -> dict[str, Any]:
+        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisor", "swap", "--json", "--socket",
+                                                 str(run.socket), str(build), stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE)
+        out, err = await p.communicate()
+        final = json.loads(out.decode().splitlines()[-1])
+        if not final.get("ok"):
+            raise RuntimeError(f"swap failed: {final}")
+        final["result"]["swap"]["from_build"] = str(self.builds[0] if build == self.builds[1] else self.builds[1])
+        return final["result"]
+
+    async def bluegreen(self) -> tuple[Measured, dict[str, Any]]:
+        run = self.start_daemon(self.builds, "bluegreen")
+        proc = psutil.Process(run.proc.pid)
+        samples: list[int] = []
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        m = await measure("bluegreen", run.listen_port, self.args.rate, self.args.releases, self.args.gap,
+                          lambda i: self.swap(run, self.builds[(i + 1) % 2]),
+                          on_tick=lambda: samples.append(proc.memory_info().rss))
+        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        footprint = {"swaps_cpu_percent": 100 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
+                     "swaps_rss_mb_max": max(samples) / 2**20}
+        # Idle: no load, no swap.
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        await asyncio.sleep(self.args.idle)
+        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        footprint.update(idle_seconds=self.args.idle, idle_rss_mb=proc.memory_info().rss / 2**20,
+                         idle_cpu_percent=100 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0))
+        run.stop()
+        self.daemon = None
+        return m, footprint
+
+    async def plain_restart(self) -> Measured:
+        listen, port = free_ports(2)
+        nginx = BenchNginx(self.procs, self.dir / "nginx-restart", listen, upstream([f"127.0.0.1:{port}"]))
+        app = [node_app(self.procs, self.builds[0], port, self.logs)]
+        wait_for(lambda: answers(port), 30, "the app")
+
+        async def release(i: int) -> dict[str, Any]:
+            await asyncio.to_thread(stop_app, app[0])
+            app[0] = node_app(self.procs, self.builds[(i + 1) % 2], port, self.logs)
+            await asyncio.to_thread(wait_for, lambda: answers(port), 60, "the restarted app")
+            return {}
+
+        m = await measure("plain restart", listen, self.args.rate, self.args.releases, self.args.gap, release)
+        stop_app(app[0])
+        nginx.proc.send_signal(signal.SIGQUIT)
+        return m
+
+    async def nginx_recipe(self) -> Measured:
+        listen, p1, p2 = free_ports(3)
+        nginx = BenchNginx(self.procs, self.dir / "nginx-recipe", listen, upstream([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"]))
+        apps = {p1: node_app(self.procs, self.builds[0], p1, self.logs), p2: node_app(self.procs, self.builds[0], p2, self.logs)}
+        wait_for(lambda: answers(p1) and answers(p2), 30, "both apps")
+
+        def redeploy(port: int, build: Path, other: int) -> None:
+            # Mark it down, reload, restart it at once (no wait for its in-flight requests).
+            nginx.reload(upstream([f"127.0.0.1:{port} down", f"127.0.0.1:{other}"]))
+            stop_app(apps[port])
+            apps[port] = node_app(self.procs, build, port, self.logs)
+            wait_for(lambda: answers(port), 60, "the restarted copy")
+
+        async def release(i: int) -> dict[str, Any]:
+            build = self.builds[(i + 1) % 2]
+            await asyncio.to_thread(redeploy, p1, build, p2)
+            await asyncio.to_thread(redeploy, p2, build, p1)
+            await asyncio.to_thread(nginx.reload, upstream([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"]))
+            return {}
+
+        m = await measure("nginx recipe", listen, self.args.rate, self.args.releases, self.args.gap, release)
+        for p in apps.values():
+            stop_app(p)
+        nginx.proc.send_signal(signal.SIGQUIT)
+        return m
+
+    async def soak(self) -> dict[str, Any]:
+        run = self.start_daemon(self.fast, "soak")
+        proc = psutil.Process(run.proc.pid)
+        start = {"rss_mb": proc.memory_info().rss / 2**20, "fds": proc.num_fds()}
+        m = await measure("soak", run.listen_port, 50, self.args.soak, 0.0,
+                          lambda i: self.swap(run, self.fast[(i + 1) % 2]), keepalive=False, slow=False)
+        end = {"rss_mb": proc.memory_info().rss / 2**20, "fds": proc.num_fds()}
+        run.stop()
+        self.daemon = None
+        s = summarize(m)
+        return {"swaps": self.args.soak, "requests": s["requests"], "failed": s["failed"],
+                "failed_by_kind": s["failed_by_client"]["fresh"], "start": start, "end": end,
+                "rss_growth_mb": end["rss_mb"] - start["rss_mb"], "fd_growth": end["fds"] - start["fds"]}
+
+
+# ---------------------------------------------------------------- drain-check scale
+
+
+def scale() -> dict[str, Any]:
+    """Time one in-flight count for a port with N other established TCP connections on the host."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * 10_000 + 1000
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+        except (ValueError, OSError):
+            return {"error": f"RLIMIT_NOFILE is {soft}/{hard}; need {want} to open 10k connection pairs"}
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen()
+    port = target.getsockname()[1]
+    mine = socket.create_connection(("127.0.0.1", port))
+    accepted = target.accept()[0]
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(4096)
+    oport = other.getsockname()[1]
+    socks: list[socket.socket] = []
+    out: dict[str, Any] = {}
+
+    def timed(fn: Callable[[], Any], n: int) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    try:
+        for n in (0, 1000, 10_000):
+            while len(socks) < 2 * n:
+                c = socket.create_connection(("127.0.0.1", oport))
+                socks += [c, other.accept()[0]]
+            assert drain.inflight(port) == 1
+            out[str(n)] = {
+                "sock_diag_ms": timed(lambda: drain.inflight(port), 50),
+                "proc_net_tcp_ms": timed(lambda: drain._proc_scan(port, drain.INFLIGHT_STATES), 10),
+                "psutil_net_connections_ms": timed(
+                    lambda: [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port], 5),
+            }
+            print(f"  scale: {n} other connections: {out[str(n)]}", file=sys.stderr)
+    finally:
+        for s in [*socks, mine, accepted, target, other]:
+            s.close()
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(x: float | None, unit: str = "", digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def kinds(d: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "0"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"\nbluegreen bench: {m['cpus']} cores, {m['python']}, {m['nginx']}, node {m['node']}; "
+          f"load {report['args']['rate']:g} req/s open loop (half fresh connections, half keep-alive), "
+          f"10% slow ({SLOW_MS} ms), app boot {report['args']['boot_ms']} ms, "
+          f"{report['args']['releases']} releases each\n")
+    rows = report.get("approaches", [])
+    if rows:
+        print("| approach | requests | failed (fresh) | failed (keep-alive) | p50/p99 steady | p50/p99 during release | mean release |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            lat = r["latency_ms"]
+            print(f"| {r['approach']} | {r['requests']} | {kinds(r['failed_by_client']['fresh'])} "
+                  f"| {kinds(r['failed_by_client']['keepalive'])} "
+                  f"| {fmt(lat['steady_p50'], ' ms', 1)} / {fmt(lat['steady_p99'], ' ms', 1)} "
+                  f"| {fmt(lat['swap_p50'], ' ms', 1)} / {fmt(lat['swap_p99'], ' ms', 1)} "
+                  f"| {fmt(r['release_s_mean'], ' s', 2)} |")
+    p = report.get("bluegreen_phases")
+    if p:
+        s = p["switch_ms"]
+        print(f"\nbluegreen phases (mean): start->ready {p['start_to_ready_s']:.3f} s | switch {s['total']:.1f} ms "
+              f"(write {s['write']:.1f} + test {s['test']:.1f} + reload {s['reload']:.1f} + confirm {s['confirm']:.1f}) "
+              f"| drain {p['drain_s']:.3f} s | stop {p['stop_ms']:.1f} ms | release {p['release_s']:.3f} s")
+        print(f"overhead = release - ready wait - drain wait: median {p['overhead_ms_median']:.1f} ms "
+              f"(target <= 100 ms) {p['overhead_ms_all']}")
+        print(f"old app stopped after its last request and last old worker: p95 {fmt(p['drain_lag_ms_p95'], ' ms', 1)} "
+              f"(target <= 100 ms) {p['drain_lag_ms_all']}")
+    f = report.get("footprint")
+    if f:
+        print(f"daemon footprint: idle {f['idle_seconds']:g} s: RSS {f['idle_rss_mb']:.1f} MB, CPU {f['idle_cpu_percent']:.2f}% "
+              f"(targets 40 MB, 0.5%) | during swaps under load: RSS max {f['swaps_rss_mb_max']:.1f} MB, "
+              f"CPU {f['swaps_cpu_percent']:.1f}%")
+    s = report.get("soak")
+    if s:
+        print(f"soak: {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed {kinds(s['failed_by_kind'])}; "
+              f"daemon RSS {s['start']['rss_mb']:.1f} -> {s['end']['rss_mb']:.1f} MB ({s['rss_growth_mb']:+.1f}, target <= 5), "
+              f"fds {s['start']['fds']} -> {s['end']['fds']} ({s['fd_growth']:+d}, target 0)")
+    sc = report.get("scale")
+    if sc:
+        if "error" in sc:
+            print(f"scale: {sc['error']}")
+        else:
+            print("\n| other TCP connections on the host | sock_diag (bluegreen) | /proc/net/tcp scan | psutil.net_connections |")
+            print("|---|---|---|---|")
+            for n, v in sc.items():
+                print(f"| {n} | {v['sock_diag_ms']:.2f} ms | {v['proc_net_tcp_ms']:.2f} ms | {v['psutil_net_connections_ms']:.1f} ms |")
+
+
+def machine() -> dict[str, Any]:
+    nginx = subprocess.run([resolve_binary("nginx") or "nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "nginx": nginx.replace("nginx version: ", ""),
+            "node": node, "kernel": platform.release()}
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    bench = Bench(args)
+    try:
+        if not args.only_soak and not args.only_scale:
+            print("bench: bluegreen...", file=sys.stderr)
+            m, footprint = await bench.bluegreen()
+            bench_rows = [summarize(m)]
+            report["bluegreen_phases"] = bluegreen_phases(m)
+            report["footprint"] = footprint
+            print("bench: plain restart...", file=sys.stderr)
+            bench_rows.append(summarize(await bench.plain_restart()))
+            print("bench: nginx recipe...", file=sys.stderr)
+            bench_rows.append(summarize(await bench.nginx_recipe()))
+            report["approaches"] = bench_rows
+        if args.soak:
+            print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
+            report["soak"] = await bench.soak()
+        if args.scale:
+            print("bench: drain-check scale...", file=sys.stderr)
+            report["scale"] = await asyncio.to_thread(scale)
+    finally:
+        bench.cleanup()
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--releases", type=int, default=6, help="releases per approach (default 6)")
+    parser.add_argument("--rate", type=float, default=100, help="requests per second, open loop (default 100)")
+    parser.add_argument("--boot-ms", type=int, default=1000, help="the app's boot delay in ms (default 1000)")
+    parser.add_argument("--gap", type=float, default=3.0, help="seconds of load between two releases (default 3)")
+    parser.add_argument("--idle", type=float, default=60, help="seconds of idle footprint measurement (default 60)")
+    parser.add_argument("--soak", type=int, default=0, metavar="N", help="also run N back-to-back swaps (e.g. 200)")
+    parser.add_argument("--scale", action="store_true", help="also time the in-flight count with 1k/10k sockets")
+    parser.add_argument("--only-soak", action="store_true", help="skip the comparison (with --soak)")
+    parser.add_argument("--only-scale", action="store_true", help="skip the comparison (with --scale)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    if args.quick:
+        args.releases, args.idle, args.gap, args.rate = 2, 3.0, 1.5, 40
+    report = asyncio.run(amain(args))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
