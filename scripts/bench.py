@@ -47,7 +47,6 @@ from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, free_ports, kill_tree, make_build  # noqa: E402
 from supervisor import drain  # noqa: E402
 from supervisor.config import resolve_binary  # noqa: E402
-from supervisor.nginx import render_upstream  # noqa: E402
 
 SLOW_EVERY = 10  # one request in ten is slow
 SLOW_MS = 1000

@@ -76,6 +76,8 @@ class Daemon:
         self.store = StateStore(self.state_dir / "state.json")
         self.state = State()
         self.nginx = nginx.make(config)
+        # The managed nginx, which the daemon also starts, adopts, restarts and stops (None: external).
+        self.managed = self.nginx if isinstance(self.nginx, nginx.ManagedNginx) else None
         self.control = ControlServer(config.daemon.socket, self.handle, config.daemon)
         self.active: slots.AppProcess | None = None
         self.standby: slots.AppProcess | None = None
@@ -127,9 +129,8 @@ class Daemon:
 
     async def boot(self) -> None:
         self.state = self.store.load()
-        managed = isinstance(self.nginx, nginx.ManagedNginx)
-        if managed and self.nginx.adopt(self.state.nginx):
-            log.info("adopted the running managed nginx (pid %d)", self.nginx.pid)
+        if self.managed is not None and self.managed.adopt(self.state.nginx):
+            log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
         if await self.adopt():
             return
         saved = self.state.active
@@ -148,14 +149,7 @@ class Daemon:
         try:
             ready = await probes.wait_ready(app, self.config.app.ready, self._ready_url(app))
             log.info("%s ready after %.2fs (%d checks)", slot, ready.seconds, ready.checks)
-            if managed and not self.nginx.alive():
-                info = await self.nginx.start(port)
-                log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
-            else:
-                if managed:
-                    await self.nginx.ensure_config()
-                await self.nginx.switch(port)
-                log.info("nginx switched to port %d", port)
+            await self.point_nginx_at(port, force=True)
         except BaseException:
             await slots.stop(app, self.config.app.stop.signal, self.config.app.stop.timeout)
             self.standby = None
@@ -202,14 +196,8 @@ class Daemon:
             return False
         # Past this point a failure must not stop what still serves: detach and exit.
         try:
-            managed = isinstance(self.nginx, nginx.ManagedNginx)
-            if managed and not self.nginx.alive():
-                await self.nginx.start(active.port)
-            else:
-                changed = await self.nginx.ensure_config() if managed else False
-                # After an interrupted swap we cannot know which upstream the master has loaded.
-                if interrupted or changed or self._upstream_port() != active.port:
-                    await self.nginx.switch(active.port)
+            # After an interrupted swap we cannot know which upstream the master has loaded.
+            await self.point_nginx_at(active.port, force=bool(interrupted))
         except BaseException:
             log.error("could not point nginx at the adopted %s slot; leaving every process as it was",
                       active.slot)
@@ -224,6 +212,19 @@ class Daemon:
         self._remember(active)
         self.store.save(st)
         return True
+
+    async def point_nginx_at(self, port: int, force: bool) -> None:
+        """Make nginx send traffic to `port`: start the managed nginx if it is not running, else
+        switch (test, reload, confirm) when forced, when its config changed, or when the upstream
+        file names another port."""
+        if self.managed is not None and not self.managed.alive():
+            info = await self.managed.start(port)
+            log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
+            return
+        changed = await self.managed.ensure_config() if self.managed is not None else False
+        if force or changed or self._upstream_port() != port:
+            await self.nginx.switch(port)
+            log.info("nginx switched to port %d", port)
 
     def _upstream_port(self) -> int | None:
         text = (self.nginx.read_upstream() or b"").decode(errors="replace")
@@ -253,8 +254,8 @@ class Daemon:
                 await asyncio.gather(self.swap_task, return_exceptions=True)
                 continue  # a swap replaces the active app anyway; a failed one is seen next round
             try:
-                if isinstance(self.nginx, nginx.ManagedNginx) and not self.nginx.alive():
-                    await self.restart_nginx()
+                if self.managed is not None and not self.managed.alive():
+                    await self.restart_nginx(self.managed)
                 if self.active is not None and not self.active.alive() and self.status in ("serving", "recovering"):
                     await self.recover()
             except asyncio.CancelledError:
@@ -263,8 +264,8 @@ class Daemon:
                 log.exception("monitor error")
 
     async def _wait_for_an_exit(self, timeout: float) -> None:
-        procs = [p for p in (self.active and self.active.proc, getattr(self.nginx, "proc", None))
-                 if p is not None and p.returncode is None]
+        candidates = [self.active.proc if self.active else None, self.managed.proc if self.managed else None]
+        procs = [p for p in candidates if p is not None and p.returncode is None]
         if not procs:
             await asyncio.sleep(timeout)
             return
@@ -275,15 +276,14 @@ class Daemon:
             for w in waits:
                 w.cancel()
 
-    async def restart_nginx(self) -> None:
-        assert isinstance(self.nginx, nginx.ManagedNginx)
-        lines = self.nginx._log_since(0)[-3:]
-        log.error("the managed nginx master (pid %s) died%s; restarting it", self.nginx.pid,
+    async def restart_nginx(self, managed: nginx.ManagedNginx) -> None:
+        lines = managed._log_since(0)[-3:]
+        log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
                   (": " + " | ".join(lines)) if lines else "")
-        self._event("nginx_died", pid=self.nginx.pid)
+        self._event("nginx_died", pid=managed.pid)
         port = self.active.port if self.active else self.config.app.port("blue")
         try:
-            info = await self.nginx.start(port)
+            info = await managed.start(port)
         except BluegreenError as e:
             log.error("could not restart nginx: %s; retrying in 1s", e.message)
             await asyncio.sleep(1.0)
@@ -364,19 +364,17 @@ class Daemon:
         if self.swap_task is not None and not self.swap_task.done():
             self.swap_task.cancel()
             await asyncio.gather(self.swap_task, return_exceptions=True)
-        managed = isinstance(self.nginx, nginx.ManagedNginx)
         if self.keep_serving:
             if self.active is not None and self.active.alive():
-                self.state.nginx = self.nginx.identity() if managed else None
                 self._remember(self.active)
                 self._save_quietly()
                 log.info("left %s (pid %d)%s running; the next daemon adopts them", self.active.slot,
-                         self.active.pid, f" and nginx (pid {self.nginx.pid})" if managed else "")
+                         self.active.pid, f" and nginx (pid {self.managed.pid})" if self.managed else "")
             return
         timeout = self.config.drain.timeout if graceful else 0.0
         # nginx first, so no request is sent to an app that is already stopping.
-        if managed:
-            how = await self.nginx.stop(timeout)
+        if self.managed is not None:
+            how = await self.managed.stop(timeout)
             log.info("managed nginx %s", how)
         self.state.nginx = None
         stop = self.config.app.stop
@@ -449,7 +447,7 @@ class Daemon:
 
     def _remember(self, app: slots.AppProcess) -> None:
         self.state.active = _slot_state(app)
-        self.state.nginx = self.nginx.identity() if isinstance(self.nginx, nginx.ManagedNginx) else None
+        self.state.nginx = self.managed.identity() if self.managed is not None else None
 
     # ---- control commands
 
@@ -565,9 +563,9 @@ class Daemon:
         except BluegreenError as e:
             n["running"] = False
             n["error"] = e.message
-        if isinstance(self.nginx, nginx.ManagedNginx):
+        if self.managed is not None:
             n["listen"] = self.config.nginx.listen
-            n["prefix"] = str(self.nginx.prefix)
+            n["prefix"] = str(self.managed.prefix)
         else:
             n["upstream_file"] = str(self.nginx.upstream_path)
         running = self.swap if self.swap_task is not None and not self.swap_task.done() else None

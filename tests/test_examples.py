@@ -33,7 +33,7 @@ def swap_under_load(run: DaemonRun, builds: list[Path], load: Load) -> list[dict
         assert st["active"]["build"] == str(build)
         records.append(st["last_swap"])
         after = load.total
-        wait_until(lambda: load.total >= after + 10, 60, "requests after the swap")
+        wait_until(lambda after=after: load.total >= after + 10, 60, "requests after the swap")
     return records
 
 
