@@ -64,9 +64,11 @@ def system_nginx(short_tmp: Path):
     kill_tree([master.pid])
 
 
-def external_daemon(make_daemon, system_nginx, releases: Path) -> DaemonRun:
+def external_daemon(make_daemon, system_nginx, releases: Path, reload: list[str] | None = None,
+                    extra: str = "") -> DaemonRun:
     n = system_nginx
     prefix, base = n["prefix"], n["base"]
+    reload = reload or base + ["-s", "reload"]
     run = make_daemon(
         start=False,
         ports=n["ports"],
@@ -79,7 +81,8 @@ def external_daemon(make_daemon, system_nginx, releases: Path) -> DaemonRun:
             f'pid_file = "{prefix}/nginx.pid"',
             f'error_log = "{prefix}/error.log"',
             "test_command = [" + ", ".join(f'"{a}"' for a in base + ["-t"]) + "]",
-            "reload_command = [" + ", ".join(f'"{a}"' for a in base + ["-s", "reload"]) + "]",
+            "reload_command = [" + ", ".join(f'"{a}"' for a in reload) + "]",
+            extra,
         ]),
     )
     return run.start()
@@ -163,3 +166,22 @@ def test_reload_refused_by_the_master_is_detected_and_undone(make_daemon, system
     finally:
         squatter.close()
         conf.write_text(good)
+
+
+def test_reload_that_never_takes_effect_times_out_and_is_undone(make_daemon, system_nginx, releases: Path,
+                                                               short_tmp: Path) -> None:
+    """A reload command that exits 0 without reloading (a wrapper that lost its signal, a wrong
+    pid file): no new workers ever appear, so the switch is refused after nginx.reload_timeout."""
+    flag = short_tmp / "reload-works"
+    flag.touch()  # the first reload (daemon start) works; later ones silently do nothing
+    real = " ".join(system_nginx["base"] + ["-s", "reload"])
+    wrapper = ["sh", "-c", f"if [ -e {flag} ]; then exec {real}; fi; exit 0"]
+    run = external_daemon(make_daemon, system_nginx, releases, reload=wrapper, extra="reload_timeout = 1")
+    upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
+    before = upstream.read_bytes()
+    flag.unlink()
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1
+    assert "[nginx_reload_failed]" in r.stderr and "not confirmed within 1s (0 new worker(s)" in r.stderr
+    assert upstream.read_bytes() == before
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")

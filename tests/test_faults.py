@@ -108,6 +108,7 @@ def test_killed_managed_nginx_master_is_restarted(make_daemon) -> None:
     master = run.status()["nginx"]["master_pid"]
     os.kill(master, signal.SIGKILL)
     st = wait_until(lambda: (lambda s: s if s and s["nginx"].get("running") and s["nginx"]["master_pid"] != master
+                             and s["events"] and s["events"][-1]["event"] == "nginx_restarted"
                              else None)(run.status()), 30, "nginx to be restarted", run.output)
     run.seen.add(st["nginx"]["master_pid"])
     wait_until(lambda: serves(run, "v1"), 30, "traffic through the new master")
