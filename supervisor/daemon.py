@@ -238,7 +238,7 @@ class Daemon:
     async def _retire(self, app: slots.AppProcess, drain: bool) -> None:
         ops = SlotOps(self)
         if drain:
-            await ops._drain(app.port)
+            await ops.drain_port(app.port)
         s = self.config.app.stop
         result = await slots.stop(app, s.signal, s.timeout)
         log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
@@ -634,7 +634,9 @@ class SlotOps:
         d.active, d.standby = standby, None
         return {"state": str(d.store.path)}
 
-    async def _drain(self, port: int) -> dict[str, Any]:
+    async def drain_port(self, port: int) -> dict[str, Any]:
+        """Wait for the last reload's old nginx workers to exit, then for `port` to have no
+        connection in flight, both within drain.timeout; report what was left."""
         began = time.monotonic()
         deadline = began + self.cfg.drain.timeout
         old_workers = await self.d.nginx.wait_old_generation(deadline)
@@ -651,7 +653,7 @@ class SlotOps:
         }
 
     async def drain(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
-        result = await self._drain(plan.old.port)
+        result = await self.drain_port(plan.old.port)
         if result["timed_out"]:
             log.warning("drain of %s timed out after %gs: %d connection(s) will be cut",
                         plan.old.slot, self.cfg.drain.timeout, result["connections_cut"])
@@ -663,7 +665,7 @@ class SlotOps:
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
         if drain:
-            await self._drain(standby.port)
+            await self.drain_port(standby.port)
         s = self.cfg.app.stop
         result = await slots.stop(standby, s.signal, s.timeout)
         log.info("standby %s (pid %d) %s", standby.slot, standby.pid, result["how"])

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from .fsutil import atomic_write
 from .slots import same_process
 
 PLAIN_WORKER = "nginx: worker process"
-SHUTTING_DOWN = "shutting down"
 POLL = 0.005
 
 
@@ -135,14 +133,6 @@ def _error_lines(text: str) -> list[str]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     important = [ln for ln in lines if any(f"[{lvl}]" in ln for lvl in ("emerg", "alert", "crit"))]
     return important or [ln for ln in lines if "test is successful" not in ln and "syntax is ok" not in ln]
-
-
-@dataclass
-class Reload:
-    old_workers: set[int]
-    test_s: float
-    reload_s: float
-    confirm_s: float
 
 
 class Nginx:

@@ -32,7 +32,6 @@ class CommandSpec:
     args: dict[str, tuple[type, bool]] = field(default_factory=dict)
     # the order words map onto args: "swap /x" -> build="/x"
     positional: tuple[str, ...] = ()
-    changes_traffic: bool = False
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -43,9 +42,8 @@ COMMANDS: dict[str, CommandSpec] = {
             "start BUILD (default: the current build) on the standby slot, switch nginx to it, drain and stop the old one",
             {"build": (str, False)},
             ("build",),
-            changes_traffic=True,
         ),
-        CommandSpec("rollback", "swap back to the build that served before the last swap", changes_traffic=True),
+        CommandSpec("rollback", "swap back to the build that served before the last swap"),
         CommandSpec("cancel", "stop a running swap before it switches traffic (its standby is stopped)"),
         CommandSpec("status", "active and standby slots, the running swap, the last swap's phases"),
         CommandSpec("quit", "stop the daemon; with keep=true the app and managed nginx keep serving "
