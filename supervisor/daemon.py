@@ -222,18 +222,9 @@ class Daemon:
             log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
             return
         changed = await self.managed.ensure_config() if self.managed is not None else False
-        if force or changed or self._upstream_port() != port:
+        if force or changed or self.nginx.upstream_port() != port:
             await self.nginx.switch(port)
             log.info("nginx switched to port %d", port)
-
-    def _upstream_port(self) -> int | None:
-        text = (self.nginx.read_upstream() or b"").decode(errors="replace")
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == "server":
-                port = parts[1].rstrip(";").rsplit(":", 1)[-1]
-                return int(port) if port.isdigit() else None
-        return None
 
     async def _retire(self, app: slots.AppProcess, drain: bool) -> None:
         ops = SlotOps(self)

@@ -42,6 +42,16 @@ def render_upstream(name: str, port: int) -> str:
     )
 
 
+def parse_upstream_port(text: str) -> int | None:
+    """The inverse of render_upstream: the port of its single `server` line."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "server":
+            port = parts[1].rstrip(";").rsplit(":", 1)[-1]
+            return int(port) if port.isdigit() else None
+    return None
+
+
 def render_managed_conf(config: Config, prefix: Path, upstream: Path) -> str:
     n = config.nginx
     user = ""
@@ -182,6 +192,10 @@ class Nginx:
             return self.upstream_path.read_bytes()
         except FileNotFoundError:
             return None
+
+    def upstream_port(self) -> int | None:
+        """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
+        return parse_upstream_port((self.read_upstream() or b"").decode(errors="replace"))
 
     def write_upstream(self, data: bytes | None) -> None:
         try:

@@ -1,0 +1,29 @@
+"""Rendering: exactly one server line, and the managed config keeps every path in its prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supervisor import config
+from supervisor.nginx import parse_upstream_port, render_managed_conf, render_upstream
+
+
+def test_upstream_has_exactly_one_server_line_and_parses_back() -> None:
+    text = render_upstream("bluegreen_app", 8002)
+    assert [ln.strip() for ln in text.splitlines() if ln.strip().startswith("server")] == ["server 127.0.0.1:8002;"]
+    assert "down" not in text and "backup" not in text
+    assert parse_upstream_port(text) == 8002
+    assert parse_upstream_port("") is None
+
+
+def test_managed_conf_keeps_every_path_in_the_prefix() -> None:
+    cfg = config.parse('[app]\ncommand = ["x"]\nports = [1, 2]\nbuild = "b"\n[drain]\ntimeout = 7.5\n',
+                       Path("/srv/app/bluegreen.toml"))
+    prefix = Path("/srv/app/run/nginx")
+    text = render_managed_conf(cfg, prefix, prefix / "upstream.conf")
+    for directive in ("pid", "error_log", "access_log", "client_body_temp_path", "proxy_temp_path",
+                      "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path"):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(directive + " "))
+        assert f" {prefix}/" in line, line
+    assert "worker_shutdown_timeout 9s;" in text  # ceil(7.5) + 1: the daemon's deadline acts first
+    assert "listen 127.0.0.1:8080;" in text and "proxy_pass http://bluegreen_app;" in text
