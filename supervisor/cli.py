@@ -1,7 +1,8 @@
 """The `bluegreen` command: run the daemon, or talk to it over its control socket.
 
-Exit codes: 0 done; 1 the operation failed and traffic is unchanged; 2 usage or config
-error; 3 the daemon cannot be reached.
+Exit codes: 0 done; 1 the operation failed and traffic is where it was (unchanged, or
+switched back); 2 usage or config error; 3 the daemon cannot be reached (or does not answer);
+4 the operation failed after traffic moved to the new build (the message says what serves).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from . import __version__, protocol
 from .config import Config, load
 from .errors import ConfigError, Unreachable
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_MOVED = 0, 1, 2, 3, 4
+FIRST_REPLY = 10.0  # seconds a daemon has to answer at all: a hung one is told apart from a slow swap
 SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish..."}
 DEFAULT_CONFIG = "bluegreen.toml"
 
@@ -43,7 +45,8 @@ examples:
   echo status | socat - UNIX-CONNECT:run/bluegreen.sock
 
 The config is -c PATH, else $BLUEGREEN_CONFIG, else ./bluegreen.toml.
-exit codes: 0 done, 1 failed (traffic unchanged), 2 usage/config error, 3 daemon unreachable
+exit codes: 0 done, 1 failed (traffic where it was), 2 usage/config error, 3 daemon unreachable
+or not answering, 4 failed after traffic moved to the new build (read the message)
 """
 
 
@@ -51,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="PATH", help="config file (default: $BLUEGREEN_CONFIG or ./bluegreen.toml)")
     common.add_argument("--socket", metavar="PATH", help="control socket (default: daemon.socket from the config)")
+    common.add_argument("--timeout", metavar="SECONDS", type=float, default=FIRST_REPLY,
+                        help=f"how long the daemon has to send its first reply (default {FIRST_REPLY:g}); a swap "
+                             "then streams its phases for as long as they take")
 
     parser = argparse.ArgumentParser(
         prog="bluegreen", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,29 +95,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "daemon":
             from .daemon import serve  # the daemon's imports are not needed by the client
 
-            cfg = _config(args)
+            cfg = _config(args, machine=True, with_build=False)
             if args.socket:
                 cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, socket=Path(args.socket).absolute()))
             return serve(cfg)
         sock = _socket_path(args)
+        first = args.timeout
         if args.command == "status":
-            return status(sock, args.json)
+            return status(sock, args.json, first=first)
         if args.command == "swap":
             req: dict[str, Any] = {"cmd": "swap"}
             if args.build:
                 req["build"] = os.path.abspath(args.build)
-            return stream(sock, req, args.json)
+            return stream(sock, req, args.json, first=first)
         if args.command == "rollback":
-            return stream(sock, {"cmd": "rollback"}, args.json)
+            return stream(sock, {"cmd": "rollback"}, args.json, first=first)
         if args.command == "quit":
-            final = list(request(sock, {"cmd": "quit", "keep": args.keep_serving}, timeout=600))[-1]
+            final = list(request(sock, {"cmd": "quit", "keep": args.keep_serving}, first=first))[-1]
             if not final.get("ok"):
                 return _print_error(final)
             print("the daemon is stopping" + ("; the app and nginx keep serving" if final["result"]["keep_serving"]
                                                else ", with the app and its managed nginx"))
             return EXIT_OK
         if args.command == "cancel":
-            final = list(request(sock, {"cmd": "cancel"}, timeout=600))[-1]
+            # The reply comes once the standby is stopped: up to app.stop.timeout.
+            final = list(request(sock, {"cmd": "cancel"}, first=max(first, 600)))[-1]
             if not final.get("ok"):
                 return _print_error(final)
             print(f"cancelled the swap to {final['result']['cancelled']} (phase {final['result']['phase']}); "
@@ -138,11 +146,11 @@ def _config_path(args: argparse.Namespace) -> Path:
     return Path(args.config or os.environ.get("BLUEGREEN_CONFIG") or DEFAULT_CONFIG)
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, **checks: bool) -> Config:
     path = _config_path(args)
     if not args.config and not os.environ.get("BLUEGREEN_CONFIG") and not path.exists():
         raise ConfigError(f"no config given and ./{DEFAULT_CONFIG} does not exist; pass -c PATH or --socket PATH")
-    return load(path)
+    return load(path, **checks)
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
@@ -152,7 +160,7 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = _config(args, machine=True)
     print(f"{cfg.path}: ok")
     print(f"  app: {' '.join(cfg.app.command)}  ports blue={cfg.app.ports[0]} green={cfg.app.ports[1]}")
     print(f"  nginx: {cfg.nginx.mode}" + (f" on {cfg.nginx.listen}" if cfg.nginx.mode == "managed" else
@@ -161,8 +169,12 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def request(sock_path: Path, req: dict[str, Any], timeout: float | None = None) -> Iterator[dict[str, Any]]:
-    """Send one request; yield every reply line (progress events, then the final one)."""
+def request(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every reply line (progress events, then the final one).
+
+    The daemon has `first` seconds to send its first line; after that, lines may take as long
+    as the phase they report (a readiness wait, a drain).
+    """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     try:
@@ -176,19 +188,26 @@ def request(sock_path: Path, req: dict[str, Any], timeout: float | None = None) 
     except PermissionError:
         s.close()
         raise Unreachable(f"permission denied on {sock_path}: run as the daemon's user") from None
-    s.settimeout(timeout)
+    s.settimeout(first)
     with s, s.makefile("rb") as f:
-        s.sendall(protocol.encode(req))
-        for line in f:
-            msg = protocol.parse_reply(line)
-            yield msg
-            if "ok" in msg:
-                return
+        try:
+            s.sendall(protocol.encode(req))
+            for line in f:
+                s.settimeout(None)
+                msg = protocol.parse_reply(line)
+                yield msg
+                if "ok" in msg:
+                    return
+        except socket.timeout:
+            raise Unreachable(f"the daemon on {sock_path} is not answering (no reply within {first:g}s): is it "
+                              "hung or stopped? Check its log and `ps`; --timeout waits longer") from None
+        except ConnectionError as e:
+            raise Unreachable(f"the connection to the daemon broke ({e.strerror or e}); see its log") from None
     raise Unreachable("the daemon closed the connection without a final reply; see its log")
 
 
-def status(sock: Path, as_json: bool, out: TextIO = sys.stdout) -> int:
-    final = list(request(sock, {"cmd": "status"}, timeout=10))[-1]
+def status(sock: Path, as_json: bool, out: TextIO = sys.stdout, first: float = FIRST_REPLY) -> int:
+    final = list(request(sock, {"cmd": "status"}, first=first))[-1]
     if not final.get("ok"):
         return _print_error(final)
     st = final["result"]
@@ -234,6 +253,10 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"         error {last['error']['code']}: {last['error']['message'].splitlines()[0]}")
     if d.get("failure"):
         lines.append(f"FAILED   {d['failure']}")
+    if d.get("state_saved") is False:
+        lines.append("state    NOT SAVED: state.json is stale (see the warning)")
+    if d.get("warning"):
+        lines.append(f"WARNING  {d['warning']}")
     for e in (st.get("events") or [])[-5:]:
         detail = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "event"))
         lines.append(f"event    {_ago(e['at'])} ago {e['event']} {detail}")
@@ -261,9 +284,10 @@ def _describe(event: dict[str, Any]) -> str:
     return ""
 
 
-def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.stdout) -> int:
+def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.stdout,
+           first: float = FIRST_REPLY) -> int:
     final: dict[str, Any] = {}
-    for msg in request(sock, req):
+    for msg in request(sock, req, first=first):
         if as_json:
             out.write(json.dumps(msg) + "\n")
         elif "event" in msg:
@@ -275,7 +299,8 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
         out.flush()
         final = msg
     if not final.get("ok"):
-        return EXIT_FAILED if as_json else _print_error(final)
+        code = _print_error(final, quiet=as_json)
+        return code
     if not as_json:
         r = final["result"]
         a, sw = r["active"], r["swap"]
@@ -286,10 +311,21 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
     return EXIT_OK
 
 
-def _print_error(final: dict[str, Any]) -> int:
+TRAFFIC = {
+    "unchanged": "traffic is unchanged: the old build serves",
+    "restored": "traffic is back on the old build",
+    "moved": "traffic moved: the new build serves",
+}
+
+
+def _print_error(final: dict[str, Any], quiet: bool = False) -> int:
+    """Say what failed and where traffic is; the exit code follows where traffic is."""
     e = final.get("error") or {}
-    phase = f" in phase {e['phase']}" if e.get("phase") else ""
-    _err(f"failed{phase} [{e.get('code')}]: {e.get('message')}")
+    if not quiet:
+        phase = f" in phase {e['phase']}" if e.get("phase") else ""
+        _err(f"failed{phase} [{e.get('code')}]: {e.get('message')}")
+        if e.get("traffic") in TRAFFIC:
+            _err(TRAFFIC[e["traffic"]])
     if e.get("code") in ("bad_request", "config"):
         return EXIT_USAGE
-    return EXIT_FAILED
+    return EXIT_MOVED if e.get("traffic") == "moved" else EXIT_FAILED

@@ -28,6 +28,9 @@ SLOTS = ("blue", "green")
 PLACEHOLDERS = ("port", "slot", "build", "build_name", "slot_dir")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# Characters an nginx string cannot carry even quoted (`$` starts a variable in access_log).
+NGINX_UNSAFE = set('"\\$') | {chr(c) for c in range(32)}
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 # --- value parsers: each returns the parsed value or raises ValueError(what was expected)
@@ -181,6 +184,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("body", _optional_str, None, "the response body must contain this string"),
         Key("log", _regex, None, "a regex that must appear in the app's log (since this start) first"),
     ),
+    "app.health": (
+        Key("url", _optional_str, None, "liveness URL of the active app ({port}); unset = no liveness checks"),
+        Key("interval", _positive, 5.0, "seconds between two liveness checks"),
+        Key("timeout", _positive, 2.0, "seconds one check may take"),
+        Key("failures", _positive_int, 3, "failed checks in a row that make the app count as hung: it is replaced"),
+    ),
     "app.restart": (
         Key("attempts", _positive_int, 5, "restarts of a crashed active app before giving up (status: failed)"),
         Key("backoff", _positive, 1.0, "seconds before the second restart, doubled each time"),
@@ -249,6 +258,14 @@ class ReadyConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    url: str | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+    failures: int = 3
+
+
+@dataclass(frozen=True)
 class StopConfig:
     signal: signal.Signals
     timeout: float
@@ -266,6 +283,7 @@ class AppConfig:
     dirs: tuple[str, ...] = ()
     files: Mapping[str, Path] = field(default_factory=dict)
     restart: RestartConfig = RestartConfig()
+    health: HealthConfig = HealthConfig()
 
     def port(self, slot: str) -> int:
         return self.ports[SLOTS.index(slot)]
@@ -336,8 +354,11 @@ def placeholder_problems(where: str, template: str) -> list[str]:
 # --- loading
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; raise ConfigError listing every problem."""
+def load(path: str | os.PathLike[str], *, machine: bool = False, with_build: bool = True) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem.
+
+    With `machine`, also check what this machine must offer (see `machine_problems`).
+    """
     path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -345,10 +366,10 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"config file {path} does not exist; pass -c PATH (see config.example.toml)") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    return parse(text, path)
+    return parse(text, path, machine=machine, with_build=with_build)
 
 
-def parse(text: str, path: Path) -> Config:
+def parse(text: str, path: Path, *, machine: bool = False, with_build: bool = True) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -356,6 +377,8 @@ def parse(text: str, path: Path) -> Config:
     problems: list[str] = []
     values = _check_keys(data, problems)
     _cross_check(values, path, data, problems)
+    if machine:
+        problems += machine_problems(values, path, with_build=with_build)
     if problems:
         raise ConfigError(problems)
     return _assemble(values, path, data)
@@ -402,6 +425,7 @@ def _check_keys(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str
 def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any], problems: list[str]) -> None:
     """Rules that span keys; each runs only on keys that parsed, so all problems show at once."""
     d, a, r, n = v["daemon"], v["app"], v["app.ready"], v["nginx"]
+    mode = n.get("mode")
     if "state_dir" in d:
         sock = _socket_path(d, path.parent)
         if len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
@@ -436,15 +460,31 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
             problems.append(f"app.files.{dest!r}: source {_rel(path.parent, src)} does not exist or is not a file")
     for k, x in a.get("env", {}).items():
         problems += placeholder_problems(f"app.env.{k}", x)
-    if r.get("url") is not None:
-        problems += placeholder_problems("app.ready.url", r["url"])
-        if not r["url"].startswith(("http://", "https://")):
-            problems.append(f"app.ready.url: expected an http:// URL, got {r['url']!r}")
+    for key, url in (("app.ready.url", r.get("url")), ("app.health.url", v["app.health"].get("url"))):
+        if url is None:
+            continue
+        problems += placeholder_problems(key, url)
+        if not url.startswith(("http://", "https://")):
+            problems.append(f"{key}: expected an http:// URL, got {url!r}")
+        elif "{port}" not in url:
+            problems.append(f"{key}: must contain {{port}}, like \"http://127.0.0.1:{{port}}/health\"; with a fixed "
+                            f"port it would check the other slot's app, got {url!r}")
+    if "state_dir" in d:
+        bad = sorted(set(str(_rel(path.parent, d["state_dir"]))) & NGINX_UNSAFE)
+        if bad:
+            problems.append(f"daemon.state_dir: the path may not contain {' '.join(repr(c) for c in bad)} "
+                            "(it is written into the managed nginx.conf); choose another directory")
+    if "upstream_name" in n and not UPSTREAM_NAME.fullmatch(n["upstream_name"]):
+        problems.append(f"nginx.upstream_name: letters, digits, '_', '.' and '-' only, got {n['upstream_name']!r}")
+    if mode == "managed" and "listen" in n and "ports" in a:
+        listen_port = int(n["listen"].rsplit(":", 1)[-1])
+        if listen_port in a["ports"]:
+            problems.append(f"nginx.listen: port {listen_port} is also in app.ports {list(a['ports'])}; "
+                            "nginx and the app need different ports")
     if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
         problems.append(
             f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
         )
-    mode = n.get("mode")
     if mode == "external":
         for key in ("upstream_file", "pid_file"):
             if not n.get(key):
@@ -474,7 +514,7 @@ def _socket_path(d: dict[str, Any], base: Path) -> Path:
 def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -> Config:
     base = path.parent
     d, a, r, s, dr, n = (v[k] for k in ("daemon", "app", "app.ready", "app.stop", "drain", "nginx"))
-    rs = v["app.restart"]
+    rs, h = v["app.restart"], v["app.health"]
     binary = n["binary"]
     if n["mode"] == "managed":
         binary = resolve_binary(binary) or binary
@@ -500,6 +540,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             restart=RestartConfig(attempts=rs["attempts"], backoff=rs["backoff"], backoff_max=rs["backoff_max"],
                                   reset_after=rs["reset_after"]),
             files={dest: _rel(base, src) for dest, src in a["files"].items()},
+            health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         nginx=NginxConfig(
@@ -518,6 +559,50 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         ),
         raw=data,
     )
+
+
+def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bool = True) -> list[str]:
+    """What this machine must offer for the config to run, each problem named by its key.
+
+    Run by `check-config` and at daemon start, not by client commands (a cleaned-up release
+    directory must not stop `status`). `with_build=False` skips what depends on app.build,
+    which the daemon only starts when state.json names no build. Only keys that parsed are checked.
+    """
+    problems: list[str] = []
+    base = path.parent
+    d, a = v["daemon"], v["app"]
+    if "state_dir" in d:
+        state_dir = _rel(base, d["state_dir"])
+        existing = next((p for p in (state_dir, *state_dir.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(f"daemon.state_dir: {state_dir} cannot be created: {existing} is a file, not a directory")
+        elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"daemon.state_dir: {existing} is not writable by this user; choose another directory")
+    if not all(k in a for k in ("build", "cwd", "command", "ports", "env")) or "state_dir" not in d:
+        return problems
+    build = _rel(base, a["build"])
+    build_ok = build.is_dir()
+    if with_build and not build_ok:
+        problems.append(f"app.build: {build} does not exist or is not a directory")
+    context = {"port": str(a["ports"][0]), "slot": SLOTS[0], "build": str(build), "build_name": build.name,
+               "slot_dir": str(_rel(base, d["state_dir"]) / "slots" / SLOTS[0])}
+    try:
+        cwd = Path(expand(a["cwd"], context))
+        program = expand(a["command"][0], context)
+    except (KeyError, ValueError, IndexError):
+        return problems  # placeholders were already reported
+    if not cwd.is_absolute():
+        cwd = base / cwd
+    if os.sep not in program and shutil.which(program, path=a["env"].get("PATH", os.environ.get("PATH"))) is None:
+        problems.append(f"app.command: {program!r} is not on PATH; install it, or give its full path")
+    depends_on_build = "{build" in a["cwd"] or "{build" in a["command"][0]
+    if "{slot_dir}" in a["cwd"] or (depends_on_build and not (with_build and build_ok)):
+        return problems  # made at start, or the build is not known yet
+    if not cwd.is_dir():
+        problems.append(f"app.cwd: {cwd} does not exist or is not a directory")
+    elif os.sep in program and not ((cwd / program).is_file() and os.access(cwd / program, os.X_OK)):
+        problems.append(f"app.command: {cwd / program} is not an executable file")
+    return problems
 
 
 def resolve_binary(name: str) -> str | None:

@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -65,9 +66,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            # The daemon lock (daemon.py) guarantees no live daemon owns it: a stale leftover.
-            self.path.unlink()
+        self._remove_stale()
         old = os.umask(0o177)  # the socket is born 0600: only its owner may drive swaps
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=protocol.MAX_LINE + 1)
@@ -76,6 +75,24 @@ class ControlServer:
         if self.config.socket_group:
             os.chown(self.path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
             os.chmod(self.path, 0o660)
+
+    def _remove_stale(self) -> None:
+        """Remove a socket file no daemon answers on. The state-dir lock does not cover it: two
+        configs may name the same daemon.socket, and taking over a live one would send one
+        app's releases to the other."""
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise BluegreenError(f"daemon.socket {self.path} exists and is not a socket; remove it or choose "
+                                 "another daemon.socket", code="socket_in_use")
+        peer = answering_pid(self.path)
+        if peer is not None:
+            raise BluegreenError(
+                f"another bluegreen daemon answers on {self.path} (pid {peer or '?'}); give this config its own "
+                "daemon.socket, or stop that daemon first", code="socket_in_use")
+        self.path.unlink()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -127,15 +144,44 @@ class ControlServer:
         except asyncio.CancelledError:
             reply(protocol.failure("shutting_down", "the daemon is shutting down"))
             raise
-        except (ConnectionError, OSError):
-            pass
+        except ConnectionError:
+            pass  # the client went away
         except Exception as e:  # never let one connection take the daemon down
             log.exception("internal error serving a control request")
             reply(protocol.failure("internal", f"internal error: {e!r}; see the daemon log"))
         finally:
             self.connections.discard(task)
-            try:
-                await asyncio.wait_for(writer.drain(), 5)
-            except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-            writer.close()
+            await _finish(reader, writer)
+
+
+async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Deliver what was written, say EOF, and read what the client still sends before closing:
+    closing a Unix socket with unread input resets the peer, which could lose the reply."""
+    try:
+        await asyncio.wait_for(writer.drain(), 5)
+        if writer.can_write_eof():
+            writer.write_eof()
+        await asyncio.wait_for(_discard(reader), 1.0)
+    except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError, asyncio.LimitOverrunError):
+        pass
+    writer.close()
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+def answering_pid(path: Path) -> int | None:
+    """The pid of the process that accepts connections on the Unix socket `path` (0 if it
+    cannot be told), or None if nothing answers there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError:
+            return 0  # it exists but we may not connect (permissions): assume it is alive
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid

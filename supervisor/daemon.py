@@ -19,12 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import psutil
 
-from . import __version__, drain, nginx, probes, slots
+from . import __version__, drain, nginx, probes, protocol, slots
 from .config import SLOTS, Config, expand
 from .control import ControlServer
-from .errors import AppError, BluegreenError, BuildError, Busy, NotReadyYet, PortInUse
+from .errors import AppDied, AppError, BluegreenError, BuildError, Busy, NotReadyYet, PortInUse, StateError
 from .protocol import COMMANDS, Request
 from .state import SlotState, State, StateStore
 from .swap import Plan, SwapRecord, run_swap
@@ -45,28 +44,21 @@ def other_slot(slot: str) -> str:
 
 
 def check_build(build: Path) -> Path:
+    """The build's real path: a `current -> releases/42` link is resolved now, at release time,
+    so status, rollback and crash restarts name (and restart) what was released."""
     if not build.is_absolute():
-        raise BuildError(f"build path {str(build)!r} must be absolute (the CLI resolves relative paths for you)")
-    if not build.exists():
-        raise BuildError(f"build {build} does not exist")
-    if not build.is_dir():
-        raise BuildError(f"build {build} is not a directory")
-    return build
-
-
-def port_holder(port: int) -> str:
-    """Name the process listening on `port` (only called on the error path: it scans every socket)."""
+        raise BuildError(f"build path {protocol.clip(str(build))} must be absolute (the CLI resolves relative "
+                         "paths for you)")
     try:
-        for c in psutil.net_connections(kind="tcp"):
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
-                try:
-                    cmd = " ".join(psutil.Process(c.pid).cmdline()) or psutil.Process(c.pid).name()
-                except psutil.Error:
-                    cmd = "?"
-                return f"pid {c.pid} ({cmd})"
-    except psutil.Error:
-        pass
-    return "a process this user cannot see (try as root: ss -ltnp)"
+        real = build.resolve(strict=True)
+        if not real.is_dir():
+            raise BuildError(f"build {build} is not a directory")
+    except FileNotFoundError:
+        raise BuildError(f"build {protocol.clip(str(build))} does not exist") from None
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BuildError(f"build {protocol.clip(str(build))} cannot be used: {why}") from None
+    return real
 
 
 class Daemon:
@@ -89,6 +81,14 @@ class Daemon:
         self.failure: str | None = None
         self.restarts = 0  # restarts of a crashed active app since it last ran stably
         self._crashed_pid: int | None = None
+        # The old app of a committed swap, until it is stopped (drain, stop, or a handover).
+        self.retiring: slots.AppProcess | None = None
+        # What is wrong right now and what to do (shown by status), e.g. state.json not written.
+        self.warning: str | None = None
+        self.state_unsaved = False
+        self.nginx_failures = 0  # failed restarts of the managed nginx in a row
+        self.nginx_retry_at = 0.0
+        self.health_failures = 0
         self.started_at = time.time()
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self.keep_serving = config.daemon.on_stop == "keep"
@@ -97,8 +97,12 @@ class Daemon:
     # ---- life cycle
 
     async def run(self) -> int:
-        for sub in ("logs", "slots"):
-            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("logs", "slots"):
+                (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BluegreenError(f"cannot create {self.state_dir}: {e.strerror}; check daemon.state_dir",
+                                 code="config") from None
         self._lock()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +135,7 @@ class Daemon:
         self.state = self.store.load()
         if self.managed is not None and self.managed.adopt(self.state.nginx):
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
+        self.nginx.clean_stale_temp()
         if await self.adopt():
             return
         saved = self.state.active
@@ -140,14 +145,14 @@ class Daemon:
                 slot, build = saved.slot, Path(saved.build)
             else:
                 log.warning("saved build %s is gone; starting app.build %s", saved.build, build)
-        check_build(build)
+        build = check_build(build)
         port = self.config.app.port(slot)
-        self._check_port_free(port)
+        await self.free_port(port)
         log.info("starting %s on %s (port %d)", build, slot, port)
-        app = await self._spawn(slot, build)
+        app = await self.spawn(slot, build)
         self.standby = app
         try:
-            ready = await probes.wait_ready(app, self.config.app.ready, self._ready_url(app))
+            ready = await probes.wait_ready(app, self.config.app.ready, self.ready_url(app))
             log.info("%s ready after %.2fs (%d checks)", slot, ready.seconds, ready.checks)
             await self.point_nginx_at(port, force=True)
         except BaseException:
@@ -157,7 +162,7 @@ class Daemon:
         self.standby = None
         self.active = app
         self.state.swap = None
-        self._remember(app)
+        self.adopt_active(app)
         self.store.save(self.state)
         log.info("serving %s from %s (port %d, pid %d)", build, slot, port, app.pid)
 
@@ -166,7 +171,7 @@ class Daemon:
             return None
         s = SlotState(**saved) if isinstance(saved, dict) else saved
         return slots.adopt(s.slot, s.port, Path(s.build), s.pid, s.create_time, s.since,
-                           self.state_dir / "logs" / f"{s.slot}.log")
+                           self.state_dir / "logs" / f"{s.slot}.log", self.state_dir)
 
     async def adopt(self) -> bool:
         """Take over the processes a previous daemon left running, instead of restarting them.
@@ -179,6 +184,11 @@ class Daemon:
         interrupted = st.swap or {}
         active = self._adoptable(st.active)
         others = [self._adoptable(interrupted.get(k)) for k in ("standby", "old")]
+        if active is None and others[0] is not None:
+            # The saved active app is gone but the swap's new one runs (nginx may point at it):
+            # finish that swap rather than stop a process that serves.
+            active, others[0] = others[0], None
+            st.active = _slot_state(active)
         if interrupted and not interrupted.get("standby"):
             # Killed between spawning the standby and recording it: find it by the marker it inherited.
             slot = other_slot(interrupted["old"]["slot"])
@@ -204,12 +214,12 @@ class Daemon:
             self.keep_serving = True
             raise
         self.active = active
-        self._event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
+        self.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
         log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
         for p in leftovers:
             await self._retire(p, drain=True)
         st.swap = None
-        self._remember(active)
+        self.adopt_active(active)
         self.store.save(st)
         return True
 
@@ -227,9 +237,8 @@ class Daemon:
             log.info("nginx switched to port %d", port)
 
     async def _retire(self, app: slots.AppProcess, drain: bool) -> None:
-        ops = SlotOps(self)
         if drain:
-            await ops.drain_port(app.port)
+            await self.drain_port(app.port)
         s = self.config.app.stop
         result = await slots.stop(app, s.signal, s.timeout)
         log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
@@ -238,17 +247,27 @@ class Daemon:
 
     async def monitor(self) -> None:
         """Notice a dead active app or managed nginx at once (our children) or within 0.25 s
-        (adopted processes, polled), and bring it back."""
+        (adopted processes, polled), a hung one by its liveness checks, and bring it back; retry
+        a state.json write that failed."""
+        next_health = time.monotonic() + self.config.app.health.interval
         while True:
             await self._wait_for_an_exit(0.25)
             if self.swap_task is not None and not self.swap_task.done():
-                await asyncio.gather(self.swap_task, return_exceptions=True)
-                continue  # a swap replaces the active app anyway; a failed one is seen next round
+                # A swap replaces the active app anyway, and reacts itself to a new build that
+                # dies while the old one drains; a failed one is seen next round. (wait, not
+                # gather: cancelling the monitor at shutdown must not cancel the swap.)
+                await asyncio.wait({self.swap_task})
+                continue
             try:
-                if self.managed is not None and not self.managed.alive():
+                if self.state_unsaved:
+                    await self.retry_save()
+                if self.managed is not None and not self.managed.alive() and time.monotonic() >= self.nginx_retry_at:
                     await self.restart_nginx(self.managed)
                 if self.active is not None and not self.active.alive() and self.status in ("serving", "recovering"):
                     await self.recover()
+                elif self.config.app.health.url and time.monotonic() >= next_health:
+                    next_health = time.monotonic() + self.config.app.health.interval
+                    await self.check_health()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the monitor must outlive any single failure
@@ -268,21 +287,32 @@ class Daemon:
                 w.cancel()
 
     async def restart_nginx(self, managed: nginx.ManagedNginx) -> None:
-        lines = managed._log_since(0)[-3:]
-        log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
-                  (": " + " | ".join(lines)) if lines else "")
-        self._event("nginx_died", pid=managed.pid)
+        """Start a new master after the managed one died; retry with capped backoff, and let
+        status say that nginx is down and why."""
+        if self.nginx_failures == 0:
+            lines = managed.log_tail()
+            log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
+                      (": " + " | ".join(lines)) if lines else "")
+            self.event("nginx_died", pid=managed.pid)
+        self.status = "recovering"
         port = self.active.port if self.active else self.config.app.port("blue")
         try:
             info = await managed.start(port)
         except BluegreenError as e:
-            log.error("could not restart nginx: %s; retrying in 1s", e.message)
-            await asyncio.sleep(1.0)
+            self.nginx_failures += 1
+            delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
+            self.nginx_retry_at = time.monotonic() + delay
+            self.warning = f"the managed nginx is down and could not be restarted: {e.message}; retrying in {delay:g}s"
+            log.error("%s", self.warning)
+            self.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
             return
-        self._event("nginx_restarted", pid=info["pid"])
+        self.nginx_failures, self.warning = 0, None
+        if self.status == "recovering":
+            self.status = "serving"
+        self.event("nginx_restarted", pid=info["pid"])
         if self.active is not None:
-            self._remember(self.active)
-        self._save_quietly()
+            self.adopt_active(self.active)
+        self.save_quietly()
 
     async def recover(self) -> None:
         """The active app died: start the same build on the other slot, with capped backoff."""
@@ -294,16 +324,17 @@ class Daemon:
             why = dead.exit_reason or slots.describe_exit(dead.returncode)
             if time.time() - dead.started_at >= r.reset_after:
                 self.restarts = 0
-            log.error("the active app (%s, pid %d, %s) %s", dead.slot, dead.pid, dead.build, why)
-            self._event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
+            log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
+                      slots.exit_hint(dead.returncode))
+            self.event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
         self.restarts += 1
         if self.restarts > r.attempts:
             self.status = "failed"
             self.failure = (f"the app crashed {self.restarts - 1} times in a row; not restarting it again. "
                             f"Fix the build and `bluegreen swap` to it (see {dead.log_path})")
             log.error("%s", self.failure)
-            self._event("failed", build=str(dead.build), restarts=self.restarts - 1)
-            self._save_quietly()
+            self.event("failed", build=str(dead.build), restarts=self.restarts - 1)
+            self.save_quietly()
             return
         self.status = "recovering"
         delay = r.delay(self.restarts)
@@ -318,13 +349,51 @@ class Daemon:
             log.error("restart %d failed: %s", self.restarts, e.message.splitlines()[0])
             return
         self.status = "serving"
-        self._event("restarted", slot=self.active.slot if self.active else None,
-                    pid=self.active.pid if self.active else None)
+        self.event("restarted", slot=self.active.slot if self.active else None,
+                   pid=self.active.pid if self.active else None)
 
-    def _event(self, kind: str, **details: Any) -> None:
+    async def check_health(self) -> None:
+        """A liveness check of the active app; after `failures` in a row it counts as hung and is
+        replaced like a crashed one (a restart swap: the fresh copy serves before the hung one is
+        stopped, and SIGKILL ends a stopped or hung process that ignores SIGTERM)."""
+        h, app = self.config.app.health, self.active
+        if app is None or h.url is None or self.status != "serving":
+            return
+        ok, what = await probes.alive(expand(h.url, self.context(app.slot, app.build)), h.timeout)
+        if ok:
+            self.health_failures = 0
+            return
+        self.health_failures += 1
+        log.warning("liveness check %d of %d failed for %s (pid %d): %s", self.health_failures, h.failures,
+                    app.slot, app.pid, what)
+        if self.health_failures < h.failures:
+            return
+        self.health_failures = 0
+        self.event("unhealthy", slot=app.slot, pid=app.pid, check=what)
+        log.error("the active app (%s, pid %d) failed %d liveness checks in a row; replacing it", app.slot, app.pid,
+                  h.failures)
+        try:
+            await self.run_swap(app.build, lambda event: None, reason="recover")
+        except BluegreenError as e:
+            log.error("replacing the hung app failed: %s", e.message.splitlines()[0])
+
+    async def retry_save(self) -> None:
+        """state.json could not be written after traffic moved: write it as soon as there is room,
+        then let the old build go."""
+        try:
+            self.store.save(self.state)
+        except BluegreenError:
+            return
+        log.info("state.json written again; it names %s", self.state.active.build if self.state.active else None)
+        self.state_unsaved, self.warning = False, None
+        old, self.retiring = self.retiring, None
+        if old is not None and old.alive():
+            await self._retire(old, drain=True)
+
+    def event(self, kind: str, **details: Any) -> None:
         self.state.events.append({"at": time.time(), "event": kind, **details})
 
-    def _save_quietly(self) -> None:
+    def save_quietly(self) -> None:
         try:
             self.store.save(self.state)
         except BluegreenError as e:
@@ -352,13 +421,21 @@ class Daemon:
         log.info("stopped")
 
     async def _shutdown_steps(self, graceful: bool) -> None:
+        record = self.swap
         if self.swap_task is not None and not self.swap_task.done():
+            old = self.retiring
+            if record is not None and record.committed and old is not None:
+                # Past commit only the old build's exit is left: hand it over, or stop it below.
+                record.warnings.append(
+                    f"the daemon stopped during the {record.phase}: the old build ({old.slot}, pid {old.pid}) "
+                    + ("was handed over to the next daemon, which drains and stops it" if self.keep_serving
+                       else "is stopped with the daemon, once nginx has finished its requests"))
             self.swap_task.cancel()
             await asyncio.gather(self.swap_task, return_exceptions=True)
         if self.keep_serving:
             if self.active is not None and self.active.alive():
-                self._remember(self.active)
-                self._save_quietly()
+                self.adopt_active(self.active)
+                self.save_quietly()
                 log.info("left %s (pid %d)%s running; the next daemon adopts them", self.active.slot,
                          self.active.pid, f" and nginx (pid {self.managed.pid})" if self.managed else "")
             return
@@ -369,10 +446,11 @@ class Daemon:
             log.info("managed nginx %s", how)
         self.state.nginx = None
         stop = self.config.app.stop
-        for app in (self.standby, self.active):
+        for app in (self.standby, self.active, self.retiring):
             if app is not None:
                 result = await slots.stop(app, stop.signal, stop.timeout if graceful else 0.0)
                 log.info("%s (pid %d) %s", app.slot, app.pid, result["how"])
+        self.retiring = None
 
     def _lock(self) -> None:
         path = self.state_dir / "daemon.lock"
@@ -398,7 +476,7 @@ class Daemon:
 
     # ---- app processes
 
-    def _context(self, slot: str, build: Path) -> dict[str, str]:
+    def context(self, slot: str, build: Path) -> dict[str, str]:
         slot_dir = self.state_dir / "slots" / slot
         return {
             "port": str(self.config.app.port(slot)),
@@ -408,13 +486,13 @@ class Daemon:
             "slot_dir": str(slot_dir),
         }
 
-    def _ready_url(self, app: slots.AppProcess) -> str | None:
+    def ready_url(self, app: slots.AppProcess) -> str | None:
         url = self.config.app.ready.url
-        return expand(url, self._context(app.slot, app.build)) if url else None
+        return expand(url, self.context(app.slot, app.build)) if url else None
 
-    async def _spawn(self, slot: str, build: Path) -> slots.AppProcess:
+    async def spawn(self, slot: str, build: Path) -> slots.AppProcess:
         app = self.config.app
-        ctx = self._context(slot, build)
+        ctx = self.context(slot, build)
         slot_dir = Path(ctx["slot_dir"])
         slot_dir.mkdir(parents=True, exist_ok=True)
         slots.lay_out(slot_dir, app.dirs, app.files, ctx)
@@ -429,15 +507,65 @@ class Daemon:
             slot=slot, port=app.port(slot), build=build, log_path=self.state_dir / "logs" / f"{slot}.log",
         )
 
-    def _check_port_free(self, port: int) -> None:
+    async def free_port(self, port: int) -> None:
+        """Make sure `port` is free for a new app: a leftover of ours holding it (a server its start
+        script left behind, a process a killed daemon never recorded) is stopped; anything
+        else is the user's, and named."""
+        if not drain.listening(port):
+            return
+        ours = {p.pid for p in (self.active, self.retiring) if p is not None}
+        holders = drain.listening_pids(port) - ours
+        s = self.config.app.stop
+        for what in await slots.clear_leftovers(self.state_dir, holders, s.signal, s.timeout):
+            log.warning("port %d was held by a leftover of this daemon's apps; stopped it: %s", port, what)
+            self.event("leftover_stopped", port=port, detail=what)
         if drain.listening(port):
-            raise PortInUse(
-                f"port {port} is already in use by {port_holder(port)}; stop that process or change app.ports",
-                port=port,
-            )
+            raise PortInUse(f"port {port} is already in use by {drain.port_holder(port)}; stop that process or "
+                            "change app.ports", port=port)
 
-    def _remember(self, app: slots.AppProcess) -> None:
+    async def drain_port(self, port: int, watch: slots.AppProcess | None = None) -> dict[str, Any]:
+        """Wait for the last reload's old nginx workers to exit, then for `port` to have no
+        connection in flight, both within drain.timeout; report what was left. Stops early if
+        `watch` (the new build) dies meanwhile: then waiting would only prolong an outage."""
+        began = time.monotonic()
+        deadline = began + self.config.drain.timeout
+        died = False
+
+        async def wait_workers() -> list[int]:
+            return await self.nginx.wait_old_generation(deadline)
+
+        workers = asyncio.ensure_future(wait_workers())
+        try:
+            while not workers.done():
+                if watch is not None and not watch.alive():
+                    died = True
+                    break
+                await asyncio.wait({workers}, timeout=self.config.drain.interval)
+        finally:
+            workers.cancel()
+        old_workers = workers.result() if workers.done() and not workers.cancelled() else []
+        workers_s = time.monotonic() - began
+        left = 0 if died else drain.inflight(port)
+        while left and time.monotonic() < deadline:
+            if watch is not None and not watch.alive():
+                died = True
+                break
+            await asyncio.sleep(self.config.drain.interval)
+            left = drain.inflight(port)
+        return {
+            "workers_wait": round(workers_s, 4),
+            "old_workers_left": len(old_workers),
+            "connections_cut": left,
+            "timed_out": bool(left or old_workers) and not died,
+            "died": died,
+            "after": time.monotonic() - began,
+        }
+
+    def adopt_active(self, app: slots.AppProcess, previous: Path | None = None) -> None:
+        """Record `app` as the one that serves (and `previous`, for a release, as what served before)."""
         self.state.active = _slot_state(app)
+        if previous is not None:
+            self.state.previous_build = str(previous)
         self.state.nginx = self.managed.identity() if self.managed is not None else None
 
     # ---- control commands
@@ -456,7 +584,7 @@ class Daemon:
         if build is None:
             if self.active is None:
                 raise NotReadyYet("the daemon has not started the app yet; try again when status shows it serving")
-            target = self.active.build
+            target = self.active.build  # a restart: what was released, not what a link names now
         else:
             target = Path(build)
         return await self.run_swap(check_build(target), reply, reason="swap" if build else "restart")
@@ -499,9 +627,14 @@ class Daemon:
             )
         if self.status not in ("serving", "recovering", "failed") or self.active is None:
             raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
+        if self.state_unsaved:
+            await self.retry_save()
+            if self.state_unsaved:
+                raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
         old = self.active
         slot = other_slot(old.slot)
-        plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason)
+        plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason,
+                    old_build=old.build)
         record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
         self.swap = record
         log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)
@@ -519,28 +652,43 @@ class Daemon:
                 self.state.swap = {"phase": event["event"], "reason": reason, "build": str(build),
                                    "old": asdict(_slot_state(old)),
                                    "standby": asdict(_slot_state(new)) if new else None}
-                self.store.save(self.state)
+                if record.committed:
+                    self.save_quietly()  # after commit a failed write must not stop the old build's exit
+                else:
+                    self.store.save(self.state)
             reply(event)
 
         # The swap runs as its own task: a client that disconnects does not cancel it.
         self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), emit, record))
+        handed_over = False
         try:
             await asyncio.shield(self.swap_task)
         except asyncio.CancelledError:
-            if self.swap_task.cancelled() and self.status != "stopping":
+            if record.committed and self.status == "stopping":
+                handed_over = self.keep_serving  # the swap is done; the old build's exit is handed over
+            elif self.swap_task.cancelled() and self.status != "stopping":
                 # `bluegreen cancel`, not our own connection being torn down
                 raise BluegreenError(f"the {reason} was cancelled in phase {record.error and record.error.get('phase')}; "
                                      "the standby was stopped and traffic is unchanged", code="cancelled",
-                                     phase=record.error and record.error.get("phase")) from None
-            raise
+                                     phase=record.error and record.error.get("phase"), traffic="unchanged") from None
+            else:
+                raise
         except BluegreenError as e:
             log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
             raise
         finally:
-            self.state.swap = None
+            self.nginx.forget_undo()
+            if not handed_over:  # a handed-over swap stays in state.json for the next daemon to finish
+                self.state.swap = None
             self.state.last_swap = record.to_dict()
             self.state.history.append({k: record.to_dict()[k] for k in ("build", "reason", "outcome", "started_at")})
-            self._save_quietly()
+            if not self.state_unsaved:
+                self.save_quietly()
+        if self.active is not None and not self.active.alive() and self.status != "stopping":
+            why = self.active.exit_reason or slots.describe_exit(self.active.returncode)
+            raise AppError(f"the new build ({self.active.slot}, pid {self.active.pid}) {why} right after the swap "
+                           f"(the old build was already stopped); the daemon restarts it: see `bluegreen status` "
+                           f"and {self.active.log_path}", code="app_exited", traffic="moved")
         if reason != "recover":  # a release the user asked for: a fresh start for crash counting
             self.restarts, self.status, self.failure = 0, "serving", None
         log.info("%s to %s done in %.2fs", reason, build, (record.finished_at or 0) - record.started_at)
@@ -554,6 +702,8 @@ class Daemon:
         except BluegreenError as e:
             n["running"] = False
             n["error"] = e.message
+            if self.managed is not None and self.nginx_failures:
+                n["error"] = self.warning or e.message
         if self.managed is not None:
             n["listen"] = self.config.nginx.listen
             n["prefix"] = str(self.managed.prefix)
@@ -563,7 +713,8 @@ class Daemon:
         return {
             "daemon": {"pid": os.getpid(), "version": __version__, "status": self.status,
                        "since": self.started_at, "config": str(self.config.path), "state_dir": str(self.state_dir),
-                       "failure": self.failure, "restarts": self.restarts},
+                       "failure": self.failure, "restarts": self.restarts, "warning": self.warning,
+                       "state_saved": not self.state_unsaved},
             "events": self.state.events[-10:],
             "active": self.active.to_dict() if self.active else None,
             "standby": self.standby.to_dict() if self.standby else None,
@@ -580,19 +731,20 @@ class SlotOps:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self.cfg = daemon.config
+        self.before: tuple[SlotState | None, str | None] = (None, None)
 
     async def prepare(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
         check_build(plan.build)
-        self.d._check_port_free(plan.port)
+        await self.d.free_port(plan.port)
         return {"slot": plan.slot, "port": plan.port, "build": str(plan.build)}
 
     async def start(self, plan: Plan[slots.AppProcess]) -> tuple[slots.AppProcess, dict[str, Any]]:
-        app = await self.d._spawn(plan.slot, plan.build)
+        app = await self.d.spawn(plan.slot, plan.build)
         self.d.standby = app
         return app, {"pid": app.pid, "log": str(app.log_path)}
 
     async def wait_ready(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
-        r = await probes.wait_ready(standby, self.cfg.app.ready, self.d._ready_url(standby))
+        r = await probes.wait_ready(standby, self.cfg.app.ready, self.d.ready_url(standby))
         return {"checks": r.checks, "target": r.target, "log_line": r.log_line}
 
     async def switch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
@@ -601,62 +753,88 @@ class SlotOps:
                            "became ready; nginx was not switched", code="app_exited")
         result = await self.d.nginx.switch(plan.port)
         if not standby.alive():  # it died while nginx reloaded: put the old upstream back at once
-            await self.switch_back(plan)
+            if not await self.switch_back(plan):
+                raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} during the "
+                               "switch, and nginx could not be switched back; see the daemon log", code="app_exited")
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} during the switch; "
                            "nginx was switched back", code="app_exited")
         return result
 
-    async def switch_back(self, plan: Plan[slots.AppProcess]) -> None:
+    async def switch_back(self, plan: Plan[slots.AppProcess]) -> bool:
         try:
-            await self.d.nginx.switch(plan.old.port)
+            await self.d.nginx.switch_back(plan.old.port)
         except BluegreenError as e:
             log.error("could not switch nginx back to port %d: %s", plan.old.port, e.message)
+            return False
+        log.info("nginx switched back to port %d", plan.old.port)
+        return True
 
     async def commit(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
         d = self.d
-        before = (d.state.active, d.state.previous_build)
-        d.state.previous_build = str(plan.old.build)
-        d._remember(standby)
+        self.before = (d.state.active, d.state.previous_build)
+        d.adopt_active(standby, previous=plan.old.build if plan.is_release else None)
         try:
             d.store.save(d.state)
         except BluegreenError:
-            d.state.active, d.state.previous_build = before
+            d.state.active, d.state.previous_build = self.before
             raise
-        d.active, d.standby = standby, None
+        d.active, d.standby, d.retiring = standby, None, plan.old
         return {"state": str(d.store.path)}
 
-    async def drain_port(self, port: int) -> dict[str, Any]:
-        """Wait for the last reload's old nginx workers to exit, then for `port` to have no
-        connection in flight, both within drain.timeout; report what was left."""
-        began = time.monotonic()
-        deadline = began + self.cfg.drain.timeout
-        old_workers = await self.d.nginx.wait_old_generation(deadline)
-        workers_s = time.monotonic() - began
-        left = drain.inflight(port)
-        while left and time.monotonic() < deadline:
-            await asyncio.sleep(self.cfg.drain.interval)
-            left = drain.inflight(port)
-        return {
-            "workers_wait": round(workers_s, 4),
-            "old_workers_left": len(old_workers),
-            "connections_cut": left,
-            "timed_out": bool(left or old_workers),
-        }
+    async def keep(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> None:
+        """nginx serves from the standby and could not be switched back: it is the active app now.
+        state.json still names the old one (its write failed), and the old one keeps running, so
+        a daemon restarted before the write succeeds still finds a consistent world."""
+        d = self.d
+        d.adopt_active(standby, previous=plan.old.build if plan.is_release else None)
+        d.active, d.standby, d.retiring = standby, None, plan.old
+        d.state_unsaved = True
+        d.warning = (f"state.json could not be written, and nginx could not be switched back: the new build "
+                     f"({standby.build}) serves, while state.json still names the old one. Free disk space "
+                     f"in {d.state_dir}: the daemon retries the write by itself, then stops the old build")
+        log.error("%s", d.warning)
 
-    async def drain(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
-        result = await self.drain_port(plan.old.port)
+    async def revert(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> bool:
+        """The new build died while the old one drained: send traffic back to the old one."""
+        d = self.d
+        if not plan.old.alive():
+            return False
+        if not await self.switch_back(plan):
+            return False
+        d.state.active, d.state.previous_build = self.before
+        d.active, d.retiring = plan.old, None
+        d.save_quietly()
+        d.event("reverted", slot=plan.old.slot, pid=plan.old.pid, build=str(plan.old.build),
+                dead=standby.exit_reason or slots.describe_exit(standby.returncode))
+        await self.discard(standby, drain=False)
+        return True
+
+    async def drain(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
+        result = await self.d.drain_port(plan.old.port, watch=standby)
+        if result["died"]:
+            why = slots.describe_exit(standby.returncode)
+            raise AppDied(
+                f"the new build ({standby.slot}, pid {standby.pid}) {why} {result['after']:.2f}s after the switch, "
+                f"while the old build was still serving its last requests; traffic is back on the old build "
+                f"({plan.old.slot}, pid {plan.old.pid}), which never stopped. See {standby.log_path}"
+                + slots.exit_hint(standby.returncode))
         if result["timed_out"]:
-            log.warning("drain of %s timed out after %gs: %d connection(s) will be cut",
-                        plan.old.slot, self.cfg.drain.timeout, result["connections_cut"])
+            result["warning"] = (f"{result['connections_cut']} connection(s) still open on the old build at "
+                                 f"drain.timeout ({self.cfg.drain.timeout:g}s) were cut")
+            log.warning("drain of %s: %s", plan.old.slot, result["warning"])
+        del result["died"], result["after"]
         return result
 
     async def stop_old(self, plan: Plan[slots.AppProcess]) -> dict[str, Any]:
         s = self.cfg.app.stop
-        return await slots.stop(plan.old, s.signal, s.timeout)
+        result = await slots.stop(plan.old, s.signal, s.timeout)
+        if self.d.retiring is plan.old:
+            self.d.retiring = None
+        return result
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
         if drain:
-            await self.drain_port(standby.port)
+            await self.d.drain_port(standby.port)
         s = self.cfg.app.stop
         result = await slots.stop(standby, s.signal, s.timeout)
         log.info("standby %s (pid %d) %s", standby.slot, standby.pid, result["how"])

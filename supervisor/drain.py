@@ -129,3 +129,38 @@ def inflight(port: int) -> int:
 def listening(port: int) -> list[Conn]:
     """Listening sockets on `port` (any address)."""
     return connections(port, frozenset({LISTEN}))
+
+
+def port_holder(port: int) -> str:
+    """Name the process listening on `port` (only on error paths: it scans every socket)."""
+    import psutil
+
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                try:
+                    cmd = " ".join(psutil.Process(c.pid).cmdline()) or psutil.Process(c.pid).name()
+                except psutil.Error:
+                    cmd = "?"
+                return f"pid {c.pid} ({cmd})"
+    except psutil.Error:
+        pass
+    return "a process this user cannot see (try as root: ss -ltnp)"
+
+
+def listening_pids(port: int) -> set[int]:
+    """Pids of the processes that hold a listening socket on `port` (by socket inode, via /proc)."""
+    inodes = {c.inode for c in listening(port)}
+    pids: set[int] = set()
+    if not inodes:
+        return pids
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                    pids.add(int(pid))
+                    break
+        except (OSError, ValueError):
+            continue
+    return pids

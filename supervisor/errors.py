@@ -6,15 +6,30 @@
     ├── Busy                       busy            a swap is already running
     ├── NotReadyYet                starting        the daemon has no active slot yet
     ├── BuildError                 build_invalid   the build path does not exist / is no directory
-    ├── PortInUse                  port_in_use     a foreign process holds the standby port
-    ├── AppError                   app_exited      the app process died (at start, or before ready)
-    │                              not_ready       the readiness check never passed in time
-    │                              start_failed    the command could not be executed at all
-    ├── NginxError                 nginx_test_failed    `nginx -t` rejected the config
-    │                              nginx_reload_failed  the reload was not confirmed
-    │                              nginx_down           the master is not running
-    ├── StateError                 state_write_failed   state.json could not be written
-    └── Unreachable                unreachable     (client side) no daemon answers on the socket
+    ├── PortInUse                  port_in_use     a foreign process holds the standby port (or nginx.listen)
+    ├── AppError                   app_exited      the app process died (at start, before ready, after the switch)
+    │   │                          not_ready       the readiness check never passed in time
+    │   │                          start_failed    the command could not be executed at all
+    │   └── AppDied                app_exited      the new build died while the old one drained
+    ├── NginxError                 nginx_test_failed      `nginx -t` rejected the config
+    │                              nginx_reload_failed    the reload was not confirmed
+    │                              nginx_down             the master is not running
+    │                              nginx_leftover         a master from an earlier run holds the prefix
+    │                              upstream_write_failed  the upstream file could not be written
+    ├── StateError                 state_write_failed     state.json could not be written
+    │                              state_invalid          state.json is corrupt
+    ├── Unreachable                unreachable     (client side) no daemon answers on the socket
+    └── BluegreenError itself      locked          another daemon holds the state dir
+                                   socket_in_use   another daemon answers on daemon.socket
+                                   forbidden       the socket peer is not allowed
+                                   no_previous     rollback with nothing to roll back to
+                                   no_swap         cancel with no swap running
+                                   too_late        cancel after the switch
+                                   cancelled       the swap was cancelled
+                                   shutting_down   the daemon stopped while serving the request
+                                   internal        a bug: see the daemon log
+
+A failed swap's error also carries `traffic`: "unchanged", "restored" or "moved".
 """
 
 from __future__ import annotations
@@ -68,6 +83,10 @@ class PortInUse(BluegreenError):
 
 class AppError(BluegreenError):
     code = "app_exited"
+
+
+class AppDied(AppError):
+    """The new build died after the switch, while the old one was still draining."""
 
 
 class NginxError(BluegreenError):

@@ -1,4 +1,9 @@
-"""Atomic file replacement: readers see the old file or the new one, never a torn one."""
+"""Atomic file replacement: readers see the old file or the new one, never a torn one.
+
+A write is two steps that can be split: `stage` writes the bytes to a dot-temp file beside the
+target (this is what needs disk space), `Staged.commit` renames it over the target (which does
+not). Staging an undo copy *before* changing a file makes the way back work on a full disk.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +12,63 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` via a dot-temp file in the same directory, fsync, rename, fsync dir.
+class Staged:
+    """Bytes already on disk next to `path`, ready to replace it by a rename."""
+
+    def __init__(self, path: Path, tmp: str) -> None:
+        self.path = path
+        self.tmp: str | None = tmp
+
+    def commit(self) -> None:
+        """Rename the staged file over the target and fsync the directory (no new space needed)."""
+        if self.tmp is None:
+            raise RuntimeError(f"staged copy of {self.path} was already used")
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        _fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+def stage(path: Path, data: bytes, mode: int = 0o644) -> Staged:
+    """Write `data` to a dot-temp file in `path`'s directory and fsync it; the target is untouched.
 
     The temp name starts with a dot so `include *.conf` globs never pick it up.
-    On any error the previous file is left untouched and the temp file removed.
+    On any error the temp file is removed and the error raised.
     """
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    return Staged(path, tmp)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically (stage, then commit); on error `path` is unchanged."""
+    staged = stage(path, data, mode)
+    try:
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -17,7 +17,7 @@ import httpx
 
 from .config import ReadyConfig
 from .errors import AppError
-from .slots import AppProcess, describe_exit, log_tail
+from .slots import AppProcess, describe_exit, exit_hint, log_tail
 
 ATTEMPT_TIMEOUT = 2.0
 
@@ -128,9 +128,15 @@ async def _exited_error(app: AppProcess) -> AppError:
     status = describe_exit(app.returncode)
     tail = await log_tail(app.log_path)
     return AppError(
-        f"the {app.slot} slot ({app.build}) {status} before it was ready. "
+        f"the {app.slot} slot ({app.build}) {status} before it was ready.{exit_hint(app.returncode)} "
         f"Last log lines ({app.log_path}):\n" + "\n".join(tail),
         code="app_exited",
         exit=status,
         log=tail,
     )
+
+
+async def alive(url: str, timeout: float) -> tuple[bool, str]:
+    """One liveness check of a running app: 2xx within `timeout` (a hung process never answers)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), trust_env=False) as client:
+        return await _http_ok(client, url, None)

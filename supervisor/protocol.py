@@ -3,7 +3,8 @@
 One request per connection, one JSON object per line (UTF-8, at most 64 KiB):
 
     -> {"cmd": "swap", "build": "/srv/app/releases/42"}      (optional "v": 1)
-    -> swap /srv/app/releases/42                             (a line not starting with "{" is read as words)
+    -> swap /srv/app/releases/42                             (a line not starting with "{" is read as words;
+    -> swap "/srv/my app/releases/42"                         quote a path with spaces as in a shell)
     <- {"event": "start", "status": "begin", "elapsed": 0.002, ...}   zero or more progress lines
     <- {"ok": true, "result": {...}}                                  exactly one final line
     <- {"ok": false, "error": {"code": "busy", "message": "..."}}
@@ -15,6 +16,7 @@ absolute path (the daemon cannot know the caller's working directory; the CLI re
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from .errors import RequestError
 
 VERSION = 1
 MAX_LINE = 64 * 1024
+ECHO = 60  # at most this much of a client's own input is quoted back in an error
 
 
 @dataclass(frozen=True)
@@ -76,15 +79,24 @@ def parse_request(line: bytes | str) -> Request:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise RequestError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise RequestError("invalid request: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise RequestError("a request must be a JSON object")
     else:
-        words = text.split()
+        try:
+            words = shlex.split(text)
+        except ValueError as e:
+            raise RequestError(f"cannot split the words of the request: {e} (quote a path with spaces: "
+                               'swap "/srv/my app/build")') from None
+        if not words:
+            raise RequestError('empty request; send a JSON object like {"cmd": "status"} or words like "status"')
         obj = {"cmd": words[0]}
         spec = COMMANDS.get(words[0])
         if spec is not None:
             if len(words) - 1 > len(spec.positional):
-                raise RequestError(f"{spec.name}: too many words; usage: {usage(spec)}")
+                raise RequestError(f"{spec.name}: too many words; usage: {usage(spec)} "
+                                   '(quote a path with spaces: swap "/srv/my app/build")')
             obj.update(zip(spec.positional, words[1:]))
     return _validate(obj)
 
@@ -95,7 +107,7 @@ def _validate(obj: dict[str, Any]) -> Request:
         raise RequestError('missing "cmd" (a string); known commands: ' + ", ".join(COMMANDS))
     spec = COMMANDS.get(cmd)
     if spec is None:
-        raise RequestError(f"unknown command {cmd!r}; known commands: " + ", ".join(COMMANDS))
+        raise RequestError(f"unknown command {clip(cmd)}; known commands: " + ", ".join(COMMANDS))
     version = obj.get("v", VERSION)
     if version != VERSION:
         raise RequestError(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")
@@ -104,7 +116,7 @@ def _validate(obj: dict[str, Any]) -> Request:
         if name in ("cmd", "v"):
             continue
         if name not in spec.args:
-            raise RequestError(f"{cmd}: unknown argument {name!r}; usage: {usage(spec)}")
+            raise RequestError(f"{cmd}: unknown argument {clip(name)}; usage: {usage(spec)}")
         kind, _ = spec.args[name]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise RequestError(f"{cmd}: {name!r} must be a {kind.__name__}, got {type(value).__name__}")
@@ -113,6 +125,11 @@ def _validate(obj: dict[str, Any]) -> Request:
         if required and name not in args:
             raise RequestError(f"{cmd}: missing argument {name!r}; usage: {usage(spec)}")
     return Request(cmd, args)
+
+
+def clip(text: str) -> str:
+    """A client's string, quoted back short: an error never echoes a whole 60 KB line."""
+    return repr(text) if len(text) <= ECHO else repr(text[:ECHO]) + f"... ({len(text)} characters)"
 
 
 def usage(spec: CommandSpec) -> str:

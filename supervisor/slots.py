@@ -1,9 +1,11 @@
 """App processes: the only module that creates or stops them.
 
 Each app runs in its own session (so its own process group), with stdout and stderr
-appended to `state_dir/logs/<slot>.log`. Stopping signals the whole group, waits, then
-SIGKILLs the group and every descendant it had, so no orphan outlives its slot.
-Knows nothing about HTTP or nginx.
+appended to `state_dir/logs/<slot>.log`, and carries BLUEGREEN_STATE_DIR and BLUEGREEN_SLOT
+in its environment, which every descendant inherits. Stopping signals the whole group and
+every marked process of the slot (a start script may have exited and left its server running,
+or the server may have left the group), waits, then SIGKILLs what is left: no orphan outlives
+its slot. Knows nothing about HTTP or nginx.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class AppProcess:
     started_at: float = field(default_factory=time.time)
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
     exit_reason: str | None = None
+    state_dir: Path | None = None  # whose markers its descendants carry (None: unknown)
 
     @property
     def returncode(self) -> int | None:
@@ -75,29 +78,61 @@ def same_process(pid: int, create_time: float) -> bool:
 
 
 def adopt(slot: str, port: int, build: Path, pid: int, create_time: float, since: float,
-          log_path: Path) -> AppProcess | None:
+          log_path: Path, state_dir: Path | None = None) -> AppProcess | None:
     """Take over an app a previous daemon started, if it is still that same process."""
     if not same_process(pid, create_time):
         return None
-    return AppProcess(slot, port, build, pid, create_time, log_path, started_at=since)
+    return AppProcess(slot, port, build, pid, create_time, log_path, started_at=since, state_dir=state_dir)
+
+
+def marked(state_dir: Path, slot: str | None = None) -> list[psutil.Process]:
+    """Live processes started for `state_dir` (and `slot`), found by the markers in their environment."""
+    marker = f"BLUEGREEN_STATE_DIR={state_dir}\0".encode()
+    slot_marker = f"BLUEGREEN_SLOT={slot}\0".encode() if slot else b""
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = b"\0" + f.read() + b"\0"
+            if b"\0" + marker in env and b"\0" + slot_marker in env:
+                p = psutil.Process(int(name))
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return found
 
 
 def find_ours(state_dir: Path, slot: str, log_path: Path) -> list[AppProcess]:
     """Session leaders this state dir started for `slot` (marked by the environment they inherit)."""
-    marker = f"BLUEGREEN_STATE_DIR={state_dir}\0".encode()
-    slot_marker = f"BLUEGREEN_SLOT={slot}\0".encode()
     found = []
-    for p in psutil.process_iter(["pid"]):
+    for p in marked(state_dir, slot):
         try:
-            if os.getsid(p.pid) != p.pid:
-                continue
-            with open(f"/proc/{p.pid}/environ", "rb") as f:
-                env = f.read() + b"\0"
-            if marker in env and slot_marker in env:
-                found.append(AppProcess(slot, 0, Path("?"), p.pid, p.create_time(), log_path))
+            if os.getsid(p.pid) == p.pid:
+                found.append(AppProcess(slot, 0, Path("?"), p.pid, p.create_time(), log_path, state_dir=state_dir))
         except (OSError, psutil.Error):
             continue
     return found
+
+
+async def clear_leftovers(state_dir: Path, pids: set[int], sig: signal.Signals, timeout: float) -> list[str]:
+    """Stop those of `pids` that this state dir started (a slot's leftover holding its port);
+    return what was stopped. Processes without our markers are never touched."""
+    ours = {p.pid: p for p in marked(state_dir)}
+    stopped = []
+    for pid in sorted(pids & ours.keys()):
+        p = ours[pid]
+        try:
+            slot = p.environ().get("BLUEGREEN_SLOT", "?")
+            leftover = AppProcess(slot, 0, Path("?"), pid, p.create_time(), Path("/dev/null"), state_dir=state_dir)
+        except psutil.Error:
+            continue
+        result = await stop(leftover, sig, timeout)
+        stopped.append(f"pid {pid} ({slot} slot): {result['how']}")
+    return stopped
 
 
 def describe_exit(returncode: int | None, *, we_killed: bool = False) -> str:
@@ -111,6 +146,18 @@ def describe_exit(returncode: int | None, *, we_killed: bool = False) -> str:
     sig = signal.Signals(-returncode)
     hint = " (perhaps out of memory?)" if sig == signal.SIGKILL and not we_killed else ""
     return f"killed by {sig.name}{hint}"
+
+
+BACKGROUND_HINT = (
+    "A main process that exits with code 0 usually put the server in the background (`node server.js &`, "
+    "`catalina.sh start`, a daemonizing start script) and returned. bluegreen must run the server in the "
+    "foreground: `exec node server.js` in a start script, `catalina.sh run`, or the server's no-daemon flag."
+)
+
+
+def exit_hint(returncode: int | None) -> str:
+    """What to do about an app's main process exiting on its own (only code 0 has a likely cause)."""
+    return f" {BACKGROUND_HINT}" if returncode == 0 else ""
 
 
 async def spawn(
@@ -146,7 +193,9 @@ async def spawn(
         created = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         created = 0.0
-    return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, proc=proc)
+    marker = env.get("BLUEGREEN_STATE_DIR")
+    return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, proc=proc,
+                      state_dir=Path(marker) if marker else None)
 
 
 def lay_out(slot_dir: Path, dirs: tuple[str, ...], files: Mapping[str, Path], context: Mapping[str, str]) -> None:
@@ -173,7 +222,7 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 async def _gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
     """Poll (without reaping: they are not our children) until all exit or the deadline; return survivors."""
-    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    alive = [p for p in procs if _running(p)]
     while alive and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
         alive = [p for p in alive if _running(p)]
@@ -194,14 +243,30 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+def _leftovers(app: AppProcess) -> list[psutil.Process]:
+    """What belongs to the app besides its main process: its descendants, and every process
+    still carrying its slot's markers (in its group, or escaped from it with setsid)."""
+    procs = {p.pid: p for p in _tree(app.pid)} if app.alive() else {}
+    if app.state_dir is not None:
+        for p in marked(app.state_dir, app.slot):
+            if p.pid != app.pid:
+                procs.setdefault(p.pid, p)
+    return list(procs.values())
+
+
 async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str, Any]:
-    """Signal the app's group, wait up to `timeout`, then SIGKILL the tree. Return how it ended."""
+    """Signal the app's group and its slot's marked processes, wait up to `timeout`, then
+    SIGKILL whatever is left. Return how it ended."""
     began = time.monotonic()
-    if not app.alive():
+    leader_alive = app.alive()
+    tree = _leftovers(app)  # collect now: once the leader dies its children are reparented
+    if not leader_alive and not tree:
         app.exit_reason = app.exit_reason or describe_exit(app.returncode)
+        _killpg(app.pid, signal.SIGKILL)  # nothing should be left in its group; make sure
         return {"pid": app.pid, "how": f"already gone: {app.exit_reason}", "seconds": 0.0}
-    tree = _tree(app.pid)  # collect now: once the leader dies its children are reparented
     _killpg(app.pid, sig)
+    for p in tree:
+        _signal(p, sig)
     deadline = began + timeout
     leader_done = await _wait_leader(app, deadline)
     survivors = await _gone(tree, deadline)
@@ -209,22 +274,31 @@ async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str
     if killed:
         _killpg(app.pid, signal.SIGKILL)
         for p in survivors:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+            _signal(p, signal.SIGKILL)
         await _wait_leader(app, time.monotonic() + 10)
         await _gone(survivors, time.monotonic() + 10)
     # Anything left in the group (a grandchild that outlived its parent) goes too.
     _killpg(app.pid, signal.SIGKILL)
     exit_text = describe_exit(app.returncode, we_killed=True)
-    if killed:
+    if not leader_alive:
+        gone = app.exit_reason or describe_exit(app.returncode)
+        how = f"already gone ({gone}); stopped {len(tree)} process(es) it left running"
+        if killed:
+            how += f" (killed with SIGKILL after {timeout:g}s)"
+    elif killed:
         what = "did not exit" if not leader_done else f"left {len(survivors)} child process(es) running"
         how = f"{what} within {timeout:g}s of {sig.name}: killed with SIGKILL ({exit_text})"
     else:
         how = f"{exit_text} after {sig.name}"
     app.exit_reason = how
     return {"pid": app.pid, "how": how, "killed": killed, "seconds": round(time.monotonic() - began, 4)}
+
+
+def _signal(p: psutil.Process, sig: signal.Signals) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
 
 
 async def _wait_leader(app: AppProcess, deadline: float) -> bool:

@@ -3,8 +3,10 @@
     prepare -> start -> ready -> switch -> commit -> drain -> stop
 
 Until `commit`, every failure leaves traffic where it was: the standby is stopped and
-nginx keeps (or gets back) the old upstream. After `commit` the new build serves and
-the swap can no longer fail; drain and stop only decide how gently the old one goes.
+nginx keeps (or gets back) the old upstream; if nginx cannot be switched back, the standby
+serves and is kept (never stop what nginx points at). After `commit` the new build serves;
+drain and stop only decide how gently the old one goes, unless the new build dies while the
+old one drains: then traffic goes back to the old one and the swap fails.
 The real I/O lives behind `SwapOps` (see daemon.py); tests inject fakes.
 """
 
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
-from .errors import BluegreenError
+from .errors import AppDied, BluegreenError
 
 Standby = TypeVar("Standby")
 Old = TypeVar("Old")
@@ -47,7 +49,17 @@ class Plan(Generic[Old]):
     slot: str
     port: int
     old: Old
-    reason: str = "swap"
+    reason: str = "swap"  # swap | rollback (releases a user asked for) | restart | recover
+    old_build: Path | None = None
+
+    @property
+    def is_release(self) -> bool:
+        """Only a release of another build changes "previous" (what `rollback` goes back to):
+        restarts and crash recoveries never do."""
+        return self.reason in RELEASES and self.build != self.old_build
+
+
+RELEASES = ("swap", "rollback")
 
 
 @dataclass
@@ -62,6 +74,8 @@ class SwapRecord:
     started_at: float = field(default_factory=time.time)
     phase: str | None = None
     outcome: str = "running"  # running | done | failed
+    traffic: str = "unchanged"  # unchanged | moved | restored: where traffic went, and nothing else
+    committed: bool = False
     durations: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
@@ -80,26 +94,36 @@ class SwapOps(Protocol[Standby, Old]):
     async def wait_ready(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Must leave nginx on the old upstream if it raises.
     async def switch(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
-    async def switch_back(self, plan: Plan[Old]) -> None: ...
+    # True once nginx sends traffic to the old slot again; False if it could not be switched back.
+    async def switch_back(self, plan: Plan[Old]) -> bool: ...
     async def commit(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
-    async def drain(self, plan: Plan[Old]) -> dict[str, Any]: ...
+    # Raises AppDied if the new build dies while the old one drains.
+    async def drain(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     async def stop_old(self, plan: Plan[Old]) -> dict[str, Any]: ...
     async def discard(self, standby: Standby, *, drain: bool) -> None: ...
+    # Nginx could not be switched back after the switch: the standby serves, so it stays.
+    async def keep(self, plan: Plan[Old], standby: Standby) -> None: ...
+    # The new build died after commit: send traffic back to the old one, if it still runs.
+    async def revert(self, plan: Plan[Old], standby: Standby) -> bool: ...
 
 
 Emit = Callable[[dict[str, Any]], None]
 
 
 async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, record: SwapRecord) -> SwapRecord:
-    """Carry out one swap, emitting a begin/end event per phase; raise BluegreenError on failure."""
+    """Carry out one swap, emitting a begin/end event per phase; raise BluegreenError on failure.
+
+    `record.traffic` always says where traffic went: "unchanged" (never switched), "moved" (the
+    new build serves), "restored" (switched, then back to the old build).
+    """
     clock = time.monotonic
     t0 = clock()
 
     async def phase(name: Phase, action: Callable[[], Any]) -> Any:
         record.phase = name.value
-        emit({"event": name.value, "status": "begin", "elapsed": round(clock() - t0, 4)})
         began = clock()
         try:
+            emit({"event": name.value, "status": "begin", "elapsed": round(began - t0, 4)})
             out = await action()
         except BaseException as e:
             record.durations[name.value] = round(clock() - began, 4)
@@ -107,17 +131,12 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
                 e.details.setdefault("phase", name.value)
             raise
         record.durations[name.value] = round(clock() - began, 4)
-        details = out[1] if isinstance(out, tuple) else out
-        record.details[name.value] = details or {}
-        emit(
-            {
-                "event": name.value,
-                "status": "done",
-                "duration": record.durations[name.value],
-                "elapsed": round(clock() - t0, 4),
-                **(details or {}),
-            }
-        )
+        details = dict((out[1] if isinstance(out, tuple) else out) or {})
+        if details.get("warning"):
+            record.warnings.append(f"{name.value}: {details['warning']}")
+        record.details[name.value] = details
+        emit({"event": name.value, "status": "done", "duration": record.durations[name.value],
+              "elapsed": round(clock() - t0, 4), **details})
         return out
 
     try:
@@ -130,32 +149,41 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
             # Nothing served from the standby yet (switch restores the old upstream itself).
             await _shielded(ops.discard(standby, drain=False))
             raise
+        record.traffic = "moved"
         try:
             await phase(Phase.COMMIT, lambda: ops.commit(plan, standby))
         except BaseException:
-            # nginx already points at the standby: point it back, let it finish what it got, stop it.
-            await _shielded(ops.switch_back(plan))
-            await _shielded(ops.discard(standby, drain=True))
+            # nginx already points at the standby. Back to the old build if nginx lets us; if
+            # not, the standby is what serves, and stopping it would take the site down.
+            if await _shielded(ops.switch_back(plan)):
+                record.traffic = "restored"
+                await _shielded(ops.discard(standby, drain=True))
+            else:
+                await _shielded(ops.keep(plan, standby))
             raise
-        # Committed: the new build serves. From here on only the old one's exit is at stake.
-        for name, action in ((Phase.DRAIN, ops.drain), (Phase.STOP, ops.stop_old)):
-            try:
-                await phase(name, lambda action=action: action(plan))  # type: ignore[misc]
-            except BluegreenError as e:
-                record.warnings.append(f"{name.value}: {e.message}")
+        # Committed: the new build serves. From here on only the old one's exit is at stake,
+        # unless the new one dies while the old one still runs: then traffic goes back to it.
+        record.committed = True
+        await _after_commit(phase, plan, ops, standby, record)
     except BluegreenError as e:
+        e.details["traffic"] = record.traffic
         record.outcome = "failed"
         record.error = e.to_dict()
         raise
     except Exception as e:  # a bug or an unexpected OSError: still a clear, failed swap
         record.outcome = "failed"
-        err = BluegreenError(f"unexpected error in phase {record.phase}: {e!r}", code="internal", phase=record.phase)
+        err = BluegreenError(f"unexpected error in phase {record.phase}: {e!r}", code="internal", phase=record.phase,
+                             traffic=record.traffic)
         record.error = err.to_dict()
         raise err from e
     except asyncio.CancelledError:
-        record.outcome = "failed"
-        record.error = {"code": "cancelled", "message": "cancelled (bluegreen cancel, or the daemon is stopping)",
-                        "phase": record.phase}
+        if record.committed:  # the daemon is stopping mid-drain: the swap itself is done
+            record.outcome = "done"
+            record.warnings.append(f"{record.phase}: interrupted, the daemon is stopping")
+        else:
+            record.outcome = "failed"
+            record.error = {"code": "cancelled", "message": "cancelled (bluegreen cancel, or the daemon is stopping)",
+                            "phase": record.phase, "traffic": record.traffic}
         raise
     finally:
         record.finished_at = time.time()
@@ -164,11 +192,31 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
     return record
 
 
-async def _shielded(coro: Any) -> None:
+async def _after_commit(phase: Callable[[Phase, Callable[[], Any]], Any], plan: Plan[Old],
+                        ops: SwapOps[Standby, Old], standby: Standby, record: SwapRecord) -> None:
+    try:
+        await phase(Phase.DRAIN, lambda: ops.drain(plan, standby))
+    except AppDied:
+        if await _shielded(ops.revert(plan, standby)):
+            record.traffic = "restored"
+        raise
+    except Exception as e:  # nothing may turn a committed swap into a failure
+        record.warnings.append(f"drain: {_text(e)}")
+    try:
+        await phase(Phase.STOP, lambda: ops.stop_old(plan))
+    except Exception as e:
+        record.warnings.append(f"stop: {_text(e)}")
+
+
+def _text(e: Exception) -> str:
+    return e.message if isinstance(e, BluegreenError) else f"unexpected error: {e!r}"
+
+
+async def _shielded(coro: Any) -> Any:
     """Run cleanup to the end even if the swap itself is being cancelled."""
     task = asyncio.ensure_future(coro)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await task
         raise

@@ -37,25 +37,48 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, describe: st
         time.sleep(interval)
 
 
+# Ports for servers the tests start come from below the kernel's ephemeral range (32768+), so no
+# outgoing connection on the host can take one between picking it and binding it. Overlapping
+# test runs coordinate through one lock file per port, held until this process exits.
+PORT_RANGE = range(20000, 32000)
+PORT_LOCKS = Path("/tmp/bluegreen-test-ports")
+_held: list[int] = []
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports, chosen by the kernel (held together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct ports that nothing listens on and that no other test process holds."""
+    import fcntl
+    import random
+
+    PORT_LOCKS.mkdir(mode=0o1777, exist_ok=True)
+    picked: list[int] = []
+    for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
+        if len(picked) == n:
+            break
+        fd = os.open(PORT_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                os.close(fd)
+                continue
+        _held.append(fd)  # the lock lives as long as this test process
+        picked.append(port)
+    return picked
 
 
 def make_build(parent: Path, name: str, *, version: str | None = None, boot_delay_ms: int = 0,
-               healthy: bool = True, server_js: str | None = None) -> Path:
-    """A release directory of the example Node app (or of `server_js`), like a CI artefact."""
+               healthy: bool = True, server_js: str | None = None, start_sh: str = "exec node server.js\n") -> Path:
+    """A release directory of the example Node app (or of `server_js`), like a CI artefact.
+    `start.sh` is for configs whose command is a start script (`sh start.sh`)."""
     build = parent / name
     build.mkdir(parents=True)
+    (build / "start.sh").write_text(start_sh)
     if server_js is None:
         shutil.copy(NODE_APP, build / "server.js")
     else:
@@ -303,7 +326,7 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 
 # The names that are TOML tables (not inline tables) in our configs.
-TABLES = {".daemon", ".app", ".app.ready", ".app.stop", ".app.files", ".drain", ".nginx"}
+TABLES = {".daemon", ".app", ".app.ready", ".app.health", ".app.restart", ".app.stop", ".app.files", ".drain", ".nginx"}
 
 
 def example_config(example: Path, dest: Path, listen: int, ports: tuple[int, int]) -> Path:

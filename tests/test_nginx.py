@@ -24,6 +24,6 @@ def test_managed_conf_keeps_every_path_in_the_prefix() -> None:
     for directive in ("pid", "error_log", "access_log", "client_body_temp_path", "proxy_temp_path",
                       "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path"):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(directive + " "))
-        assert f" {prefix}/" in line, line
+        assert f' "{prefix}/' in line, line  # quoted: a path with a space stays one argument
     assert "worker_shutdown_timeout 9s;" in text  # ceil(7.5) + 1: the daemon's deadline acts first
     assert "listen 127.0.0.1:8080;" in text and "proxy_pass http://bluegreen_app;" in text

@@ -30,7 +30,10 @@ def test_words_request_like_socat_users_type() -> None:
         (b"{not json", "invalid JSON"),
         (b'{"cmd": "status"', "invalid JSON"),
         (b"{}", 'missing "cmd"'),
-        (b'["status"]', "unknown command '[\"status\"]'"),
+        (b'["status"]', "unknown command '[status]'"),
+        (b'swap "/unbalanced', "cannot split the words"),
+        (b'{"cmd": "status", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested too deeply"),
+        (b"x" * 60000, "(60000 characters)"),
         (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, rollback, cancel, status, quit, help"),
         (b"launch /x", "unknown command 'launch'"),
         (b'{"cmd": "swap", "build": 42}', "'build' must be a str, got int"),
@@ -46,6 +49,12 @@ def test_bad_requests_get_a_clear_error(line: bytes, message: str) -> None:
         protocol.parse_request(line)
     assert message in e.value.message
     assert e.value.code == "bad_request"
+    assert len(e.value.message) < 400  # a client's input is never echoed back whole
+
+
+def test_words_take_a_quoted_path_with_spaces() -> None:
+    assert protocol.parse_request('swap "/srv/my app/build 2"\n').args == {"build": "/srv/my app/build 2"}
+    assert protocol.parse_request("swap '/srv/my app'").args == {"build": "/srv/my app"}
 
 
 def test_line_over_the_limit_is_refused() -> None:

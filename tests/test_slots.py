@@ -54,7 +54,7 @@ def test_graceful_app_exits_on_sigterm(tmp_path: Path, loop: asyncio.AbstractEve
         while True: time.sleep(1)
     """)
     assert __import__("os").getpgid(app.pid) == app.pid  # its own process group
-    loop.run_until_complete(asyncio.sleep(0.3))
+    wait_until(lambda: "up" in app.log_path.read_text(), 20, "the app to install its SIGTERM handler")
     result = loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 10))
     assert result["how"] == "exited with code 0 after SIGTERM" and not result["killed"]
     assert not app.alive()
@@ -189,3 +189,38 @@ def test_log_pattern_counts_only_lines_of_this_start(tmp_path: Path, loop: async
         assert r.log_line == "INFO Server startup in [1234] milliseconds"
     finally:
         loop.run_until_complete(slots.stop(booting, slots.signal.SIGTERM, 5))
+
+
+class Vanishing:
+    """A psutil.Process whose process exits between two calls (is_running, then status)."""
+
+    pid = 999999
+
+    def is_running(self) -> bool:
+        return True
+
+    def status(self) -> str:
+        raise psutil.NoSuchProcess(self.pid)
+
+
+def test_a_child_exiting_between_two_checks_counts_as_gone(loop: asyncio.AbstractEventLoop) -> None:
+    import time
+
+    assert loop.run_until_complete(slots._gone([Vanishing()], time.monotonic() + 1)) == []
+
+
+def test_stop_clears_what_a_start_script_left_in_the_background(tmp_path: Path,
+                                                                loop: asyncio.AbstractEventLoop) -> None:
+    pidfile = tmp_path / "server.pid"
+    script = tmp_path / "start.sh"
+    script.write_text(f"sleep 600 &\necho $! > {pidfile}\n")  # exits 0 at once, its server keeps running
+    app = loop.run_until_complete(slots.spawn(
+        ["sh", str(script)], tmp_path, {"BLUEGREEN_STATE_DIR": str(tmp_path), "BLUEGREEN_SLOT": "blue"},
+        slot="blue", port=0, build=tmp_path, log_path=tmp_path / "logs" / "blue.log"))
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the background server")
+    server = psutil.Process(int(pidfile.read_text()))
+    loop.run_until_complete(app.wait())
+    result = loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+    assert "stopped 1 process(es) it left running" in result["how"]
+    psutil.wait_procs([server], timeout=10)
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE

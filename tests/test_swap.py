@@ -8,17 +8,20 @@ from typing import Any
 
 import pytest
 
-from supervisor.errors import AppError, BluegreenError, NginxError, StateError
+from supervisor.errors import AppDied, AppError, BluegreenError, NginxError, StateError
 from supervisor.swap import ORDER, Phase, Plan, SwapRecord, run_swap
 
 
 class FakeOps:
     """Records every call; `fail` makes one phase raise; `block` makes one phase wait on an event."""
 
-    def __init__(self, fail: dict[str, BaseException] | None = None, block: str | None = None) -> None:
+    def __init__(self, fail: dict[str, BaseException] | None = None, block: str | None = None,
+                 can_switch_back: bool = True, old_alive: bool = True) -> None:
         self.calls: list[str] = []
         self.fail = fail or {}
         self.block = block
+        self.can_switch_back = can_switch_back
+        self.old_alive = old_alive
         self.blocked = asyncio.Event()
         self.release = asyncio.Event()
         self.upstream = "old"
@@ -48,15 +51,17 @@ class FakeOps:
         self.upstream = "new"
         return {}
 
-    async def switch_back(self, plan: Plan[str]) -> None:
+    async def switch_back(self, plan: Plan[str]) -> bool:
         self.calls.append("switch_back")
-        self.upstream = "old"
+        if self.can_switch_back:
+            self.upstream = "old"
+        return self.can_switch_back
 
     async def commit(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("commit")
         return {}
 
-    async def drain(self, plan: Plan[str]) -> dict[str, Any]:
+    async def drain(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("drain")
         return {"connections_cut": 0}
 
@@ -66,6 +71,15 @@ class FakeOps:
 
     async def discard(self, standby: str, *, drain: bool) -> None:
         self.calls.append(f"discard(drain={drain})")
+
+    async def keep(self, plan: Plan[str], standby: str) -> None:
+        self.calls.append("keep")
+
+    async def revert(self, plan: Plan[str], standby: str) -> bool:
+        self.calls.append("revert")
+        if self.old_alive and await self.switch_back(plan):
+            return True
+        return False
 
 
 PLAN: Plan[str] = Plan(build=Path("/b/2"), slot="green", port=8002, old="old-app")
@@ -121,6 +135,52 @@ def test_failed_commit_switches_back_then_drains_and_stops_the_standby() -> None
     assert ops.calls[-3:] == ["commit", "switch_back", "discard(drain=True)"]
     assert ops.upstream == "old" and "stop" not in ops.calls
     assert err.code == "state_write_failed"
+    assert rec.traffic == "restored" and err.details["traffic"] == "restored"
+
+
+def test_failed_commit_with_no_way_back_keeps_the_standby_that_nginx_points_at() -> None:
+    ops = FakeOps(fail={"commit": StateError("disk full")}, can_switch_back=False)
+    rec, err = run_failing(ops)
+    assert ops.calls[-3:] == ["commit", "switch_back", "keep"]
+    assert not any(c.startswith("discard") for c in ops.calls)  # never stop what nginx points at
+    assert rec.traffic == "moved" and err.details["traffic"] == "moved"
+
+
+def test_new_build_dying_during_the_drain_sends_traffic_back_to_the_old_one() -> None:
+    ops = FakeOps(fail={"drain": AppDied("the new build died")})
+    rec, err = run_failing(ops)
+    assert ops.calls[-3:] == ["drain", "revert", "switch_back"] and "stop" not in ops.calls
+    assert err.code == "app_exited" and rec.traffic == "restored" and ops.upstream == "old"
+
+
+def test_new_build_dying_when_the_old_one_is_gone_too_reports_traffic_moved() -> None:
+    ops = FakeOps(fail={"drain": AppDied("the new build died")}, old_alive=False)
+    rec, err = run_failing(ops)
+    assert ops.calls[-2:] == ["drain", "revert"]
+    assert rec.traffic == "moved" and err.details["traffic"] == "moved"
+
+
+@pytest.mark.parametrize("phase", ["prepare", "start", "ready", "switch"])
+def test_every_failure_before_the_switch_says_traffic_is_unchanged(phase: str) -> None:
+    rec, err = run_failing(FakeOps(fail={phase: BluegreenError("no")}))
+    assert rec.traffic == "unchanged" and err.details["traffic"] == "unchanged"
+
+
+def test_after_commit_an_unexpected_error_is_still_only_a_warning() -> None:
+    ops = FakeOps(fail={"stop": ProcessLookupError("the child exited between two calls")})
+    rec = run(ops)
+    assert rec.outcome == "done" and rec.traffic == "moved"
+    assert rec.warnings and "unexpected error" in rec.warnings[0]
+
+
+def test_a_phase_may_add_a_warning_with_its_details() -> None:
+    class CutOps(FakeOps):
+        async def drain(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+            await self._step("drain")
+            return {"connections_cut": 2, "warning": "2 connection(s) were cut"}
+
+    rec = run(CutOps())
+    assert rec.warnings == ["drain: 2 connection(s) were cut"]
 
 
 def test_after_commit_a_drain_problem_is_a_warning_not_a_failed_swap() -> None:
