@@ -842,13 +842,33 @@ class SlotOps:
             self.d.standby = None
 
 
+class LogFile(logging.FileHandler):
+    """daemon.log: a failed write (a full disk) is said once on stderr, not as a traceback per line."""
+
+    failing = False
+    failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.failed_now = False
+        super().emit(record)  # calls handleError on failure
+        if not self.failed_now:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed_now = True
+        if not self.failing:
+            self.failing = True
+            print(f"bluegreen: cannot write {self.baseFilename}: {sys.exc_info()[1]}; logging to stderr only "
+                  "until it works again", file=sys.stderr)
+
+
 def setup_logging(state_dir: Path) -> None:
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("bluegreen")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(state_dir / "logs" / "daemon.log")):
+    for handler in (logging.StreamHandler(sys.stderr), LogFile(state_dir / "logs" / "daemon.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)
 

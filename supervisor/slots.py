@@ -164,11 +164,21 @@ async def spawn(
     argv: list[str], cwd: Path, env: Mapping[str, str], *, slot: str, port: int, build: Path, log_path: Path
 ) -> AppProcess:
     """Start the app in a new session; raise AppError(start_failed) if it cannot be executed."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab", buffering=0) as log:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab", buffering=0)
+    except OSError as e:
+        raise AppError(f"cannot start the app: cannot open its log {log_path}: {e.strerror} (check permissions)",
+                       code="start_failed") from e
+    try:
         log.write(f"--- bluegreen {stamp}: starting {build} on {slot} (port {port}): {argv}\n".encode())
         offset = log.tell()
+    except OSError as e:
+        log.close()
+        raise AppError(f"cannot start the app: cannot write its log {log_path}: {e.strerror} (check free disk "
+                       "space and permissions)", code="start_failed") from e
+    with log:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
