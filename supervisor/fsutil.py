@@ -15,14 +15,21 @@ from pathlib import Path
 class Staged:
     """Bytes already on disk next to `path`, ready to replace it by a rename."""
 
-    def __init__(self, path: Path, tmp: str) -> None:
+    def __init__(self, path: Path, tmp: str, synced: bool) -> None:
         self.path = path
         self.tmp: str | None = tmp
+        self.synced = synced
 
     def commit(self) -> None:
         """Rename the staged file over the target and fsync the directory (no new space needed)."""
         if self.tmp is None:
             raise RuntimeError(f"staged copy of {self.path} was already used")
+        if not self.synced:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(self.tmp, self.path)
         self.tmp = None
         _fsync_dir(self.path.parent)
@@ -36,11 +43,12 @@ class Staged:
             self.tmp = None
 
 
-def stage(path: Path, data: bytes, mode: int = 0o644) -> Staged:
-    """Write `data` to a dot-temp file in `path`'s directory and fsync it; the target is untouched.
+def stage(path: Path, data: bytes, mode: int = 0o644, *, sync: bool = True) -> Staged:
+    """Write `data` to a dot-temp file in `path`'s directory; the target is untouched.
 
-    The temp name starts with a dot so `include *.conf` globs never pick it up.
-    On any error the temp file is removed and the error raised.
+    The temp name starts with a dot so `include *.conf` globs never pick it up. The space is
+    taken now (a full disk fails here); the fsync can wait until commit (`sync=False`), for a
+    copy that is seldom used. On any error the temp file is removed and the error raised.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -48,14 +56,15 @@ def stage(path: Path, data: bytes, mode: int = 0o644) -> Staged:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)  # mkstemp makes 0600
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
-    return Staged(path, tmp)
+    return Staged(path, tmp, synced=sync)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:

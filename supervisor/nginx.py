@@ -221,7 +221,7 @@ class Nginx:
         if data is None:
             return None  # there was no file: undoing means removing it
         try:
-            return stage(self.upstream_path, data)
+            return stage(self.upstream_path, data, sync=False)  # synced only if it is ever put back
         except OSError as e:
             raise _write_failed(self.upstream_path, e) from e
 

@@ -223,8 +223,22 @@ class DaemonRun:
                 pass
         else:
             code = self.proc.returncode
-        kill_tree([self.proc.pid, *self.seen])
+        kill_tree([self.proc.pid, *self.seen, *self.leftovers()])
         return code
+
+    def leftovers(self) -> list[int]:
+        """Processes of this run that no status ever showed (e.g. after a test failed with the daemon
+        gone): every app process carries the state dir's marker; the managed master has a pid file."""
+        from supervisor.slots import marked
+
+        pids = [p.pid for p in marked(self.dir / "run")]
+        try:
+            master = psutil.Process(int((self.dir / "run" / "nginx" / "nginx.pid").read_text()))
+            if str(self.dir / "run" / "nginx") in " ".join(master.cmdline()):  # not a reused pid
+                pids.append(master.pid)
+        except (OSError, ValueError, psutil.Error):
+            pass
+        return pids
 
 
 class Load:

@@ -56,3 +56,23 @@ def test_corrupt_state_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{oops")
     with pytest.raises(StateError, match="state.json is not a valid bluegreen state file"):
         StateStore(tmp_path / "state.json").load()
+
+
+def test_a_staged_copy_goes_back_with_a_rename_when_the_disk_is_full(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.fsutil import stage
+
+    target = tmp_path / "upstream.conf"
+    target.write_text("old")
+    undo = stage(target, b"old", sync=False)  # staged before the change: the space is taken now
+    atomic_write(target, b"new")
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)  # nothing can be written any more; a rename still works
+    undo.commit()
+    monkeypatch.setattr(os, "write", real_write)
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["upstream.conf"]
