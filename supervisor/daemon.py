@@ -314,24 +314,27 @@ class Daemon:
             self.adopt_active(self.active)
         self.save_quietly()
 
-    async def recover(self) -> None:
-        """The active app died: start the same build on the other slot, with capped backoff."""
+    async def recover(self, hung: str | None = None) -> None:
+        """The active app died (or hung, saying `hung`): start the same build on the other slot, with
+        capped backoff; a hung one is drained and stopped by that swap like any old build."""
         dead = self.active
         assert dead is not None
         r = self.config.app.restart
         if self._crashed_pid != dead.pid:  # a new crash (not a retry of the same one)
             self._crashed_pid = dead.pid
-            why = dead.exit_reason or slots.describe_exit(dead.returncode)
+            why = hung or dead.exit_reason or slots.describe_exit(dead.returncode)
             if time.time() - dead.started_at >= r.reset_after:
                 self.restarts = 0
             log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
-                      slots.exit_hint(dead.returncode))
-            self.event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
+                      "" if hung else slots.exit_hint(dead.returncode))
+            self.event("unhealthy" if hung else "crash", slot=dead.slot, pid=dead.pid, exit=why,
+                       build=str(dead.build))
         self.restarts += 1
         if self.restarts > r.attempts:
             self.status = "failed"
-            self.failure = (f"the app crashed {self.restarts - 1} times in a row; not restarting it again. "
-                            f"Fix the build and `bluegreen swap` to it (see {dead.log_path})")
+            self.failure = (f"the app {'stopped answering' if hung else 'crashed'} {self.restarts - 1} times in a "
+                            f"row; not restarting it again. Fix the build and `bluegreen swap` to it "
+                            f"(see {dead.log_path})")
             log.error("%s", self.failure)
             self.event("failed", build=str(dead.build), restarts=self.restarts - 1)
             self.save_quietly()
@@ -354,10 +357,10 @@ class Daemon:
 
     async def check_health(self) -> None:
         """A liveness check of the active app; after `failures` in a row it counts as hung and is
-        replaced like a crashed one (a restart swap: the fresh copy serves before the hung one is
-        stopped, and SIGKILL ends a stopped or hung process that ignores SIGTERM)."""
+        replaced like a crashed one, same restart count and backoff (by a restart swap: the fresh
+        copy serves before the hung one is stopped, and SIGKILL ends one that ignores SIGTERM)."""
         h, app = self.config.app.health, self.active
-        if app is None or h.url is None or self.status != "serving":
+        if app is None or h.url is None or self.status not in ("serving", "recovering"):
             return
         ok, what = await probes.alive(expand(h.url, self.context(app.slot, app.build)), h.timeout)
         if ok:
@@ -366,16 +369,9 @@ class Daemon:
         self.health_failures += 1
         log.warning("liveness check %d of %d failed for %s (pid %d): %s", self.health_failures, h.failures,
                     app.slot, app.pid, what)
-        if self.health_failures < h.failures:
-            return
-        self.health_failures = 0
-        self.event("unhealthy", slot=app.slot, pid=app.pid, check=what)
-        log.error("the active app (%s, pid %d) failed %d liveness checks in a row; replacing it", app.slot, app.pid,
-                  h.failures)
-        try:
-            await self.run_swap(app.build, lambda event: None, reason="recover")
-        except BluegreenError as e:
-            log.error("replacing the hung app failed: %s", e.message.splitlines()[0])
+        if self.health_failures >= h.failures:
+            self.health_failures = 0
+            await self.recover(hung=f"failed {h.failures} liveness checks in a row (last: {what})")
 
     async def retry_save(self) -> None:
         """state.json could not be written after traffic moved: write it as soon as there is room,
