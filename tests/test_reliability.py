@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from helpers import NODE_APP, DaemonRun, Load, bluegreen, free_ports, http_get, kill_tree, make_build, wait_until
-from supervisor import drain
+from supervisor import drain, slots
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +108,7 @@ case " $* " in *" -t "*)
     mode=$(cat "{t}/fill-on-test"); rm -f "{t}/fill-on-test"
     dd if=/dev/zero of="{disk}/filler" bs=4k 2>/dev/null
     [ "$mode" = "then-fail" ] && touch "{t}/fail-next-test"
+    touch "{t}/filled"
   fi;;
 esac
 if [ -e "{t}/fail-start" ]; then
@@ -125,6 +126,36 @@ def nginx_wrapper(d: Path, disk: Path) -> Path:
     w.write_text(NGINX_WRAPPER.format(t=d, disk=disk, nginx=real))
     w.chmod(0o755)
     return w
+
+
+class KeepFull:
+    """Once the wrapper has filled the disk, take back every page anything frees (a real full
+    disk stays full: on tmpfs a single freed page would let state.json be written again)."""
+
+    def __init__(self, trigger_dir: Path, disk: Path) -> None:
+        self.filled, self.filler = trigger_dir / "filled", disk / "filler-more"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with open(self.filler, "ab", buffering=0) as f:
+            while not self.stop.wait(0.001):
+                if not self.filled.exists():
+                    continue
+                try:
+                    while f.write(b"\0" * 4096):
+                        pass
+                except OSError:
+                    pass
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        try:
+            self.filler.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def managed_with(binary: Path, listen: int) -> str:
@@ -158,22 +189,26 @@ def test_disk_full_and_no_way_back_keeps_the_new_build_serving_and_says_so(make_
                                                                            small_disk: Path, releases: Path) -> None:
     listen = free_ports(1)[0]
     run = make_daemon(listen=listen, nginx=managed_with(nginx_wrapper(short_tmp, small_disk), listen))
-    with Load(run.listen_port, clients=4, slow_every=1000) as load:
-        wait_until(lambda: load.ok >= 20, 30, "load")
-        (short_tmp / "fill-on-test").write_text("then-fail")
-        v2 = make_build(releases, "v2")
-        r = run.cli("swap", str(v2))
-        after = load.total
-        wait_until(lambda: load.total >= after + 20, 30, "requests after the swap")
-    assert r.returncode == 4, r.stdout + r.stderr + run.output()
-    assert "the new build serves" in r.stderr and "state.json" in r.stderr
-    # (for nginx's 100 ms after a reload its old workers still answer from the old build)
-    wait_until(lambda: serves(run, "v2"), 30, "the new build to serve", run.output)
-    assert not load.failures, (load.failures, load.examples)
-    st = run.status()
-    assert st["active"]["build"] == str(v2) and st["active"]["alive"]
-    assert "state.json" in (st["daemon"]["warning"] or "")
-    assert "NOT SAVED" in run.cli("status").stdout
+    full = KeepFull(short_tmp, small_disk)
+    try:
+        with Load(run.listen_port, clients=4, slow_every=1000) as load:
+            wait_until(lambda: load.ok >= 20, 30, "load")
+            (short_tmp / "fill-on-test").write_text("then-fail")
+            v2 = make_build(releases, "v2")
+            r = run.cli("swap", str(v2))
+            after = load.total
+            wait_until(lambda: load.total >= after + 20, 30, "requests after the swap")
+        assert r.returncode == 4, r.stdout + r.stderr + run.output()
+        assert "the new build serves" in r.stderr and "state.json" in r.stderr
+        # (for nginx's 100 ms after a reload its old workers still answer from the old build)
+        wait_until(lambda: serves(run, "v2"), 30, "the new build to serve", run.output)
+        assert not load.failures, (load.failures, load.examples)
+        st = run.status()
+        assert st["active"]["build"] == str(v2) and st["active"]["alive"]
+        assert "state.json" in (st["daemon"]["warning"] or "")
+        assert "NOT SAVED" in run.cli("status").stdout
+    finally:
+        full.release()
     (small_disk / "filler").unlink()  # once there is room, the daemon writes the truth by itself
     wait_until(lambda: json.loads((small_disk / "state.json").read_text())["active"]["build"] == str(v2), 30,
                "state.json to name the new build", run.output)
@@ -286,20 +321,23 @@ FORKS = "node server.js &\n"
 
 def test_start_script_that_forks_is_refused_and_leaves_no_orphan(make_daemon, releases: Path) -> None:
     run = make_daemon(command='["sh", "start.sh"]')
-    r = run.cli("swap", str(make_build(releases, "forks", start_sh=FORKS)))
+    # (its server binds after 1 s: the script has surely exited before readiness could pass; if the
+    # server won that race, the exit would be a crash of a serving app: same hint, see recover())
+    r = run.cli("swap", str(make_build(releases, "forks", start_sh=FORKS, boot_delay_ms=1000)))
     assert r.returncode == 1
     assert "[app_exited]" in r.stderr and "background" in r.stderr and "foreground" in r.stderr
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the orphaned server to be stopped")
+    assert not slots.marked(run.dir / "run", "green"), "the backgrounded server outlived its slot"
     assert run.cli("swap", str(make_build(releases, "v2"))).returncode == 0
     assert serves(run, "v2")
 
 
 def test_first_start_of_a_forking_script_leaves_no_orphan(make_daemon, releases: Path) -> None:
-    run = make_daemon(start=False, command='["sh", "start.sh"]', build=make_build(releases, "forks", start_sh=FORKS))
+    run = make_daemon(start=False, command='["sh", "start.sh"]',
+                      build=make_build(releases, "forks", start_sh=FORKS, boot_delay_ms=1000))
     run.start(wait=False)
     assert run.proc.wait(60) == 1
     assert "foreground" in run.output()
-    wait_until(lambda: not drain.listening(run.ports[0]), 30, "the orphaned server to be stopped")
+    assert not slots.marked(run.dir / "run"), "the backgrounded server outlived the daemon"
 
 
 def test_a_leftover_of_ours_on_the_standby_port_is_cleared(make_daemon, releases: Path) -> None:
