@@ -25,6 +25,11 @@ else:  # pragma: no cover - exercised only on Python 3.10
 from .errors import ConfigError
 
 SLOTS = ("blue", "green")
+
+
+def other_slot(slot: str) -> str:
+    return SLOTS[1 - SLOTS.index(slot)]
+
 PLACEHOLDERS = ("port", "slot", "build", "build_name", "slot_dir")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -425,7 +430,6 @@ def _check_keys(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str
 def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any], problems: list[str]) -> None:
     """Rules that span keys; each runs only on keys that parsed, so all problems show at once."""
     d, a, r, n = v["daemon"], v["app"], v["app.ready"], v["nginx"]
-    mode = n.get("mode")
     if "state_dir" in d:
         sock = _socket_path(d, path.parent)
         if len(os.fsencode(str(sock))) > MAX_SOCKET_PATH:
@@ -448,6 +452,11 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
                 grp.getgrnam(name)
             except KeyError:
                 problems.append(f"daemon.{key}: no such group {name!r}")
+    _check_app(a, r, v["app.health"], path, problems)
+    _check_nginx(n, a, d, path, data, problems)
+
+
+def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Path, problems: list[str]) -> None:
     for i, arg in enumerate(a.get("command", ())):
         problems += placeholder_problems(f"app.command[{i}]", arg)
     if "cwd" in a:
@@ -460,7 +469,7 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
             problems.append(f"app.files.{dest!r}: source {_rel(path.parent, src)} does not exist or is not a file")
     for k, x in a.get("env", {}).items():
         problems += placeholder_problems(f"app.env.{k}", x)
-    for key, url in (("app.ready.url", r.get("url")), ("app.health.url", v["app.health"].get("url"))):
+    for key, url in (("app.ready.url", r.get("url")), ("app.health.url", h.get("url"))):
         if url is None:
             continue
         problems += placeholder_problems(key, url)
@@ -469,6 +478,15 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
         elif "{port}" not in url:
             problems.append(f"{key}: must contain {{port}}, like \"http://127.0.0.1:{{port}}/health\"; with a fixed "
                             f"port it would check the other slot's app, got {url!r}")
+    if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
+        problems.append(
+            f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
+        )
+
+
+def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: Path, data: dict[str, Any],
+                 problems: list[str]) -> None:
+    mode = n.get("mode")
     if "state_dir" in d:
         bad = sorted(set(str(_rel(path.parent, d["state_dir"]))) & NGINX_UNSAFE)
         if bad:
@@ -481,10 +499,6 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
         if listen_port in a["ports"]:
             problems.append(f"nginx.listen: port {listen_port} is also in app.ports {list(a['ports'])}; "
                             "nginx and the app need different ports")
-    if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
-        problems.append(
-            f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
-        )
     if mode == "external":
         for key in ("upstream_file", "pid_file"):
             if not n.get(key):

@@ -1,4 +1,5 @@
-"""Counting an app's connections from outside it, by port and TCP state.
+"""Draining: counting an app's connections from outside it, by port and TCP state, and
+waiting until the proxy and the app have both let go of the old port.
 
 The kernel filters for us through NETLINK_SOCK_DIAG (what `ss` uses): a state mask and a
 bytecode "local port == P" filter, so one count costs the same with 10 or 10,000 other
@@ -7,10 +8,13 @@ sockets on the host. If netlink is unavailable we fall back to parsing /proc/net
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Protocol
 
 # Linux TCP states (include/net/tcp_states.h)
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING = range(1, 12)
@@ -164,3 +168,43 @@ def listening_pids(port: int) -> set[int]:
         except (OSError, ValueError):
             continue
     return pids
+
+
+class Watched(Protocol):
+    def alive(self) -> bool: ...
+
+
+async def wait_drained(port: int, let_go: Callable[[float], Awaitable[list[int]]], timeout: float,
+                       interval: float, watch: Watched | None = None) -> dict[str, Any]:
+    """Wait until the proxy has let go of its previous routing (`let_go`, e.g. old nginx workers
+    exited), then until `port` has no connection in flight, both within `timeout`; report what
+    was left. Stops early if `watch` (the new build) dies: waiting would only prolong an outage."""
+    began = time.monotonic()
+    deadline = began + timeout
+    died = False
+    proxy = asyncio.ensure_future(let_go(deadline))
+    try:
+        while not proxy.done():
+            if watch is not None and not watch.alive():
+                died = True
+                break
+            await asyncio.wait({proxy}, timeout=interval)
+    finally:
+        proxy.cancel()
+    held = proxy.result() if proxy.done() and not proxy.cancelled() else []
+    proxy_s = time.monotonic() - began
+    left = 0 if died else inflight(port)
+    while left and time.monotonic() < deadline:
+        if watch is not None and not watch.alive():
+            died = True
+            break
+        await asyncio.sleep(interval)
+        left = inflight(port)
+    return {
+        "workers_wait": round(proxy_s, 4),
+        "old_workers_left": len(held),
+        "connections_cut": left,
+        "timed_out": bool(left or held) and not died,
+        "died": died,
+        "after": time.monotonic() - began,
+    }

@@ -1,12 +1,14 @@
-"""nginx: render the upstream, switch it safely, confirm the reload, and (managed mode) run nginx.
+"""nginx: the upstream and managed config it reads, and the reload-based switch (a FrontProxy).
 
-A switch is: write the upstream atomically -> `nginx -t` with the master's own -p/-c/-e
--> reload -> confirm from the master's workers: new ones titled "nginx: worker process"
-(forked only once the master accepted the config). A reload command exiting 0 only means a
-signal was sent; the master may still refuse the config (a taken `listen` port) and keep the
-old workers. Any failure puts the previous upstream file back, byte for byte. The old
-generation of workers is remembered: the drain waits until every one has exited.
-See shared NGINX-NOTES.md for the measurements behind each step.
+A switch is: stage the previous upstream beside it (so the way back needs no disk space) ->
+write the new one atomically -> `nginx -t` with the master's own -p/-c/-e -> reload ->
+confirm from the master's workers: new ones titled "nginx: worker process" (forked only once
+the master accepted the config). A reload command exiting 0 only means a signal was sent; the
+master may still refuse the config (a taken `listen` port) and keep the old workers. Any
+failure puts the previous upstream file back, byte for byte. The old generation of workers is
+remembered: the routing has let go once every one of them has exited.
+Which master is switched is a `Master`: the user's (ExternalMaster, here) or the one the daemon
+runs (nginx_process.ManagedNginx). See shared NGINX-NOTES.md for the measurements behind each step.
 """
 
 from __future__ import annotations
@@ -14,19 +16,16 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import signal
-import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
-from . import drain
+from . import procs
 from .config import Config
-from .errors import NginxError, PortInUse
+from .errors import NginxError
 from .fsutil import Staged, atomic_write, stage
-from .slots import same_process
 
 PLAIN_WORKER = "nginx: worker process"
 POLL = 0.005
@@ -138,64 +137,104 @@ def workers(master: int) -> dict[int, str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _error_lines(text: str) -> list[str]:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     important = [ln for ln in lines if any(f"[{lvl}]" in ln for lvl in ("emerg", "alert", "crit"))]
     return important or [ln for ln in lines if "test is successful" not in ln and "syntax is ok" not in ln]
 
 
-class Nginx:
-    """The part common to both modes: the upstream file, test, reload and confirmation."""
+def _write_failed(path: Path, e: OSError) -> NginxError:
+    return NginxError(f"cannot write {path}: {e.strerror}; the previous file is unchanged "
+                      "(check free disk space and permissions)", code="upstream_write_failed")
 
-    def __init__(self, config: Config) -> None:
+
+
+
+def write_upstream(path: Path, data: bytes | None) -> None:
+    """Replace (or, for None, remove) the upstream file atomically; NginxError on failure."""
+    try:
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, data)
+    except OSError as e:
+        raise _write_failed(path, e) from e
+
+
+async def run_command(argv: list[str], what: str, code: str) -> None:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+    except OSError as e:
+        raise NginxError(f"{what}: cannot run {argv[0]!r}: {e.strerror}", code=code) from e
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        lines = _error_lines(out.decode("utf-8", "replace"))
+        raise NginxError(
+            f"{what} failed (exit {proc.returncode}): " + " | ".join(lines or ["(no output)"]),
+            code=code,
+            nginx=lines,
+            command=argv,
+        )
+
+
+
+class ErrorLog:
+    """nginx's error log, read from an offset (what a reload just said) or from its tail."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def offset(self) -> int:
+        try:
+            return self.path.stat().st_size if self.path else 0
+        except OSError:
+            return 0
+
+    def since(self, offset: int) -> list[str]:
+        """The emerg/alert/crit lines written since `offset` (at most 64 KiB of them)."""
+        if not self.path:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                text = f.read(LOG_TAIL).decode("utf-8", "replace")
+        except OSError:
+            return []
+        return [ln for ln in _error_lines(text) if any(f"[{lvl}]" in ln for lvl in ("emerg", "alert", "crit"))]
+
+    def tail(self, lines: int = 3) -> list[str]:
+        """The latest such lines (from the last 64 KiB: older lines are stale)."""
+        return self.since(max(0, self.offset() - LOG_TAIL))[-lines:]
+
+
+class Master(Protocol):
+    """The nginx master a switch reloads: how to test its config, find it, and signal it."""
+
+    upstream_path: Path
+    log: ErrorLog
+
+    def test_argv(self) -> list[str]: ...
+    def master_pid(self) -> int: ...
+    async def send_reload(self, master: int) -> None: ...
+
+
+class ReloadSwitch:
+    """The FrontProxy that switches by rewriting the upstream file and reloading nginx."""
+
+    mode = "reload"
+
+    def __init__(self, config: Config, master: Master) -> None:
         self.config = config
         self.n = config.nginx
+        self.master = master
+        self.upstream_path = master.upstream_path
+        self.log = master.log
         self.old_generation: set[int] = set()
         self.undo: Staged | None = None
         self.undo_port: int | None = None
         self.signalled = False
-
-    # -- mode-specific hooks
-    upstream_path: Path
-    error_log: Path | None
-
-    def test_argv(self) -> list[str]:
-        raise NotImplementedError
-
-    def master_pid(self) -> int:
-        raise NotImplementedError
-
-    async def send_reload(self, master: int) -> None:
-        raise NotImplementedError
-
-    # -- shared
-    async def run(self, argv: list[str], what: str, code: str) -> None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
-        except OSError as e:
-            raise NginxError(f"{what}: cannot run {argv[0]!r}: {e.strerror}", code=code) from e
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            lines = _error_lines(out.decode("utf-8", "replace"))
-            raise NginxError(
-                f"{what} failed (exit {proc.returncode}): " + " | ".join(lines or ["(no output)"]),
-                code=code,
-                nginx=lines,
-                command=argv,
-            )
-
-    async def test(self) -> None:
-        await self.run(self.test_argv(), "nginx -t", "nginx_test_failed")
 
     def read_upstream(self) -> bytes | None:
         try:
@@ -203,18 +242,12 @@ class Nginx:
         except FileNotFoundError:
             return None
 
-    def upstream_port(self) -> int | None:
+    def routed_port(self) -> int | None:
         """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
         return parse_upstream_port((self.read_upstream() or b"").decode(errors="replace"))
 
     def write_upstream(self, data: bytes | None) -> None:
-        try:
-            if data is None:
-                self.upstream_path.unlink(missing_ok=True)
-            else:
-                atomic_write(self.upstream_path, data)
-        except OSError as e:
-            raise _write_failed(self.upstream_path, e) from e
+        write_upstream(self.upstream_path, data)
 
     def _stage_undo(self, data: bytes | None) -> Staged | None:
         """A copy of the current upstream, on disk beside it, that one rename puts back."""
@@ -245,28 +278,7 @@ class Nginx:
         for tmp in self.upstream_path.parent.glob(f".{self.upstream_path.name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def _log_offset(self) -> int:
-        try:
-            return self.error_log.stat().st_size if self.error_log else 0
-        except OSError:
-            return 0
-
-    def _log_since(self, offset: int) -> list[str]:
-        if not self.error_log:
-            return []
-        try:
-            with open(self.error_log, "rb") as f:
-                f.seek(offset)
-                text = f.read(LOG_TAIL).decode("utf-8", "replace")
-        except OSError:
-            return []
-        return [ln for ln in _error_lines(text) if any(f"[{lvl}]" in ln for lvl in ("emerg", "alert", "crit"))]
-
-    def log_tail(self, lines: int = 3) -> list[str]:
-        """The latest emerg/alert/crit lines of the error log (its last 64 KiB: older lines are stale)."""
-        return self._log_since(max(0, self._log_offset() - LOG_TAIL))[-lines:]
-
-    async def switch(self, port: int) -> dict[str, Any]:
+    async def route(self, port: int) -> dict[str, Any]:
         """Point the upstream at `port`; on any failure restore the previous file and raise.
 
         The previous file is staged beside the new one first, so `switch_back` can put it back
@@ -293,7 +305,7 @@ class Nginx:
     def undo_port_for(self, previous: bytes | None) -> int | None:
         return parse_upstream_port((previous or b"").decode(errors="replace"))
 
-    async def switch_back(self, port: int) -> dict[str, Any]:
+    async def route_back(self, port: int) -> dict[str, Any]:
         """Undo the last switch, back to `port`, without needing any disk space (the staged copy
         is renamed into place). Raises if nginx cannot be switched back; then nginx still sends
         traffic where the last switch pointed it."""
@@ -302,7 +314,7 @@ class Nginx:
         if undo_port != port:
             if undo is not None:
                 undo.discard()
-            return await self.switch(port)
+            return await self.route(port)
         current = self.read_upstream()
         self._undo(undo)
         try:
@@ -319,12 +331,12 @@ class Nginx:
         """Test the file on disk, reload, confirm; remember the old worker generation for the drain."""
         self.signalled = False  # whether nginx may have loaded the file: only then does _resync reload
         t0 = time.monotonic()
-        await self.test()
+        await run_command(self.master.test_argv(), "nginx -t", "nginx_test_failed")
         t1 = time.monotonic()
-        master = self.master_pid()
+        master = self.master.master_pid()
         before = workers(master)
-        offset = self._log_offset()
-        await self.send_reload(master)
+        offset = self.log.offset()
+        await self.master.send_reload(master)
         self.signalled = True
         t2 = time.monotonic()
         await self.confirm(master, before, offset)
@@ -343,8 +355,8 @@ class Nginx:
         if not self.signalled:
             return
         try:
-            master = self.master_pid()
-            await self.send_reload(master)
+            master = self.master.master_pid()
+            await self.master.send_reload(master)
         except (NginxError, OSError):
             pass
 
@@ -354,10 +366,10 @@ class Nginx:
         expected = max(1, sum(1 for p, t in before.items() if t == PLAIN_WORKER and p not in self.old_generation))
         deadline = time.monotonic() + self.n.reload_timeout
         while True:
-            if not _alive(master):
+            if not procs.alive(master):
                 raise NginxError(
                     f"the nginx master (pid {master}) exited during the reload: "
-                    + " | ".join(self._log_since(log_offset) or ["no error logged"]),
+                    + " | ".join(self.log.since(log_offset) or ["no error logged"]),
                     code="nginx_down",
                 )
             now = workers(master)
@@ -369,7 +381,7 @@ class Nginx:
                 return
             # Only [emerg] means the master refused the config; [alert]/[crit] lines also come from
             # running workers (e.g. "write() to access.log was incomplete" on a full disk).
-            errors = [ln for ln in self._log_since(log_offset) if "[emerg]" in ln]
+            errors = [ln for ln in self.log.since(log_offset) if "[emerg]" in ln]
             if errors and not new:
                 raise NginxError(
                     "nginx refused the new config and kept the old one: " + " | ".join(errors),
@@ -386,24 +398,25 @@ class Nginx:
                 )
             await asyncio.sleep(POLL)
 
-    async def wait_old_generation(self, deadline: float) -> list[int]:
+    async def let_go(self, deadline: float) -> list[int]:
         """Wait until every worker that predates the last reload has exited; return the survivors."""
-        left = [p for p in self.old_generation if _alive(p)]
+        left = [p for p in self.old_generation if procs.alive(p)]
         while left and time.monotonic() < deadline:
             await asyncio.sleep(POLL * 2)
-            left = [p for p in left if _alive(p)]
+            left = [p for p in left if procs.alive(p)]
         return left
 
 
-class ExternalNginx(Nginx):
+
+class ExternalMaster:
     """A system nginx the user runs; its main config includes our upstream file."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
         assert config.nginx.upstream_file and config.nginx.pid_file
+        self.n = config.nginx
         self.upstream_path = config.nginx.upstream_file
         self.pid_file = config.nginx.pid_file
-        self.error_log = config.nginx.error_log
+        self.log = ErrorLog(config.nginx.error_log)
 
     def test_argv(self) -> list[str]:
         return list(self.n.test_command)
@@ -428,7 +441,7 @@ class ExternalNginx(Nginx):
             name = psutil.Process(pid).name()
         except psutil.Error:
             name = ""
-        if "nginx" not in name or not _alive(pid):
+        if "nginx" not in name or not procs.alive(pid):
             raise NginxError(
                 f"nginx's pid file {self.pid_file} names pid {pid}, which is not a running nginx (stale pid file); "
                 "start nginx, or fix nginx.pid_file",
@@ -437,223 +450,4 @@ class ExternalNginx(Nginx):
         return pid
 
     async def send_reload(self, master: int) -> None:
-        await self.run(list(self.n.reload_command), "nginx reload", "nginx_reload_failed")
-
-
-class ManagedNginx(Nginx):
-    """An unprivileged nginx that the daemon runs as its child, with every path in its prefix."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.prefix = config.daemon.state_dir / "nginx"
-        self.conf_path = self.prefix / "nginx.conf"
-        self.upstream_path = self.prefix / "upstream.conf"
-        self.error_log = self.prefix / "error.log"
-        self.pid_file = self.prefix / "nginx.pid"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pid: int | None = None
-        self.create_time = 0.0
-        # Process groups of dead masters whose workers still finish their requests.
-        self.orphans: list[int] = []
-
-    def base_argv(self) -> list[str]:
-        # -e keeps start-up logging out of /var/log/nginx; every reload/test uses these exact args.
-        return [self.n.binary, "-p", f"{self.prefix}/", "-c", str(self.conf_path), "-e", str(self.error_log),
-                "-g", "daemon off;"]
-
-    def test_argv(self) -> list[str]:
-        return self.base_argv() + ["-t", "-q"]
-
-    def master_pid(self) -> int:
-        if not self.alive():
-            raise NginxError(f"the managed nginx is not running (see {self.error_log})", code="nginx_down")
-        assert self.pid is not None
-        return self.pid
-
-    async def send_reload(self, master: int) -> None:
-        # We own the master: signal it directly rather than through the pid file.
-        try:
-            os.kill(master, signal.SIGHUP)
-        except ProcessLookupError:
-            raise NginxError(f"the managed nginx master (pid {master}) is gone; see {self.error_log}",
-                             code="nginx_down") from None
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.returncode is None
-        return self.pid is not None and same_process(self.pid, self.create_time)
-
-    def identity(self) -> dict[str, Any] | None:
-        """What the next daemon needs to adopt this master."""
-        return {"pid": self.pid, "create_time": self.create_time} if self.alive() else None
-
-    def adopt(self, saved: dict[str, Any] | None) -> bool:
-        """Take over the master a previous daemon started, if it still runs with our prefix."""
-        if not saved or not same_process(saved["pid"], saved["create_time"]):
-            return False
-        try:
-            cmdline = " ".join(psutil.Process(saved["pid"]).cmdline())
-        except psutil.Error:
-            return False
-        if str(self.prefix) not in cmdline:
-            return False
-        self.proc, self.pid, self.create_time = None, saved["pid"], saved["create_time"]
-        return True
-
-    async def ensure_config(self) -> bool:
-        """Rewrite nginx.conf from the current bluegreen config; True if it changed (a reload is due)."""
-        text = render_managed_conf(self.config, self.prefix, self.upstream_path).encode()
-        try:
-            if self.conf_path.read_bytes() == text:
-                return False
-        except OSError:
-            pass
-        atomic_write(self.conf_path, text)
-        return True
-
-    async def _wait_exit(self, timeout: float) -> bool:
-        if self.proc is not None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-                return True
-            except asyncio.TimeoutError:
-                return False
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
-    async def start(self, port: int) -> dict[str, Any]:
-        """Write the config for `port`, test it, start nginx, wait until it accepts connections."""
-        await self._clear_dead_master()
-        self._refuse_leftover()
-        self._refuse_held_listen()
-        for kind in TEMP_KINDS:
-            (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
-        atomic_write(self.conf_path, render_managed_conf(self.config, self.prefix, self.upstream_path).encode())
-        self.write_upstream(render_upstream(self.n.upstream_name, port).encode())
-        await self.test()
-        offset = self._log_offset()
-        log = open(self.config.daemon.state_dir / "logs" / "nginx.log", "ab", buffering=0)
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.base_argv(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        self.pid = self.proc.pid
-        try:
-            self.create_time = psutil.Process(self.pid).create_time()
-        except psutil.Error:
-            self.create_time = 0.0
-        deadline = time.monotonic() + self.n.reload_timeout
-        while True:
-            if self.proc.returncode is not None:
-                errors = self._log_since(offset)
-                raise NginxError(
-                    f"the managed nginx exited at start ({self.proc.returncode}): "
-                    + " | ".join(errors or ["see " + str(self.error_log)]),
-                    code="nginx_down",
-                    nginx=errors,
-                )
-            if workers(self.proc.pid) and _accepts(self.n.listen):
-                return {"pid": self.proc.pid, "listen": self.n.listen}
-            if time.monotonic() > deadline:
-                await self.stop(1.0)
-                raise NginxError(f"the managed nginx did not accept on {self.n.listen} within "
-                                 f"{self.n.reload_timeout:g}s; see {self.error_log}", code="nginx_down")
-            await asyncio.sleep(0.01)
-
-    def _refuse_held_listen(self) -> None:
-        port = int(self.n.listen.rsplit(":", 1)[-1])
-        if drain.listening(port):
-            raise PortInUse(f"nginx.listen {self.n.listen} is already in use by {drain.port_holder(port)}; "
-                            "stop that process or change nginx.listen", port=port)
-
-    def _refuse_leftover(self) -> None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return
-        try:
-            proc = psutil.Process(pid)
-            if "nginx" in proc.name() and _alive(pid):
-                raise NginxError(
-                    f"an nginx master (pid {pid}) from an earlier run still uses {self.prefix}; stop it "
-                    f"(kill -QUIT {pid}) and start the daemon again",
-                    code="nginx_leftover",
-                )
-        except psutil.Error:
-            return
-
-    async def stop(self, timeout: float) -> str:
-        """Graceful stop (SIGQUIT: finish in-flight requests), then SIGKILL the group."""
-        if not self.alive():
-            return "not running"
-        assert self.pid is not None
-        _killpg(self.pid, signal.SIGQUIT)
-        how = "stopped gracefully" if await self._wait_exit(timeout) else f"killed after {timeout:g}s"
-        for group in (self.pid, *self.orphans):  # no worker, old or new, survives it
-            _killpg(group, signal.SIGKILL)
-        self.orphans.clear()
-        await self._wait_exit(10)
-        return how
-
-    async def _clear_dead_master(self) -> None:
-        """A master killed with SIGKILL leaves its workers running, holding the listen socket.
-        SIGQUIT makes them close it at once and finish their in-flight requests (bounded by
-        worker_shutdown_timeout): the new master binds as soon as the socket is closed,
-        without waiting for those requests."""
-        if self.pid is None or self.alive():
-            return
-        old = self.pid
-        _killpg(old, signal.SIGQUIT)
-        port = int(self.n.listen.rsplit(":", 1)[-1])
-        deadline = time.monotonic() + 5.0
-        while _group_alive(old) and drain.listening(port) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if _group_alive(old):
-            self.orphans.append(old)
-        self.orphans = [g for g in self.orphans if _group_alive(g)]
-        self.pid = None
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _accepts(listen: str) -> bool:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if host in ("*", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _write_failed(path: Path, e: OSError) -> NginxError:
-    return NginxError(f"cannot write {path}: {e.strerror}; the previous file is unchanged "
-                      "(check free disk space and permissions)", code="upstream_write_failed")
-
-
-def make(config: Config) -> Nginx:
-    return ManagedNginx(config) if config.nginx.mode == "managed" else ExternalNginx(config)
+        await run_command(list(self.n.reload_command), "nginx reload", "nginx_reload_failed")

@@ -9,8 +9,9 @@ One request per connection, one JSON object per line (UTF-8, at most 64 KiB):
     <- {"ok": true, "result": {...}}                                  exactly one final line
     <- {"ok": false, "error": {"code": "busy", "message": "..."}}
 
-Commands: swap [BUILD], rollback, cancel, status, quit, help. BUILD over the socket must be an
-absolute path (the daemon cannot know the caller's working directory; the CLI resolves it).
+Commands: one module each in supervisor/commands/ (swap [BUILD], rollback, cancel, status, quit,
+help). BUILD over the socket must be an absolute path (the daemon cannot know the caller's
+working directory; the CLI resolves it).
 """
 
 from __future__ import annotations
@@ -35,25 +36,15 @@ class CommandSpec:
     args: dict[str, tuple[type, bool]] = field(default_factory=dict)
     # the order words map onto args: "swap /x" -> build="/x"
     positional: tuple[str, ...] = ()
+    order: int = 100  # where it stands in `help` and the CLI
+    description: str = ""
 
 
-COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec
-    for spec in (
-        CommandSpec(
-            "swap",
-            "start BUILD (default: the current build) on the standby slot, switch nginx to it, drain and stop the old one",
-            {"build": (str, False)},
-            ("build",),
-        ),
-        CommandSpec("rollback", "swap back to the build that served before the last swap"),
-        CommandSpec("cancel", "stop a running swap before it switches traffic (its standby is stopped)"),
-        CommandSpec("status", "active and standby slots, the running swap, the last swap's phases"),
-        CommandSpec("quit", "stop the daemon; with keep=true the app and managed nginx keep serving "
-                            "and the next daemon adopts them", {"keep": (bool, False)}),
-        CommandSpec("help", "list the commands"),
-    )
-}
+def commands() -> dict[str, CommandSpec]:
+    """The command table, built from the verb modules (supervisor/commands/)."""
+    from .commands import load
+
+    return {name: module.SPEC for name, module in load().items()}
 
 
 @dataclass(frozen=True)
@@ -92,7 +83,7 @@ def parse_request(line: bytes | str) -> Request:
         if not words:
             raise RequestError('empty request; send a JSON object like {"cmd": "status"} or words like "status"')
         obj = {"cmd": words[0]}
-        spec = COMMANDS.get(words[0])
+        spec = commands().get(words[0])
         if spec is not None:
             if len(words) - 1 > len(spec.positional):
                 raise RequestError(f"{spec.name}: too many words; usage: {usage(spec)} "
@@ -103,11 +94,12 @@ def parse_request(line: bytes | str) -> Request:
 
 def _validate(obj: dict[str, Any]) -> Request:
     cmd = obj.get("cmd")
+    table = commands()
     if not isinstance(cmd, str):
-        raise RequestError('missing "cmd" (a string); known commands: ' + ", ".join(COMMANDS))
-    spec = COMMANDS.get(cmd)
+        raise RequestError('missing "cmd" (a string); known commands: ' + ", ".join(table))
+    spec = table.get(cmd)
     if spec is None:
-        raise RequestError(f"unknown command {clip(cmd)}; known commands: " + ", ".join(COMMANDS))
+        raise RequestError(f"unknown command {clip(cmd)}; known commands: " + ", ".join(table))
     version = obj.get("v", VERSION)
     if version != VERSION:
         raise RequestError(f"protocol version {version!r} is not supported; this daemon speaks v{VERSION}")

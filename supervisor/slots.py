@@ -21,9 +21,11 @@ from typing import Any, Mapping
 import aiofiles
 import psutil
 
+from . import procs
 from .config import expand, render_tokens
 from .errors import AppError
 from .fsutil import atomic_write
+from .state import SlotState
 
 
 @dataclass
@@ -47,7 +49,7 @@ class AppProcess:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.returncode is None
-        return same_process(self.pid, self.create_time)
+        return procs.alive(self.pid, self.create_time)
 
     async def wait(self) -> int | None:
         if self.proc is not None:
@@ -68,21 +70,18 @@ class AppProcess:
         }
 
 
-def same_process(pid: int, create_time: float) -> bool:
-    """Is `pid` still the process we started (pids get reused: the start time must match too)?"""
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - create_time) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def adopt(slot: str, port: int, build: Path, pid: int, create_time: float, since: float,
           log_path: Path, state_dir: Path | None = None) -> AppProcess | None:
     """Take over an app a previous daemon started, if it is still that same process."""
-    if not same_process(pid, create_time):
+    if not procs.alive(pid, create_time):
         return None
     return AppProcess(slot, port, build, pid, create_time, log_path, started_at=since, state_dir=state_dir)
+
+
+def adopt_state(saved: SlotState, state_dir: Path) -> AppProcess | None:
+    """Take over a process saved in state.json, if it is still that same process."""
+    return adopt(saved.slot, saved.port, Path(saved.build), saved.pid, saved.create_time, saved.since,
+                 state_dir / "logs" / f"{saved.slot}.log", state_dir)
 
 
 def marked(state_dir: Path, slot: str | None = None) -> list[psutil.Process]:
@@ -199,10 +198,7 @@ async def spawn(
             raise AppError(
                 f"cannot start the app: permission denied running {argv[0]!r} in {cwd}", code="start_failed"
             ) from e
-    try:
-        created = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        created = 0.0
+    created = procs.create_time(proc.pid)
     marker = env.get("BLUEGREEN_STATE_DIR")
     return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, proc=proc,
                       state_dir=Path(marker) if marker else None)
@@ -230,38 +226,24 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-async def _gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+async def _gone(watched: list[psutil.Process], deadline: float) -> list[psutil.Process]:
     """Poll (without reaping: they are not our children) until all exit or the deadline; return survivors."""
-    alive = [p for p in procs if _running(p)]
+    alive = [p for p in watched if procs.running(p)]
     while alive and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-        alive = [p for p in alive if _running(p)]
+        alive = [p for p in alive if procs.running(p)]
     return alive
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _killpg(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _leftovers(app: AppProcess) -> list[psutil.Process]:
     """What belongs to the app besides its main process: its descendants, and every process
     still carrying its slot's markers (in its group, or escaped from it with setsid)."""
-    procs = {p.pid: p for p in _tree(app.pid)} if app.alive() else {}
+    found = {p.pid: p for p in _tree(app.pid)} if app.alive() else {}
     if app.state_dir is not None:
         for p in marked(app.state_dir, app.slot):
             if p.pid != app.pid:
-                procs.setdefault(p.pid, p)
-    return list(procs.values())
+                found.setdefault(p.pid, p)
+    return list(found.values())
 
 
 async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str, Any]:
@@ -272,23 +254,23 @@ async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str
     tree = _leftovers(app)  # collect now: once the leader dies its children are reparented
     if not leader_alive and not tree:
         app.exit_reason = app.exit_reason or describe_exit(app.returncode)
-        _killpg(app.pid, signal.SIGKILL)  # nothing should be left in its group; make sure
+        procs.killpg(app.pid, signal.SIGKILL)  # nothing should be left in its group; make sure
         return {"pid": app.pid, "how": f"already gone: {app.exit_reason}", "seconds": 0.0}
-    _killpg(app.pid, sig)
+    procs.killpg(app.pid, sig)
     for p in tree:
-        _signal(p, sig)
+        procs.send(p, sig)
     deadline = began + timeout
     leader_done = await _wait_leader(app, deadline)
     survivors = await _gone(tree, deadline)
     killed = not leader_done or bool(survivors)
     if killed:
-        _killpg(app.pid, signal.SIGKILL)
+        procs.killpg(app.pid, signal.SIGKILL)
         for p in survivors:
-            _signal(p, signal.SIGKILL)
+            procs.send(p, signal.SIGKILL)
         await _wait_leader(app, time.monotonic() + 10)
         await _gone(survivors, time.monotonic() + 10)
     # Anything left in the group (a grandchild that outlived its parent) goes too.
-    _killpg(app.pid, signal.SIGKILL)
+    procs.killpg(app.pid, signal.SIGKILL)
     exit_text = describe_exit(app.returncode, we_killed=True)
     if not leader_alive:
         gone = app.exit_reason or describe_exit(app.returncode)
@@ -302,13 +284,6 @@ async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str
         how = f"{exit_text} after {sig.name}"
     app.exit_reason = how
     return {"pid": app.pid, "how": how, "killed": killed, "seconds": round(time.monotonic() - began, 4)}
-
-
-def _signal(p: psutil.Process, sig: signal.Signals) -> None:
-    try:
-        p.send_signal(sig)
-    except psutil.Error:
-        pass
 
 
 async def _wait_leader(app: AppProcess, deadline: float) -> bool:

@@ -1,8 +1,14 @@
-"""state.json: which slot serves which build, written atomically before the old app is touched."""
+"""state.json: which slot serves which build, written atomically before the old app is touched.
+
+`Ledger` is the one place the state changes and is saved: each change says whether it must
+reach the disk before the caller goes on (`save`, which raises) or may be written later.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +17,18 @@ from .errors import StateError
 from .fsutil import atomic_write
 
 VERSION = 1
+HISTORY = 20
+
+
+class DaemonStatus(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    RECOVERING = "recovering"  # replacing a crashed or hung app, or restarting nginx
+    FAILED = "failed"  # gave up restarting a crashing app: a swap to a working build clears it
+    STOPPING = "stopping"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -24,14 +42,29 @@ class SlotState:
 
 
 @dataclass
+class InterruptedSwap:
+    """A swap in progress, written before each step that changes processes or traffic, so a
+    daemon killed mid-swap can finish or undo it on restart."""
+
+    phase: str
+    reason: str
+    build: str
+    old: SlotState
+    standby: SlotState | None  # the new process: known from the end of `start` on
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InterruptedSwap":
+        return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=SlotState(**d["old"]),
+                   standby=SlotState(**d["standby"]) if d.get("standby") else None)
+
+
+@dataclass
 class State:
     active: SlotState | None = None
     previous_build: str | None = None
     last_swap: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-    # A swap in progress: {"phase", "reason", "build", "standby": SlotState|None, "old": SlotState}.
-    # Written as the swap goes, so a daemon killed mid-swap can finish or undo it on restart.
-    swap: dict[str, Any] | None = None
+    swap: InterruptedSwap | None = None
     # The managed nginx master {"pid", "create_time"}, adopted by the next daemon if still running.
     nginx: dict[str, Any] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -44,19 +77,16 @@ class State:
         obj = json.loads(data)
         if not isinstance(obj, dict) or obj.get("version") != VERSION:
             raise ValueError(f"unsupported state version {obj.get('version') if isinstance(obj, dict) else obj!r}")
-        active = obj.get("active")
+        active, swap = obj.get("active"), obj.get("swap")
         return cls(
             active=SlotState(**active) if active else None,
             previous_build=obj.get("previous_build"),
             last_swap=obj.get("last_swap"),
             history=list(obj.get("history") or []),
-            swap=obj.get("swap"),
+            swap=InterruptedSwap.from_dict(swap) if swap else None,
             nginx=obj.get("nginx"),
             events=list(obj.get("events") or []),
         )
-
-
-HISTORY = 20
 
 
 class StateStore:
@@ -87,3 +117,64 @@ class StateStore:
                 f"cannot write {self.path}: {e.strerror}; the previous state is unchanged "
                 "(check free disk space and permissions)"
             ) from e
+
+
+class Ledger:
+    """The state and its file: every change goes through here. `unsaved` is true when a change
+    that had to reach the disk could not (a full disk); `retry` writes it once it can."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.state = State()
+        self.unsaved = False
+
+    def load(self) -> State:
+        self.state = self.store.load()
+        return self.state
+
+    def save(self) -> None:
+        """Write now; raise StateError if it cannot be written."""
+        self.store.save(self.state)
+        self.unsaved = False
+
+    def save_quietly(self) -> bool:
+        """Write now if possible; a failure is remembered and retried, not raised."""
+        try:
+            self.save()
+        except StateError:
+            self.unsaved = True
+            return False
+        return True
+
+    def retry(self) -> bool:
+        return not self.unsaved or self.save_quietly()
+
+    def event(self, kind: str, **details: Any) -> None:
+        """Recorded now, written with the next save."""
+        self.state.events.append({"at": time.time(), "event": kind, **details})
+
+    def serving(self, active: SlotState, nginx: dict[str, Any] | None, previous: str | None = None) -> None:
+        """`active` serves (and, after a release, `previous` is what served before it)."""
+        self.state.active = active
+        self.state.nginx = nginx
+        if previous is not None:
+            self.state.previous_build = previous
+
+    def snapshot(self) -> tuple[SlotState | None, str | None]:
+        return self.state.active, self.state.previous_build
+
+    def restore(self, snapshot: tuple[SlotState | None, str | None]) -> None:
+        self.state.active, self.state.previous_build = snapshot
+
+    def swap_progress(self, progress: InterruptedSwap | None) -> None:
+        self.state.swap = progress
+
+    def swap_ended(self, record: dict[str, Any], keep_progress: bool) -> None:
+        """A swap ended; its progress stays only if it was handed to the next daemon to finish."""
+        if not keep_progress:
+            self.state.swap = None
+        self.state.last_swap = record
+        self.state.history.append({k: record[k] for k in ("build", "reason", "outcome", "started_at")})
+
+    def nginx_stopped(self) -> None:
+        self.state.nginx = None

@@ -37,18 +37,34 @@ class Phase(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    @property
+    def cancellable(self) -> bool:
+        """Before commit a swap can be undone without touching traffic (`bluegreen cancel`)."""
+        return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.SWITCH)
+
+    @property
+    def persisted(self) -> bool:
+        """Its start is written to state.json: it changes processes or traffic."""
+        return self is not Phase.PREPARE
+
+    @property
+    def traffic_moved(self) -> bool:
+        """When it begins, nginx already sends traffic to the new build."""
+        return self in (Phase.COMMIT, Phase.DRAIN, Phase.STOP)
+
 
 ORDER = tuple(Phase)
 
 
 @dataclass(frozen=True)
 class Plan(Generic[Old]):
-    """What a swap is asked to do: run `build` on `slot`/`port`, replacing `old`."""
+    """What a swap is asked to do: run `build` on `slot`/`port`, replacing `old` (None: the
+    first start, with nothing to replace)."""
 
     build: Path
     slot: str
     port: int
-    old: Old
+    old: Old | None
     reason: str = "swap"  # swap | rollback (releases a user asked for) | restart | recover
     old_build: Path | None = None
 
@@ -116,51 +132,9 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
     `record.traffic` always says where traffic went: "unchanged" (never switched), "moved" (the
     new build serves), "restored" (switched, then back to the old build).
     """
-    clock = time.monotonic
-    t0 = clock()
-
-    async def phase(name: Phase, action: Callable[[], Any]) -> Any:
-        record.phase = name.value
-        began = clock()
-        try:
-            emit({"event": name.value, "status": "begin", "elapsed": round(began - t0, 4)})
-            out = await action()
-        except BaseException as e:
-            record.durations[name.value] = round(clock() - began, 4)
-            if isinstance(e, BluegreenError):
-                e.details.setdefault("phase", name.value)
-            raise
-        record.durations[name.value] = round(clock() - began, 4)
-        details = dict((out[1] if isinstance(out, tuple) else out) or {})
-        if details.get("warning"):
-            record.warnings.append(f"{name.value}: {details['warning']}")
-        record.details[name.value] = details
-        emit({"event": name.value, "status": "done", "duration": record.durations[name.value],
-              "elapsed": round(clock() - t0, 4), **details})
-        return out
-
+    phase = _phase_runner(record, emit)
     try:
-        await phase(Phase.PREPARE, lambda: ops.prepare(plan))
-        standby, _ = await phase(Phase.START, lambda: ops.start(plan))
-        try:
-            await phase(Phase.READY, lambda: ops.wait_ready(plan, standby))
-            await phase(Phase.SWITCH, lambda: ops.switch(plan, standby))
-        except BaseException:
-            # Nothing served from the standby yet (switch restores the old upstream itself).
-            await _shielded(ops.discard(standby, drain=False))
-            raise
-        record.traffic = "moved"
-        try:
-            await phase(Phase.COMMIT, lambda: ops.commit(plan, standby))
-        except BaseException:
-            # nginx already points at the standby. Back to the old build if nginx lets us; if
-            # not, the standby is what serves, and stopping it would take the site down.
-            if await _shielded(ops.switch_back(plan)):
-                record.traffic = "restored"
-                await _shielded(ops.discard(standby, drain=True))
-            else:
-                await _shielded(ops.keep(plan, standby))
-            raise
+        standby = await _until_commit(phase, plan, ops, record)
         # Committed: the new build serves. From here on only the old one's exit is at stake,
         # unless the new one dies while the old one still runs: then traffic goes back to it.
         record.committed = True
@@ -192,8 +166,67 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
     return record
 
 
-async def _after_commit(phase: Callable[[Phase, Callable[[], Any]], Any], plan: Plan[Old],
+PhaseRunner = Callable[[Phase, Callable[[], Any]], Any]
+
+
+def _phase_runner(record: SwapRecord, emit: Emit) -> PhaseRunner:
+    """Run one phase: record it, emit its begin and done events, time it, keep its details."""
+    clock = time.monotonic
+    t0 = clock()
+
+    async def phase(name: Phase, action: Callable[[], Any]) -> Any:
+        record.phase = name.value
+        began = clock()
+        try:
+            emit({"event": name.value, "status": "begin", "elapsed": round(began - t0, 4)})
+            out = await action()
+        except BaseException as e:
+            record.durations[name.value] = round(clock() - began, 4)
+            if isinstance(e, BluegreenError):
+                e.details.setdefault("phase", name.value)
+            raise
+        record.durations[name.value] = round(clock() - began, 4)
+        details = dict((out[1] if isinstance(out, tuple) else out) or {})
+        if details.get("warning"):
+            record.warnings.append(f"{name.value}: {details['warning']}")
+        record.details[name.value] = details
+        emit({"event": name.value, "status": "done", "duration": record.durations[name.value],
+              "elapsed": round(clock() - t0, 4), **details})
+        return out
+
+    return phase
+
+
+async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standby, Old],
+                        record: SwapRecord) -> Standby:
+    await phase(Phase.PREPARE, lambda: ops.prepare(plan))
+    standby, _ = await phase(Phase.START, lambda: ops.start(plan))
+    try:
+        await phase(Phase.READY, lambda: ops.wait_ready(plan, standby))
+        await phase(Phase.SWITCH, lambda: ops.switch(plan, standby))
+    except BaseException:
+        # Nothing served from the standby yet (switch restores the old upstream itself).
+        await _shielded(ops.discard(standby, drain=False))
+        raise
+    record.traffic = "moved"
+    try:
+        await phase(Phase.COMMIT, lambda: ops.commit(plan, standby))
+    except BaseException:
+        # nginx already points at the standby. Back to the old build if nginx lets us; if not,
+        # the standby is what serves, and stopping it would take the site down.
+        if await _shielded(ops.switch_back(plan)):
+            record.traffic = "restored"
+            await _shielded(ops.discard(standby, drain=True))
+        else:
+            await _shielded(ops.keep(plan, standby))
+        raise
+    return standby  # type: ignore[no-any-return]
+
+
+async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
                         ops: SwapOps[Standby, Old], standby: Standby, record: SwapRecord) -> None:
+    if plan.old is None:
+        return  # the first start: nothing to drain or stop
     try:
         await phase(Phase.DRAIN, lambda: ops.drain(plan, standby))
     except AppDied:

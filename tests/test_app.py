@@ -1,4 +1,4 @@
-"""The daemon's pure decisions, without processes: which build a path names."""
+"""Which build a path names: resolved at release time, never a raw OSError."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.daemon import check_build
+from supervisor.app import check_build
 from supervisor.errors import BuildError
 
 

@@ -1,0 +1,279 @@
+"""One app's life cycle: its two slots, what serves, the one swap that may run at a time.
+
+The process-level daemon (lock, signals, control socket, shutdown order) owns an App; the
+monitor watches it; control commands drive it. Written for one app, holding nothing global,
+so that a later `[[apps]]` list could hold several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from . import adoption, drain, slots
+from .config import Config, other_slot
+from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
+from .launch import Launcher
+from .nginx import ExternalMaster, Master, ReloadSwitch
+from .nginx_process import ManagedNginx
+from .proxy import FrontProxy
+from .slotops import SlotOps
+from .state import DaemonStatus, InterruptedSwap, Ledger, SlotState, StateStore
+from .swap import Phase, Plan, SwapRecord, run_swap
+
+log = logging.getLogger("bluegreen")
+Reply = Callable[[dict[str, Any]], None]
+
+
+def slot_state(app: slots.AppProcess) -> SlotState:
+    return SlotState(app.slot, app.port, str(app.build), app.pid, app.create_time, app.started_at)
+
+
+def check_build(build: Path) -> Path:
+    """The build's real path: a `current -> releases/42` link is resolved now, at release time,
+    so status, rollback and crash restarts name (and restart) what was released."""
+    from .protocol import clip
+
+    if not build.is_absolute():
+        raise BuildError(f"build path {clip(str(build))} must be absolute (the CLI resolves relative paths for you)")
+    try:
+        real = build.resolve(strict=True)
+        if not real.is_dir():
+            raise BuildError(f"build {build} is not a directory")
+    except FileNotFoundError:
+        raise BuildError(f"build {clip(str(build))} does not exist") from None
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BuildError(f"build {clip(str(build))} cannot be used: {why}") from None
+    return real
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.daemon.state_dir
+        self.ledger = Ledger(StateStore(self.state_dir / "state.json"))
+        self.managed = ManagedNginx(config) if config.nginx.mode == "managed" else None
+        self.master: Master = self.managed or ExternalMaster(config)
+        self.proxy: FrontProxy = ReloadSwitch(config, self.master)
+        self.launcher = Launcher(config)
+        self.active: slots.AppProcess | None = None
+        self.standby: slots.AppProcess | None = None
+        self.retiring: slots.AppProcess | None = None  # a committed swap's old app, until stopped
+        self.swap: SwapRecord | None = None
+        self.swap_task: asyncio.Task[Any] | None = None
+        self.status = DaemonStatus.STARTING
+        self.failure: str | None = None  # why it gave up (status FAILED)
+        self.warning: str | None = None  # what is wrong right now, and what to do
+        self.nginx_down: str | None = None  # why the managed nginx could not be restarted
+        self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
+        # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
+        self.keep_serving = config.daemon.on_stop == "keep"
+
+    # ---- what serves
+
+    def serving(self, app: slots.AppProcess, previous: Path | None = None) -> None:
+        """Record `app` as the one that serves (and `previous`, for a release, as what served before)."""
+        self.ledger.serving(slot_state(app), self.managed.identity() if self.managed else None,
+                            str(previous) if previous is not None else None)
+
+    def event(self, kind: str, **details: Any) -> None:
+        self.ledger.event(kind, **details)
+
+    def swapping(self) -> bool:
+        return self.swap_task is not None and not self.swap_task.done()
+
+    # ---- start-up
+
+    async def boot(self) -> None:
+        """Adopt what a previous daemon left serving, or start the saved (else configured) build."""
+        state = self.ledger.load()
+        if self.managed is not None and self.managed.adopt(state.nginx):
+            log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
+        self.proxy.clean_stale_temp()
+        if await self.adopt():
+            return
+        slot, build = "blue", self.config.app.build
+        if state.active is not None:
+            if Path(state.active.build).is_dir():
+                slot, build = state.active.slot, Path(state.active.build)
+            else:
+                log.warning("saved build %s is gone; starting app.build %s", state.active.build, build)
+        plan: Plan[slots.AppProcess] = Plan(build=check_build(build), slot=slot, port=self.config.app.port(slot),
+                                            old=None, reason="start")
+        record = SwapRecord(build=str(plan.build), to_slot=slot, to_port=plan.port, from_slot=None, reason="start")
+        log.info("starting %s on %s (port %d)", plan.build, slot, plan.port)
+        await run_swap(plan, SlotOps(self), _log_phase, record)
+        log.info("serving %s from %s (port %d)", plan.build, slot, plan.port)
+
+    async def adopt(self) -> bool:
+        """Carry out adoption.decide: take over live processes instead of restarting them."""
+        state = self.ledger.state
+        saved = [s for s in (state.active, state.swap and state.swap.standby, state.swap and state.swap.old) if s]
+        alive = {s.pid for s in saved if slots.adopt_state(s, self.state_dir) is not None}
+        decision = adoption.decide(state, alive)
+        if state.swap is not None:
+            log.warning("a %s to %s was interrupted in phase %s: %s", state.swap.reason, state.swap.build,
+                        state.swap.phase, decision.action)
+        leftovers = [p for p in (slots.adopt_state(s, self.state_dir) for s in decision.retire) if p is not None]
+        if decision.unrecorded_slot:  # killed between spawning a standby and recording it
+            leftovers += slots.find_ours(self.state_dir, decision.unrecorded_slot,
+                                         self.launcher.log_path(decision.unrecorded_slot))
+        active = slots.adopt_state(decision.active, self.state_dir) if decision.active else None
+        if active is None:
+            for p in leftovers:  # they would hold the ports the fresh start needs
+                await self.retire(p, drain=False)
+            self.ledger.swap_progress(None)
+            return False
+        try:
+            await self.point_nginx_at(active.port, force=decision.switch)
+        except BaseException:
+            # Past this point a failure must not stop what still serves: leave it all to the next daemon.
+            log.error("could not point nginx at the adopted %s slot; leaving every process as it was", active.slot)
+            self.keep_serving = True
+            raise
+        self.active = active
+        self.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
+        log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
+        for p in leftovers:
+            await self.retire(p, drain=True)
+        self.ledger.swap_progress(None)
+        self.serving(active)
+        self.ledger.save()
+        return True
+
+    async def point_nginx_at(self, port: int, force: bool) -> None:
+        """Make nginx send traffic to `port`: start the managed nginx if it is not running, else
+        switch when forced, when its config changed, or when its routing names another port."""
+        if self.managed is not None and not self.managed.alive():
+            info = await self.managed.start(port)
+            log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
+            return
+        changed = await self.managed.ensure_config() if self.managed is not None else False
+        if force or changed or self.proxy.routed_port() != port:
+            await self.proxy.route(port)
+            log.info("nginx switched to port %d", port)
+
+    # ---- processes
+
+    async def free_port(self, port: int) -> None:
+        keep = {p.pid for p in (self.active, self.retiring) if p is not None}
+        await self.launcher.free_port(port, keep, lambda what: self.event("leftover_stopped", port=port, detail=what))
+
+    async def drain(self, port: int, watch: slots.AppProcess | None = None) -> dict[str, Any]:
+        d = self.config.drain
+        return await drain.wait_drained(port, self.proxy.let_go, d.timeout, d.interval, watch)
+
+    async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
+        s = self.config.app.stop
+        return await slots.stop(app, s.signal, s.timeout if graceful else 0.0)
+
+    async def retire(self, app: slots.AppProcess, drain: bool) -> None:
+        if drain:
+            await self.drain(app.port)
+        result = await self.stop(app)
+        log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
+
+    async def retry_save(self) -> None:
+        """state.json could not be written after traffic moved: write it once there is room, then
+        let the old build go."""
+        if not self.ledger.retry():
+            return
+        log.info("state.json written again")
+        self.warning = None
+        old, self.retiring = self.retiring, None
+        if old is not None and old.alive():
+            await self.retire(old, drain=True)
+
+    # ---- swaps
+
+    async def run_swap(self, build: Path, reply: Reply, reason: str) -> dict[str, Any]:
+        """Run one swap to `build` as its own task (a client that leaves does not stop it); the
+        result, or a BluegreenError whose `traffic` says where traffic is."""
+        self._refuse_swap()
+        old = self.active
+        assert old is not None
+        slot = other_slot(old.slot)
+        plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason,
+                    old_build=old.build)
+        record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
+        self.swap = record
+        log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)
+        self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), self._emitter(plan, record, reply),
+                                                        record))
+        handed_over = False
+        try:
+            await asyncio.shield(self.swap_task)
+        except asyncio.CancelledError:
+            if not (record.committed and self.status == DaemonStatus.STOPPING):
+                raise self._cancelled(record) from None
+            handed_over = self.keep_serving  # done; the next daemon drains and stops the old build
+        except BluegreenError as e:
+            log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
+            raise
+        finally:
+            self.proxy.forget_undo()
+            self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
+            if not self.ledger.unsaved:
+                self.ledger.save_quietly()
+        self._check_new_build(record)
+        if reason != "recover":  # a release the user asked for: a fresh start for crash counting
+            self.restarts, self.status, self.failure = 0, DaemonStatus.SERVING, None
+        log.info("%s to %s done in %.2fs", reason, build, (record.finished_at or 0) - record.started_at)
+        return {"active": self.active.to_dict() if self.active else None, "swap": record.to_dict()}
+
+    def _refuse_swap(self) -> None:
+        if self.swapping():
+            assert self.swap is not None
+            raise Busy(f"a {self.swap.reason} to {self.swap.build} is in progress (phase: {self.swap.phase}); "
+                       "wait for it to finish (bluegreen status)", phase=self.swap.phase)
+        if self.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING, DaemonStatus.FAILED) \
+                or self.active is None:
+            raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
+        if self.ledger.unsaved and not self.ledger.retry():
+            raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
+
+    def _emitter(self, plan: Plan[slots.AppProcess], record: SwapRecord, reply: Reply) -> Callable[[dict[str, Any]], None]:
+        old = plan.old
+        assert old is not None
+
+        def emit(event: dict[str, Any]) -> None:
+            _log_phase(event)
+            name, status = event["event"], event.get("status")
+            if (name, status) == ("start", "done") or (status == "begin" and Phase(name).persisted):
+                # Before each step that changes processes or traffic: a daemon killed right after
+                # can tell what to finish or undo. The new process: the standby until commit.
+                new = self.standby or (self.active if self.active is not old else None)
+                self.ledger.swap_progress(InterruptedSwap(name, plan.reason, str(plan.build), slot_state(old),
+                                                          slot_state(new) if new else None))
+                if record.committed:
+                    self.ledger.save_quietly()  # after commit a failed write must not stop the old build's exit
+                else:
+                    self.ledger.save()
+            reply(event)
+
+        return emit
+
+    def _cancelled(self, record: SwapRecord) -> BluegreenError | asyncio.CancelledError:
+        if self.swap_task is not None and self.swap_task.cancelled() and self.status != DaemonStatus.STOPPING:
+            phase = record.error.get("phase") if record.error else None  # `bluegreen cancel`
+            return BluegreenError(f"the {record.reason} was cancelled in phase {phase}; the standby was stopped "
+                                  "and traffic is unchanged", code="cancelled", phase=phase, traffic="unchanged")
+        return asyncio.CancelledError()  # our own connection is being torn down
+
+    def _check_new_build(self, record: SwapRecord) -> None:
+        """A swap whose new build is already dead (it died after the old one stopped) did not succeed."""
+        app = self.active
+        if app is not None and not app.alive() and self.status != DaemonStatus.STOPPING:
+            why = app.exit_reason or slots.describe_exit(app.returncode)
+            raise BluegreenError(f"the new build ({app.slot}, pid {app.pid}) {why} right after the swap (the old "
+                                 f"build was already stopped); the daemon restarts it: see `bluegreen status` and "
+                                 f"{app.log_path}", code="app_exited", traffic="moved")
+
+
+def _log_phase(event: dict[str, Any]) -> None:
+    if event.get("status") == "done":
+        detail = {k: v for k, v in event.items() if k not in ("event", "status", "elapsed")}
+        log.info("  %s done %s", event["event"], detail)

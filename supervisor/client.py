@@ -1,0 +1,143 @@
+"""The client side of the control socket, shared by every verb: send one request, read the
+reply lines, print phases and errors, and turn the outcome into an exit code.
+
+Exit codes: 0 done; 1 the operation failed and traffic is where it was (unchanged, or
+switched back); 2 usage or config error; 3 the daemon cannot be reached (or does not answer);
+4 the operation failed after traffic moved to the new build (the message says what serves).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from . import protocol
+from .errors import Unreachable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_MOVED = 0, 1, 2, 3, 4
+FIRST_REPLY = 10.0  # seconds a daemon has to answer at all: a hung one is told apart from a slow swap
+SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish..."}
+
+
+def err(text: str) -> None:
+    print(f"bluegreen: {text}", file=sys.stderr)
+
+
+def request(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every reply line (progress events, then the final one).
+
+    The daemon has `first` seconds to send its first line; after that, lines may take as long
+    as the phase they report (a readiness wait, a drain).
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(str(sock_path))
+    except FileNotFoundError:
+        s.close()
+        raise Unreachable(f"no daemon socket at {sock_path}: is `bluegreen daemon` running with this config?") from None
+    except (ConnectionRefusedError, socket.timeout):
+        s.close()
+        raise Unreachable(f"no daemon answers on {sock_path} (stale socket?): start `bluegreen daemon`") from None
+    except PermissionError:
+        s.close()
+        raise Unreachable(f"permission denied on {sock_path}: run as the daemon's user") from None
+    s.settimeout(first)
+    with s, s.makefile("rb") as f:
+        try:
+            s.sendall(protocol.encode(req))
+            for line in f:
+                s.settimeout(None)
+                msg = protocol.parse_reply(line)
+                yield msg
+                if "ok" in msg:
+                    return
+        except socket.timeout:
+            raise Unreachable(f"the daemon on {sock_path} is not answering (no reply within {first:g}s): is it "
+                              "hung or stopped? Check its log and `ps`; --timeout waits longer") from None
+        except ConnectionError as e:
+            raise Unreachable(f"the connection to the daemon broke ({e.strerror or e}); see its log") from None
+    raise Unreachable("the daemon closed the connection without a final reply; see its log")
+
+
+
+def final(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> dict[str, Any]:
+    """Send one request and return only its final reply line."""
+    return list(request(sock_path, req, first=first))[-1]
+
+
+def ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = int(time.time() - t)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _describe(event: dict[str, Any]) -> str:
+    name = event["event"]
+    if name == "prepare":
+        return f"{event['slot']} :{event['port']}"
+    if name == "start":
+        return f"pid {event['pid']}, log {event['log']}"
+    if name == "ready":
+        return f"{event['target']} ({event['checks']} checks)"
+    if name == "switch":
+        return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
+                f"confirm {event['confirm'] * 1000:.0f}ms)")
+    if name == "drain":
+        cut = f", {event['connections_cut']} connection(s) cut at the timeout" if event["timed_out"] else ""
+        return f"old workers gone after {event['workers_wait']:.3f}s{cut}"
+    if name == "stop":
+        return f"pid {event['pid']} {event['how']}"
+    return ""
+
+
+def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.stdout,
+           first: float = FIRST_REPLY) -> int:
+    final: dict[str, Any] = {}
+    for msg in request(sock, req, first=first):
+        if as_json:
+            out.write(json.dumps(msg) + "\n")
+        elif "event" in msg:
+            if msg.get("status") == "begin":
+                if msg["event"] in SLOW_PHASES:  # say what we wait for; the others take milliseconds
+                    out.write(f"  {msg['event']:<8} {SLOW_PHASES[msg['event']]}\n")
+            else:
+                out.write(f"  {msg['event']:<8} {msg['duration']:7.3f}s  {_describe(msg)}\n")
+        out.flush()
+        final = msg
+    if not final.get("ok"):
+        code = print_error(final, quiet=as_json)
+        return code
+    if not as_json:
+        r = final["result"]
+        a, sw = r["active"], r["swap"]
+        total = (sw.get("finished_at") or 0) - sw["started_at"]
+        out.write(f"done in {total:.2f}s: {a['slot']} :{a['port']} pid {a['pid']} serves {a['build']}\n")
+        for w in sw.get("warnings") or []:
+            out.write(f"warning: {w}\n")
+    return EXIT_OK
+
+
+TRAFFIC = {
+    "unchanged": "traffic is unchanged: the old build serves",
+    "restored": "traffic is back on the old build",
+    "moved": "traffic moved: the new build serves",
+}
+
+
+def print_error(final: dict[str, Any], quiet: bool = False) -> int:
+    """Say what failed and where traffic is; the exit code follows where traffic is."""
+    e = final.get("error") or {}
+    if not quiet:
+        phase = f" in phase {e['phase']}" if e.get("phase") else ""
+        err(f"failed{phase} [{e.get('code')}]: {e.get('message')}")
+        if e.get("traffic") in TRAFFIC:
+            err(TRAFFIC[e["traffic"]])
+    if e.get("code") in ("bad_request", "config"):
+        return EXIT_USAGE
+    return EXIT_MOVED if e.get("traffic") == "moved" else EXIT_FAILED

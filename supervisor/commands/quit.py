@@ -1,0 +1,39 @@
+"""quit: stop the daemon; with keep, the app and managed nginx keep serving for the next daemon."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import client
+from ..protocol import CommandSpec
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+SPEC = CommandSpec(
+    "quit", "stop the daemon; with keep=true the app and managed nginx keep serving and the next daemon adopts them",
+    {"keep": (bool, False)}, order=5,
+    description="Stop the daemon. By default it stops the app and the managed nginx, like SIGTERM. With "
+                "--keep-serving they keep serving and the next `bluegreen daemon` adopts them without a restart "
+                "(use it to upgrade or restart bluegreen itself).",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-serving", action="store_true", help="leave the app and the managed nginx running")
+
+
+async def handle(daemon: Daemon, reply: Any, keep: bool = False) -> dict[str, Any]:
+    daemon.quit(keep)
+    return {"stopping": True, "keep_serving": daemon.app.keep_serving}
+
+
+def run(sock: Path, args: argparse.Namespace) -> int:
+    reply = client.final(sock, {"cmd": "quit", "keep": args.keep_serving}, first=args.timeout)
+    if not reply.get("ok"):
+        return client.print_error(reply)
+    print("the daemon is stopping" + ("; the app and nginx keep serving" if reply["result"]["keep_serving"]
+                                       else ", with the app and its managed nginx"))
+    return client.EXIT_OK

@@ -1,0 +1,37 @@
+"""rollback: swap back to the build that served before the last release."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import client
+from ..app import check_build
+from ..errors import BluegreenError
+from ..protocol import CommandSpec
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+SPEC = CommandSpec(
+    "rollback", "swap back to the build that served before the last release", order=2,
+    description="Swap back to the build that served before the last release (a swap BUILD or a rollback). "
+                "Restarts and crash recoveries never change it.",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the raw reply lines")
+
+
+async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
+    previous = daemon.app.ledger.state.previous_build
+    if not previous:
+        raise BluegreenError("there is no previous build to roll back to (no swap has completed yet)",
+                             code="no_previous")
+    return await daemon.app.run_swap(check_build(Path(previous)), reply, reason="rollback")
+
+
+def run(sock: Path, args: argparse.Namespace) -> int:
+    return client.stream(sock, {"cmd": "rollback"}, args.json, first=args.timeout)

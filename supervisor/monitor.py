@@ -1,0 +1,159 @@
+"""Watching what serves: a dead active app or managed nginx is noticed at once (our children) or
+within 0.25 s (adopted processes, polled), a hung app by its liveness checks, and each is
+brought back; a state.json write that failed is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import probes, slots
+from .app import App
+from .config import expand
+from .errors import BluegreenError
+from .nginx_process import ManagedNginx
+from .state import DaemonStatus
+
+log = logging.getLogger("bluegreen")
+POLL = 0.25
+
+
+class Monitor:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.crashed_pid: int | None = None  # the crash being retried (a new pid is a new crash)
+        self.nginx_failures = 0  # failed restarts of the managed nginx in a row
+        self.nginx_retry_at = 0.0
+        self.health_failures = 0
+
+    async def run(self) -> None:
+        app = self.app
+        next_health = time.monotonic() + app.config.app.health.interval
+        while True:
+            await self._wait_for_an_exit(POLL)
+            if app.swap_task is not None and not app.swap_task.done():
+                # A swap replaces the active app anyway, and reacts itself to a new build that dies
+                # while the old one drains. (wait, not gather: cancelling the monitor must not
+                # cancel the swap.)
+                await asyncio.wait({app.swap_task})
+                continue
+            try:
+                if app.ledger.unsaved:
+                    await app.retry_save()
+                if app.managed is not None and not app.managed.alive() and time.monotonic() >= self.nginx_retry_at:
+                    await self.restart_nginx(app.managed)
+                if app.active is not None and not app.active.alive() \
+                        and app.status in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
+                    await self.recover()
+                elif app.config.app.health.url and time.monotonic() >= next_health:
+                    next_health = time.monotonic() + app.config.app.health.interval
+                    await self.check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the monitor must outlive any single failure
+                log.exception("monitor error")
+
+    async def _wait_for_an_exit(self, timeout: float) -> None:
+        app = self.app
+        candidates = [app.active.proc if app.active else None, app.managed.proc if app.managed else None]
+        waits = [asyncio.ensure_future(p.wait()) for p in candidates if p is not None and p.returncode is None]
+        if not waits:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def restart_nginx(self, managed: ManagedNginx) -> None:
+        """Start a new master after the managed one died; retry with capped backoff, and let
+        status say that nginx is down and why."""
+        app = self.app
+        if self.nginx_failures == 0:
+            lines = managed.log.tail()
+            log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
+                      (": " + " | ".join(lines)) if lines else "")
+            app.event("nginx_died", pid=managed.pid)
+        app.status = DaemonStatus.RECOVERING
+        port = app.active.port if app.active else app.config.app.port("blue")
+        try:
+            info = await managed.start(port)
+        except BluegreenError as e:
+            self.nginx_failures += 1
+            delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
+            self.nginx_retry_at = time.monotonic() + delay
+            app.nginx_down = app.warning = (f"the managed nginx is down and could not be restarted: {e.message}; "
+                                            f"retrying in {delay:g}s")
+            log.error("%s", app.warning)
+            app.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
+            return
+        self.nginx_failures, app.warning, app.nginx_down = 0, None, None
+        if app.status == DaemonStatus.RECOVERING:
+            app.status = DaemonStatus.SERVING
+        app.event("nginx_restarted", pid=info["pid"])
+        if app.active is not None:
+            app.serving(app.active)
+        app.ledger.save_quietly()
+
+    async def recover(self, hung: str | None = None) -> None:
+        """The active app died (or hung, saying `hung`): start the same build on the other slot, with
+        capped backoff; a hung one is drained and stopped by that swap like any old build."""
+        app = self.app
+        dead = app.active
+        assert dead is not None
+        r = app.config.app.restart
+        if self.crashed_pid != dead.pid:  # a new crash, not a retry of the same one
+            self.crashed_pid = dead.pid
+            why = hung or dead.exit_reason or slots.describe_exit(dead.returncode)
+            if time.time() - dead.started_at >= r.reset_after:
+                app.restarts = 0
+            log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
+                      "" if hung else slots.exit_hint(dead.returncode))
+            app.event("unhealthy" if hung else "crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
+        app.restarts += 1
+        if app.restarts > r.attempts:
+            app.status = DaemonStatus.FAILED
+            app.failure = (f"the app {'stopped answering' if hung else 'crashed'} {app.restarts - 1} times in a "
+                           f"row; not restarting it again. Fix the build and `bluegreen swap` to it "
+                           f"(see {dead.log_path})")
+            log.error("%s", app.failure)
+            app.event("failed", build=str(dead.build), restarts=app.restarts - 1)
+            app.ledger.save_quietly()
+            return
+        app.status = DaemonStatus.RECOVERING
+        delay = r.delay(app.restarts)
+        if delay:
+            log.info("restart %d of %d in %.1fs", app.restarts, r.attempts, delay)
+            await asyncio.sleep(delay)
+        if app.active is not dead:  # a user's swap replaced it meanwhile
+            return
+        try:
+            await app.run_swap(dead.build, lambda event: None, reason="recover")
+        except BluegreenError as e:
+            log.error("restart %d failed: %s", app.restarts, e.message.splitlines()[0])
+            return
+        app.status = DaemonStatus.SERVING
+        app.event("restarted", slot=app.active.slot if app.active else None,
+                  pid=app.active.pid if app.active else None)
+
+    async def check_health(self) -> None:
+        """A liveness check of the active app; after `failures` in a row it counts as hung and is
+        replaced like a crashed one, same restart count and backoff (by a restart swap: the fresh
+        copy serves before the hung one is stopped, and SIGKILL ends one that ignores SIGTERM)."""
+        app, h = self.app, self.app.config.app.health
+        active = app.active
+        if active is None or h.url is None or app.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
+            return
+        ok, what = await probes.alive(expand(h.url, app.launcher.context(active.slot, active.build)), h.timeout)
+        if ok:
+            self.health_failures = 0
+            return
+        self.health_failures += 1
+        log.warning("liveness check %d of %d failed for %s (pid %d): %s", self.health_failures, h.failures,
+                    active.slot, active.pid, what)
+        if self.health_failures >= h.failures:
+            self.health_failures = 0
+            await self.recover(hung=f"failed {h.failures} liveness checks in a row (last: {what})")
