@@ -276,13 +276,19 @@ def test_new_build_dying_after_the_old_one_stopped_is_reported_and_restarted(mak
 # ---- 4. a shutdown during the drain
 
 
+def in_drain_with_a_long_request(run: DaemonRun, releases: Path, ms: int) -> tuple[int, Background, Any, Any]:
+    """A request of `ms` in flight on v1, and a swap to v2 that has begun draining it."""
+    old_pid = run.status()["active"]["pid"]
+    long = Background(run.listen_port, f"/slow?ms={ms}")
+    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
+    s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
+    return old_pid, long, s, f
+
+
 def test_quit_keep_serving_during_the_drain_hands_the_old_app_to_the_next_daemon(make_daemon,
                                                                                  releases: Path) -> None:
     run = make_daemon()
-    old_pid = run.status()["active"]["pid"]
-    long = Background(run.listen_port, "/slow?ms=6000")
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
-    s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
+    old_pid, long, s, f = in_drain_with_a_long_request(run, releases, 6000)
     with s:
         assert run.cli("quit", "--keep-serving").returncode == 0
         reply = final_reply(f)
@@ -299,10 +305,7 @@ def test_quit_keep_serving_during_the_drain_hands_the_old_app_to_the_next_daemon
 
 def test_sigterm_during_the_drain_leaves_no_process_behind(make_daemon, releases: Path) -> None:
     run = make_daemon()
-    old_pid = run.status()["active"]["pid"]
-    long = Background(run.listen_port, "/slow?ms=3000")
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
-    s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
+    old_pid, long, s, f = in_drain_with_a_long_request(run, releases, 3000)
     with s:
         run.proc.send_signal(signal.SIGTERM)
         reply = final_reply(f)

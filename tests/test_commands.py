@@ -1,0 +1,56 @@
+"""A control verb is one module: the protocol table, the CLI and the daemon's dispatch are built
+from supervisor/commands/, so a new module is all a new verb needs."""
+
+from __future__ import annotations
+
+import argparse
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor import cli, commands, protocol
+from supervisor.protocol import CommandSpec
+
+
+@pytest.fixture
+def with_verb(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    verb = types.ModuleType("supervisor.commands.promote")
+    verb.SPEC = CommandSpec("promote", "carry a paused swap on", {"now": (bool, False)}, order=50,
+                            description="Carry a paused swap on.")
+    verb.add_arguments = lambda p: p.add_argument("--now", action="store_true")
+
+    async def handle(daemon: Any, reply: Any, now: bool = False) -> dict[str, bool]:
+        return {"promoted": now}
+
+    verb.handle = handle
+    verb.run = lambda sock, args: 0
+    table = dict(commands.load())
+    table["promote"] = verb
+    monkeypatch.setattr(commands, "load", lambda: table)
+    return verb
+
+
+def test_a_new_verb_module_is_on_the_wire_in_the_cli_and_in_help(with_verb: types.ModuleType) -> None:
+    assert protocol.parse_request('{"cmd": "promote", "now": true}') == protocol.Request("promote", {"now": True})
+    assert "promote" in protocol.commands()
+    args = cli.build_parser().parse_args(["promote", "--now", "--socket", "/x"])
+    assert args.command == "promote" and args.now
+
+
+def test_every_verb_has_a_spec_a_handler_and_a_cli_runner() -> None:
+    for name, verb in commands.load().items():
+        assert verb.SPEC.name == name and verb.SPEC.help
+        assert callable(verb.handle) and callable(verb.run)
+    assert list(commands.load()) == ["swap", "rollback", "cancel", "status", "quit", "help"]
+
+
+def test_the_cli_offers_every_verb_with_its_own_arguments() -> None:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    assert set(commands.load()) | {"daemon", "check-config"} == set(sub.choices)
+    assert parser.parse_args(["swap", "rel/42", "--json"]).build == "rel/42"
+    assert parser.parse_args(["quit", "--keep-serving"]).keep_serving
+    assert parser.parse_args(["status", "--timeout", "2"]).timeout == 2.0
+    assert Path(parser.parse_args(["status", "--socket", "/s"]).socket) == Path("/s")
