@@ -90,9 +90,13 @@ class SlotOps:
         app.serving(standby, previous=plan.old_build if plan.is_release else None)
         app.ledger.save_quietly()
         app.active, app.standby, app.retiring = standby, None, plan.old
-        app.warning = (f"state.json could not be written, and nginx could not be switched back: the new build "
-                       f"({standby.build}) serves, while state.json still names the old one. Free disk space "
-                       f"in {app.state_dir}: the daemon retries the write by itself, then stops the old build")
+        if plan.old is None:  # the first start: there is nothing to go back to
+            app.warning = (f"state.json could not be written: {standby.build} serves, but a restarted daemon would "
+                           f"not know it. Free disk space in {app.state_dir}: the daemon retries the write by itself")
+        else:
+            app.warning = (f"state.json could not be written, and nginx could not be switched back: the new build "
+                           f"({standby.build}) serves, while state.json still names the old one. Free disk space "
+                           f"in {app.state_dir}: the daemon retries the write by itself, then stops the old build")
         log.error("%s", app.warning)
 
     async def revert(self, plan: AppPlan, standby: slots.AppProcess) -> bool:
