@@ -218,3 +218,11 @@ def test_nginx_error_keeps_its_code() -> None:
     ops = FakeOps(fail={"switch": NginxError("nginx -t failed", code="nginx_test_failed")})
     _, err = run_failing(ops)
     assert err.code == "nginx_test_failed"
+
+
+def test_each_phase_says_whether_it_can_be_cancelled_is_persisted_and_follows_the_switch() -> None:
+    assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "switch"]
+    assert [p.value for p in ORDER if not p.persisted] == ["prepare"]
+    assert [p.value for p in ORDER if p.traffic_moved] == ["commit", "drain", "stop"]
+    # cancellable and traffic-moved split the sequence at the switch: nothing is both, nothing neither
+    assert all(p.cancellable != p.traffic_moved for p in ORDER)
