@@ -16,9 +16,9 @@ from . import adoption, drain, slots
 from .config import Config, other_slot
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .launch import Launcher
-from .nginx import ExternalMaster, Master, ReloadSwitch
+from .nginx import ExternalMaster, Master
 from .nginx_process import ManagedNginx
-from .proxy import FrontProxy
+from . import proxy
 from .slotops import SlotOps
 from .state import DaemonStatus, InterruptedSwap, Ledger, SlotState, StateStore
 from .swap import Phase, Plan, SwapRecord, run_swap
@@ -57,7 +57,7 @@ class App:
         self.ledger = Ledger(StateStore(self.state_dir / "state.json"))
         self.managed = ManagedNginx(config) if config.nginx.mode == "managed" else None
         self.master: Master = self.managed or ExternalMaster(config)
-        self.proxy: FrontProxy = ReloadSwitch(config, self.master)
+        self.proxy, self.switch_why = proxy.make(config, self.master, self.managed)
         self.launcher = Launcher(config)
         self.active: slots.AppProcess | None = None
         self.standby: slots.AppProcess | None = None
@@ -90,6 +90,7 @@ class App:
     async def boot(self) -> None:
         """Adopt what a previous daemon left serving, or start the saved (else configured) build."""
         state = self.ledger.load()
+        log.info("switch: %s: %s", self.proxy.mode, self.switch_why)
         if self.managed is not None and self.managed.adopt(state.nginx):
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
         self.proxy.clean_stale_temp()
@@ -151,8 +152,10 @@ class App:
             info = await self.managed.start(port)
             log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
             return
-        changed = await self.managed.ensure_config() if self.managed is not None else False
-        if force or changed or self.proxy.routed_port() != port:
+        if self.managed is not None and await self.managed.ensure_config():
+            await self.proxy.apply_config(port)
+            log.info("nginx reloaded its new config; traffic to port %d", port)
+        elif force or await self.proxy.routed_port() != port:
             await self.proxy.route(port)
             log.info("nginx switched to port %d", port)
 

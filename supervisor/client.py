@@ -85,12 +85,14 @@ def _describe(event: dict[str, Any]) -> str:
         return f"pid {event['pid']}, log {event['log']}"
     if name == "ready":
         return f"{event['target']} ({event['checks']} checks)"
-    if name == "switch":
+    if name == "switch" and "set" in event:
+        return f"nginx -> :{event['port']} (routing table set and read back in {event['set'] * 1000:.1f}ms, no reload)"
+    if name == "switch" and "test" in event:
         return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
                 f"confirm {event['confirm'] * 1000:.0f}ms)")
     if name == "drain":
         cut = f", {event['connections_cut']} connection(s) cut at the timeout" if event["timed_out"] else ""
-        return f"old workers gone after {event['workers_wait']:.3f}s{cut}"
+        return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
     return ""

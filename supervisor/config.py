@@ -211,6 +211,9 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed", "managed: own unprivileged nginx; external: a system nginx"),
+        Key("switch", _choice("reload", "runtime", "auto"), "reload",
+            "managed mode: how traffic moves: reload (rewrite the upstream, reload nginx), runtime (a routing "
+            "table inside nginx, no reload; needs libnginx-mod-http-lua), auto (runtime when the module is there)"),
         Key("binary", _nonempty_str, "nginx", "the nginx executable"),
         Key("listen", _listen, "127.0.0.1:8080", "managed mode: the address nginx listens on"),
         Key("worker_processes", _workers, 1, "managed mode: nginx worker_processes"),
@@ -303,6 +306,7 @@ class DrainConfig:
 @dataclass(frozen=True)
 class NginxConfig:
     mode: str
+    switch: str
     binary: str
     listen: str
     worker_processes: str
@@ -503,7 +507,7 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
         for key in ("upstream_file", "pid_file"):
             if not n.get(key):
                 problems.append(f'nginx.{key}: required when nginx.mode = "external"')
-        for key in ("listen", "worker_processes", "user"):
+        for key in ("listen", "worker_processes", "user", "switch"):
             if key in data.get("nginx", {}):
                 problems.append(f'nginx.{key}: only used when nginx.mode = "managed"; remove it')
     elif mode == "managed":
@@ -559,6 +563,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         nginx=NginxConfig(
             mode=n["mode"],
+            switch=n["switch"],
             binary=binary,
             listen=n["listen"],
             worker_processes=n["worker_processes"],
@@ -592,6 +597,9 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
             problems.append(f"daemon.state_dir: {state_dir} cannot be created: {existing} is a file, not a directory")
         elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"daemon.state_dir: {existing} is not writable by this user; choose another directory")
+    n = v["nginx"]
+    if n.get("mode") == "managed" and n.get("switch") == "runtime" and lua_missing():
+        problems.append(f"nginx.switch: \"runtime\" needs nginx's lua module; {lua_missing()}, or use \"auto\"")
     if not all(k in a for k in ("build", "cwd", "command", "ports", "env")) or "state_dir" not in d:
         return problems
     build = _rel(base, a["build"])
@@ -617,6 +625,18 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
     elif os.sep in program and not ((cwd / program).is_file() and os.access(cwd / program, os.X_OK)):
         problems.append(f"app.command: {cwd / program} is not an executable file")
     return problems
+
+
+LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib/nginx/modules/ngx_http_lua_module.so"))
+LUA_LIBRARY = Path("/usr/share/lua/5.1/resty/core.lua")
+
+
+def lua_missing() -> str | None:
+    """Why the runtime switch cannot be used on this machine (None: it can)."""
+    missing = [str(p) for p in (*LUA_MODULES, LUA_LIBRARY) if not p.exists()]
+    if missing:
+        return f"{', '.join(missing)} not found: install Debian's lua module (apt-get install libnginx-mod-http-lua)"
+    return None
 
 
 def resolve_binary(name: str) -> str | None:

@@ -174,7 +174,7 @@ class Watched(Protocol):
     def alive(self) -> bool: ...
 
 
-async def wait_drained(port: int, let_go: Callable[[float], Awaitable[list[int]]], timeout: float,
+async def wait_drained(port: int, let_go: Callable[[float], Awaitable[int]], timeout: float,
                        interval: float, watch: Watched | None = None) -> dict[str, Any]:
     """Wait until the proxy has let go of its previous routing (`let_go`, e.g. old nginx workers
     exited), then until `port` has no connection in flight, both within `timeout`; report what
@@ -191,7 +191,7 @@ async def wait_drained(port: int, let_go: Callable[[float], Awaitable[list[int]]
             await asyncio.wait({proxy}, timeout=interval)
     finally:
         proxy.cancel()
-    held = proxy.result() if proxy.done() and not proxy.cancelled() else []
+    held = proxy.result() if proxy.done() and not proxy.cancelled() else 0
     proxy_s = time.monotonic() - began
     left = 0 if died else inflight(port)
     while left and time.monotonic() < deadline:
@@ -202,7 +202,7 @@ async def wait_drained(port: int, let_go: Callable[[float], Awaitable[list[int]]
         left = inflight(port)
     return {
         "workers_wait": round(proxy_s, 4),
-        "old_workers_left": len(held),
+        "old_workers_left": held,
         "connections_cut": left,
         "timed_out": bool(left or held) and not died,
         "died": died,

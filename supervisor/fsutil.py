@@ -83,3 +83,54 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class UndoableFile:
+    """A file replaced atomically whose previous content is staged beside it first, so that one
+    rename puts it back, even once the disk has filled up. Raises OSError like the writes it does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.undo: Staged | None = None
+        self.armed = False  # a replace can be undone (undo None: by removing the file)
+
+    def read(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def replace(self, data: bytes) -> bytes | None:
+        """Write `data`, keeping the way back; return the previous content."""
+        previous = self.read()
+        self.forget()
+        undo = stage(self.path, previous, sync=False) if previous is not None else None  # synced only if used
+        try:
+            atomic_write(self.path, data)
+        except BaseException:
+            if undo is not None:
+                undo.discard()
+            raise
+        self.undo, self.armed = undo, True
+        return previous
+
+    def restore(self) -> None:
+        """Put the content from before the last replace back (a rename: no new space needed)."""
+        undo, armed = self.undo, self.armed
+        self.undo, self.armed = None, False
+        if not armed:
+            raise RuntimeError(f"nothing to undo for {self.path}")
+        if undo is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            undo.commit()
+
+    def forget(self) -> None:
+        if self.undo is not None:
+            self.undo.discard()
+        self.undo, self.armed = None, False
+
+    def clean_stale(self) -> None:
+        """Remove dot-temp files a killed process left beside the file."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)

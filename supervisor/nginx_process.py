@@ -32,6 +32,9 @@ class ManagedNginx:
         self.upstream_path = self.prefix / "upstream.conf"
         self.log = ErrorLog(self.prefix / "error.log")
         self.pid_file = self.prefix / "nginx.pid"
+        self.route_path = self.prefix / "route"  # the runtime switch's table is seeded from it
+        self.control_path = self.prefix / "control.sock"
+        self.runtime = False  # rendered with the runtime switch (set by whoever chooses the switch)
         self.proc: asyncio.subprocess.Process | None = None
         self.pid: int | None = None
         self.create_time = 0.0
@@ -84,7 +87,7 @@ class ManagedNginx:
 
     async def ensure_config(self) -> bool:
         """Rewrite nginx.conf from the current bluegreen config; True if it changed (a reload is due)."""
-        text = render_managed_conf(self.config, self.prefix, self.upstream_path).encode()
+        text = render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode()
         try:
             if self.conf_path.read_bytes() == text:
                 return False
@@ -112,10 +115,13 @@ class ManagedNginx:
         await self._clear_dead_master()
         self._refuse_leftover()
         self._refuse_held_listen()
+        self._remove_stale_control_socket()
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
-        atomic_write(self.conf_path, render_managed_conf(self.config, self.prefix, self.upstream_path).encode())
+        atomic_write(self.conf_path, render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode())
         write_upstream(self.upstream_path, render_upstream(self.n.upstream_name, port).encode())
+        atomic_write(self.route_path, f"{port}\n".encode())
+        self.prefix.chmod(0o700)  # the control socket inside is for the daemon's user only
         await run_command(self.test_argv(), "nginx -t", "nginx_test_failed")
         offset = self.log.offset()
         log = open(self.config.daemon.state_dir / "logs" / "nginx.log", "ab", buffering=0)
@@ -139,12 +145,22 @@ class ManagedNginx:
                     nginx=errors,
                 )
             if workers(self.proc.pid) and _accepts(self.n.listen):
+                if self.runtime and self.control_path.exists():
+                    self.control_path.chmod(0o600)
                 return {"pid": self.proc.pid, "listen": self.n.listen}
             if time.monotonic() > deadline:
                 await self.stop(1.0)
                 raise NginxError(f"the managed nginx did not accept on {self.n.listen} within "
                                  f"{self.n.reload_timeout:g}s; see {self.log.path}", code="nginx_down")
             await asyncio.sleep(0.01)
+
+    def _remove_stale_control_socket(self) -> None:
+        """A killed master leaves its Unix socket file (nginx removes it only on a clean exit),
+        and a new master cannot bind over it. One nobody answers on is stale."""
+        from .control import answering_pid
+
+        if self.control_path.exists() and answering_pid(self.control_path) is None:
+            self.control_path.unlink(missing_ok=True)
 
     def _refuse_held_listen(self) -> None:
         port = int(self.n.listen.rsplit(":", 1)[-1])

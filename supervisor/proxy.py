@@ -9,11 +9,16 @@ same interface, not a branch in this one.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .nginx import Master
+    from .nginx_process import ManagedNginx
 
 
 class FrontProxy(Protocol):
-    mode: str  # how it switches, shown by status: "reload"
+    mode: str  # how it switches, shown by status: "reload" or "runtime"
 
     async def route(self, port: int) -> dict[str, Any]:
         """Send all traffic to `port` and confirm it; on failure the previous routing stays, and raise."""
@@ -27,15 +32,37 @@ class FrontProxy(Protocol):
         """The last `route` will not be undone."""
         ...
 
-    async def let_go(self, deadline: float) -> list[int]:
-        """Wait until the routing before the last `route` can send no more requests; return the
-        proxy processes still holding on at the deadline."""
+    async def let_go(self, deadline: float) -> int:
+        """Wait until the routing before the last `route` can send no more requests; return how
+        many requests (or proxy processes) still held on to it at the deadline."""
         ...
 
-    def routed_port(self) -> int | None:
-        """The port the proxy's own configuration names now (None: unknown, or not ours)."""
+    async def routed_port(self) -> int | None:
+        """The port the proxy routes to now (None: unknown, or not ours)."""
+        ...
+
+    async def apply_config(self, port: int) -> dict[str, Any]:
+        """The proxy's own configuration changed (a daemon upgrade): load it, routing to `port`."""
         ...
 
     def clean_stale_temp(self) -> None:
         """Remove what a killed daemon left half-written."""
         ...
+
+
+def make(config: Config, master: Master, managed: ManagedNginx | None) -> tuple[FrontProxy, str]:
+    """The switch nginx.switch asks for, and why it was chosen (for status and the start-up log)."""
+    from .config import lua_missing
+    from .nginx import ReloadSwitch
+    from .runtime_switch import RuntimeSwitch
+
+    wanted = config.nginx.switch
+    if managed is None:
+        return ReloadSwitch(config, master), "external nginx: reloads (see the README for the runtime snippet)"
+    missing = lua_missing() if wanted in ("runtime", "auto") else None
+    if wanted == "runtime" or (wanted == "auto" and missing is None):
+        managed.runtime = True
+        return RuntimeSwitch(config, managed), "routing table in nginx's shared memory, changed without a reload"
+    if wanted == "auto":
+        return ReloadSwitch(config, master), f"reloads, because {missing}"
+    return ReloadSwitch(config, master), "reloads (nginx.switch = \"reload\")"

@@ -72,6 +72,12 @@ def free_ports(n: int) -> list[int]:
     return picked
 
 
+def managed_nginx(listen: int, switch: str = "reload", binary: str | None = None) -> str:
+    """The [nginx] table of a managed nginx on `listen`, with the given switch (and binary)."""
+    text = f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2\nswitch = "{switch}"'
+    return text + (f'\nbinary = "{binary}"' if binary else "")
+
+
 def make_build(parent: Path, name: str, *, version: str | None = None, boot_delay_ms: int = 0,
                healthy: bool = True, server_js: str | None = None, start_sh: str = "exec node server.js\n") -> Path:
     """A release directory of the example Node app (or of `server_js`), like a CI artefact.

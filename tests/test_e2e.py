@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import DaemonRun, Load, bluegreen, http_get, make_build, wait_until
+from helpers import DaemonRun, Load, bluegreen, free_ports, http_get, make_build, managed_nginx, wait_until
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
@@ -29,8 +29,12 @@ def serves(run: DaemonRun, version: str) -> bool:
     return status == 200 and body.strip() == f"hello from {version}"
 
 
-def test_slow_request_in_flight_finishes_on_the_old_build_before_it_stops(make_daemon, releases: Path) -> None:
-    run = make_daemon()
+@pytest.mark.parametrize("switch", ["reload", "runtime"])
+def test_slow_request_in_flight_finishes_on_the_old_build_before_it_stops(make_daemon, releases: Path,
+                                                                          switch: str) -> None:
+    listen = free_ports(1)[0]
+    run = make_daemon(listen=listen, nginx=managed_nginx(listen, switch))
+    assert run.status()["nginx"]["switch"] == switch
     v2 = make_build(releases, "v2")
     blue, green = run.ports
     old_pid = run.status()["active"]["pid"]

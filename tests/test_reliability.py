@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from helpers import NODE_APP, DaemonRun, Load, bluegreen, free_ports, http_get, kill_tree, make_build, wait_until
+from helpers import (NODE_APP, DaemonRun, Load, bluegreen, free_ports, http_get, kill_tree, make_build,
+                     managed_nginx, wait_until)
 from supervisor import drain, slots
 
 pytestmark = pytest.mark.e2e
@@ -159,7 +160,7 @@ class KeepFull:
 
 
 def managed_with(binary: Path, listen: int) -> str:
-    return f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2\nbinary = "{binary}"'
+    return managed_nginx(listen, binary=str(binary))
 
 
 def test_disk_full_after_the_switch_puts_traffic_back_on_the_old_build(make_daemon, short_tmp: Path,

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     app = daemon.app
-    n: dict[str, Any] = {"mode": app.config.nginx.mode, "switch": app.proxy.mode}
+    n: dict[str, Any] = {"mode": app.config.nginx.mode, "switch": app.proxy.mode, "switch_why": app.switch_why}
     try:
         n["master_pid"] = app.master.master_pid()
         n["running"] = True
@@ -84,6 +84,7 @@ def format_status(st: dict[str, Any]) -> str:
     where = n.get("listen") or n.get("upstream_file")
     lines.append(f"nginx    {n['mode']} {where}, " + (f"master pid {n['master_pid']}" if n.get("running")
                                                         else f"NOT RUNNING: {n.get('error')}"))
+    lines.append(f"switch   {n.get('switch')}: {n.get('switch_why')}")
     if st.get("swap"):
         s = st["swap"]
         lines.append(f"swap     {s['reason']} to {s['build']} in progress, phase {s['phase']}")
