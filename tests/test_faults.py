@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import NODE_APP, DaemonRun, Load, http_get, make_build, wait_until
+from helpers import NODE_APP, DaemonRun, Load, free_ports, http_get, make_build, managed_nginx, wait_until
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
@@ -178,13 +178,15 @@ def upstream_port(run: DaemonRun) -> int:
 SLOW_TO_STOP = IGNORES_SIGTERM.replace("require('child_process').spawn('sleep', ['600'], { stdio: 'ignore' });", "")
 
 
+@pytest.mark.parametrize("switch", ["reload", "runtime"])
 @pytest.mark.parametrize("phase", ["prepare", "start", "ready", "switch", "commit", "drain", "stop"])
 def test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone(make_daemon, releases: Path,
-                                                                           phase: str) -> None:
+                                                                           phase: str, switch: str) -> None:
     # Each phase made long enough to land in: a slow boot (ready), a slow request (drain),
     # an old app that ignores SIGTERM for stop.timeout (stop). The others are caught as they come.
     v1 = make_build(releases, "v1", server_js=SLOW_TO_STOP if phase == "stop" else None)
-    run = make_daemon(build=v1, stop_timeout=4)
+    listen = free_ports(1)[0]
+    run = make_daemon(build=v1, stop_timeout=4, listen=listen, nginx=managed_nginx(listen, switch))
     v2 = make_build(releases, "v2", boot_delay_ms=3000 if phase == "ready" else 0)
     old_pid = run.status()["active"]["pid"]
     held: dict[str, object] = {}
@@ -218,7 +220,8 @@ def test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone(make_
     assert [e["event"] for e in st["events"]][-1] == "adopted"
     active_port = st["active"]["port"]
     other = run.ports[1] if active_port == run.ports[0] else run.ports[0]
-    assert upstream_port(run) == active_port
+    routed = (run.dir / "run" / "nginx" / "route").read_text().strip() if switch == "runtime" else upstream_port(run)
+    assert int(routed) == active_port
     wait_until(lambda: not drain.listening(other), 30, "the leftover slot to be stopped")
     saved = json.loads((run.dir / "run" / "state.json").read_text())
     assert saved["swap"] is None and saved["active"]["pid"] == st["active"]["pid"]
