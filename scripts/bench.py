@@ -300,6 +300,20 @@ def summarize(m: Measured) -> dict[str, Any]:
     }
 
 
+def switch_ms(d: list[dict[str, float]], sw: list[dict[str, Any]]) -> dict[str, Any]:
+    """The switch phase (from the decision to the switch confirmed), and its parts per mode."""
+    mean = statistics.mean
+    out: dict[str, Any] = {"total": mean(x["switch"] for x in d) * 1000,
+                           "p95": pct([x["switch"] * 1000 for x in d], 95), "mode": sw[0].get("mode", "reload")}
+    if out["mode"] == "runtime":  # route file written, table set and read back
+        out.update(write=mean(y["write"] for y in sw) * 1000, set=mean(y["set"] for y in sw) * 1000)
+    else:
+        out.update(write=mean(x["switch"] - y["test"] - y["reload"] - y["confirm"] for x, y in zip(d, sw)) * 1000,
+                   test=mean(y["test"] for y in sw) * 1000, reload=mean(y["reload"] for y in sw) * 1000,
+                   confirm=mean(y["confirm"] for y in sw) * 1000)
+    return out
+
+
 def bluegreen_phases(m: Measured) -> dict[str, Any]:
     swaps = [info["swap"] for info in m.releases]
     d = [s["durations"] for s in swaps]
@@ -317,10 +331,7 @@ def bluegreen_phases(m: Measured) -> dict[str, Any]:
     mean = statistics.mean
     return {
         "start_to_ready_s": mean(x["start"] + x["ready"] for x in d),
-        "switch_ms": {"total": mean(x["switch"] for x in d) * 1000,
-                      "write": mean(x["switch"] - y["test"] - y["reload"] - y["confirm"] for x, y in zip(d, sw)) * 1000,
-                      "test": mean(y["test"] for y in sw) * 1000, "reload": mean(y["reload"] for y in sw) * 1000,
-                      "confirm": mean(y["confirm"] for y in sw) * 1000},
+        "switch_ms": switch_ms(d, sw),
         "drain_s": mean(x["drain"] for x in d),
         "stop_ms": mean(x["stop"] for x in d) * 1000,
         "release_s": mean(total),
@@ -352,13 +363,14 @@ class Bench:
         self.procs.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start_daemon(self, builds: list[Path], name: str) -> DaemonRun:
+    def start_daemon(self, builds: list[Path], name: str, switch: str = "reload") -> DaemonRun:
         listen, blue, green = free_ports(3)
         d = self.dir / name
         d.mkdir()
         cfg = d / "bluegreen.toml"
         cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=30,
-                                     nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1'))
+                                     nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1\n'
+                                           f'switch = "{switch}"'))
         self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
         return self.daemon
 
@@ -373,12 +385,12 @@ class Bench:
         final["result"]["swap"]["from_build"] = str(self.builds[0] if build == self.builds[1] else self.builds[1])
         return final["result"]
 
-    async def bluegreen(self) -> tuple[Measured, dict[str, Any]]:
-        run = self.start_daemon(self.builds, "bluegreen")
+    async def bluegreen(self, switch: str = "reload") -> tuple[Measured, dict[str, Any]]:
+        run = self.start_daemon(self.builds, f"bluegreen-{switch}", switch)
         proc = psutil.Process(run.proc.pid)
         samples: list[int] = []
         cpu0, t0 = proc.cpu_times(), time.monotonic()
-        m = await measure("bluegreen", run.listen_port, self.args.rate, self.args.releases, self.args.gap,
+        m = await measure("bluegreen" if switch == "reload" else f"bluegreen {switch}", run.listen_port, self.args.rate, self.args.releases, self.args.gap,
                           lambda i: self.swap(run, self.builds[(i + 1) % 2]),
                           on_tick=lambda: samples.append(proc.memory_info().rss))
         cpu1, t1 = proc.cpu_times(), time.monotonic()
@@ -532,16 +544,21 @@ def print_report(report: dict[str, Any]) -> None:
                   f"| {fmt(lat['steady_p50'], ' ms', 1)} / {fmt(lat['steady_p99'], ' ms', 1)} "
                   f"| {fmt(lat['swap_p50'], ' ms', 1)} / {fmt(lat['swap_p99'], ' ms', 1)} "
                   f"| {fmt(r['release_s_mean'], ' s', 2)} |")
-    p = report.get("bluegreen_phases")
-    if p:
+    for key, name, target in (("bluegreen_phases", "bluegreen (reload)", 100), ("bluegreen_runtime_phases",
+                                                                               "bluegreen (runtime)", 20)):
+        p = report.get(key)
+        if not p:
+            continue
         s = p["switch_ms"]
-        print(f"\nbluegreen phases (mean): start->ready {p['start_to_ready_s']:.3f} s | switch {s['total']:.1f} ms "
-              f"(write {s['write']:.1f} + test {s['test']:.1f} + reload {s['reload']:.1f} + confirm {s['confirm']:.1f}) "
-              f"| drain {p['drain_s']:.3f} s | stop {p['stop_ms']:.1f} ms | release {p['release_s']:.3f} s")
-        print(f"overhead = release - ready wait - drain wait: median {p['overhead_ms_median']:.1f} ms "
-              f"(target <= 100 ms) {p['overhead_ms_all']}")
-        print(f"old app stopped after its last request and last old worker: p95 {fmt(p['drain_lag_ms_p95'], ' ms', 1)} "
-              f"(target <= 100 ms) {p['drain_lag_ms_all']}")
+        parts = (f"write {s['write']:.2f} + set {s['set']:.2f}" if s["mode"] == "runtime" else
+                 f"write {s['write']:.1f} + test {s['test']:.1f} + reload {s['reload']:.1f} + confirm {s['confirm']:.1f}")
+        print(f"\n{name} phases (mean): start->ready {p['start_to_ready_s']:.3f} s | switch {s['total']:.1f} ms, "
+              f"p95 {fmt(s['p95'], ' ms', 1)} ({parts}) | drain {p['drain_s']:.3f} s | stop {p['stop_ms']:.1f} ms "
+              f"| release {p['release_s']:.3f} s")
+        print(f"  overhead = release - ready wait - drain wait: median {p['overhead_ms_median']:.1f} ms "
+              f"(target <= {target} ms) {p['overhead_ms_all']}")
+        print(f"  old app stopped after its last request and after nginx let go: p95 "
+              f"{fmt(p['drain_lag_ms_p95'], ' ms', 1)} (target <= 100 ms) {p['drain_lag_ms_all']}")
     f = report.get("footprint")
     if f:
         print(f"daemon footprint: idle {f['idle_seconds']:g} s: RSS {f['idle_rss_mb']:.1f} MB, CPU {f['idle_cpu_percent']:.2f}% "
@@ -580,6 +597,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             bench_rows = [summarize(m)]
             report["bluegreen_phases"] = bluegreen_phases(m)
             report["footprint"] = footprint
+            print("bench: bluegreen runtime...", file=sys.stderr)
+            m, report["footprint_runtime"] = await bench.bluegreen("runtime")
+            bench_rows.append(summarize(m))
+            report["bluegreen_runtime_phases"] = bluegreen_phases(m)
             print("bench: plain restart...", file=sys.stderr)
             bench_rows.append(summarize(await bench.plain_restart()))
             print("bench: nginx recipe...", file=sys.stderr)

@@ -19,7 +19,9 @@ def test_bench_quick_smoke() -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
     names = [a["approach"] for a in report["approaches"]]
-    assert names == ["bluegreen", "plain restart", "nginx recipe"]
+    assert names == ["bluegreen", "bluegreen runtime", "plain restart", "nginx recipe"]
     assert all(a["requests"] > 0 for a in report["approaches"])
-    assert set(report["bluegreen_phases"]) >= {"start_to_ready_s", "switch_ms", "drain_s", "overhead_ms_median"}
+    for key in ("bluegreen_phases", "bluegreen_runtime_phases"):
+        assert set(report[key]) >= {"start_to_ready_s", "switch_ms", "drain_s", "overhead_ms_median"}
+    assert report["bluegreen_runtime_phases"]["switch_ms"]["mode"] == "runtime"
     assert report["footprint"]["idle_rss_mb"] > 0
