@@ -67,11 +67,18 @@ def stage(path: Path, data: bytes, mode: int = 0o644, *, sync: bool = True) -> S
     return Staged(path, tmp, synced=sync)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically (stage, then commit); on error `path` is unchanged."""
-    staged = stage(path, data, mode)
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (stage, then commit); on error `path` is unchanged.
+    `durable=False` skips the fsyncs: readers still see the old file or the new one, but a power
+    loss may lose the change (for files every start rewrites anyway)."""
+    staged = stage(path, data, mode, sync=durable)
+    staged.synced = True  # nothing to sync at commit either
     try:
-        staged.commit()
+        if durable:
+            staged.commit()
+        else:
+            os.replace(staged.tmp, path)  # type: ignore[arg-type]
+            staged.tmp = None
     except BaseException:
         staged.discard()
         raise
@@ -100,13 +107,13 @@ class UndoableFile:
         except FileNotFoundError:
             return None
 
-    def replace(self, data: bytes) -> bytes | None:
+    def replace(self, data: bytes, durable: bool = True) -> bytes | None:
         """Write `data`, keeping the way back; return the previous content."""
         previous = self.read()
         self.forget()
         undo = stage(self.path, previous, sync=False) if previous is not None else None  # synced only if used
         try:
-            atomic_write(self.path, data)
+            atomic_write(self.path, data, durable=durable)
         except BaseException:
             if undo is not None:
                 undo.discard()

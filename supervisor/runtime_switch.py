@@ -38,10 +38,10 @@ class RuntimeSwitch:
 
     async def route(self, port: int) -> dict[str, Any]:
         t0 = time.monotonic()
-        before = await self.routed_port()
         try:
-            # The file first: an nginx restarted from now on comes back routing to `port`.
-            self.route_file.replace(f"{port}\n".encode())
+            # The file first: an nginx restarted from now on comes back routing to `port`. Not
+            # fsynced: after a power loss nothing runs, and every start writes it again.
+            previous = self.route_file.replace(f"{port}\n".encode(), durable=False)
         except OSError as e:
             raise NginxError(f"cannot write {self.route_file.path}: {e.strerror}; traffic is unchanged "
                              "(check free disk space)", code="upstream_write_failed") from e
@@ -51,7 +51,8 @@ class RuntimeSwitch:
         except BaseException:
             self.route_file.restore()
             raise
-        self.previous = self.undo_port = before
+        before = (previous or b"").strip()
+        self.previous = self.undo_port = int(before) if before.isdigit() else None
         return {"port": port, "write": round(t1 - t0, 4), "set": round(time.monotonic() - t1, 4), "mode": self.mode}
 
     async def route_back(self, port: int) -> dict[str, Any]:
