@@ -179,6 +179,7 @@ def _phase_runner(record: SwapRecord, emit: Emit) -> PhaseRunner:
         began = clock()
         try:
             emit({"event": name.value, "status": "begin", "elapsed": round(began - t0, 4)})
+            began = clock()  # a phase's duration is its action's: not the state.json write at its begin
             out = await action()
         except BaseException as e:
             record.durations[name.value] = round(clock() - began, 4)
