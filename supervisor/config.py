@@ -41,12 +41,6 @@ UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # --- value parsers: each returns the parsed value or raises ValueError(what was expected)
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("expected a string")
-    return v
-
-
 def _nonempty_str(v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise ValueError("expected a non-empty string")
