@@ -244,6 +244,8 @@ class Measured:
     results: list[Result]
     windows: list[tuple[float, float]]
     releases: list[dict[str, Any]] = field(default_factory=list)
+    versions: tuple[str, str] = ("v1", "v2")  # release i goes from versions[i % 2] to versions[(i + 1) % 2]
+    nginx_rss_mb: float | None = None
 
 
 async def measure(name: str, port: int, rate: float, releases: int, gap: float,
@@ -275,6 +277,32 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+def torn(m: Measured) -> tuple[int, float]:
+    """Answers from the old build to requests sent after the first answer from the new build
+    arrived (on any client), and the longest window from that first answer to such an answer.
+    A request sent before that moment may still answer from the old build: it was routed before."""
+    count, window = 0, 0.0
+    for i, (begin, _) in enumerate(m.windows):
+        old, new = m.versions[i % 2], m.versions[(i + 1) % 2]
+        until = m.windows[i + 1][0] if i + 1 < len(m.windows) else float("inf")
+        first_new = min((r.end for r in m.results if r.version == new and r.start >= begin), default=None)
+        if first_new is None:
+            continue
+        late = [r.end for r in m.results if r.version == old and first_new < r.start < until]
+        count += len(late)
+        window = max([window, *(end - first_new for end in late)])
+    return count, window
+
+
+def nginx_rss_mb(master: int) -> float | None:
+    """nginx's memory: the master's and its workers' RSS."""
+    try:
+        p = psutil.Process(master)
+        return sum(x.memory_info().rss for x in (p, *p.children())) / 2**20
+    except psutil.Error:
+        return None
+
+
 def summarize(m: Measured) -> dict[str, Any]:
     def during(r: Result) -> bool:
         return any(r.start <= b and r.end >= a for a, b in m.windows)
@@ -297,6 +325,9 @@ def summarize(m: Measured) -> dict[str, Any]:
         "latency_ms": {"steady_p50": pct(steady, 50), "steady_p99": pct(steady, 99),
                        "swap_p50": pct(swapping, 50), "swap_p99": pct(swapping, 99)},
         "release_s_mean": statistics.mean(b - a for a, b in m.windows) if m.windows else None,
+        "torn": torn(m)[0],
+        "torn_window_s": torn(m)[1],
+        "nginx_rss_mb": m.nginx_rss_mb,
     }
 
 
@@ -390,9 +421,10 @@ class Bench:
         proc = psutil.Process(run.proc.pid)
         samples: list[int] = []
         cpu0, t0 = proc.cpu_times(), time.monotonic()
-        m = await measure("bluegreen" if switch == "reload" else f"bluegreen {switch}", run.listen_port, self.args.rate, self.args.releases, self.args.gap,
+        m = await measure(f"bluegreen ({switch})", run.listen_port, self.args.rate, self.args.releases, self.args.gap,
                           lambda i: self.swap(run, self.builds[(i + 1) % 2]),
                           on_tick=lambda: samples.append(proc.memory_info().rss))
+        m.nginx_rss_mb = nginx_rss_mb((run.status() or {}).get("nginx", {}).get("master_pid") or 0)
         cpu1, t1 = proc.cpu_times(), time.monotonic()
         footprint = {"swaps_cpu_percent": 100 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
                      "swaps_rss_mb_max": max(samples) / 2**20}
@@ -419,6 +451,7 @@ class Bench:
             return {}
 
         m = await measure("plain restart", listen, self.args.rate, self.args.releases, self.args.gap, release)
+        m.nginx_rss_mb = nginx_rss_mb(nginx.proc.pid)
         stop_app(app[0])
         nginx.proc.send_signal(signal.SIGQUIT)
         return m
@@ -444,6 +477,7 @@ class Bench:
             return {}
 
         m = await measure("nginx recipe", listen, self.args.rate, self.args.releases, self.args.gap, release)
+        m.nginx_rss_mb = nginx_rss_mb(nginx.proc.pid)
         for p in apps.values():
             stop_app(p)
         nginx.proc.send_signal(signal.SIGQUIT)
@@ -535,15 +569,16 @@ def print_report(report: dict[str, Any]) -> None:
           f"{report['args']['releases']} releases each\n")
     rows = report.get("approaches", [])
     if rows:
-        print("| approach | requests | failed (fresh) | failed (keep-alive) | p50/p99 steady | p50/p99 during release | mean release |")
-        print("|---|---|---|---|---|---|---|")
+        print("| approach | requests | failed (fresh) | failed (keep-alive) | torn (window) | p50/p99 steady "
+              "| p50/p99 during release | mean release | nginx RSS |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             lat = r["latency_ms"]
             print(f"| {r['approach']} | {r['requests']} | {kinds(r['failed_by_client']['fresh'])} "
-                  f"| {kinds(r['failed_by_client']['keepalive'])} "
+                  f"| {kinds(r['failed_by_client']['keepalive'])} | {r['torn']} ({r['torn_window_s'] * 1000:.0f} ms) "
                   f"| {fmt(lat['steady_p50'], ' ms', 1)} / {fmt(lat['steady_p99'], ' ms', 1)} "
                   f"| {fmt(lat['swap_p50'], ' ms', 1)} / {fmt(lat['swap_p99'], ' ms', 1)} "
-                  f"| {fmt(r['release_s_mean'], ' s', 2)} |")
+                  f"| {fmt(r['release_s_mean'], ' s', 2)} | {fmt(r['nginx_rss_mb'], ' MB', 1)} |")
     for key, name, target in (("bluegreen_phases", "bluegreen (reload)", 100), ("bluegreen_runtime_phases",
                                                                                "bluegreen (runtime)", 20)):
         p = report.get(key)
@@ -559,9 +594,11 @@ def print_report(report: dict[str, Any]) -> None:
               f"(target <= {target} ms) {p['overhead_ms_all']}")
         print(f"  old app stopped after its last request and after nginx let go: p95 "
               f"{fmt(p['drain_lag_ms_p95'], ' ms', 1)} (target <= 100 ms) {p['drain_lag_ms_all']}")
-    f = report.get("footprint")
-    if f:
-        print(f"daemon footprint: idle {f['idle_seconds']:g} s: RSS {f['idle_rss_mb']:.1f} MB, CPU {f['idle_cpu_percent']:.2f}% "
+    for key, name in (("footprint", "reload"), ("footprint_runtime", "runtime")):
+        f = report.get(key)
+        if not f:
+            continue
+        print(f"daemon footprint ({name}): idle {f['idle_seconds']:g} s: RSS {f['idle_rss_mb']:.1f} MB, CPU {f['idle_cpu_percent']:.2f}% "
               f"(targets 40 MB, 0.5%) | during swaps under load: RSS max {f['swaps_rss_mb_max']:.1f} MB, "
               f"CPU {f['swaps_cpu_percent']:.1f}%")
     s = report.get("soak")

@@ -264,16 +264,18 @@ class Chaos:
         ok = True
         st = self.current()
         state = json.loads((self.dir / "run" / "state.json").read_text())
-        upstream = (self.dir / "run" / "nginx" / "upstream.conf").read_text()
         active = st["active"] if st else None
+        served = http_get(self.run.listen_port, "/")[0] == 200
+        # Where nginx really sent that request (either switch): the access log's last line.
+        access = (self.dir / "run" / "nginx" / "access.log").read_text().splitlines()
         checks = {
             "exactly one slot active": bool(active and active["alive"] and st["standby"] is None),
-            "nginx points at it": bool(active and f"127.0.0.1:{active['port']};" in upstream),
+            "nginx points at it": bool(active and access and f"upstream=127.0.0.1:{active['port']} " in access[-1]),
             "state.json agrees": bool(active and state["active"]["pid"] == active["pid"] and state["swap"] is None),
             "the other slot is stopped": bool(active and not any(
                 c.laddr.port == (self.run.ports[1] if active["port"] == self.run.ports[0] else self.run.ports[0])
                 for c in psutil.net_connections("tcp") if c.status == "LISTEN")),
-            "serves": http_get(self.run.listen_port, "/")[0] == 200,
+            "serves": served,
         }
         if st:
             self.run.remember(st)

@@ -152,7 +152,8 @@ class App:
             info = await self.managed.start(port)
             log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
             return
-        if self.managed is not None and await self.managed.ensure_config():
+        changed = self.managed is not None and await self.managed.ensure_config()
+        if changed or self.proxy.config_stale():
             await self.proxy.apply_config(port)
             log.info("nginx reloaded its new config; traffic to port %d", port)
         elif force or await self.proxy.routed_port() != port:
@@ -251,10 +252,12 @@ class App:
                 new = self.standby or (self.active if self.active is not old else None)
                 self.ledger.swap_progress(InterruptedSwap(name, plan.reason, str(plan.build), slot_state(old),
                                                           slot_state(new) if new else None))
-                if record.committed:
-                    self.ledger.save_quietly()  # after commit a failed write must not stop the old build's exit
+                # Progress is for a daemon killed mid-swap, whose processes outlive it; a power loss
+                # ends them all, so no fsync (commit's own write, which names the build, has one).
+                if record.committed:  # after commit a failed write must not stop the old build's exit
+                    self.ledger.save_quietly(durable=False)
                 else:
-                    self.ledger.save()
+                    self.ledger.save(durable=False)
             reply(event)
 
         return emit

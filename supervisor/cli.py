@@ -21,8 +21,9 @@ DESCRIPTION = """\
 Zero-downtime blue/green releases of one web app behind nginx.
 
 The daemon runs two copies of your app on alternating ports (blue, green). `swap` starts
-the new build on the idle port, waits until it is ready, points nginx at it (tested and
-confirmed reload), waits until the old copy has no request in flight, then stops it.
+the new build on the idle port, waits until it is ready, points nginx at it (a routing
+table changed and read back, no reload; or a tested and confirmed reload: nginx.switch),
+waits until the old copy has no request in flight, then stops it.
 """
 
 EPILOG = """\

@@ -7,12 +7,15 @@ collected so `bluegreen check-config` can report them at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import signal
 import string
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -205,9 +208,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed", "managed: own unprivileged nginx; external: a system nginx"),
-        Key("switch", _choice("reload", "runtime", "auto"), "reload",
-            "managed mode: how traffic moves: reload (rewrite the upstream, reload nginx), runtime (a routing "
-            "table inside nginx, no reload; needs libnginx-mod-http-lua), auto (runtime when the module is there)"),
+        Key("switch", _choice("reload", "runtime", "auto"), None,
+            "how traffic moves: reload (rewrite the upstream, reload nginx), runtime (a routing table inside "
+            "nginx, no reload; needs libnginx-mod-http-lua), auto (runtime when the module works, else reload). "
+            "Default: auto when managed, reload when external"),
         Key("binary", _nonempty_str, "nginx", "the nginx executable"),
         Key("listen", _listen, "127.0.0.1:8080", "managed mode: the address nginx listens on"),
         Key("worker_processes", _workers, 1, "managed mode: nginx worker_processes"),
@@ -501,9 +505,13 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
         for key in ("upstream_file", "pid_file"):
             if not n.get(key):
                 problems.append(f'nginx.{key}: required when nginx.mode = "external"')
-        for key in ("listen", "worker_processes", "user", "switch"):
+        for key in ("listen", "worker_processes", "user"):
             if key in data.get("nginx", {}):
                 problems.append(f'nginx.{key}: only used when nginx.mode = "managed"; remove it')
+        if n.get("switch") == "auto":
+            problems.append('nginx.switch: "auto" is for the managed nginx; with your own nginx choose "reload", or '
+                            '"runtime" once its config includes the upstream file with the lua module loaded '
+                            "(README: the runtime switch with your own nginx)")
     elif mode == "managed":
         for key in ("upstream_file", "pid_file", "error_log", "test_command", "reload_command"):
             if n.get(key) is not None:
@@ -557,7 +565,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         nginx=NginxConfig(
             mode=n["mode"],
-            switch=n["switch"],
+            switch=n["switch"] or ("auto" if n["mode"] == "managed" else "reload"),
             binary=binary,
             listen=n["listen"],
             worker_processes=n["worker_processes"],
@@ -592,8 +600,10 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
         elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"daemon.state_dir: {existing} is not writable by this user; choose another directory")
     n = v["nginx"]
-    if n.get("mode") == "managed" and n.get("switch") == "runtime" and lua_missing():
-        problems.append(f"nginx.switch: \"runtime\" needs nginx's lua module; {lua_missing()}, or use \"auto\"")
+    if n.get("mode") == "managed" and n.get("switch") == "runtime":
+        missing = lua_missing(resolve_binary(n.get("binary") or "nginx") or "nginx")
+        if missing:
+            problems.append(f'nginx.switch: "runtime" needs nginx\'s lua module; {missing}, or use "auto"')
     if not all(k in a for k in ("build", "cwd", "command", "ports", "env")) or "state_dir" not in d:
         return problems
     build = _rel(base, a["build"])
@@ -625,11 +635,34 @@ LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib
 LUA_LIBRARY = Path("/usr/share/lua/5.1/resty/core.lua")
 
 
-def lua_missing() -> str | None:
-    """Why the runtime switch cannot be used on this machine (None: it can)."""
+@functools.lru_cache(maxsize=8)
+def lua_missing(binary: str) -> str | None:
+    """Why the managed nginx `binary` cannot run the runtime switch (None: it can).
+
+    The files being there is not enough: Debian's module is built for Debian's nginx 1.22 and
+    another build (nginx.org's, a custom one) refuses it. So `binary -t` loads the module into
+    a throwaway prefix, as the managed nginx would."""
     missing = [str(p) for p in (*LUA_MODULES, LUA_LIBRARY) if not p.exists()]
     if missing:
         return f"{', '.join(missing)} not found: install Debian's lua module (apt-get install libnginx-mod-http-lua)"
+    with tempfile.TemporaryDirectory(prefix="bluegreen-lua-") as tmp:
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text("".join(f"load_module {m};\n" for m in LUA_MODULES)
+                        + f"pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+                        + "http {\n    lua_shared_dict probe 64k;\n"
+                        + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi",
+                                                                              "uwsgi", "scgi"))
+                        + "    init_by_lua_block { require('ngx.balancer') }\n}\n")
+        try:
+            r = subprocess.run([binary, "-t", "-q", "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr"],
+                               capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"{binary} -t could not run ({e})"
+    if r.returncode != 0:
+        lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "[emerg]" in ln or "[alert]" in ln), lines[0] if lines else "no output")
+        return (f"{binary} cannot load Debian's lua module ({why}); the module works only with Debian's own "
+                "nginx package (apt-get install nginx libnginx-mod-http-lua)")
     return None
 
 

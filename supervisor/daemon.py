@@ -66,7 +66,7 @@ class Daemon:
         if boot in done:
             if boot.exception() is not None:
                 err = boot.exception()
-                msg = err.message if isinstance(err, BluegreenError) else repr(err)
+                msg = f"[{err.code}] {err.message}" if isinstance(err, BluegreenError) else repr(err)
                 log.error("start-up failed: %s", msg)
                 code = 1
             else:

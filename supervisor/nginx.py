@@ -18,12 +18,12 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import psutil
 
 from . import procs
-from .config import Config
+from .config import LUA_MODULES, Config
 from .errors import NginxError
 from .fsutil import UndoableFile, atomic_write
 
@@ -63,9 +63,109 @@ def parse_upstream_port(text: str) -> int | None:
 CONTROL = "/.bluegreen/"  # the runtime switch's control locations: on the control socket only
 
 
+def render_runtime(upstream_name: str, route: Path, control: Path) -> str:
+    """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
+
+    The table is seeded at (re)load from the route file, which the daemon writes before every
+    change; `add` never clobbers a live value on a reload. The balancer counts each request in
+    flight per port *and worker pid*, once; the log phase (run for every request, failed ones
+    too) counts it out. A worker killed mid-request never counts out, so the daemon ignores the
+    counts of workers that are gone. The control server listens on a Unix socket only.
+    """
+    return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
+lua_shared_dict bluegreen 1m;
+init_by_lua_block {{
+    local f = io.open({_lua_string(str(route))}, "r")
+    if f then
+        local port = tonumber(f:read("*l") or "")
+        f:close()
+        if port then ngx.shared.bluegreen:add("port", port) end
+    end
+}}
+log_by_lua_block {{
+    local key = ngx.ctx.bluegreen_key
+    if key then ngx.shared.bluegreen:incr(key, -1, 0) end
+}}
+upstream {upstream_name} {{
+    server 127.0.0.1:1;  # a placeholder: the balancer picks the port
+    balancer_by_lua_block {{
+{_LUA_BALANCER}    }}
+}}
+server {{
+    listen "unix:{control}";
+    client_max_body_size 64;
+    access_log off;
+    location = {CONTROL}route {{
+        content_by_lua_block {{
+{_LUA_ROUTE}        }}
+    }}
+    location = {CONTROL}inflight {{
+        content_by_lua_block {{
+{_LUA_INFLIGHT}        }}
+    }}
+}}
+"""
+
+
+# Picks the port once per request (retries keep it) and counts the request in.
+_LUA_BALANCER = """\
+        local dict = ngx.shared.bluegreen
+        local port = ngx.ctx.bluegreen_port
+        if not port then
+            port = dict:get("port")
+            if not port then return ngx.exit(502) end
+            local key = "inflight:" .. port .. ":" .. ngx.worker.pid()
+            ngx.ctx.bluegreen_port, ngx.ctx.bluegreen_key = port, key
+            dict:incr(key, 1, 0)
+        end
+        local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
+        if not ok then
+            ngx.log(ngx.ERR, "bluegreen: ", err)
+            return ngx.exit(502)
+        end
+"""
+
+# PUT a port (validated: digits, 1-65535) or GET: answers the table's value.
+_LUA_ROUTE = """\
+            local dict = ngx.shared.bluegreen
+            if ngx.req.get_method() == "PUT" then
+                ngx.req.read_body()
+                local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
+                if not port or port < 1 or port > 65535 then
+                    ngx.status = 400
+                    ngx.say("expected a port number (1-65535)")
+                    return
+                end
+                dict:set("port", port)
+            end
+            ngx.say(dict:get("port") or "")
+"""
+
+# GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
+_LUA_INFLIGHT = """\
+            local port = tonumber(ngx.var.arg_port or "")
+            if not port then
+                ngx.status = 400
+                ngx.say("expected ?port=N")
+                return
+            end
+            local dict, prefix = ngx.shared.bluegreen, "inflight:" .. port .. ":"
+            for _, key in ipairs(dict:get_keys(0)) do
+                if key:sub(1, #prefix) == prefix then
+                    ngx.say(key:sub(#prefix + 1), " ", dict:get(key) or 0)
+                end
+            end
+"""
+
+
+def _lua_string(text: str) -> str:
+    return "[==[" + text + "]==]"
+
+
 def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: bool = False) -> str:
-    """The managed nginx.conf. With `runtime`, the upstream's port comes from a routing table in
-    shared memory (lua), changed through a control socket in the prefix, never by a reload."""
+    """The managed nginx.conf. The upstream file it includes holds the upstream block (reload
+    switch) or the runtime switch's part (runtime_switch.render_runtime): then the lua module is
+    loaded here, and the public listener refuses the control path."""
     n = config.nginx
     user = ""
     if os.geteuid() == 0:
@@ -75,8 +175,8 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     # One second past the drain timeout: the daemon's own deadline acts first and counts what it
     # cuts; nginx's is the backstop (e.g. when the daemon itself is gone).
     drain = math.ceil(config.drain.timeout) + 1
-    lua = _runtime_parts(prefix, n.upstream_name) if runtime else None
-    modules = lua["modules"] if lua else ""
+    modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if runtime else ""
+    private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
     return f"""# Generated by bluegreen from {config.path} at every daemon start; edit that file instead.
 {modules}{user}worker_processes {n.worker_processes};
 pid {quote(prefix / 'nginx.pid')};
@@ -99,11 +199,11 @@ http {{
         ''      '';
     }}
 
-{lua["http"] if lua else f"    include {quote(upstream)};"}
+    include {quote(upstream)};
 
     server {{
         listen {n.listen};
-{lua["public"] if lua else ""}        location / {{
+{private}        location / {{
             proxy_pass http://{n.upstream_name};
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
@@ -112,102 +212,14 @@ http {{
             proxy_set_header X-Real-IP $remote_addr;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-{lua["count"] if lua else ""}        }}
+        }}
     }}
-{lua["control"] if lua else ""}}}
+}}
 """
 
 
-def _runtime_parts(prefix: Path, upstream_name: str) -> dict[str, str]:
-    """The lua pieces of the runtime switch (the tested pattern in the shared NGINX-NOTES.md).
-
-    The table is seeded at (re)load from the route file the daemon writes before every change;
-    `add` never clobbers a live value on a reload. The balancer counts each request in flight
-    per port, once, and the log phase (run for every request, failed ones too) counts it out.
-    """
-    route = str(prefix / "route")
-    return {
-        "modules": "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n"
-                   "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n",
-        "http": _lua_http(route, upstream_name),
-        "public": f"        location ^~ {CONTROL} {{ return 404; }}\n",
-        "count": """            log_by_lua_block {
-                local port = ngx.ctx.bluegreen_port
-                if port then ngx.shared.bluegreen:incr("inflight:" .. port, -1, 0) end
-            }
-""",
-        "control": _lua_control(prefix),
-    }
-
-
-def _lua_http(route: str, upstream_name: str) -> str:
-    """The table, seeded from the route file, and the upstream whose balancer reads it."""
-    return f"""    lua_shared_dict bluegreen 1m;
-    init_by_lua_block {{
-        local f = io.open({_lua_string(route)}, "r")
-        if f then
-            local port = tonumber(f:read("*l") or "")
-            f:close()
-            if port then ngx.shared.bluegreen:add("port", port) end
-        end
-    }}
-    upstream {upstream_name} {{
-        server 127.0.0.1:1;  # a placeholder: the balancer picks the port
-        balancer_by_lua_block {{
-            local dict = ngx.shared.bluegreen
-            local port = ngx.ctx.bluegreen_port
-            if not port then
-                port = dict:get("port")
-                if not port then return ngx.exit(502) end
-                ngx.ctx.bluegreen_port = port
-                dict:incr("inflight:" .. port, 1, 0)
-            end
-            local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
-            if not ok then
-                ngx.log(ngx.ERR, "bluegreen: ", err)
-                return ngx.exit(502)
-            end
-        }}
-    }}"""
-
-
-def _lua_control(prefix: Path) -> str:
-    """The control server, on a Unix socket in the prefix only: set/read the port, read a count."""
-    return f"""
-    server {{
-        listen unix:{prefix / 'control.sock'};
-        client_max_body_size 64;
-        location = {CONTROL}route {{
-            content_by_lua_block {{
-                local dict = ngx.shared.bluegreen
-                if ngx.req.get_method() == "PUT" then
-                    ngx.req.read_body()
-                    local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
-                    if not port or port < 1 or port > 65535 then
-                        ngx.status = 400
-                        ngx.say("expected a port number (1-65535)")
-                        return
-                    end
-                    dict:set("port", port)
-                end
-                ngx.say(dict:get("port") or "")
-            }}
-        }}
-        location = {CONTROL}inflight {{
-            content_by_lua_block {{
-                local port = tonumber(ngx.var.arg_port or "")
-                ngx.say(port and (ngx.shared.bluegreen:get("inflight:" .. port) or 0) or "")
-            }}
-        }}
-    }}
-"""
-
-
-def _lua_string(text: str) -> str:
-    return "[==[" + text + "]==]"
-
-
-def _title(pid: int) -> str | None:
+def title(pid: int) -> str | None:
+    """A process's title (nginx's workers rename themselves), None if it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -227,9 +239,9 @@ def workers(master: int) -> dict[int, str]:
             pids = []
     out = {}
     for pid in pids:
-        title = _title(pid)
-        if title and title.startswith("nginx: worker process"):
-            out[pid] = title
+        name = title(pid)
+        if name and name.startswith("nginx: worker process"):
+            out[pid] = name
     return out
 
 
@@ -321,10 +333,12 @@ class ReloadSwitch:
 
     mode = "reload"
 
-    def __init__(self, config: Config, master: Master) -> None:
+    def __init__(self, config: Config, master: Master, render: Callable[[int], str] | None = None) -> None:
         self.config = config
         self.n = config.nginx
         self.master = master
+        # What the upstream file holds for a port: the upstream block, or the runtime switch's part.
+        self.render = render or (lambda port: render_upstream(self.n.upstream_name, port))
         self.upstream = UndoableFile(master.upstream_path)
         self.log = master.log
         self.old_generation: set[int] = set()
@@ -347,6 +361,9 @@ class ReloadSwitch:
         """nginx's own config changed: load it (a reload), sending traffic to `port`."""
         return await self.route(port)
 
+    def config_stale(self) -> bool:
+        return False  # the upstream file is rewritten at every switch
+
     async def route(self, port: int) -> dict[str, Any]:
         """Point the upstream at `port`; on any failure restore the previous file and raise.
 
@@ -354,7 +371,7 @@ class ReloadSwitch:
         with a rename even when the disk has filled up since.
         """
         try:
-            previous = self.upstream.replace(render_upstream(self.n.upstream_name, port).encode())
+            previous = self.upstream.replace(self.render(port).encode())
         except OSError as e:
             raise _write_failed(self.upstream.path, e) from e
         try:

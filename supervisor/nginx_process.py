@@ -18,7 +18,8 @@ from . import drain, procs
 from .config import Config
 from .errors import NginxError, PortInUse
 from .fsutil import atomic_write
-from .nginx import TEMP_KINDS, ErrorLog, render_managed_conf, render_upstream, run_command, workers, write_upstream
+from .nginx import (TEMP_KINDS, ErrorLog, render_managed_conf, render_runtime, render_upstream, run_command, workers,
+                    write_upstream)
 
 
 class ManagedNginx:
@@ -119,7 +120,9 @@ class ManagedNginx:
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode())
-        write_upstream(self.upstream_path, render_upstream(self.n.upstream_name, port).encode())
+        upstream = (render_runtime(self.n.upstream_name, self.route_path, self.control_path) if self.runtime
+                    else render_upstream(self.n.upstream_name, port))
+        write_upstream(self.upstream_path, upstream.encode())
         atomic_write(self.route_path, f"{port}\n".encode())
         self.prefix.chmod(0o700)  # the control socket inside is for the daemon's user only
         await run_command(self.test_argv(), "nginx -t", "nginx_test_failed")

@@ -45,6 +45,11 @@ class FrontProxy(Protocol):
         """The proxy's own configuration changed (a daemon upgrade): load it, routing to `port`."""
         ...
 
+    def config_stale(self) -> bool:
+        """The file this switch owns in nginx's config is not what it would write now (a first
+        start of the runtime switch in the user's nginx, or a daemon upgrade): apply_config is due."""
+        ...
+
     def clean_stale_temp(self) -> None:
         """Remove what a killed daemon left half-written."""
         ...
@@ -58,11 +63,14 @@ def make(config: Config, master: Master, managed: ManagedNginx | None) -> tuple[
 
     wanted = config.nginx.switch
     if managed is None:
-        return ReloadSwitch(config, master), "external nginx: reloads (see the README for the runtime snippet)"
-    missing = lua_missing() if wanted in ("runtime", "auto") else None
+        if wanted == "runtime":
+            return RuntimeSwitch.external(config, master), ("routing table in your nginx's shared memory, changed "
+                                                            "without a reload (nginx.switch = \"runtime\")")
+        return ReloadSwitch(config, master), "reloads your nginx (the default with your own nginx)"
+    missing = lua_missing(config.nginx.binary) if wanted in ("runtime", "auto") else None
     if wanted == "runtime" or (wanted == "auto" and missing is None):
         managed.runtime = True
-        return RuntimeSwitch(config, managed), "routing table in nginx's shared memory, changed without a reload"
+        return RuntimeSwitch.managed(config, managed), "routing table in nginx's shared memory, changed without a reload"
     if wanted == "auto":
         return ReloadSwitch(config, master), f"reloads, because {missing}"
     return ReloadSwitch(config, master), "reloads (nginx.switch = \"reload\")"

@@ -1,10 +1,11 @@
-"""The runtime switch: a FrontProxy that moves traffic by changing a routing table inside the
-managed nginx (a lua shared dict), with no reload, so no keep-alive connection is reset and no
-old worker keeps answering from the old build.
+"""The runtime switch: a FrontProxy that moves traffic by changing a routing table inside nginx
+(a lua shared dict), with no reload, so no keep-alive connection is reset and no old worker keeps
+answering from the old build. The same nginx part (nginx.render_runtime) serves the managed nginx and
+a user's own nginx, which includes it from the upstream file.
 
 A route is: write the route file (what nginx seeds the table from when it starts or reloads)
 atomically, with the previous one staged for a rename back -> PUT the port on the control
-socket in the prefix (mode 0600; the public listener answers 404 for the control path) ->
+socket (in a 0700 directory; the managed public listener answers 404 for the control path) ->
 nginx answers with the table's value, which must be the port: that read-back confirms it.
 The previous routing has let go once nginx counts no request in flight to the old port.
 """
@@ -13,28 +14,56 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import NginxError
 from .fsutil import UndoableFile
-from .nginx import CONTROL, ReloadSwitch
+from .nginx import CONTROL, Master, ReloadSwitch, render_runtime, title
 from .nginx_process import ManagedNginx
 
 TIMEOUT = 5.0
 POLL = 0.005
 
 
+def is_worker(pid: int) -> bool:
+    """An nginx worker still running (one shutting down after a reload still serves requests)."""
+    name = title(pid)
+    return name is not None and name.startswith("nginx: worker process")
+
+
 class RuntimeSwitch:
     mode = "runtime"
 
-    def __init__(self, config: Config, managed: ManagedNginx) -> None:
-        self.managed = managed
-        self.route_file = UndoableFile(managed.route_path)
+    def __init__(self, config: Config, master: Master, route: Path, control: Path) -> None:
+        self.control_path = control
+        self.hint = ""  # what else the control socket needs, said when it does not answer
+        self.route_file = UndoableFile(route)
+        self.text = render_runtime(config.nginx.upstream_name, route, control)
         self.previous: int | None = None  # the port routed before the last route, until it lets go
         self.undo_port: int | None = None
-        # nginx's own config still changes by a reload (a daemon upgrade), never a swap.
-        self.reloader = ReloadSwitch(config, managed)
+        # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
+        self.reloader = ReloadSwitch(config, master, render=lambda port: self.text)
+
+    @classmethod
+    def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
+        return cls(config, nginx, nginx.route_path, nginx.control_path)
+
+    @classmethod
+    def external(cls, config: Config, master: Master) -> "RuntimeSwitch":
+        """In the user's nginx: its master (root) creates the control socket in a directory only
+        the daemon's user can enter, and reads the route file at (re)load."""
+        where = config.daemon.state_dir / "switch"
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        where.chmod(0o700)
+        switch = cls(config, master, where / "route", where / "control.sock")
+        switch.hint = (f" and {config.nginx.upstream_file} included in its http block "
+                       "(README: the runtime switch with your own nginx)")
+        return switch
+
+    def config_stale(self) -> bool:
+        return self.reloader.upstream.read() != self.text.encode()
 
     async def route(self, port: int) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -75,9 +104,17 @@ class RuntimeSwitch:
         self.reloader.clean_stale_temp()
 
     async def apply_config(self, port: int) -> dict[str, Any]:
+        """Load the nginx part (a reload: a first start in the user's nginx, a daemon upgrade)."""
         self.route_file.replace(f"{port}\n".encode())
         self.route_file.forget()
-        result = await self.reloader.apply_config(port)
+        try:
+            result = await self.reloader.apply_config(port)
+        except NginxError as e:
+            if "unknown directive" in e.message and "lua" in e.message:
+                e.message += (f"; the runtime switch needs nginx's lua module loaded{self.hint or ''}: apt-get install "
+                              "libnginx-mod-http-lua (Debian's nginx loads it from /etc/nginx/modules-enabled/), "
+                              'or set nginx.switch = "reload"')
+            raise
         await self._set(port)  # a reload keeps the live table: make sure it names `port`
         return result
 
@@ -89,11 +126,14 @@ class RuntimeSwitch:
         return int(body) if status == 200 and body.isdigit() else None
 
     async def inflight(self, port: int) -> int:
+        """Requests nginx has in flight to `port`, counted by the workers that still run (a worker
+        killed mid-request never counted its requests out; they died with it)."""
         status, body = await self._call("GET", f"{CONTROL}inflight?port={port}")
-        if status != 200 or not body.lstrip("-").isdigit():
+        counts = [line.split() for line in body.splitlines()]
+        if status != 200 or not all(len(c) == 2 and c[0].isdigit() and c[1].lstrip("-").isdigit() for c in counts):
             raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the in-flight count",
                              code="nginx_down")
-        return max(0, int(body))
+        return sum(max(0, int(n)) for pid, n in counts if is_worker(int(pid)))
 
     async def let_go(self, deadline: float) -> int:
         """Wait until nginx counts no request in flight to the port routed before the last route."""
@@ -120,7 +160,7 @@ class RuntimeSwitch:
 
     async def _call(self, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
         """One HTTP/1.0 request on the control socket; (status, body)."""
-        sock = str(self.managed.control_path)
+        sock = str(self.control_path)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(sock), TIMEOUT)
             writer.write(f"{method} {path} HTTP/1.0\r\nHost: bluegreen\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -128,7 +168,7 @@ class RuntimeSwitch:
             data = await asyncio.wait_for(reader.read(), TIMEOUT)  # HTTP/1.0: nginx closes after the answer
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
-            raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is the managed nginx running?",
+            raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is nginx running, with the lua module loaded{self.hint}?",
                              code="nginx_down") from None
         head, _, text = data.partition(b"\r\n\r\n")
         try:

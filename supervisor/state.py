@@ -107,11 +107,11 @@ class StateStore:
                 code="state_invalid",
             ) from e
 
-    def save(self, state: State) -> None:
+    def save(self, state: State, durable: bool = True) -> None:
         state.history = state.history[-HISTORY:]
         state.events = state.events[-HISTORY:]
         try:
-            atomic_write(self.path, state.to_json(), mode=0o600)
+            atomic_write(self.path, state.to_json(), mode=0o600, durable=durable)
         except OSError as e:
             raise StateError(
                 f"cannot write {self.path}: {e.strerror}; the previous state is unchanged "
@@ -132,15 +132,17 @@ class Ledger:
         self.state = self.store.load()
         return self.state
 
-    def save(self) -> None:
-        """Write now; raise StateError if it cannot be written."""
-        self.store.save(self.state)
+    def save(self, durable: bool = True) -> None:
+        """Write now; raise StateError if it cannot be written. `durable=False`: no fsync, for
+        what only matters while processes run (a swap's progress: a power loss stops them all),
+        never for what must survive a reboot (which build is active)."""
+        self.store.save(self.state, durable)
         self.unsaved = False
 
-    def save_quietly(self) -> bool:
+    def save_quietly(self, durable: bool = True) -> bool:
         """Write now if possible; a failure is remembered and retried, not raised."""
         try:
-            self.save()
+            self.save(durable)
         except StateError:
             self.unsaved = True
             return False

@@ -3,6 +3,7 @@ daemon and kill every process it started, build app releases, and drive HTTP loa
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -72,9 +73,11 @@ def free_ports(n: int) -> list[int]:
     return picked
 
 
-def managed_nginx(listen: int, switch: str = "reload", binary: str | None = None) -> str:
-    """The [nginx] table of a managed nginx on `listen`, with the given switch (and binary)."""
-    text = f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2\nswitch = "{switch}"'
+def managed_nginx(listen: int, switch: str | None = "reload", binary: str | None = None) -> str:
+    """The [nginx] table of a managed nginx on `listen`, with the given switch (None: the
+    default, auto) and binary."""
+    text = f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2'
+    text += f'\nswitch = "{switch}"' if switch else ""
     return text + (f'\nbinary = "{binary}"' if binary else "")
 
 
@@ -362,3 +365,55 @@ def example_config(example: Path, dest: Path, listen: int, ports: tuple[int, int
     data["nginx"]["listen"] = f"127.0.0.1:{listen}"
     dest.write_text(dump_toml(data))
     return dest
+
+
+class KeepAlive:
+    """Clients that each keep one connection open and send a request every few milliseconds;
+    every answer is recorded with the times it was asked for and arrived, every failure counted."""
+
+    def __init__(self, port: int, clients: int = 3) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.answers: list[tuple[float, float, str]] = []  # (sent, arrived, version)
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "KeepAlive":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self.stop.wait(0.003):
+            try:
+                sent = time.monotonic()
+                conn.request("GET", "/")
+                r = conn.getresponse()
+                body = r.read().decode()
+                with self.lock:
+                    if r.status == 200:
+                        self.answers.append((sent, time.monotonic(), body.split()[-1]))
+                    else:
+                        self.failures.append(f"http_{r.status}")
+            except (OSError, http.client.HTTPException) as e:
+                with self.lock:
+                    self.failures.append(repr(e))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.close()
+
+    def torn(self, old: str, new: str) -> int:
+        """Answers from `old` to requests sent after the first answer from `new` arrived, on any
+        client. (A request already on its way to the old build may still answer after that: it
+        was routed before the switch, and the page that sent it saw only the old build.)"""
+        with self.lock:
+            answers = list(self.answers)
+        first_new = min((arrived for _, arrived, v in answers if v == new), default=None)
+        return 0 if first_new is None else sum(1 for sent, _, v in answers if v == old and sent > first_new)

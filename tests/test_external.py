@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
-from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, wait_until
+from helpers import DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, wait_until
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
 
-NGINX_CONF = """
+NGINX_CONF = """{modules}
 worker_processes 2;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log notice;
@@ -37,9 +39,18 @@ http {{
 """
 
 
+# What Debian's /etc/nginx/modules-enabled/50-mod-http-lua.conf (and its ndk sibling) load once
+# libnginx-mod-http-lua is installed: the README's snippet for the runtime switch relies on it.
+LUA_MODULES = """
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;"""
+
+
 @pytest.fixture
-def system_nginx(short_tmp: Path):
-    """An nginx started by 'the user' (this test), with its own prefix, before any daemon."""
+def system_nginx(short_tmp: Path, request: pytest.FixtureRequest):
+    """An nginx started by 'the user' (this test), with its own prefix, before any daemon; with
+    the lua module loaded when the test is marked `lua`."""
+    modules = LUA_MODULES if request.node.get_closest_marker("lua") else ""
     nginx = resolve_binary("nginx")
     assert nginx, "nginx is not installed: run scripts/test"
     prefix = short_tmp / "nginx"
@@ -47,7 +58,7 @@ def system_nginx(short_tmp: Path):
     listen, blue, green = free_ports(3)
     user = "user root;" if os.geteuid() == 0 else ""
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, user=user))
+    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, user=user, modules=modules))
     # What a user has before adopting bluegreen: an upstream pointing at the blue port.
     (prefix / "conf.d" / "upstream.conf").write_text(render_upstream("myapp", blue))
     base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
@@ -65,7 +76,7 @@ def system_nginx(short_tmp: Path):
 
 
 def external_daemon(make_daemon, system_nginx, releases: Path, reload: list[str] | None = None,
-                    extra: str = "") -> DaemonRun:
+                    extra: str = "", wait: bool = True) -> DaemonRun:
     n = system_nginx
     prefix, base = n["prefix"], n["base"]
     reload = reload or base + ["-s", "reload"]
@@ -85,7 +96,7 @@ def external_daemon(make_daemon, system_nginx, releases: Path, reload: list[str]
             extra,
         ]),
     )
-    return run.start()
+    return run.start(wait)
 
 
 def test_external_mode_swaps_through_the_users_nginx(make_daemon, system_nginx, releases: Path) -> None:
@@ -185,3 +196,52 @@ def test_reload_that_never_takes_effect_times_out_and_is_undone(make_daemon, sys
     assert "[nginx_reload_failed]" in r.stderr and "not confirmed within 1s (0 new worker(s)" in r.stderr
     assert upstream.read_bytes() == before
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+
+
+def workers_of(master: int) -> set[int]:
+    return {c.pid for c in psutil.Process(master).children()}
+
+
+@pytest.mark.lua
+def test_runtime_switch_in_the_users_nginx_through_its_upstream_file(make_daemon, system_nginx,
+                                                                     releases: Path) -> None:
+    """The README's snippet: the user's nginx loads the lua module and includes the upstream file
+    in http {}; with nginx.switch = "runtime" the daemon writes its part there and loads it with
+    one reload at start, then swaps with no reload: keep-alive clients see no failure."""
+    run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
+    upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
+    assert "balancer_by_lua_block" in upstream.read_text()
+    st = run.status()
+    assert st["nginx"]["switch"] == "runtime" and "your nginx" in st["nginx"]["switch_why"], st["nginx"]
+    control_dir = run.dir / "run" / "switch"
+    assert stat.S_IMODE(control_dir.stat().st_mode) == 0o700
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    master = system_nginx["master"].pid
+    before = workers_of(master)
+    with KeepAlive(run.listen_port) as clients:
+        wait_until(lambda: len(clients.answers) >= 20, 30, "keep-alive answers")
+        for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):
+            r = run.cli("swap", str(make_build(releases, new)))
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "no reload" in r.stdout
+            count = len(clients.answers)
+            wait_until(lambda n=count: len(clients.answers) >= n + 20, 30, "answers from the new build")
+            assert clients.torn(old, new) == 0
+    assert not clients.failures, clients.failures[:5]
+    assert workers_of(master) == before  # not one reload for three swaps
+    assert http_get(run.listen_port, "/") == (200, "hello from v4\n")
+
+
+def test_runtime_switch_in_a_users_nginx_without_the_module_fails_at_start_and_changes_nothing(
+        make_daemon, system_nginx, releases: Path) -> None:
+    upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
+    before = upstream.read_bytes()
+    run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"', wait=False)
+    assert run.proc is not None
+    wait_until(lambda: run.proc.poll() is not None, 60, "the daemon to give up", run.output)
+    assert run.proc.returncode != 0
+    out = run.output()
+    assert "[nginx_test_failed]" in out and 'unknown directive "lua_shared_dict"' in out, out  # nginx's words
+    assert "apt-get install libnginx-mod-http-lua" in out and 'nginx.switch = "reload"' in out, out  # the fix
+    assert upstream.read_bytes() == before  # the user's nginx still routes as before
+    assert http_get(system_nginx["listen"], "/")[0] == 502  # ... to the blue port, which nothing serves now

@@ -5,19 +5,23 @@ the new one has answered. Real nginx with Debian's lua module, real apps, real s
 
 from __future__ import annotations
 
-import http.client
+import json
 import os
 import signal
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import DaemonRun, Load, free_ports, http_get, make_build, managed_nginx, wait_until
+from conftest import render_config
+from helpers import (DaemonRun, KeepAlive, Load, bluegreen, free_ports, http_get, make_build, managed_nginx,
+                     wait_until)
+from supervisor import drain
+from supervisor.config import resolve_binary
+from supervisor.nginx import workers
 pytestmark = pytest.mark.e2e
 
 
@@ -33,58 +37,6 @@ def serves(run: DaemonRun, version: str) -> bool:
         return http_get(run.listen_port, "/") == (200, f"hello from {version}\n")
     except OSError:  # e.g. a connection the killed master's workers took as they quit
         return False
-
-
-class KeepAlive:
-    """Clients that each keep one connection open and send a request every few milliseconds;
-    every answer is recorded with the times it was asked for and arrived, every failure counted."""
-
-    def __init__(self, port: int, clients: int = 3) -> None:
-        self.port = port
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.answers: list[tuple[float, float, str]] = []  # (sent, arrived, version)
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> "KeepAlive":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-    def _client(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        while not self.stop.wait(0.003):
-            try:
-                sent = time.monotonic()
-                conn.request("GET", "/")
-                r = conn.getresponse()
-                body = r.read().decode()
-                with self.lock:
-                    if r.status == 200:
-                        self.answers.append((sent, time.monotonic(), body.split()[-1]))
-                    else:
-                        self.failures.append(f"http_{r.status}")
-            except (OSError, http.client.HTTPException) as e:
-                with self.lock:
-                    self.failures.append(repr(e))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.close()
-
-    def torn(self, old: str, new: str) -> int:
-        """Answers from `old` to requests sent after the first answer from `new` arrived, on any
-        client. (A request already on its way to the old build may still answer after that: it
-        was routed before the switch, and the page that sent it saw only the old build.)"""
-        with self.lock:
-            answers = list(self.answers)
-        first_new = min((arrived for _, arrived, v in answers if v == new), default=None)
-        return 0 if first_new is None else sum(1 for sent, _, v in answers if v == old and sent > first_new)
 
 
 def test_keep_alive_clients_see_no_failure_and_no_torn_answer_across_swaps(make_daemon, releases: Path) -> None:
@@ -149,3 +101,87 @@ def test_a_restarted_nginx_routes_to_the_active_slot(make_daemon, releases: Path
                              else None)(run.status()), 30, "nginx to be restarted", run.output)
     run.remember(st)
     wait_until(lambda: serves(run, "v2"), 30, "the restarted nginx to route to green (v2)", run.output)
+
+
+def nginx_without_lua(where: Path) -> Path:
+    """An nginx that cannot load Debian's lua module, like nginx.org's build: it refuses any
+    config that loads it, in nginx's own words, and runs every other config."""
+    real = resolve_binary("nginx")
+    wrapper = where / "nginx-org"
+    wrapper.write_text(f"""#!/bin/sh
+conf=; prev=
+for a; do [ "$prev" = -c ] && conf=$a; prev=$a; done
+if [ -n "$conf" ] && grep -q ngx_http_lua_module "$conf"; then
+    echo "nginx: [emerg] module \\"/usr/lib/nginx/modules/ndk_http_module.so\\" is not binary compatible in $conf:1" >&2
+    exit 1
+fi
+exec {real} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_the_default_switch_is_runtime_when_the_lua_module_loads(make_daemon, releases: Path) -> None:
+    listen = free_ports(1)[0]
+    run = make_daemon(listen=listen, nginx=managed_nginx(listen, switch=None))
+    n = run.status()["nginx"]
+    assert n["switch"] == "runtime" and "without a reload" in n["switch_why"], n
+    assert "switch: runtime" in run.output()  # the start-up log says it too
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 0 and "no reload" in r.stdout, r.stdout + r.stderr
+    assert serves(run, "v2")
+
+
+def test_the_default_switch_falls_back_to_reloads_and_says_why(make_daemon, releases: Path,
+                                                                 short_tmp: Path) -> None:
+    listen = free_ports(1)[0]
+    binary = nginx_without_lua(short_tmp)
+    run = make_daemon(listen=listen, nginx=managed_nginx(listen, switch=None, binary=str(binary)))
+    n = run.status()["nginx"]
+    assert n["switch"] == "reload", n
+    assert "not binary compatible" in n["switch_why"] and "apt-get install" in n["switch_why"], n
+    assert "switch: reload: reloads, because" in run.output()
+    r = run.cli("status")
+    assert "not binary compatible" in r.stdout  # the human status too
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert serves(run, "v2")
+
+
+def test_asking_for_the_runtime_switch_where_it_cannot_load_is_a_config_error(short_tmp: Path) -> None:
+    binary = nginx_without_lua(short_tmp)
+    listen = free_ports(1)[0]
+    cfg = short_tmp / "bluegreen.toml"
+    cfg.write_text(render_config(short_tmp, build=short_tmp, ports=tuple(free_ports(2)), listen=listen,
+                                 nginx=managed_nginx(listen, "runtime", str(binary))))
+    r = bluegreen("check-config", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'nginx.switch: "runtime" needs' in r.stderr and "not binary compatible" in r.stderr, r.stderr
+
+
+def test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up(make_daemon, releases: Path) -> None:
+    """Its request never reaches the log phase that counts it out, so its count would stay up
+    for good: the daemon counts only workers that still run."""
+    run = runtime(make_daemon, drain_timeout=20)
+    st = run.status()
+    blue = st["active"]["port"]
+
+    def slow() -> None:
+        try:
+            http_get(run.listen_port, "/slow?ms=60000", timeout=90)
+        except OSError:
+            pass  # its worker is killed: this one request is lost
+
+    threading.Thread(target=slow, daemon=True).start()
+    wait_until(lambda: drain.inflight(blue) >= 1, 30, "the slow request to reach the app")
+    before = workers(st["nginx"]["master_pid"])
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: drain.inflight(blue) == 0, 30, "the app to see its connection closed")
+    wait_until(lambda: serves(run, "v1"), 30, "the respawned workers to serve")
+    r = run.cli("swap", "--json", str(make_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    swap = json.loads(r.stdout.splitlines()[-1])["result"]["swap"]
+    assert swap["details"]["drain"]["timed_out"] is False, swap["details"]["drain"]
+    assert not swap["warnings"], swap["warnings"]
+    assert serves(run, "v2")
