@@ -279,8 +279,9 @@ def pct(values: list[float], q: float) -> float | None:
 
 def torn(m: Measured) -> tuple[int, float]:
     """Answers from the old build to requests sent after the first answer from the new build
-    arrived (on any client), and the longest window from that first answer to such an answer.
-    A request sent before that moment may still answer from the old build: it was routed before."""
+    arrived (on any client), and the longest window from that first answer to the sending of
+    such a request: how long a new request could still get the old build. A request sent
+    before that moment may still answer from the old build: it was routed before."""
     count, window = 0, 0.0
     for i, (begin, _) in enumerate(m.windows):
         old, new = m.versions[i % 2], m.versions[(i + 1) % 2]
@@ -288,9 +289,9 @@ def torn(m: Measured) -> tuple[int, float]:
         first_new = min((r.end for r in m.results if r.version == new and r.start >= begin), default=None)
         if first_new is None:
             continue
-        late = [r.end for r in m.results if r.version == old and first_new < r.start < until]
+        late = [r.start for r in m.results if r.version == old and first_new < r.start < until]
         count += len(late)
-        window = max([window, *(end - first_new for end in late)])
+        window = max([window, *(sent - first_new for sent in late)])
     return count, window
 
 

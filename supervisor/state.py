@@ -70,7 +70,12 @@ class State:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
-        return (json.dumps({"version": VERSION, **asdict(self)}, indent=2) + "\n").encode()
+        # Written at every swap phase: asdict would deep-copy every event and record first
+        # (most of the cost); the lists and dicts here are JSON-ready and only read.
+        obj = {"version": VERSION, "active": _plain(self.active), "previous_build": self.previous_build,
+               "last_swap": self.last_swap, "history": self.history, "swap": _plain(self.swap), "nginx": self.nginx,
+               "events": self.events}
+        return (json.dumps(obj, indent=2) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "State":
@@ -180,3 +185,7 @@ class Ledger:
 
     def nginx_stopped(self) -> None:
         self.state.nginx = None
+
+
+def _plain(record: SlotState | InterruptedSwap | None) -> dict[str, Any] | None:
+    return asdict(record) if record is not None else None

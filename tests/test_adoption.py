@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from supervisor.adoption import Action, Adoption, decide
 from supervisor.state import InterruptedSwap, SlotState, State
 
@@ -60,3 +62,16 @@ def test_everything_dead_but_a_leftover_starts_fresh_and_stops_the_leftover() ->
 def test_nothing_alive_after_an_interrupted_first_recording_starts_fresh_and_searches() -> None:
     d = decide(State(active=BLUE, swap=swap("start", standby=None)), alive=set())
     assert d == Adoption(Action.FRESH, None, (), unrecorded_slot="green")
+
+
+def test_the_state_file_round_trips_every_field() -> None:
+    """What decide() reads must survive the write: every field of State, nested records included."""
+    from dataclasses import asdict, fields
+
+    state = State(active=GREEN, previous_build="/b/1", last_swap={"build": "/b/2", "durations": {"ready": 0.1}},
+                  history=[{"build": "/b/2"}], swap=swap("drain"), nginx={"pid": 9, "create_time": 3.0},
+                  events=[{"at": 1.0, "event": "crash"}])
+    written = json.loads(state.to_json())
+    assert set(written) == {"version"} | {f.name for f in fields(State)}
+    assert State.from_json(state.to_json()) == state
+    assert {k: v for k, v in written.items() if k != "version"} == asdict(state)
