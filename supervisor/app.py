@@ -116,8 +116,8 @@ class App:
         alive = {s.pid for s in saved if slots.adopt_state(s, self.state_dir) is not None}
         decision = adoption.decide(state, alive)
         if state.swap is not None:
-            log.warning("a %s to %s was interrupted in phase %s: %s", state.swap.reason, state.swap.build,
-                        state.swap.phase, decision.action)
+            log.warning("a %s to %s was interrupted (last step recorded: %s): %s", state.swap.reason,
+                        state.swap.build, state.swap.phase, decision.action)
         leftovers = [p for p in (slots.adopt_state(s, self.state_dir) for s in decision.retire) if p is not None]
         if decision.unrecorded_slot:  # killed between spawning a standby and recording it
             leftovers += slots.find_ours(self.state_dir, decision.unrecorded_slot,
@@ -205,7 +205,7 @@ class App:
         record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
         self.swap = record
         log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)
-        self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), self._emitter(plan, record, reply),
+        self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), self._emitter(plan, reply),
                                                         record))
         handed_over = False
         try:
@@ -239,24 +239,23 @@ class App:
         if self.ledger.unsaved and not self.ledger.retry():
             raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
 
-    def _emitter(self, plan: Plan[slots.AppProcess], record: SwapRecord, reply: Reply) -> Callable[[dict[str, Any]], None]:
+    def _emitter(self, plan: Plan[slots.AppProcess], reply: Reply) -> Callable[[dict[str, Any]], None]:
         old = plan.old
         assert old is not None
 
         def emit(event: dict[str, Any]) -> None:
             _log_phase(event)
             name, status = event["event"], event.get("status")
-            if (name, status) == ("start", "done") or (status == "begin" and Phase(name).persisted):
-                # Before each step that changes processes or traffic: a daemon killed right after
-                # can tell what to finish or undo. The new process: the standby until commit.
+            if status in ("begin", "done") and Phase(name).persisted:
+                # What a daemon killed mid-swap needs to finish or undo it: the slot about to be
+                # started, then the new process (the standby until commit). Other phases change
+                # neither, so they cost no write; commit's own write records it committed.
                 new = self.standby or (self.active if self.active is not old else None)
                 self.ledger.swap_progress(InterruptedSwap(name, plan.reason, str(plan.build), slot_state(old),
                                                           slot_state(new) if new else None))
-                # Progress is for a daemon killed mid-swap, whose processes outlive it; a power loss
-                # ends them all, so no fsync (commit's own write, which names the build, has one).
-                if record.committed:  # after commit a failed write must not stop the old build's exit
-                    self.ledger.save_quietly(durable=False)
-                else:
+                if name == Phase.START.value:
+                    # No fsync: this is for a daemon killed while its processes run on; a power
+                    # loss ends them all (commit's write, which names the build, has one).
                     self.ledger.save(durable=False)
             reply(event)
 

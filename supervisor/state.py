@@ -43,8 +43,9 @@ class SlotState:
 
 @dataclass
 class InterruptedSwap:
-    """A swap in progress, written before each step that changes processes or traffic, so a
-    daemon killed mid-swap can finish or undo it on restart."""
+    """A swap in progress, written when the standby's slot and then its process are known (and
+    with the commit), so a daemon killed mid-swap can finish or undo it on restart. `phase` is
+    the last step recorded (start or commit)."""
 
     phase: str
     reason: str

@@ -44,8 +44,11 @@ class Phase(str, enum.Enum):
 
     @property
     def persisted(self) -> bool:
-        """Its start is written to state.json: it changes processes or traffic."""
-        return self is not Phase.PREPARE
+        """It changes what a daemon killed mid-swap must finish or undo, so state.json records
+        it: start (its slot at the begin, its process at the end), commit (by its own write).
+        Ready and switch leave the standby to stop or keep (the switch is redone either way);
+        drain and stop follow a recorded commit."""
+        return self in (Phase.START, Phase.COMMIT)
 
     @property
     def traffic_moved(self) -> bool:

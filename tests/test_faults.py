@@ -78,7 +78,8 @@ def test_repeated_crashes_back_off_then_stop_in_a_failed_state(make_daemon, rele
 
 
 def test_standby_that_exits_right_after_ready_fails_the_swap(make_daemon, releases: Path) -> None:
-    run = make_daemon()
+    listen = free_ports(1)[0]
+    run = make_daemon(listen=listen, nginx=managed_nginx(listen, "reload"))
     r = run.cli("swap", str(make_build(releases, "quitter", server_js=EXITS_AFTER_FIRST_HEALTH)))
     assert r.returncode == 1
     assert "[app_exited]" in r.stderr and "exited with code 4" in r.stderr
@@ -86,6 +87,36 @@ def test_standby_that_exits_right_after_ready_fails_the_swap(make_daemon, releas
     # dead standby still answers (502) for nginx's 100 ms before it is told to quit.
     wait_until(lambda: serves(run, "v1"), 30, "the old build to serve")
     assert run.status()["active"]["slot"] == "blue"
+
+
+def test_with_the_runtime_switch_a_standby_dying_right_after_ready_is_reported_as_it_happened(
+        make_daemon, releases: Path) -> None:
+    """The runtime switch can finish a swap (nothing in flight) within milliseconds, before a
+    build that exits just after its first good answer is seen dead. Whichever way the race
+    goes, the swap says where traffic went."""
+    run = make_daemon()
+    assert run.status()["nginx"]["switch"] == "runtime"
+    r = run.cli("swap", str(make_build(releases, "quitter", server_js=EXITS_AFTER_FIRST_HEALTH)))
+    assert "exited with code 4" in r.stderr, r.stdout + r.stderr
+    if r.returncode == 1:  # seen dead before the old build was stopped
+        assert "[app_exited]" in r.stderr and "traffic moved" not in r.stderr
+        wait_until(lambda: serves(run, "v1"), 30, "the old build to serve")
+    else:  # after: the new build serves no more, and the swap does not pretend otherwise
+        assert r.returncode == 4 and "traffic moved" in r.stderr, r.stdout + r.stderr
+        events = [e["event"] for e in run.status()["events"]]
+        assert "crash" in events, events
+
+
+def test_two_ready_passes_catch_a_standby_dying_right_after_its_first_good_answer(make_daemon,
+                                                                                  releases: Path) -> None:
+    """What the README advises for builds that may die right after their first good answer:
+    app.ready.passes = 2 catches them before any switch, in either mode."""
+    run = make_daemon(ready='url = "http://127.0.0.1:{port}/health"\ntimeout = 30\ninterval = 0.05\npasses = 2')
+    r = run.cli("swap", str(make_build(releases, "quitter", server_js=EXITS_AFTER_FIRST_HEALTH)))
+    assert r.returncode == 1 and "exited with code 4" in r.stderr, r.stdout + r.stderr
+    assert "traffic moved" not in r.stderr
+    assert run.status()["last_swap"]["traffic"] == "unchanged"
+    assert serves(run, "v1")
 
 
 def test_old_app_ignoring_sigterm_is_killed_with_its_whole_tree(make_daemon, releases: Path) -> None:

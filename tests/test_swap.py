@@ -222,7 +222,7 @@ def test_nginx_error_keeps_its_code() -> None:
 
 def test_each_phase_says_whether_it_can_be_cancelled_is_persisted_and_follows_the_switch() -> None:
     assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "switch"]
-    assert [p.value for p in ORDER if not p.persisted] == ["prepare"]
+    assert [p.value for p in ORDER if p.persisted] == ["start", "commit"]
     assert [p.value for p in ORDER if p.traffic_moved] == ["commit", "drain", "stop"]
     # cancellable and traffic-moved split the sequence at the switch: nothing is both, nothing neither
     assert all(p.cancellable != p.traffic_moved for p in ORDER)
