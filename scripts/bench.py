@@ -485,7 +485,7 @@ class Bench:
         return m
 
     async def soak(self) -> dict[str, Any]:
-        run = self.start_daemon(self.fast, "soak")
+        run = self.start_daemon(self.fast, "soak", switch="auto")  # what a default config gets
         proc = psutil.Process(run.proc.pid)
         start = {"rss_mb": proc.memory_info().rss / 2**20, "fds": proc.num_fds()}
         m = await measure("soak", run.listen_port, 50, self.args.soak, 0.0,
@@ -494,7 +494,14 @@ class Bench:
         run.stop()
         self.daemon = None
         s = summarize(m)
+        swaps = [info["swap"] for info in m.releases]
+        switch = [x["durations"]["switch"] * 1000 for x in swaps]
+        overhead = [(x["finished_at"] - x["started_at"] - x["durations"]["ready"] - x["durations"]["drain"]) * 1000
+                    for x in swaps]
         return {"swaps": self.args.soak, "requests": s["requests"], "failed": s["failed"],
+                "switch_mode": swaps[0]["details"]["switch"].get("mode", "reload") if swaps else None,
+                "switch_ms_p50": pct(switch, 50), "switch_ms_p95": pct(switch, 95),
+                "overhead_ms_p50": pct(overhead, 50), "overhead_ms_p95": pct(overhead, 95),
                 "failed_by_kind": s["failed_by_client"]["fresh"], "start": start, "end": end,
                 "rss_growth_mb": end["rss_mb"] - start["rss_mb"], "fd_growth": end["fds"] - start["fds"]}
 
@@ -604,7 +611,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"CPU {f['swaps_cpu_percent']:.1f}%")
     s = report.get("soak")
     if s:
-        print(f"soak: {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed {kinds(s['failed_by_kind'])}; "
+        print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
+              f"{kinds(s['failed_by_kind'])}; switch p50/p95 {fmt(s['switch_ms_p50'], ' ms', 2)} / "
+              f"{fmt(s['switch_ms_p95'], ' ms', 2)}, overhead p50/p95 {fmt(s['overhead_ms_p50'], ' ms', 1)} / "
+              f"{fmt(s['overhead_ms_p95'], ' ms', 1)}; "
               f"daemon RSS {s['start']['rss_mb']:.1f} -> {s['end']['rss_mb']:.1f} MB ({s['rss_growth_mb']:+.1f}, target <= 5), "
               f"fds {s['start']['fds']} -> {s['end']['fds']} ({s['fd_growth']:+d}, target 0)")
     sc = report.get("scale")
