@@ -114,8 +114,15 @@ class RuntimeSwitch:
                 e.message += (f"; the runtime switch needs nginx's lua module loaded{self.hint or ''}: apt-get install "
                               "libnginx-mod-http-lua (Debian's nginx loads it from /etc/nginx/modules-enabled/), "
                               'or set nginx.switch = "reload"')
+            elif "is not allowed here" in e.message:
+                e.message += (f"; include {self.reloader.upstream.path} once, directly in the http block "
+                              "(outside any server or location)")
             raise
         await self._set(port)  # a reload keeps the live table: make sure it names `port`
+        try:  # a socket the reload created is 0666 (nginx's choice); its 0700 directory guards it too
+            self.control_path.chmod(0o600)
+        except OSError:
+            pass  # not ours to change (your nginx's root master made it)
         return result
 
     async def routed_port(self) -> int | None:

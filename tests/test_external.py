@@ -245,3 +245,20 @@ def test_runtime_switch_in_a_users_nginx_without_the_module_fails_at_start_and_c
     assert "apt-get install libnginx-mod-http-lua" in out and 'nginx.switch = "reload"' in out, out  # the fix
     assert upstream.read_bytes() == before  # the user's nginx still routes as before
     assert http_get(system_nginx["listen"], "/")[0] == 502  # ... to the blue port, which nothing serves now
+
+
+@pytest.mark.lua
+def test_runtime_part_included_inside_a_server_block_is_refused_with_where_to_put_it(
+        make_daemon, system_nginx, releases: Path) -> None:
+    conf: Path = system_nginx["conf"]
+    prefix = system_nginx["prefix"]
+    text = conf.read_text().replace(f"    include {prefix}/conf.d/*.conf;\n", "")
+    conf.write_text(text.replace("        location / {", f"        include {prefix}/conf.d/*.conf;\n        location / {{", 1))
+    upstream = prefix / "conf.d" / "upstream.conf"
+    before = upstream.read_bytes()
+    run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"', wait=False)
+    assert run.proc is not None
+    wait_until(lambda: run.proc.poll() is not None, 60, "the daemon to give up", run.output)
+    out = run.output()
+    assert "is not allowed here" in out and "directly in the http block" in out, out
+    assert upstream.read_bytes() == before
