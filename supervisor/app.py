@@ -21,7 +21,7 @@ from .nginx_process import ManagedNginx
 from . import proxy
 from .slotops import SlotOps
 from .state import DaemonStatus, InterruptedSwap, Ledger, SlotState, StateStore
-from .swap import Phase, Plan, SwapRecord, run_swap
+from .swap import RELEASES, Phase, Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")
 Reply = Callable[[dict[str, Any]], None]
@@ -201,7 +201,7 @@ class App:
         assert old is not None
         slot = other_slot(old.slot)
         plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason,
-                    old_build=old.build)
+                    old_build=old.build, checks=reason in RELEASES and bool(self.config.release.checks))
         record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
         self.swap = record
         log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)

@@ -85,6 +85,9 @@ def _describe(event: dict[str, Any]) -> str:
         return f"pid {event['pid']}, log {event['log']}"
     if name == "ready":
         return f"{event['target']} ({event['checks']} checks)"
+    if name == "check":
+        lines = [f"{c['check']}: HTTP {c['status']} ({c['ms']:.0f}ms) ok" for c in event["checks"]]
+        return "\n           ".join(lines)
     if name == "switch" and "set" in event:
         return f"nginx -> :{event['port']} (routing table set and read back in {event['set'] * 1000:.1f}ms, no reload)"
     if name == "switch" and "test" in event:
@@ -138,6 +141,9 @@ def print_error(final: dict[str, Any], quiet: bool = False) -> int:
     if not quiet:
         phase = f" in phase {e['phase']}" if e.get("phase") else ""
         err(f"failed{phase} [{e.get('code')}]: {e.get('message')}")
+        for r in e.get("results") or []:  # smoke checks: one line each
+            got = f"HTTP {r['status']}" if r["status"] is not None else r["got"]
+            err(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['check']}: {got} (expected HTTP {r['expected']})")
         if e.get("traffic") in TRAFFIC:
             err(TRAFFIC[e["traffic"]])
     if e.get("code") in ("bad_request", "config"):

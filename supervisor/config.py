@@ -158,6 +158,48 @@ class Key:
     help: str = ""
 
 
+def _tables(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise ValueError("expected a list of tables ([[...]] blocks)")
+    return v
+
+
+CHECK_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+CHECK_KEYS: dict[str, Any] = {"method": "GET", "path": None, "status": 200, "body": None, "headers": {}, "timeout": 5.0}
+
+
+def _parse_checks(tables: list[dict[str, Any]], problems: list[str]) -> list[CheckConfig]:
+    """Each [[release.checks]] entry, every problem named by its index and key."""
+    checks = []
+    for i, t in enumerate(tables):
+        where, bad = f"release.checks[{i}]", len(problems)
+        for key in t:
+            if key not in CHECK_KEYS:
+                problems.append(f"{where}.{key}: unknown key (known: {', '.join(CHECK_KEYS)})")
+        v = {**CHECK_KEYS, **t}
+        method = v["method"]
+        if not isinstance(method, str) or method.upper() not in CHECK_METHODS:
+            problems.append(f"{where}.method: one of {', '.join(CHECK_METHODS)}, got {method!r}")
+        if not isinstance(v["path"], str) or not v["path"].startswith("/") or any(c in v["path"] for c in " \r\n"):
+            problems.append(f"{where}.path: required, a path on the app starting with / (no spaces), "
+                            f"got {v['path']!r}")
+        if isinstance(v["status"], bool) or not isinstance(v["status"], int) or not 100 <= v["status"] <= 599:
+            problems.append(f"{where}.status: the expected HTTP status (100-599), got {v['status']!r}")
+        if v["body"] is not None and not isinstance(v["body"], str):
+            problems.append(f"{where}.body: a string the answer must contain, got {v['body']!r}")
+        headers = v["headers"]
+        if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in
+                                                    headers.items()):
+            problems.append(f"{where}.headers: a table of strings, got {headers!r}")
+        timeout = v["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            problems.append(f"{where}.timeout: seconds, a positive number, got {timeout!r}")
+        if len(problems) == bad:
+            checks.append(CheckConfig(method.upper(), v["path"], v["status"], v["body"], dict(headers),
+                                      float(timeout)))
+    return checks
+
+
 SCHEMA: dict[str, tuple[Key, ...]] = {
     "daemon": (
         Key("socket", _optional_str, None, "control socket path (default: <state_dir>/bluegreen.sock)"),
@@ -201,6 +243,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "app.stop": (
         Key("signal", _signal, "SIGTERM", "signal sent to the old app's process group"),
         Key("timeout", _positive, 30.0, "seconds to wait before SIGKILL of the whole tree"),
+    ),
+    "release": (
+        Key("checks", _tables, [], "smoke checks ([[release.checks]]) run against the standby's own port after "
+            "it is ready, before any traffic moves; one failing stops the swap"),
     ),
     "drain": (
         Key("timeout", _positive, 30.0, "the longest an old slot keeps serving after the switch"),
@@ -272,6 +318,27 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class CheckConfig:
+    """One smoke check: `method path` on the standby must answer `status` (and contain `body`)."""
+
+    method: str
+    path: str
+    status: int = 200
+    body: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 5.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    checks: tuple[CheckConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class StopConfig:
     signal: signal.Signals
     timeout: float
@@ -325,6 +392,7 @@ class Config:
     app: AppConfig
     drain: DrainConfig
     nginx: NginxConfig
+    release: ReleaseConfig = ReleaseConfig()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -456,6 +524,7 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
                 problems.append(f"daemon.{key}: no such group {name!r}")
     _check_app(a, r, v["app.health"], path, problems)
     _check_nginx(n, a, d, path, data, problems)
+    v["release"]["checks"] = _parse_checks(v["release"].get("checks", []), problems)
 
 
 def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Path, problems: list[str]) -> None:
@@ -563,6 +632,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
+        release=ReleaseConfig(checks=tuple(v["release"]["checks"])),
         nginx=NginxConfig(
             mode=n["mode"],
             switch=n["switch"] or ("auto" if n["mode"] == "managed" else "reload"),

@@ -11,6 +11,7 @@
     │   │                          not_ready       the readiness check never passed in time
     │   │                          start_failed    the command could not be executed at all
     │   └── AppDied                app_exited      the new build died while the old one drained
+    ├── ChecksFailed               checks_failed   a smoke check ([[release.checks]]) failed on the standby
     ├── NginxError                 nginx_test_failed      `nginx -t` rejected the config
     │                              nginx_reload_failed    the reload was not confirmed
     │                              nginx_down             the master is not running
@@ -87,6 +88,10 @@ class AppError(BluegreenError):
 
 class AppDied(AppError):
     """The new build died after the switch, while the old one was still draining."""
+
+
+class ChecksFailed(BluegreenError):
+    code = "checks_failed"
 
 
 class NginxError(BluegreenError):

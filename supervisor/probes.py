@@ -1,4 +1,5 @@
-"""Readiness: is the standby really serving? An HTTP check (2xx) or a TCP connect.
+"""Readiness: is the standby really serving? An HTTP check (2xx) or a TCP connect. And the
+smoke checks a release runs on the ready standby before anything routes to it.
 
 The probe races the process: if the app exits while we poll, we fail at once with its
 exit status instead of waiting out the timeout.
@@ -11,12 +12,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import aiofiles
 import httpx
 
-from .config import ReadyConfig
-from .errors import AppError
+from .config import CheckConfig, ReadyConfig
+from .errors import AppError, ChecksFailed
 from .slots import AppProcess, describe_exit, exit_hint, log_tail
 
 ATTEMPT_TIMEOUT = 2.0
@@ -140,3 +142,50 @@ async def alive(url: str, timeout: float) -> tuple[bool, str]:
     """One liveness check of a running app: 2xx within `timeout` (a hung process never answers)."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), trust_env=False) as client:
         return await _http_ok(client, url, None)
+
+
+async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str, Any]]:
+    """Every smoke check against the app on `port` (not through nginx), in order; one result
+    each: what it asked, what it got, and whether that was what it expected."""
+    results = []
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
+        for check in checks:
+            began = time.monotonic()
+            result: dict[str, Any] = {"check": check.name, "expected": check.status}
+            try:
+                r = await client.request(check.method, f"http://127.0.0.1:{port}{check.path}",
+                                         headers=dict(check.headers), timeout=check.timeout)
+                text = r.text
+                result.update(status=r.status_code, got=_first(text))
+                ok = r.status_code == check.status and (check.body is None or check.body in text)
+                if r.status_code == check.status and not ok:
+                    result["missing"] = check.body
+            except httpx.TimeoutException:
+                result.update(status=None, got=f"no answer within {check.timeout:g}s")
+                ok = False
+            except httpx.HTTPError as e:
+                result.update(status=None, got=f"{type(e).__name__}: {e}"[:120])
+                ok = False
+            result.update(ok=ok, ms=round((time.monotonic() - began) * 1000, 1))
+            results.append(result)
+    return results
+
+
+def _first(text: str, limit: int = 80) -> str:
+    """The first bytes of an answer, on one line, for an error message."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"
+
+
+def checks_failed(results: list[dict[str, Any]]) -> ChecksFailed | None:
+    """The error naming each failed check with what it got; None if all passed."""
+    failed = [r for r in results if not r["ok"]]
+    if not failed:
+        return None
+    parts = []
+    for r in failed:
+        got = f"HTTP {r['status']} {r['got']!r}" if r["status"] is not None else r["got"]
+        want = f"HTTP {r['expected']}" + (f" containing {r['missing']!r}" if r.get("missing") else "")
+        parts.append(f"{r['check']}: expected {want}, got {got}")
+    return ChecksFailed(f"{len(failed)} of {len(results)} smoke check(s) failed on the standby, which was stopped; "
+                        "traffic is unchanged: " + "; ".join(parts), results=results, traffic="unchanged")

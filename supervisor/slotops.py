@@ -44,6 +44,13 @@ class SlotOps:
         r = await probes.wait_ready(standby, ready, self.app.launcher.url(ready.url, standby))
         return {"checks": r.checks, "target": r.target, "log_line": r.log_line}
 
+    async def check(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        results = await probes.run_checks(standby.port, self.cfg.release.checks)
+        failed = probes.checks_failed(results)
+        if failed is not None:
+            raise failed
+        return {"checks": results}
+
     async def switch(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         if not standby.alive():
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} right after it "

@@ -1,6 +1,6 @@
 """The swap as an explicit sequence of named phases, apart from the I/O that carries it out.
 
-    prepare -> start -> ready -> switch -> commit -> drain -> stop
+    prepare -> start -> ready -> [check] -> switch -> commit -> drain -> stop
 
 Until `commit`, every failure leaves traffic where it was: the standby is stopped and
 nginx keeps (or gets back) the old upstream; if nginx cannot be switched back, the standby
@@ -29,6 +29,7 @@ class Phase(str, enum.Enum):
     PREPARE = "prepare"
     START = "start"
     READY = "ready"
+    CHECK = "check"  # smoke checks on the standby's own port: only when a release configures them
     SWITCH = "switch"
     COMMIT = "commit"
     DRAIN = "drain"
@@ -40,7 +41,7 @@ class Phase(str, enum.Enum):
     @property
     def cancellable(self) -> bool:
         """Before commit a swap can be undone without touching traffic (`bluegreen cancel`)."""
-        return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.SWITCH)
+        return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.CHECK, Phase.SWITCH)
 
     @property
     def persisted(self) -> bool:
@@ -70,6 +71,7 @@ class Plan(Generic[Old]):
     old: Old | None
     reason: str = "swap"  # swap | rollback (releases a user asked for) | restart | recover
     old_build: Path | None = None
+    checks: bool = False  # run the smoke checks before the switch
 
     @property
     def is_release(self) -> bool:
@@ -111,6 +113,8 @@ class SwapOps(Protocol[Standby, Old]):
     async def prepare(self, plan: Plan[Old]) -> dict[str, Any]: ...
     async def start(self, plan: Plan[Old]) -> tuple[Standby, dict[str, Any]]: ...
     async def wait_ready(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Raises ChecksFailed naming every failed check; nothing routes to the standby yet.
+    async def check(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Must leave nginx on the old upstream if it raises.
     async def switch(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # True once nginx sends traffic to the old slot again; False if it could not be switched back.
@@ -207,6 +211,8 @@ async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standb
     standby, _ = await phase(Phase.START, lambda: ops.start(plan))
     try:
         await phase(Phase.READY, lambda: ops.wait_ready(plan, standby))
+        if plan.checks:
+            await phase(Phase.CHECK, lambda: ops.check(plan, standby))
         await phase(Phase.SWITCH, lambda: ops.switch(plan, standby))
     except BaseException:
         # Nothing served from the standby yet (switch restores the old upstream itself).

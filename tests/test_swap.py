@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from supervisor.errors import AppDied, AppError, BluegreenError, NginxError, StateError
+from supervisor.errors import AppDied, AppError, BluegreenError, ChecksFailed, NginxError, StateError
 from supervisor.swap import ORDER, Phase, Plan, SwapRecord, run_swap
 
 
@@ -45,6 +46,10 @@ class FakeOps:
     async def wait_ready(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("ready")
         return {}
+
+    async def check(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("check")
+        return {"checks": []}
 
     async def switch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("switch")
@@ -102,13 +107,17 @@ def run_failing(ops: FakeOps) -> tuple[SwapRecord, BluegreenError]:
     return rec, e.value
 
 
+WITHOUT_CHECKS = [p for p in ORDER if p is not Phase.CHECK]
+
+
 def test_phases_run_in_order_and_each_emits_begin_and_done() -> None:
     ops, events = FakeOps(), []
     rec = run(ops, events)
-    assert ops.calls == [p.value for p in ORDER]
-    assert [(e["event"], e["status"]) for e in events] == [(p.value, s) for p in ORDER for s in ("begin", "done")]
+    assert ops.calls == [p.value for p in WITHOUT_CHECKS]  # no smoke checks configured: no check phase
+    assert [(e["event"], e["status"]) for e in events] == [(p.value, s) for p in WITHOUT_CHECKS
+                                                           for s in ("begin", "done")]
     assert rec.outcome == "done" and rec.error is None
-    assert list(rec.durations) == [p.value for p in ORDER]
+    assert list(rec.durations) == [p.value for p in WITHOUT_CHECKS]
     assert events[1]["port"] == 8002  # details of a phase ride on its done event
 
 
@@ -221,8 +230,26 @@ def test_nginx_error_keeps_its_code() -> None:
 
 
 def test_each_phase_says_whether_it_can_be_cancelled_is_persisted_and_follows_the_switch() -> None:
-    assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "switch"]
+    assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "check", "switch"]
     assert [p.value for p in ORDER if p.persisted] == ["start", "commit"]
     assert [p.value for p in ORDER if p.traffic_moved] == ["commit", "drain", "stop"]
     # cancellable and traffic-moved split the sequence at the switch: nothing is both, nothing neither
     assert all(p.cancellable != p.traffic_moved for p in ORDER)
+
+
+def test_smoke_checks_run_between_ready_and_switch() -> None:
+    ops = FakeOps()
+    rec = SwapRecord(build="/b/2", to_slot="green", to_port=8002, from_slot="blue", reason="swap")
+    asyncio.run(run_swap(replace(PLAN, checks=True), ops, lambda _: None, rec))
+    assert ops.calls == [p.value for p in ORDER]
+    assert "check" in rec.durations
+
+
+def test_a_failed_smoke_check_stops_the_standby_before_any_switch() -> None:
+    ops = FakeOps(fail={"check": ChecksFailed("1 of 1 smoke check(s) failed")})
+    rec = SwapRecord(build="/b/2", to_slot="green", to_port=8002, from_slot="blue", reason="swap")
+    with pytest.raises(ChecksFailed) as e:
+        asyncio.run(run_swap(replace(PLAN, checks=True), ops, lambda _: None, rec))
+    assert ops.calls == ["prepare", "start", "ready", "check", "discard(drain=False)"]
+    assert ops.upstream == "old" and rec.traffic == "unchanged" and e.value.details["traffic"] == "unchanged"
+    assert rec.error is not None and rec.error["code"] == "checks_failed" and rec.error["phase"] == "check"
