@@ -153,14 +153,12 @@ async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str,
             began = time.monotonic()
             result: dict[str, Any] = {"check": check.name, "expected": check.status}
             try:
-                r = await client.request(check.method, f"http://127.0.0.1:{port}{check.path}",
-                                         headers=dict(check.headers), timeout=check.timeout)
-                text = r.text
-                result.update(status=r.status_code, got=_first(text))
-                ok = r.status_code == check.status and (check.body is None or check.body in text)
-                if r.status_code == check.status and not ok:
+                status, text = await asyncio.wait_for(_ask(client, port, check), check.timeout)
+                result.update(status=status, got=_first(text))
+                ok = status == check.status and (check.body is None or check.body in text)
+                if status == check.status and not ok:
                     result["missing"] = check.body
-            except httpx.TimeoutException:
+            except (httpx.TimeoutException, asyncio.TimeoutError):
                 result.update(status=None, got=f"no answer within {check.timeout:g}s")
                 ok = False
             except httpx.HTTPError as e:
@@ -169,6 +167,21 @@ async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str,
             result.update(ok=ok, ms=round((time.monotonic() - began) * 1000, 1))
             results.append(result)
     return results
+
+
+CHECK_BODY_LIMIT = 65536  # a check reads this much of an answer at most (a huge page cannot fill the daemon)
+
+
+async def _ask(client: httpx.AsyncClient, port: int, check: CheckConfig) -> tuple[int, str]:
+    """One check's request; its status and the start of its body."""
+    url = f"http://127.0.0.1:{port}{check.path}"
+    async with client.stream(check.method, url, headers=dict(check.headers), timeout=check.timeout) as r:
+        data = b""
+        async for chunk in r.aiter_bytes():  # decoded (gzip), as a browser would read it
+            data += chunk
+            if len(data) >= CHECK_BODY_LIMIT:
+                break
+        return r.status_code, data[:CHECK_BODY_LIMIT].decode(r.encoding or "utf-8", "replace")
 
 
 def _first(text: str, limit: int = 80) -> str:

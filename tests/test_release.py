@@ -60,3 +60,54 @@ def test_a_bad_smoke_check_is_a_config_error_naming_its_key(short_tmp: Path) -> 
     assert r.returncode == 2, r.stdout + r.stderr
     assert "release.checks[0].method: one of GET, HEAD" in r.stderr and "got 'FETCH'" in r.stderr
     assert "release.checks[1].path" in r.stderr and "release.checks[1].status" in r.stderr
+
+
+def serve_once(handler) -> int:  # type: ignore[no-untyped-def]
+    """A one-connection-at-a-time HTTP server on a free loopback port, in a thread."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    handler(conn)
+                except OSError:
+                    pass
+
+    threading.Thread(target=loop, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_a_check_reads_a_bounded_answer_and_a_trickle_times_out() -> None:
+    """A huge page cannot fill the daemon, and a server that trickles bytes cannot hold the
+    swap past the check's own timeout."""
+    import asyncio
+    import time
+
+    from supervisor.config import CheckConfig
+    from supervisor.probes import CHECK_BODY_LIMIT, run_checks
+
+    big = b"x" * (4 * CHECK_BODY_LIMIT) + b"END"
+    huge = serve_once(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big))
+
+    def trickle(c) -> None:  # type: ignore[no-untyped-def]
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(100):
+            c.sendall(b"x")
+            time.sleep(0.1)
+
+    slow = serve_once(trickle)
+    [r] = asyncio.run(run_checks(huge, [CheckConfig("GET", "/", body="END")]))
+    assert not r["ok"] and r["status"] == 200 and r["missing"] == "END"  # END lies past what is read
+    [r] = asyncio.run(run_checks(slow, [CheckConfig("GET", "/", timeout=0.5)]))
+    assert not r["ok"] and r["got"] == "no answer within 0.5s"
