@@ -315,6 +315,7 @@ def summarize(m: Measured) -> dict[str, Any]:
         by_client[client] = dict(Counter(r.kind for r in failed if r.client == client))
     steady = [(r.end - r.start) * 1000 for r in ok if not during(r) and not r.slow]
     swapping = [(r.end - r.start) * 1000 for r in ok if during(r) and not r.slow]
+    torn_count, torn_window = torn(m)
     return {
         "approach": m.name,
         "requests": len(m.results),
@@ -326,8 +327,8 @@ def summarize(m: Measured) -> dict[str, Any]:
         "latency_ms": {"steady_p50": pct(steady, 50), "steady_p99": pct(steady, 99),
                        "swap_p50": pct(swapping, 50), "swap_p99": pct(swapping, 99)},
         "release_s_mean": statistics.mean(b - a for a, b in m.windows) if m.windows else None,
-        "torn": torn(m)[0],
-        "torn_window_s": torn(m)[1],
+        "torn": torn_count,
+        "torn_window_s": torn_window,
         "nginx_rss_mb": m.nginx_rss_mb,
     }
 

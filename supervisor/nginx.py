@@ -480,8 +480,9 @@ class ReloadSwitch:
                 )
             await asyncio.sleep(POLL)
 
-    async def let_go(self, deadline: float) -> int:
-        """Wait until every worker that predates the last reload has exited; return how many have not."""
+    async def let_go(self, port: int, deadline: float) -> int:
+        """Wait until every worker that predates the last reload has exited (only those can still
+        send a request to a port no longer in the upstream); return how many have not."""
         left = [p for p in self.old_generation if procs.alive(p)]
         while left and time.monotonic() < deadline:
             await asyncio.sleep(POLL * 2)

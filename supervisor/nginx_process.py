@@ -88,7 +88,7 @@ class ManagedNginx:
 
     async def ensure_config(self) -> bool:
         """Rewrite nginx.conf from the current bluegreen config; True if it changed (a reload is due)."""
-        text = render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode()
+        text = self._conf()
         try:
             if self.conf_path.read_bytes() == text:
                 return False
@@ -96,6 +96,9 @@ class ManagedNginx:
             pass
         atomic_write(self.conf_path, text)
         return True
+
+    def _conf(self) -> bytes:
+        return render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode()
 
     async def _wait_exit(self, timeout: float) -> bool:
         if self.proc is not None:
@@ -119,7 +122,7 @@ class ManagedNginx:
         self._remove_stale_control_socket()
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
-        atomic_write(self.conf_path, render_managed_conf(self.config, self.prefix, self.upstream_path, self.runtime).encode())
+        atomic_write(self.conf_path, self._conf())
         upstream = (render_runtime(self.n.upstream_name, self.route_path, self.control_path) if self.runtime
                     else render_upstream(self.n.upstream_name, port))
         write_upstream(self.upstream_path, upstream.encode())

@@ -32,9 +32,9 @@ class FrontProxy(Protocol):
         """The last `route` will not be undone."""
         ...
 
-    async def let_go(self, deadline: float) -> int:
-        """Wait until the routing before the last `route` can send no more requests; return how
-        many requests (or proxy processes) still held on to it at the deadline."""
+    async def let_go(self, port: int, deadline: float) -> int:
+        """Wait until the proxy can send no more requests to `port` (no longer routed there);
+        return how many requests (or proxy processes) still held on to it at the deadline."""
         ...
 
     async def routed_port(self) -> int | None:

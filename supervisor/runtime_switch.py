@@ -41,7 +41,6 @@ class RuntimeSwitch:
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
         self.text = render_runtime(config.nginx.upstream_name, route, control)
-        self.previous: int | None = None  # the port routed before the last route, until it lets go
         self.undo_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
         self.reloader = ReloadSwitch(config, master, render=lambda port: self.text)
@@ -81,7 +80,7 @@ class RuntimeSwitch:
             self.route_file.restore()
             raise
         before = (previous or b"").strip()
-        self.previous = self.undo_port = int(before) if before.isdigit() else None
+        self.undo_port = int(before) if before.isdigit() else None
         return {"port": port, "write": round(t1 - t0, 4), "set": round(time.monotonic() - t1, 4), "mode": self.mode}
 
     async def route_back(self, port: int) -> dict[str, Any]:
@@ -142,15 +141,12 @@ class RuntimeSwitch:
                              code="nginx_down")
         return sum(max(0, int(n)) for pid, n in counts if is_worker(int(pid)))
 
-    async def let_go(self, deadline: float) -> int:
-        """Wait until nginx counts no request in flight to the port routed before the last route."""
-        old = self.previous
-        if old is None:
-            return 0
-        left = await self._inflight_or_zero(old)
+    async def let_go(self, port: int, deadline: float) -> int:
+        """Wait until nginx counts no request in flight to `port`."""
+        left = await self._inflight_or_zero(port)
         while left and time.monotonic() < deadline:
             await asyncio.sleep(POLL * 2)
-            left = await self._inflight_or_zero(old)
+            left = await self._inflight_or_zero(port)
         return left
 
     async def _inflight_or_zero(self, port: int) -> int:
@@ -175,8 +171,8 @@ class RuntimeSwitch:
             data = await asyncio.wait_for(reader.read(), TIMEOUT)  # HTTP/1.0: nginx closes after the answer
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
-            raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is nginx running, with the lua module loaded{self.hint}?",
-                             code="nginx_down") from None
+            raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is nginx running, with the "
+                             f"lua module loaded{self.hint}?", code="nginx_down") from None
         head, _, text = data.partition(b"\r\n\r\n")
         try:
             status = int(head.split(b" ", 2)[1])

@@ -146,7 +146,11 @@ class SlotOps:
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
         if drain:
-            await self.app.drain(standby.port)
+            result = await self.app.drain(standby.port)
+            if result["timed_out"]:
+                log.warning("drain of standby %s: cut at drain.timeout (%gs): %d connection(s) still open, "
+                            "nginx still holding on (%d)", standby.slot, self.cfg.drain.timeout,
+                            result["connections_cut"], result["old_workers_left"])
         result = await self.app.stop(standby)
         log.info("standby %s (pid %d) %s", standby.slot, standby.pid, result["how"])
         if self.app.standby is standby:

@@ -51,11 +51,6 @@ class Phase(str, enum.Enum):
         drain and stop follow a recorded commit."""
         return self in (Phase.START, Phase.COMMIT)
 
-    @property
-    def traffic_moved(self) -> bool:
-        """When it begins, nginx already sends traffic to the new build."""
-        return self in (Phase.COMMIT, Phase.DRAIN, Phase.STOP)
-
 
 ORDER = tuple(Phase)
 

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
 import psutil
 
@@ -250,7 +250,30 @@ class DaemonRun:
         return pids
 
 
-class Load:
+class ClientThreads:
+    """`clients` threads running `self._client(index)`, started when the block is entered and
+    told to stop (then joined) when it is left."""
+
+    def __init__(self, clients: int) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, index: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+class Load(ClientThreads):
     """Concurrent clients hitting nginx, each request on a fresh connection; counts every failure.
 
     A share of requests is slow (served in `slow_ms`), so some are always in flight at a switch.
@@ -258,29 +281,17 @@ class Load:
 
     def __init__(self, port: int, clients: int = 6, slow_every: int = 10, slow_ms: int = 1000,
                  slow_path: str = "/slow?ms={ms}") -> None:
+        super().__init__(clients)
         self.port = port
         self.slow_path = slow_path
         self.clients = clients
         self.slow_every = slow_every
         self.slow_ms = slow_ms
-        self.stop_flag = threading.Event()
-        self.lock = threading.Lock()
         self.ok = 0
         self.slow_ok = 0
         self.failures: Counter[str] = Counter()
         self.examples: list[str] = []
         self.versions: Counter[str] = Counter()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(30)
 
     @property
     def total(self) -> int:
@@ -288,7 +299,7 @@ class Load:
 
     def _client(self, index: int) -> None:
         n = 0
-        while not self.stop_flag.is_set():
+        while not self.stop.is_set():
             n += 1
             slow = (n + index) % self.slow_every == 0
             path = self.slow_path.format(ms=self.slow_ms) if slow else "/"
@@ -367,29 +378,17 @@ def example_config(example: Path, dest: Path, listen: int, ports: tuple[int, int
     return dest
 
 
-class KeepAlive:
+class KeepAlive(ClientThreads):
     """Clients that each keep one connection open and send a request every few milliseconds;
     every answer is recorded with the times it was asked for and arrived, every failure counted."""
 
     def __init__(self, port: int, clients: int = 3) -> None:
+        super().__init__(clients)
         self.port = port
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
         self.answers: list[tuple[float, float, str]] = []  # (sent, arrived, version)
         self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> "KeepAlive":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-    def _client(self) -> None:
+    def _client(self, index: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         while not self.stop.wait(0.003):
             try:

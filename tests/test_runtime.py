@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import signal
 import socket
 import stat
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import render_config
-from helpers import (DaemonRun, KeepAlive, Load, bluegreen, free_ports, http_get, make_build, managed_nginx,
+from helpers import (ROOT, DaemonRun, KeepAlive, Load, bluegreen, free_ports, http_get, make_build, managed_nginx,
                      wait_until)
 from supervisor import drain
 from supervisor.config import resolve_binary
@@ -185,3 +187,33 @@ def test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up(make_daem
     assert swap["details"]["drain"]["timed_out"] is False, swap["details"]["drain"]
     assert not swap["warnings"], swap["warnings"]
     assert serves(run, "v2")
+
+
+def test_a_commit_that_cannot_be_saved_goes_back_without_waiting_on_the_live_port(make_daemon,
+                                                                                  releases: Path) -> None:
+    """state.json cannot be written at the commit (here: its directory made immutable while the
+    standby boots): traffic goes back to the old build, and the standby's drain waits for
+    nginx to let go of the *standby's* port, not of the port that serves again under load."""
+    if os.geteuid() != 0:
+        pytest.skip("an immutable directory (chattr +i) needs root (CI runs as root)")
+    run = runtime(make_daemon, drain_timeout=20)
+    v2 = make_build(releases, "v2", boot_delay_ms=2000)
+    state_dir = run.dir / "run"
+    with Load(run.listen_port, clients=4, slow_every=2, slow_ms=1000) as load:  # always some in flight
+        wait_until(lambda: load.slow_ok >= 2, 30, "slow requests in flight")
+        swap = subprocess.Popen([sys.executable, "-m", "supervisor", "swap", str(v2), "-c", str(run.config)],
+                                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: ((run.status() or {}).get("swap") or {}).get("phase") == "ready", 30,
+                       "the standby to boot")
+            subprocess.run(["chattr", "+i", str(state_dir)], check=True)
+            out, err = swap.communicate(timeout=120)
+        finally:
+            subprocess.run(["chattr", "-i", str(state_dir)], check=False)
+        after = load.total
+        wait_until(lambda: load.total >= after + 10, 30, "requests after the failed swap")
+    assert swap.returncode == 1, out + err
+    assert "[state_write_failed]" in err and "traffic is back on the old build" in err, err
+    assert serves(run, "v1")
+    assert "drain of standby" not in run.log.read_text()  # it was not cut at drain.timeout
+    assert not load.failures, (load.failures, load.examples)
