@@ -396,27 +396,61 @@ class Bench:
         self.procs.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start_daemon(self, builds: list[Path], name: str, switch: str = "reload") -> DaemonRun:
+    def start_daemon(self, builds: list[Path], name: str, switch: str = "reload", extra: str = "") -> DaemonRun:
         listen, blue, green = free_ports(3)
         d = self.dir / name
         d.mkdir()
         cfg = d / "bluegreen.toml"
         cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=30,
                                      nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1\n'
-                                           f'switch = "{switch}"'))
+                                           f'switch = "{switch}"', extra=extra))
         self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
         return self.daemon
 
     async def swap(self, run: DaemonRun, build: Path) -> dict[str, Any]:
-        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisor", "swap", "--json", "--socket",
-                                                 str(run.socket), str(build), stdout=subprocess.PIPE,
+        result = await self.command(run, "swap", str(build))
+        result["swap"]["from_build"] = str(self.builds[0] if build == self.builds[1] else self.builds[1])
+        return result
+
+    async def command(self, run: DaemonRun, *args: str) -> dict[str, Any]:
+        """One CLI call, as an operator makes it; its result, with its wall-clock time."""
+        t0 = time.monotonic()
+        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisor", *args[:1], "--json", "--socket",
+                                                 str(run.socket), *args[1:], stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE)
         out, err = await p.communicate()
         final = json.loads(out.decode().splitlines()[-1])
         if not final.get("ok"):
-            raise RuntimeError(f"swap failed: {final}")
-        final["result"]["swap"]["from_build"] = str(self.builds[0] if build == self.builds[1] else self.builds[1])
-        return final["result"]
+            raise RuntimeError(f"{args[0]} failed: {final}")
+        final["result"]["cli_s"] = time.monotonic() - t0
+        return final["result"]  # type: ignore[no-any-return]
+
+    async def rollbacks(self, keep_warm: float) -> dict[str, Any]:
+        """Release v2, then roll back to v1, under load; with keep_warm the rollback reuses the
+        still-running v1 (one routing change), without it v1 starts afresh (boot, readiness)."""
+        run = self.start_daemon(self.builds, f"rollback-{keep_warm:g}", "runtime",
+                                extra=f"[release]\nkeep_warm = {keep_warm:g}")
+
+        async def release_and_back(i: int) -> dict[str, Any]:
+            await self.swap(run, self.builds[1])
+            return await self.command(run, "rollback")
+
+        m = await measure(f"rollback (keep_warm {keep_warm:g})", run.listen_port, self.args.rate, self.args.releases,
+                          self.args.gap, release_and_back)
+        run.stop()
+        self.daemon = None
+        swaps = [info["swap"] for info in m.releases]
+        total = [(x["finished_at"] - x["started_at"]) * 1000 for x in swaps]
+        drain = [x["durations"]["drain"] * 1000 for x in swaps]
+        s = summarize(m)
+        return {"keep_warm": keep_warm, "warm_used": sum(1 for x in swaps if x["details"].get("warm")),
+                "rollbacks": len(swaps), "requests": s["requests"], "failed": s["failed"],
+                "rollback_ms_mean": statistics.mean(total), "cli_ms_mean": statistics.mean(r["cli_s"] * 1000
+                                                                                          for r in m.releases),
+                "switch_ms_mean": statistics.mean(x["durations"]["switch"] * 1000 for x in swaps),
+                "drain_ms_mean": statistics.mean(drain),
+                "without_drain_ms_mean": statistics.mean(t - d for t, d in zip(total, drain)),
+                "without_drain_ms_max": max(t - d for t, d in zip(total, drain))}
 
     async def bluegreen(self, switch: str = "reload") -> tuple[Measured, dict[str, Any]]:
         run = self.start_daemon(self.builds, f"bluegreen-{switch}", switch)
@@ -610,6 +644,17 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"daemon footprint ({name}): idle {f['idle_seconds']:g} s: RSS {f['idle_rss_mb']:.1f} MB, CPU {f['idle_cpu_percent']:.2f}% "
               f"(targets 40 MB, 0.5%) | during swaps under load: RSS max {f['swaps_rss_mb_max']:.1f} MB, "
               f"CPU {f['swaps_cpu_percent']:.1f}%")
+    rb = report.get("rollback")
+    if rb:
+        print("\n| rollback (runtime switch, under load) | used the warm build | failed | rollback | without the drain "
+              "(mean / max) | switch | drain | CLI call |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rb:
+            name = f"warm (keep_warm = {r['keep_warm']:g})" if r["keep_warm"] else "cold (keep_warm = 0)"
+            print(f"| {name} | {r['warm_used']} of {r['rollbacks']} | {r['failed']} of {r['requests']} "
+                  f"| {r['rollback_ms_mean']:.0f} ms | {r['without_drain_ms_mean']:.1f} / {r['without_drain_ms_max']:.1f} ms "
+                  f"| {r['switch_ms_mean']:.2f} ms | {r['drain_ms_mean']:.0f} ms | {r['cli_ms_mean']:.0f} ms |")
+        print("  target: a warm rollback <= 50 ms plus the drain")
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -640,7 +685,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     bench = Bench(args)
     try:
-        if not args.only_soak and not args.only_scale:
+        if not args.only_soak and not args.only_scale and not args.only_rollback:
             print("bench: bluegreen...", file=sys.stderr)
             m, footprint = await bench.bluegreen()
             bench_rows = [summarize(m)]
@@ -655,6 +700,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print("bench: nginx recipe...", file=sys.stderr)
             bench_rows.append(summarize(await bench.nginx_recipe()))
             report["approaches"] = bench_rows
+        if (not args.only_soak and not args.only_scale) or args.only_rollback:
+            print("bench: rollback, warm and cold...", file=sys.stderr)
+            report["rollback"] = [await bench.rollbacks(600), await bench.rollbacks(0)]
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()
@@ -677,6 +725,7 @@ def main() -> int:
     parser.add_argument("--scale", action="store_true", help="also time the in-flight count with 1k/10k sockets")
     parser.add_argument("--only-soak", action="store_true", help="skip the comparison (with --soak)")
     parser.add_argument("--only-scale", action="store_true", help="skip the comparison (with --scale)")
+    parser.add_argument("--only-rollback", action="store_true", help="only the warm vs cold rollback comparison")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import adoption, drain, slots
-from .config import Config, other_slot
+from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .launch import Launcher
 from .nginx import ExternalMaster, Master
 from .nginx_process import ManagedNginx
 from . import proxy
+from .release import Release
 from .slotops import SlotOps
 from .state import DaemonStatus, InterruptedSwap, Ledger, SlotState, StateStore
 from .swap import RELEASES, Phase, Plan, SwapRecord, run_swap
@@ -64,6 +65,8 @@ class App:
         self.retiring: slots.AppProcess | None = None  # a committed swap's old app, until stopped
         self.swap: SwapRecord | None = None
         self.swap_task: asyncio.Task[Any] | None = None
+        self.listeners: list[Reply] = []  # the clients following the running swap (swap, then promote)
+        self.release = Release(self)  # hooks, the pause for preview, the warm old build
         self.status = DaemonStatus.STARTING
         self.failure: str | None = None  # why it gave up (status FAILED)
         self.warning: str | None = None  # what is wrong right now, and what to do
@@ -119,6 +122,10 @@ class App:
             log.warning("a %s to %s was interrupted (last step recorded: %s): %s", state.swap.reason,
                         state.swap.build, state.swap.phase, decision.action)
         leftovers = [p for p in (slots.adopt_state(s, self.state_dir) for s in decision.retire) if p is not None]
+        warm = slots.adopt_state(state.warm, self.state_dir) if state.warm else None
+        if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
+            leftovers.append(warm)  # a restart ends the keep_warm window
+        self.ledger.warm(None, None)
         if decision.unrecorded_slot:  # killed between spawning a standby and recording it
             leftovers += slots.find_ours(self.state_dir, decision.unrecorded_slot,
                                          self.launcher.log_path(decision.unrecorded_slot))
@@ -193,42 +200,75 @@ class App:
 
     # ---- swaps
 
-    async def run_swap(self, build: Path, reply: Reply, reason: str) -> dict[str, Any]:
+    async def run_swap(self, build: Path, reply: Reply, reason: str, pause: bool = False) -> dict[str, Any]:
         """Run one swap to `build` as its own task (a client that leaves does not stop it); the
-        result, or a BluegreenError whose `traffic` says where traffic is."""
+        result, or a BluegreenError whose `traffic` says where traffic is. With `pause`, return
+        once the swap is paused for preview: `promote` or `abort` carries it on."""
         self._refuse_swap()
-        old = self.active
+        plan = self.release.plan(build, reason, pause)
+        old = plan.old
         assert old is not None
-        slot = other_slot(old.slot)
-        plan = Plan(build=build, slot=slot, port=self.config.app.port(slot), old=old, reason=reason,
-                    old_build=old.build, checks=reason in RELEASES and bool(self.config.release.checks))
-        record = SwapRecord(build=str(build), to_slot=slot, to_port=plan.port, from_slot=old.slot, reason=reason)
-        self.swap = record
-        log.info("%s: %s -> %s (port %d)", reason, old.build, build, plan.port)
-        self.swap_task = asyncio.ensure_future(run_swap(plan, SlotOps(self), self._emitter(plan, reply),
-                                                        record))
-        handed_over = False
+        record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason)
+        self.swap, self.listeners = record, [reply]
+        self.release.paused.clear()
+        log.info("%s: %s -> %s (port %d)%s", reason, old.build, build, plan.port,
+                 f"; the warm build (pid {plan.warm.pid}) serves again" if plan.warm else "")
+        task = self.swap_task = asyncio.ensure_future(self._swap(plan, record))
         try:
-            await asyncio.shield(self.swap_task)
+            if pause:
+                paused = asyncio.ensure_future(self.release.paused.wait())
+                try:
+                    await asyncio.wait({task, paused}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    paused.cancel()
+                if not task.done() and self.release.pause is not None:
+                    return {"paused": self.release.pause_info()}
+            return await self.swap_result()
+        finally:
+            if reply in self.listeners:
+                self.listeners.remove(reply)
+
+    async def swap_result(self) -> dict[str, Any]:
+        """Wait for the running swap (shielded: a client that leaves does not stop it); its result."""
+        task, record = self.swap_task, self.swap
+        assert task is not None and record is not None
+        try:
+            await asyncio.shield(task)
         except asyncio.CancelledError:
             if not (record.committed and self.status == DaemonStatus.STOPPING):
-                raise self._cancelled(record) from None
-            handed_over = self.keep_serving  # done; the next daemon drains and stops the old build
+                raise _cancelled(self, record) from None
+        _check_new_build(self, record)
+        return {"active": self.active.to_dict() if self.active else None, "swap": record.to_dict()}
+
+    async def _swap(self, plan: Plan[slots.AppProcess], record: SwapRecord) -> SwapRecord:
+        """The swap task: the swap, then what is recorded and run after it, whoever waits for it."""
+        handed_over = False
+        emit = self._emitter(plan)
+        try:
+            await run_swap(plan, SlotOps(self, emit), emit, record)
+        except asyncio.CancelledError:
+            # Stopping mid-drain: done; the next daemon drains and stops the old build.
+            handed_over = record.committed and self.status == DaemonStatus.STOPPING and self.keep_serving
+            raise
         except BluegreenError as e:
-            log.error("%s to %s failed in %s: %s", reason, build, e.details.get("phase"), e.message)
+            log.error("%s to %s failed in %s: %s", plan.reason, plan.build, e.details.get("phase"), e.message)
+            if plan.reason in RELEASES and self.config.hooks.after_failure:
+                await self.release.after_failure(plan, e, emit)
             raise
         finally:
             self.proxy.forget_undo()
             self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.ledger.unsaved:
                 self.ledger.save_quietly()
-        self._check_new_build(record)
-        if reason != "recover":  # a release the user asked for: a fresh start for crash counting
+        if plan.reason != "recover":  # a release the user asked for: a fresh start for crash counting
             self.restarts, self.status, self.failure = 0, DaemonStatus.SERVING, None
-        log.info("%s to %s done in %.2fs", reason, build, (record.finished_at or 0) - record.started_at)
-        return {"active": self.active.to_dict() if self.active else None, "swap": record.to_dict()}
+        log.info("%s to %s done in %.2fs", plan.reason, plan.build, (record.finished_at or 0) - record.started_at)
+        return record
 
     def _refuse_swap(self) -> None:
+        if self.swapping() and self.release.pause is not None:
+            raise Busy(f"a swap to {self.release.pause.standby.build} is paused for preview; `bluegreen promote` or "
+                       "`bluegreen abort` it first", phase="paused")
         if self.swapping():
             assert self.swap is not None
             raise Busy(f"a {self.swap.reason} to {self.swap.build} is in progress (phase: {self.swap.phase}); "
@@ -239,7 +279,7 @@ class App:
         if self.ledger.unsaved and not self.ledger.retry():
             raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
 
-    def _emitter(self, plan: Plan[slots.AppProcess], reply: Reply) -> Callable[[dict[str, Any]], None]:
+    def _emitter(self, plan: Plan[slots.AppProcess]) -> Callable[[dict[str, Any]], None]:
         old = plan.old
         assert old is not None
 
@@ -257,28 +297,30 @@ class App:
                     # No fsync: this is for a daemon killed while its processes run on; a power
                     # loss ends them all (commit's write, which names the build, has one).
                     self.ledger.save(durable=False)
-            reply(event)
+            for reply in list(self.listeners):
+                reply(event)
 
         return emit
-
-    def _cancelled(self, record: SwapRecord) -> BluegreenError | asyncio.CancelledError:
-        if self.swap_task is not None and self.swap_task.cancelled() and self.status != DaemonStatus.STOPPING:
-            phase = record.error.get("phase") if record.error else None  # `bluegreen cancel`
-            return BluegreenError(f"the {record.reason} was cancelled in phase {phase}; the standby was stopped "
-                                  "and traffic is unchanged", code="cancelled", phase=phase, traffic="unchanged")
-        return asyncio.CancelledError()  # our own connection is being torn down
-
-    def _check_new_build(self, record: SwapRecord) -> None:
-        """A swap whose new build is already dead (it died after the old one stopped) did not succeed."""
-        app = self.active
-        if app is not None and not app.alive() and self.status != DaemonStatus.STOPPING:
-            why = app.exit_reason or slots.describe_exit(app.returncode)
-            raise BluegreenError(f"the new build ({app.slot}, pid {app.pid}) {why} right after the swap (the old "
-                                 f"build was already stopped); the daemon restarts it: see `bluegreen status` and "
-                                 f"{app.log_path}", code="app_exited", traffic="moved")
-
 
 def _log_phase(event: dict[str, Any]) -> None:
     if event.get("status") == "done":
         detail = {k: v for k, v in event.items() if k not in ("event", "status", "elapsed")}
         log.info("  %s done %s", event["event"], detail)
+
+
+def _cancelled(app: App, record: SwapRecord) -> BluegreenError | asyncio.CancelledError:
+    if app.swap_task is not None and app.swap_task.cancelled() and app.status != DaemonStatus.STOPPING:
+        phase = record.error.get("phase") if record.error else None  # `bluegreen cancel`
+        return BluegreenError(f"the {record.reason} was cancelled in phase {phase}; the standby was stopped "
+                              "and traffic is unchanged", code="cancelled", phase=phase, traffic="unchanged")
+    return asyncio.CancelledError()  # our own connection is being torn down
+
+
+def _check_new_build(app: App, record: SwapRecord) -> None:
+    """A swap whose new build is already dead (it died after the old one stopped) did not succeed."""
+    active = app.active
+    if active is not None and not active.alive() and app.status != DaemonStatus.STOPPING:
+        why = active.exit_reason or slots.describe_exit(active.returncode)
+        raise BluegreenError(f"the new build ({active.slot}, pid {active.pid}) {why} right after the swap (the old "
+                             f"build was already stopped); the daemon restarts it: see `bluegreen status` and "
+                             f"{active.log_path}", code="app_exited", traffic="moved")

@@ -20,7 +20,8 @@ from .errors import Unreachable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_MOVED = 0, 1, 2, 3, 4
 FIRST_REPLY = 10.0  # seconds a daemon has to answer at all: a hung one is told apart from a slow swap
-SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish..."}
+SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish...",
+               "before_switch": "running hooks.before_switch...", "after_switch": "running hooks.after_switch..."}
 
 
 def err(text: str) -> None:
@@ -98,6 +99,10 @@ def _describe(event: dict[str, Any]) -> str:
         return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
+    if name == "paused":
+        return f"promoted after {event['paused_for']:.1f}s of preview"
+    if name in ("before_switch", "after_switch"):
+        return f"hooks.{name} exited 0"
     return ""
 
 
@@ -108,7 +113,9 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
         if as_json:
             out.write(json.dumps(msg) + "\n")
         elif "event" in msg:
-            if msg.get("status") == "begin":
+            if msg.get("status") == "output":  # a hook's output line
+                out.write(f"  {msg['event']:<8} | {msg['line']}\n")
+            elif msg.get("status") == "begin":
                 if msg["event"] in SLOW_PHASES:  # say what we wait for; the others take milliseconds
                     out.write(f"  {msg['event']:<8} {SLOW_PHASES[msg['event']]}\n")
             else:
@@ -120,12 +127,44 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
         return code
     if not as_json:
         r = final["result"]
+        if r.get("paused"):
+            out.write(describe_pause(r["paused"]))
+            return EXIT_OK
         a, sw = r["active"], r["swap"]
         total = (sw.get("finished_at") or 0) - sw["started_at"]
         out.write(f"done in {total:.2f}s: {a['slot']} :{a['port']} pid {a['pid']} serves {a['build']}\n")
+        if (sw.get("details") or {}).get("warm"):
+            out.write(f"used the warm build (pid {a['pid']}, kept running since the last release): one routing "
+                      "change, no start, no readiness wait\n")
+        kept = (sw.get("details") or {}).get("stop", {}).get("warm_until")
+        if kept:
+            out.write(f"the old build stays warm until {clock(kept)}: `bluegreen rollback` before then is one "
+                      "routing change\n")
         for w in sw.get("warnings") or []:
             out.write(f"warning: {w}\n")
     return EXIT_OK
+
+
+def clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def describe_pause(p: dict[str, Any]) -> str:
+    """What a paused swap offers, and the two ways on."""
+    sb = p["standby"]
+    lines = [
+        f"paused: {sb['build']} runs on {sb['slot']} :{sb['port']} (pid {sb['pid']}) for preview requests only; "
+        "everyone else stays on the active build",
+        f"  preview: send the header '{p['header']}' or the cookie '{p['cookie']}' (or test :{sb['port']} directly)",
+    ]
+    if p.get("needs"):
+        lines.append(f"  (the preview route needs {p['needs']})")
+    lines += [
+        "  bluegreen promote   switch everyone to it (drain and stop the old build)",
+        "  bluegreen abort     stop it; traffic never moved",
+        f"  aborted on its own at {clock(p['until'])} (release.pause_timeout)",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 TRAFFIC = {

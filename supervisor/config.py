@@ -60,6 +60,21 @@ def _positive(v: Any) -> float:
     return float(v)
 
 
+def _seconds_or_zero(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError("expected a number of seconds, 0 or more")
+    return float(v)
+
+
+def _pattern(regex: str, example: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if not isinstance(v, str) or not re.fullmatch(regex, v):
+            raise ValueError(f"expected a name like {example!r} (letters, digits{', -' if '-' in regex else ', _'})")
+        return v
+
+    return parse
+
+
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError("expected a whole number greater than 0")
@@ -247,6 +262,26 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "release": (
         Key("checks", _tables, [], "smoke checks ([[release.checks]]) run against the standby's own port after "
             "it is ready, before any traffic moves; one failing stops the swap"),
+        Key("preview_header", _pattern(r"[A-Za-z0-9-]+", "X-Bluegreen-Preview"), "X-Bluegreen-Preview",
+            "while a swap is paused (swap --pause), public requests with this header set to 1 go to the new build"),
+        Key("preview_cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_preview"), "bluegreen_preview",
+            "while a swap is paused, public requests with this cookie set to 1 go to the new build"),
+        Key("pause_timeout", _positive, 3600.0, "seconds a paused swap waits for promote or abort; then it is aborted"),
+        Key("keep_warm", _seconds_or_zero, 0.0,
+            "seconds the old build keeps running (no traffic) after a release, so that `rollback` is one routing "
+            "change; 0 = stop it once drained"),
+    ),
+    "hooks": (
+        Key("before_switch", _optional_argv, None,
+            "argv run before traffic moves (after ready, before the checks): the expand migration; failing or "
+            "timing out aborts the swap with traffic unchanged"),
+        Key("after_switch", _optional_argv, None,
+            "argv run after the switch, once the old build is drained: the contract migration, a notification"),
+        Key("after_failure", _optional_argv, None, "argv run after a release failed (a notification)"),
+        Key("timeout", _positive, 300.0, "seconds a hook may run before it is killed (and counts as failed)"),
+        Key("after_switch_failed", _choice("warn", "rollback"), "warn",
+            "what a failed after_switch does: warn (the swap succeeds with a warning) or rollback (traffic goes "
+            "back to the old build, still running, and the swap fails)"),
     ),
     "drain": (
         Key("timeout", _positive, 30.0, "the longest an old slot keeps serving after the switch"),
@@ -336,6 +371,25 @@ class CheckConfig:
 @dataclass(frozen=True)
 class ReleaseConfig:
     checks: tuple[CheckConfig, ...] = ()
+    preview_header: str = "X-Bluegreen-Preview"
+    preview_cookie: str = "bluegreen_preview"
+    pause_timeout: float = 3600.0
+    keep_warm: float = 0.0
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    before_switch: tuple[str, ...] | None = None
+    after_switch: tuple[str, ...] | None = None
+    after_failure: tuple[str, ...] | None = None
+    timeout: float = 300.0
+    after_switch_failed: str = "warn"  # warn | rollback
+
+    def get(self, name: str) -> tuple[str, ...] | None:
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+
+HOOKS = ("before_switch", "after_switch", "after_failure")
 
 
 @dataclass(frozen=True)
@@ -393,6 +447,7 @@ class Config:
     drain: DrainConfig
     nginx: NginxConfig
     release: ReleaseConfig = ReleaseConfig()
+    hooks: HooksConfig = HooksConfig()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -525,6 +580,9 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
     _check_app(a, r, v["app.health"], path, problems)
     _check_nginx(n, a, d, path, data, problems)
     v["release"]["checks"] = _parse_checks(v["release"].get("checks", []), problems)
+    for name in HOOKS:
+        for i, arg in enumerate(v["hooks"].get(name) or ()):
+            problems += placeholder_problems(f"hooks.{name}[{i}]", arg)
 
 
 def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Path, problems: list[str]) -> None:
@@ -632,7 +690,13 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
-        release=ReleaseConfig(checks=tuple(v["release"]["checks"])),
+        release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
+                              preview_cookie=v["release"]["preview_cookie"],
+                              pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"]),
+        hooks=HooksConfig(before_switch=_program_from(base, v["hooks"]["before_switch"]),
+                          after_switch=_program_from(base, v["hooks"]["after_switch"]),
+                          after_failure=_program_from(base, v["hooks"]["after_failure"]),
+                          timeout=v["hooks"]["timeout"], after_switch_failed=v["hooks"]["after_switch_failed"]),
         nginx=NginxConfig(
             mode=n["mode"],
             switch=n["switch"] or ("auto" if n["mode"] == "managed" else "reload"),
@@ -652,6 +716,13 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
     )
 
 
+def _program_from(base: Path, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A hook's program given as a relative path (`scripts/migrate`) is relative to the config file."""
+    if not argv or os.sep not in argv[0] or argv[0].startswith(("/", "{")):
+        return argv
+    return (str(base / argv[0]), *argv[1:])
+
+
 def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bool = True) -> list[str]:
     """What this machine must offer for the config to run, each problem named by its key.
 
@@ -669,6 +740,10 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
             problems.append(f"daemon.state_dir: {state_dir} cannot be created: {existing} is a file, not a directory")
         elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"daemon.state_dir: {existing} is not writable by this user; choose another directory")
+    for name in HOOKS:
+        argv = v["hooks"].get(name)
+        if argv and "{" not in argv[0]:
+            problems += hook_problems(name, _rel(base, argv[0]) if os.sep in argv[0] else Path(argv[0]))
     n = v["nginx"]
     if n.get("mode") == "managed" and n.get("switch") == "runtime":
         missing = lua_missing(resolve_binary(n.get("binary") or "nginx") or "nginx")
@@ -699,6 +774,19 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
     elif os.sep in program and not ((cwd / program).is_file() and os.access(cwd / program, os.X_OK)):
         problems.append(f"app.command: {cwd / program} is not an executable file")
     return problems
+
+
+def hook_problems(name: str, program: Path) -> list[str]:
+    """A hook that could not run at all, named now rather than in the middle of a release."""
+    if os.sep not in str(program):
+        if shutil.which(str(program)) is None:
+            return [f"hooks.{name}: {str(program)!r} is not on PATH; give its full path"]
+        return []
+    if not program.is_file():
+        return [f"hooks.{name}: {program} does not exist or is not a file"]
+    if not os.access(program, os.X_OK):
+        return [f"hooks.{name}: {program} is not executable (chmod +x {program})"]
+    return []
 
 
 LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib/nginx/modules/ngx_http_lua_module.so"))

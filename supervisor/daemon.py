@@ -124,7 +124,10 @@ class Daemon:
             how = await app.managed.stop(self.config.drain.timeout if graceful else 0.0)
             log.info("managed nginx %s", how)
         app.ledger.nginx_stopped()
-        for proc in (app.standby, app.active, app.retiring):
+        warm, app.release.warm = app.release.warm, None
+        if warm is not None and warm.timer is not None:
+            warm.timer.cancel()
+        for proc in (app.standby, app.active, app.retiring, warm.app if warm else None):
             if proc is not None:
                 result = await app.stop(proc, graceful)
                 log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])

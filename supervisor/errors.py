@@ -12,6 +12,9 @@
     │   │                          start_failed    the command could not be executed at all
     │   └── AppDied                app_exited      the new build died while the old one drained
     ├── ChecksFailed               checks_failed   a smoke check ([[release.checks]]) failed on the standby
+    ├── HookFailed                 hook_failed     a hook ([hooks]) failed, timed out or could not run
+    ├── Aborted                    aborted         a paused swap was aborted (bluegreen abort, the active build died)
+    │                              pause_timeout   a paused swap saw no promote or abort within release.pause_timeout
     ├── NginxError                 nginx_test_failed      `nginx -t` rejected the config
     │                              nginx_reload_failed    the reload was not confirmed
     │                              nginx_down             the master is not running
@@ -25,6 +28,7 @@
                                    forbidden       the socket peer is not allowed
                                    no_previous     rollback with nothing to roll back to
                                    no_swap         cancel with no swap running
+                                   not_paused      promote or abort with no swap paused
                                    too_late        cancel after the switch
                                    cancelled       the swap was cancelled
                                    shutting_down   the daemon stopped while serving the request
@@ -92,6 +96,14 @@ class AppDied(AppError):
 
 class ChecksFailed(BluegreenError):
     code = "checks_failed"
+
+
+class HookFailed(BluegreenError):
+    code = "hook_failed"
+
+
+class Aborted(BluegreenError):
+    code = "aborted"
 
 
 class NginxError(BluegreenError):

@@ -33,10 +33,11 @@ class Monitor:
         next_health = time.monotonic() + app.config.app.health.interval
         while True:
             await self._wait_for_an_exit(POLL)
-            if app.swap_task is not None and not app.swap_task.done():
+            if app.swap_task is not None and not app.swap_task.done() and app.release.pause is None:
                 # A swap replaces the active app anyway, and reacts itself to a new build that dies
                 # while the old one drains. (wait, not gather: cancelling the monitor must not
-                # cancel the swap.)
+                # cancel the swap.) A paused swap may wait for an hour: what serves is watched
+                # meanwhile, and a dead active build ends the pause (recover).
                 await asyncio.wait({app.swap_task})
                 continue
             try:
@@ -91,6 +92,12 @@ class Monitor:
             app.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
             return
         self.nginx_failures, app.warning, app.nginx_down = 0, None, None
+        if app.proxy.preview_port is not None:  # a new master knows no preview: set it again
+            port, app.proxy.preview_port = app.proxy.preview_port, None
+            try:
+                await app.proxy.preview(port)
+            except BluegreenError as e:
+                log.error("could not set the preview again after the nginx restart: %s", e.message)
         if app.status == DaemonStatus.RECOVERING:
             app.status = DaemonStatus.SERVING
         app.event("nginx_restarted", pid=info["pid"])
@@ -102,6 +109,7 @@ class Monitor:
         """The active app died (or hung, saying `hung`): start the same build on the other slot, with
         capped backoff; a hung one is drained and stopped by that swap like any old build."""
         app = self.app
+        await app.release.abort_pause(f"the active build {hung or 'died'}")  # its standby is no restart
         dead = app.active
         assert dead is not None
         r = app.config.app.restart

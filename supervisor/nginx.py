@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -23,7 +24,7 @@ from typing import Any, Callable, Protocol
 import psutil
 
 from . import procs
-from .config import LUA_MODULES, Config
+from .config import LUA_MODULES, Config, ReleaseConfig
 from .errors import NginxError
 from .fsutil import UndoableFile, atomic_write
 
@@ -39,14 +40,36 @@ def quote(path: Path | str) -> str:
     return '"' + str(path) + '"'
 
 
-def render_upstream(name: str, port: int) -> str:
+def route_variable(name: str) -> str:
+    """The variable naming the upstream each request goes to (the preview's, or the main one):
+    `proxy_pass http://$<name>_route;` (the managed nginx uses it; with your own nginx, the preview
+    needs it too)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_route"
+
+
+def preview_vars(release: ReleaseConfig) -> tuple[str, str]:
+    """The nginx variables of the preview header and cookie (`X-Bluegreen-Preview` -> http_x_bluegreen_preview)."""
+    return "http_" + release.preview_header.lower().replace("-", "_"), "cookie_" + release.preview_cookie
+
+
+def render_upstream(name: str, port: int, preview: int | None = None, release: ReleaseConfig = ReleaseConfig()) -> str:
     # Exactly one server: with a single server nginx never marks it failed (no
-    # "no live upstreams" 502s), unlike a `down`/`backup` sibling would.
-    return (
+    # "no live upstreams" 502s), unlike a `down`/`backup` sibling would. The preview is its own
+    # upstream, chosen per request by the maps below (header first, then cookie).
+    header, cookie = preview_vars(release)
+    var = route_variable(name)
+    to_preview = f"{name}__preview" if preview is not None else name
+    text = (
         "# Written by bluegreen at every swap; do not edit.\n"
         f"upstream {name} {{\n"
         f"    server 127.0.0.1:{port};\n"
         "}\n"
+    )
+    if preview is not None:
+        text += f"upstream {name}__preview {{\n    server 127.0.0.1:{preview};\n}}\n"
+    return text + (
+        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"1\" {to_preview};\n}}\n"
+        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"1\" {to_preview};\n}}\n"
     )
 
 
@@ -63,15 +86,18 @@ def parse_upstream_port(text: str) -> int | None:
 CONTROL = "/.bluegreen/"  # the runtime switch's control locations: on the control socket only
 
 
-def render_runtime(upstream_name: str, route: Path, control: Path) -> str:
+def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig()) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
 
     The table is seeded at (re)load from the route file, which the daemon writes before every
     change; `add` never clobbers a live value on a reload. The balancer counts each request in
     flight per port *and worker pid*, once; the log phase (run for every request, failed ones
     too) counts it out. A worker killed mid-request never counts out, so the daemon ignores the
-    counts of workers that are gone. The control server listens on a Unix socket only.
+    counts of workers that are gone. While a swap is paused, requests carrying the preview header
+    or cookie go to the `preview` port instead. The control server listens on a Unix socket only.
     """
+    header, cookie = preview_vars(release)
+    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"')
     return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
 lua_shared_dict bluegreen 1m;
 init_by_lua_block {{
@@ -89,7 +115,7 @@ log_by_lua_block {{
 upstream {upstream_name} {{
     server 127.0.0.1:1;  # a placeholder: the balancer picks the port
     balancer_by_lua_block {{
-{_LUA_BALANCER}    }}
+{balancer}    }}
 }}
 server {{
     listen "unix:{control}";
@@ -98,6 +124,10 @@ server {{
     location = {CONTROL}route {{
         content_by_lua_block {{
 {_LUA_ROUTE}        }}
+    }}
+    location = {CONTROL}preview {{
+        content_by_lua_block {{
+{_LUA_PREVIEW}        }}
     }}
     location = {CONTROL}inflight {{
         content_by_lua_block {{
@@ -113,6 +143,8 @@ _LUA_BALANCER = """\
         local port = ngx.ctx.bluegreen_port
         if not port then
             port = dict:get("port")
+            local preview = dict:get("preview")
+            if preview and (PREVIEW_MATCH) then port = preview end
             if not port then return ngx.exit(502) end
             local key = "inflight:" .. port .. ":" .. ngx.worker.pid()
             ngx.ctx.bluegreen_port, ngx.ctx.bluegreen_key = port, key
@@ -125,7 +157,8 @@ _LUA_BALANCER = """\
         end
 """
 
-# PUT a port (validated: digits, 1-65535) or GET: answers the table's value.
+# PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
+# any preview (its port may be about to stop).
 _LUA_ROUTE = """\
             local dict = ngx.shared.bluegreen
             if ngx.req.get_method() == "PUT" then
@@ -137,8 +170,28 @@ _LUA_ROUTE = """\
                     return
                 end
                 dict:set("port", port)
+                dict:delete("preview")
             end
             ngx.say(dict:get("port") or "")
+"""
+
+# PUT a port: preview requests go there; DELETE: no preview. Answers the preview port (or "").
+_LUA_PREVIEW = """\
+            local dict = ngx.shared.bluegreen
+            local method = ngx.req.get_method()
+            if method == "PUT" then
+                ngx.req.read_body()
+                local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
+                if not port or port < 1 or port > 65535 then
+                    ngx.status = 400
+                    ngx.say("expected a port number (1-65535)")
+                    return
+                end
+                dict:set("preview", port)
+            elseif method == "DELETE" then
+                dict:delete("preview")
+            end
+            ngx.say(dict:get("preview") or "")
 """
 
 # GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
@@ -177,6 +230,8 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     drain = math.ceil(config.drain.timeout) + 1
     modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if runtime else ""
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
+    # The runtime balancer picks the preview itself; with reloads, the upstream file's maps do.
+    target = n.upstream_name if runtime else "$" + route_variable(n.upstream_name)
     return f"""# Generated by bluegreen from {config.path} at every daemon start; edit that file instead.
 {modules}{user}worker_processes {n.worker_processes};
 pid {quote(prefix / 'nginx.pid')};
@@ -204,7 +259,7 @@ http {{
     server {{
         listen {n.listen};
 {private}        location / {{
-            proxy_pass http://{n.upstream_name};
+            proxy_pass http://{target};
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
             proxy_set_header Upgrade $http_upgrade;
@@ -338,7 +393,9 @@ class ReloadSwitch:
         self.n = config.nginx
         self.master = master
         # What the upstream file holds for a port: the upstream block, or the runtime switch's part.
-        self.render = render or (lambda port: render_upstream(self.n.upstream_name, port))
+        self.render = render or (lambda port: render_upstream(self.n.upstream_name, port, self.preview_port,
+                                                              config.release))
+        self.preview_port: int | None = None  # where preview requests go (a paused swap's standby)
         self.upstream = UndoableFile(master.upstream_path)
         self.log = master.log
         self.old_generation: set[int] = set()
@@ -364,7 +421,39 @@ class ReloadSwitch:
     def config_stale(self) -> bool:
         return False  # the upstream file is rewritten at every switch
 
+    async def preview(self, port: int | None) -> dict[str, Any]:
+        """Send preview requests to `port` (None: nobody), by rewriting the upstream file with its
+        maps and reloading: one reload to turn the preview on, one to turn it off."""
+        if port == self.preview_port:
+            return {"preview": port, "mode": self.mode}
+        current = await self.routed_port()
+        if current is None:
+            raise NginxError(f"{self.upstream.path} names no port; cannot set the preview", code="nginx_reload_failed")
+        before, self.preview_port = self.preview_port, port
+        try:
+            result = await self._route(current)
+        except BaseException:
+            self.preview_port = before
+            raise
+        finally:
+            self.forget_undo()  # the preview is no switch: nothing to undo
+        # Old workers keep accepting for nginx's 100 ms, with the old maps: the preview is on for
+        # every new connection once they stop (titled "shutting down", or gone).
+        deadline = time.monotonic() + self.n.reload_timeout
+        while any(title(p) == PLAIN_WORKER for p in self.old_generation) and time.monotonic() < deadline:
+            await asyncio.sleep(POLL)
+        return {**result, "preview": port}
+
     async def route(self, port: int) -> dict[str, Any]:
+        """All traffic to `port`, and no preview (its port may be about to stop)."""
+        before, self.preview_port = self.preview_port, None
+        try:
+            return await self._route(port)
+        except BaseException:
+            self.preview_port = before
+            raise
+
+    async def _route(self, port: int) -> dict[str, Any]:
         """Point the upstream at `port`; on any failure restore the previous file and raise.
 
         The previous file is staged beside the new one first, so `route_back` can put it back

@@ -1,6 +1,7 @@
 """The front proxy: where public traffic goes, as one interface the swap drives.
 
-Today a routing decision is "all traffic to port P". An implementation applies it and confirms
+A routing decision is "all traffic to port P", plus, while a swap is paused, "requests that
+ask for the preview to port Q". An implementation applies it and confirms
 it took effect, can undo its last change without needing disk space, and says when the previous
 routing has fully let go (no request can still reach the old port through the proxy). The first
 implementation reloads nginx (nginx.ReloadSwitch); a runtime switch is another module with the
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 class FrontProxy(Protocol):
     mode: str  # how it switches, shown by status: "reload" or "runtime"
+    preview_port: int | None  # where requests with the preview header or cookie go (None: no preview)
 
     async def route(self, port: int) -> dict[str, Any]:
         """Send all traffic to `port` and confirm it; on failure the previous routing stays, and raise."""
@@ -26,6 +28,11 @@ class FrontProxy(Protocol):
 
     async def route_back(self, port: int) -> dict[str, Any]:
         """Undo the last `route`, back to `port`, needing no new disk space; raise if it cannot."""
+        ...
+
+    async def preview(self, port: int | None) -> dict[str, Any]:
+        """Send requests that carry the preview header or cookie to `port` (None: end the preview),
+        and confirm it; every other request stays where it is. A `route` ends any preview."""
         ...
 
     def forget_undo(self) -> None:

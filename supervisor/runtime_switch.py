@@ -40,8 +40,9 @@ class RuntimeSwitch:
         self.control_path = control
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
-        self.text = render_runtime(config.nginx.upstream_name, route, control)
+        self.text = render_runtime(config.nginx.upstream_name, route, control, config.release)
         self.undo_port: int | None = None
+        self.preview_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
         self.reloader = ReloadSwitch(config, master, render=lambda port: self.text)
 
@@ -124,6 +125,20 @@ class RuntimeSwitch:
             pass  # not ours to change (your nginx's root master made it)
         return result
 
+    async def preview(self, port: int | None) -> dict[str, Any]:
+        """Send preview requests to `port` (None: nobody): one table change, read back."""
+        t0 = time.monotonic()
+        if port is None:
+            status, body = await self._call("DELETE", f"{CONTROL}preview")
+        else:
+            status, body = await self._call("PUT", f"{CONTROL}preview", str(port).encode())
+        want = "" if port is None else str(port)
+        if status != 200 or body != want:
+            raise NginxError(f"nginx did not take the preview {want or '(off)'}: it answered {status} {body[:80]!r}",
+                             code="nginx_reload_failed")
+        self.preview_port = port
+        return {"preview": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
+
     async def routed_port(self) -> int | None:
         try:
             status, body = await self._call("GET", f"{CONTROL}route")
@@ -156,10 +171,12 @@ class RuntimeSwitch:
             return 0  # nginx is gone (restarted): nothing it counted is in flight any more
 
     async def _set(self, port: int) -> None:
+        """Route to `port`; nginx ends any preview at the same time."""
         status, body = await self._call("PUT", f"{CONTROL}route", str(port).encode())
         if status != 200 or body != str(port):
             raise NginxError(f"nginx did not take the route to port {port}: it answered {status} {body[:80]!r}",
                              code="nginx_reload_failed")
+        self.preview_port = None
 
     async def _call(self, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
         """One HTTP/1.0 request on the control socket; (status, body)."""

@@ -6,13 +6,15 @@ is nothing to switch back to, drain or stop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import probes, slots
-from .errors import AppDied, AppError, BluegreenError
+from .errors import Aborted, AppDied, AppError, BluegreenError
 from .state import SlotState
-from .swap import Plan
+from .swap import Plan, shielded
 
 if TYPE_CHECKING:
     from .app import App
@@ -22,15 +24,20 @@ AppPlan = Plan[slots.AppProcess]
 
 
 class SlotOps:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, emit: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
         self.app = app
         self.cfg = app.config
+        self.emit = emit  # a hook's output lines, as events
         self.before: tuple[SlotState | None, str | None] = (None, None)
 
     async def prepare(self, plan: AppPlan) -> dict[str, Any]:
         from .app import check_build
 
         check_build(plan.build)
+        if self.app.release.warm is not None:  # it holds the slot this swap needs
+            await self.app.release.end_warm("a new swap needs its slot")
+        if self.app.proxy.preview_port is not None:  # left by an abort whose preview could not be ended
+            await self.app.proxy.preview(None)
         await self.app.free_port(plan.port)
         return {"slot": plan.slot, "port": plan.port, "build": str(plan.build)}
 
@@ -44,6 +51,48 @@ class SlotOps:
         r = await probes.wait_ready(standby, ready, self.app.launcher.url(ready.url, standby))
         return {"checks": r.checks, "target": r.target, "log_line": r.log_line}
 
+    async def hook(self, name: str, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        return await self.app.release.run_hook(name, plan, self.emit)
+
+    async def pause(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        """Preview on; wait for promote, abort, the pause_timeout or the active build's death;
+        preview off (a promote's switch follows at once)."""
+        from .release import Pause
+
+        app, old, timeout = self.app, plan.old, self.cfg.release.pause_timeout
+        assert old is not None
+        await app.proxy.preview(standby.port)
+        pause = app.release.pause = Pause(standby, time.time() + timeout)
+        app.release.paused.set()
+        log.info("paused: preview requests go to %s (port %d) until promote or abort", standby.build, standby.port)
+        deadline = time.monotonic() + timeout
+        try:
+            while not pause.decision.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pause.decide("timeout")
+                elif not old.alive():
+                    pause.decide("the active build died while the swap was paused")
+                else:
+                    await asyncio.wait({pause.decision}, timeout=min(0.25, left))
+        finally:
+            app.release.pause = None
+            try:
+                await shielded(app.proxy.preview(None))
+            except BluegreenError as e:
+                log.error("could not end the preview (the next swap ends it): %s", e.message)
+        decision, paused_for = pause.decision.result(), round(time.time() - pause.since, 3)
+        if decision == "promote":
+            return {"paused_for": paused_for, "decision": "promote"}
+        if decision == "abort":
+            raise Aborted(f"aborted by `bluegreen abort` after {paused_for:.1f}s paused; the standby was stopped and "
+                          "traffic is unchanged")
+        if decision == "timeout":
+            raise Aborted(f"no promote or abort within release.pause_timeout ({timeout:g}s): the paused swap was "
+                          "aborted, the standby stopped; traffic is unchanged", code="pause_timeout")
+        raise Aborted(f"{decision}: the paused swap was aborted and the standby stopped; the daemon restarts the "
+                      "active build")
+
     async def check(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         results = await probes.run_checks(standby.port, self.cfg.release.checks)
         failed = probes.checks_failed(results)
@@ -52,6 +101,8 @@ class SlotOps:
         return {"checks": results}
 
     async def switch(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        if plan.warm is not None:  # recorded as the standby with the commit, like a started one
+            self.app.standby = standby
         if not standby.alive():
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} right after it "
                            "became ready; nginx was not switched", code="app_exited")
@@ -81,12 +132,19 @@ class SlotOps:
         app = self.app
         self.before = app.ledger.snapshot()
         app.serving(standby, previous=plan.old_build if plan.is_release else None)
+        if plan.warm is not None:
+            app.ledger.warm(None, None)  # it serves again (if the write fails, the switch back stops it)
         try:
             app.ledger.save()
         except BluegreenError:
             app.ledger.restore(self.before)
             raise
         app.active, app.standby, app.retiring = standby, None, plan.old
+        warm = app.release.warm
+        if warm is not None and warm.app is standby:  # a warm rollback: it serves again
+            if warm.timer is not None:
+                warm.timer.cancel()
+            app.release.warm = None
         return {"state": str(app.ledger.store.path)}
 
     async def keep(self, plan: AppPlan, standby: slots.AppProcess) -> None:
@@ -106,8 +164,9 @@ class SlotOps:
                            f"in {app.state_dir}: the daemon retries the write by itself, then stops the old build")
         log.error("%s", app.warning)
 
-    async def revert(self, plan: AppPlan, standby: slots.AppProcess) -> bool:
-        """The new build died while the old one drained: send traffic back to the old one."""
+    async def revert(self, plan: AppPlan, standby: slots.AppProcess, why: str) -> bool:
+        """After commit: send traffic back to the old build, if it still runs, and drop the new one
+        (drained first if it still serves)."""
         app, old = self.app, plan.old
         if old is None or not old.alive() or not await self.switch_back(plan):
             return False
@@ -115,8 +174,8 @@ class SlotOps:
         app.active, app.retiring = old, None
         app.ledger.save_quietly()
         app.event("reverted", slot=old.slot, pid=old.pid, build=str(old.build),
-                  dead=standby.exit_reason or slots.describe_exit(standby.returncode))
-        await self.discard(standby, drain=False)
+                  why=standby.exit_reason or slots.describe_exit(standby.returncode) if why == "died" else why)
+        await self.discard(standby, drain=standby.alive())
         return True
 
     async def drain(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
@@ -139,6 +198,11 @@ class SlotOps:
 
     async def stop_old(self, plan: AppPlan) -> dict[str, Any]:
         assert plan.old is not None
+        if plan.keep_warm > 0 and plan.old.alive() and plan.is_release:
+            until = self.app.release.keep_warm(plan.old, plan.keep_warm)
+            if self.app.retiring is plan.old:
+                self.app.retiring = None
+            return {"pid": plan.old.pid, "how": f"kept warm for {plan.keep_warm:g}s (no traffic)", "warm_until": until}
         result = await self.app.stop(plan.old)
         if self.app.retiring is plan.old:
             self.app.retiring = None

@@ -69,13 +69,16 @@ class State:
     # The managed nginx master {"pid", "create_time"}, adopted by the next daemon if still running.
     nginx: dict[str, Any] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    # The last release's old build, kept running (no traffic) until `warm_until` (release.keep_warm).
+    warm: SlotState | None = None
+    warm_until: float | None = None
 
     def to_json(self) -> bytes:
         # Written at every swap phase: asdict would deep-copy every event and record first
         # (most of the cost); the lists and dicts here are JSON-ready and only read.
         obj = {"version": VERSION, "active": _plain(self.active), "previous_build": self.previous_build,
                "last_swap": self.last_swap, "history": self.history, "swap": _plain(self.swap), "nginx": self.nginx,
-               "events": self.events}
+               "events": self.events, "warm": _plain(self.warm), "warm_until": self.warm_until}
         return (json.dumps(obj, indent=2) + "\n").encode()
 
     @classmethod
@@ -83,7 +86,7 @@ class State:
         obj = json.loads(data)
         if not isinstance(obj, dict) or obj.get("version") != VERSION:
             raise ValueError(f"unsupported state version {obj.get('version') if isinstance(obj, dict) else obj!r}")
-        active, swap = obj.get("active"), obj.get("swap")
+        active, swap, warm = obj.get("active"), obj.get("swap"), obj.get("warm")
         return cls(
             active=SlotState(**active) if active else None,
             previous_build=obj.get("previous_build"),
@@ -92,6 +95,8 @@ class State:
             swap=InterruptedSwap.from_dict(swap) if swap else None,
             nginx=obj.get("nginx"),
             events=list(obj.get("events") or []),
+            warm=SlotState(**warm) if warm else None,
+            warm_until=obj.get("warm_until"),
         )
 
 
@@ -183,6 +188,10 @@ class Ledger:
             self.state.swap = None
         self.state.last_swap = record
         self.state.history.append({k: record[k] for k in ("build", "reason", "outcome", "started_at")})
+
+    def warm(self, app: SlotState | None, until: float | None) -> None:
+        """Recorded now, written with the next save: a restarted daemon stops what it names."""
+        self.state.warm, self.state.warm_until = app, until
 
     def nginx_stopped(self) -> None:
         self.state.nginx = None

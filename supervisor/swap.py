@@ -1,6 +1,11 @@
 """The swap as an explicit sequence of named phases, apart from the I/O that carries it out.
 
-    prepare -> start -> ready -> [check] -> switch -> commit -> drain -> stop
+    prepare -> start -> ready -> [before_switch] -> [check] -> [paused] -> switch -> commit
+            -> drain -> [after_switch] -> stop (or keep the old build warm)
+
+A release (swap BUILD, rollback) runs the bracketed phases it is configured for: hooks, smoke
+checks, a pause for preview (swap --pause). A rollback to a warm old build skips prepare, start
+and ready: the build still runs, so the switch is the only change to traffic.
 
 Until `commit`, every failure leaves traffic where it was: the standby is stopped and
 nginx keeps (or gets back) the old upstream; if nginx cannot be switched back, the standby
@@ -19,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
-from .errors import AppDied, BluegreenError
+from .errors import AppDied, BluegreenError, HookFailed
 
 Standby = TypeVar("Standby")
 Old = TypeVar("Old")
@@ -29,10 +34,13 @@ class Phase(str, enum.Enum):
     PREPARE = "prepare"
     START = "start"
     READY = "ready"
+    BEFORE_SWITCH = "before_switch"  # hooks.before_switch (the expand migration)
     CHECK = "check"  # smoke checks on the standby's own port: only when a release configures them
+    PAUSED = "paused"  # swap --pause: preview requests reach the standby until promote or abort
     SWITCH = "switch"
     COMMIT = "commit"
     DRAIN = "drain"
+    AFTER_SWITCH = "after_switch"  # hooks.after_switch (the contract migration), old build drained
     STOP = "stop"
 
     def __str__(self) -> str:
@@ -41,7 +49,8 @@ class Phase(str, enum.Enum):
     @property
     def cancellable(self) -> bool:
         """Before commit a swap can be undone without touching traffic (`bluegreen cancel`)."""
-        return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.CHECK, Phase.SWITCH)
+        return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.BEFORE_SWITCH, Phase.CHECK, Phase.PAUSED,
+                        Phase.SWITCH)
 
     @property
     def persisted(self) -> bool:
@@ -67,6 +76,11 @@ class Plan(Generic[Old]):
     reason: str = "swap"  # swap | rollback (releases a user asked for) | restart | recover
     old_build: Path | None = None
     checks: bool = False  # run the smoke checks before the switch
+    hooks: frozenset[str] = frozenset()  # the configured hooks this swap runs (releases only)
+    pause: bool = False  # stop before the switch for a preview, until promote or abort
+    warm: Old | None = None  # the build already runs there (kept warm): no start, no readiness wait
+    keep_warm: float = 0.0  # seconds the old build keeps running after the switch (0: stop it)
+    rollback_on_hook: bool = False  # a failed after_switch sends traffic back to the old build
 
     @property
     def is_release(self) -> bool:
@@ -108,8 +122,12 @@ class SwapOps(Protocol[Standby, Old]):
     async def prepare(self, plan: Plan[Old]) -> dict[str, Any]: ...
     async def start(self, plan: Plan[Old]) -> tuple[Standby, dict[str, Any]]: ...
     async def wait_ready(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Raises HookFailed; `name` is before_switch or after_switch.
+    async def hook(self, name: str, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Raises ChecksFailed naming every failed check; nothing routes to the standby yet.
     async def check(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Preview on, wait for promote (return) or abort / pause_timeout (raise Aborted), preview off.
+    async def pause(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Must leave nginx on the old upstream if it raises.
     async def switch(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # True once nginx sends traffic to the old slot again; False if it could not be switched back.
@@ -117,12 +135,14 @@ class SwapOps(Protocol[Standby, Old]):
     async def commit(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Raises AppDied if the new build dies while the old one drains.
     async def drain(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Stops the old build, or keeps it warm for plan.keep_warm seconds.
     async def stop_old(self, plan: Plan[Old]) -> dict[str, Any]: ...
     async def discard(self, standby: Standby, *, drain: bool) -> None: ...
     # Nginx could not be switched back after the switch: the standby serves, so it stays.
     async def keep(self, plan: Plan[Old], standby: Standby) -> None: ...
-    # The new build died after commit: send traffic back to the old one, if it still runs.
-    async def revert(self, plan: Plan[Old], standby: Standby) -> bool: ...
+    # After commit, send traffic back to the old one if it still runs, and drop the new one
+    # (drained first if it still serves: a failed after_switch; not if it died).
+    async def revert(self, plan: Plan[Old], standby: Standby, why: str) -> bool: ...
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -202,16 +222,26 @@ def _phase_runner(record: SwapRecord, emit: Emit) -> PhaseRunner:
 
 async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standby, Old],
                         record: SwapRecord) -> Standby:
-    await phase(Phase.PREPARE, lambda: ops.prepare(plan))
-    standby, _ = await phase(Phase.START, lambda: ops.start(plan))
+    if plan.warm is not None:
+        standby: Any = plan.warm
+        record.details["warm"] = {"reused": True}
+    else:
+        await phase(Phase.PREPARE, lambda: ops.prepare(plan))
+        standby, _ = await phase(Phase.START, lambda: ops.start(plan))
     try:
-        await phase(Phase.READY, lambda: ops.wait_ready(plan, standby))
+        if plan.warm is None:
+            await phase(Phase.READY, lambda: ops.wait_ready(plan, standby))
+        if "before_switch" in plan.hooks:
+            await phase(Phase.BEFORE_SWITCH, lambda: ops.hook("before_switch", plan, standby))
         if plan.checks:
             await phase(Phase.CHECK, lambda: ops.check(plan, standby))
+        if plan.pause:
+            await phase(Phase.PAUSED, lambda: ops.pause(plan, standby))
         await phase(Phase.SWITCH, lambda: ops.switch(plan, standby))
     except BaseException:
-        # Nothing served from the standby yet (switch restores the old upstream itself).
-        await _shielded(ops.discard(standby, drain=False))
+        # Nothing public reached the standby (switch restores the old upstream itself); preview
+        # requests may have, so a paused swap's standby is drained first.
+        await shielded(ops.discard(standby, drain=plan.pause))
         raise
     record.traffic = "moved"
     try:
@@ -219,11 +249,11 @@ async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standb
     except BaseException:
         # nginx already points at the standby. Back to the old build if nginx lets us; if not,
         # the standby is what serves, and stopping it would take the site down.
-        if await _shielded(ops.switch_back(plan)):
+        if await shielded(ops.switch_back(plan)):
             record.traffic = "restored"
-            await _shielded(ops.discard(standby, drain=True))
+            await shielded(ops.discard(standby, drain=True))
         else:
-            await _shielded(ops.keep(plan, standby))
+            await shielded(ops.keep(plan, standby))
         raise
     return standby  # type: ignore[no-any-return]
 
@@ -235,11 +265,25 @@ async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
     try:
         await phase(Phase.DRAIN, lambda: ops.drain(plan, standby))
     except AppDied:
-        if await _shielded(ops.revert(plan, standby)):
+        if await shielded(ops.revert(plan, standby, "died")):
             record.traffic = "restored"
         raise
     except Exception as e:  # nothing may turn a committed swap into a failure
         record.warnings.append(f"drain: {_text(e)}")
+    if "after_switch" in plan.hooks:
+        try:
+            await phase(Phase.AFTER_SWITCH, lambda: ops.hook("after_switch", plan, standby))
+        except HookFailed as e:
+            if not plan.rollback_on_hook:
+                record.warnings.append(f"after_switch: {e.message}")
+            elif await shielded(ops.revert(plan, standby, "after_switch failed")):
+                record.traffic = "restored"
+                e.message += ("; hooks.after_switch_failed = \"rollback\": traffic is back on the old build, "
+                              "which never stopped, and the new build was drained and stopped")
+                raise
+            else:
+                record.warnings.append(f"after_switch: {e.message}; the old build is gone, so the new one keeps "
+                                       "serving (hooks.after_switch_failed = \"rollback\" could not go back)")
     try:
         await phase(Phase.STOP, lambda: ops.stop_old(plan))
     except Exception as e:
@@ -250,7 +294,7 @@ def _text(e: Exception) -> str:
     return e.message if isinstance(e, BluegreenError) else f"unexpected error: {e!r}"
 
 
-async def _shielded(coro: Any) -> Any:
+async def shielded(coro: Any) -> Any:
     """Run cleanup to the end even if the swap itself is being cancelled."""
     task = asyncio.ensure_future(coro)
     try:

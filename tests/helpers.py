@@ -97,10 +97,11 @@ def make_build(parent: Path, name: str, *, version: str | None = None, boot_dela
     return build
 
 
-def http_get(port: int, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+def http_get(port: int, path: str = "/", timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """One GET on a fresh connection; returns (status, body)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -194,7 +195,7 @@ class DaemonRun:
 
     def remember(self, st: dict[str, Any]) -> None:
         """Keep every pid the daemon ever reported, so teardown can kill leftovers by pid."""
-        for key in ("active", "standby"):
+        for key in ("active", "standby", "warm"):
             if st.get(key):
                 self.seen.add(st[key]["pid"])
         if st["nginx"].get("master_pid"):

@@ -16,34 +16,34 @@ from supervisor.protocol import CommandSpec
 
 @pytest.fixture
 def with_verb(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    verb = types.ModuleType("supervisor.commands.promote")
-    verb.SPEC = CommandSpec("promote", "carry a paused swap on", {"now": (bool, False)}, order=50,
-                            description="Carry a paused swap on.")
+    verb = types.ModuleType("supervisor.commands.annotate")
+    verb.SPEC = CommandSpec("annotate", "note something", {"now": (bool, False)}, order=50,
+                            description="Note something.")
     verb.add_arguments = lambda p: p.add_argument("--now", action="store_true")
 
     async def handle(daemon: Any, reply: Any, now: bool = False) -> dict[str, bool]:
-        return {"promoted": now}
+        return {"noted": now}
 
     verb.handle = handle
     verb.run = lambda sock, args: 0
     table = dict(commands.load())
-    table["promote"] = verb
+    table["annotate"] = verb
     monkeypatch.setattr(commands, "load", lambda: table)
     return verb
 
 
 def test_a_new_verb_module_is_on_the_wire_in_the_cli_and_in_help(with_verb: types.ModuleType) -> None:
-    assert protocol.parse_request('{"cmd": "promote", "now": true}') == protocol.Request("promote", {"now": True})
-    assert "promote" in protocol.commands()
-    args = cli.build_parser().parse_args(["promote", "--now", "--socket", "/x"])
-    assert args.command == "promote" and args.now
+    assert protocol.parse_request('{"cmd": "annotate", "now": true}') == protocol.Request("annotate", {"now": True})
+    assert "annotate" in protocol.commands()
+    args = cli.build_parser().parse_args(["annotate", "--now", "--socket", "/x"])
+    assert args.command == "annotate" and args.now
 
 
 def test_every_verb_has_a_spec_a_handler_and_a_cli_runner() -> None:
     for name, verb in commands.load().items():
         assert verb.SPEC.name == name and verb.SPEC.help
         assert callable(verb.handle) and callable(verb.run)
-    assert list(commands.load()) == ["swap", "rollback", "cancel", "status", "quit", "help"]
+    assert list(commands.load()) == ["swap", "promote", "abort", "rollback", "cancel", "status", "quit", "help"]
 
 
 def test_the_cli_offers_every_verb_with_its_own_arguments() -> None:

@@ -66,6 +66,13 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("[logging]\nlevel = 'debug'", "[logging]: unknown section"),
         ("[app.ready]\nurl = 'http://127.0.0.1:{prot}/'", "app.ready.url: unknown placeholder {prot}"),
         ("[app.ready]\nurl = 'tcp://127.0.0.1:{port}'", "app.ready.url: expected an http:// URL"),
+        ("[release]\npreview_header = 'X Preview'", "release.preview_header: expected a name like 'X-Bluegreen-Preview'"),
+        ("[release]\npreview_cookie = 'a;b'", "release.preview_cookie: expected a name like 'bluegreen_preview'"),
+        ("[release]\nkeep_warm = -5", "release.keep_warm: expected a number of seconds, 0 or more"),
+        ("[release]\npause_timeout = 0", "release.pause_timeout: expected a number of seconds greater than 0"),
+        ("[hooks]\nbefore_switch = 'migrate expand'", "hooks.before_switch: expected a non-empty list of strings"),
+        ("[hooks]\nafter_switch = ['{build}/migrate', '{versoin}']", "hooks.after_switch[1]: unknown placeholder"),
+        ("[hooks]\nafter_switch_failed = 'ignore'", 'hooks.after_switch_failed: expected one of "warn", "rollback"'),
     ],
 )
 def test_bad_key_is_named(snippet: str, expected: str) -> None:
@@ -177,3 +184,14 @@ def test_readme_documents_every_key() -> None:
     for section, keys in config.SCHEMA.items():
         for key in keys:
             assert f"`{section}.{key.name}`" in readme, f"{section}.{key.name} is missing from README's config table"
+
+
+def test_hooks_default_to_none_and_a_relative_program_is_relative_to_the_config_file() -> None:
+    c = config.parse(MINIMAL, CFG)
+    assert c.hooks.before_switch is None and c.hooks.timeout == 300 and c.hooks.after_switch_failed == "warn"
+    assert c.release.keep_warm == 0 and c.release.pause_timeout == 3600
+    c = config.parse(MINIMAL + '[hooks]\nbefore_switch = ["bin/migrate", "expand"]\n'
+                     'after_switch = ["{build}/bin/migrate", "contract"]\nafter_failure = ["notify-send", "x"]\n', CFG)
+    assert c.hooks.before_switch == ("/srv/app/bin/migrate", "expand")
+    assert c.hooks.after_switch == ("{build}/bin/migrate", "contract")  # expanded at the swap
+    assert c.hooks.after_failure == ("notify-send", "x")  # found on PATH

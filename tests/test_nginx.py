@@ -26,4 +26,17 @@ def test_managed_conf_keeps_every_path_in_the_prefix() -> None:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(directive + " "))
         assert f' "{prefix}/' in line, line  # quoted: a path with a space stays one argument
     assert "worker_shutdown_timeout 9s;" in text  # ceil(7.5) + 1: the daemon's deadline acts first
-    assert "listen 127.0.0.1:8080;" in text and "proxy_pass http://bluegreen_app;" in text
+    assert "listen 127.0.0.1:8080;" in text and "proxy_pass http://$bluegreen_app_route;" in text  # the maps pick main or preview
+
+
+def test_a_preview_is_its_own_upstream_chosen_by_header_then_cookie() -> None:
+    from supervisor.config import ReleaseConfig
+
+    text = render_upstream("myapp", 8001, preview=8002, release=ReleaseConfig(preview_header="X-Canary",
+                                                                              preview_cookie="canary"))
+    assert parse_upstream_port(text) == 8001  # the main upstream stays first: what serves everyone
+    assert "upstream myapp__preview {\n    server 127.0.0.1:8002;\n}" in text
+    assert 'map $cookie_canary $myapp_route__by_cookie {\n    default myapp;\n    "1" myapp__preview;\n}' in text
+    assert 'map $http_x_canary $myapp_route {\n    default $myapp_route__by_cookie;\n    "1" myapp__preview;\n}' in text
+    off = render_upstream("myapp", 8001)
+    assert "__preview" not in off.replace("__by_cookie", "") and '"1" myapp;' in off  # the variable always exists

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.errors import AppDied, AppError, BluegreenError, ChecksFailed, NginxError, StateError
+from supervisor.errors import Aborted, AppDied, AppError, BluegreenError, ChecksFailed, HookFailed, NginxError, StateError
 from supervisor.swap import ORDER, Phase, Plan, SwapRecord, run_swap
 
 
@@ -51,6 +51,14 @@ class FakeOps:
         await self._step("check")
         return {"checks": []}
 
+    async def hook(self, name: str, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step(name)
+        return {"exit": 0}
+
+    async def pause(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("paused")
+        return {"paused_for": 1.0}
+
     async def switch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("switch")
         self.upstream = "new"
@@ -80,8 +88,8 @@ class FakeOps:
     async def keep(self, plan: Plan[str], standby: str) -> None:
         self.calls.append("keep")
 
-    async def revert(self, plan: Plan[str], standby: str) -> bool:
-        self.calls.append("revert")
+    async def revert(self, plan: Plan[str], standby: str, why: str) -> bool:
+        self.calls.append(f"revert({why})")
         if self.old_alive and await self.switch_back(plan):
             return True
         return False
@@ -94,20 +102,21 @@ def record() -> SwapRecord:
     return SwapRecord(build="/b/2", to_slot="green", to_port=8002, from_slot="blue", reason="swap")
 
 
-def run(ops: FakeOps, events: list[dict[str, Any]] | None = None) -> SwapRecord:
+def run(ops: FakeOps, events: list[dict[str, Any]] | None = None, plan: Plan[str] = PLAN) -> SwapRecord:
     rec = record()
-    asyncio.run(run_swap(PLAN, ops, (events if events is not None else []).append, rec))
+    asyncio.run(run_swap(plan, ops, (events if events is not None else []).append, rec))
     return rec
 
 
-def run_failing(ops: FakeOps) -> tuple[SwapRecord, BluegreenError]:
+def run_failing(ops: FakeOps, plan: Plan[str] = PLAN) -> tuple[SwapRecord, BluegreenError]:
     rec = record()
     with pytest.raises(BluegreenError) as e:
-        asyncio.run(run_swap(PLAN, ops, lambda _: None, rec))
+        asyncio.run(run_swap(plan, ops, lambda _: None, rec))
     return rec, e.value
 
 
-WITHOUT_CHECKS = [p for p in ORDER if p is not Phase.CHECK]
+OPTIONAL = (Phase.CHECK, Phase.BEFORE_SWITCH, Phase.PAUSED, Phase.AFTER_SWITCH)
+WITHOUT_CHECKS = [p for p in ORDER if p not in OPTIONAL]
 
 
 def test_phases_run_in_order_and_each_emits_begin_and_done() -> None:
@@ -158,14 +167,14 @@ def test_failed_commit_with_no_way_back_keeps_the_standby_that_nginx_points_at()
 def test_new_build_dying_during_the_drain_sends_traffic_back_to_the_old_one() -> None:
     ops = FakeOps(fail={"drain": AppDied("the new build died")})
     rec, err = run_failing(ops)
-    assert ops.calls[-3:] == ["drain", "revert", "switch_back"] and "stop" not in ops.calls
+    assert ops.calls[-3:] == ["drain", "revert(died)", "switch_back"] and "stop" not in ops.calls
     assert err.code == "app_exited" and rec.traffic == "restored" and ops.upstream == "old"
 
 
 def test_new_build_dying_when_the_old_one_is_gone_too_reports_traffic_moved() -> None:
     ops = FakeOps(fail={"drain": AppDied("the new build died")}, old_alive=False)
     rec, err = run_failing(ops)
-    assert ops.calls[-2:] == ["drain", "revert"]
+    assert ops.calls[-2:] == ["drain", "revert(died)"]
     assert rec.traffic == "moved" and err.details["traffic"] == "moved"
 
 
@@ -231,7 +240,8 @@ def test_nginx_error_keeps_its_code() -> None:
 
 def test_each_phase_says_whether_it_can_be_cancelled_and_is_persisted() -> None:
     # cancellable up to the switch; from the commit on, traffic has moved
-    assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "check", "switch"]
+    assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "before_switch", "check", "paused",
+                                                            "switch"]
     assert [p.value for p in ORDER if p.persisted] == ["start", "commit"]
 
 
@@ -239,7 +249,7 @@ def test_smoke_checks_run_between_ready_and_switch() -> None:
     ops = FakeOps()
     rec = SwapRecord(build="/b/2", to_slot="green", to_port=8002, from_slot="blue", reason="swap")
     asyncio.run(run_swap(replace(PLAN, checks=True), ops, lambda _: None, rec))
-    assert ops.calls == [p.value for p in ORDER]
+    assert ops.calls == ["prepare", "start", "ready", "check", "switch", "commit", "drain", "stop"]
     assert "check" in rec.durations
 
 
@@ -251,3 +261,63 @@ def test_a_failed_smoke_check_stops_the_standby_before_any_switch() -> None:
     assert ops.calls == ["prepare", "start", "ready", "check", "discard(drain=False)"]
     assert ops.upstream == "old" and rec.traffic == "unchanged" and e.value.details["traffic"] == "unchanged"
     assert rec.error is not None and rec.error["code"] == "checks_failed" and rec.error["phase"] == "check"
+
+
+# ---- releases: hooks, the pause for preview, the warm old build (issue 11)
+
+FULL: Plan[str] = Plan(build=Path("/b/2"), slot="green", port=8002, old="old-app", checks=True, pause=True,
+                       hooks=frozenset({"before_switch", "after_switch"}))
+
+
+def test_a_release_runs_its_hooks_checks_and_pause_in_order() -> None:
+    ops = FakeOps()
+    rec = run(ops, plan=FULL)
+    assert ops.calls == ["prepare", "start", "ready", "before_switch", "check", "paused", "switch", "commit", "drain",
+                         "after_switch", "stop"]
+    assert rec.outcome == "done" and rec.traffic == "moved"
+
+
+def test_a_failing_before_switch_hook_stops_the_standby_and_never_moves_traffic() -> None:
+    ops = FakeOps(fail={"before_switch": HookFailed("hooks.before_switch exited with status 3")})
+    rec, e = run_failing(ops, FULL)
+    assert ops.calls[-2:] == ["before_switch", "discard(drain=True)"]  # paused swaps drain preview requests
+    assert "switch" not in ops.calls and ops.upstream == "old"
+    assert e.code == "hook_failed" and rec.traffic == "unchanged" and e.details["phase"] == "before_switch"
+
+
+def test_an_aborted_pause_drains_preview_requests_off_the_standby_then_stops_it() -> None:
+    ops = FakeOps(fail={"paused": Aborted("aborted by `bluegreen abort`")})
+    rec, e = run_failing(ops, FULL)
+    assert ops.calls[-2:] == ["paused", "discard(drain=True)"] and "switch" not in ops.calls
+    assert e.code == "aborted" and rec.traffic == "unchanged"
+
+
+def test_a_failing_after_switch_hook_only_warns_by_default() -> None:
+    ops = FakeOps(fail={"after_switch": HookFailed("hooks.after_switch exited with status 1")})
+    rec = run(ops, plan=FULL)
+    assert rec.outcome == "done" and rec.traffic == "moved" and ops.calls[-1] == "stop"
+    assert rec.warnings == ["after_switch: hooks.after_switch exited with status 1"]
+
+
+def test_a_failing_after_switch_hook_can_send_traffic_back_to_the_old_build() -> None:
+    plan = replace(FULL, rollback_on_hook=True)
+    ops = FakeOps(fail={"after_switch": HookFailed("hooks.after_switch exited with status 1")})
+    rec, e = run_failing(ops, plan)
+    assert ops.calls[-3:] == ["after_switch", "revert(after_switch failed)", "switch_back"]
+    assert "stop" not in ops.calls and ops.upstream == "old"
+    assert e.code == "hook_failed" and rec.traffic == "restored" and "traffic is back on the old build" in e.message
+
+
+def test_after_switch_rollback_with_the_old_build_gone_keeps_the_new_one_serving() -> None:
+    plan = replace(FULL, rollback_on_hook=True)
+    ops = FakeOps(fail={"after_switch": HookFailed("exited with status 1")}, old_alive=False)
+    rec = run(ops, plan=plan)
+    assert rec.outcome == "done" and rec.traffic == "moved" and ops.upstream == "new"
+    assert "could not go back" in rec.warnings[0]
+
+
+def test_a_warm_rollback_is_a_switch_with_no_start_and_no_readiness_wait() -> None:
+    ops = FakeOps()
+    rec = run(ops, plan=replace(PLAN, warm="warm-app", reason="rollback"))
+    assert ops.calls == ["switch", "commit", "drain", "stop"]
+    assert rec.details["warm"] == {"reused": True} and rec.traffic == "moved"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bluegreen")
 SPEC = CommandSpec(
-    "cancel", "stop a running swap before it switches traffic (its standby is stopped)", order=3,
+    "cancel", "stop a running swap before it switches traffic (its standby is stopped)", order=30,
     description="Cancel the running swap if it has not switched nginx yet: its standby is stopped (whole process "
                 "tree) and traffic stays where it is.",
 )

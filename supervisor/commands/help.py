@@ -12,7 +12,7 @@ from ..protocol import CommandSpec, commands
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-SPEC = CommandSpec("help", "list the commands", order=6,
+SPEC = CommandSpec("help", "list the commands", order=60,
                    description="List the commands the running daemon understands on its socket.")
 
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 SPEC = CommandSpec(
     "quit", "stop the daemon; with keep=true the app and managed nginx keep serving and the next daemon adopts them",
-    {"keep": (bool, False)}, order=5,
+    {"keep": (bool, False)}, order=50,
     description="Stop the daemon. By default it stops the app and the managed nginx, like SIGTERM. With "
                 "--keep-serving they keep serving and the next `bluegreen daemon` adopts them without a restart "
                 "(use it to upgrade or restart bluegreen itself).",

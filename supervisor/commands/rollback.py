@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 SPEC = CommandSpec(
-    "rollback", "swap back to the build that served before the last release", order=2,
+    "rollback", "swap back to the build that served before the last release", order=20,
     description="Swap back to the build that served before the last release (a swap BUILD or a rollback). "
-                "Restarts and crash recoveries never change it.",
+                "Restarts and crash recoveries never change it. Within release.keep_warm seconds of the last release "
+                "the old build still runs: the rollback is then one routing change, with no start and no readiness "
+                "wait.",
 )
 
 

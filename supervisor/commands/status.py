@@ -17,10 +17,11 @@ from ..protocol import CommandSpec
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-SPEC = CommandSpec("status", "active and standby slots, the running swap, the last swap's phases", order=4,
+SPEC = CommandSpec("status", "active and standby slots, the running swap, the last swap's phases", order=40,
                    description="Show what serves (slot, port, pid, build, uptime), the standby during a swap, "
-                               "nginx's master, the running swap's phase, the last swap with per-phase durations, "
-                               "and what is wrong right now.")
+                               "nginx's master, the running swap's phase (paused: for how long, and how to "
+                               "preview), the warm old build, the last swap with per-phase durations, and what is "
+                               "wrong right now.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         n["prefix"] = str(app.managed.prefix)
     else:
         n["upstream_file"] = str(app.master.upstream_path)
-    state = app.ledger.state
+    state, warm = app.ledger.state, app.release.warm
     return {
         "daemon": {"pid": os.getpid(), "version": __version__, "status": str(app.status),
                    "since": daemon.started_at, "config": str(app.config.path), "state_dir": str(app.state_dir),
@@ -52,6 +53,8 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "standby": app.standby.to_dict() if app.standby else None,
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
+        "paused": app.release.pause_info(),
+        "warm": {**warm.app.to_dict(), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
         "nginx": n,
     }
@@ -88,6 +91,15 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("swap"):
         s = st["swap"]
         lines.append(f"swap     {s['reason']} to {s['build']} in progress, phase {s['phase']}")
+    p = st.get("paused")
+    if p:
+        lines.append(f"paused   for {_ago(p['since'])}: preview requests ({p['header']}, or cookie {p['cookie']}) go "
+                     f"to :{p['standby']['port']}; bluegreen promote | abort (aborted on its own at "
+                     f"{client.clock(p['until'])})")
+    w = st.get("warm")
+    if w:
+        lines.append(f"warm     {w['slot']} :{w['port']} pid {w['pid']} {w['build']} until {client.clock(w['until'])} "
+                     "(bluegreen rollback: one routing change)")
     last = st.get("last_swap")
     if last:
         phases = " ".join(f"{k} {v:.3f}s" for k, v in last["durations"].items())

@@ -1,0 +1,101 @@
+"""Release hooks: the user's commands run at fixed points of a release (config [hooks]).
+
+    before_switch   after ready, before the smoke checks and any traffic: the "expand" migration.
+                    Failing or timing out aborts the swap; traffic never moved.
+    after_switch    once the new build serves and the old one is drained (no request reaches it
+                    any more), before the old one stops: the "contract" migration, a notification.
+    after_failure   after a release failed and was cleaned up: a notification.
+
+A hook is an argv (never a shell) with the app's placeholders ({port}, {build}, ... of the new
+build), run in the new build's directory in its own process group, with BLUEGREEN_OLD_BUILD,
+BLUEGREEN_NEW_BUILD, BLUEGREEN_OLD_PORT and BLUEGREEN_NEW_PORT in its environment. Each line it
+prints goes to the daemon log and to the swap's client as an event; at hooks.timeout its whole
+group is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .config import expand
+from .errors import HookFailed
+
+log = logging.getLogger("bluegreen")
+LINE_LIMIT = 1000  # characters of one output line kept (a hook printing a megabyte line cannot flood the client)
+TAIL = 5  # last lines quoted in the error
+
+
+async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env: Mapping[str, str], cwd: Path,
+              timeout: float, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run hook `name` to its end; its details, or HookFailed naming what went wrong and the fix."""
+    args = [expand(a, context) for a in argv]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, cwd=cwd if cwd.is_dir() else None, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        why = "is not executable (chmod +x it)" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        raise HookFailed(f"hooks.{name}: cannot run {args[0]!r}: {why}", hook=name) from None
+    began = time.monotonic()
+    tail: list[str] = []
+
+    def line(text: str) -> None:
+        text = text[:LINE_LIMIT]
+        log.info("hook %s: %s", name, text)
+        tail.append(text)
+        del tail[:-TAIL]
+        emit({"event": name, "status": "output", "line": text})
+
+    try:
+        await asyncio.wait_for(_read_lines(proc, line), timeout)
+    except asyncio.TimeoutError:
+        await _kill_group(proc)
+        raise HookFailed(f"hooks.{name} did not finish within hooks.timeout ({timeout:g}s) and was killed"
+                         + _quoted(tail), hook=name) from None
+    except BaseException:  # cancelled (bluegreen cancel, the daemon stopping): the hook goes too
+        await _kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0
+               else f"exited with status {proc.returncode}")
+        raise HookFailed(f"hooks.{name} ({args[0]}) {how}" + _quoted(tail), hook=name, exit=proc.returncode)
+    return {"exit": 0, "seconds": round(time.monotonic() - began, 3), "lines": len(tail)}
+
+
+async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None]) -> None:
+    """Every line the hook prints, until it exits and its output closes (children that keep the
+    output open hold the hook, up to its timeout)."""
+    assert proc.stdout is not None
+    pending = b""
+    while chunk := await proc.stdout.read(65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line(raw.decode("utf-8", "replace").rstrip("\r"))
+        if len(pending) > LINE_LIMIT * 4:  # no newline in sight: cut it here
+            line(pending.decode("utf-8", "replace"))
+            pending = b""
+    if pending:
+        line(pending.decode("utf-8", "replace"))
+    await proc.wait()
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        await asyncio.wait_for(proc.wait(), 5)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _quoted(tail: list[str]) -> str:
+    return ("; its last output: " + " | ".join(tail)) if tail else "; it printed nothing"

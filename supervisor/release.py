@@ -1,0 +1,163 @@
+"""What a release adds around the swap: its hooks, the pause for preview (swap --pause, then
+promote or abort), and the old build kept warm after it (release.keep_warm) for an instant
+rollback. One per App; the swap's phases (slotops.py) and the control verbs drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import hooks, slots
+from .config import other_slot
+from .errors import BluegreenError
+from .swap import RELEASES, Plan
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("bluegreen")
+Reply = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Pause:
+    """A swap paused for preview (swap --pause): its standby serves preview requests only, until
+    `promote` or `abort` decides, or release.pause_timeout does."""
+
+    standby: slots.AppProcess
+    until: float  # wall clock: the pause_timeout
+    since: float = field(default_factory=time.time)
+    decision: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def decide(self, what: str) -> None:
+        if not self.decision.done():
+            self.decision.set_result(what)
+
+
+@dataclass
+class Warm:
+    """The old build of the last release, still running with no traffic until `until`, so that
+    `rollback` is one routing change."""
+
+    app: slots.AppProcess
+    until: float  # wall clock
+    timer: asyncio.Task[Any] | None = None
+
+    def usable(self) -> bool:
+        return self.app.alive() and time.time() < self.until
+
+
+class Release:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.pause: Pause | None = None
+        self.paused = asyncio.Event()  # set when the running swap pauses for preview
+        self.warm: Warm | None = None
+
+    def plan(self, build: Path, reason: str, pause: bool) -> Plan[slots.AppProcess]:
+        """A swap to `build`, with what its kind runs: a release gets the hooks, the checks, the
+        pause it asked for, the warm build when it goes back to it, and keeps its old build warm."""
+        old = self.app.active
+        assert old is not None
+        slot = other_slot(old.slot)
+        release = reason in RELEASES
+        kept = self.warm
+        warm = kept.app if kept and kept.usable() and kept.app.build == build and release and not pause else None
+        h = self.app.config.hooks
+        return Plan(build=build, slot=slot, port=self.app.config.app.port(slot), old=old, reason=reason,
+                    old_build=old.build, checks=release and bool(self.app.config.release.checks),
+                    hooks=frozenset(n for n in ("before_switch", "after_switch") if release and h.get(n)),
+                    pause=pause, warm=warm, keep_warm=self.app.config.release.keep_warm if release else 0.0,
+                    rollback_on_hook=h.after_switch_failed == "rollback")
+
+    def hook_env(self, plan: Plan[slots.AppProcess]) -> dict[str, str]:
+        old = plan.old
+        return {"BLUEGREEN_OLD_BUILD": str(old.build) if old else "", "BLUEGREEN_NEW_BUILD": str(plan.build),
+                "BLUEGREEN_OLD_PORT": str(old.port) if old else "", "BLUEGREEN_NEW_PORT": str(plan.port),
+                "BLUEGREEN_REASON": plan.reason}
+
+    async def run_hook(self, name: str, plan: Plan[slots.AppProcess], emit: Reply,
+                       extra: dict[str, str] | None = None) -> dict[str, Any]:
+        argv = self.app.config.hooks.get(name)
+        assert argv is not None
+        return await hooks.run(name, argv, self.app.launcher.context(plan.slot, plan.build),
+                               {**self.hook_env(plan), **(extra or {})}, plan.build, self.app.config.hooks.timeout,
+                               emit)
+
+    async def after_failure(self, plan: Plan[slots.AppProcess], e: BluegreenError, emit: Reply) -> None:
+        """hooks.after_failure, told what failed; its own failure is only logged."""
+        try:
+            await self.run_hook("after_failure", plan, emit, {
+                "BLUEGREEN_ERROR_CODE": e.code, "BLUEGREEN_ERROR": e.message.splitlines()[0],
+                "BLUEGREEN_PHASE": str(e.details.get("phase") or ""),
+                "BLUEGREEN_TRAFFIC": str(e.details.get("traffic") or "")})
+        except BluegreenError as hook_error:
+            log.warning("%s", hook_error.message)
+
+    def pause_info(self) -> dict[str, Any] | None:
+        p = self.pause
+        if p is None:
+            return None
+        r = self.app.config.release
+        info = {"since": p.since, "until": p.until, "standby": p.standby.to_dict(),
+                "header": f"{r.preview_header}: 1", "cookie": f"{r.preview_cookie}=1", "mode": self.app.proxy.mode}
+        if self.app.managed is None and self.app.proxy.mode == "reload":
+            from .nginx import route_variable
+
+            var = route_variable(self.app.config.nginx.upstream_name)
+            info["needs"] = f"proxy_pass http://${var}; in your server block (README: preview with your own nginx)"
+        return info
+
+    def decide(self, what: str) -> Pause:
+        """`promote` or `abort` the paused swap; not_paused if there is none."""
+        if self.pause is None or self.pause.decision.done():
+            running = (f"a {self.app.swap.reason} to {self.app.swap.build} is in phase {self.app.swap.phase}"
+                       if self.app.swap is not None and self.app.swapping() else "no swap is running")
+            raise BluegreenError(f"nothing to {what}: no swap is paused ({running}); `bluegreen swap BUILD --pause` "
+                                 "starts one that waits for promote or abort", code="not_paused")
+        pause = self.pause
+        pause.decide(what)
+        return pause
+
+    async def abort_pause(self, why: str) -> None:
+        """End a paused swap because of something other than a user (the active build died)."""
+        if self.pause is not None and self.app.swap_task is not None:
+            log.warning("aborting the paused swap: %s", why)
+            self.pause.decide(why)
+            await asyncio.gather(self.app.swap_task, return_exceptions=True)
+
+    def keep_warm(self, old: slots.AppProcess, seconds: float) -> float:
+        """Keep `old` running (no traffic) for `seconds`, then stop it; when that will be."""
+        from .app import slot_state
+
+        until = time.time() + seconds
+        self.warm = Warm(old, until)
+        self.warm.timer = asyncio.ensure_future(self._cool(self.warm, seconds))
+        self.app.ledger.warm(slot_state(old), until)
+        self.app.ledger.save_quietly()
+        return until
+
+    async def _cool(self, warm: Warm, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self.warm is warm and not self.app.swapping():
+            await self.end_warm("its keep_warm window is over")
+
+    async def end_warm(self, why: str) -> None:
+        """Stop the warm old build (no traffic goes there: no drain)."""
+        warm, self.warm = self.warm, None
+        if warm is None:
+            return
+        if warm.timer is not None and warm.timer is not asyncio.current_task():
+            warm.timer.cancel()
+        self.app.ledger.warm(None, None)
+        if warm.app.alive():
+            result = await self.app.stop(warm.app)
+            log.info("warm %s (pid %d, %s) stopped, %s: %s", warm.app.slot, warm.app.pid, warm.app.build, why,
+                     result["how"])
+            self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
+        self.app.ledger.save_quietly()

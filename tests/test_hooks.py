@@ -1,0 +1,151 @@
+"""Release hooks (issue 11), end to end through a real nginx, the CLI and the example Node app
+under load: seed 000's expand and contract migrations as before_switch and after_switch, their
+output streamed to the client, and every way a hook can fail leaving traffic where it should be."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import Load, bluegreen, http_get, make_build, wait_until
+from supervisor import drain
+from conftest import render_config
+
+pytestmark = pytest.mark.e2e
+
+
+def script(path: Path, text: str) -> Path:
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return path
+
+
+def alive_in_group(group: int) -> list[int]:
+    """The live (not zombie) processes of process group `group`."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == group and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except (OSError, psutil.Error):
+            pass
+    return out
+
+
+def hooks(**argv: list[str] | str | float) -> str:
+    lines = []
+    for k, v in argv.items():
+        lines.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else str(v).replace("'", '"')))
+    return "[hooks]\n" + "\n".join(lines)
+
+
+def test_expand_and_contract_run_around_the_switch_with_the_builds_and_ports_in_their_env(
+        make_daemon, short_tmp: Path, releases: Path) -> None:
+    log = short_tmp / "migrations.log"
+    migrate = script(short_tmp / "migrate", f'echo "$1: schema step for $BLUEGREEN_NEW_BUILD"\n'
+                     f'echo "$1 old=$BLUEGREEN_OLD_BUILD new=$BLUEGREEN_NEW_BUILD '
+                     f'ports=$BLUEGREEN_OLD_PORT-$BLUEGREEN_NEW_PORT arg=$2" >> {log}\n')
+    run = make_daemon(extra=hooks(before_switch=[str(migrate), "expand", "{port}"],
+                                  after_switch=[str(migrate), "contract", "{build_name}"]))
+    v1, v2 = run.status()["active"]["build"], make_build(releases, "v2")
+    with Load(run.listen_port, clients=4) as load:
+        r = run.cli("swap", str(v2))
+    assert r.returncode == 0, r.stdout + r.stderr
+    blue, green = run.ports
+    assert log.read_text().splitlines() == [f"expand old={v1} new={v2} ports={blue}-{green} arg={green}",
+                                            f"contract old={v1} new={v2} ports={blue}-{green} arg=v2"]
+    out = r.stdout
+    assert f"before_switch | expand: schema step for {v2}" in out and "after_switch | contract: schema step" in out
+    # expand before any traffic moves; contract once the old build is drained, before it stops
+    assert out.index("before_switch |") < out.index("\n  switch ") < out.index("\n  drain ") \
+        < out.index("after_switch |") < out.index("\n  stop ")
+    assert not load.failures, (load.failures, load.examples)
+    assert "hook before_switch: expand: schema step" in (run.dir / "run" / "logs" / "daemon.log").read_text()
+
+
+def test_a_failing_before_switch_aborts_the_swap_with_traffic_unchanged(make_daemon, short_tmp: Path,
+                                                                        releases: Path) -> None:
+    expand = script(short_tmp / "expand", 'echo "adding column users.email_verified"\n'
+                    'echo "ERROR: lock timeout on table users" >&2\nexit 3\n')
+    run = make_daemon(extra=hooks(before_switch=[str(expand)]))
+    with Load(run.listen_port, clients=4) as load:
+        r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "before_switch | adding column users.email_verified" in r.stdout
+    assert "[hook_failed]" in r.stderr and "exited with status 3" in r.stderr
+    assert "ERROR: lock timeout on table users" in r.stderr and "traffic is unchanged" in r.stderr
+    assert not load.failures, (load.failures, load.examples)
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
+    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the standby to stop")
+    assert run.status()["last_swap"]["error"]["phase"] == "before_switch"
+
+
+def test_a_hanging_hook_is_killed_with_its_children_at_the_timeout(make_daemon, short_tmp: Path,
+                                                                   releases: Path) -> None:
+    pid_file = short_tmp / "hook.pid"
+    hang = script(short_tmp / "hang", f'echo $$ > {pid_file}\necho "waiting for the migration lock"\nsleep 300\n')
+    run = make_daemon(extra=hooks(before_switch=[str(hang)], timeout=1))
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "did not finish within hooks.timeout (1s) and was killed" in r.stderr, r.stderr
+    assert "waiting for the migration lock" in r.stderr
+    group = int(pid_file.read_text())
+    assert not alive_in_group(group)  # the hook and its `sleep` are gone
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
+
+
+def test_a_failing_after_switch_warns_by_default(make_daemon, short_tmp: Path, releases: Path) -> None:
+    notify = script(short_tmp / "notify", 'echo "chat webhook: 503"\nexit 1\n')
+    run = make_daemon(extra=hooks(after_switch=[str(notify)]))
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: after_switch: hooks.after_switch" in r.stdout and "exited with status 1" in r.stdout
+    assert http_get(run.listen_port) == (200, "hello from v2\n")
+
+
+def test_a_failing_after_switch_can_send_traffic_back_to_the_old_build(make_daemon, short_tmp: Path,
+                                                                       releases: Path) -> None:
+    contract = script(short_tmp / "contract", 'echo "dropping column users.legacy_flag"\nexit 2\n')
+    run = make_daemon(extra=hooks(after_switch=[str(contract)], after_switch_failed="rollback"))
+    old = run.status()["active"]["pid"]
+    with Load(run.listen_port, clients=4) as load:
+        r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[hook_failed]" in r.stderr and "traffic is back on the old build" in r.stderr
+    assert not load.failures, (load.failures, load.examples)
+    st = run.status()
+    assert st["active"]["pid"] == old and st["last_swap"]["traffic"] == "restored"
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
+    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the new build to stop")
+
+
+def test_after_failure_is_told_what_failed(make_daemon, short_tmp: Path, releases: Path) -> None:
+    told = short_tmp / "told"
+    notify = script(short_tmp / "notify", f'echo "$BLUEGREEN_ERROR_CODE $BLUEGREEN_PHASE $BLUEGREEN_TRAFFIC" > {told}\n')
+    run = make_daemon(extra='[[release.checks]]\npath = "/"\nbody = "hello from v9"\n' + hooks(after_failure=[str(notify)]))
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1 and "[checks_failed]" in r.stderr, r.stderr
+    assert told.read_text() == "checks_failed check unchanged\n"
+
+
+def test_a_hook_that_cannot_run_is_named_by_check_config_and_at_the_swap(make_daemon, short_tmp: Path,
+                                                                        releases: Path) -> None:
+    expand = script(short_tmp / "expand", "exit 0\n")
+    cfg = short_tmp / "check.toml"
+    expand.chmod(0o644)
+    cfg.write_text(render_config(short_tmp, build=short_tmp, ports=(20001, 20002), listen=20003,
+                                 extra=hooks(before_switch=[str(expand)], after_switch=["no-such-migrate-tool"])))
+    r = bluegreen("check-config", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"hooks.before_switch: {expand} is not executable (chmod +x {expand})" in r.stderr
+    assert "hooks.after_switch: 'no-such-migrate-tool' is not on PATH" in r.stderr
+
+    expand.chmod(0o755)
+    run = make_daemon(extra=hooks(before_switch=[str(expand)]))
+    expand.chmod(0o644)  # broken after the daemon started: the swap says so, traffic stays
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 1 and "[hook_failed]" in r.stderr and "is not executable" in r.stderr, r.stderr
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
