@@ -205,6 +205,9 @@ class App:
         result, or a BluegreenError whose `traffic` says where traffic is. With `pause`, return
         once the swap is paused for preview: `promote` or `abort` carries it on."""
         self._refuse_swap()
+        if reason == "rollback":
+            await self.release.check_warm()
+            self._refuse_swap()  # another swap may have begun meanwhile
         plan = self.release.plan(build, reason, pause)
         old = plan.old
         assert old is not None
@@ -215,14 +218,8 @@ class App:
                  f"; the warm build (pid {plan.warm.pid}) serves again" if plan.warm else "")
         task = self.swap_task = asyncio.ensure_future(self._swap(plan, record))
         try:
-            if pause:
-                paused = asyncio.ensure_future(self.release.paused.wait())
-                try:
-                    await asyncio.wait({task, paused}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    paused.cancel()
-                if not task.done() and self.release.pause is not None:
-                    return {"paused": self.release.pause_info()}
+            if pause and (info := await self.release.until_paused(task)):
+                return {"paused": info}
             return await self.swap_result()
         finally:
             if reply in self.listeners:

@@ -44,7 +44,7 @@ async def _http_ok(client: httpx.AsyncClient, url: str, body: str | None) -> tup
     return True, f"HTTP {r.status_code}"
 
 
-async def _tcp_ok(port: int) -> tuple[bool, str]:
+async def tcp_ok(port: int) -> tuple[bool, str]:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ATTEMPT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as e:
@@ -105,7 +105,7 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                     streak = 0
                 else:
                     checks += 1
-                    ok, last = await (_http_ok(client, url, ready.body) if url else _tcp_ok(app.port))
+                    ok, last = await (_http_ok(client, url, ready.body) if url else tcp_ok(app.port))
                     streak = streak + 1 if ok else 0
                     if streak >= ready.passes:
                         return ReadyResult(checks, round(time.monotonic() - began, 4), target,

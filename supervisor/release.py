@@ -75,6 +75,21 @@ class Release:
                     pause=pause, warm=warm, keep_warm=self.app.config.release.keep_warm if release else 0.0,
                     rollback_on_hook=h.after_switch_failed == "rollback")
 
+    async def check_warm(self) -> None:
+        """A rollback is about to reuse the warm build: one readiness check first (no wait). One
+        that does not answer is no longer warm: it is stopped, and the rollback starts it afresh."""
+        warm = self.warm
+        if warm is None or not warm.usable():
+            return
+        from . import probes
+
+        url = self.app.launcher.url(self.app.config.app.ready.url, warm.app)
+        ok, what = await (probes.alive(url, 2.0) if url else probes.tcp_ok(warm.app.port))
+        if not ok:
+            log.warning("the warm %s (pid %d) does not answer (%s): rolling back with a fresh start",
+                        warm.app.slot, warm.app.pid, what)
+            await self.end_warm(f"it did not answer a readiness check ({what})")
+
     def hook_env(self, plan: Plan[slots.AppProcess]) -> dict[str, str]:
         old = plan.old
         return {"BLUEGREEN_OLD_BUILD": str(old.build) if old else "", "BLUEGREEN_NEW_BUILD": str(plan.build),
@@ -98,6 +113,15 @@ class Release:
                 "BLUEGREEN_TRAFFIC": str(e.details.get("traffic") or "")})
         except BluegreenError as hook_error:
             log.warning("%s", hook_error.message)
+
+    async def until_paused(self, task: asyncio.Task[Any]) -> dict[str, Any] | None:
+        """Wait until the swap `task` pauses (its pause_info) or ends first (None)."""
+        paused = asyncio.ensure_future(self.paused.wait())
+        try:
+            await asyncio.wait({task, paused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            paused.cancel()
+        return self.pause_info() if not task.done() else None
 
     def pause_info(self) -> dict[str, Any] | None:
         p = self.pause

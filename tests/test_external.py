@@ -262,3 +262,44 @@ def test_runtime_part_included_inside_a_server_block_is_refused_with_where_to_pu
     out = run.output()
     assert "is not allowed here" in out and "directly in the http block" in out, out
     assert upstream.read_bytes() == before
+
+
+PREVIEW = {"X-Bluegreen-Preview": "1"}
+
+
+def test_preview_in_the_users_nginx_with_the_reload_switch_needs_the_route_variable(
+        make_daemon, system_nginx, releases: Path) -> None:
+    """The README's line: with your own nginx and reloads, `proxy_pass http://$<upstream_name>_route;`
+    (defined by the upstream file's maps) lets the preview through; the pause output says so."""
+    conf = system_nginx["conf"]
+    conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
+    from supervisor.nginx import workers
+
+    master = system_nginx["master"].pid
+    before = set(workers(master))
+    subprocess.run(system_nginx["base"] + ["-s", "reload"], check=True)
+    wait_until(lambda: workers(master) and not set(workers(master)) & before, 30, "the user's nginx to reload")
+    run = external_daemon(make_daemon, system_nginx, releases)
+    r = run.cli("swap", str(make_build(releases, "v2")), "--pause")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "proxy_pass http://$myapp_route;" in r.stdout  # the reminder
+    assert http_get(run.listen_port, "/", headers=PREVIEW) == (200, "hello from v2\n")
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    p = run.cli("promote")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert http_get(run.listen_port, "/") == (200, "hello from v2\n")
+
+
+@pytest.mark.lua
+def test_preview_in_the_users_nginx_with_the_runtime_switch_needs_nothing_more(
+        make_daemon, system_nginx, releases: Path) -> None:
+    run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
+    r = run.cli("swap", str(make_build(releases, "v2")), "--pause")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "proxy_pass" not in r.stdout
+    assert http_get(run.listen_port, "/", headers=PREVIEW) == (200, "hello from v2\n")
+    assert http_get(run.listen_port, "/", headers={"Cookie": "bluegreen_preview=1"}) == (200, "hello from v2\n")
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    a = run.cli("abort")
+    assert a.returncode == 0, a.stdout + a.stderr
+    assert http_get(run.listen_port, "/", headers=PREVIEW) == (200, "hello from v1\n")

@@ -107,3 +107,18 @@ def test_a_restarted_daemon_stops_the_warm_build(make_daemon, releases: Path) ->
     st = run.status()
     assert st["warm"] is None and st["active"]["build"].endswith("/v2")
     assert http_get(run.listen_port) == (200, "hello from v2\n")
+
+
+def test_a_warm_build_that_hangs_is_not_switched_to_and_rollback_starts_it_afresh(make_daemon, releases: Path) -> None:
+    run = make_daemon(extra="[release]\nkeep_warm = 120", stop_timeout=2)
+    v1 = run.status()["active"]
+    assert run.cli("swap", str(make_build(releases, "v2"))).returncode == 0
+    os.kill(v1["pid"], signal.SIGSTOP)  # alive, listening, never answering
+    with Load(run.listen_port, clients=4) as load:
+        r = run.cli("rollback")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not load.failures, (load.failures, load.examples)
+    assert "used the warm build" not in r.stdout and "ready" in r.stdout
+    assert gone(v1["pid"])
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
+    assert "does not answer" in (run.dir / "run" / "logs" / "daemon.log").read_text()
