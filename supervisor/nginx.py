@@ -83,6 +83,7 @@ def parse_upstream_port(text: str) -> int | None:
     return None
 
 
+ROLLOUT_COOKIE = "bluegreen_id"  # who a user is during a split (set by nginx when missing)
 CONTROL = "/.bluegreen/"  # the runtime switch's control locations: on the control socket only
 
 
@@ -97,9 +98,12 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     or cookie go to the `preview` port instead. The control server listens on a Unix socket only.
     """
     header, cookie = preview_vars(release)
-    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"')
+    balancer = (_LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"')
+                .replace("ROLLOUT_COOKIE", f"cookie_{ROLLOUT_COOKIE}"))
+    cookie = _LUA_COOKIE.replace("ROLLOUT_COOKIE_NAME", ROLLOUT_COOKIE)
     return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
 lua_shared_dict bluegreen 1m;
+lua_shared_dict bluegreen_stats 4m;
 init_by_lua_block {{
     local f = io.open({_lua_string(str(route))}, "r")
     if f then
@@ -109,9 +113,9 @@ init_by_lua_block {{
     end
 }}
 log_by_lua_block {{
-    local key = ngx.ctx.bluegreen_key
-    if key then ngx.shared.bluegreen:incr(key, -1, 0) end
-}}
+{_LUA_LOG}}}
+header_filter_by_lua_block {{
+{cookie}}}
 upstream {upstream_name} {{
     server 127.0.0.1:1;  # a placeholder: the balancer picks the port
     balancer_by_lua_block {{
@@ -129,6 +133,14 @@ server {{
         content_by_lua_block {{
 {_LUA_PREVIEW}        }}
     }}
+    location = {CONTROL}split {{
+        content_by_lua_block {{
+{_LUA_SPLIT}        }}
+    }}
+    location = {CONTROL}stats {{
+        content_by_lua_block {{
+{_LUA_STATS}        }}
+    }}
     location = {CONTROL}inflight {{
         content_by_lua_block {{
 {_LUA_INFLIGHT}        }}
@@ -137,17 +149,33 @@ server {{
 """
 
 
-# Picks the port once per request (retries keep it) and counts the request in.
+# Picks the port once per request (retries keep it) and counts the request in. A preview request
+# goes to the preview port; during a split, a user whose bucket (a stable hash of the rollout
+# cookie, else of the address, modulo 100) is below the share goes to the candidate. While a
+# watch generation is set, the request is counted for it.
 _LUA_BALANCER = """\
         local dict = ngx.shared.bluegreen
-        local port = ngx.ctx.bluegreen_port
+        local ctx = ngx.ctx
+        local port = ctx.bluegreen_port
         if not port then
             port = dict:get("port")
             local preview = dict:get("preview")
-            if preview and (PREVIEW_MATCH) then port = preview end
+            if preview and (PREVIEW_MATCH) then
+                port = preview
+            else
+                local cand = dict:get("cand")
+                if cand then
+                    local id = ngx.var.ROLLOUT_COOKIE
+                    if not id or id == "" then
+                        id = ngx.md5(ngx.var.remote_addr or ""):sub(1, 16)
+                        ctx.bluegreen_new_id = id
+                    end
+                    if ngx.crc32_short(id) % 100 < (dict:get("share") or 0) then port = cand end
+                end
+            end
             if not port then return ngx.exit(502) end
             local key = "inflight:" .. port .. ":" .. ngx.worker.pid()
-            ngx.ctx.bluegreen_port, ngx.ctx.bluegreen_key = port, key
+            ctx.bluegreen_port, ctx.bluegreen_key, ctx.bluegreen_gen = port, key, dict:get("gen")
             dict:incr(key, 1, 0)
         end
         local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
@@ -155,6 +183,46 @@ _LUA_BALANCER = """\
             ngx.log(ngx.ERR, "bluegreen: ", err)
             return ngx.exit(502)
         end
+"""
+
+# Counts the request out; for a watch generation: requests, upstream errors (no answer header
+# from the app: refused, reset, timed out), 5xx answers, and the latency bucket (see verdict.py).
+_LUA_LOG = """\
+    local ctx = ngx.ctx
+    local key = ctx.bluegreen_key
+    if key then ngx.shared.bluegreen:incr(key, -1, 0) end
+    local gen = ctx.bluegreen_gen
+    if gen then
+        local stats = ngx.shared.bluegreen_stats
+        local p = "s:" .. gen .. ":" .. ctx.bluegreen_port .. ":"
+        stats:incr(p .. "n", 1, 0)
+        local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
+        if not header or header == "-" then
+            stats:incr(p .. "err", 1, 0)
+        elseif (tonumber(ngx.var.status) or 0) >= 500 then
+            stats:incr(p .. "5xx", 1, 0)
+        end
+        local t = tonumber((ngx.var.upstream_response_time or ""):match("([%d.]+)%s*$") or "")
+        if t then stats:incr(p .. "l" .. math.floor(math.log(t * 10000 + 1) / math.log(1.2)), 1, 0) end
+    end
+"""
+
+# A user met for the first time during a split keeps the bucket it was given: its id (the hash
+# of its address) goes back in the rollout cookie, next to any cookie the app sets.
+_LUA_COOKIE = """\
+    local id = ngx.ctx.bluegreen_new_id
+    if id then
+        local cookie = "ROLLOUT_COOKIE_NAME=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+        local h = ngx.header["Set-Cookie"]
+        if h == nil then
+            ngx.header["Set-Cookie"] = cookie
+        elseif type(h) == "table" then
+            table.insert(h, cookie)
+            ngx.header["Set-Cookie"] = h
+        else
+            ngx.header["Set-Cookie"] = {h, cookie}
+        end
+    end
 """
 
 # PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
@@ -171,6 +239,8 @@ _LUA_ROUTE = """\
                 end
                 dict:set("port", port)
                 dict:delete("preview")
+                dict:delete("cand")
+                dict:delete("share")
             end
             ngx.say(dict:get("port") or "")
 """
@@ -192,6 +262,54 @@ _LUA_PREVIEW = """\
                 dict:delete("preview")
             end
             ngx.say(dict:get("preview") or "")
+"""
+
+# PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off).
+# Answers the three numbers as set (0 for unset).
+_LUA_SPLIT = """\
+            local dict = ngx.shared.bluegreen
+            local method = ngx.req.get_method()
+            if method == "PUT" then
+                ngx.req.read_body()
+                local c, s, g = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s+(%d+)%s+(%d+)%s*$")
+                c, s, g = tonumber(c or ""), tonumber(s or ""), tonumber(g or "")
+                if not c or c > 65535 or s > 100 or g < 1 then
+                    ngx.status = 400
+                    ngx.say("expected: candidate-port share(0-100) generation(>0)")
+                    return
+                end
+                if c > 0 then
+                    dict:set("cand", c)
+                    dict:set("share", s)
+                else
+                    dict:delete("cand")
+                    dict:delete("share")
+                end
+                dict:set("gen", g)
+            elseif method == "DELETE" then
+                dict:delete("cand")
+                dict:delete("share")
+                dict:delete("gen")
+                ngx.shared.bluegreen_stats:flush_all()
+            end
+            ngx.say((dict:get("cand") or 0) .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
+"""
+
+# GET ?gen=G: one "port kind count" line per counter of watch generation G.
+_LUA_STATS = """\
+            local gen = tonumber(ngx.var.arg_gen or "")
+            if not gen then
+                ngx.status = 400
+                ngx.say("expected ?gen=N")
+                return
+            end
+            local stats, prefix = ngx.shared.bluegreen_stats, "s:" .. gen .. ":"
+            for _, key in ipairs(stats:get_keys(0)) do
+                if key:sub(1, #prefix) == prefix then
+                    local port, kind = key:sub(#prefix + 1):match("^(%d+):(%w+)$")
+                    if port then ngx.say(port, " ", kind, " ", stats:get(key) or 0) end
+                end
+            end
 """
 
 # GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.

@@ -8,6 +8,8 @@ atomically, with the previous one staged for a rename back -> PUT the port on th
 socket (in a 0700 directory; the managed public listener answers 404 for the control path) ->
 nginx answers with the table's value, which must be the port: that read-back confirms it.
 The previous routing has let go once nginx counts no request in flight to the old port.
+The same table holds a split (a share of users to a candidate port, by a stable hash of the
+rollout cookie) and, per watch generation, counters of what each port answered (verdict.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .errors import NginxError
 from .fsutil import UndoableFile
 from .nginx import CONTROL, Master, ReloadSwitch, render_runtime, title
 from .nginx_process import ManagedNginx
+from .verdict import Counters
 
 TIMEOUT = 5.0
 POLL = 0.005
@@ -138,6 +141,40 @@ class RuntimeSwitch:
                              code="nginx_reload_failed")
         self.preview_port = port
         return {"preview": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
+
+    async def split(self, candidate: int | None, share: int, gen: int) -> dict[str, Any]:
+        """Users whose bucket is below `share` (0-100) go to `candidate`; requests are counted
+        under watch generation `gen` (candidate None: only count). Read back to confirm."""
+        t0 = time.monotonic()
+        status, body = await self._call("PUT", f"{CONTROL}split", f"{candidate or 0} {share} {gen}".encode())
+        want = f"{candidate or 0} {share if candidate else 0} {gen}"
+        if status != 200 or body != want:
+            raise NginxError(f"nginx did not take the split {want}: it answered {status} {body[:80]!r}",
+                             code="nginx_reload_failed")
+        return {"candidate": candidate, "share": share, "gen": gen, "set": round(time.monotonic() - t0, 4)}
+
+    async def end_split(self) -> None:
+        """No split, no watch; the counters are dropped."""
+        status, body = await self._call("DELETE", f"{CONTROL}split")
+        if status != 200 or body != "0 0 0":
+            raise NginxError(f"nginx did not end the split: it answered {status} {body[:80]!r}",
+                             code="nginx_reload_failed")
+
+    async def stats(self, gen: int) -> dict[int, Counters]:
+        """What nginx counted per upstream port in watch generation `gen`."""
+        status, body = await self._call("GET", f"{CONTROL}stats?gen={gen}")
+        if status != 200:
+            raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the counters",
+                             code="nginx_down")
+        raw: dict[int, dict[str, int]] = {}
+        for line in body.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
+                raw.setdefault(int(parts[0]), {})[parts[1]] = int(parts[2])
+        return {port: Counters(requests=k.get("n", 0), http_5xx=k.get("5xx", 0), upstream_errors=k.get("err", 0),
+                               latency={int(name[1:]): n for name, n in k.items() if name[:1] == "l"
+                                        and name[1:].isdigit()})
+                for port, k in raw.items()}
 
     async def routed_port(self) -> int | None:
         try:

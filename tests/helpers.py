@@ -108,11 +108,11 @@ def http_get(port: int, path: str = "/", timeout: float = 10.0, headers: dict[st
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head else 0
     if b"transfer-encoding: chunked" in head.lower():
-        body = _unchunk(body)
+        body = unchunk(body)
     return status, body.decode("utf-8", "replace")
 
 
-def _unchunk(body: bytes) -> bytes:
+def unchunk(body: bytes) -> bytes:
     out = b""
     while body:
         size_line, _, rest = body.partition(b"\r\n")
