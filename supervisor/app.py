@@ -200,7 +200,8 @@ class App:
 
     # ---- swaps
 
-    async def run_swap(self, build: Path, reply: Reply, reason: str, pause: bool = False) -> dict[str, Any]:
+    async def run_swap(self, build: Path, reply: Reply, reason: str, pause: bool = False,
+                       rollout: tuple[int, ...] = (), step_seconds: float | None = None) -> dict[str, Any]:
         """Run one swap to `build` as its own task (a client that leaves does not stop it); the
         result, or a BluegreenError whose `traffic` says where traffic is. With `pause`, return
         once the swap is paused for preview: `promote` or `abort` carries it on."""
@@ -208,7 +209,7 @@ class App:
         if reason == "rollback":
             await self.release.check_warm()
             self._refuse_swap()  # another swap may have begun meanwhile
-        plan = self.release.plan(build, reason, pause)
+        plan = self.release.plan(build, reason, pause, rollout, step_seconds)
         old = plan.old
         assert old is not None
         record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason)

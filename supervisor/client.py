@@ -20,7 +20,7 @@ from .errors import Unreachable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_MOVED = 0, 1, 2, 3, 4
 FIRST_REPLY = 10.0  # seconds a daemon has to answer at all: a hung one is told apart from a slow swap
-SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "drain": "waiting for in-flight requests to finish...",
+SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "rollout": "a growing share of users, watched...", "drain": "waiting for in-flight requests to finish...",
                "before_switch": "running hooks.before_switch...", "after_switch": "running hooks.after_switch..."}
 
 
@@ -99,6 +99,9 @@ def _describe(event: dict[str, Any]) -> str:
         return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
+    if name == "rollout":
+        at = event.get("promoted_at")
+        return f"promoted at {at} % of users" if at is not None else f"{len(event['steps'])} step(s) passed"
     if name == "paused":
         return f"promoted after {event['paused_for']:.1f}s of preview"
     if name in ("before_switch", "after_switch"):
@@ -115,6 +118,9 @@ def stream(sock: Path, req: dict[str, Any], as_json: bool, out: TextIO = sys.std
         elif "event" in msg:
             if msg.get("status") == "output":  # a hook's output line
                 out.write(f"  {msg['event']:<8} | {msg['line']}\n")
+            elif msg.get("status") == "step":  # a rollout step passed
+                out.write(f"  rollout  step {msg['step']}: {msg['share']} % of users for {msg['seconds']:.1f}s: pass "
+                          f"({msg['verdict']})\n")
             elif msg.get("status") == "begin":
                 if msg["event"] in SLOW_PHASES:  # say what we wait for; the others take milliseconds
                     out.write(f"  {msg['event']:<8} {SLOW_PHASES[msg['event']]}\n")

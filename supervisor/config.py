@@ -75,6 +75,28 @@ def _pattern(regex: str, example: str) -> Callable[[Any], str]:
     return parse
 
 
+def shares(v: Any) -> tuple[int, ...]:
+    """Rollout shares: percentages of users, each 1-100, rising (the rollout ends at 100 either way)."""
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError("expected a list of whole percentages, like [5, 25, 50, 100]")
+    bad = [x for x in v if not 1 <= x <= 100]
+    if bad:
+        raise ValueError(f"each share is a percentage of users, 1-100; got {bad[0]}")
+    if any(b <= a for a, b in zip(v, v[1:])):
+        raise ValueError(f"shares must rise, like [5, 25, 50, 100]; got {v}")
+    return tuple(v)
+
+
+def _ratio(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ValueError("expected a fraction between 0 and 1, like 0.01 for 1 %")
+    return float(v)
+
+
+def _optional_positive(v: Any) -> float | None:
+    return None if v is None else _positive(v)
+
+
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError("expected a whole number greater than 0")
@@ -271,6 +293,18 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "seconds the old build keeps running (no traffic) after a release, so that `rollback` is one routing "
             "change; 0 = stop it once drained"),
     ),
+    "rollout": (
+        Key("steps", shares, [], "shares of users given the new build step by step, like [5, 25, 50, 100] "
+            "(runtime switch only); empty: every swap switches everyone at once unless swap --rollout"),
+        Key("step_seconds", _positive, 60.0, "seconds each step lasts (at least; see min_requests)"),
+        Key("cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_id"), "bluegreen_id",
+            "the cookie that names a user; nginx sets it (a random-looking id) when a request lacks it"),
+        Key("min_requests", _positive_int, 20, "a step passes only once the new build served this many requests"),
+        Key("max_error_rate", _ratio, 0.01, "the new build's failed share (5xx, no answer) always tolerated"),
+        Key("error_ratio", _positive, 2.0, "or up to this many times the old build's failed share"),
+        Key("latency_ratio", _optional_positive, None,
+            "if set, a step fails when the new build's p99 exceeds the old build's p99 times this"),
+    ),
     "hooks": (
         Key("before_switch", _optional_argv, None,
             "argv run before traffic moves (after ready, before the checks): the expand migration; failing or "
@@ -393,6 +427,17 @@ HOOKS = ("before_switch", "after_switch", "after_failure")
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    steps: tuple[int, ...] = ()
+    step_seconds: float = 60.0
+    cookie: str = "bluegreen_id"
+    min_requests: int = 20
+    max_error_rate: float = 0.01
+    error_ratio: float = 2.0
+    latency_ratio: float | None = None
+
+
+@dataclass(frozen=True)
 class StopConfig:
     signal: signal.Signals
     timeout: float
@@ -448,6 +493,7 @@ class Config:
     nginx: NginxConfig
     release: ReleaseConfig = ReleaseConfig()
     hooks: HooksConfig = HooksConfig()
+    rollout: RolloutConfig = RolloutConfig()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -580,6 +626,10 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
     _check_app(a, r, v["app.health"], path, problems)
     _check_nginx(n, a, d, path, data, problems)
     v["release"]["checks"] = _parse_checks(v["release"].get("checks", []), problems)
+    if v["rollout"].get("steps") and (n.get("switch") or ("auto" if n.get("mode") == "managed" else "reload")) \
+            == "reload":
+        problems.append('rollout.steps: a rollout needs the runtime switch (nginx.switch = "runtime", or "auto" with '
+                        'libnginx-mod-http-lua); with reloads, remove rollout.steps')
     for name in HOOKS:
         for i, arg in enumerate(v["hooks"].get(name) or ()):
             problems += placeholder_problems(f"hooks.{name}[{i}]", arg)
@@ -693,6 +743,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
                               preview_cookie=v["release"]["preview_cookie"],
                               pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"]),
+        rollout=RolloutConfig(**v["rollout"]),
         hooks=HooksConfig(before_switch=_program_from(base, v["hooks"]["before_switch"]),
                           after_switch=_program_from(base, v["hooks"]["after_switch"]),
                           after_failure=_program_from(base, v["hooks"]["after_failure"]),

@@ -13,6 +13,8 @@
     │   └── AppDied                app_exited      the new build died while the old one drained
     ├── ChecksFailed               checks_failed   a smoke check ([[release.checks]]) failed on the standby
     ├── HookFailed                 hook_failed     a hook ([hooks]) failed, timed out or could not run
+    ├── RolloutAborted             rollout_aborted a rollout step judged the new build unhealthy: everyone is back on the old
+    │                              rollout_unavailable  a rollout needs the runtime switch
     ├── Aborted                    aborted         a paused swap was aborted (bluegreen abort, the active build died)
     │                              pause_timeout   a paused swap saw no promote or abort within release.pause_timeout
     ├── NginxError                 nginx_test_failed      `nginx -t` rejected the config
@@ -100,6 +102,10 @@ class ChecksFailed(BluegreenError):
 
 class HookFailed(BluegreenError):
     code = "hook_failed"
+
+
+class RolloutAborted(BluegreenError):
+    code = "rollout_aborted"
 
 
 class Aborted(BluegreenError):

@@ -87,20 +87,20 @@ ROLLOUT_COOKIE = "bluegreen_id"  # who a user is during a split (set by nginx wh
 CONTROL = "/.bluegreen/"  # the runtime switch's control locations: on the control socket only
 
 
-def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig()) -> str:
+def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
+                   rollout_cookie: str = ROLLOUT_COOKIE) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
 
     The table is seeded at (re)load from the route file, which the daemon writes before every
     change; `add` never clobbers a live value on a reload. The balancer counts each request in
     flight per port *and worker pid*, once; the log phase (run for every request, failed ones
     too) counts it out. A worker killed mid-request never counts out, so the daemon ignores the
-    counts of workers that are gone. While a swap is paused, requests carrying the preview header
-    or cookie go to the `preview` port instead. The control server listens on a Unix socket only.
+    counts of workers that are gone. Preview, split, counters: see the lua below. Control: Unix socket only.
     """
     header, cookie = preview_vars(release)
-    balancer = (_LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"')
-                .replace("ROLLOUT_COOKIE", f"cookie_{ROLLOUT_COOKIE}"))
-    cookie = _LUA_COOKIE.replace("ROLLOUT_COOKIE_NAME", ROLLOUT_COOKIE)
+    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"') \
+        .replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}")
+    set_cookie = _LUA_COOKIE.replace("ROLLOUT_COOKIE_NAME", rollout_cookie)
     return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
 lua_shared_dict bluegreen 1m;
 lua_shared_dict bluegreen_stats 4m;
@@ -115,7 +115,7 @@ init_by_lua_block {{
 log_by_lua_block {{
 {_LUA_LOG}}}
 header_filter_by_lua_block {{
-{cookie}}}
+{set_cookie}}}
 upstream {upstream_name} {{
     server 127.0.0.1:1;  # a placeholder: the balancer picks the port
     balancer_by_lua_block {{

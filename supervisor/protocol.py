@@ -110,6 +110,8 @@ def _validate(obj: dict[str, Any]) -> Request:
         if name not in spec.args:
             raise RequestError(f"{cmd}: unknown argument {clip(name)}; usage: {usage(spec)}")
         kind, _ = spec.args[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # 60 is as good as 60.0
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise RequestError(f"{cmd}: {name!r} must be a {kind.__name__}, got {type(value).__name__}")
         args[name] = value

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import hooks, slots
 from .config import other_slot
-from .errors import BluegreenError
+from .errors import Aborted, BluegreenError, RolloutAborted
 from .swap import RELEASES, Plan
 
 if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("bluegreen")
+ROLLOUT_POLL = 0.25  # seconds between two looks at what nginx counted
 Reply = Callable[[dict[str, Any]], None]
 
 
@@ -52,28 +53,46 @@ class Warm:
         return self.app.alive() and time.time() < self.until
 
 
+@dataclass
+class Rolling(Pause):
+    """A rollout in progress: promote jumps to everyone, abort goes back to no one."""
+
+    share: int = 0
+    step: int = 0
+    steps: tuple[int, ...] = ()
+    verdict: str = ""
+
+
 class Release:
     def __init__(self, app: App) -> None:
         self.app = app
+        self.rolling: Rolling | None = None
         self.pause: Pause | None = None
         self.paused = asyncio.Event()  # set when the running swap pauses for preview
         self.warm: Warm | None = None
 
-    def plan(self, build: Path, reason: str, pause: bool) -> Plan[slots.AppProcess]:
+    def plan(self, build: Path, reason: str, pause: bool, rollout: tuple[int, ...] = (),
+             step_seconds: float | None = None) -> Plan[slots.AppProcess]:
         """A swap to `build`, with what its kind runs: a release gets the hooks, the checks, the
         pause it asked for, the warm build when it goes back to it, and keeps its old build warm."""
         old = self.app.active
         assert old is not None
         slot = other_slot(old.slot)
         release = reason in RELEASES
+        rollout = (rollout or self.app.config.rollout.steps) if reason == "swap" else ()
         kept = self.warm
         warm = kept.app if kept and kept.usable() and kept.app.build == build and release and not pause else None
         h = self.app.config.hooks
+        if rollout and self.app.proxy.mode != "runtime":
+            raise BluegreenError(f"a rollout needs the runtime switch; this daemon {self.app.switch_why} (install "
+                                 "libnginx-mod-http-lua and use nginx.switch = \"auto\"), or swap without --rollout",
+                                 code="rollout_unavailable", traffic="unchanged")
         return Plan(build=build, slot=slot, port=self.app.config.app.port(slot), old=old, reason=reason,
                     old_build=old.build, checks=release and bool(self.app.config.release.checks),
                     hooks=frozenset(n for n in ("before_switch", "after_switch") if release and h.get(n)),
                     pause=pause, warm=warm, keep_warm=self.app.config.release.keep_warm if release else 0.0,
-                    rollback_on_hook=h.after_switch_failed == "rollback")
+                    rollback_on_hook=h.after_switch_failed == "rollback", rollout=rollout,
+                    step_seconds=step_seconds or self.app.config.rollout.step_seconds)
 
     async def check_warm(self) -> None:
         """A rollback is about to reuse the warm build: one readiness check first (no wait). One
@@ -123,6 +142,13 @@ class Release:
             paused.cancel()
         return self.pause_info() if not task.done() else None
 
+    def rolling_info(self) -> dict[str, Any] | None:
+        ro = self.rolling
+        if ro is None:
+            return None
+        return {"share": ro.share, "step": ro.step, "steps": len([s for s in ro.steps if s < 100]),
+                "port": ro.standby.port, "since": ro.since, "verdict": ro.verdict}
+
     def pause_info(self) -> dict[str, Any] | None:
         p = self.pause
         if p is None:
@@ -139,14 +165,73 @@ class Release:
 
     def decide(self, what: str) -> Pause:
         """`promote` or `abort` the paused swap; not_paused if there is none."""
-        if self.pause is None or self.pause.decision.done():
+        target = self.pause or self.rolling
+        if target is None or target.decision.done():
             running = (f"a {self.app.swap.reason} to {self.app.swap.build} is in phase {self.app.swap.phase}"
                        if self.app.swap is not None and self.app.swapping() else "no swap is running")
             raise BluegreenError(f"nothing to {what}: no swap is paused ({running}); `bluegreen swap BUILD --pause` "
                                  "starts one that waits for promote or abort", code="not_paused")
-        pause = self.pause
-        pause.decide(what)
-        return pause
+        target.decide(what)
+        return target
+
+    async def rollout(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess, emit: Reply) -> dict[str, Any]:
+        """Each share of users in turn, for step_seconds and until the verdict passes; a failed
+        verdict or an abort sends everyone back to the old build at once and raises."""
+        from .runtime_switch import RuntimeSwitch
+        from .swap import shielded
+        from .verdict import Counters, Rules, judge
+
+        proxy, old, r = self.app.proxy, plan.old, self.app.config.rollout
+        assert isinstance(proxy, RuntimeSwitch) and old is not None
+        rules = Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio)
+        ro = self.rolling = Rolling(standby, time.time(), steps=plan.rollout)
+        base = int(time.time()) % 10**9 * 100  # a generation per step, unique per rollout (lua prints 14 digits exactly)
+        done: list[dict[str, Any]] = []
+        try:
+            for i, share in enumerate(s for s in plan.rollout if s < 100):
+                gen, began = base + i, time.monotonic()
+                await proxy.split(standby.port, share, gen)
+                ro.share, ro.step = share, i + 1
+                while not ro.decision.done():
+                    await asyncio.wait({ro.decision}, timeout=ROLLOUT_POLL)
+                    stats = await proxy.stats(gen)
+                    verdict = judge(stats.get(standby.port, Counters()), stats.get(old.port, Counters()), rules)
+                    ro.verdict = verdict.reason
+                    if verdict.failed:
+                        raise RolloutAborted(f"step {i + 1} ({share} % of users), after "
+                                             f"{time.monotonic() - began:.1f}s: {verdict.reason}; everyone is back "
+                                             "on the old build, the new one is drained and stopped",
+                                             step=i + 1, share=share, verdict=verdict.reason, steps=done)
+                    if verdict.outcome.value == "pass" and time.monotonic() - began >= plan.step_seconds:
+                        break
+                if ro.decision.done():
+                    break
+                done.append({"step": i + 1, "share": share, "seconds": round(time.monotonic() - began, 2),
+                             "verdict": verdict.reason})
+                emit({"event": "rollout", "status": "step", **done[-1]})
+            what = ro.decision.result() if ro.decision.done() else "complete"
+            if what == "abort":
+                raise Aborted(f"aborted by `bluegreen abort` at {ro.share} % of users; everyone is back on the old "
+                              "build, the new one is drained and stopped")
+            return {"steps": done, "promoted_at": ro.share if what == "promote" else None}
+        except BaseException:
+            try:  # one routing change: everyone on the old build (a route ends the split)
+                await shielded(proxy.route(old.port))
+            except BluegreenError as e:
+                log.error("could not end the rollout's split: %s", e.message)
+            raise
+        finally:
+            self.rolling = None
+
+    async def end_split(self) -> None:
+        """After a rollout's switch (which ended the split): stop counting, drop the counters."""
+        from .runtime_switch import RuntimeSwitch
+
+        if isinstance(self.app.proxy, RuntimeSwitch):
+            try:
+                await self.app.proxy.end_split()
+            except BluegreenError as e:
+                log.warning("could not drop the rollout's counters: %s", e.message)
 
     async def abort_pause(self, why: str) -> None:
         """End a paused swap because of something other than a user (the active build died)."""

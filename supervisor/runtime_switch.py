@@ -43,7 +43,8 @@ class RuntimeSwitch:
         self.control_path = control
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
-        self.text = render_runtime(config.nginx.upstream_name, route, control, config.release)
+        self.text = render_runtime(config.nginx.upstream_name, route, control, config.release,
+                                   config.rollout.cookie)
         self.undo_port: int | None = None
         self.preview_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.

@@ -93,6 +93,9 @@ class SlotOps:
         raise Aborted(f"{decision}: the paused swap was aborted and the standby stopped; the daemon restarts the "
                       "active build")
 
+    async def rollout(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        return await self.app.release.rollout(plan, standby, self.emit)
+
     async def check(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         results = await probes.run_checks(standby.port, self.cfg.release.checks)
         failed = probes.checks_failed(results)
@@ -110,6 +113,8 @@ class SlotOps:
             await self.app.point_nginx_at(plan.port, force=True)
             return {"port": plan.port}
         result = await self.app.proxy.route(plan.port)
+        if plan.rollout:
+            await self.app.release.end_split()
         if not standby.alive():  # it died while nginx reloaded: put the old upstream back at once
             back = await self.switch_back(plan)
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} during the switch; "

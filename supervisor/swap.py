@@ -37,6 +37,7 @@ class Phase(str, enum.Enum):
     BEFORE_SWITCH = "before_switch"  # hooks.before_switch (the expand migration)
     CHECK = "check"  # smoke checks on the standby's own port: only when a release configures them
     PAUSED = "paused"  # swap --pause: preview requests reach the standby until promote or abort
+    ROLLOUT = "rollout"  # swap --rollout: a growing share of users, watched, before everyone
     SWITCH = "switch"
     COMMIT = "commit"
     DRAIN = "drain"
@@ -50,7 +51,7 @@ class Phase(str, enum.Enum):
     def cancellable(self) -> bool:
         """Before commit a swap can be undone without touching traffic (`bluegreen cancel`)."""
         return self in (Phase.PREPARE, Phase.START, Phase.READY, Phase.BEFORE_SWITCH, Phase.CHECK, Phase.PAUSED,
-                        Phase.SWITCH)
+                        Phase.ROLLOUT, Phase.SWITCH)
 
     @property
     def persisted(self) -> bool:
@@ -81,6 +82,8 @@ class Plan(Generic[Old]):
     warm: Old | None = None  # the build already runs there (kept warm): no start, no readiness wait
     keep_warm: float = 0.0  # seconds the old build keeps running after the switch (0: stop it)
     rollback_on_hook: bool = False  # a failed after_switch sends traffic back to the old build
+    rollout: tuple[int, ...] = ()  # shares of users (%) the new build gets step by step before everyone
+    step_seconds: float = 60.0
 
     @property
     def is_release(self) -> bool:
@@ -128,6 +131,9 @@ class SwapOps(Protocol[Standby, Old]):
     async def check(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Preview on, wait for promote (return) or abort / pause_timeout (raise Aborted), preview off.
     async def pause(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Each share in turn, watched; a failed verdict or an abort sends everyone back to the old
+    # build and raises (RolloutAborted, Aborted). Returns with the last share still routed.
+    async def rollout(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Must leave nginx on the old upstream if it raises.
     async def switch(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # True once nginx sends traffic to the old slot again; False if it could not be switched back.
@@ -237,11 +243,17 @@ async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standb
             await phase(Phase.CHECK, lambda: ops.check(plan, standby))
         if plan.pause:
             await phase(Phase.PAUSED, lambda: ops.pause(plan, standby))
+        if plan.rollout:
+            try:
+                await phase(Phase.ROLLOUT, lambda: ops.rollout(plan, standby))
+            except BaseException:
+                record.traffic = "restored"  # a share of users was on the new build: all are back
+                raise
         await phase(Phase.SWITCH, lambda: ops.switch(plan, standby))
     except BaseException:
         # Nothing public reached the standby (switch restores the old upstream itself); preview
-        # requests may have, so a paused swap's standby is drained first.
-        await shielded(ops.discard(standby, drain=plan.pause))
+        # requests or a rollout's share may have, so then the standby is drained first.
+        await shielded(ops.discard(standby, drain=plan.pause or bool(plan.rollout)))
         raise
     record.traffic = "moved"
     try:

@@ -73,6 +73,10 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("[hooks]\nbefore_switch = 'migrate expand'", "hooks.before_switch: expected a non-empty list of strings"),
         ("[hooks]\nafter_switch = ['{build}/migrate', '{versoin}']", "hooks.after_switch[1]: unknown placeholder"),
         ("[hooks]\nafter_switch_failed = 'ignore'", 'hooks.after_switch_failed: expected one of "warn", "rollback"'),
+        ("[rollout]\nsteps = [50, 25]", "rollout.steps: shares must rise"),
+        ("[rollout]\nsteps = [5, 101]", "rollout.steps: each share is a percentage of users, 1-100; got 101"),
+        ("[rollout]\nmax_error_rate = 5", "rollout.max_error_rate: expected a fraction between 0 and 1"),
+        ("[rollout]\nsteps = [5, 100]\n[nginx]\nswitch = 'reload'", "rollout.steps: a rollout needs the runtime switch"),
     ],
 )
 def test_bad_key_is_named(snippet: str, expected: str) -> None:

@@ -40,3 +40,12 @@ def test_a_preview_is_its_own_upstream_chosen_by_header_then_cookie() -> None:
     assert 'map $http_x_canary $myapp_route {\n    default $myapp_route__by_cookie;\n    "1" myapp__preview;\n}' in text
     off = render_upstream("myapp", 8001)
     assert "__preview" not in off.replace("__by_cookie", "") and '"1" myapp;' in off  # the variable always exists
+
+
+def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> None:
+    from supervisor.config import ReleaseConfig
+    from supervisor.nginx import render_runtime
+
+    text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
+    assert "ngx.var.cookie_pv ==" in text and "local id = ngx.var.cookie_uid\n" in text
+    assert '"uid=" .. id' in text

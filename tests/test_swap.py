@@ -59,6 +59,10 @@ class FakeOps:
         await self._step("paused")
         return {"paused_for": 1.0}
 
+    async def rollout(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("rollout")
+        return {"steps": []}
+
     async def switch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("switch")
         self.upstream = "new"
@@ -115,7 +119,7 @@ def run_failing(ops: FakeOps, plan: Plan[str] = PLAN) -> tuple[SwapRecord, Blueg
     return rec, e.value
 
 
-OPTIONAL = (Phase.CHECK, Phase.BEFORE_SWITCH, Phase.PAUSED, Phase.AFTER_SWITCH)
+OPTIONAL = (Phase.CHECK, Phase.BEFORE_SWITCH, Phase.PAUSED, Phase.ROLLOUT, Phase.AFTER_SWITCH)
 WITHOUT_CHECKS = [p for p in ORDER if p not in OPTIONAL]
 
 
@@ -241,7 +245,7 @@ def test_nginx_error_keeps_its_code() -> None:
 def test_each_phase_says_whether_it_can_be_cancelled_and_is_persisted() -> None:
     # cancellable up to the switch; from the commit on, traffic has moved
     assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "before_switch", "check", "paused",
-                                                            "switch"]
+                                                            "rollout", "switch"]
     assert [p.value for p in ORDER if p.persisted] == ["start", "commit"]
 
 
@@ -321,3 +325,18 @@ def test_a_warm_rollback_is_a_switch_with_no_start_and_no_readiness_wait() -> No
     rec = run(ops, plan=replace(PLAN, warm="warm-app", reason="rollback"))
     assert ops.calls == ["switch", "commit", "drain", "stop"]
     assert rec.details["warm"] == {"reused": True} and rec.traffic == "moved"
+
+
+def test_a_rollout_runs_between_the_pause_and_the_switch() -> None:
+    ops = FakeOps()
+    run(ops, plan=replace(FULL, rollout=(10, 50, 100)))
+    assert ops.calls[ops.calls.index("paused"):ops.calls.index("commit")] == ["paused", "rollout", "switch"]
+
+
+def test_a_failed_rollout_says_traffic_was_restored_and_drains_the_new_build() -> None:
+    from supervisor.errors import RolloutAborted
+
+    ops = FakeOps(fail={"rollout": RolloutAborted("step 1 (5 % of users): new: 31 of 102 requests failed")})
+    rec, e = run_failing(ops, replace(PLAN, rollout=(5, 100)))
+    assert ops.calls[-2:] == ["rollout", "discard(drain=True)"] and "switch" not in ops.calls
+    assert e.code == "rollout_aborted" and rec.traffic == "restored" and e.details["traffic"] == "restored"

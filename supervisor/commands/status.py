@@ -54,6 +54,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
         "paused": app.release.pause_info(),
+        "rollout": app.release.rolling_info(),
         "warm": {**warm.app.to_dict(), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
         "nginx": n,
@@ -96,6 +97,10 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"paused   for {_ago(p['since'])}: preview requests ({p['header']}, or cookie {p['cookie']}) go "
                      f"to :{p['standby']['port']}; bluegreen promote | abort (aborted on its own at "
                      f"{client.clock(p['until'])})")
+    ro = st.get("rollout")
+    if ro:
+        lines.append(f"rollout  step {ro['step']} of {ro['steps']}: {ro['share']} % of users on :{ro['port']}; "
+                     f"{ro['verdict'] or 'no verdict yet'} (bluegreen promote | abort)")
     w = st.get("warm")
     if w:
         lines.append(f"warm     {w['slot']} :{w['port']} pid {w['pid']} {w['build']} until {client.clock(w['until'])} "
