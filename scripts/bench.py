@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from conftest import render_config  # noqa: E402
-from helpers import DaemonRun, free_ports, kill_tree, make_build  # noqa: E402
+from helpers import DaemonRun, free_ports, kill_tree, make_build, misbehaving_build  # noqa: E402
 from supervisor import drain  # noqa: E402
 from supervisor.config import resolve_binary  # noqa: E402
 
@@ -91,8 +91,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
 class OpenLoopLoad:
     """Requests scheduled at a fixed rate whatever the server does (open loop)."""
 
-    def __init__(self, port: int, rate: float, keepalive: bool = True, slow: bool = True) -> None:
+    def __init__(self, port: int, rate: float, keepalive: bool = True, slow: bool = True, users: bool = False) -> None:
         self.port, self.rate, self.keepalive, self.slow = port, rate, keepalive, slow
+        self.users = users  # each request from a new user (its own rollout cookie), for a split
         self.results: list[Result] = []
         self.pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -130,7 +131,8 @@ class OpenLoopLoad:
                 conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), TIMEOUT)
             reader, writer = conn
             hdr = "keep-alive" if client == "keepalive" else "close"
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: {hdr}\r\n\r\n".encode())
+            cookie = f"Cookie: bluegreen_id=u{os.urandom(6).hex()}\r\n" if self.users else ""
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{cookie}Connection: {hdr}\r\n\r\n".encode())
             status, body, keep = await asyncio.wait_for(read_response(reader), TIMEOUT)
             words = body.decode(errors="replace").split()
             version = (words[0] if slow else words[-1]) if words else ""
@@ -250,8 +252,8 @@ class Measured:
 
 async def measure(name: str, port: int, rate: float, releases: int, gap: float,
                   release: Callable[[int], Awaitable[dict[str, Any]]], keepalive: bool = True,
-                  slow: bool = True, on_tick: Callable[[], None] | None = None) -> Measured:
-    load = OpenLoopLoad(port, rate, keepalive, slow)
+                  slow: bool = True, on_tick: Callable[[], None] | None = None, users: bool = False) -> Measured:
+    load = OpenLoopLoad(port, rate, keepalive, slow, users)
     runner = asyncio.ensure_future(load.run())
     await asyncio.sleep(min(2.0, gap))
     windows, infos = [], []
@@ -412,18 +414,51 @@ class Bench:
         result["swap"]["from_build"] = str(self.builds[0] if build == self.builds[1] else self.builds[1])
         return result
 
-    async def command(self, run: DaemonRun, *args: str) -> dict[str, Any]:
-        """One CLI call, as an operator makes it; its result, with its wall-clock time."""
+    async def command(self, run: DaemonRun, *args: str, fail_ok: bool = False) -> dict[str, Any]:
+        """One CLI call, as an operator makes it; its result (its error, with fail_ok), with its wall-clock time."""
         t0 = time.monotonic()
         p = await asyncio.create_subprocess_exec(sys.executable, "-m", "supervisor", *args[:1], "--json", "--socket",
                                                  str(run.socket), *args[1:], stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE)
         out, err = await p.communicate()
         final = json.loads(out.decode().splitlines()[-1])
+        if fail_ok and not final.get("ok"):
+            return {"error": final["error"], "cli_s": time.monotonic() - t0}
         if not final.get("ok"):
             raise RuntimeError(f"{args[0]} failed: {final}")
         final["result"]["cli_s"] = time.monotonic() - t0
         return final["result"]  # type: ignore[no-any-return]
+
+    async def reverts(self, rounds: int = 3, step: float = 10.0) -> dict[str, Any]:
+        """Roll out a build that answers 500 to 30 % of its requests (10 %, then 100 % of users,
+        steps of `step` s) under load from many users: from its first bad answer to the revert,
+        how long, and how many requests it served."""
+        bad = misbehaving_build(self.dir / "bad", "bad", fail=30)
+        run = self.start_daemon(self.fast, "revert", "runtime", extra="[rollout]\nmin_requests = 20")
+
+        async def bad_rollout(i: int) -> dict[str, Any]:
+            out = await self.command(run, "swap", str(bad), "--rollout", "10,100", "--step", f"{step:g}", fail_ok=True)
+            out["last_swap"] = (run.status() or {}).get("last_swap") or {}
+            return out
+
+        m = await measure("revert", run.listen_port, self.args.rate, rounds, self.args.gap, bad_rollout, users=True,
+                          slow=False)
+        run.stop()
+        self.daemon = None
+        rows = []
+        for (t0, t1), info in zip(m.windows, m.releases):
+            last = info["last_swap"]
+            d = last.get("durations", {})
+            revert_at = last["started_at"] + sum(d.get(p, 0) for p in ("prepare", "start", "ready", "rollout"))
+            bad_answers = [r for r in m.results if t0 <= r.start <= t1 and (r.version == "bad" or r.kind == "http_500")]
+            first_bad = min((r.end for r in bad_answers if r.kind == "http_500"), default=None)
+            rows.append({"code": info.get("error", {}).get("code"), "served": sum(1 for r in bad_answers
+                                                                                   if r.start < revert_at),
+                         "failed": sum(1 for r in bad_answers if r.kind == "http_500"),
+                         "first_bad_to_revert_s": None if first_bad is None else revert_at - first_bad})
+        s = summarize(m)
+        return {"step_s": step, "rounds": rows, "requests": s["requests"],
+                "other_failures": s["failed"] - sum(r["failed"] for r in rows)}
 
     async def rollbacks(self, keep_warm: float) -> dict[str, Any]:
         """Release v2, then roll back to v1, under load; with keep_warm the rollback reuses the
@@ -655,6 +690,14 @@ def print_report(report: dict[str, Any]) -> None:
                   f"| {r['rollback_ms_mean']:.0f} ms | {r['without_drain_ms_mean']:.1f} / {r['without_drain_ms_max']:.1f} ms "
                   f"| {r['switch_ms_mean']:.2f} ms | {r['drain_ms_mean']:.0f} ms | {r['cli_ms_mean']:.0f} ms |")
         print("  target: a warm rollback <= 50 ms plus the drain")
+    rv = report.get("revert")
+    if rv:
+        print(f"\n| automatic revert (rollout 10 % then 100 %, step {rv['step_s']:g} s, new build answers 500 to 30 %) "
+              "| outcome | bad build's requests before the revert | of which failed | first bad answer -> revert |")
+        print("|---|---|---|---|---|")
+        for i, r in enumerate(rv["rounds"], 1):
+            print(f"| round {i} | {r['code']} | {r['served']} | {r['failed']} | {fmt(r['first_bad_to_revert_s'], ' s', 2)} |")
+        print(f"  {rv['requests']} requests in all; failures other than the bad build's own 500s: {rv['other_failures']}")
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -703,6 +746,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if (not args.only_soak and not args.only_scale) or args.only_rollback:
             print("bench: rollback, warm and cold...", file=sys.stderr)
             report["rollback"] = [await bench.rollbacks(600), await bench.rollbacks(0)]
+            print("bench: automatic revert of a bad rollout...", file=sys.stderr)
+            report["revert"] = await bench.reverts()
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()

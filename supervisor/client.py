@@ -20,7 +20,8 @@ from .errors import Unreachable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_MOVED = 0, 1, 2, 3, 4
 FIRST_REPLY = 10.0  # seconds a daemon has to answer at all: a hung one is told apart from a slow swap
-SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "rollout": "a growing share of users, watched...", "drain": "waiting for in-flight requests to finish...",
+SLOW_PHASES = {"ready": "waiting for the standby to be ready...", "rollout": "a growing share of users, watched...",
+               "watch": "watching the new build (the old one still runs)...", "drain": "waiting for in-flight requests to finish...",
                "before_switch": "running hooks.before_switch...", "after_switch": "running hooks.after_switch..."}
 
 
@@ -99,6 +100,8 @@ def _describe(event: dict[str, Any]) -> str:
         return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
+    if name == "watch":
+        return f"the new build held for {event['seconds']:.1f}s ({event['verdict']})"
     if name == "rollout":
         at = event.get("promoted_at")
         return f"promoted at {at} % of users" if at is not None else f"{len(event['steps'])} step(s) passed"

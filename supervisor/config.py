@@ -289,6 +289,9 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("preview_cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_preview"), "bluegreen_preview",
             "while a swap is paused, public requests with this cookie set to 1 go to the new build"),
         Key("pause_timeout", _positive, 3600.0, "seconds a paused swap waits for promote or abort; then it is aborted"),
+        Key("watch_seconds", _seconds_or_zero, 0.0,
+            "after a swap BUILD switched everyone, watch the new build this long (the rollout's verdict, against "
+            "the old build's traffic before the switch) and go back on its own if it fails; runtime switch only"),
         Key("keep_warm", _seconds_or_zero, 0.0,
             "seconds the old build keeps running (no traffic) after a release, so that `rollback` is one routing "
             "change; 0 = stop it once drained"),
@@ -409,6 +412,7 @@ class ReleaseConfig:
     preview_cookie: str = "bluegreen_preview"
     pause_timeout: float = 3600.0
     keep_warm: float = 0.0
+    watch_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -626,10 +630,12 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
     _check_app(a, r, v["app.health"], path, problems)
     _check_nginx(n, a, d, path, data, problems)
     v["release"]["checks"] = _parse_checks(v["release"].get("checks", []), problems)
-    if v["rollout"].get("steps") and (n.get("switch") or ("auto" if n.get("mode") == "managed" else "reload")) \
-            == "reload":
-        problems.append('rollout.steps: a rollout needs the runtime switch (nginx.switch = "runtime", or "auto" with '
-                        'libnginx-mod-http-lua); with reloads, remove rollout.steps')
+    reloads = (n.get("switch") or ("auto" if n.get("mode") == "managed" else "reload")) == "reload"
+    for key, on in (("rollout.steps", v["rollout"].get("steps")), ("release.watch_seconds",
+                                                                   v["release"].get("watch_seconds"))):
+        if on and reloads:
+            problems.append(f'{key}: needs the runtime switch (nginx.switch = "runtime", or "auto" with '
+                            f'libnginx-mod-http-lua); with reloads, remove {key}')
     for name in HOOKS:
         for i, arg in enumerate(v["hooks"].get(name) or ()):
             problems += placeholder_problems(f"hooks.{name}[{i}]", arg)
@@ -742,7 +748,8 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
                               preview_cookie=v["release"]["preview_cookie"],
-                              pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"]),
+                              pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"],
+                              watch_seconds=v["release"]["watch_seconds"]),
         rollout=RolloutConfig(**v["rollout"]),
         hooks=HooksConfig(before_switch=_program_from(base, v["hooks"]["before_switch"]),
                           after_switch=_program_from(base, v["hooks"]["after_switch"]),

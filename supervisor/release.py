@@ -67,6 +67,7 @@ class Release:
     def __init__(self, app: App) -> None:
         self.app = app
         self.rolling: Rolling | None = None
+        self.watch_gen = 0  # the counters generation of the running swap's watch
         self.pause: Pause | None = None
         self.paused = asyncio.Event()  # set when the running swap pauses for preview
         self.warm: Warm | None = None
@@ -83,16 +84,18 @@ class Release:
         kept = self.warm
         warm = kept.app if kept and kept.usable() and kept.app.build == build and release and not pause else None
         h = self.app.config.hooks
-        if rollout and self.app.proxy.mode != "runtime":
-            raise BluegreenError(f"a rollout needs the runtime switch; this daemon {self.app.switch_why} (install "
-                                 "libnginx-mod-http-lua and use nginx.switch = \"auto\"), or swap without --rollout",
-                                 code="rollout_unavailable", traffic="unchanged")
+        watch = self.app.config.release.watch_seconds if reason == "swap" and not rollout else 0.0
+        if (rollout or watch) and self.app.proxy.mode != "runtime":
+            what = "a rollout" if rollout else "release.watch_seconds"
+            raise BluegreenError(f"{what} needs the runtime switch; this daemon {self.app.switch_why} (install "
+                                 "libnginx-mod-http-lua and use nginx.switch = \"auto\")", code="rollout_unavailable",
+                                 traffic="unchanged")
         return Plan(build=build, slot=slot, port=self.app.config.app.port(slot), old=old, reason=reason,
                     old_build=old.build, checks=release and bool(self.app.config.release.checks),
                     hooks=frozenset(n for n in ("before_switch", "after_switch") if release and h.get(n)),
                     pause=pause, warm=warm, keep_warm=self.app.config.release.keep_warm if release else 0.0,
                     rollback_on_hook=h.after_switch_failed == "rollback", rollout=rollout,
-                    step_seconds=step_seconds or self.app.config.rollout.step_seconds)
+                    step_seconds=step_seconds or self.app.config.rollout.step_seconds, watch=watch)
 
     async def check_warm(self) -> None:
         """A rollback is about to reuse the warm build: one readiness check first (no wait). One
@@ -194,6 +197,11 @@ class Release:
                 ro.share, ro.step = share, i + 1
                 while not ro.decision.done():
                     await asyncio.wait({ro.decision}, timeout=ROLLOUT_POLL)
+                    if not old.alive():  # the new build is all that is left: everyone goes there now
+                        log.error("the old build (pid %d) died during the rollout; moving everyone to the new build",
+                                  old.pid)
+                        ro.decide("promote")
+                        break
                     stats = await proxy.stats(gen)
                     verdict = judge(stats.get(standby.port, Counters()), stats.get(old.port, Counters()), rules)
                     ro.verdict = verdict.reason
@@ -222,6 +230,38 @@ class Release:
             raise
         finally:
             self.rolling = None
+
+    async def start_watch(self) -> None:
+        """Count from now (the old build's traffic before the switch is the watch's baseline)."""
+        from .runtime_switch import RuntimeSwitch
+
+        assert isinstance(self.app.proxy, RuntimeSwitch)
+        self.watch_gen = int(time.time()) % 10**9 * 100 + 99
+        await self.app.proxy.split(None, 0, self.watch_gen)
+
+    async def watch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
+        """Judge the new build for plan.watch seconds after the switch, against the old build's
+        traffic before it; RolloutAborted (the caller goes back to the old build) if it fails."""
+        from .runtime_switch import RuntimeSwitch
+        from .verdict import Counters, Rules, judge
+
+        proxy, old, r = self.app.proxy, plan.old, self.app.config.rollout
+        assert isinstance(proxy, RuntimeSwitch) and old is not None
+        rules = Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio)
+        began = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(ROLLOUT_POLL)
+                stats = await proxy.stats(self.watch_gen)
+                verdict = judge(stats.get(standby.port, Counters()), stats.get(old.port, Counters()), rules)
+                if verdict.failed:
+                    raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
+                                         f"{verdict.reason}; traffic is back on the old build, which never stopped, "
+                                         "and the new one is drained and stopped", verdict=verdict.reason)
+                if time.monotonic() - began >= plan.watch:
+                    return {"seconds": round(time.monotonic() - began, 2), "verdict": verdict.reason}
+        finally:
+            await self.end_split()
 
     async def end_split(self) -> None:
         """After a rollout's switch (which ended the split): stop counting, drop the counters."""

@@ -39,6 +39,8 @@ class SlotOps:
         if self.app.proxy.preview_port is not None:  # left by an abort whose preview could not be ended
             await self.app.proxy.preview(None)
         await self.app.free_port(plan.port)
+        if plan.watch:
+            await self.app.release.start_watch()
         return {"slot": plan.slot, "port": plan.port, "build": str(plan.build)}
 
     async def start(self, plan: AppPlan) -> tuple[slots.AppProcess, dict[str, Any]]:
@@ -92,6 +94,9 @@ class SlotOps:
                           "aborted, the standby stopped; traffic is unchanged", code="pause_timeout")
         raise Aborted(f"{decision}: the paused swap was aborted and the standby stopped; the daemon restarts the "
                       "active build")
+
+    async def watch(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
+        return await self.app.release.watch(plan, standby)
 
     async def rollout(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         return await self.app.release.rollout(plan, standby, self.emit)

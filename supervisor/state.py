@@ -187,7 +187,19 @@ class Ledger:
         if not keep_progress:
             self.state.swap = None
         self.state.last_swap = record
-        self.state.history.append({k: record[k] for k in ("build", "reason", "outcome", "started_at")})
+        entry = {k: record[k] for k in ("build", "reason", "outcome", "started_at")}
+        error, details = record.get("error") or {}, record.get("details") or {}
+        if error:
+            entry.update(error=error.get("code"), traffic=record.get("traffic"))
+        # A rollout, a watch and a revert are kept with the numbers that decided them.
+        verdicts = [{"share": s["share"], "verdict": s["verdict"]} for s in (details.get("rollout") or {}).get("steps", [])]
+        if error.get("verdict"):
+            verdicts.append({"share": error.get("share"), "verdict": error["verdict"]})
+        elif (details.get("watch") or {}).get("verdict"):
+            verdicts.append({"share": 100, "verdict": details["watch"]["verdict"]})
+        if verdicts:
+            entry["verdicts"] = verdicts
+        self.state.history.append(entry)
 
     def warm(self, app: SlotState | None, until: float | None) -> None:
         """Recorded now, written with the next save: a restarted daemon stops what it names."""

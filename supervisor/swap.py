@@ -1,7 +1,7 @@
 """The swap as an explicit sequence of named phases, apart from the I/O that carries it out.
 
     prepare -> start -> ready -> [before_switch] -> [check] -> [paused] -> switch -> commit
-            -> drain -> [after_switch] -> stop (or keep the old build warm)
+            -> drain -> [watch] -> [after_switch] -> stop (or keep the old build warm)
 
 A release (swap BUILD, rollback) runs the bracketed phases it is configured for: hooks, smoke
 checks, a pause for preview (swap --pause). A rollback to a warm old build skips prepare, start
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
-from .errors import AppDied, BluegreenError, HookFailed
+from .errors import AppDied, BluegreenError, HookFailed, RolloutAborted
 
 Standby = TypeVar("Standby")
 Old = TypeVar("Old")
@@ -41,6 +41,7 @@ class Phase(str, enum.Enum):
     SWITCH = "switch"
     COMMIT = "commit"
     DRAIN = "drain"
+    WATCH = "watch"  # release.watch_seconds: the new build watched, the old one still up to go back to
     AFTER_SWITCH = "after_switch"  # hooks.after_switch (the contract migration), old build drained
     STOP = "stop"
 
@@ -84,6 +85,7 @@ class Plan(Generic[Old]):
     rollback_on_hook: bool = False  # a failed after_switch sends traffic back to the old build
     rollout: tuple[int, ...] = ()  # shares of users (%) the new build gets step by step before everyone
     step_seconds: float = 60.0
+    watch: float = 0.0  # seconds the new build is watched after the switch (old build kept to go back to)
 
     @property
     def is_release(self) -> bool:
@@ -141,6 +143,8 @@ class SwapOps(Protocol[Standby, Old]):
     async def commit(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Raises AppDied if the new build dies while the old one drains.
     async def drain(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
+    # Judge the new build for plan.watch seconds after the switch; raise RolloutAborted if it fails.
+    async def watch(self, plan: Plan[Old], standby: Standby) -> dict[str, Any]: ...
     # Stops the old build, or keeps it warm for plan.keep_warm seconds.
     async def stop_old(self, plan: Plan[Old]) -> dict[str, Any]: ...
     async def discard(self, standby: Standby, *, drain: bool) -> None: ...
@@ -274,14 +278,24 @@ async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
                         ops: SwapOps[Standby, Old], standby: Standby, record: SwapRecord) -> None:
     if plan.old is None:
         return  # the first start: nothing to drain or stop
+
+    async def reverting(name: Phase, action: Callable[[], Any], error: type[BaseException], why: str) -> None:
+        """A phase whose `error` sends traffic back to the old build (if it still runs), then fails the swap."""
+        try:
+            await phase(name, action)
+        except error:
+            if await shielded(ops.revert(plan, standby, why)):
+                record.traffic = "restored"
+            raise
+
     try:
-        await phase(Phase.DRAIN, lambda: ops.drain(plan, standby))
+        await reverting(Phase.DRAIN, lambda: ops.drain(plan, standby), AppDied, "died")
     except AppDied:
-        if await shielded(ops.revert(plan, standby, "died")):
-            record.traffic = "restored"
         raise
-    except Exception as e:  # nothing may turn a committed swap into a failure
+    except Exception as e:  # nothing else may turn a committed swap into a failure
         record.warnings.append(f"drain: {_text(e)}")
+    if plan.watch:
+        await reverting(Phase.WATCH, lambda: ops.watch(plan, standby), RolloutAborted, "the watch failed")
     if "after_switch" in plan.hooks:
         try:
             await phase(Phase.AFTER_SWITCH, lambda: ops.hook("after_switch", plan, standby))

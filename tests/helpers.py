@@ -417,3 +417,27 @@ class KeepAlive(ClientThreads):
             answers = list(self.answers)
         first_new = min((arrived for _, arrived, v in answers if v == new), default=None)
         return 0 if first_new is None else sum(1 for sent, _, v in answers if v == old and sent > first_new)
+
+
+MISBEHAVING = """
+const http = require('http');
+let n = 0;
+const server = http.createServer((req, res) => {
+  if (req.url.startsWith('/health')) { res.writeHead(200, {'content-type': 'text/plain'}); res.end('ok\\n'); return; }
+  n += 1;
+  const fail = (n * 37) % 100 < FAIL;  // FAIL % of the answers, spread evenly
+  setTimeout(() => {
+    res.writeHead(fail ? 500 : 200, {'content-type': 'text/plain'});
+    res.end(fail ? 'boom\\n' : 'hello from VERSION\\n');
+  }, DELAY);
+});
+server.listen(Number(process.env.PORT), '127.0.0.1');
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"""
+
+
+def misbehaving_build(parent: Path, name: str, fail: int = 0, delay_ms: int = 0) -> Path:
+    """A build whose main path answers 500 to `fail` % of requests (spread evenly) and/or takes
+    `delay_ms`; /health stays fine, so it passes readiness and looks healthy to a plain check."""
+    return make_build(parent, name, server_js=MISBEHAVING.replace("FAIL", str(fail)).replace("DELAY", str(delay_ms))
+                      .replace("VERSION", name))

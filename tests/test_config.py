@@ -76,7 +76,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("[rollout]\nsteps = [50, 25]", "rollout.steps: shares must rise"),
         ("[rollout]\nsteps = [5, 101]", "rollout.steps: each share is a percentage of users, 1-100; got 101"),
         ("[rollout]\nmax_error_rate = 5", "rollout.max_error_rate: expected a fraction between 0 and 1"),
-        ("[rollout]\nsteps = [5, 100]\n[nginx]\nswitch = 'reload'", "rollout.steps: a rollout needs the runtime switch"),
+        ("[rollout]\nsteps = [5, 100]\n[nginx]\nswitch = 'reload'", "rollout.steps: needs the runtime switch"),
+        ("[release]\nwatch_seconds = 30\n[nginx]\nswitch = 'reload'", "release.watch_seconds: needs the runtime switch"),
     ],
 )
 def test_bad_key_is_named(snippet: str, expected: str) -> None:

@@ -14,32 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ROOT, ClientThreads, http_get, make_build, managed_nginx, wait_until
+from helpers import ROOT, ClientThreads, http_get, make_build, managed_nginx, misbehaving_build, wait_until
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
-
-SERVER = """
-const http = require('http');
-let n = 0;
-const server = http.createServer((req, res) => {
-  if (req.url.startsWith('/health')) { res.writeHead(200, {'content-type': 'text/plain'}); res.end('ok\\n'); return; }
-  n += 1;
-  const fail = (n * 37) % 100 < FAIL;  // FAIL % of the answers, spread evenly
-  setTimeout(() => {
-    res.writeHead(fail ? 500 : 200, {'content-type': 'text/plain'});
-    res.end(fail ? 'boom\\n' : 'hello from VERSION\\n');
-  }, DELAY);
-});
-server.listen(Number(process.env.PORT), '127.0.0.1');
-process.on('SIGTERM', () => server.close(() => process.exit(0)));
-"""
-
-
-def build(releases: Path, name: str, fail: int = 0, delay_ms: int = 0) -> Path:
-    return make_build(releases, name, server_js=SERVER.replace("FAIL", str(fail)).replace("DELAY", str(delay_ms))
-                      .replace("VERSION", name))
-
 
 class Users(ClientThreads):
     """Many users: each request comes from a new user (a fresh random cookie), on a fresh
@@ -70,7 +48,7 @@ class Users(ClientThreads):
 @pytest.fixture
 def rollout_daemon(make_daemon, releases: Path):
     def start(extra: str = "", **kw):  # type: ignore[no-untyped-def]
-        return make_daemon(build=build(releases, "v1"), extra=extra, **kw)
+        return make_daemon(build=misbehaving_build(releases, "v1"), extra=extra, **kw)
     return start
 
 
@@ -78,7 +56,7 @@ def test_a_good_build_goes_through_every_step_to_everyone_with_no_failed_request
                                                                                 releases: Path) -> None:
     run = rollout_daemon("[rollout]\nmin_requests = 10")
     with Users(run.listen_port) as users:
-        r = run.cli("swap", str(build(releases, "v2")), "--rollout", "10,50,100", "--step", "1")
+        r = run.cli("swap", str(misbehaving_build(releases, "v2")), "--rollout", "10,50,100", "--step", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "step 1: 10 % of users" in r.stdout and "step 2: 50 % of users" in r.stdout, r.stdout
     assert "2 step(s) passed" in r.stdout
@@ -87,6 +65,7 @@ def test_a_good_build_goes_through_every_step_to_everyone_with_no_failed_request
     assert http_get(run.listen_port, "/", headers={"Cookie": "bluegreen_id=anyone"}) == (200, "hello from v2\n")
     last = run.status()["last_swap"]
     assert [s["share"] for s in last["details"]["rollout"]["steps"]] == [10, 50]
+    assert [v["share"] for v in run.status()["history"][-1]["verdicts"]] == [10, 50]
     assert not drain.listening(run.ports[0])
 
 
@@ -94,7 +73,7 @@ def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_s
         rollout_daemon, releases: Path) -> None:
     run = rollout_daemon("[rollout]\nmin_requests = 20")
     with Users(run.listen_port) as users:
-        r = run.cli("swap", str(build(releases, "v2", fail=30)), "--rollout", "20,100", "--step", "120")
+        r = run.cli("swap", str(misbehaving_build(releases, "v2", fail=30)), "--rollout", "20,100", "--step", "120")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[rollout_aborted]" in r.stderr and "step 1 (20 % of users)" in r.stderr, r.stderr
     assert "requests failed (" in r.stderr and "old: 0 of " in r.stderr  # the numbers that decided it
@@ -106,6 +85,7 @@ def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_s
     assert st["active"]["slot"] == "blue" and st["last_swap"]["traffic"] == "restored"
     assert st["last_swap"]["error"]["code"] == "rollout_aborted" and st["last_swap"]["error"]["share"] == 20
     assert "requests failed (" in st["last_swap"]["error"]["verdict"]  # kept with the numbers that decided it
+    assert st["history"][-1]["error"] == "rollout_aborted" and st["history"][-1]["verdicts"][0]["share"] == 20
     wait_until(lambda: not drain.listening(run.ports[1]), 30, "the bad build to stop")
     assert {http_get(run.listen_port, "/", headers={"Cookie": f"bluegreen_id={i}"})[1] for i in range(30)} \
         == {"hello from v1\n"}
@@ -114,7 +94,7 @@ def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_s
 def test_a_slow_build_is_reverted_when_latency_ratio_is_set(rollout_daemon, releases: Path) -> None:
     run = rollout_daemon("[rollout]\nmin_requests = 20\nlatency_ratio = 3")
     with Users(run.listen_port) as users:
-        r = run.cli("swap", str(build(releases, "v2", delay_ms=60)), "--rollout", "30,100", "--step", "120")
+        r = run.cli("swap", str(misbehaving_build(releases, "v2", delay_ms=60)), "--rollout", "30,100", "--step", "120")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[rollout_aborted]" in r.stderr and "p99 new" in r.stderr and "rollout.latency_ratio 3" in r.stderr
     assert not users.failures, users.answers
@@ -134,7 +114,7 @@ def in_rollout(run) -> bool:  # type: ignore[no-untyped-def]
 def test_a_user_keeping_its_cookie_sees_exactly_one_build_during_the_rollout_then_promote(
         rollout_daemon, releases: Path) -> None:
     run = rollout_daemon()
-    swap = swap_in_background(run, str(build(releases, "v2")), "--rollout", "50,100", "--step", "300")
+    swap = swap_in_background(run, str(misbehaving_build(releases, "v2")), "--rollout", "50,100", "--step", "300")
     try:
         wait_until(lambda: in_rollout(run), 60, "the rollout's first step")
         seen = {}
@@ -158,7 +138,7 @@ def test_a_user_keeping_its_cookie_sees_exactly_one_build_during_the_rollout_the
 
 def test_abort_during_a_rollout_sends_everyone_back_and_stops_the_new_build(rollout_daemon, releases: Path) -> None:
     run = rollout_daemon()
-    swap = swap_in_background(run, str(build(releases, "v2")), "--rollout", "50,100", "--step", "300")
+    swap = swap_in_background(run, str(misbehaving_build(releases, "v2")), "--rollout", "50,100", "--step", "300")
     try:
         wait_until(lambda: in_rollout(run), 60, "the rollout's first step")
         a = run.cli("abort")
@@ -176,7 +156,7 @@ def test_abort_during_a_rollout_sends_everyone_back_and_stops_the_new_build(roll
 def test_a_daemon_killed_mid_rollout_comes_back_on_the_old_build_with_nothing_left(rollout_daemon,
                                                                                   releases: Path) -> None:
     run = rollout_daemon()
-    swap = swap_in_background(run, str(build(releases, "v2")), "--rollout", "50,100", "--step", "300")
+    swap = swap_in_background(run, str(misbehaving_build(releases, "v2")), "--rollout", "50,100", "--step", "300")
     try:
         wait_until(lambda: in_rollout(run), 60, "the rollout's first step")
         new = run.status()["standby"]["pid"]
@@ -209,3 +189,29 @@ def test_bad_rollouts_are_refused_with_traffic_unchanged(make_daemon, releases: 
     assert "traffic is unchanged" in r.stderr
     assert http_get(run.listen_port) == (200, "hello from v1\n")
     assert not drain.listening(run.ports[1])
+
+
+def test_a_watched_plain_swap_goes_back_on_its_own_when_the_new_build_fails(rollout_daemon, releases: Path) -> None:
+    run = rollout_daemon("[release]\nwatch_seconds = 60\n[rollout]\nmin_requests = 20")
+    old = run.status()["active"]["pid"]
+    with Users(run.listen_port) as users:
+        r = run.cli("swap", str(misbehaving_build(releases, "v2", fail=30)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[rollout_aborted]" in r.stderr and "the watch after the switch" in r.stderr, r.stderr
+    assert "traffic is back on the old build" in r.stderr
+    assert set(users.failures) <= {"http_500"}, users.answers  # the bad build's own answers, nothing else
+    st = run.status()
+    assert st["active"]["pid"] == old and st["last_swap"]["traffic"] == "restored"  # the old build never stopped
+    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the bad build to stop")
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+
+
+def test_a_watched_plain_swap_of_a_good_build_keeps_it(rollout_daemon, releases: Path) -> None:
+    run = rollout_daemon("[release]\nwatch_seconds = 2\n[rollout]\nmin_requests = 5")
+    with Users(run.listen_port) as users:
+        r = run.cli("swap", str(misbehaving_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not users.failures, users.answers
+    last = run.status()["last_swap"]
+    assert last["details"]["watch"]["seconds"] >= 2 and "new: 0 of" in last["details"]["watch"]["verdict"]
+    assert http_get(run.listen_port, "/") == (200, "hello from v2\n")

@@ -63,6 +63,10 @@ class FakeOps:
         await self._step("rollout")
         return {"steps": []}
 
+    async def watch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
+        await self._step("watch")
+        return {"seconds": 1.0}
+
     async def switch(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("switch")
         self.upstream = "new"
@@ -119,7 +123,7 @@ def run_failing(ops: FakeOps, plan: Plan[str] = PLAN) -> tuple[SwapRecord, Blueg
     return rec, e.value
 
 
-OPTIONAL = (Phase.CHECK, Phase.BEFORE_SWITCH, Phase.PAUSED, Phase.ROLLOUT, Phase.AFTER_SWITCH)
+OPTIONAL = (Phase.CHECK, Phase.BEFORE_SWITCH, Phase.PAUSED, Phase.ROLLOUT, Phase.WATCH, Phase.AFTER_SWITCH)
 WITHOUT_CHECKS = [p for p in ORDER if p not in OPTIONAL]
 
 
@@ -340,3 +344,15 @@ def test_a_failed_rollout_says_traffic_was_restored_and_drains_the_new_build() -
     rec, e = run_failing(ops, replace(PLAN, rollout=(5, 100)))
     assert ops.calls[-2:] == ["rollout", "discard(drain=True)"] and "switch" not in ops.calls
     assert e.code == "rollout_aborted" and rec.traffic == "restored" and e.details["traffic"] == "restored"
+
+
+def test_a_watched_swap_that_fails_its_watch_goes_back_to_the_still_running_old_build() -> None:
+    from supervisor.errors import RolloutAborted
+
+    plan = replace(FULL, watch=30.0)
+    assert run(FakeOps(), plan=plan).outcome == "done"
+    ops = FakeOps(fail={"watch": RolloutAborted("the watch after the switch: new: 9 of 30 requests failed")})
+    rec, e = run_failing(ops, plan)
+    assert ops.calls[-4:] == ["drain", "watch", "revert(the watch failed)", "switch_back"]
+    assert "after_switch" not in ops.calls and "stop" not in ops.calls  # no contract step on a bad build
+    assert e.code == "rollout_aborted" and rec.traffic == "restored"

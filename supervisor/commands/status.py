@@ -57,6 +57,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "rollout": app.release.rolling_info(),
         "warm": {**warm.app.to_dict(), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
+        "history": state.history[-10:],
         "nginx": n,
     }
 
