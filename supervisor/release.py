@@ -172,8 +172,9 @@ class Release:
         if target is None or target.decision.done():
             running = (f"a {self.app.swap.reason} to {self.app.swap.build} is in phase {self.app.swap.phase}"
                        if self.app.swap is not None and self.app.swapping() else "no swap is running")
-            raise BluegreenError(f"nothing to {what}: no swap is paused ({running}); `bluegreen swap BUILD --pause` "
-                                 "starts one that waits for promote or abort", code="not_paused")
+            raise BluegreenError(f"nothing to {what}: no swap is paused or rolling out ({running}); `bluegreen swap "
+                                 "BUILD --pause` (or --rollout) starts one that waits for promote or abort",
+                                 code="not_paused")
         target.decide(what)
         return target
 

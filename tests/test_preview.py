@@ -82,7 +82,7 @@ def test_promote_or_abort_with_nothing_paused_names_the_state(make_daemon) -> No
     for verb in ("promote", "abort"):
         r = run.cli(verb)
         assert r.returncode == 1, r.stdout + r.stderr
-        assert f"[not_paused]: nothing to {verb}: no swap is paused (no swap is running)" in r.stderr, r.stderr
+        assert f"[not_paused]: nothing to {verb}: no swap is paused or rolling out (no swap is running)" in r.stderr, r.stderr
     assert body(run.listen_port) == "hello from v1\n"
 
 
