@@ -255,6 +255,8 @@ class App:
             raise
         finally:
             self.proxy.forget_undo()
+            if plan.rollout or plan.watch:
+                await self.release.end_split()
             self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.ledger.unsaved:
                 self.ledger.save_quietly()

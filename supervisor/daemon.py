@@ -124,9 +124,7 @@ class Daemon:
             how = await app.managed.stop(self.config.drain.timeout if graceful else 0.0)
             log.info("managed nginx %s", how)
         app.ledger.nginx_stopped()
-        warm, app.release.warm = app.release.warm, None
-        if warm is not None and warm.timer is not None:
-            warm.timer.cancel()
+        warm = app.release.drop_warm()
         for proc in (app.standby, app.active, app.retiring, warm.app if warm else None):
             if proc is not None:
                 result = await app.stop(proc, graceful)

@@ -101,6 +101,8 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"') \
         .replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}")
     set_cookie = _LUA_COOKIE.replace("ROLLOUT_COOKIE_NAME", rollout_cookie)
+    control_locations = "".join(f"    location = {CONTROL}{name} {{\n        content_by_lua_block {{\n{lua}"
+                                "        }\n    }\n" for name, lua in _control_lua().items())
     return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
 lua_shared_dict bluegreen 1m;
 lua_shared_dict bluegreen_stats 4m;
@@ -125,27 +127,7 @@ server {{
     listen "unix:{control}";
     client_max_body_size 64;
     access_log off;
-    location = {CONTROL}route {{
-        content_by_lua_block {{
-{_LUA_ROUTE}        }}
-    }}
-    location = {CONTROL}preview {{
-        content_by_lua_block {{
-{_LUA_PREVIEW}        }}
-    }}
-    location = {CONTROL}split {{
-        content_by_lua_block {{
-{_LUA_SPLIT}        }}
-    }}
-    location = {CONTROL}stats {{
-        content_by_lua_block {{
-{_LUA_STATS}        }}
-    }}
-    location = {CONTROL}inflight {{
-        content_by_lua_block {{
-{_LUA_INFLIGHT}        }}
-    }}
-}}
+{control_locations}}}
 """
 
 
@@ -225,11 +207,8 @@ _LUA_COOKIE = """\
     end
 """
 
-# PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
-# any preview (its port may be about to stop).
-_LUA_ROUTE = """\
-            local dict = ngx.shared.bluegreen
-            if ngx.req.get_method() == "PUT" then
+# A PUT's body: a port (digits, 1-65535), or a 400 answer.
+_LUA_READ_PORT = """\
                 ngx.req.read_body()
                 local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
                 if not port or port < 1 or port > 65535 then
@@ -237,32 +216,34 @@ _LUA_ROUTE = """\
                     ngx.say("expected a port number (1-65535)")
                     return
                 end
+"""
+
+# PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
+# any preview (its port may be about to stop).
+_LUA_ROUTE = """\
+            local dict = ngx.shared.bluegreen
+            if ngx.req.get_method() == "PUT" then
+READ_PORT
                 dict:set("port", port)
                 dict:delete("preview")
                 dict:delete("cand")
                 dict:delete("share")
             end
             ngx.say(dict:get("port") or "")
-"""
+""".replace("READ_PORT\n", _LUA_READ_PORT)
 
 # PUT a port: preview requests go there; DELETE: no preview. Answers the preview port (or "").
 _LUA_PREVIEW = """\
             local dict = ngx.shared.bluegreen
             local method = ngx.req.get_method()
             if method == "PUT" then
-                ngx.req.read_body()
-                local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
-                if not port or port < 1 or port > 65535 then
-                    ngx.status = 400
-                    ngx.say("expected a port number (1-65535)")
-                    return
-                end
+READ_PORT
                 dict:set("preview", port)
             elseif method == "DELETE" then
                 dict:delete("preview")
             end
             ngx.say(dict:get("preview") or "")
-"""
+""".replace("READ_PORT\n", _LUA_READ_PORT)
 
 # PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off).
 # Answers the three numbers as set (0 for unset).
@@ -327,6 +308,12 @@ _LUA_INFLIGHT = """\
                 end
             end
 """
+
+
+def _control_lua() -> dict[str, str]:
+    """The control socket's locations (under CONTROL) and what each runs."""
+    return {"route": _LUA_ROUTE, "preview": _LUA_PREVIEW, "split": _LUA_SPLIT, "stats": _LUA_STATS,
+            "inflight": _LUA_INFLIGHT}
 
 
 def _lua_string(text: str) -> str:

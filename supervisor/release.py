@@ -16,6 +16,7 @@ from . import hooks, slots
 from .config import other_slot
 from .errors import Aborted, BluegreenError, RolloutAborted
 from .swap import RELEASES, Plan
+from .verdict import Counters, Rules, Verdict, judge
 
 if TYPE_CHECKING:
     from .app import App
@@ -26,18 +27,24 @@ Reply = Callable[[dict[str, Any]], None]
 
 
 @dataclass
-class Pause:
-    """A swap paused for preview (swap --pause): its standby serves preview requests only, until
-    `promote` or `abort` decides, or release.pause_timeout does."""
+class Decision:
+    """A swap waiting on a person: `promote` or `abort` decides (or the daemon itself does)."""
 
     standby: slots.AppProcess
-    until: float  # wall clock: the pause_timeout
     since: float = field(default_factory=time.time)
     decision: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def decide(self, what: str) -> None:
         if not self.decision.done():
             self.decision.set_result(what)
+
+
+@dataclass
+class Pause(Decision):
+    """A swap paused for preview (swap --pause): its standby serves preview requests only, until
+    `promote` or `abort` decides, or release.pause_timeout does."""
+
+    until: float = 0.0  # wall clock: the pause_timeout
 
 
 @dataclass
@@ -54,13 +61,18 @@ class Warm:
 
 
 @dataclass
-class Rolling(Pause):
+class Rolling(Decision):
     """A rollout in progress: promote jumps to everyone, abort goes back to no one."""
 
     share: int = 0
     step: int = 0
     steps: tuple[int, ...] = ()
     verdict: str = ""
+
+    def info(self) -> dict[str, Any]:
+        """For status: where the rollout stands, and its latest verdict."""
+        return {"share": self.share, "step": self.step, "steps": len([s for s in self.steps if s < 100]),
+                "port": self.standby.port, "since": self.since, "verdict": self.verdict}
 
 
 class Release:
@@ -145,13 +157,6 @@ class Release:
             paused.cancel()
         return self.pause_info() if not task.done() else None
 
-    def rolling_info(self) -> dict[str, Any] | None:
-        ro = self.rolling
-        if ro is None:
-            return None
-        return {"share": ro.share, "step": ro.step, "steps": len([s for s in ro.steps if s < 100]),
-                "port": ro.standby.port, "since": ro.since, "verdict": ro.verdict}
-
     def pause_info(self) -> dict[str, Any] | None:
         p = self.pause
         if p is None:
@@ -166,7 +171,7 @@ class Release:
             info["needs"] = f"proxy_pass http://${var}; in your server block (README: preview with your own nginx)"
         return info
 
-    def decide(self, what: str) -> Pause:
+    def decide(self, what: str) -> Decision:
         """`promote` or `abort` the paused swap; not_paused if there is none."""
         target = self.pause or self.rolling
         if target is None or target.decision.done():
@@ -183,13 +188,11 @@ class Release:
         verdict or an abort sends everyone back to the old build at once and raises."""
         from .runtime_switch import RuntimeSwitch
         from .swap import shielded
-        from .verdict import Counters, Rules, judge
 
-        proxy, old, r = self.app.proxy, plan.old, self.app.config.rollout
+        proxy, old = self.app.proxy, plan.old
         assert isinstance(proxy, RuntimeSwitch) and old is not None
-        rules = Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio)
-        ro = self.rolling = Rolling(standby, time.time(), steps=plan.rollout)
-        base = int(time.time()) % 10**9 * 100  # a generation per step, unique per rollout (lua prints 14 digits exactly)
+        ro = self.rolling = Rolling(standby, steps=plan.rollout)
+        base = _generation()
         done: list[dict[str, Any]] = []
         try:
             for i, share in enumerate(s for s in plan.rollout if s < 100):
@@ -203,8 +206,7 @@ class Release:
                                   old.pid)
                         ro.decide("promote")
                         break
-                    stats = await proxy.stats(gen)
-                    verdict = judge(stats.get(standby.port, Counters()), stats.get(old.port, Counters()), rules)
+                    verdict = await self._verdict(gen, standby, old)
                     ro.verdict = verdict.reason
                     if verdict.failed:
                         raise RolloutAborted(f"step {i + 1} ({share} % of users), after "
@@ -237,35 +239,35 @@ class Release:
         from .runtime_switch import RuntimeSwitch
 
         assert isinstance(self.app.proxy, RuntimeSwitch)
-        self.watch_gen = int(time.time()) % 10**9 * 100 + 99
+        self.watch_gen = _generation()
         await self.app.proxy.split(None, 0, self.watch_gen)
 
     async def watch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
         """Judge the new build for plan.watch seconds after the switch, against the old build's
         traffic before it; RolloutAborted (the caller goes back to the old build) if it fails."""
-        from .runtime_switch import RuntimeSwitch
-        from .verdict import Counters, Rules, judge
+        old, began = plan.old, time.monotonic()
+        assert old is not None
+        while True:
+            await asyncio.sleep(ROLLOUT_POLL)
+            verdict = await self._verdict(self.watch_gen, standby, old)
+            if verdict.failed:
+                raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
+                                     f"{verdict.reason}; traffic is back on the old build, which never stopped, "
+                                     "and the new one is drained and stopped", verdict=verdict.reason)
+            if time.monotonic() - began >= plan.watch:
+                return {"seconds": round(time.monotonic() - began, 2), "verdict": verdict.reason}
 
-        proxy, old, r = self.app.proxy, plan.old, self.app.config.rollout
-        assert isinstance(proxy, RuntimeSwitch) and old is not None
-        rules = Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio)
-        began = time.monotonic()
-        try:
-            while True:
-                await asyncio.sleep(ROLLOUT_POLL)
-                stats = await proxy.stats(self.watch_gen)
-                verdict = judge(stats.get(standby.port, Counters()), stats.get(old.port, Counters()), rules)
-                if verdict.failed:
-                    raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
-                                         f"{verdict.reason}; traffic is back on the old build, which never stopped, "
-                                         "and the new one is drained and stopped", verdict=verdict.reason)
-                if time.monotonic() - began >= plan.watch:
-                    return {"seconds": round(time.monotonic() - began, 2), "verdict": verdict.reason}
-        finally:
-            await self.end_split()
+    async def _verdict(self, gen: int, new: slots.AppProcess, old: slots.AppProcess) -> Verdict:
+        """The new build judged against the old one, on what nginx counted in generation `gen`."""
+        from .runtime_switch import RuntimeSwitch
+
+        assert isinstance(self.app.proxy, RuntimeSwitch)
+        stats, r = await self.app.proxy.stats(gen), self.app.config.rollout
+        return judge(stats.get(new.port, Counters()), stats.get(old.port, Counters()),
+                     Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio))
 
     async def end_split(self) -> None:
-        """After a rollout's switch (which ended the split): stop counting, drop the counters."""
+        """After a rollout or a watched swap, however it ended: no split, no counting, no counters."""
         from .runtime_switch import RuntimeSwitch
 
         if isinstance(self.app.proxy, RuntimeSwitch):
@@ -297,17 +299,29 @@ class Release:
         if self.warm is warm and not self.app.swapping():
             await self.end_warm("its keep_warm window is over")
 
-    async def end_warm(self, why: str) -> None:
-        """Stop the warm old build (no traffic goes there: no drain)."""
+    def drop_warm(self) -> Warm | None:
+        """No longer warm (it serves again, or is about to stop): its timer and its record go; the
+        process is the caller's."""
         warm, self.warm = self.warm, None
-        if warm is None:
-            return
-        if warm.timer is not None and warm.timer is not asyncio.current_task():
+        if warm is not None and warm.timer is not None and warm.timer is not asyncio.current_task():
             warm.timer.cancel()
         self.app.ledger.warm(None, None)
+        return warm
+
+    async def end_warm(self, why: str) -> None:
+        """Stop the warm old build (no traffic goes there: no drain)."""
+        warm = self.drop_warm()
+        if warm is None:
+            return
         if warm.app.alive():
             result = await self.app.stop(warm.app)
             log.info("warm %s (pid %d, %s) stopped, %s: %s", warm.app.slot, warm.app.pid, warm.app.build, why,
                      result["how"])
             self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
         self.app.ledger.save_quietly()
+
+
+def _generation() -> int:
+    """A counters generation unique to this rollout or watch (a rollout adds its step number);
+    under 10^14, which lua prints exactly."""
+    return int(time.time()) % 10**9 * 100

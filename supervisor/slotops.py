@@ -64,7 +64,7 @@ class SlotOps:
         app, old, timeout = self.app, plan.old, self.cfg.release.pause_timeout
         assert old is not None
         await app.proxy.preview(standby.port)
-        pause = app.release.pause = Pause(standby, time.time() + timeout)
+        pause = app.release.pause = Pause(standby, until=time.time() + timeout)
         app.release.paused.set()
         log.info("paused: preview requests go to %s (port %d) until promote or abort", standby.build, standby.port)
         deadline = time.monotonic() + timeout
@@ -118,8 +118,6 @@ class SlotOps:
             await self.app.point_nginx_at(plan.port, force=True)
             return {"port": plan.port}
         result = await self.app.proxy.route(plan.port)
-        if plan.rollout:
-            await self.app.release.end_split()
         if not standby.alive():  # it died while nginx reloaded: put the old upstream back at once
             back = await self.switch_back(plan)
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} during the switch; "
@@ -143,18 +141,13 @@ class SlotOps:
         self.before = app.ledger.snapshot()
         app.serving(standby, previous=plan.old_build if plan.is_release else None)
         if plan.warm is not None:
-            app.ledger.warm(None, None)  # it serves again (if the write fails, the switch back stops it)
+            app.release.drop_warm()  # it serves again (if the write fails, the switch back stops it)
         try:
             app.ledger.save()
         except BluegreenError:
             app.ledger.restore(self.before)
             raise
         app.active, app.standby, app.retiring = standby, None, plan.old
-        warm = app.release.warm
-        if warm is not None and warm.app is standby:  # a warm rollback: it serves again
-            if warm.timer is not None:
-                warm.timer.cancel()
-            app.release.warm = None
         return {"state": str(app.ledger.store.path)}
 
     async def keep(self, plan: AppPlan, standby: slots.AppProcess) -> None:

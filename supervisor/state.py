@@ -192,7 +192,8 @@ class Ledger:
         if error:
             entry.update(error=error.get("code"), traffic=record.get("traffic"))
         # A rollout, a watch and a revert are kept with the numbers that decided them.
-        verdicts = [{"share": s["share"], "verdict": s["verdict"]} for s in (details.get("rollout") or {}).get("steps", [])]
+        steps = (details.get("rollout") or {}).get("steps", [])
+        verdicts = [{"share": s["share"], "verdict": s["verdict"]} for s in steps]
         if error.get("verdict"):
             verdicts.append({"share": error.get("share"), "verdict": error["verdict"]})
         elif (details.get("watch") or {}).get("verdict"):

@@ -143,6 +143,7 @@ def test_abort_during_a_rollout_sends_everyone_back_and_stops_the_new_build(roll
         wait_until(lambda: in_rollout(run), 60, "the rollout's first step")
         a = run.cli("abort")
         assert a.returncode == 0, a.stdout + a.stderr
+        assert "everyone is back on the old build" in a.stdout, a.stdout
         out, err = swap.communicate(timeout=120)
         assert swap.returncode == 1 and "[aborted]" in err and "at 50 % of users" in err, out + err
     finally:

@@ -1,4 +1,4 @@
-"""abort: end a paused swap: its standby is stopped, the preview ends, traffic never moved."""
+"""abort: end a paused swap or a rollout: everyone is on the old build, the new one is stopped."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 SPEC = CommandSpec(
-    "abort", "end a paused swap: the preview ends and its standby is stopped; traffic never moved", order=12,
-    description="End the swap paused by `swap BUILD --pause`: requests with the preview header or cookie go back "
-                "to the active build, the standby is drained of them and stopped. Traffic never moved.",
+    "abort", "end a paused swap or a rollout: everyone on the old build, the new one drained and stopped", order=12,
+    description="End the swap paused by `swap BUILD --pause` (the preview ends; traffic never moved) or the rollout "
+                "started by `swap BUILD --rollout` (its share of users goes back to the old build). The new build is "
+                "drained of what it still serves and stopped.",
 )
 
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     app = daemon.app
-    pause = app.release.decide("abort")
-    assert app.swap_task is not None
+    waiting, record = app.release.decide("abort"), app.swap
+    assert app.swap_task is not None and record is not None
     await asyncio.gather(app.swap_task, return_exceptions=True)
-    return {"aborted": str(pause.standby.build), "standby": pause.standby.to_dict(),
+    return {"aborted": str(waiting.standby.build), "standby": waiting.standby.to_dict(), "traffic": record.traffic,
             "active": app.active.to_dict() if app.active else None}
 
 
@@ -35,6 +36,7 @@ def run(sock: Path, args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         return client.print_error(reply)
     r = reply["result"]
-    print(f"aborted the swap to {r['aborted']}: its standby (pid {r['standby']['pid']}) was stopped; traffic "
-          f"never moved: {r['active']['build']} serves")
+    moved = "traffic never moved" if r["traffic"] == "unchanged" else "everyone is back on the old build"
+    print(f"aborted the swap to {r['aborted']}: its standby (pid {r['standby']['pid']}) was stopped; {moved}: "
+          f"{r['active']['build']} serves")
     return client.EXIT_OK

@@ -13,9 +13,10 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 SPEC = CommandSpec(
-    "promote", "carry a paused swap on: switch everyone to the previewed build, drain and stop the old one", order=11,
-    description="Carry on the swap paused by `swap BUILD --pause`: the preview ends, traffic moves to the new build, "
-                "the old one is drained and stopped (or kept warm). Prints the phases and exits like `swap` does.",
+    "promote", "carry a paused swap or a rollout on: everyone to the new build, drain and stop the old one", order=11,
+    description="Carry on the swap paused by `swap BUILD --pause` (the preview ends) or jump a rollout to everyone: "
+                "traffic moves to the new build, the old one is drained and stopped (or kept warm). Prints the phases "
+                "and exits like `swap` does.",
 )
 
 

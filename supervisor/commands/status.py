@@ -54,7 +54,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
         "paused": app.release.pause_info(),
-        "rollout": app.release.rolling_info(),
+        "rollout": app.release.rolling.info() if app.release.rolling else None,
         "warm": {**warm.app.to_dict(), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
         "history": state.history[-10:],
