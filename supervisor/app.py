@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adoption, drain, slots
+from . import adoption, drain, hooks, slots
 from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .launch import Launcher
@@ -97,6 +97,7 @@ class App:
         if self.managed is not None and self.managed.adopt(state.nginx):
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
         self.proxy.clean_stale_temp()
+        await hooks.stop_leftovers(self.state_dir, lambda what: self.event("hook_stopped", hook=what))
         if await self.adopt():
             return
         slot, build = "blue", self.config.app.build
@@ -255,8 +256,7 @@ class App:
             raise
         finally:
             self.proxy.forget_undo()
-            if plan.rollout or plan.watch:
-                await self.release.end_split()
+            await self.release.end_split(plan)
             self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.ledger.unsaved:
                 self.ledger.save_quietly()

@@ -10,7 +10,8 @@ A hook is an argv (never a shell) with the app's placeholders ({port}, {build}, 
 build), run in the new build's directory in its own process group, with BLUEGREEN_OLD_BUILD,
 BLUEGREEN_NEW_BUILD, BLUEGREEN_OLD_PORT and BLUEGREEN_NEW_PORT in its environment. Each line it
 prints goes to the daemon log and to the swap's client as an event; at hooks.timeout its whole
-group is killed.
+group is killed. A hook carries BLUEGREEN_HOOK_STATE_DIR, so that a daemon started after one was
+killed finds a hook it left running (its swap is finished or undone without it) and stops it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import psutil
+
+from . import slots
 from .config import expand
 from .errors import HookFailed
 
 log = logging.getLogger("bluegreen")
+MARKER = "BLUEGREEN_HOOK_STATE_DIR"
 LINE_LIMIT = 1000  # characters of one output line kept (a hook printing a megabyte line cannot flood the client)
 TAIL = 5  # last lines quoted in the error
 
@@ -37,7 +42,8 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
     args = [expand(a, context) for a in argv]
     try:
         proc = await asyncio.create_subprocess_exec(
-            *args, cwd=cwd if cwd.is_dir() else None, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+            *args, cwd=cwd if cwd.is_dir() else None, env={**os.environ, **env, "BLUEGREEN_HOOK": name},
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         why = "is not executable (chmod +x it)" if isinstance(e, PermissionError) else (e.strerror or str(e))
@@ -95,6 +101,26 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
         await asyncio.wait_for(proc.wait(), 5)
     except asyncio.TimeoutError:
         pass
+
+
+async def stop_leftovers(state_dir: Path, stopped: Callable[[str], None]) -> None:
+    """Kill the process groups of hooks a killed daemon left running, saying each to `stopped`."""
+    groups: dict[int, str] = {}
+    for p in slots.marked(state_dir, key=MARKER):
+        try:
+            group = os.getpgid(p.pid)
+            if group == p.pid:  # the hook itself (its children share its group)
+                groups[group] = f"hooks.{p.environ().get('BLUEGREEN_HOOK', '?')} (pid {p.pid}: {' '.join(p.cmdline())})"
+        except (OSError, psutil.Error):
+            continue
+    for group, what in groups.items():
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            continue
+        log.error("%s was still running, left by a daemon that was killed; its swap was finished or undone "
+                  "without it, so it was stopped: check what it had done", what)
+        stopped(what)
 
 
 def _quoted(tail: list[str]) -> str:

@@ -128,7 +128,7 @@ class Release:
         old = plan.old
         return {"BLUEGREEN_OLD_BUILD": str(old.build) if old else "", "BLUEGREEN_NEW_BUILD": str(plan.build),
                 "BLUEGREEN_OLD_PORT": str(old.port) if old else "", "BLUEGREEN_NEW_PORT": str(plan.port),
-                "BLUEGREEN_REASON": plan.reason}
+                "BLUEGREEN_REASON": plan.reason, hooks.MARKER: str(self.app.state_dir)}
 
     async def run_hook(self, name: str, plan: Plan[slots.AppProcess], emit: Reply,
                        extra: dict[str, str] | None = None) -> dict[str, Any]:
@@ -266,11 +266,11 @@ class Release:
         return judge(stats.get(new.port, Counters()), stats.get(old.port, Counters()),
                      Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio))
 
-    async def end_split(self) -> None:
+    async def end_split(self, plan: Plan[slots.AppProcess]) -> None:
         """After a rollout or a watched swap, however it ended: no split, no counting, no counters."""
         from .runtime_switch import RuntimeSwitch
 
-        if isinstance(self.app.proxy, RuntimeSwitch):
+        if (plan.rollout or plan.watch) and isinstance(self.app.proxy, RuntimeSwitch):
             try:
                 await self.app.proxy.end_split()
             except BluegreenError as e:

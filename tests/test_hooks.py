@@ -149,3 +149,38 @@ def test_a_hook_that_cannot_run_is_named_by_check_config_and_at_the_swap(make_da
     r = run.cli("swap", str(make_build(releases, "v2")))
     assert r.returncode == 1 and "[hook_failed]" in r.stderr and "is not executable" in r.stderr, r.stderr
     assert http_get(run.listen_port) == (200, "hello from v1\n")
+
+
+def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_daemon, short_tmp: Path,
+                                                                           releases: Path) -> None:
+    """Otherwise the retried swap would run a second migration beside the first."""
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    pid_file = short_tmp / "hook.pid"
+    expand = script(short_tmp / "expand", f'echo $$ > {pid_file}\nsleep 300\n')
+    run = make_daemon(extra=hooks(before_switch=[str(expand)]))
+    swap = subprocess.Popen([sys.executable, "-m", "supervisor", "swap", str(make_build(releases, "v2")), "-c",
+                             str(run.config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(pid_file.exists, 60, "the hook to start")
+        group = int(pid_file.read_text())
+        run.proc.send_signal(signal.SIGKILL)
+        run.proc.wait(30)
+        swap.communicate(timeout=60)
+        assert alive_in_group(group)  # nothing stopped it yet
+        run.start()
+        wait_until(lambda: not alive_in_group(group), 30, "the next daemon to stop the left-over hook")
+    finally:
+        if swap.poll() is None:
+            swap.kill()
+        if alive_in_group(group):
+            os.killpg(group, 9)
+    st = run.status()
+    assert st["active"]["slot"] == "blue" and st["standby"] is None
+    assert any(e["event"] == "hook_stopped" and "hooks.before_switch" in e["hook"] for e in st["events"]), st["events"]
+    assert "left by a daemon that was killed" in (run.dir / "run" / "logs" / "daemon.log").read_text()
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
