@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adoption, drain, hooks, slots
+from . import drain, hooks, slots, takeover
 from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .launch import Launcher
@@ -66,6 +66,7 @@ class App:
         self.swap: SwapRecord | None = None
         self.swap_task: asyncio.Task[Any] | None = None
         self.listeners: list[Reply] = []  # the clients following the running swap (swap, then promote)
+        self.watchers: list[Reply] = []  # the daemon's own, told of every swap event (systemd's STATUS=)
         self.release = Release(self)  # hooks, the pause for preview, the warm old build
         self.status = DaemonStatus.STARTING
         self.failure: str | None = None  # why it gave up (status FAILED)
@@ -98,7 +99,7 @@ class App:
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
         self.proxy.clean_stale_temp()
         await hooks.stop_leftovers(self.state_dir, lambda what: self.event("hook_stopped", hook=what))
-        if await self.adopt():
+        if await takeover.adopt(self):
             return
         slot, build = "blue", self.config.app.build
         if state.active is not None:
@@ -112,46 +113,6 @@ class App:
         log.info("starting %s on %s (port %d)", plan.build, slot, plan.port)
         await run_swap(plan, SlotOps(self), _log_phase, record)
         log.info("serving %s from %s (port %d)", plan.build, slot, plan.port)
-
-    async def adopt(self) -> bool:
-        """Carry out adoption.decide: take over live processes instead of restarting them."""
-        state = self.ledger.state
-        saved = [s for s in (state.active, state.swap and state.swap.standby, state.swap and state.swap.old) if s]
-        alive = {s.pid for s in saved if slots.adopt_state(s, self.state_dir) is not None}
-        decision = adoption.decide(state, alive)
-        if state.swap is not None:
-            log.warning("a %s to %s was interrupted (last step recorded: %s): %s", state.swap.reason,
-                        state.swap.build, state.swap.phase, decision.action)
-        leftovers = [p for p in (slots.adopt_state(s, self.state_dir) for s in decision.retire) if p is not None]
-        warm = slots.adopt_state(state.warm, self.state_dir) if state.warm else None
-        if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
-            leftovers.append(warm)  # a restart ends the keep_warm window
-        self.ledger.warm(None, None)
-        if decision.unrecorded_slot:  # killed between spawning a standby and recording it
-            leftovers += slots.find_ours(self.state_dir, decision.unrecorded_slot,
-                                         self.launcher.log_path(decision.unrecorded_slot))
-        active = slots.adopt_state(decision.active, self.state_dir) if decision.active else None
-        if active is None:
-            for p in leftovers:  # they would hold the ports the fresh start needs
-                await self.retire(p, drain=False)
-            self.ledger.swap_progress(None)
-            return False
-        try:
-            await self.point_nginx_at(active.port, force=decision.switch)
-        except BaseException:
-            # Past this point a failure must not stop what still serves: leave it all to the next daemon.
-            log.error("could not point nginx at the adopted %s slot; leaving every process as it was", active.slot)
-            self.keep_serving = True
-            raise
-        self.active = active
-        self.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
-        log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
-        for p in leftovers:
-            await self.retire(p, drain=True)
-        self.ledger.swap_progress(None)
-        self.serving(active)
-        self.ledger.save()
-        return True
 
     async def point_nginx_at(self, port: int, force: bool) -> None:
         """Make nginx send traffic to `port`: start the managed nginx if it is not running, else
@@ -297,7 +258,7 @@ class App:
                     # No fsync: this is for a daemon killed while its processes run on; a power
                     # loss ends them all (commit's write, which names the build, has one).
                     self.ledger.save(durable=False)
-            for reply in list(self.listeners):
+            for reply in [*self.watchers, *self.listeners]:
                 reply(event)
 
         return emit

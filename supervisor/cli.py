@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from . import __version__, commands
 from .client import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, FIRST_REPLY, EXIT_FAILED, err as _err
 from .config import Config, load
-from .errors import ConfigError, Unreachable
+from .errors import ConfigError, LogsError, Unreachable
+from .logs import LOG_NAMES, show, sources
 
 DEFAULT_CONFIG = "bluegreen.toml"
 
@@ -33,6 +35,7 @@ examples:
   bluegreen status -c app.toml              what serves now, and the last swap's phases
   bluegreen rollback -c app.toml            swap back to the previous build
   bluegreen cancel -c app.toml              stop a swap that has not switched traffic yet
+  bluegreen logs -f -c app.toml             follow the serving app's output (also: blue, green, nginx, daemon)
   bluegreen quit --keep-serving -c app.toml stop the daemon only; the next daemon adopts the app
   echo status | socat - UNIX-CONNECT:run/bluegreen.sock
 
@@ -63,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(verb, "add_arguments"):
             verb.add_arguments(p)
     sub.add_parser("check-config", parents=[common], help="validate the config and report every problem")
+    lg = sub.add_parser(
+        "logs", parents=[common], help="show (and follow) the app's, nginx's or the daemon's log",
+        description="Show the last lines of a log, read straight from daemon.state_dir (so it works with the daemon "
+                    "stopped too), across its latest rotation. active: the slot that serves now; blue, green: a slot's "
+                    "app output (every start begins with a '--- bluegreen' line); nginx: the managed nginx's error "
+                    "and access logs; daemon: the daemon's own log.")
+    lg.add_argument("which", nargs="?", default="active", choices=LOG_NAMES, help="which log (default: active)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
+    lg.add_argument("-n", "--lines", type=_lines, default=20, metavar="N", help="lines to show first (default 20)")
     return parser
 
 
@@ -71,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args)
+        if args.command == "logs":
+            return show_logs(args)
         if args.command == "daemon":
             from .daemon import serve  # the daemon's imports are not needed by the client
 
@@ -84,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _err("config error:\n  " + "\n  ".join(e.problems))
         return EXIT_USAGE
+    except LogsError as e:
+        _err(e.message)
+        return EXIT_FAILED
     except Unreachable as e:
         _err(e.message)
         return EXIT_UNREACHABLE
@@ -108,6 +125,23 @@ def _socket_path(args: argparse.Namespace) -> Path:
     if args.socket:
         return Path(args.socket)
     return _config(args).daemon.socket
+
+
+def _lines(v: str) -> int:
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of lines, 0 or more, got {v!r}")
+    return int(v)
+
+
+def show_logs(args: argparse.Namespace) -> int:
+    found = sources(_config(args), args.which)
+    try:
+        show(found, args.lines, args.follow, sys.stdout)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `bluegreen logs | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
 
 
 def check_config(args: argparse.Namespace) -> int:

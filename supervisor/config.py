@@ -38,6 +38,7 @@ PLACEHOLDERS = ("port", "slot", "build", "build_name", "slot_dir")
 MAX_SOCKET_PATH = 107
 # Characters an nginx string cannot carry even quoted (`$` starts a variable in access_log).
 NGINX_UNSAFE = set('"\\$') | {chr(c) for c in range(32)}
+MIN_LOG_BYTES = 4096  # below that, a log would rotate on nearly every line
 UPSTREAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -100,6 +101,12 @@ def _optional_positive(v: Any) -> float | None:
 def _positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError("expected a whole number greater than 0")
+    return v
+
+
+def _log_bytes(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < MIN_LOG_BYTES:
+        raise ValueError(f"expected a size in bytes, at least {MIN_LOG_BYTES}, like 10485760 for 10 MiB")
     return v
 
 
@@ -176,6 +183,24 @@ def _listen(v: Any) -> str:
     return v
 
 
+def _optional_listen(v: Any) -> str | None:
+    """An address the daemon itself binds (HOST:PORT, host defaulting to 127.0.0.1)."""
+    if v is None:
+        return None
+    _listen(v)
+    host = v.rsplit(":", 1)[0] if ":" in v else "127.0.0.1"
+    if not host:
+        raise ValueError('expected "HOST:PORT" or "PORT", like "127.0.0.1:9108"')
+    return v
+
+
+def _host_port(v: str | None) -> tuple[str, int] | None:
+    if v is None:
+        return None
+    host, _, port = v.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
 def _workers(v: Any) -> str:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         return str(v)
@@ -247,6 +272,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("allow_users", _str_list, [], "users allowed on the socket besides the daemon's own user"),
         Key("allow_groups", _str_list, [], "groups whose members are allowed on the socket"),
         Key("client_timeout", _positive, 10.0, "seconds a client has to send its request line"),
+        Key("metrics_listen", _optional_listen, None,
+            "host:port where Prometheus metrics are served (GET /metrics); unset = no metrics endpoint"),
+    ),
+    "logs": (
+        Key("max_bytes", _log_bytes, 10485760, "a log is rotated before it passes this size (bytes): the app "
+            "slots, the managed nginx's access and error logs, the daemon log"),
+        Key("backups", _positive_int, 5, "rotated files kept per log (<name>.1 is the newest)"),
     ),
     "app": (
         Key("command", _argv, REQUIRED, "argv list of the app; never run through a shell"),
@@ -357,6 +389,13 @@ class DaemonConfig:
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
     client_timeout: float = 10.0
+    metrics_listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    max_bytes: int = 10485760
+    backups: int = 5
 
 
 @dataclass(frozen=True)
@@ -498,6 +537,7 @@ class Config:
     release: ReleaseConfig = ReleaseConfig()
     hooks: HooksConfig = HooksConfig()
     rollout: RolloutConfig = RolloutConfig()
+    logs: LogsConfig = LogsConfig()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -729,7 +769,8 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         path=path,
         daemon=DaemonConfig(socket=_socket_path(d, base), state_dir=_rel(base, d["state_dir"]), on_stop=d["on_stop"],
                             socket_group=d["socket_group"], allow_users=d["allow_users"],
-                            allow_groups=d["allow_groups"], client_timeout=d["client_timeout"]),
+                            allow_groups=d["allow_groups"], client_timeout=d["client_timeout"],
+                            metrics_listen=_host_port(d["metrics_listen"])),
         app=AppConfig(
             command=a["command"],
             cwd=a["cwd"],
@@ -751,6 +792,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
                               pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"],
                               watch_seconds=v["release"]["watch_seconds"]),
         rollout=RolloutConfig(**v["rollout"]),
+        logs=LogsConfig(**v["logs"]),
         hooks=HooksConfig(before_switch=_program_from(base, v["hooks"]["before_switch"]),
                           after_switch=_program_from(base, v["hooks"]["after_switch"]),
                           after_failure=_program_from(base, v["hooks"]["after_failure"]),

@@ -22,14 +22,18 @@ from typing import Any
 
 from . import __version__, commands
 from .app import App
-from .config import Config
+from .config import Config, LogsConfig
 from .control import ControlServer
 from .errors import BluegreenError
+from .logs import DaemonLog
+from .metrics import MetricsServer, Recorder
+from .notify import Notifier
 from .monitor import Monitor
 from .protocol import Request
 from .state import DaemonStatus
 
 log = logging.getLogger("bluegreen")
+CHORES = 1.0  # seconds between two rounds of chores
 
 
 class Daemon:
@@ -44,6 +48,12 @@ class Daemon:
         self.started_at = time.time()
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self._lock_fd: int | None = None
+        self.recorder = Recorder()
+        self.app.ledger.observers.append(self.recorder.swap_ended)
+        self.notifier = Notifier()
+        self.app.watchers.append(lambda event: self.notifier.status(status_line(self.app, event)))
+        listen = config.daemon.metrics_listen
+        self.metrics = MetricsServer(self.app, self.recorder, listen) if listen else None
 
     async def run(self) -> int:
         try:
@@ -56,6 +66,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        if self.metrics is not None:
+            await self.metrics.start()
         await self.control.start()
         log.info("bluegreen %s daemon pid %d, config %s, socket %s", __version__, os.getpid(),
                  self.config.path, self.config.daemon.socket)
@@ -68,17 +80,38 @@ class Daemon:
                 err = boot.exception()
                 msg = f"[{err.code}] {err.message}" if isinstance(err, BluegreenError) else repr(err)
                 log.error("start-up failed: %s", msg)
+                self.notifier.status(f"start-up failed: {msg.splitlines()[0]}")
                 code = 1
             else:
                 self.app.status = DaemonStatus.SERVING
+                self.notifier.ready(status_line(self.app))
                 self.monitor_task = asyncio.ensure_future(self.monitor.run())
+                chores = asyncio.ensure_future(self.chores())
                 await stop_sig
+                chores.cancel()
         else:
             boot.cancel()
             await asyncio.gather(boot, return_exceptions=True)
         stop_sig.cancel()
         await self.shutdown()
         return code
+
+    async def chores(self) -> None:
+        """Whatever the monitor or a long swap is doing, once a second: rotate the managed nginx's
+        logs, tell systemd what the daemon does; and ping its watchdog (from this loop: a hung loop
+        misses its pings and systemd restarts the daemon)."""
+        interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.ping()
+            await asyncio.sleep(interval)
+            self.notifier.status(status_line(self.app))
+            try:
+                if self.app.managed is not None:
+                    for path in self.app.managed.rotate_logs():
+                        log.info("rotated %s (logs.max_bytes)", path)
+            except OSError as e:
+                log.warning("could not rotate the nginx logs: %s", e)
 
     async def handle(self, request: Request, reply: Any) -> Any:
         return await self.verbs[request.cmd].handle(self, reply, **request.args)
@@ -92,6 +125,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.app.status = DaemonStatus.STOPPING
+        self.notifier.stopping()
         log.info("shutting down%s", " (keeping the app and nginx serving)" if self.app.keep_serving else "")
         if self.monitor_task is not None:
             self.monitor_task.cancel()
@@ -106,6 +140,8 @@ class Daemon:
             await self._shutdown_steps(graceful=False)
         force.cancel()
         await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         self._unlock()
         log.info("stopped")
 
@@ -168,40 +204,34 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-class LogFile(logging.FileHandler):
-    """daemon.log: a failed write (a full disk) is said once on stderr, not as a traceback per line."""
-
-    failing = False
-    failed_now = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.failed_now = False
-        super().emit(record)  # calls handleError on failure
-        if not self.failed_now:
-            self.failing = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.failed_now = True
-        if not self.failing:
-            self.failing = True
-            print(f"bluegreen: cannot write {self.baseFilename}: {sys.exc_info()[1]}; logging to stderr only "
-                  "until it works again", file=sys.stderr)
+def status_line(app: App, event: dict[str, Any] | None = None) -> str:
+    """One line for systemd's STATUS= (`systemctl status` shows it): the swap's phase, or what serves."""
+    swap = app.swap if app.swapping() else None
+    if swap is not None:
+        phase = event["event"] if event and event.get("status") == "begin" else swap.phase
+        return f"{swap.reason} to {Path(swap.build).name}: {phase}"
+    active = app.active
+    what = f"{active.build.name} on {active.slot} :{active.port} (pid {active.pid})" if active else "nothing"
+    if app.status == DaemonStatus.FAILED:
+        return f"failed: {app.failure}"
+    return f"{app.status}: {what}" + (f"; warning: {app.warning}" if app.warning else "")
 
 
-def setup_logging(state_dir: Path) -> None:
+def setup_logging(state_dir: Path, logs: LogsConfig = LogsConfig()) -> None:
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("bluegreen")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    for handler in (logging.StreamHandler(sys.stderr), LogFile(state_dir / "logs" / "daemon.log")):
+    for handler in (logging.StreamHandler(sys.stderr), DaemonLog(state_dir / "logs" / "daemon.log", maxBytes=logs.max_bytes,
+                                                                   backupCount=logs.backups)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
 
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
-    setup_logging(config.daemon.state_dir)
+    setup_logging(config.daemon.state_dir, config.logs)
     try:
         return asyncio.run(Daemon(config).run())
     except BluegreenError as e:

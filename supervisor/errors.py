@@ -25,6 +25,7 @@
     ├── StateError                 state_write_failed     state.json could not be written
     │                              state_invalid          state.json is corrupt
     ├── Unreachable                unreachable     (client side) no daemon answers on the socket
+    ├── LogsError                  no_log          (client side) `bluegreen logs` names a log that does not exist yet
     └── BluegreenError itself      locked          another daemon holds the state dir
                                    socket_in_use   another daemon answers on daemon.socket
                                    forbidden       the socket peer is not allowed
@@ -122,3 +123,9 @@ class StateError(BluegreenError):
 
 class Unreachable(BluegreenError):
     code = "unreachable"
+
+
+class LogsError(BluegreenError):
+    """`bluegreen logs` has nothing to show (a slot that never ran, no such log yet)."""
+
+    code = "no_log"

@@ -50,6 +50,7 @@ class Launcher:
         return await slots.spawn(
             [expand(a, ctx) for a in app.command], cwd, env,
             slot=slot, port=app.port(slot), build=build, log_path=self.log_path(slot),
+            logs=self.config.logs,
         )
 
     def log_path(self, slot: str) -> Path:

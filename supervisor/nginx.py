@@ -167,23 +167,32 @@ _LUA_BALANCER = """\
         end
 """
 
-# Counts the request out; for a watch generation: requests, upstream errors (no answer header
-# from the app: refused, reset, timed out), 5xx answers, and the latency bucket (see verdict.py).
+# Counts the request out, and counts it per upstream port: always in generation 0 (requests,
+# 5xx answers, upstream errors: no answer header from the app, i.e. refused, reset, timed out;
+# since nginx started, for the metrics), and for a watch generation also its latency bucket
+# (see verdict.py).
 _LUA_LOG = """\
     local ctx = ngx.ctx
     local key = ctx.bluegreen_key
     if key then ngx.shared.bluegreen:incr(key, -1, 0) end
+    local port = ctx.bluegreen_port
+    if not port then return end
+    local stats = ngx.shared.bluegreen_stats
+    local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
+    local kind = nil
+    if not header or header == "-" then
+        kind = "err"
+    elseif (tonumber(ngx.var.status) or 0) >= 500 then
+        kind = "5xx"
+    end
+    local total = "s:0:" .. port .. ":"
+    stats:incr(total .. "n", 1, 0)
+    if kind then stats:incr(total .. kind, 1, 0) end
     local gen = ctx.bluegreen_gen
     if gen then
-        local stats = ngx.shared.bluegreen_stats
-        local p = "s:" .. gen .. ":" .. ctx.bluegreen_port .. ":"
+        local p = "s:" .. gen .. ":" .. port .. ":"
         stats:incr(p .. "n", 1, 0)
-        local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
-        if not header or header == "-" then
-            stats:incr(p .. "err", 1, 0)
-        elseif (tonumber(ngx.var.status) or 0) >= 500 then
-            stats:incr(p .. "5xx", 1, 0)
-        end
+        if kind then stats:incr(p .. kind, 1, 0) end
         local t = tonumber((ngx.var.upstream_response_time or ""):match("([%d.]+)%s*$") or "")
         if t then stats:incr(p .. "l" .. math.floor(math.log(t * 10000 + 1) / math.log(1.2)), 1, 0) end
     end
@@ -271,12 +280,15 @@ _LUA_SPLIT = """\
                 dict:delete("cand")
                 dict:delete("share")
                 dict:delete("gen")
-                ngx.shared.bluegreen_stats:flush_all()
+                local stats = ngx.shared.bluegreen_stats
+                for _, k in ipairs(stats:get_keys(0)) do  -- the watch counters; generation 0 stays
+                    if k:sub(1, 4) ~= "s:0:" then stats:delete(k) end
+                end
             end
             ngx.say((dict:get("cand") or 0) .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
 """
 
-# GET ?gen=G: one "port kind count" line per counter of watch generation G.
+# GET ?gen=G: one "port kind count" line per counter of watch generation G (0: all since nginx started).
 _LUA_STATS = """\
             local gen = tonumber(ngx.var.arg_gen or "")
             if not gen then
@@ -466,7 +478,7 @@ class ErrorLog:
             return []
         try:
             with open(self.path, "rb") as f:
-                f.seek(offset)
+                f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)  # 0: rotated meanwhile
                 text = f.read(LOG_TAIL).decode("utf-8", "replace")
         except OSError:
             return []

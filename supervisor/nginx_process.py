@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -18,6 +19,7 @@ from . import drain, procs
 from .config import Config
 from .errors import NginxError, PortInUse
 from .fsutil import atomic_write
+from .logs import NginxLogs
 from .nginx import (TEMP_KINDS, ErrorLog, render_managed_conf, render_runtime, render_upstream, run_command, workers,
                     write_upstream)
 
@@ -32,6 +34,7 @@ class ManagedNginx:
         self.conf_path = self.prefix / "nginx.conf"
         self.upstream_path = self.prefix / "upstream.conf"
         self.log = ErrorLog(self.prefix / "error.log")
+        self.logs = NginxLogs(self.prefix, config.logs.max_bytes, config.logs.backups)
         self.pid_file = self.prefix / "nginx.pid"
         self.route_path = self.prefix / "route"  # the runtime switch's table is seeded from it
         self.control_path = self.prefix / "control.sock"
@@ -63,6 +66,10 @@ class ManagedNginx:
         except ProcessLookupError:
             raise NginxError(f"the managed nginx master (pid {master}) is gone; see {self.log.path}",
                              code="nginx_down") from None
+
+    def rotate_logs(self) -> list[Path]:
+        """Rotate the access and error logs that passed logs.max_bytes (nginx reopens them)."""
+        return self.logs.rotate_if_due(self.pid if self.alive() else None)
 
     def alive(self) -> bool:
         if self.proc is not None:

@@ -11,14 +11,14 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
-import aiofiles
+import aiofiles.os
 import httpx
 
 from .config import CheckConfig, ReadyConfig
 from .errors import AppError, ChecksFailed
+from .logs import Follower
 from .slots import AppProcess, describe_exit, exit_hint, log_tail
 
 ATTEMPT_TIMEOUT = 2.0
@@ -58,26 +58,30 @@ async def tcp_ok(port: int) -> tuple[bool, str]:
 
 
 class LogWatch:
-    """Finds a regex in the lines an app wrote to its log since it started (read incrementally)."""
+    """Finds a regex in the lines an app wrote to its log since it started (read incrementally,
+    across a rotation)."""
 
-    def __init__(self, path: Path, offset: int, pattern: re.Pattern[str]) -> None:
-        self.path, self.offset, self.pattern = path, offset, pattern
+    def __init__(self, app: AppProcess, pattern: re.Pattern[str]) -> None:
+        self.follower = Follower(app.log_path, app.log_offset, app.log_origin)
+        self.pattern = pattern
         self.pending = ""
         self.matched: str | None = None
 
     async def check(self) -> bool:
         if self.matched is None:
-            try:
-                async with aiofiles.open(self.path, "rb") as f:
-                    await f.seek(self.offset)
-                    data = await f.read()
-            except OSError:
-                return False
-            self.offset += len(data)
+            data = await _read(self.follower)
             lines = (self.pending + data.decode("utf-8", "replace")).split("\n")
             self.pending = lines.pop()[-4096:]  # an unfinished line is kept for the next read
             self.matched = next((ln for ln in lines if self.pattern.search(ln)), None)
+            if self.matched is not None:
+                self.follower.close()
         return self.matched is not None
+
+    def close(self) -> None:
+        self.follower.close()
+
+
+_read = aiofiles.os.wrap(Follower.read)  # run in the loop's executor
 
 
 async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> ReadyResult:
@@ -89,7 +93,7 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
     began = time.monotonic()
     deadline = began + ready.timeout
     target = url or f"tcp://127.0.0.1:{app.port}"
-    watch = LogWatch(app.log_path, app.log_offset, ready.log) if ready.log else None
+    watch = LogWatch(app, ready.log) if ready.log else None
     checks = streak = 0
     last = "no check ran"
     timeout = httpx.Timeout(min(ATTEMPT_TIMEOUT, ready.timeout))
@@ -124,10 +128,13 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                 await asyncio.wait({exited}, timeout=min(ready.interval, remaining))
         finally:
             exited.cancel()
+            if watch is not None:
+                watch.close()
 
 
 async def _exited_error(app: AppProcess) -> AppError:
     status = describe_exit(app.returncode)
+    await app.output_written()
     tail = await log_tail(app.log_path)
     return AppError(
         f"the {app.slot} slot ({app.build}) {status} before it was ready.{exit_hint(app.returncode)} "

@@ -1,7 +1,7 @@
 """App processes: the only module that creates or stops them.
 
 Each app runs in its own session (so its own process group), with stdout and stderr
-appended to `state_dir/logs/<slot>.log`, and carries BLUEGREEN_STATE_DIR and BLUEGREEN_SLOT
+piped through a log pump into `state_dir/logs/<slot>.log` (rotated by size; logs.py), and carries BLUEGREEN_STATE_DIR and BLUEGREEN_SLOT
 in its environment, which every descendant inherits. Stopping signals the whole group and
 every marked process of the slot (a start script may have exited and left its server running,
 or the server may have left the group), waits, then SIGKILLs what is left: no orphan outlives
@@ -13,18 +13,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import aiofiles
+import aiofiles.os
 import psutil
 
 from . import procs
-from .config import expand, render_tokens
+from .config import LogsConfig, expand, render_tokens
 from .errors import AppError
 from .fsutil import atomic_write
+from .logs import Ident, last_lines
+
+PUMP = Path(__file__).with_name("logpump.py")
 from .state import SlotState
 
 
@@ -36,9 +40,11 @@ class AppProcess:
     pid: int
     create_time: float
     log_path: Path
-    log_offset: int = 0  # where this start's output begins in the (shared, appended) slot log
+    log_offset: int = 0  # where this start's output begins in the (shared, appended) slot log...
+    log_origin: Ident | None = None  # ...of that file (it may be rotated to <slot>.log.1 since)
     started_at: float = field(default_factory=time.time)
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    pump: asyncio.subprocess.Process | None = field(default=None, repr=False)  # its log pump, if we started it
     exit_reason: str | None = None
     state_dir: Path | None = None  # whose markers its descendants carry (None: unknown)
 
@@ -50,6 +56,14 @@ class AppProcess:
         if self.proc is not None:
             return self.proc.returncode is None
         return procs.alive(self.pid, self.create_time)
+
+    async def output_written(self, timeout: float = 1.0) -> None:
+        """Once the app exited: wait (briefly) until its pump wrote its last lines to the log."""
+        if self.pump is not None:
+            try:
+                await asyncio.wait_for(self.pump.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass  # a descendant still holds its output; what is written so far will do
 
     async def wait(self) -> int | None:
         if self.proc is not None:
@@ -161,31 +175,22 @@ def exit_hint(returncode: int | None) -> str:
 
 
 async def spawn(
-    argv: list[str], cwd: Path, env: Mapping[str, str], *, slot: str, port: int, build: Path, log_path: Path
+    argv: list[str], cwd: Path, env: Mapping[str, str], *, slot: str, port: int, build: Path, log_path: Path,
+    logs: LogsConfig = LogsConfig(),
 ) -> AppProcess:
-    """Start the app in a new session; raise AppError(start_failed) if it cannot be executed."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    """Start the app in a new session, its output piped through a log pump into `log_path`;
+    raise AppError(start_failed) if it cannot be executed."""
+    offset, origin = _log_header(log_path, f"starting {build} on {slot} (port {port}): {argv}")
+    read_end, write_end = os.pipe()
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab", buffering=0)
-    except OSError as e:
-        raise AppError(f"cannot start the app: cannot open its log {log_path}: {e.strerror} (check permissions)",
-                       code="start_failed") from e
-    try:
-        log.write(f"--- bluegreen {stamp}: starting {build} on {slot} (port {port}): {argv}\n".encode())
-        offset = log.tell()
-    except OSError as e:
-        log.close()
-        raise AppError(f"cannot start the app: cannot write its log {log_path}: {e.strerror} (check free disk "
-                       "space and permissions)", code="start_failed") from e
-    with log:
+        pump = await _start_pump(read_end, log_path, logs)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
                 env={**os.environ, **env},
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
+                stdout=write_end,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -199,10 +204,46 @@ async def spawn(
             raise AppError(
                 f"cannot start the app: permission denied running {argv[0]!r} in {cwd}", code="start_failed"
             ) from e
+    finally:
+        os.close(write_end)  # the app and the pump hold what they need; the pump sees EOF when the app is gone
     created = procs.create_time(proc.pid)
     marker = env.get("BLUEGREEN_STATE_DIR")
-    return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, proc=proc,
-                      state_dir=Path(marker) if marker else None)
+    return AppProcess(slot, port, build, proc.pid, created, log_path, log_offset=offset, log_origin=origin,
+                      proc=proc, pump=pump, state_dir=Path(marker) if marker else None)
+
+
+def _log_header(log_path: Path, what: str) -> tuple[int, Ident | None]:
+    """Append the "--- bluegreen ... starting" line; return where this start's output begins."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab", buffering=0)
+    except OSError as e:
+        raise AppError(f"cannot start the app: cannot open its log {log_path}: {e.strerror} (check permissions)",
+                       code="start_failed") from e
+    with log:
+        try:
+            log.write(f"--- bluegreen {stamp}: {what}\n".encode())
+            st = os.fstat(log.fileno())
+        except OSError as e:
+            raise AppError(f"cannot start the app: cannot write its log {log_path}: {e.strerror} (check free disk "
+                           "space and permissions)", code="start_failed") from e
+    return st.st_size, (st.st_dev, st.st_ino)
+
+
+async def _start_pump(read_end: int, log_path: Path, logs: LogsConfig) -> asyncio.subprocess.Process:
+    """The pump is our child (reaped by asyncio), in its own session: a stop or a Ctrl-C aimed at
+    the app never reaches it. It owns the pipe's read end from here on."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-I", "-S", str(PUMP), str(log_path), str(logs.max_bytes), str(logs.backups),
+            stdin=read_end, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={"BLUEGREEN_LOG_PUMP": str(log_path)}, start_new_session=True,
+        )
+    except OSError as e:
+        raise AppError(f"cannot start the app: cannot start its log pump ({e.strerror})", code="start_failed") from e
+    finally:
+        os.close(read_end)
 
 
 def lay_out(slot_dir: Path, dirs: tuple[str, ...], files: Mapping[str, Path], context: Mapping[str, str]) -> None:
@@ -296,12 +337,8 @@ async def _wait_leader(app: AppProcess, deadline: float) -> bool:
 
 
 async def log_tail(path: Path, lines: int = 20) -> list[str]:
-    """The last `lines` lines of a log, read without blocking the loop."""
-    try:
-        async with aiofiles.open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            await f.seek(max(0, size - 16384))
-            data = await f.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
+    """The last `lines` lines of a log (across its latest rotation), read without blocking the loop."""
+    return await _last_lines(path, lines)
+
+
+_last_lines = aiofiles.os.wrap(last_lines)  # run in the loop's executor

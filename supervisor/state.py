@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import StateError
 from .fsutil import atomic_write
@@ -138,6 +138,8 @@ class Ledger:
         self.store = store
         self.state = State()
         self.unsaved = False
+        # Told of every swap that ended (its record), before it is saved: the metrics, the history log.
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     def load(self) -> State:
         self.state = self.store.load()
@@ -186,6 +188,8 @@ class Ledger:
         """A swap ended; its progress stays only if it was handed to the next daemon to finish."""
         if not keep_progress:
             self.state.swap = None
+        for observe in self.observers:
+            observe(record)
         self.state.last_swap = record
         entry = {k: record[k] for k in ("build", "reason", "outcome", "started_at")}
         error, details = record.get("error") or {}, record.get("details") or {}

@@ -170,10 +170,10 @@ class DaemonRun:
     def log(self) -> Path:
         return self.dir / "daemon.out"
 
-    def start(self, wait: bool = True) -> "DaemonRun":
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> "DaemonRun":
         out = open(self.log, "ab")
         # The venv's bin/ on PATH, as for a user who installed bluegreen and gunicorn in one venv.
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "daemon", "-c", str(self.config)],
                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=env)

@@ -200,3 +200,17 @@ def test_hooks_default_to_none_and_a_relative_program_is_relative_to_the_config_
     assert c.hooks.before_switch == ("/srv/app/bin/migrate", "expand")
     assert c.hooks.after_switch == ("{build}/bin/migrate", "contract")  # expanded at the swap
     assert c.hooks.after_failure == ("notify-send", "x")  # found on PATH
+
+
+def test_logs_and_metrics_keys_are_checked_and_named() -> None:
+    c = config.parse(MINIMAL, CFG)
+    assert (c.logs.max_bytes, c.logs.backups, c.daemon.metrics_listen) == (10485760, 5, None)
+    c = config.parse(MINIMAL.replace("[app]", '[logs]\nmax_bytes = 65536\nbackups = 2\n[app]')
+                     + '[daemon]\nmetrics_listen = "9108"\n', CFG)
+    assert (c.logs.max_bytes, c.logs.backups, c.daemon.metrics_listen) == (65536, 2, ("127.0.0.1", 9108))
+    for text, problem in (("[logs]\nmax_bytes = 0", "logs.max_bytes: expected a size in bytes, at least 4096"),
+                          ("[logs]\nbackups = 0", "logs.backups: expected a whole number greater than 0"),
+                          ('[daemon]\nmetrics_listen = "127.0.0.1:99999"', "daemon.metrics_listen: expected")):
+        with pytest.raises(ConfigError) as e:
+            config.parse(MINIMAL + "\n" + text + "\n", CFG)
+        assert any(p.startswith(problem) for p in e.value.problems), e.value.problems

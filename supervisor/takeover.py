@@ -1,0 +1,55 @@
+"""Carrying out adoption.decide at start-up: take over the processes a previous daemon left
+running instead of restarting them, finish or undo its interrupted swap, stop its leftovers."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from . import adoption, slots
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("bluegreen")
+
+
+async def adopt(app: App) -> bool:
+    """Carry out adoption.decide: take over live processes instead of restarting them."""
+    state = app.ledger.state
+    saved = [s for s in (state.active, state.swap and state.swap.standby, state.swap and state.swap.old) if s]
+    alive = {s.pid for s in saved if slots.adopt_state(s, app.state_dir) is not None}
+    decision = adoption.decide(state, alive)
+    if state.swap is not None:
+        log.warning("a %s to %s was interrupted (last step recorded: %s): %s", state.swap.reason,
+                    state.swap.build, state.swap.phase, decision.action)
+    leftovers = [p for p in (slots.adopt_state(s, app.state_dir) for s in decision.retire) if p is not None]
+    warm = slots.adopt_state(state.warm, app.state_dir) if state.warm else None
+    if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
+        leftovers.append(warm)  # a restart ends the keep_warm window
+    app.ledger.warm(None, None)
+    if decision.unrecorded_slot:  # killed between spawning a standby and recording it
+        leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,
+                                     app.launcher.log_path(decision.unrecorded_slot))
+    active = slots.adopt_state(decision.active, app.state_dir) if decision.active else None
+    if active is None:
+        for p in leftovers:  # they would hold the ports the fresh start needs
+            await app.retire(p, drain=False)
+        app.ledger.swap_progress(None)
+        return False
+    try:
+        await app.point_nginx_at(active.port, force=decision.switch)
+    except BaseException:
+        # Past this point a failure must not stop what still serves: leave it all to the next daemon.
+        log.error("could not point nginx at the adopted %s slot; leaving every process as it was", active.slot)
+        app.keep_serving = True
+        raise
+    app.active = active
+    app.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
+    log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
+    for p in leftovers:
+        await app.retire(p, drain=True)
+    app.ledger.swap_progress(None)
+    app.serving(active)
+    app.ledger.save()
+    return True

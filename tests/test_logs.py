@@ -1,0 +1,169 @@
+"""Logs that never fill the disk (issue 13): the app's output rotated by size through its log pump
+with no line lost, also while the daemon is killed and a new one adopts the app; the managed
+nginx's logs rotated and reopened; and `bluegreen logs`, which reads them like `tail -F`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import ROOT, bluegreen, http_get, make_build, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MAX = 8192
+LOGS = f"[logs]\nmax_bytes = {MAX}\nbackups = 50"
+
+# Prints numbered lines: `n` of them per GET /log?n=, and one every TICK_MS if set. A gap in the
+# numbers is a lost line.
+CHATTY = r"""
+'use strict';
+const http = require('http');
+let seq = 0;
+const say = () => { seq += 1; console.log(`line ${seq} ` + 'x'.repeat(60)); };
+if (process.env.TICK_MS) setInterval(say, Number(process.env.TICK_MS));
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://x');
+  if (url.pathname === '/log') { for (let i = 0; i < Number(url.searchParams.get('n')); i++) say(); }
+  res.writeHead(200, { 'content-type': 'text/plain' });
+  res.end(`seq ${seq}\n`);
+});
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+server.listen(Number(process.env.PORT), '127.0.0.1');
+"""
+
+
+def slot_files(logs: Path, slot: str) -> list[Path]:
+    """The slot log and its rotated files, oldest first."""
+    rotated = sorted(logs.glob(f"{slot}.log.*"), key=lambda p: -int(p.suffix[1:]))
+    return [*rotated, logs / f"{slot}.log"]
+
+
+def numbers(files: list[Path]) -> list[int]:
+    text = "".join(p.read_text() for p in files)
+    return [int(n) for n in re.findall(r"^line (\d+) ", text, re.M)]
+
+
+def last_number(files: list[Path]) -> int:
+    found = numbers(files[-2:])
+    return found[-1] if found else 0
+
+
+def test_app_output_is_rotated_by_size_with_no_line_lost(make_daemon, releases: Path) -> None:
+    run = make_daemon(build=make_build(releases, "v1", server_js=CHATTY), extra=LOGS)
+    slot = run.status()["active"]["slot"]
+    for _ in range(10):
+        assert http_get(run.listen_port, "/log?n=100")[0] == 200
+    logs = run.dir / "run" / "logs"
+    wait_until(lambda: last_number(slot_files(logs, slot)) == 1000, 30, "the pump to write line 1000")
+    files = slot_files(logs, slot)
+    assert len(files) >= 8, files  # ~70 kB of output, 8 kB files
+    assert all(p.stat().st_size <= MAX for p in files), [(p.name, p.stat().st_size) for p in files]
+    assert numbers(files) == list(range(1, 1001))  # every line once, in order, across the rotations
+
+
+@pytest.fixture
+def ticking(make_daemon, releases: Path, short_tmp: Path):
+    """A daemon whose app prints a numbered line every 5 ms."""
+    run = make_daemon(start=False, build=make_build(releases, "v1", server_js=CHATTY), extra=LOGS)
+    text = run.config.read_text().replace('env = { PORT = "{port}" }', 'env = { PORT = "{port}", TICK_MS = "5" }')
+    run.config.write_text(text)
+    return run.start()
+
+
+def test_the_app_logs_through_a_daemon_kill_and_adoption_without_a_lost_line(ticking) -> None:
+    run = ticking
+    logs = run.dir / "run" / "logs"
+    active = run.status()["active"]
+    slot, pid = active["slot"], active["pid"]
+    wait_until(lambda: last_number(slot_files(logs, slot)) > 200, 30, "the app to log")
+    run.proc.send_signal(signal.SIGKILL)
+    run.proc.wait(10)
+    rotated_before = len(slot_files(logs, slot))
+    seen = last_number(slot_files(logs, slot))
+    # Without any daemon: the app still logs, and the pump still rotates.
+    wait_until(lambda: len(slot_files(logs, slot)) >= rotated_before + 2, 30, "rotations with no daemon")
+    assert psutil.pid_exists(pid)
+    run.start()
+    after = run.status()["active"]
+    assert (after["pid"], after["slot"]) == (pid, slot)  # adopted, not restarted
+    wait_until(lambda: last_number(slot_files(logs, slot)) > seen + 600, 30, "more lines after the adoption")
+    got = numbers(slot_files(logs, slot))
+    assert got == list(range(1, len(got) + 1)), "a line was lost or repeated"
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def test_the_managed_nginx_logs_are_rotated_and_reopened(make_daemon) -> None:
+    run = make_daemon(extra=LOGS)
+    prefix = run.dir / "run" / "nginx"
+    access = prefix / "access.log"
+
+    def traffic() -> bool:
+        for _ in range(20):
+            http_get(run.listen_port, "/")
+        return (prefix / "access.log.2").exists()
+
+    wait_until(traffic, 60, "access.log to be rotated twice")
+    before = access.stat().st_size
+    wait_until(lambda: http_get(run.listen_port, "/?after")[0] == 200 and access.stat().st_size > before, 30,
+               "nginx to write into the new access.log")
+    assert "GET /?after" in access.read_text()
+    assert "GET /?after" not in (prefix / "access.log.1").read_text()
+    assert "rotated" in (run.dir / "run" / "logs" / "daemon.log").read_text()
+
+
+def test_bluegreen_logs_shows_the_serving_app_and_follows_it_across_rotations(make_daemon, releases: Path) -> None:
+    run = make_daemon(build=make_build(releases, "v1", server_js=CHATTY), extra=LOGS)
+    http_get(run.listen_port, "/log?n=30")
+    slot = run.status()["active"]["slot"]
+    logs = run.dir / "run" / "logs"
+    wait_until(lambda: last_number(slot_files(logs, slot)) == 30, 30, "30 lines")
+    r = run.cli("logs", "-n", "5")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split()[1] for ln in r.stdout.splitlines()] == ["26", "27", "28", "29", "30"]
+    assert "--- bluegreen" in run.cli("logs", slot, "-n", "100").stdout  # each start is marked
+
+    follow = subprocess.Popen([sys.executable, "-m", "supervisor", "logs", "-f", "-n", "1", "-c", str(run.config)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(follow.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: printed, 30, "bluegreen logs -f to print the last line")
+        assert printed[0].startswith("line 30 ")  # following from here on
+        for _ in range(5):  # ~35 kB: several rotations while following
+            http_get(run.listen_port, "/log?n=100")
+        wait_until(lambda: printed[-1].startswith("line 530 "), 30, "bluegreen logs -f to print line 530")
+    finally:
+        os.killpg(follow.pid, signal.SIGINT)
+        follow.wait(10)
+        reader.join(10)
+    got = [int(n) for n in re.findall(r"^line (\d+) ", "".join(printed), re.M)]
+    assert got == list(range(30, 531)), (got[:5], got[-5:], len(got))
+    assert follow.returncode == 0
+
+
+def test_bluegreen_logs_names_what_it_cannot_show(make_daemon) -> None:
+    run = make_daemon()
+    other = "green" if run.status()["active"]["slot"] == "blue" else "blue"
+    r = run.cli("logs", other)
+    assert r.returncode == 1
+    assert f"the {other} slot has never run" in r.stderr and "[no_log]" not in r.stdout
+    for which, expect in (("daemon", "bluegreen"), ("nginx", "access | ")):
+        if which == "nginx":
+            http_get(run.listen_port, "/")
+            wait_until(lambda: (run.dir / "run" / "nginx" / "access.log").stat().st_size > 0, 10, "an access line")
+        r = run.cli("logs", which)
+        assert r.returncode == 0 and expect in r.stdout, (which, r.stdout, r.stderr)
+    r = bluegreen("logs", "blue", "-c", str(run.dir / "missing.toml"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run.cli("logs", "-n", "many")
+    assert r.returncode == 2 and "expected a number of lines" in r.stderr
