@@ -15,6 +15,7 @@ from typing import Any, Callable
 from . import drain, hooks, slots, takeover
 from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
+from .history import PEER
 from .launch import Launcher
 from .nginx import ExternalMaster, Master
 from .nginx_process import ManagedNginx
@@ -174,7 +175,8 @@ class App:
         plan = self.release.plan(build, reason, pause, rollout, step_seconds)
         old = plan.old
         assert old is not None
-        record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason)
+        record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason,
+                            from_build=str(old.build), by=PEER.get())
         self.swap, self.listeners = record, [reply]
         self.release.paused.clear()
         log.info("%s: %s -> %s (port %d)%s", reason, old.build, build, plan.port,

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 from . import protocol
 from .config import DaemonConfig
 from .errors import BluegreenError, RequestError
+from .history import PEER
 
 log = logging.getLogger("bluegreen.control")
 
@@ -45,10 +46,10 @@ class ControlServer:
         groups = list(self.config.allow_groups) + ([self.config.socket_group] if self.config.socket_group else [])
         return uids, {grp.getgrnam(g).gr_gid for g in groups}
 
-    def _peer_allowed(self, sock: socket.socket | None) -> tuple[bool, str]:
-        if sock is None:
+    def _peer_allowed(self, peer: dict[str, Any] | None) -> tuple[bool, str]:
+        if peer is None:
             return False, "unknown peer"
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, gid = peer["pid"], peer["uid"], peer["gid"]
         if uid in self.allowed_uids or gid in self.allowed_gids:
             return True, ""
         try:  # supplementary groups of the peer process
@@ -58,11 +59,7 @@ class ControlServer:
                 return True, ""
         except OSError:
             pass
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        return False, f"user {name} (uid {uid})"
+        return False, f"user {peer['user']} (uid {uid})"
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +117,9 @@ class ControlServer:
                 pass
 
         try:
-            allowed, who = self._peer_allowed(writer.get_extra_info("socket"))
+            peer = _peer(writer.get_extra_info("socket"))
+            PEER.set(peer)  # who asked, for the history (a swap task started from here inherits it)
+            allowed, who = self._peer_allowed(peer)
             if not allowed:
                 log.warning("refused a control connection from %s", who)
                 raise BluegreenError(f"{who} may not use this socket; allow it with daemon.allow_users or "
@@ -170,6 +169,18 @@ async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 async def _discard(reader: asyncio.StreamReader) -> None:
     while await reader.read(65536):
         pass
+
+
+def _peer(sock: socket.socket | None) -> dict[str, Any] | None:
+    """The connecting process, from SO_PEERCRED: pid, uid, gid and the user's name."""
+    if sock is None:
+        return None
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {"user": user, "uid": uid, "gid": gid, "pid": pid}
 
 
 def answering_pid(path: Path) -> int | None:

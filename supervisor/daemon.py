@@ -25,6 +25,7 @@ from .app import App
 from .config import Config, LogsConfig
 from .control import ControlServer
 from .errors import BluegreenError
+from .history import History
 from .logs import DaemonLog
 from .metrics import MetricsServer, Recorder
 from .notify import Notifier
@@ -49,7 +50,8 @@ class Daemon:
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self._lock_fd: int | None = None
         self.recorder = Recorder()
-        self.app.ledger.observers.append(self.recorder.swap_ended)
+        self.history = History(self.state_dir / "history.jsonl", config.logs.max_bytes, config.logs.backups)
+        self.app.ledger.observers += [self.recorder.swap_ended, self.history.record]
         self.notifier = Notifier()
         self.app.watchers.append(lambda event: self.notifier.status(status_line(self.app, event)))
         listen = config.daemon.metrics_listen

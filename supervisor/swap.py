@@ -108,6 +108,8 @@ class SwapRecord:
     reason: str
     started_at: float = field(default_factory=time.time)
     phase: str | None = None
+    from_build: str | None = None
+    by: dict[str, Any] | None = None  # who asked (the socket peer); None: the daemon itself
     outcome: str = "running"  # running | done | failed
     traffic: str = "unchanged"  # unchanged | moved | restored: where traffic went, and nothing else
     committed: bool = False

@@ -4,6 +4,8 @@ under load from many users, each known by its rollout cookie."""
 
 from __future__ import annotations
 
+import json
+
 import random
 import signal
 import subprocess
@@ -86,6 +88,9 @@ def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_s
     assert st["last_swap"]["error"]["code"] == "rollout_aborted" and st["last_swap"]["error"]["share"] == 20
     assert "requests failed (" in st["last_swap"]["error"]["verdict"]  # kept with the numbers that decided it
     assert st["history"][-1]["error"] == "rollout_aborted" and st["history"][-1]["verdicts"][0]["share"] == 20
+    audit = json.loads(run.cli("history", "-n", "1", "--json").stdout)  # the audit trail says it was reverted
+    assert (audit["outcome"], audit["error"]["code"], audit["to"]) == ("reverted", "rollout_aborted", str(releases / "v2"))
+    assert "requests failed (" in audit["verdict"]
     wait_until(lambda: not drain.listening(run.ports[1]), 30, "the bad build to stop")
     assert {http_get(run.listen_port, "/", headers={"Cookie": f"bluegreen_id={i}"})[1] for i in range(30)} \
         == {"hello from v1\n"}

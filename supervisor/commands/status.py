@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import psutil
+
 from .. import __version__, client
 from ..client import ago as _ago
 from ..errors import BluegreenError
@@ -49,17 +51,27 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
                    "failure": app.failure, "restarts": app.restarts, "warning": app.warning,
                    "state_saved": not app.ledger.unsaved},
         "events": state.events[-10:],
-        "active": app.active.to_dict() if app.active else None,
-        "standby": app.standby.to_dict() if app.standby else None,
+        "active": _with_rss(app.active.to_dict()) if app.active else None,
+        "standby": _with_rss(app.standby.to_dict()) if app.standby else None,
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
         "paused": app.release.pause_info(),
         "rollout": app.release.rolling.info() if app.release.rolling else None,
-        "warm": {**warm.app.to_dict(), "until": warm.until} if warm and warm.usable() else None,
+        "warm": {**_with_rss(warm.app.to_dict()), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
         "history": state.history[-10:],
         "nginx": n,
     }
+
+
+def _with_rss(p: dict[str, Any]) -> dict[str, Any]:
+    """The resident memory of the app's whole tree (a start script's server included)."""
+    try:
+        root = psutil.Process(p["pid"])
+        p["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        p["rss"] = None
+    return p
 
 
 def run(sock: Path, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -74,19 +86,45 @@ def run(sock: Path, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return client.EXIT_OK
 
 
+def table(rows: list[list[str]]) -> list[str]:
+    """A boxed table, like `pm2 ls`: the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def rule(left: str, mid: str, right: str) -> str:
+        return left + mid.join("─" * (w + 2) for w in widths) + right
+
+    def row(r: list[str]) -> str:
+        return "│" + "│".join(f" {c:<{w}} " for c, w in zip(r, widths)) + "│"
+
+    return [rule("┌", "┬", "┐"), row(rows[0]), rule("├", "┼", "┤"), *map(row, rows[1:]), rule("└", "┴", "┘")]
+
+
+def _process_row(role: str, p: dict[str, Any], state: str) -> list[str]:
+    mem = f"{p['rss'] / 1048576:.1f} MB" if p.get("rss") else "-"
+    return [role, p["slot"], str(p["port"]), str(p["pid"]), Path(p["build"]).name, _ago(p["since"]), mem,
+            state if p.get("alive") else "DEAD"]
+
+
 def format_status(st: dict[str, Any]) -> str:
     d = st["daemon"]
-    lines = [f"daemon   pid {d['pid']} {d['status']}, up {_ago(d['since'])} (v{d['version']}, {d['config']})"]
-    a = st.get("active")
+    lines = [f"bluegreen {d['status']}, daemon pid {d['pid']}, up {_ago(d['since'])} (v{d['version']}, {d['config']})"]
+    rows = [["role", "slot", "port", "pid", "build", "uptime", "memory", "status"]]
+    a, sb, w, n = st.get("active"), st.get("standby"), st.get("warm"), st["nginx"]
     if a:
-        health = "" if a.get("alive") else "  ** NOT RUNNING **"
-        lines.append(f"active   {a['slot']} :{a['port']} pid {a['pid']} up {_ago(a['since'])}  {a['build']}{health}")
+        rows.append(_process_row("active", a, "serving"))
+    if sb:
+        rows.append(_process_row("standby", sb, "paused" if st.get("paused") else "starting"))
+    if w:
+        rows.append(_process_row("warm", w, "no traffic"))
+    where = n.get("listen") or n.get("upstream_file") or ""
+    rows.append(["nginx", n["mode"], where.rsplit(":", 1)[-1] if n.get("listen") else "-",
+                 str(n.get("master_pid") or "-"), f"switch: {n.get('switch')}", "", "",
+                 "running" if n.get("running") else "DOWN"])
+    lines += table(rows)
+    if a:
+        lines.append(f"active   {a['slot']} serves {a['build']}" + ("" if a.get("alive") else "  ** NOT RUNNING **"))
     else:
         lines.append("active   none")
-    sb = st.get("standby")
-    lines.append(f"standby  {sb['slot']} :{sb['port']} pid {sb['pid']}  {sb['build']}" if sb else "standby  none")
-    n = st["nginx"]
-    where = n.get("listen") or n.get("upstream_file")
     lines.append(f"nginx    {n['mode']} {where}, " + (f"master pid {n['master_pid']}" if n.get("running")
                                                         else f"NOT RUNNING: {n.get('error')}"))
     lines.append(f"switch   {n.get('switch')}: {n.get('switch_why')}")
@@ -102,7 +140,6 @@ def format_status(st: dict[str, Any]) -> str:
     if ro:
         lines.append(f"rollout  step {ro['step']} of {ro['steps']}: {ro['share']} % of users on :{ro['port']}; "
                      f"{ro['verdict'] or 'no verdict yet'} (bluegreen promote | abort)")
-    w = st.get("warm")
     if w:
         lines.append(f"warm     {w['slot']} :{w['port']} pid {w['pid']} {w['build']} until {client.clock(w['until'])} "
                      "(bluegreen rollback: one routing change)")

@@ -1,0 +1,66 @@
+"""history: every swap, rollback, automatic revert and crash restart, with who asked for it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from .. import client
+from ..protocol import CommandSpec
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+SPEC = CommandSpec(
+    "history", "every swap, rollback, revert and crash restart: when, who, from -> to, outcome, phases",
+    {"n": (int, False)}, order=45,
+    description="List the latest releases and restarts, oldest first: when it ended, who asked (the socket "
+                "peer's user, or bluegreen itself for a crash restart), from which build to which, how it ended "
+                "(done, failed: traffic never moved, reverted: traffic came back to the old build, failed_moved) "
+                "and how long each phase took. Kept in daemon.state_dir/history.jsonl, rotated like the logs.",
+)
+MAX = 1000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", type=int, default=20, metavar="N", help=f"how many (default 20, at most {MAX})")
+    p.add_argument("--json", action="store_true", help="one JSON object per line, as stored")
+
+
+async def handle(daemon: Daemon, reply: Any, n: int = 20) -> dict[str, Any]:
+    return {"entries": daemon.history.last(max(0, min(n, MAX)))}
+
+
+def run(sock: Path, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    reply = client.final(sock, {"cmd": "history", "n": args.n}, first=args.timeout)
+    if not reply.get("ok"):
+        return client.print_error(reply)
+    entries = reply["result"]["entries"]
+    if args.json:
+        for e in entries:
+            out.write(json.dumps(e) + "\n")
+    else:
+        out.write(format_history(entries))
+    return client.EXIT_OK
+
+
+def format_history(entries: list[dict[str, Any]]) -> str:
+    if not entries:
+        return "no swap yet\n"
+    lines = [f"{'ENDED':<19}  {'WHAT':<8}  {'WHO':<12}  {'FROM -> TO':<30}  {'OUTCOME':<12}  TOOK"]
+    for e in entries:
+        by = e.get("by") or {}
+        who = by.get("user", "?") if "uid" in by else f"({by.get('why', 'bluegreen')})"
+        moved = f"{Path(e['from']).name if e.get('from') else '-'} -> {Path(e['to']).name}"
+        took = f"{e['at'] - e['started_at']:.2f}s"
+        lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'])):<19}  {e['reason']:<8}  "
+                     f"{who:<12}  {moved:<30}  {e['outcome']:<12}  {took}")
+        phases = " ".join(f"{k} {v:.3f}" for k, v in e.get("durations", {}).items())
+        lines.append(f"{'':<21}{phases}")
+        if e.get("error"):
+            lines.append(f"{'':<21}{e['error']['code']}: {e['error']['message']}")
+    return "\n".join(lines) + "\n"

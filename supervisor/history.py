@@ -1,0 +1,92 @@
+"""The release history: every swap, rollback, automatic revert and crash restart, who asked for
+it, from which build to which, how it ended and how long each phase took.
+
+Kept as JSON lines in `state_dir/history.jsonl`, one per ended swap, appended and rotated by
+size like the logs (`logs.max_bytes`, `logs.backups`); state.json keeps only the last few.
+"Who" is the control socket's peer (SO_PEERCRED: user, uid, pid), or `bluegreen` itself for a
+crash restart. A line that cannot be written (a full disk) is logged, never raised: the
+history must not fail a swap.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .logpump import rotate
+
+log = logging.getLogger("bluegreen")
+
+# The control-socket peer of the request being served; a swap task started by it inherits it.
+PEER: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("peer", default=None)
+
+
+def entry(record: dict[str, Any]) -> dict[str, Any]:
+    """One history line from a swap record (SwapRecord.to_dict())."""
+    error = record.get("error") or {}
+    by = record.get("by") or {"user": "bluegreen", "why": "crash restart" if record["reason"] == "recover"
+                              else "daemon"}
+    out = {
+        "at": record.get("finished_at") or time.time(), "started_at": record["started_at"],
+        "reason": record["reason"], "by": by, "from": record.get("from_build"), "to": record["build"],
+        "outcome": outcome(record), "traffic": record.get("traffic"), "durations": record.get("durations") or {},
+    }
+    if error:
+        out["error"] = {"code": error.get("code"), "message": (error.get("message") or "").splitlines()[0][:300]}
+    verdict = error.get("verdict") or ((record.get("details") or {}).get("watch") or {}).get("verdict")
+    if verdict:
+        out["verdict"] = verdict
+    return out
+
+
+def outcome(record: dict[str, Any]) -> str:
+    """done, reverted (traffic went to the new build and came back), failed (it never moved), or
+    failed_moved (the new build serves although the swap failed)."""
+    if record["outcome"] == "done":
+        return "done"
+    return {"restored": "reverted", "moved": "failed_moved"}.get(record.get("traffic") or "", "failed")
+
+
+class History:
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+
+    def record(self, swap: dict[str, Any]) -> None:
+        """Append the line for an ended swap (a Ledger observer)."""
+        line = (json.dumps(entry(swap)) + "\n").encode()  # phases stay in their order
+        try:
+            if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
+                rotate(str(self.path), self.backups)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.error("could not write the history line for the %s to %s (%s): %s", swap["reason"], swap["build"],
+                      swap["outcome"], e)
+
+    def last(self, n: int) -> list[dict[str, Any]]:
+        """The latest `n` entries, oldest first, across the rotated files."""
+        found: list[dict[str, Any]] = []
+        files = [self.path] + [Path(f"{self.path}.{k}") for k in range(1, self.backups + 1)]
+        for path in files:
+            if len(found) >= n:
+                break
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            older = []
+            for ln in lines:
+                try:
+                    older.append(json.loads(ln))
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+            found = older + found
+        return found[-n:] if n else []

@@ -1,0 +1,67 @@
+"""History and audit (issue 13): every swap, failed swap, rollback and crash restart is kept in
+state_dir/history.jsonl with who asked (SO_PEERCRED), from -> to, outcome and phase durations;
+`bluegreen history` lists it, and `bluegreen status` prints a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+from pathlib import Path
+
+import pytest
+
+from helpers import make_build, wait_until
+from supervisor.history import History
+
+ME = pwd.getpwuid(os.getuid()).pw_name
+
+
+@pytest.mark.e2e
+def test_swaps_failures_rollbacks_and_crash_restarts_are_audited(make_daemon, releases: Path) -> None:
+    run = make_daemon()
+    v1, v2 = run.status()["active"]["build"], make_build(releases, "v2")
+    assert run.cli("swap", str(v2)).returncode == 0
+    assert run.cli("swap", str(make_build(releases, "broken", healthy=False))).returncode == 1
+    assert run.cli("rollback").returncode == 0
+    os.kill(run.status()["active"]["pid"], signal.SIGKILL)
+    wait_until(lambda: len(run.cli("history", "--json").stdout.splitlines()) == 4, 60, "the crash restart")
+
+    entries = [json.loads(ln) for ln in run.cli("history", "--json").stdout.splitlines()]
+    assert [(e["reason"], e["outcome"]) for e in entries] == [
+        ("swap", "done"), ("swap", "failed"), ("rollback", "done"), ("recover", "done")]
+    assert [(Path(e["from"]).name, Path(e["to"]).name) for e in entries] == [
+        ("v1", "v2"), ("v2", "broken"), ("v2", "v1"), ("v1", "v1")]
+    for e in entries[:3]:  # asked over the socket, by this test's user
+        assert (e["by"]["user"], e["by"]["uid"]) == (ME, os.getuid()) and e["by"]["pid"] > 0
+    assert entries[3]["by"] == {"user": "bluegreen", "why": "crash restart"}
+    assert entries[1]["error"]["code"] == "not_ready" and entries[1]["traffic"] == "unchanged"
+    assert set(entries[0]["durations"]) >= {"prepare", "start", "ready", "switch", "drain", "stop"}
+    assert "switch" not in entries[1]["durations"]  # it never got there
+    assert entries[0]["at"] >= entries[0]["started_at"] and entries[0]["to"] == str(v2) and entries[2]["to"] == v1
+
+    human = run.cli("history", "-n", "2")
+    assert human.returncode == 0
+    assert f"rollback  {ME}" in human.stdout and "v2 -> v1" in human.stdout and "(crash restart)" in human.stdout
+    assert "swap      " not in human.stdout  # -n 2: only the last two
+    lines = (run.dir / "run" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(ln) for ln in lines] == entries  # the CLI shows the file as stored
+
+    table = run.cli("status").stdout
+    assert "│ role " in table and "│ active " in table and "│ nginx " in table and " serving " in table, table
+    assert run.cli("status", "--json").stdout.lstrip().startswith("{")
+
+
+def test_the_history_file_is_rotated_and_read_across_its_files(tmp_path: Path) -> None:
+    h = History(tmp_path / "history.jsonl", 4096, 3)
+    for i in range(100):
+        h.record({"reason": "swap", "build": f"/r/{i}", "from_build": f"/r/{i - 1}", "outcome": "done",
+                  "traffic": "moved", "started_at": 1000.0 + i, "finished_at": 1001.0 + i, "durations": {"switch": 0.002}})
+    files = sorted(tmp_path.iterdir())
+    assert [p.name for p in files] == ["history.jsonl", "history.jsonl.1", "history.jsonl.2", "history.jsonl.3"]
+    assert all(p.stat().st_size <= 4096 for p in files)
+    last = h.last(25)
+    assert [e["to"] for e in last] == [f"/r/{i}" for i in range(75, 100)]
+    (tmp_path / "history.jsonl").write_text((tmp_path / "history.jsonl").read_text() + '{"cut by a cra')
+    assert h.last(1)[0]["to"] == "/r/99"  # a line cut mid-write is skipped
