@@ -43,13 +43,13 @@ def test_every_verb_has_a_spec_a_handler_and_a_cli_runner() -> None:
     for name, verb in commands.load().items():
         assert verb.SPEC.name == name and verb.SPEC.help
         assert callable(verb.handle) and callable(verb.run)
-    assert list(commands.load()) == ["swap", "promote", "abort", "rollback", "cancel", "status", "quit", "help"]
+    assert list(commands.load()) == ["swap", "promote", "abort", "rollback", "cancel", "status", "history", "quit", "help"]
 
 
 def test_the_cli_offers_every_verb_with_its_own_arguments() -> None:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    assert set(commands.load()) | {"daemon", "check-config"} == set(sub.choices)
+    assert set(commands.load()) | {"daemon", "check-config", "logs"} == set(sub.choices)
     assert parser.parse_args(["swap", "rel/42", "--json"]).build == "rel/42"
     assert parser.parse_args(["quit", "--keep-serving"]).keep_serving
     assert parser.parse_args(["status", "--timeout", "2"]).timeout == 2.0
