@@ -217,7 +217,8 @@ class Key:
     name: str
     parse: Callable[[Any], Any]
     default: Any = REQUIRED
-    help: str = ""
+    help: str = ""  # the README's config reference row (Markdown), generated from here
+    shown: str | None = None  # the default as the reference shows it, where the value alone would mislead
 
 
 def _tables(v: Any) -> list[dict[str, Any]]:
@@ -264,117 +265,220 @@ def _parse_checks(tables: list[dict[str, Any]], problems: list[str]) -> list[Che
 
 SCHEMA: dict[str, tuple[Key, ...]] = {
     "daemon": (
-        Key("socket", _optional_str, None, "control socket path (default: <state_dir>/bluegreen.sock)"),
-        Key("state_dir", _nonempty_str, "run", "state.json, logs/ and the managed nginx prefix live here"),
+        Key("socket", _optional_str, None,
+            "control socket path (≤ 107 bytes)",
+            shown="`<state_dir>/bluegreen.sock`"),
+        Key("state_dir", _nonempty_str, "run",
+            "`state.json`, `logs/`, `slots/`, the managed nginx prefix `nginx/`"),
         Key("on_stop", _choice("stop", "keep"), "stop",
-            "what SIGTERM/SIGINT do: stop the app and managed nginx, or keep them serving for the next daemon"),
-        Key("socket_group", _optional_str, None, "group that may use the socket (mode 0660); default: owner only (0600)"),
-        Key("allow_users", _str_list, [], "users allowed on the socket besides the daemon's own user"),
-        Key("allow_groups", _str_list, [], "groups whose members are allowed on the socket"),
-        Key("client_timeout", _positive, 10.0, "seconds a client has to send its request line"),
+            "SIGTERM/SIGINT: `stop` the app and managed nginx, or `keep` them serving for the next "
+            "daemon"),
+        Key("socket_group", _optional_str, None,
+            "group allowed on the socket (then mode 0660); default 0600, owner only"),
+        Key("allow_users", _str_list, [],
+            "users allowed on the socket besides root and the daemon's user (SO_PEERCRED)"),
+        Key("allow_groups", _str_list, [],
+            "groups whose members are allowed on the socket"),
+        Key("client_timeout", _positive, 10.0,
+            "seconds a client has to send its request line"),
         Key("metrics_listen", _optional_listen, None,
-            "host:port where Prometheus metrics are served (GET /metrics); unset = no metrics endpoint"),
+            "`HOST:PORT` where Prometheus metrics are served (`GET /metrics`); unset: no endpoint"),
     ),
     "logs": (
-        Key("max_bytes", _log_bytes, 10485760, "a log is rotated before it passes this size (bytes): the app "
-            "slots, the managed nginx's access and error logs, the daemon log"),
-        Key("backups", _positive_int, 5, "rotated files kept per log (<name>.1 is the newest)"),
+        Key("max_bytes", _log_bytes, 10485760,
+            "a log is rotated before it would pass this size (at least 4096): `logs/blue.log`, "
+            "`logs/green.log`, the managed nginx's `access.log` and `error.log`, `logs/daemon.log`"),
+        Key("backups", _positive_int, 5,
+            "rotated files kept per log (`<name>.1` is the newest)"),
     ),
     "app": (
-        Key("command", _argv, REQUIRED, "argv list of the app; never run through a shell"),
-        Key("cwd", _nonempty_str, "{build}", "working directory of the app"),
-        Key("env", _env, {}, "extra environment, on top of the daemon's own"),
-        Key("ports", _ports, REQUIRED, "the blue and the green port"),
-        Key("build", _nonempty_str, REQUIRED, "the build started when there is no saved state"),
-        Key("dirs", _str_list, [], "directories created in the slot dir before each start"),
-        Key("files", _env, {}, "slot files rendered from templates before each start: destination = source"),
+        Key("command", _argv, REQUIRED,
+            "argv list, never run through a shell"),
+        Key("cwd", _nonempty_str, "{build}",
+            "working directory"),
+        Key("env", _env, {},
+            "extra environment (the app also gets `BLUEGREEN_SLOT`, `BLUEGREEN_PORT`, "
+            "`BLUEGREEN_BUILD`)"),
+        Key("ports", _ports, REQUIRED,
+            "`[blue, green]`, two different ports"),
+        Key("build", _nonempty_str, REQUIRED,
+            "the build started when `state.json` has none"),
+        Key("dirs", _str_list, [],
+            "directories created in the slot dir before each start"),
+        Key("files", _env, {},
+            "`\"dest\" = \"template\"`: files rendered into the slot dir before each start"),
     ),
     "app.ready": (
-        Key("url", _optional_str, None, "HTTP URL answered with 2xx when ready; unset = TCP connect check"),
-        Key("timeout", _positive, 60.0, "seconds the standby has to become ready"),
-        Key("interval", _positive, 0.1, "seconds between two checks"),
-        Key("passes", _positive_int, 1, "consecutive passing checks needed"),
-        Key("body", _optional_str, None, "the response body must contain this string"),
-        Key("log", _regex, None, "a regex that must appear in the app's log (since this start) first"),
+        Key("url", _optional_str, None,
+            "ready when it answers 2xx; without it, a TCP connect check"),
+        Key("timeout", _positive, 60.0,
+            "seconds the standby has to become ready"),
+        Key("interval", _positive, 0.1,
+            "seconds between checks"),
+        Key("passes", _positive_int, 1,
+            "consecutive passing checks needed"),
+        Key("body", _optional_str, None,
+            "the 2xx body must contain this string"),
+        Key("log", _regex, None,
+            "a regex that must first appear in the app's log since this start (e.g. `Server startup "
+            "in`)"),
     ),
     "app.health": (
-        Key("url", _optional_str, None, "liveness URL of the active app ({port}); unset = no liveness checks"),
-        Key("interval", _positive, 5.0, "seconds between two liveness checks"),
-        Key("timeout", _positive, 2.0, "seconds one check may take"),
-        Key("failures", _positive_int, 3, "failed checks in a row that make the app count as hung: it is replaced"),
+        Key("url", _optional_str, None,
+            "liveness URL of the active app (with `{port}`); unset = no liveness checks"),
+        Key("interval", _positive, 5.0,
+            "seconds between two liveness checks"),
+        Key("timeout", _positive, 2.0,
+            "seconds one check may take"),
+        Key("failures", _positive_int, 3,
+            "failed checks in a row after which the app counts as hung and is replaced"),
     ),
     "app.restart": (
-        Key("attempts", _positive_int, 5, "restarts of a crashed active app before giving up (status: failed)"),
-        Key("backoff", _positive, 1.0, "seconds before the second restart, doubled each time"),
-        Key("backoff_max", _positive, 30.0, "the longest wait between two restarts"),
-        Key("reset_after", _positive, 60.0, "an app that ran this long before crashing starts a fresh count"),
+        Key("attempts", _positive_int, 5,
+            "restarts of a crashed active app before giving up (status `failed`)"),
+        Key("backoff", _positive, 1.0,
+            "seconds before the second restart in a row, doubled each time"),
+        Key("backoff_max", _positive, 30.0,
+            "the longest wait between two restarts"),
+        Key("reset_after", _positive, 60.0,
+            "an app that ran this long before crashing starts a fresh count"),
     ),
     "app.stop": (
-        Key("signal", _signal, "SIGTERM", "signal sent to the old app's process group"),
-        Key("timeout", _positive, 30.0, "seconds to wait before SIGKILL of the whole tree"),
+        Key("signal", _signal, "SIGTERM",
+            "signal sent to the old app's process group"),
+        Key("timeout", _positive, 30.0,
+            "seconds before SIGKILL of the whole tree"),
     ),
     "release": (
-        Key("checks", _tables, [], "smoke checks ([[release.checks]]) run against the standby's own port after "
-            "it is ready, before any traffic moves; one failing stops the swap"),
+        Key("checks", _tables, [],
+            "smoke checks, one `[[release.checks]]` block each: `method` (`GET`), `path` (required), "
+            "`status` (expected, `200`), `body` (a substring the answer must contain), `headers` (a "
+            "table), `timeout` (`5` s). They run against the standby's own port after it is ready and "
+            "before any traffic moves, for releases (`swap`, `rollback`), not crash restarts. Any "
+            "failure stops the standby: exit 1, `checks_failed`, traffic unchanged",
+            shown="none"),
         Key("preview_header", _pattern(r"[A-Za-z0-9-]+", "X-Bluegreen-Preview"), "X-Bluegreen-Preview",
-            "while a swap is paused (swap --pause), public requests with this header set to 1 go to the new build"),
+            "while a swap is paused (`swap --pause`), public requests with this header set to `1` go "
+            "to the new build; letters, digits and `-`"),
         Key("preview_cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_preview"), "bluegreen_preview",
-            "while a swap is paused, public requests with this cookie set to 1 go to the new build"),
-        Key("pause_timeout", _positive, 3600.0, "seconds a paused swap waits for promote or abort; then it is aborted"),
+            "the same with this cookie set to `1` (for browsers); letters, digits and `_`"),
+        Key("pause_timeout", _positive, 3600.0,
+            "seconds a paused swap waits for `promote` or `abort`; then it is aborted "
+            "(`pause_timeout`), traffic unchanged"),
         Key("watch_seconds", _seconds_or_zero, 0.0,
-            "after a swap BUILD switched everyone, watch the new build this long (the rollout's verdict, against "
-            "the old build's traffic before the switch) and go back on its own if it fails; runtime switch only"),
+            "after a `swap BUILD` that switched everyone at once, watch the new build this long (the "
+            "`[rollout]` rules, against the old build's traffic before the switch), the old one still "
+            "running; a failed verdict goes back to it on its own (`rollout_aborted`). Runtime switch "
+            "only"),
         Key("keep_warm", _seconds_or_zero, 0.0,
-            "seconds the old build keeps running (no traffic) after a release, so that `rollback` is one routing "
-            "change; 0 = stop it once drained"),
+            "seconds the old build keeps running, with no traffic, after a release: `rollback` within "
+            "that window is one routing change. `0`: stop it once drained"),
     ),
     "rollout": (
-        Key("steps", shares, [], "shares of users given the new build step by step, like [5, 25, 50, 100] "
-            "(runtime switch only); empty: every swap switches everyone at once unless swap --rollout"),
-        Key("step_seconds", _positive, 60.0, "seconds each step lasts (at least; see min_requests)"),
+        Key("steps", shares, [],
+            "shares of users (percent, rising, 1-100) the new build gets step by step before "
+            "everyone, for every `swap BUILD` (or per swap: `--rollout 5,25,50,100`). Runtime switch "
+            "only",
+            shown="none"),
+        Key("step_seconds", _positive, 60.0,
+            "seconds each step lasts at least (`--step`)"),
         Key("cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_id"), "bluegreen_id",
-            "the cookie that names a user; nginx sets it (a random-looking id) when a request lacks it"),
-        Key("min_requests", _positive_int, 20, "a step passes only once the new build served this many requests"),
-        Key("max_error_rate", _ratio, 0.01, "the new build's failed share (5xx, no answer) always tolerated"),
-        Key("error_ratio", _positive, 2.0, "or up to this many times the old build's failed share"),
+            "the cookie naming a user; its hash modulo 100 is the user's bucket. nginx sets it when "
+            "missing"),
+        Key("min_requests", _positive_int, 20,
+            "a step passes only once the new build served this many requests"),
+        Key("max_error_rate", _ratio, 0.01,
+            "the new build's failed share (5xx answers, no answer at all) always tolerated"),
+        Key("error_ratio", _positive, 2.0,
+            "or up to this many times the old build's failed share, whichever is higher"),
         Key("latency_ratio", _optional_positive, None,
             "if set, a step fails when the new build's p99 exceeds the old build's p99 times this"),
     ),
     "hooks": (
         Key("before_switch", _optional_argv, None,
-            "argv run before traffic moves (after ready, before the checks): the expand migration; failing or "
-            "timing out aborts the swap with traffic unchanged"),
+            "argv run after ready, before the smoke checks and any traffic: the expand migration. "
+            "Failing or timing out aborts the swap (`hook_failed`), traffic unchanged"),
         Key("after_switch", _optional_argv, None,
-            "argv run after the switch, once the old build is drained: the contract migration, a notification"),
-        Key("after_failure", _optional_argv, None, "argv run after a release failed (a notification)"),
-        Key("timeout", _positive, 300.0, "seconds a hook may run before it is killed (and counts as failed)"),
+            "argv run once the new build serves and the old one is drained, before the old one stops: "
+            "the contract migration, a notification"),
+        Key("after_failure", _optional_argv, None,
+            "argv run after a release failed and was cleaned up, with `BLUEGREEN_ERROR_CODE`, "
+            "`BLUEGREEN_ERROR`, `BLUEGREEN_PHASE`, `BLUEGREEN_TRAFFIC`"),
+        Key("timeout", _positive, 300.0,
+            "seconds a hook may run; then its whole process group is killed and it counts as failed"),
         Key("after_switch_failed", _choice("warn", "rollback"), "warn",
-            "what a failed after_switch does: warn (the swap succeeds with a warning) or rollback (traffic goes "
-            "back to the old build, still running, and the swap fails)"),
+            "a failed `after_switch`: `warn` (success with a warning) or `rollback` (traffic back to "
+            "the old build, still running; exit 1, `hook_failed`)"),
     ),
     "drain": (
-        Key("timeout", _positive, 30.0, "the longest an old slot keeps serving after the switch"),
-        Key("interval", _positive, 0.02, "seconds between two in-flight counts"),
+        Key("timeout", _positive, 30.0,
+            "the longest an old slot keeps serving after the switch (managed nginx: "
+            "`worker_shutdown_timeout` = this + 1 s, as a backstop)"),
+        Key("interval", _positive, 0.02,
+            "seconds between two in-flight counts"),
     ),
     "nginx": (
-        Key("mode", _choice("managed", "external"), "managed", "managed: own unprivileged nginx; external: a system nginx"),
+        Key("mode", _choice("managed", "external"), "managed",
+            "`managed`: the daemon runs its own nginx; `external`: your nginx"),
         Key("switch", _choice("reload", "runtime", "auto"), None,
-            "how traffic moves: reload (rewrite the upstream, reload nginx), runtime (a routing table inside "
-            "nginx, no reload; needs libnginx-mod-http-lua), auto (runtime when the module works, else reload). "
-            "Default: auto when managed, reload when external"),
-        Key("binary", _nonempty_str, "nginx", "the nginx executable"),
-        Key("listen", _listen, "127.0.0.1:8080", "managed mode: the address nginx listens on"),
-        Key("worker_processes", _workers, 1, "managed mode: nginx worker_processes"),
-        Key("user", _optional_str, None, "managed mode, daemon run as root: the workers' user (default: root's own)"),
-        Key("reload_timeout", _positive, 10.0, "seconds to wait for a reload to be confirmed"),
-        Key("upstream_file", _optional_str, None, "external mode: the file the daemon rewrites"),
-        Key("upstream_name", _nonempty_str, "bluegreen_app", "the upstream block's name (proxy_pass http://NAME)"),
-        Key("pid_file", _optional_str, None, "external mode: the master's pid file"),
-        Key("error_log", _optional_str, None, "external mode: nginx's error log, quoted when a reload fails"),
-        Key("test_command", _optional_argv, None, "external mode: argv that tests the config (default: nginx -t)"),
-        Key("reload_command", _optional_argv, None, "external mode: argv that reloads (default: nginx -s reload)"),
+            "how a swap moves traffic: `runtime` (a routing table inside nginx, no reload; needs "
+            "`libnginx-mod-http-lua`), `reload` (rewrite the upstream, reload nginx), `auto` (managed "
+            "only: runtime when this nginx loads the module, else reload; `status` and the start-up "
+            "log say which and why)",
+            shown="`auto` (managed), `reload` (external)"),
+        Key("binary", _nonempty_str, "nginx",
+            "looked up on PATH, then `/usr/sbin`"),
+        Key("listen", _listen, "127.0.0.1:8080",
+            "managed: where nginx listens"),
+        Key("worker_processes", _workers, 1,
+            "managed: a number or `\"auto\"`"),
+        Key("user", _optional_str, None,
+            "managed, daemon run as root: the workers' user",
+            shown="root's own"),
+        Key("reload_timeout", _positive, 10.0,
+            "seconds for a reload to be confirmed"),
+        Key("upstream_file", _optional_str, None,
+            "external: the file bluegreen writes (include it in your `http` block): the upstream "
+            "block, or with `switch = \"runtime\"` the runtime switch's part",
+            shown="—"),
+        Key("upstream_name", _nonempty_str, "bluegreen_app",
+            "the upstream block's name (`proxy_pass http://NAME`)"),
+        Key("pid_file", _optional_str, None,
+            "external: the master's pid file, to confirm reloads",
+            shown="—"),
+        Key("error_log", _optional_str, None,
+            "external: nginx's error log, quoted when a reload fails"),
+        Key("test_command", _optional_argv, None,
+            "external: argv that tests the config, run as the daemon's user",
+            shown="`nginx -t`"),
+        Key("reload_command", _optional_argv, None,
+            "external: argv that reloads",
+            shown="`nginx -s reload`"),
     ),
 }
+
+
+def shown_default(key: Key) -> str:
+    """A key's default as the reference shows it."""
+    d = key.default
+    if key.shown is not None:
+        return key.shown
+    if d is REQUIRED:
+        return "required"
+    if d is None:
+        return "none"
+    if isinstance(d, float) and d.is_integer():
+        d = int(d)
+    return f"`{list(d) if isinstance(d, tuple) else d}`"
+
+
+def reference() -> str:
+    """The README's configuration reference (a Markdown table), generated from SCHEMA:
+    `scripts/config-reference` writes it, and a test fails when the README differs."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, keys in SCHEMA.items():
+        rows += [f"| `{section}.{key.name}` | {shown_default(key)} | {key.help} |" for key in keys]
+    return "\n".join(rows) + "\n"
 
 
 # --- the typed result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,12 @@ def test_logs_and_metrics_keys_are_checked_and_named() -> None:
         with pytest.raises(ConfigError) as e:
             config.parse(MINIMAL + "\n" + text + "\n", CFG)
         assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_the_readme_config_reference_is_the_one_generated_from_the_schema() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "config-reference"), "--check"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # if not: run scripts/config-reference and commit the README
+    assert config.reference() in (ROOT / "README.md").read_text()
+    for section, keys in config.SCHEMA.items():
+        assert all(key.help for key in keys), f"a key of [{section}] has no help text for the reference"
