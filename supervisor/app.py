@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from . import drain, hooks, slots, takeover
+from . import builds, drain, hooks, slots, takeover
 from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .history import PEER
@@ -42,10 +42,11 @@ def check_build(build: Path) -> Path:
         raise BuildError(f"build path {clip(str(build))} must be absolute (the CLI resolves relative paths for you)")
     try:
         real = build.resolve(strict=True)
-        if not real.is_dir():
-            raise BuildError(f"build {build} is not a directory")
+        why = builds.problem(real)
+        if why:
+            raise BuildError(f"build {build} {why}")
     except FileNotFoundError:
-        raise BuildError(f"build {clip(str(build))} does not exist") from None
+        raise BuildError(f"build {clip(str(build))} does not exist; a build is {builds.FORMS}") from None
     except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise BuildError(f"build {clip(str(build))} cannot be used: {why}") from None

@@ -25,6 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
+from . import builds
 from .errors import ConfigError
 
 SLOTS = ("blue", "green")
@@ -295,14 +296,15 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("command", _argv, REQUIRED,
             "argv list, never run through a shell"),
         Key("cwd", _nonempty_str, "{build}",
-            "working directory"),
+            "working directory (by default the build, or the directory holding a file build)"),
         Key("env", _env, {},
             "extra environment (the app also gets `BLUEGREEN_SLOT`, `BLUEGREEN_PORT`, "
             "`BLUEGREEN_BUILD`)"),
         Key("ports", _ports, REQUIRED,
             "`[blue, green]`, two different ports"),
         Key("build", _nonempty_str, REQUIRED,
-            "the build started when `state.json` has none"),
+            "the build started when `state.json` has none: a directory, or a file such as a `.war` "
+            "(`.war`, `.jar`, `.ear`, `.zip` must be zip archives)"),
         Key("dirs", _str_list, [],
             "directories created in the slot dir before each start"),
         Key("files", _env, {},
@@ -956,13 +958,16 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
     if not all(k in a for k in ("build", "cwd", "command", "ports", "env")) or "state_dir" not in d:
         return problems
     build = _rel(base, a["build"])
-    build_ok = build.is_dir()
-    if with_build and not build_ok:
-        problems.append(f"app.build: {build} does not exist or is not a directory")
+    why = builds.problem(build.resolve()) if build.exists() else f"does not exist; a build is {builds.FORMS}"
+    build_ok = why is None
+    if with_build and why:
+        problems.append(f"app.build: {build} {why}")
     context = {"port": str(a["ports"][0]), "slot": SLOTS[0], "build": str(build), "build_name": build.name,
                "slot_dir": str(_rel(base, d["state_dir"]) / "slots" / SLOTS[0])}
     try:
         cwd = Path(expand(a["cwd"], context))
+        if a["cwd"] == "{build}":
+            cwd = builds.workdir(build)
         program = expand(a["command"][0], context)
     except (KeyError, ValueError, IndexError):
         return problems  # placeholders were already reported

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from . import drain, slots
+from . import builds, drain, slots
 from .config import Config, expand
 from .errors import PortInUse
 
@@ -41,7 +41,7 @@ class Launcher:
         slot_dir = Path(ctx["slot_dir"])
         slot_dir.mkdir(parents=True, exist_ok=True)
         slots.lay_out(slot_dir, app.dirs, app.files, ctx)
-        cwd = Path(expand(app.cwd, ctx))
+        cwd = builds.workdir(build) if app.cwd == "{build}" else Path(expand(app.cwd, ctx))
         if not cwd.is_absolute():
             cwd = self.config.path.parent / cwd
         env = {k: expand(v, ctx) for k, v in app.env.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,19 @@ def test_a_current_symlink_is_resolved_to_the_release_it_names_now(tmp_path: Pat
     assert check_build(tmp_path / "current") == tmp_path / "releases" / "42"
 
 
+def test_a_file_build_is_a_build(tmp_path: Path) -> None:
+    war = tmp_path / "app-1.4.war"
+    with zipfile.ZipFile(war, "w") as z:
+        z.writestr("index.html", "hello")
+    (tmp_path / "server").write_text("#!/bin/sh\n")
+    assert check_build(war) == war and check_build(tmp_path / "server") == tmp_path / "server"
+
+
 @pytest.mark.parametrize("make, expected", [
-    (lambda d: d / "missing", "does not exist"),
-    (lambda d: (d / "file").write_text("") or d / "file", "is not a directory"),
+    (lambda d: d / "missing", "does not exist; a build is a directory (an exploded app) or a file (like app-1.4.war)"),
+    (lambda d: ((d / "app-1.4.war").write_text("<html>404</html>"), d / "app-1.4.war")[1],
+     "is not a zip archive, so not a valid .war"),
+    (lambda d: (os.mkfifo(d / "fifo"), d / "fifo")[1], "is neither a directory"),
     (lambda d: Path("relative/build"), "must be absolute"),
     (lambda d: d / ("a" * 300), "cannot be used: File name too long"),
     (lambda d: (os.symlink(d / "loop", d / "loop"), d / "loop")[1], "cannot be used"),

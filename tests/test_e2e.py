@@ -184,6 +184,11 @@ def test_cli_reports_missing_builds_bad_configs_and_an_absent_daemon(make_daemon
     run = make_daemon()
     r = run.cli("swap", str(short_tmp / "no-such-build"))
     assert r.returncode == 1 and "[build_invalid]" in r.stderr and "does not exist" in r.stderr
+    assert "a directory (an exploded app) or a file (like app-1.4.war)" in r.stderr
+    (short_tmp / "app-2.war").write_bytes(b"<html>502 Bad Gateway</html>")  # an upload that went wrong
+    r = run.cli("swap", str(short_tmp / "app-2.war"))
+    assert r.returncode == 1 and "is not a zip archive, so not a valid .war" in r.stderr
+    assert run.status()["active"]["build"].endswith("v1")  # nothing started, nothing moved
     human = run.cli("status")
     assert human.returncode == 0 and "active   blue" in human.stdout and "nginx    managed" in human.stdout
     bad = short_tmp / "bad.toml"

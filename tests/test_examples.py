@@ -61,11 +61,16 @@ def test_tomcat_swaps_between_webapp_versions_under_load(make_daemon, short_tmp:
     assert catalina.exists(), "tomcat10 is not installed: run scripts/test, which installs it"
     run = make_daemon(example=EXAMPLES / "tomcat" / "bluegreen.toml")
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    # A release as Tomcat users ship it: a WAR file (docBase points at it), then back to a directory.
+    war = short_tmp / "app-2.0.war"
+    subprocess.run([sys.executable, str(EXAMPLES / "tomcat" / "make-war"), str(EXAMPLES / "tomcat" / "v2"), str(war)],
+                   check=True, capture_output=True)
     with Load(run.listen_port, clients=6, slow_every=10, slow_ms=1000, slow_path="/slow.jsp?ms={ms}") as load:
-        records = swap_under_load(run, [EXAMPLES / "tomcat" / "v2", EXAMPLES / "tomcat" / "v1"], load)
+        records = swap_under_load(run, [war, EXAMPLES / "tomcat" / "v1"], load)
     report("tomcat", run, load, records)
     assert not load.failures, (load.failures, load.examples)
     assert set(load.versions) == {"v1", "v2"}
+    assert Path(records[0]["build"]).name == "app-2.0.war"
     for r in records:  # switched only once Tomcat said so in its log *and* served the JSP health page
         assert "Server startup in" in r["details"]["ready"]["log_line"]
     logs = run.dir / "run" / "logs"

@@ -1,0 +1,33 @@
+"""What a build is: a directory (an exploded app, a release checkout) or one file (a Tomcat WAR,
+a fat JAR, a single binary). An archive named .war, .jar, .ear or .zip must be a zip: a broken
+upload is refused before anything starts, not discovered by a servlet container mid-release."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+ARCHIVES = (".war", ".jar", ".ear", ".zip")
+FORMS = "a directory (an exploded app) or a file (like app-1.4.war)"
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` (existing, symlinks resolved) cannot be a build; None if it can."""
+    if path.is_dir():
+        return None
+    if not path.is_file():
+        return f"is neither {FORMS}"
+    if path.suffix.lower() in ARCHIVES:
+        try:
+            ok = zipfile.is_zipfile(path)
+        except OSError as e:
+            return f"cannot be read: {e.strerror}"
+        if not ok:
+            return (f"is not a zip archive, so not a valid {path.suffix.lower()} (an upload cut short? rebuild it, "
+                    "e.g. with `mvn package` or `jar cf`)")
+    return None
+
+
+def workdir(build: Path) -> Path:
+    """The default working directory ({build}): the build itself, or the directory holding a file build."""
+    return build if build.is_dir() or not build.exists() else build.parent
