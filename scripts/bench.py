@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from conftest import render_config  # noqa: E402
-from helpers import DaemonRun, free_ports, kill_tree, make_build, misbehaving_build  # noqa: E402
+from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, misbehaving_build  # noqa: E402
 from supervisor import drain  # noqa: E402
 from supervisor.config import resolve_binary  # noqa: E402
 
@@ -297,6 +297,10 @@ def torn(m: Measured) -> tuple[int, float]:
     return count, window
 
 
+def proc_rss_mb(proc: psutil.Process) -> float:
+    return proc.memory_info().rss / 2**20
+
+
 def nginx_rss_mb(master: int) -> float | None:
     """nginx's memory: the master's and its workers' RSS."""
     try:
@@ -398,14 +402,15 @@ class Bench:
         self.procs.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start_daemon(self, builds: list[Path], name: str, switch: str = "reload", extra: str = "") -> DaemonRun:
+    def start_daemon(self, builds: list[Path], name: str, switch: str = "reload", extra: str = "",
+                     daemon: str = "") -> DaemonRun:
         listen, blue, green = free_ports(3)
         d = self.dir / name
         d.mkdir()
         cfg = d / "bluegreen.toml"
         cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=30,
                                      nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1\n'
-                                           f'switch = "{switch}"', extra=extra))
+                                           f'switch = "{switch}"', extra=extra, daemon=daemon))
         self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
         return self.daemon
 
@@ -459,6 +464,36 @@ class Bench:
         s = summarize(m)
         return {"step_s": step, "rounds": rows, "requests": s["requests"],
                 "other_failures": s["failed"] - sum(r["failed"] for r in rows)}
+
+    async def ops_footprint(self, ops: bool, scrape_every: float = 15.0) -> dict[str, Any]:
+        """The daemon idle (one swap done, no load), with the ops features on (metrics scraped every
+        `scrape_every` s, logs rotated at 64 KiB after traffic filled them) or off: RSS and CPU, and
+        the log pumps'."""
+        extra = "[logs]\nmax_bytes = 65536\nbackups = 3\n" if ops else ""
+        metrics = free_ports(1)[0]
+        run = self.start_daemon(self.builds, f"ops-{'on' if ops else 'off'}-{scrape_every:g}", "runtime", extra=extra,
+                                daemon=f'metrics_listen = "127.0.0.1:{metrics}"' if ops else "")
+        await self.swap(run, self.builds[1])
+        for _ in range(2000):  # ~200 kB of access log: rotated several times when ops is on
+            await asyncio.to_thread(http_get, run.listen_port, "/")
+        await asyncio.sleep(2)  # the rotation tick, then quiet
+        proc = psutil.Process(run.proc.pid)
+        scrapes, t_end = 0, time.monotonic() + self.args.idle
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        while time.monotonic() < t_end:
+            if ops:
+                await asyncio.to_thread(http_get, metrics, "/metrics")
+                scrapes += 1
+            await asyncio.sleep(min(scrape_every, max(0.0, t_end - time.monotonic())))
+        cpu1, t1 = proc.cpu_times(), time.monotonic()
+        pumps = [c for c in proc.children() if "logpump.py" in " ".join(c.cmdline())]
+        result = {"ops": ops, "scrape_every": scrape_every, "idle_seconds": round(t1 - t0, 1), "scrapes": scrapes, "rss_mb": proc_rss_mb(proc),
+                  "cpu_percent": 100 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0),
+                  "pumps": len(pumps), "pump_rss_mb": max((c.memory_info().rss for c in pumps), default=0) / 2**20,
+                  "access_logs": sorted(p.name for p in (run.dir / "run" / "nginx").glob("access.log*"))}
+        run.stop()
+        self.daemon = None
+        return result
 
     async def rollbacks(self, keep_warm: float) -> dict[str, Any]:
         """Release v2, then roll back to v1, under load; with keep_warm the rollback reuses the
@@ -698,6 +733,16 @@ def print_report(report: dict[str, Any]) -> None:
         for i, r in enumerate(rv["rounds"], 1):
             print(f"| round {i} | {r['code']} | {r['served']} | {r['failed']} | {fmt(r['first_bad_to_revert_s'], ' s', 2)} |")
         print(f"  {rv['requests']} requests in all; failures other than the bad build's own 500s: {rv['other_failures']}")
+    ops = report.get("ops")
+    if ops:
+        print("\n| daemon, idle after a swap | scrapes of /metrics | daemon RSS | daemon CPU | log pumps (RSS each) | "
+              "nginx access logs |")
+        print("|---|---|---|---|---|---|")
+        for o in ops:
+            what = (f"metrics scraped every {o['scrape_every']:g} s, logs rotated at 64 KiB" if o["ops"]
+                    else "baseline: metrics off, default logs")
+            print(f"| {what} | {o['scrapes']} in {o['idle_seconds']:.0f} s | {o['rss_mb']:.1f} MB | "
+                  f"{o['cpu_percent']:.2f} % | {o['pumps']} ({o['pump_rss_mb']:.1f} MB) | {', '.join(o['access_logs'])} |")
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -728,7 +773,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     bench = Bench(args)
     try:
-        if not args.only_soak and not args.only_scale and not args.only_rollback:
+        if args.only_ops or not (args.only_soak or args.only_scale or args.only_rollback):
+            print("bench: idle footprint with metrics and log rotation, off then on...", file=sys.stderr)
+            report["ops"] = [await bench.ops_footprint(False), await bench.ops_footprint(True, 15.0),
+                             await bench.ops_footprint(True, 1.0)]
+        if not args.only_soak and not args.only_scale and not args.only_rollback and not args.only_ops:
             print("bench: bluegreen...", file=sys.stderr)
             m, footprint = await bench.bluegreen()
             bench_rows = [summarize(m)]
@@ -743,7 +792,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print("bench: nginx recipe...", file=sys.stderr)
             bench_rows.append(summarize(await bench.nginx_recipe()))
             report["approaches"] = bench_rows
-        if (not args.only_soak and not args.only_scale) or args.only_rollback:
+        if (not args.only_soak and not args.only_scale and not args.only_ops) or args.only_rollback:
             print("bench: rollback, warm and cold...", file=sys.stderr)
             report["rollback"] = [await bench.rollbacks(600), await bench.rollbacks(0)]
             print("bench: automatic revert of a bad rollout...", file=sys.stderr)
@@ -771,6 +820,7 @@ def main() -> int:
     parser.add_argument("--only-soak", action="store_true", help="skip the comparison (with --soak)")
     parser.add_argument("--only-scale", action="store_true", help="skip the comparison (with --scale)")
     parser.add_argument("--only-rollback", action="store_true", help="only the warm vs cold rollback comparison")
+    parser.add_argument("--only-ops", action="store_true", help="only the idle footprint with metrics and rotation on/off")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()

@@ -30,6 +30,7 @@ from .fsutil import UndoableFile, atomic_write
 
 PLAIN_WORKER = "nginx: worker process"
 POLL = 0.005
+STEADY = 0.1  # seconds a new generation's worker count must hold when it is short of the expected one
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 LOG_TAIL = 65536
 
@@ -653,6 +654,7 @@ class ReloadSwitch:
         # "worker process" for nginx's 100 ms, and it is never replaced again.
         expected = max(1, sum(1 for p, t in before.items() if t == PLAIN_WORKER and p not in self.old_generation))
         deadline = time.monotonic() + self.n.reload_timeout
+        seen, steady_since = 0, time.monotonic()
         while True:
             if not procs.alive(master):
                 raise NginxError(
@@ -666,6 +668,13 @@ class ReloadSwitch:
             # nginx tells the old workers to quit 100 ms later (hard-coded); the drain phase then
             # waits until every one of them has exited, which is stronger than "shutting down".
             if len(new) >= expected:
+                return
+            # Fewer than expected: `before` may have held two generations (another reload of this
+            # nginx, e.g. a second app's daemon, ran just before ours). nginx forks a generation's
+            # workers at once: a count that stays the same for STEADY is all of it.
+            if len(new) != seen:
+                seen, steady_since = len(new), time.monotonic()
+            elif seen and time.monotonic() - steady_since >= STEADY:
                 return
             # Only [emerg] means the master refused the config; [alert]/[crit] lines also come from
             # running workers (e.g. "write() to access.log was incomplete" on a full disk).

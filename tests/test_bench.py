@@ -26,6 +26,9 @@ def test_bench_quick_smoke() -> None:
         assert set(report[key]) >= {"start_to_ready_s", "switch_ms", "drain_s", "overhead_ms_median"}
     assert report["bluegreen_runtime_phases"]["switch_ms"]["mode"] == "runtime"
     assert report["footprint"]["idle_rss_mb"] > 0
+    baseline, scraped, _ = report["ops"]  # metrics and rotation off, then on
+    assert baseline["scrapes"] == 0 and scraped["scrapes"] >= 1 and scraped["pumps"] == 1
+    assert "access.log.1" in scraped["access_logs"] and baseline["access_logs"] == ["access.log"]
 
 
 def test_a_torn_answer_is_an_old_answer_to_a_request_sent_after_the_new_build_answered() -> None:
