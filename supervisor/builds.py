@@ -1,9 +1,11 @@
-"""What a build is: a directory (an exploded app, a release checkout) or one file (a Tomcat WAR,
-a fat JAR, a single binary). An archive named .war, .jar, .ear or .zip must be a zip: a broken
-upload is refused before anything starts, not discovered by a servlet container mid-release."""
+"""What a build is: a directory (an exploded app, a release checkout) or one file: an archive
+(a Tomcat WAR, a fat JAR) or an executable (a single binary). An archive must be a zip: a broken
+upload is refused before anything starts, not discovered by a servlet container mid-release. Any
+other file (a config file, `/etc/passwd`) is no build."""
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -25,6 +27,10 @@ def problem(path: Path) -> str | None:
         if not ok:
             return (f"is not a zip archive, so not a valid {path.suffix.lower()} (an upload cut short? rebuild it, "
                     "e.g. with `mvn package` or `jar cf`)")
+        return None
+    if not os.access(path, os.X_OK):
+        return (f"is a file that is neither an archive ({', '.join(ARCHIVES)}) nor executable; a build is "
+                f"{FORMS}")
     return None
 
 

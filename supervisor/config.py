@@ -303,8 +303,8 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("ports", _ports, REQUIRED,
             "`[blue, green]`, two different ports"),
         Key("build", _nonempty_str, REQUIRED,
-            "the build started when `state.json` has none: a directory, or a file such as a `.war` "
-            "(`.war`, `.jar`, `.ear`, `.zip` must be zip archives)"),
+            "the build started when `state.json` has none: a directory, or a file: an archive (`.war`, "
+            "`.jar`, `.ear`, `.zip`, which must be a zip) or an executable"),
         Key("dirs", _str_list, [],
             "directories created in the slot dir before each start"),
         Key("files", _env, {},

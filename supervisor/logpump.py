@@ -44,7 +44,12 @@ class Sink:
         self.why = ""
 
     def _open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:  # someone removed the logs directory: make it again
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fd = os.open(self.path, flags, 0o644)
         self.size = os.fstat(self.fd).st_size
 
     def _current(self) -> bool:

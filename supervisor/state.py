@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable
 from .errors import StateError
 from .fsutil import atomic_write
 
+log = logging.getLogger("bluegreen")
 VERSION = 1
 HISTORY = 20
 
@@ -189,7 +191,10 @@ class Ledger:
         if not keep_progress:
             self.state.swap = None
         for observe in self.observers:
-            observe(record)
+            try:
+                observe(record)
+            except Exception:  # the metrics or the history must never break a swap's bookkeeping
+                log.exception("recording the end of a swap")
         self.state.last_swap = record
         entry = {k: record[k] for k in ("build", "reason", "outcome", "started_at")}
         error, details = record.get("error") or {}, record.get("details") or {}

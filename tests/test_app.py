@@ -23,6 +23,7 @@ def test_a_file_build_is_a_build(tmp_path: Path) -> None:
     with zipfile.ZipFile(war, "w") as z:
         z.writestr("index.html", "hello")
     (tmp_path / "server").write_text("#!/bin/sh\n")
+    (tmp_path / "server").chmod(0o755)  # a single binary
     assert check_build(war) == war and check_build(tmp_path / "server") == tmp_path / "server"
 
 
@@ -31,6 +32,7 @@ def test_a_file_build_is_a_build(tmp_path: Path) -> None:
     (lambda d: ((d / "app-1.4.war").write_text("<html>404</html>"), d / "app-1.4.war")[1],
      "is not a zip archive, so not a valid .war"),
     (lambda d: (os.mkfifo(d / "fifo"), d / "fifo")[1], "is neither a directory"),
+    (lambda d: ((d / "app.conf").write_text("x"), d / "app.conf")[1], "is a file that is neither an archive"),
     (lambda d: Path("relative/build"), "must be absolute"),
     (lambda d: d / ("a" * 300), "cannot be used: File name too long"),
     (lambda d: (os.symlink(d / "loop", d / "loop"), d / "loop")[1], "cannot be used"),

@@ -93,3 +93,13 @@ def test_a_full_disk_drops_output_without_blocking_and_says_so_once_it_can(tmp_p
         assert text.endswith("after the disk had room again\n")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_the_sink_makes_its_directory_again_if_an_operator_removed_it(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    sink = Sink(str(logs / "app.log"), 1000, 2)
+    sink.write(b"before\n")
+    shutil.rmtree(logs)  # `rm -rf run/logs` while the app runs
+    sink.write(b"after\n")
+    assert (logs / "app.log").read_bytes() == b"after\n" and sink.lost == 0
