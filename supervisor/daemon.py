@@ -49,11 +49,12 @@ class Daemon:
         self.started_at = time.time()
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self._lock_fd: int | None = None
-        self.recorder = Recorder()
+        self.recorder = Recorder(self.started_at)
         self.history = History(self.state_dir / "history.jsonl", config.logs.max_bytes, config.logs.backups)
         self.app.ledger.observers += [self.recorder.swap_ended, self.history.record]
         self.notifier = Notifier()
-        self.app.watchers.append(lambda event: self.notifier.status(status_line(self.app, event)))
+        if self.notifier.enabled:  # under systemd: every phase of a swap shows in `systemctl status`
+            self.app.watchers.append(lambda event: self.notifier.status(status_line(self.app, event)))
         listen = config.daemon.metrics_listen
         self.metrics = MetricsServer(self.app, self.recorder, listen) if listen else None
 
@@ -107,7 +108,8 @@ class Daemon:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
-            self.notifier.status(status_line(self.app))
+            if self.notifier.enabled:
+                self.notifier.status(status_line(self.app))
             try:
                 if self.app.managed is not None:
                     for path in self.app.managed.rotate_logs():

@@ -60,14 +60,21 @@ class Follower:
 
     def _first_open(self) -> None:
         if self.origin is not None and ident(self.path) != self.origin:
-            k = 1  # rotated since `offset` was taken: it is PATH.k now (read() goes on with the newer ones)
-            while (found := ident(f"{self.path}.{k}")) is not None and found != self.origin:
-                k += 1
-            if found == self.origin:
+            k = self._rotated_to(self.origin)  # rotated since `offset` was taken (read() goes on from there)
+            if k is not None:
                 self._open(Path(f"{self.path}.{k}"), self.offset)
                 return
             self.offset = 0  # that file is gone: begin with the current one
         self._open(self.path, self.offset)
+
+    def _rotated_to(self, file: Ident) -> int | None:
+        """k such that PATH.k is `file` now; None if it fell off the end."""
+        k = 1
+        while (found := ident(f"{self.path}.{k}")) is not None:
+            if found == file:
+                return k
+            k += 1
+        return None
 
     def read(self) -> bytes:
         """Everything appended since the last read, across any rotations since."""
@@ -82,20 +89,15 @@ class Follower:
             self.f.close()
             # Ours is PATH.k now; PATH.k-1 .. PATH.1 were written after it (several rotations
             # between two reads), then PATH.
-            for newer in self._newer_than((mine.st_dev, mine.st_ino)):
+            k = self._rotated_to((mine.st_dev, mine.st_ino)) or 1  # fell off the end: none known between
+            for n in range(k - 1, 0, -1):
                 try:
-                    out += newer.read_bytes()
+                    out += Path(f"{self.path}.{n}").read_bytes()
                 except OSError:
                     pass
             self._open(self.path, 0)
             out += self._drain() if self.f is not None else b""
         return out
-
-    def _newer_than(self, mine: Ident) -> list[Path]:
-        k = 1
-        while (found := ident(f"{self.path}.{k}")) is not None and found != mine:
-            k += 1
-        return [Path(f"{self.path}.{n}") for n in range(k - 1, 0, -1)] if found == mine else []
 
     def _drain(self) -> bytes:
         assert self.f is not None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -53,11 +52,11 @@ class Histogram:
 class Recorder:
     """What the daemon counts for the metrics, fed from the end of every swap."""
 
-    def __init__(self) -> None:
+    def __init__(self, started_at: float) -> None:
         self.swaps: Counter[tuple[str, str]] = Counter()  # (reason, outcome)
         self.phases: dict[str, Histogram] = {}
         self.crash_restarts = 0
-        self.started_at = time.time()
+        self.started_at = started_at  # the daemon's
 
     def swap_ended(self, record: dict[str, Any]) -> None:
         reason, outcome = record["reason"], record["outcome"]

@@ -1,8 +1,8 @@
 """App processes: the only module that creates or stops them.
 
-Each app runs in its own session (so its own process group), with stdout and stderr
-piped through a log pump into `state_dir/logs/<slot>.log` (rotated by size; logs.py), and carries BLUEGREEN_STATE_DIR and BLUEGREEN_SLOT
-in its environment, which every descendant inherits. Stopping signals the whole group and
+Each app runs in its own session (so its own process group), with stdout and stderr piped
+through a log pump into `state_dir/logs/<slot>.log` (rotated by size: logpump.py), and carries
+BLUEGREEN_STATE_DIR and BLUEGREEN_SLOT in its environment, which every descendant inherits. Stopping signals the whole group and
 every marked process of the slot (a start script may have exited and left its server running,
 or the server may have left the group), waits, then SIGKILLs what is left: no orphan outlives
 its slot. Knows nothing about HTTP or nginx.
@@ -27,9 +27,9 @@ from .config import LogsConfig, expand, render_tokens
 from .errors import AppError
 from .fsutil import atomic_write
 from .logs import Ident, last_lines
+from .state import SlotState
 
 PUMP = Path(__file__).with_name("logpump.py")
-from .state import SlotState
 
 
 @dataclass

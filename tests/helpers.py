@@ -81,6 +81,34 @@ def managed_nginx(listen: int, switch: str | None = "reload", binary: str | None
     return text + (f'\nbinary = "{binary}"' if binary else "")
 
 
+# The user's own nginx.conf, as the external-mode tests run it: its own prefix, the upstream files
+# bluegreen writes included from conf.d/, and one server per app proxying to its upstream.
+USER_NGINX_CONF = """{modules}
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/conf.d/*.conf;
+{servers}}}
+"""
+
+
+def user_nginx_conf(prefix: Path, servers: dict[int, str], modules: str = "") -> str:
+    """USER_NGINX_CONF with a server on 127.0.0.1:`listen` proxying to upstream `name`, for each."""
+    blocks = "".join(f"    server {{\n        listen 127.0.0.1:{listen};\n        location / {{ proxy_pass http://{name}; }}\n"
+                     "    }\n" for listen, name in servers.items())
+    return USER_NGINX_CONF.format(prefix=prefix, modules=modules, servers=blocks,
+                                  user="user root;" if os.geteuid() == 0 else "")
+
+
 def make_build(parent: Path, name: str, *, version: str | None = None, boot_delay_ms: int = 0,
                healthy: bool = True, server_js: str | None = None, start_sh: str = "exec node server.js\n") -> Path:
     """A release directory of the example Node app (or of `server_js`), like a CI artefact.

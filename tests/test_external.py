@@ -11,33 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, wait_until
+from helpers import DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
-
-NGINX_CONF = """{modules}
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-{user}
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/conf.d/*.conf;
-    server {{
-        listen 127.0.0.1:{listen};
-        location / {{ proxy_pass http://myapp; }}
-    }}
-}}
-"""
-
 
 # What Debian's /etc/nginx/modules-enabled/50-mod-http-lua.conf (and its ndk sibling) load once
 # libnginx-mod-http-lua is installed: the README's snippet for the runtime switch relies on it.
@@ -56,9 +34,8 @@ def system_nginx(short_tmp: Path, request: pytest.FixtureRequest):
     prefix = short_tmp / "nginx"
     (prefix / "conf.d").mkdir(parents=True)
     listen, blue, green = free_ports(3)
-    user = "user root;" if os.geteuid() == 0 else ""
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, listen=listen, user=user, modules=modules))
+    conf.write_text(user_nginx_conf(prefix, {listen: "myapp"}, modules))
     # What a user has before adopting bluegreen: an upstream pointing at the blue port.
     (prefix / "conf.d" / "upstream.conf").write_text(render_upstream("myapp", blue))
     base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]

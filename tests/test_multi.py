@@ -5,7 +5,6 @@ lose a request, and neither may touch the other's upstream."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -14,36 +13,13 @@ from pathlib import Path
 import pytest
 
 from conftest import render_config
-from helpers import DaemonRun, Load, free_ports, http_get, kill_tree, make_build, wait_until
+from helpers import DaemonRun, Load, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
 
 APPS = ("shop", "blog")
-
-# The user's nginx.conf: one server per app, each proxying to the upstream its daemon writes.
-NGINX_CONF = """worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-{user}
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/conf.d/*.conf;
-{servers}}}
-"""
-SERVER = """    server {{
-        listen 127.0.0.1:{listen};
-        location / {{ proxy_pass http://{app}; }}
-    }}
-"""
-
 
 @pytest.fixture
 def two_apps(short_tmp: Path):
@@ -53,9 +29,8 @@ def two_apps(short_tmp: Path):
     (prefix / "conf.d").mkdir(parents=True)
     ports = free_ports(6)
     apps = {app: {"listen": ports[3 * i], "ports": (ports[3 * i + 1], ports[3 * i + 2])} for i, app in enumerate(APPS)}
-    servers = "".join(SERVER.format(listen=a["listen"], app=name) for name, a in apps.items())
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, user="user root;" if os.geteuid() == 0 else "", servers=servers))
+    conf.write_text(user_nginx_conf(prefix, {a["listen"]: name for name, a in apps.items()}))
     for name, a in apps.items():
         (prefix / "conf.d" / f"{name}.conf").write_text(render_upstream(name, a["ports"][0]))
     base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
