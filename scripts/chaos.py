@@ -148,15 +148,17 @@ class Chaos:
     def kill_app(self) -> None:
         st = self.current()
         if st and st["active"] and st["active"]["alive"]:
+            at = time.monotonic()  # before the kill: a client thread may see its 502 before kill() returns
             os.kill(st["active"]["pid"], signal.SIGKILL)
-            self.faults.append(Fault("kill_app", time.monotonic(), str(st["active"]["pid"])))
+            self.faults.append(Fault("kill_app", at, str(st["active"]["pid"])))
 
     def kill_standby(self) -> None:
         st = self.current()
         if st and st.get("standby"):
             try:
+                at = time.monotonic()
                 os.kill(st["standby"]["pid"], signal.SIGKILL)
-                self.faults.append(Fault("kill_standby", time.monotonic(), str(st["standby"]["pid"])))
+                self.faults.append(Fault("kill_standby", at, str(st["standby"]["pid"])))
             except ProcessLookupError:
                 pass
 
