@@ -445,6 +445,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             shown="—"),
         Key("upstream_name", _nonempty_str, "bluegreen_app",
             "the upstream block's name (`proxy_pass http://NAME`)"),
+        Key("lua_handlers_file", _optional_str, None,
+            "external, `switch = \"runtime\"`, several apps in one nginx: the file for the request "
+            "handlers all apps share (the same path in every app's config; include it once in `http`)",
+            shown="none: in `upstream_file`"),
         Key("pid_file", _optional_str, None,
             "external: the master's pid file, to confirm reloads",
             shown="—"),
@@ -627,6 +631,7 @@ class NginxConfig:
     reload_timeout: float
     upstream_file: Path | None
     upstream_name: str
+    lua_handlers_file: Path | None
     pid_file: Path | None
     error_log: Path | None
     test_command: tuple[str, ...]
@@ -837,12 +842,18 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
         for key in ("listen", "worker_processes", "user"):
             if key in data.get("nginx", {}):
                 problems.append(f'nginx.{key}: only used when nginx.mode = "managed"; remove it')
+        if n.get("lua_handlers_file") and n.get("switch") != "runtime":
+            problems.append('nginx.lua_handlers_file: only used with nginx.switch = "runtime"; remove it')
+        if n.get("lua_handlers_file") and n.get("upstream_file") and \
+                _rel(path.parent, n["lua_handlers_file"]) == _rel(path.parent, n["upstream_file"]):
+            problems.append("nginx.lua_handlers_file: must be another file than nginx.upstream_file (one is "
+                            "shared by every app, the other is this app's)")
         if n.get("switch") == "auto":
             problems.append('nginx.switch: "auto" is for the managed nginx; with your own nginx choose "reload", or '
                             '"runtime" once its config includes the upstream file with the lua module loaded '
                             "(README: the runtime switch with your own nginx)")
     elif mode == "managed":
-        for key in ("upstream_file", "pid_file", "error_log", "test_command", "reload_command"):
+        for key in ("upstream_file", "pid_file", "error_log", "test_command", "reload_command", "lua_handlers_file"):
             if n.get(key) is not None:
                 problems.append(f'nginx.{key}: only used when nginx.mode = "external"; remove it')
         if "binary" in n and resolve_binary(n["binary"]) is None:
@@ -860,10 +871,7 @@ def _socket_path(d: dict[str, Any], base: Path) -> Path:
     return _rel(base, d["socket"]) if d.get("socket") else _rel(base, d["state_dir"]) / "bluegreen.sock"
 
 
-def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -> Config:
-    base = path.parent
-    d, a, r, s, dr, n = (v[k] for k in ("daemon", "app", "app.ready", "app.stop", "drain", "nginx"))
-    rs, h = v["app.restart"], v["app.health"]
+def _nginx_config(n: dict[str, Any], base: Path) -> NginxConfig:
     binary = n["binary"]
     if n["mode"] == "managed":
         binary = resolve_binary(binary) or binary
@@ -871,6 +879,28 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
     def opt(key: str) -> Path | None:
         return _rel(base, n[key]) if n[key] else None
 
+    return NginxConfig(
+        mode=n["mode"],
+        switch=n["switch"] or ("auto" if n["mode"] == "managed" else "reload"),
+        binary=binary,
+        listen=n["listen"],
+        worker_processes=n["worker_processes"],
+        user=n["user"],
+        reload_timeout=n["reload_timeout"],
+        upstream_file=opt("upstream_file"),
+        upstream_name=n["upstream_name"],
+        lua_handlers_file=opt("lua_handlers_file"),
+        pid_file=opt("pid_file"),
+        error_log=opt("error_log"),
+        test_command=n["test_command"] or (binary, "-t"),
+        reload_command=n["reload_command"] or (binary, "-s", "reload"),
+    )
+
+
+def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) -> Config:
+    base = path.parent
+    d, a, r, s, dr, n = (v[k] for k in ("daemon", "app", "app.ready", "app.stop", "drain", "nginx"))
+    rs, h = v["app.restart"], v["app.health"]
     return Config(
         path=path,
         daemon=DaemonConfig(socket=_socket_path(d, base), state_dir=_rel(base, d["state_dir"]), on_stop=d["on_stop"],
@@ -903,21 +933,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
                           after_switch=_program_from(base, v["hooks"]["after_switch"]),
                           after_failure=_program_from(base, v["hooks"]["after_failure"]),
                           timeout=v["hooks"]["timeout"], after_switch_failed=v["hooks"]["after_switch_failed"]),
-        nginx=NginxConfig(
-            mode=n["mode"],
-            switch=n["switch"] or ("auto" if n["mode"] == "managed" else "reload"),
-            binary=binary,
-            listen=n["listen"],
-            worker_processes=n["worker_processes"],
-            user=n["user"],
-            reload_timeout=n["reload_timeout"],
-            upstream_file=opt("upstream_file"),
-            upstream_name=n["upstream_name"],
-            pid_file=opt("pid_file"),
-            error_log=opt("error_log"),
-            test_command=n["test_command"] or (binary, "-t"),
-            reload_command=n["reload_command"] or (binary, "-s", "reload"),
-        ),
+        nginx=_nginx_config(n, base),
         raw=data,
     )
 

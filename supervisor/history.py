@@ -36,6 +36,8 @@ def entry(record: dict[str, Any]) -> dict[str, Any]:
         "reason": record["reason"], "by": by, "from": record.get("from_build"), "to": record["build"],
         "outcome": outcome(record), "traffic": record.get("traffic"), "durations": record.get("durations") or {},
     }
+    if record.get("decided"):
+        out["decided"] = record["decided"]  # who promoted or aborted a paused swap or a rollout
     if error:
         out["error"] = {"code": error.get("code"), "message": (error.get("message") or "").splitlines()[0][:300]}
     verdict = error.get("verdict") or ((record.get("details") or {}).get("watch") or {}).get("verdict")

@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import re
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -88,38 +89,41 @@ ROLLOUT_COOKIE = "bluegreen_id"  # who a user is during a split (set by nginx wh
 CONTROL = "/.bluegreen/"  # the runtime switch's control locations: on the control socket only
 
 
+def shared_dicts(upstream_name: str) -> tuple[str, str]:
+    """The runtime switch's two lua shared dicts (the table, the counters), one pair per app, so
+    several apps' parts can live in one nginx."""
+    return f"bluegreen.{upstream_name}", f"bluegreen.{upstream_name}.stats"
+
+
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
-                   rollout_cookie: str = ROLLOUT_COOKIE) -> str:
+                   rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
 
-    The table is seeded at (re)load from the route file, which the daemon writes before every
-    change; `add` never clobbers a live value on a reload. The balancer counts each request in
-    flight per port *and worker pid*, once; the log phase (run for every request, failed ones
-    too) counts it out. A worker killed mid-request never counts out, so the daemon ignores the
-    counts of workers that are gone. Preview, split, counters: see the lua below. Control: Unix socket only.
+    The table is seeded from the route file, which the daemon writes before every change, when
+    it has no port yet (a fresh nginx); `add` never clobbers a live value. The balancer counts
+    each request in flight per port *and worker pid*, once; the log phase (run for every
+    request, failed ones too) counts it out. A worker killed mid-request never counts out, so
+    the daemon ignores the counts of workers that are gone. Preview, split, counters: see the
+    lua below. Control: Unix socket only.
+
+    Everything here is per app (named after the upstream) except the http-level request
+    handlers (render_lua_handlers), which nginx allows once per http block: with `handlers`
+    False they are left out, for a file that several apps share (nginx.lua_handlers_file).
     """
     header, cookie = preview_vars(release)
+    table, stats = shared_dicts(upstream_name)
+    seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route)))
     balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"') \
-        .replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}")
-    set_cookie = _LUA_COOKIE.replace("ROLLOUT_COOKIE_NAME", rollout_cookie)
-    control_locations = "".join(f"    location = {CONTROL}{name} {{\n        content_by_lua_block {{\n{lua}"
-                                "        }\n    }\n" for name, lua in _control_lua().items())
-    return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
-lua_shared_dict bluegreen 1m;
-lua_shared_dict bluegreen_stats 4m;
-init_by_lua_block {{
-    local f = io.open({_lua_string(str(route))}, "r")
-    if f then
-        local port = tonumber(f:read("*l") or "")
-        f:close()
-        if port then ngx.shared.bluegreen:add("port", port) end
-    end
-}}
-log_by_lua_block {{
-{_LUA_LOG}}}
-header_filter_by_lua_block {{
-{set_cookie}}}
-upstream {upstream_name} {{
+        .replace("ROLLOUT_COOKIE_NAME", f'"{rollout_cookie}"').replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}") \
+        .replace("SEED\n", textwrap.indent(seed, " " * 16))
+    control_locations = "".join(
+        f"    location = {CONTROL}{name} {{\n        content_by_lua_block {{\n"
+        + lua.replace("SEED\n", textwrap.indent(seed, " " * 16))
+        + "        }\n    }\n" for name, lua in _control_lua().items())
+    text = f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
+lua_shared_dict {table} 1m;
+lua_shared_dict {stats} 4m;
+{render_lua_handlers() if handlers else ""}upstream {upstream_name} {{
     server 127.0.0.1:1;  # a placeholder: the balancer picks the port
     balancer_by_lua_block {{
 {balancer}    }}
@@ -130,18 +134,46 @@ server {{
     access_log off;
 {control_locations}}}
 """
+    # Names checked by config.py (letters, digits, `_`, `.`, `-`): plain lua strings.
+    return text.replace("TABLE_DICT", f'"{table}"').replace("STATS_DICT", f'"{stats}"')
 
+
+def render_lua_handlers() -> str:
+    """The runtime switch's http-level request handlers: they count a request out and set the
+    rollout cookie, for whichever app's balancer picked the request (its dict names ride in
+    ngx.ctx), so one copy serves every app in the nginx."""
+    return f"""log_by_lua_block {{
+{_LUA_LOG}}}
+header_filter_by_lua_block {{
+{_LUA_COOKIE}}}
+"""
+
+
+# A fresh nginx has no port in the table: it takes the one in the route file (written before
+# every change). `add` leaves a value set meanwhile alone, and a reload keeps the table.
+_LUA_SEED = """\
+local f = io.open(ROUTE_FILE, "r")
+if f then
+    local p = tonumber(f:read("*l") or "")
+    f:close()
+    if p then dict:add("port", p) end
+end
+"""
 
 # Picks the port once per request (retries keep it) and counts the request in. A preview request
 # goes to the preview port; during a split, a user whose bucket (a stable hash of the rollout
 # cookie, else of the address, modulo 100) is below the share goes to the candidate. While a
 # watch generation is set, the request is counted for it.
 _LUA_BALANCER = """\
-        local dict = ngx.shared.bluegreen
+        local dict = ngx.shared[TABLE_DICT]
         local ctx = ngx.ctx
         local port = ctx.bluegreen_port
         if not port then
             port = dict:get("port")
+            if not port then
+SEED
+                port = dict:get("port")
+            end
             local preview = dict:get("preview")
             if preview and (PREVIEW_MATCH) then
                 port = preview
@@ -151,7 +183,7 @@ _LUA_BALANCER = """\
                     local id = ngx.var.ROLLOUT_COOKIE
                     if not id or id == "" then
                         id = ngx.md5(ngx.var.remote_addr or ""):sub(1, 16)
-                        ctx.bluegreen_new_id = id
+                        ctx.bluegreen_new_id, ctx.bluegreen_cookie = id, ROLLOUT_COOKIE_NAME
                     end
                     if ngx.crc32_short(id) % 100 < (dict:get("share") or 0) then port = cand end
                 end
@@ -159,6 +191,7 @@ _LUA_BALANCER = """\
             if not port then return ngx.exit(502) end
             local key = "inflight:" .. port .. ":" .. ngx.worker.pid()
             ctx.bluegreen_port, ctx.bluegreen_key, ctx.bluegreen_gen = port, key, dict:get("gen")
+            ctx.bluegreen_table, ctx.bluegreen_stats = TABLE_DICT, STATS_DICT
             dict:incr(key, 1, 0)
         end
         local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
@@ -171,14 +204,14 @@ _LUA_BALANCER = """\
 # Counts the request out, and counts it per upstream port: always in generation 0 (requests,
 # 5xx answers, upstream errors: no answer header from the app, i.e. refused, reset, timed out;
 # since nginx started, for the metrics), and for a watch generation also its latency bucket
-# (see verdict.py).
+# (see verdict.py). The dicts are the ones of the app whose balancer took the request.
 _LUA_LOG = """\
     local ctx = ngx.ctx
     local key = ctx.bluegreen_key
-    if key then ngx.shared.bluegreen:incr(key, -1, 0) end
+    if not key then return end
+    ngx.shared[ctx.bluegreen_table]:incr(key, -1, 0)
     local port = ctx.bluegreen_port
-    if not port then return end
-    local stats = ngx.shared.bluegreen_stats
+    local stats = ngx.shared[ctx.bluegreen_stats]
     local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
     local kind = nil
     if not header or header == "-" then
@@ -204,7 +237,7 @@ _LUA_LOG = """\
 _LUA_COOKIE = """\
     local id = ngx.ctx.bluegreen_new_id
     if id then
-        local cookie = "ROLLOUT_COOKIE_NAME=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+        local cookie = ngx.ctx.bluegreen_cookie .. "=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
         local h = ngx.header["Set-Cookie"]
         if h == nil then
             ngx.header["Set-Cookie"] = cookie
@@ -231,20 +264,22 @@ _LUA_READ_PORT = """\
 # PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
 # any preview (its port may be about to stop).
 _LUA_ROUTE = """\
-            local dict = ngx.shared.bluegreen
+            local dict = ngx.shared[TABLE_DICT]
             if ngx.req.get_method() == "PUT" then
 READ_PORT
                 dict:set("port", port)
                 dict:delete("preview")
                 dict:delete("cand")
                 dict:delete("share")
+            elseif not dict:get("port") then
+SEED
             end
             ngx.say(dict:get("port") or "")
 """.replace("READ_PORT\n", _LUA_READ_PORT)
 
 # PUT a port: preview requests go there; DELETE: no preview. Answers the preview port (or "").
 _LUA_PREVIEW = """\
-            local dict = ngx.shared.bluegreen
+            local dict = ngx.shared[TABLE_DICT]
             local method = ngx.req.get_method()
             if method == "PUT" then
 READ_PORT
@@ -258,7 +293,7 @@ READ_PORT
 # PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off).
 # Answers the three numbers as set (0 for unset).
 _LUA_SPLIT = """\
-            local dict = ngx.shared.bluegreen
+            local dict = ngx.shared[TABLE_DICT]
             local method = ngx.req.get_method()
             if method == "PUT" then
                 ngx.req.read_body()
@@ -281,7 +316,7 @@ _LUA_SPLIT = """\
                 dict:delete("cand")
                 dict:delete("share")
                 dict:delete("gen")
-                local stats = ngx.shared.bluegreen_stats
+                local stats = ngx.shared[STATS_DICT]
                 for _, k in ipairs(stats:get_keys(0)) do  -- the watch counters; generation 0 stays
                     if k:sub(1, 4) ~= "s:0:" then stats:delete(k) end
                 end
@@ -297,7 +332,7 @@ _LUA_STATS = """\
                 ngx.say("expected ?gen=N")
                 return
             end
-            local stats, prefix = ngx.shared.bluegreen_stats, "s:" .. gen .. ":"
+            local stats, prefix = ngx.shared[STATS_DICT], "s:" .. gen .. ":"
             for _, key in ipairs(stats:get_keys(0)) do
                 if key:sub(1, #prefix) == prefix then
                     local port, kind = key:sub(#prefix + 1):match("^(%d+):(%w+)$")
@@ -314,7 +349,7 @@ _LUA_INFLIGHT = """\
                 ngx.say("expected ?port=N")
                 return
             end
-            local dict, prefix = ngx.shared.bluegreen, "inflight:" .. port .. ":"
+            local dict, prefix = ngx.shared[TABLE_DICT], "inflight:" .. port .. ":"
             for _, key in ipairs(dict:get_keys(0)) do
                 if key:sub(1, #prefix) == prefix then
                     ngx.say(key:sub(#prefix + 1), " ", dict:get(key) or 0)

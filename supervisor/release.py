@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import hooks, slots
 from .config import other_slot
 from .errors import Aborted, BluegreenError, RolloutAborted
+from .history import PEER
 from .swap import RELEASES, Plan
 from .verdict import Counters, Rules, Verdict, judge
 
@@ -180,6 +181,8 @@ class Release:
             raise BluegreenError(f"nothing to {what}: no swap is paused or rolling out ({running}); `bluegreen swap "
                                  "BUILD --pause` (or --rollout) starts one that waits for promote or abort",
                                  code="not_paused")
+        if self.app.swap is not None and not target.decision.done():
+            self.app.swap.decided = {"what": what, "by": PEER.get(), "at": time.time()}
         target.decide(what)
         return target
 

@@ -22,7 +22,7 @@ from typing import Any
 from .config import Config
 from .errors import NginxError
 from .fsutil import UndoableFile
-from .nginx import CONTROL, Master, ReloadSwitch, render_runtime, title
+from .nginx import CONTROL, Master, ReloadSwitch, render_lua_handlers, render_runtime, title
 from .nginx_process import ManagedNginx
 from .verdict import Counters
 
@@ -43,8 +43,11 @@ class RuntimeSwitch:
         self.control_path = control
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
+        shared = config.nginx.lua_handlers_file
+        # Several apps in one nginx share one copy of the http-level handlers (nginx allows one).
+        self.handlers = UndoableFile(shared) if shared else None
         self.text = render_runtime(config.nginx.upstream_name, route, control, config.release,
-                                   config.rollout.cookie)
+                                   config.rollout.cookie, handlers=shared is None)
         self.undo_port: int | None = None
         self.preview_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
@@ -67,7 +70,10 @@ class RuntimeSwitch:
         return switch
 
     def config_stale(self) -> bool:
-        return self.reloader.upstream.read() != self.text.encode()
+        return self.reloader.upstream.read() != self.text.encode() or self._handlers_stale()
+
+    def _handlers_stale(self) -> bool:
+        return self.handlers is not None and self.handlers.read() != render_lua_handlers().encode()
 
     async def route(self, port: int) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -105,19 +111,24 @@ class RuntimeSwitch:
 
     def clean_stale_temp(self) -> None:
         self.route_file.clean_stale()
-        self.reloader.clean_stale_temp()
+        self.reloader.clean_stale_temp()  # not the shared handlers file's: another daemon may be writing it
 
     async def apply_config(self, port: int) -> dict[str, Any]:
         """Load the nginx part (a reload: a first start in the user's nginx, a daemon upgrade)."""
         self.route_file.replace(f"{port}\n".encode())
         self.route_file.forget()
+        wrote_handlers = self._write_handlers()
         try:
-            result = await self.reloader.apply_config(port)
+            result = await self._reload_with_handlers(port, wrote_handlers)
         except NginxError as e:
             if "unknown directive" in e.message and "lua" in e.message:
                 e.message += (f"; the runtime switch needs nginx's lua module loaded{self.hint or ''}: apt-get install "
                               "libnginx-mod-http-lua (Debian's nginx loads it from /etc/nginx/modules-enabled/), "
                               'or set nginx.switch = "reload"')
+            elif "is duplicate" in e.message:
+                e.message += ("; another app's runtime switch (or your own lua) already has these handlers in this "
+                              "nginx: for several apps, set nginx.lua_handlers_file to the same path in every app's "
+                              "config and include that file once in http {} (README: several apps on one host)")
             elif "is not allowed here" in e.message:
                 e.message += (f"; include {self.reloader.upstream.path} once, directly in the http block "
                               "(outside any server or location)")
@@ -128,6 +139,29 @@ class RuntimeSwitch:
         except OSError:
             pass  # not ours to change (your nginx's root master made it)
         return result
+
+    async def _reload_with_handlers(self, port: int, wrote_handlers: bool) -> dict[str, Any]:
+        """The reload; a handlers file written for it is put back if nginx refuses it."""
+        try:
+            result = await self.reloader.apply_config(port)
+        except BaseException:
+            if wrote_handlers and self.handlers is not None:
+                self.handlers.restore()
+            raise
+        if self.handlers is not None:
+            self.handlers.forget()
+        return result
+
+    def _write_handlers(self) -> bool:
+        """Write the shared handlers file if it differs (every app's daemon writes the same text)."""
+        if not self._handlers_stale() or self.handlers is None:
+            return False
+        try:
+            self.handlers.replace(render_lua_handlers().encode())
+        except OSError as e:
+            raise NginxError(f"cannot write {self.handlers.path}: {e.strerror}; nginx is unchanged",
+                             code="upstream_write_failed") from e
+        return True
 
     async def preview(self, port: int | None) -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody): one table change, read back."""

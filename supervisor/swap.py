@@ -110,6 +110,7 @@ class SwapRecord:
     phase: str | None = None
     from_build: str | None = None
     by: dict[str, Any] | None = None  # who asked (the socket peer); None: the daemon itself
+    decided: dict[str, Any] | None = None  # a paused swap or rollout: who promoted or aborted it, and when
     outcome: str = "running"  # running | done | failed
     traffic: str = "unchanged"  # unchanged | moved | restored: where traffic went, and nothing else
     committed: bool = False

@@ -81,6 +81,13 @@ def managed_nginx(listen: int, switch: str | None = "reload", binary: str | None
     return text + (f'\nbinary = "{binary}"' if binary else "")
 
 
+# What Debian's /etc/nginx/modules-enabled/50-mod-http-lua.conf (and its ndk sibling) load once
+# libnginx-mod-http-lua is installed: the README's snippets for the runtime switch rely on it.
+LUA_MODULES = """
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;"""
+
+
 # The user's own nginx.conf, as the external-mode tests run it: its own prefix, the upstream files
 # bluegreen writes included from conf.d/, and one server per app proxying to its upstream.
 USER_NGINX_CONF = """{modules}

@@ -127,6 +127,19 @@ def test_external_mode_defaults_its_commands() -> None:
     assert c.nginx.reload_command == ("nginx", "-s", "reload")
 
 
+def test_the_shared_lua_handlers_file_is_for_several_runtime_apps_in_your_own_nginx() -> None:
+    external = MINIMAL + '[nginx]\nmode = "external"\nupstream_file = "up.conf"\npid_file = "/run/nginx.pid"\n'
+    c = config.parse(external + 'switch = "runtime"\nlua_handlers_file = "/etc/nginx/bluegreen/lua.conf"\n', CFG)
+    assert c.nginx.lua_handlers_file == Path("/etc/nginx/bluegreen/lua.conf")
+    assert config.parse(external, CFG).nginx.lua_handlers_file is None
+    assert ('nginx.lua_handlers_file: only used with nginx.switch = "runtime"; remove it'
+            in problems(external + 'switch = "reload"\nlua_handlers_file = "lua.conf"\n'))
+    assert any(p.startswith("nginx.lua_handlers_file: must be another file than nginx.upstream_file")
+               for p in problems(external + 'switch = "runtime"\nlua_handlers_file = "./up.conf"\n'))
+    assert ('nginx.lua_handlers_file: only used when nginx.mode = "external"; remove it'
+            in problems(MINIMAL + '[nginx]\nlua_handlers_file = "lua.conf"\n'))
+
+
 def test_socket_path_too_long_for_unix_sockets_is_refused() -> None:
     found = problems(MINIMAL + f'[daemon]\nsocket = "/{"s" * 120}.sock"\n')
     assert found[0].startswith("daemon.socket:") and "at most 107" in found[0]

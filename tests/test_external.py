@@ -11,18 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
+from helpers import LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
-
-# What Debian's /etc/nginx/modules-enabled/50-mod-http-lua.conf (and its ndk sibling) load once
-# libnginx-mod-http-lua is installed: the README's snippet for the runtime switch relies on it.
-LUA_MODULES = """
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;"""
-
 
 @pytest.fixture
 def system_nginx(short_tmp: Path, request: pytest.FixtureRequest):

@@ -1,7 +1,8 @@
 """Several apps on one host (issue 13): one daemon and one config per app (the bluegreen@ unit's
-layout) behind one nginx of the user's, each app's upstream in its own included file. Swaps on
-both apps at the same moment, each under load, reload the same nginx twice at once: neither may
-lose a request, and neither may touch the other's upstream."""
+layout) behind one nginx of the user's, each app's file in the directory its nginx.conf includes
+with one glob. Swaps on both apps at the same moment, each under load, must not lose a request
+nor touch the other's routing: with reloads (two reloads of the same nginx at once) and with
+the runtime switch (two routing tables in one nginx, sharing one copy of the request handlers)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable, Iterator
 
+import psutil
 import pytest
 
 from conftest import render_config
-from helpers import DaemonRun, Load, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
+from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, kill_tree, make_build, user_nginx_conf,
+                     wait_until)
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
@@ -21,78 +25,148 @@ pytestmark = pytest.mark.e2e
 
 APPS = ("shop", "blog")
 
-@pytest.fixture
-def two_apps(short_tmp: Path):
-    nginx = resolve_binary("nginx")
-    assert nginx, "nginx is not installed: run scripts/test"
-    prefix = short_tmp / "nginx"
-    (prefix / "conf.d").mkdir(parents=True)
-    ports = free_ports(6)
-    apps = {app: {"listen": ports[3 * i], "ports": (ports[3 * i + 1], ports[3 * i + 2])} for i, app in enumerate(APPS)}
-    conf = prefix / "nginx.conf"
-    conf.write_text(user_nginx_conf(prefix, {a["listen"]: name for name, a in apps.items()}))
-    for name, a in apps.items():
-        (prefix / "conf.d" / f"{name}.conf").write_text(render_upstream(name, a["ports"][0]))
-    base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    master = subprocess.Popen(base + ["-g", "daemon off;"], start_new_session=True)
-    wait_until(lambda: (prefix / "nginx.pid").exists() and (prefix / "nginx.pid").read_text().strip(), 30,
-               "the user's nginx to start")
-    runs: dict[str, DaemonRun] = {}
-    try:
-        for name, a in apps.items():
-            d = short_tmp / name  # /etc/bluegreen/<app>.toml and its own state_dir, as with bluegreen@<app>
-            d.mkdir()
-            cfg = d / "bluegreen.toml"
-            cfg.write_text(render_config(d, build=make_build(d / "releases", "v1"), ports=a["ports"], listen=a["listen"],
-                                         nginx="\n".join([
-                                             'mode = "external"', 'switch = "reload"',
-                                             f'upstream_file = "{prefix}/conf.d/{name}.conf"',
-                                             f'upstream_name = "{name}"', f'pid_file = "{prefix}/nginx.pid"',
-                                             f'error_log = "{prefix}/error.log"',
-                                             "test_command = [" + ", ".join(f'"{x}"' for x in base + ["-t"]) + "]",
-                                             "reload_command = [" + ", ".join(f'"{x}"' for x in base + ["-s", "reload"])
-                                             + "]"])))
-            runs[name] = DaemonRun(dir=d, config=cfg, listen_port=a["listen"], ports=a["ports"]).start()
-        yield runs, prefix
-    finally:
-        for run in runs.values():
+
+class OneNginx:
+    """The user's nginx (with the lua module loaded, as Debian's is once the package is in),
+    whose http block includes conf.d/*.conf, and a daemon per app started on demand."""
+
+    def __init__(self, root: Path) -> None:
+        nginx = resolve_binary("nginx")
+        assert nginx, "nginx is not installed: run scripts/test"
+        self.root = root
+        self.prefix = root / "nginx"
+        (self.prefix / "conf.d").mkdir(parents=True)
+        ports = free_ports(6)
+        self.apps = {app: {"listen": ports[3 * i], "ports": (ports[3 * i + 1], ports[3 * i + 2])}
+                     for i, app in enumerate(APPS)}
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(user_nginx_conf(self.prefix, {a["listen"]: name for name, a in self.apps.items()}, LUA_MODULES))
+        for name, a in self.apps.items():  # what the user had before bluegreen: plain upstreams
+            self.file(name).write_text(render_upstream(name, a["ports"][0]))
+        self.base = [nginx, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")]
+        self.master = subprocess.Popen(self.base + ["-g", "daemon off;"], start_new_session=True)
+        wait_until(lambda: (self.prefix / "nginx.pid").exists() and (self.prefix / "nginx.pid").read_text().strip(),
+                   30, "the user's nginx to start")
+        self.runs: dict[str, DaemonRun] = {}
+
+    def file(self, name: str) -> Path:
+        return self.prefix / "conf.d" / f"{name}.conf"
+
+    def daemon(self, name: str, switch: str, handlers: Path | None = None, wait: bool = True) -> DaemonRun:
+        """The daemon of app `name` (/etc/bluegreen/<app>.toml and its own state_dir, as with bluegreen@<app>)."""
+        a = self.apps[name]
+        d = self.root / name
+        d.mkdir()
+        nginx = ['mode = "external"', f'switch = "{switch}"', f'upstream_file = "{self.file(name)}"',
+                 f'upstream_name = "{name}"', f'pid_file = "{self.prefix}/nginx.pid"',
+                 f'error_log = "{self.prefix}/error.log"',
+                 "test_command = [" + ", ".join(f'"{x}"' for x in self.base + ["-t"]) + "]",
+                 "reload_command = [" + ", ".join(f'"{x}"' for x in self.base + ["-s", "reload"]) + "]"]
+        if handlers is not None:
+            nginx.append(f'lua_handlers_file = "{handlers}"')
+        cfg = d / "bluegreen.toml"
+        cfg.write_text(render_config(d, build=make_build(d / "releases", "v1"), ports=a["ports"], listen=a["listen"],
+                                     nginx="\n".join(nginx)))
+        self.runs[name] = DaemonRun(dir=d, config=cfg, listen_port=a["listen"], ports=a["ports"])
+        return self.runs[name].start(wait)
+
+    def workers(self) -> set[int]:
+        return {c.pid for c in psutil.Process(self.master.pid).children()}
+
+    def close(self) -> None:
+        for run in self.runs.values():
             run.stop()
-        master.send_signal(signal.SIGQUIT)
+        self.master.send_signal(signal.SIGQUIT)
         try:
-            master.wait(30)
+            self.master.wait(30)
         except subprocess.TimeoutExpired:
             pass
-        kill_tree([master.pid])
+        kill_tree([self.master.pid])
 
 
-def test_two_apps_swapped_at_the_same_moment_behind_one_nginx_lose_nothing(two_apps) -> None:
-    runs, prefix = two_apps
-    for name, run in runs.items():
-        assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
-    builds = {name: make_build(run.dir / "releases", "v2") for name, run in runs.items()}
+@pytest.fixture
+def one_nginx(short_tmp: Path) -> Iterator[OneNginx]:
+    n = OneNginx(short_tmp)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def swap_both_at_once(n: OneNginx, check: Callable[[], None] = lambda: None) -> dict[str, Path]:
+    """Swap every app to v2 at the same instant (a barrier), each under load; no request may fail."""
+    builds = {name: make_build(run.dir / "releases", "v2") for name, run in n.runs.items()}
     results: dict[str, subprocess.CompletedProcess[str]] = {}
-    go = threading.Barrier(len(runs))
+    go = threading.Barrier(len(n.runs))
 
     def swap(name: str) -> None:
         go.wait()
-        results[name] = runs[name].cli("swap", str(builds[name]))
+        results[name] = n.runs[name].cli("swap", str(builds[name]))
 
-    with Load(runs["shop"].listen_port, clients=4) as shop, Load(runs["blog"].listen_port, clients=4) as blog:
+    shop_port, blog_port = (n.runs[a].listen_port for a in APPS)
+    with Load(shop_port, clients=4) as shop, Load(blog_port, clients=4) as blog:
         wait_until(lambda: shop.slow_ok >= 1 and blog.slow_ok >= 1, 60, "load on both apps")
-        threads = [threading.Thread(target=swap, args=(name,)) for name in runs]
+        threads = [threading.Thread(target=swap, args=(name,)) for name in n.runs]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
         wait_until(lambda: shop.versions["v2"] >= 10 and blog.versions["v2"] >= 10, 60, "both apps serving v2")
-    for name in runs:
+        check()
+    for name in n.runs:
         assert results[name].returncode == 0, (name, results[name].stdout, results[name].stderr)
     assert not shop.failures and not blog.failures, (shop.failures, shop.examples, blog.failures, blog.examples)
-    for name, run in runs.items():
+    for name, run in n.runs.items():
         st = run.status()
         assert st["active"]["build"] == str(builds[name]) and st["active"]["port"] == run.ports[1]
-        assert (prefix / "conf.d" / f"{name}.conf").read_text() == render_upstream(name, run.ports[1])
         assert http_get(run.listen_port, "/") == (200, "hello from v2\n")
-    # Each daemon's history names only its own app.
-    for name, run in runs.items():
+        # Each daemon's history names only its own app.
         assert run.cli("history", "--json").stdout.count('"reason": "swap"') == 1
+    return builds
+
+
+def test_two_apps_swapped_at_the_same_moment_behind_one_nginx_lose_nothing(one_nginx: OneNginx) -> None:
+    for name in APPS:
+        one_nginx.daemon(name, "reload")
+        assert http_get(one_nginx.runs[name].listen_port, "/") == (200, "hello from v1\n")
+    swap_both_at_once(one_nginx)
+    for name, run in one_nginx.runs.items():
+        assert one_nginx.file(name).read_text() == render_upstream(name, run.ports[1])
+
+
+def test_two_apps_on_the_runtime_switch_in_one_nginx_swap_at_once_without_a_reload(one_nginx: OneNginx) -> None:
+    handlers = one_nginx.prefix / "conf.d" / "lua-handlers.conf"  # matched by the same conf.d/*.conf glob
+    for name in APPS:  # each first start loads its part with one reload; the first also writes the handlers
+        one_nginx.daemon(name, "runtime", handlers=handlers)
+        assert http_get(one_nginx.runs[name].listen_port, "/") == (200, "hello from v1\n")
+        assert one_nginx.runs[name].status()["nginx"]["switch"] == "runtime"
+    text = handlers.read_text()
+    assert "log_by_lua_block" in text and all("log_by_lua" not in one_nginx.file(a).read_text() for a in APPS)
+    workers = one_nginx.workers()
+
+    swap_both_at_once(one_nginx)
+    # No reload: the same workers served both swaps, and every app's part is as its daemon wrote it.
+    assert one_nginx.workers() == workers
+    assert handlers.read_text() == text
+    # Each app's routing table is its own: rolling one back leaves the other on v2.
+    shop, blog = (one_nginx.runs[a] for a in APPS)
+    assert shop.cli("rollback").returncode == 0
+    assert http_get(shop.listen_port, "/") == (200, "hello from v1\n")
+    assert http_get(blog.listen_port, "/") == (200, "hello from v2\n")
+    assert one_nginx.workers() == workers
+
+
+def test_a_second_runtime_app_without_the_shared_handlers_file_is_refused_with_the_fix(one_nginx: OneNginx) -> None:
+    one_nginx.daemon("shop", "runtime")  # one app: the handlers live in its own file
+    before = one_nginx.file("blog").read_bytes()
+    blog = one_nginx.daemon("blog", "runtime", wait=False)
+    assert blog.proc is not None
+    code = blog.proc.wait(60)
+    out = blog.output()
+    assert code != 0, out
+    assert "is duplicate" in out and "nginx.lua_handlers_file" in out, out  # nginx's words, then the fix
+    # Nothing changed for anyone: blog's file is back byte for byte, shop still answers, and the
+    # refused daemon left no app process behind.
+    assert one_nginx.file("blog").read_bytes() == before
+    assert http_get(one_nginx.runs["shop"].listen_port, "/") == (200, "hello from v1\n")
+    assert blog.leftovers() == []

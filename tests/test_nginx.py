@@ -48,4 +48,4 @@ def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> 
 
     text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
     assert "ngx.var.cookie_pv ==" in text and "local id = ngx.var.cookie_uid\n" in text
-    assert '"uid=" .. id' in text
+    assert 'ctx.bluegreen_new_id, ctx.bluegreen_cookie = id, "uid"' in text

@@ -4,6 +4,8 @@ everyone else stays on the old one, until `promote` or `abort`; in both switch m
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from pathlib import Path
 
@@ -56,6 +58,11 @@ def test_a_paused_swap_previews_the_new_build_to_header_and_cookie_requests_then
     last = st["last_swap"]
     assert last["outcome"] == "done" and last["details"]["paused"]["decision"] == "promote"
     assert not drain.listening(run.ports[0])  # the old build was drained and stopped as usual
+    # The history says who started the swap and who promoted it.
+    entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
+    assert entry["decided"]["what"] == "promote" and entry["decided"]["by"]["uid"] == os.getuid(), entry
+    assert entry["by"]["uid"] == os.getuid() and entry["decided"]["at"] >= entry["started_at"]
+    assert f"promoted by {entry['decided']['by']['user']}" in run.cli("history").stdout
 
 
 def test_abort_ends_the_preview_and_stops_the_standby_with_traffic_never_moved(make_daemon, releases: Path) -> None:
@@ -73,6 +80,8 @@ def test_abort_ends_the_preview_and_stops_the_standby_with_traffic_never_moved(m
     assert not _alive(standby)
     last = run.status()["last_swap"]
     assert last["error"]["code"] == "aborted" and last["traffic"] == "unchanged"
+    entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
+    assert entry["decided"]["what"] == "abort" and entry["decided"]["by"]["uid"] == os.getuid(), entry
     assert run.cli("swap", str(make_build(releases, "v3"))).returncode == 0  # the slot is free again
     assert body(run.listen_port) == "hello from v3\n"
 

@@ -61,6 +61,11 @@ def format_history(entries: list[dict[str, Any]]) -> str:
                      f"{who:<12}  {moved:<30}  {e['outcome']:<12}  {took}")
         phases = " ".join(f"{k} {v:.3f}" for k, v in e.get("durations", {}).items())
         lines.append(f"{'':<21}{phases}")
+        decided = e.get("decided")
+        if decided:
+            who = (decided.get("by") or {}).get("user", "?")
+            lines.append(f"{'':<21}{decided['what']}d by {who} at "
+                         f"{time.strftime('%H:%M:%S', time.localtime(decided['at']))}")
         if e.get("error"):
             lines.append(f"{'':<21}{e['error']['code']}: {e['error']['message']}")
     return "\n".join(lines) + "\n"
