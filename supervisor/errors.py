@@ -22,6 +22,7 @@
     │                              nginx_down             the master is not running
     │                              nginx_leftover         a master from an earlier run holds the prefix
     │                              upstream_write_failed  the upstream file could not be written
+    │                              handlers_missing       nginx does not include nginx.lua_handlers_file
     ├── StateError                 state_write_failed     state.json could not be written
     │                              state_invalid          state.json is corrupt
     ├── Unreachable                unreachable     (client side) no daemon answers on the socket

@@ -208,7 +208,11 @@ SEED
 _LUA_LOG = """\
     local ctx = ngx.ctx
     local key = ctx.bluegreen_key
-    if not key then return end
+    if not key then
+        local probe = ctx.bluegreen_probe  -- a control request asking whether these handlers run
+        if probe then ngx.shared[probe]:incr("handlers", 1, 0) end
+        return
+    end
     ngx.shared[ctx.bluegreen_table]:incr(key, -1, 0)
     local port = ctx.bluegreen_port
     local stats = ngx.shared[ctx.bluegreen_stats]
@@ -358,10 +362,18 @@ _LUA_INFLIGHT = """\
 """
 
 
+# GET: how many control requests the http-level log handler has counted; each GET is counted
+# once it has ended, so the next answer is higher exactly when nginx runs the handlers.
+_LUA_HANDLERS = """\
+            ngx.ctx.bluegreen_probe = TABLE_DICT
+            ngx.say(ngx.shared[TABLE_DICT]:get("handlers") or 0)
+"""
+
+
 def _control_lua() -> dict[str, str]:
     """The control socket's locations (under CONTROL) and what each runs."""
     return {"route": _LUA_ROUTE, "preview": _LUA_PREVIEW, "split": _LUA_SPLIT, "stats": _LUA_STATS,
-            "inflight": _LUA_INFLIGHT}
+            "inflight": _LUA_INFLIGHT, "handlers": _LUA_HANDLERS}
 
 
 def _lua_string(text: str) -> str:
@@ -630,6 +642,13 @@ class ReloadSwitch:
             self.upstream.restore()
         except OSError as e:
             raise _write_failed(self.upstream.path, e) from e
+
+    async def undo(self) -> None:
+        """Put the file from before the last route back and load it (test, reload, confirm):
+        for when something found after a confirmed reload says the new file must not stay."""
+        self._restore()
+        self.undo_port = None
+        await self._apply(0)
 
     async def route_back(self, port: int) -> dict[str, Any]:
         """Undo the last switch, back to `port`, without needing any disk space (the staged copy

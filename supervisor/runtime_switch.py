@@ -36,6 +36,46 @@ def is_worker(pid: int) -> bool:
     return name is not None and name.startswith("nginx: worker process")
 
 
+class SharedHandlers:
+    """The runtime switch's http-level request handlers in a file of their own
+    (nginx.lua_handlers_file), which every app's daemon in one nginx writes with the same text;
+    nginx allows them once. No file: they are in the app's own part."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.file = UndoableFile(path) if path else None
+        self.wrote = False
+
+    def stale(self) -> bool:
+        return self.file is not None and self.file.read() != render_lua_handlers().encode()
+
+    def write(self) -> None:
+        """Write the file if it differs (then `settle` keeps it or puts the previous one back)."""
+        self.wrote = False
+        if self.file is None or not self.stale():
+            return
+        try:
+            self.file.replace(render_lua_handlers().encode())
+        except OSError as e:
+            raise NginxError(f"cannot write {self.file.path}: {e.strerror}; nginx is unchanged",
+                             code="upstream_write_failed") from e
+        self.wrote = True
+
+    def settle(self, kept: bool) -> None:
+        if self.file is not None and self.wrote:
+            if kept:
+                self.file.forget()
+            else:
+                self.file.restore()
+        self.wrote = False
+
+    def missing(self, undone: str) -> NginxError:
+        path = self.file.path if self.file else None
+        return NginxError(f"nginx does not run bluegreen's request handlers from {path} (nginx.lua_handlers_file): "
+                          f"include that file once in nginx's http block (a glob like include "
+                          f"{path.parent if path else ''}/*.conf; does), then restart the daemon; {undone}",
+                          code="handlers_missing")
+
+
 class RuntimeSwitch:
     mode = "runtime"
 
@@ -43,11 +83,9 @@ class RuntimeSwitch:
         self.control_path = control
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
-        shared = config.nginx.lua_handlers_file
-        # Several apps in one nginx share one copy of the http-level handlers (nginx allows one).
-        self.handlers = UndoableFile(shared) if shared else None
+        self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
         self.text = render_runtime(config.nginx.upstream_name, route, control, config.release,
-                                   config.rollout.cookie, handlers=shared is None)
+                                   config.rollout.cookie, handlers=self.handlers.file is None)
         self.undo_port: int | None = None
         self.preview_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
@@ -70,10 +108,7 @@ class RuntimeSwitch:
         return switch
 
     def config_stale(self) -> bool:
-        return self.reloader.upstream.read() != self.text.encode() or self._handlers_stale()
-
-    def _handlers_stale(self) -> bool:
-        return self.handlers is not None and self.handlers.read() != render_lua_handlers().encode()
+        return self.reloader.upstream.read() != self.text.encode() or self.handlers.stale()
 
     async def route(self, port: int) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -117,9 +152,9 @@ class RuntimeSwitch:
         """Load the nginx part (a reload: a first start in the user's nginx, a daemon upgrade)."""
         self.route_file.replace(f"{port}\n".encode())
         self.route_file.forget()
-        wrote_handlers = self._write_handlers()
+        self.handlers.write()
         try:
-            result = await self._reload_with_handlers(port, wrote_handlers)
+            result = await self._reload_with_handlers(port)
         except NginxError as e:
             if "unknown directive" in e.message and "lua" in e.message:
                 e.message += (f"; the runtime switch needs nginx's lua module loaded{self.hint or ''}: apt-get install "
@@ -140,28 +175,34 @@ class RuntimeSwitch:
             pass  # not ours to change (your nginx's root master made it)
         return result
 
-    async def _reload_with_handlers(self, port: int, wrote_handlers: bool) -> dict[str, Any]:
-        """The reload; a handlers file written for it is put back if nginx refuses it."""
+    async def _reload_with_handlers(self, port: int) -> dict[str, Any]:
+        """The reload; a handlers file written for it is put back if nginx refuses it, or if
+        nginx turns out not to include it (then the reload is undone too)."""
         try:
             result = await self.reloader.apply_config(port)
+            if self.handlers.file is not None:
+                await self._require_handlers()
         except BaseException:
-            if wrote_handlers and self.handlers is not None:
-                self.handlers.restore()
+            self.handlers.settle(kept=False)
             raise
-        if self.handlers is not None:
-            self.handlers.forget()
+        self.handlers.settle(kept=True)
         return result
 
-    def _write_handlers(self) -> bool:
-        """Write the shared handlers file if it differs (every app's daemon writes the same text)."""
-        if not self._handlers_stale() or self.handlers is None:
-            return False
+    async def _require_handlers(self) -> None:
+        """nginx runs the shared handlers file, or without them no request would ever count out
+        (every drain would wait its whole timeout): put the previous config back and say so.
+        The probe: a control request is counted by the log handler once it has ended, which is
+        before nginx closes the connection, so a second request sees the count go up."""
+        before = await self._call("GET", f"{CONTROL}handlers")
+        after = await self._call("GET", f"{CONTROL}handlers")
+        if before[0] == after[0] == 200 and before[1].isdigit() and after[1].isdigit() and int(after[1]) > int(before[1]):
+            return
         try:
-            self.handlers.replace(render_lua_handlers().encode())
-        except OSError as e:
-            raise NginxError(f"cannot write {self.handlers.path}: {e.strerror}; nginx is unchanged",
-                             code="upstream_write_failed") from e
-        return True
+            await self.reloader.undo()
+            undone = "your previous config is back"
+        except NginxError as e:
+            undone = f"putting your previous config back failed too: {e.message}"
+        raise self.handlers.missing(undone)
 
     async def preview(self, port: int | None) -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody): one table change, read back."""

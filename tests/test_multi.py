@@ -170,3 +170,21 @@ def test_a_second_runtime_app_without_the_shared_handlers_file_is_refused_with_t
     assert one_nginx.file("blog").read_bytes() == before
     assert http_get(one_nginx.runs["shop"].listen_port, "/") == (200, "hello from v1\n")
     assert blog.leftovers() == []
+
+
+def test_a_shared_handlers_file_nginx_does_not_include_is_found_and_everything_put_back(one_nginx: OneNginx) -> None:
+    """Without the handlers no request would ever count out, so every drain would wait its whole
+    timeout: the daemon asks nginx whether they run, and refuses with the fix when they do not."""
+    elsewhere = one_nginx.root / "not-included"
+    elsewhere.mkdir()
+    before = one_nginx.file("blog").read_bytes()
+    blog = one_nginx.daemon("blog", "runtime", handlers=elsewhere / "lua-handlers.conf", wait=False)
+    assert blog.proc is not None
+    code = blog.proc.wait(60)
+    out = blog.output()
+    assert code != 0, out
+    assert "[handlers_missing]" in out and "include that file once in nginx's http block" in out, out
+    assert "your previous config is back" in out, out
+    assert one_nginx.file("blog").read_bytes() == before  # the user's upstream, loaded again
+    assert not (elsewhere / "lua-handlers.conf").exists()  # written for this start, taken back
+    assert blog.leftovers() == []
