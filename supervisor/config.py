@@ -945,6 +945,21 @@ def _program_from(base: Path, argv: tuple[str, ...] | None) -> tuple[str, ...] |
     return (str(base / argv[0]), *argv[1:])
 
 
+def _nginx_file_problems(n: dict[str, Any], base: Path) -> list[str]:
+    """The files the daemon writes for your nginx: their directory must be there, and writable."""
+    problems = []
+    for key in ("upstream_file", "lua_handlers_file"):
+        if n.get(key) and n.get("mode") == "external":
+            folder = _rel(base, n[key]).parent
+            if not folder.is_dir():
+                problems.append(f"nginx.{key}: the directory {folder} does not exist; create it (the daemon writes "
+                                "the file, your nginx includes it)")
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                problems.append(f"nginx.{key}: the directory {folder} is not writable by this user; the daemon "
+                                "writes the file there")
+    return problems
+
+
 def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bool = True) -> list[str]:
     """What this machine must offer for the config to run, each problem named by its key.
 
@@ -967,6 +982,7 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
         if argv and "{" not in argv[0]:
             problems += hook_problems(name, _rel(base, argv[0]) if os.sep in argv[0] else Path(argv[0]))
     n = v["nginx"]
+    problems += _nginx_file_problems(n, base)
     if n.get("mode") == "managed" and n.get("switch") == "runtime":
         missing = lua_missing(resolve_binary(n.get("binary") or "nginx") or "nginx")
         if missing:

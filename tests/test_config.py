@@ -238,3 +238,18 @@ def test_the_readme_config_reference_is_the_one_generated_from_the_schema() -> N
     assert config.reference() in (ROOT / "README.md").read_text()
     for section, keys in config.SCHEMA.items():
         assert all(key.help for key in keys), f"a key of [{section}] has no help text for the reference"
+
+
+def test_the_files_the_daemon_writes_for_your_nginx_need_their_directory(tmp_path: Path) -> None:
+    cfg = tmp_path / "bluegreen.toml"
+    cfg.write_text(MINIMAL + '[nginx]\nmode = "external"\nswitch = "runtime"\nupstream_file = "conf/up.conf"\n'
+                   'pid_file = "/run/nginx.pid"\nlua_handlers_file = "/nonexistent-bluegreen-dir/lua.conf"\n')
+    r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "-c", str(cfg)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"nginx.upstream_file: the directory {tmp_path / 'conf'} does not exist; create it" in r.stderr, r.stderr
+    assert "nginx.lua_handlers_file: the directory /nonexistent-bluegreen-dir does not exist" in r.stderr, r.stderr
+    (tmp_path / "conf").mkdir()
+    r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "-c", str(cfg)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert "nginx.upstream_file" not in r.stderr and "nginx.lua_handlers_file" in r.stderr, r.stderr
