@@ -255,8 +255,11 @@ class App:
                 # started, then the new process (the standby until commit). Other phases change
                 # neither, so they cost no write; commit's own write records it committed.
                 new = self.standby or (self.active if self.active is not old else None)
+                record = self.swap
                 self.ledger.swap_progress(InterruptedSwap(name, plan.reason, str(plan.build), slot_state(old),
-                                                          slot_state(new) if new else None))
+                                                          slot_state(new) if new else None,
+                                                          record.started_at if record else 0.0,
+                                                          record.by if record else None))
                 if name == Phase.START.value:
                     # No fsync: this is for a daemon killed while its processes run on; a power
                     # loss ends them all (commit's write, which names the build, has one).

@@ -35,6 +35,7 @@
                                    not_paused      promote or abort with no swap paused
                                    too_late        cancel after the switch
                                    cancelled       the swap was cancelled
+                                   interrupted     (history, status) the daemon was killed mid-swap; the next one undid it
                                    shutting_down   the daemon stopped while serving the request
                                    internal        a bug: see the daemon log
 

@@ -54,11 +54,14 @@ class InterruptedSwap:
     build: str
     old: SlotState
     standby: SlotState | None  # the new process: known from the end of `start` on
+    started_at: float = 0.0  # for the history line the next daemon writes when it ends the swap
+    by: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InterruptedSwap":
         return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=SlotState(**d["old"]),
-                   standby=SlotState(**d["standby"]) if d.get("standby") else None)
+                   standby=SlotState(**d["standby"]) if d.get("standby") else None,
+                   started_at=d.get("started_at", 0.0), by=d.get("by"))
 
 
 @dataclass

@@ -112,7 +112,9 @@ class SwapRecord:
     by: dict[str, Any] | None = None  # who asked (the socket peer); None: the daemon itself
     decided: dict[str, Any] | None = None  # a paused swap or rollout: who promoted or aborted it, and when
     outcome: str = "running"  # running | done | failed
-    traffic: str = "unchanged"  # unchanged | moved | restored: where traffic went, and nothing else
+    # unchanged | moved | restored: where traffic went, and nothing else (None: not known, for a
+    # swap a killed daemon left that the next one undid)
+    traffic: str | None = "unchanged"
     committed: bool = False
     durations: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)

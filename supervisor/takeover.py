@@ -4,9 +4,13 @@ running instead of restarting them, finish or undo its interrupted swap, stop it
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from . import adoption, slots
+from .config import other_slot
+from .state import InterruptedSwap
+from .swap import SwapRecord
 
 if TYPE_CHECKING:
     from .app import App
@@ -35,7 +39,7 @@ async def adopt(app: App) -> bool:
     if active is None:
         for p in leftovers:  # they would hold the ports the fresh start needs
             await app.retire(p, drain=False)
-        app.ledger.swap_progress(None)
+        _end_interrupted(app, state.swap, decision.action)
         return False
     try:
         await app.point_nginx_at(active.port, force=decision.switch)
@@ -49,7 +53,30 @@ async def adopt(app: App) -> bool:
     log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
     for p in leftovers:
         await app.retire(p, drain=True)
-    app.ledger.swap_progress(None)
+    _end_interrupted(app, state.swap, decision.action)
     app.serving(active)
     app.ledger.save()
     return True
+
+
+def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Action) -> None:
+    """The interrupted swap is over now: it ends like any swap (status' last swap, the history,
+    the metrics), as finished (its new build serves) or not (what ran before serves, or a fresh start)."""
+    app.ledger.swap_progress(None)
+    if swap is None:
+        return
+    slot = swap.standby.slot if swap.standby else other_slot(swap.old.slot)
+    record = SwapRecord(build=swap.build, to_slot=slot, to_port=app.config.app.port(slot), from_slot=swap.old.slot,
+                        reason=swap.reason, started_at=swap.started_at or time.time(), phase=swap.phase,
+                        from_build=swap.old.build, by=swap.by, finished_at=time.time())
+    killed = f"the daemon was killed during the {swap.reason} (last step recorded: {swap.phase})"
+    if action is adoption.Action.FINISH:
+        record.outcome, record.traffic, record.committed = "done", "moved", True
+        record.warnings.append(f"{killed}; the next daemon finished it")
+    else:
+        # Whether nginx had switched before the kill is not known (traffic None); where it is now is said.
+        record.outcome, record.traffic = "failed", None
+        now = "traffic is on the build that served before" if action is adoption.Action.UNDO else \
+            "both processes were gone, so the daemon started afresh"
+        record.error = {"code": "interrupted", "message": f"{killed}; the next daemon undid it: {now}"}
+    app.ledger.swap_ended(record.to_dict(), keep_progress=False)

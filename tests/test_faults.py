@@ -259,6 +259,18 @@ def test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone(make_
     wait_until(lambda: not drain.listening(other), 30, "the leftover slot to be stopped")
     saved = json.loads((run.dir / "run" / "state.json").read_text())
     assert saved["swap"] is None and saved["active"]["pid"] == st["active"]["pid"]
+    # The interrupted swap ends like any other: one history line (none if the kill came before
+    # anything was recorded), with who asked it and how it ended.
+    entries = [json.loads(x) for x in run.cli("history", "--json").stdout.splitlines()]
+    swaps = [e for e in entries if e["reason"] == "swap"]
+    assert len(swaps) == (0 if state["swap"] is None else 1), entries
+    if swaps:
+        e = swaps[0]
+        assert e["by"]["uid"] == os.getuid() and e["from"] == str(v1) and e["to"] == str(v2), e
+        if committed:
+            assert e["outcome"] == "done" and e["traffic"] == "moved", e
+        else:
+            assert e["outcome"] == "failed" and e["error"]["code"] == "interrupted" and e["traffic"] is None, e
     print(f"\nkill -9 in {phase}: {load.total} requests, failures {dict(load.failures)}")
     assert not load.failures, (load.failures, load.examples)
 
