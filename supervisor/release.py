@@ -181,7 +181,7 @@ class Release:
             raise BluegreenError(f"nothing to {what}: no swap is paused or rolling out ({running}); `bluegreen swap "
                                  "BUILD --pause` (or --rollout) starts one that waits for promote or abort",
                                  code="not_paused")
-        if self.app.swap is not None and not target.decision.done():
+        if self.app.swap is not None:
             self.app.swap.decided = {"what": what, "by": PEER.get(), "at": time.time()}
         target.decide(what)
         return target

@@ -43,10 +43,11 @@ class SharedHandlers:
 
     def __init__(self, path: Path | None) -> None:
         self.file = UndoableFile(path) if path else None
+        self.text = render_lua_handlers().encode()
         self.wrote = False
 
     def stale(self) -> bool:
-        return self.file is not None and self.file.read() != render_lua_handlers().encode()
+        return self.file is not None and self.file.read() != self.text
 
     def write(self) -> None:
         """Write the file if it differs (then `settle` keeps it or puts the previous one back)."""
@@ -54,7 +55,7 @@ class SharedHandlers:
         if self.file is None or not self.stale():
             return
         try:
-            self.file.replace(render_lua_handlers().encode())
+            self.file.replace(self.text)
         except OSError as e:
             raise NginxError(f"cannot write {self.file.path}: {e.strerror}; nginx is unchanged",
                              code="upstream_write_failed") from e

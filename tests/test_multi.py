@@ -10,7 +10,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import psutil
 import pytest
@@ -93,7 +93,7 @@ def one_nginx(short_tmp: Path) -> Iterator[OneNginx]:
         n.close()
 
 
-def swap_both_at_once(n: OneNginx, check: Callable[[], None] = lambda: None) -> dict[str, Path]:
+def swap_both_at_once(n: OneNginx) -> None:
     """Swap every app to v2 at the same instant (a barrier), each under load; no request may fail."""
     builds = {name: make_build(run.dir / "releases", "v2") for name, run in n.runs.items()}
     results: dict[str, subprocess.CompletedProcess[str]] = {}
@@ -112,7 +112,6 @@ def swap_both_at_once(n: OneNginx, check: Callable[[], None] = lambda: None) -> 
         for t in threads:
             t.join(300)
         wait_until(lambda: shop.versions["v2"] >= 10 and blog.versions["v2"] >= 10, 60, "both apps serving v2")
-        check()
     for name in n.runs:
         assert results[name].returncode == 0, (name, results[name].stdout, results[name].stderr)
     assert not shop.failures and not blog.failures, (shop.failures, shop.examples, blog.failures, blog.examples)
@@ -122,7 +121,6 @@ def swap_both_at_once(n: OneNginx, check: Callable[[], None] = lambda: None) -> 
         assert http_get(run.listen_port, "/") == (200, "hello from v2\n")
         # Each daemon's history names only its own app.
         assert run.cli("history", "--json").stdout.count('"reason": "swap"') == 1
-    return builds
 
 
 def test_two_apps_swapped_at_the_same_moment_behind_one_nginx_lose_nothing(one_nginx: OneNginx) -> None:
