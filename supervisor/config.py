@@ -111,6 +111,16 @@ def _log_bytes(v: Any) -> int:
     return v
 
 
+def _url_paths(v: Any) -> tuple[str, ...]:
+    """URL paths: each starts with `/`, with no space, quote, backslash or `]`."""
+    if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+        raise ValueError('expected a list of paths, like ["/health", "/metrics"]')
+    bad = [p for p in v if not re.fullmatch(r"/[^\s\"'\\\]]*", p)]
+    if bad:
+        raise ValueError(f"a path starts with / and has no space, quote, backslash or ]; got {bad[0]!r}")
+    return tuple(v)
+
+
 def _argv(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v):
         raise ValueError('expected a non-empty list of strings, like ["node", "server.js"] (never a shell string)')
@@ -384,6 +394,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             shown="none"),
         Key("step_seconds", _positive, 60.0,
             "seconds each step lasts at least (`--step`)"),
+        Key("step_timeout", _positive, 600.0,
+            "seconds a step may wait for its verdict (a quiet site may take long to reach "
+            "`min_requests`); then the rollout is reverted (`rollout_aborted`, naming the count)"),
+        Key("ignore_paths", _url_paths, [],
+            "request paths never judged (a path, or a prefix ending in `/`): health checks of a load "
+            "balancer, metrics scrapes. The path of `app.ready.url` is never judged either",
+            shown="none"),
         Key("cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_id"), "bluegreen_id",
             "the cookie naming a user; its hash modulo 100 is the user's bucket. nginx sets it when "
             "missing"),
@@ -583,6 +600,8 @@ HOOKS = ("before_switch", "after_switch", "after_failure")
 class RolloutConfig:
     steps: tuple[int, ...] = ()
     step_seconds: float = 60.0
+    step_timeout: float = 600.0
+    ignore_paths: tuple[str, ...] = ()
     cookie: str = "bluegreen_id"
     min_requests: int = 20
     max_error_rate: float = 0.01
@@ -787,6 +806,10 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
         if on and reloads:
             problems.append(f'{key}: needs the runtime switch (nginx.switch = "runtime", or "auto" with '
                             f'libnginx-mod-http-lua); with reloads, remove {key}')
+    ro = v["rollout"]
+    if "step_timeout" in ro and "step_seconds" in ro and ro["step_timeout"] < ro["step_seconds"]:
+        problems.append(f"rollout.step_timeout: {ro['step_timeout']:g}s is shorter than rollout.step_seconds "
+                        f"({ro['step_seconds']:g}s), so no step could pass; raise it")
     for name in HOOKS:
         for i, arg in enumerate(v["hooks"].get(name) or ()):
             problems += placeholder_problems(f"hooks.{name}[{i}]", arg)

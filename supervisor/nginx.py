@@ -96,15 +96,20 @@ def shared_dicts(upstream_name: str) -> tuple[str, str]:
 
 
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
-                   rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True) -> str:
+                   rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True,
+                   unjudged: tuple[str, ...] = ()) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
 
     The table is seeded from the route file, which the daemon writes before every change, when
     it has no port yet (a fresh nginx); `add` never clobbers a live value. The balancer counts
     each request in flight per port *and worker pid*, once; the log phase (run for every
-    request, failed ones too) counts it out. A worker killed mid-request never counts out, so
-    the daemon ignores the counts of workers that are gone. Preview, split, counters: see the
-    lua below. Control: Unix socket only.
+    request, failed ones too) counts it out. What was counted rides in the request variable
+    $bluegreen_request, which survives internal redirects (error_page, X-Accel-Redirect,
+    try_files), unlike ngx.ctx. A worker killed mid-request never counts out, so the daemon
+    ignores the counts of workers that are gone. Subrequests (auth_request, mirror) are routed
+    but never counted: nginx runs no log phase for them. Requests to `unjudged` paths (a path,
+    or a prefix ending in `/`) are counted in flight but never judged by a watch. Preview,
+    split, counters: see the lua below. Control: Unix socket only.
 
     Everything here is per app (named after the upstream) except the http-level request
     handlers (render_lua_handlers), which nginx allows once per http block: with `handlers`
@@ -113,9 +118,10 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     header, cookie = preview_vars(release)
     table, stats = shared_dicts(upstream_name)
     seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route)))
+    ignored = "{" + ", ".join(_lua_string(p) for p in unjudged) + "}"
     balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"') \
-        .replace("ROLLOUT_COOKIE_NAME", f'"{rollout_cookie}"').replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}") \
-        .replace("SEED\n", textwrap.indent(seed, " " * 16))
+        .replace("ROLLOUT_COOKIE_NAME", rollout_cookie).replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}") \
+        .replace("UNJUDGED", ignored).replace("SEED\n", textwrap.indent(seed, " " * 16))
     control_locations = "".join(
         f"    location = {CONTROL}{name} {{\n        content_by_lua_block {{\n"
         + lua.replace("SEED\n", textwrap.indent(seed, " " * 16))
@@ -132,16 +138,31 @@ server {{
     listen "unix:{control}";
     client_max_body_size 64;
     access_log off;
+    # Declares the request variable the balancer keeps what it counted in (nginx variables are
+    # global by name; a `set` anywhere makes it writable everywhere).
+    set $bluegreen_request "";
 {control_locations}}}
 """
     # Names checked by config.py (letters, digits, `_`, `.`, `-`): plain lua strings.
-    return text.replace("TABLE_DICT", f'"{table}"').replace("STATS_DICT", f'"{stats}"')
+    return text.replace("TABLE_DICT", f'"{table}"').replace("STATS_DICT", f'"{stats}"') \
+        .replace("APP_NAME", f'"{upstream_name}"')
+
+
+def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True) -> str:
+    """render_runtime for this app's config: what the managed nginx and the user's nginx include.
+    The path of app.ready.url is never judged, besides rollout.ignore_paths."""
+    from urllib.parse import urlsplit
+
+    ready = config.app.ready.url
+    unjudged = config.rollout.ignore_paths + ((urlsplit(ready).path or "/",) if ready else ())
+    return render_runtime(config.nginx.upstream_name, route, control, config.release, config.rollout.cookie,
+                          handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)))
 
 
 def render_lua_handlers() -> str:
     """The runtime switch's http-level request handlers: they count a request out and set the
-    rollout cookie, for whichever app's balancer picked the request (its dict names ride in
-    ngx.ctx), so one copy serves every app in the nginx."""
+    rollout cookie, for whichever app's balancer picked the request (its name rides in the
+    request variable $bluegreen_request), so one copy serves every app in the nginx."""
     return f"""log_by_lua_block {{
 {_LUA_LOG}}}
 header_filter_by_lua_block {{
@@ -149,50 +170,82 @@ header_filter_by_lua_block {{
 """
 
 
+def render_seed(upstream_name: str, route: Path) -> str:
+    """An init_by_lua block that seeds the table from the route file as nginx (re)loads its
+    config: in the master, before the workers drop their privileges (a managed nginx whose
+    workers run as nginx.user may not reach a private state_dir)."""
+    table, _ = shared_dicts(upstream_name)
+    seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route))).replace("TABLE_DICT", f'"{table}"')
+    return "init_by_lua_block {\n    local dict = ngx.shared[" + f'"{table}"' + "]\n" + textwrap.indent(seed, "    ") + "}\n"
+
+
 # A fresh nginx has no port in the table: it takes the one in the route file (written before
-# every change). `add` leaves a value set meanwhile alone, and a reload keeps the table.
+# every change). `add` leaves a value set meanwhile alone, and a reload keeps the table. A file
+# nginx cannot read is said in its error log (a 0700 directory and workers running as www-data).
 _LUA_SEED = """\
-local f = io.open(ROUTE_FILE, "r")
+local f, err = io.open(ROUTE_FILE, "r")
 if f then
     local p = tonumber(f:read("*l") or "")
     f:close()
     if p then dict:add("port", p) end
+else
+    ngx.log(ngx.ERR, "bluegreen: cannot read the route file: ", err, " (nginx's user must be able to read it)")
 end
 """
 
-# Picks the port once per request (retries keep it) and counts the request in. A preview request
-# goes to the preview port; during a split, a user whose bucket (a stable hash of the rollout
-# cookie, else of the address, modulo 100) is below the share goes to the candidate. While a
-# watch generation is set, the request is counted for it.
+# Picks the port once per request (retries and internal redirects keep it) and counts the request
+# in. A preview request goes to the preview port; during a split, a user whose bucket (a stable
+# hash of the rollout cookie modulo 100) is below the share goes to the candidate. A user without
+# the cookie gets a random id (many users may share one address: NAT, a load balancer), sent back
+# in the cookie. What was counted goes in $bluegreen_request: "port gen app judged id cookie".
 _LUA_BALANCER = """\
         local dict = ngx.shared[TABLE_DICT]
-        local ctx = ngx.ctx
-        local port = ctx.bluegreen_port
+        local state = ngx.var.bluegreen_request or ""
+        local port
+        if state ~= "" then
+            local p, app = state:match("^(%d+) %d+ (%S+)")
+            if app == APP_NAME then port = tonumber(p) end
+        end
         if not port then
             port = dict:get("port")
             if not port then
 SEED
                 port = dict:get("port")
             end
+            local id = "-"
             local preview = dict:get("preview")
             if preview and (PREVIEW_MATCH) then
                 port = preview
             else
                 local cand = dict:get("cand")
                 if cand then
-                    local id = ngx.var.ROLLOUT_COOKIE
-                    if not id or id == "" then
-                        id = ngx.md5(ngx.var.remote_addr or ""):sub(1, 16)
-                        ctx.bluegreen_new_id, ctx.bluegreen_cookie = id, ROLLOUT_COOKIE_NAME
+                    local user = ngx.var.ROLLOUT_COOKIE
+                    if not user or user == "" then
+                        user = ngx.md5(ngx.worker.pid() .. " " .. ngx.var.connection .. " "
+                                       .. ngx.var.connection_requests .. " " .. ngx.now() .. " "
+                                       .. math.random()):sub(1, 16)
+                        id = user
                     end
-                    if ngx.crc32_short(id) % 100 < (dict:get("share") or 0) then port = cand end
+                    if ngx.crc32_short(user) % 100 < (dict:get("share") or 0) then port = cand end
                 end
             end
-            if not port then return ngx.exit(502) end
-            local key = "inflight:" .. port .. ":" .. ngx.worker.pid()
-            ctx.bluegreen_port, ctx.bluegreen_key, ctx.bluegreen_gen = port, key, dict:get("gen")
-            ctx.bluegreen_table, ctx.bluegreen_stats = TABLE_DICT, STATS_DICT
-            dict:incr(key, 1, 0)
+            if not port then
+                ngx.log(ngx.ERR, "bluegreen: no route for ", APP_NAME, " yet (the daemon sets it)")
+                return ngx.exit(502)
+            end
+            if state == "" and not ngx.is_subrequest then
+                local judged, uri = 1, ngx.var.uri or ""
+                for _, p in ipairs(UNJUDGED) do
+                    if uri == p or (p:sub(-1) == "/" and uri:sub(1, #p) == p)
+                            or uri:sub(1, #p + 1) == p .. "/" then
+                        judged = 0
+                        break
+                    end
+                end
+                dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), 1, 0)
+                ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. APP_NAME .. " "
+                    .. judged .. " " .. id .. " ROLLOUT_COOKIE_NAME"
+            end
         end
         local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
         if not ok then
@@ -204,30 +257,34 @@ SEED
 # Counts the request out, and counts it per upstream port: always in generation 0 (requests,
 # 5xx answers, upstream errors: no answer header from the app, i.e. refused, reset, timed out;
 # since nginx started, for the metrics), and for a watch generation also its latency bucket
-# (see verdict.py). The dicts are the ones of the app whose balancer took the request.
+# (see verdict.py). A client that hung up first (499) says nothing about the app: not judged,
+# nor are the app's unjudged paths. The dicts are those of the app whose balancer took it.
 _LUA_LOG = """\
-    local ctx = ngx.ctx
-    local key = ctx.bluegreen_key
-    if not key then
-        local probe = ctx.bluegreen_probe  -- a control request asking whether these handlers run
+    local state = ngx.var.bluegreen_request
+    if not state or state == "" then
+        local probe = ngx.ctx.bluegreen_probe  -- a control request asking whether these handlers run
         if probe then ngx.shared[probe]:incr("handlers", 1, 0) end
         return
     end
-    ngx.shared[ctx.bluegreen_table]:incr(key, -1, 0)
-    local port = ctx.bluegreen_port
-    local stats = ngx.shared[ctx.bluegreen_stats]
+    local port, gen, app, judged = state:match("^(%d+) (%d+) (%S+) (%d)")
+    if not port then return end
+    local dict = ngx.shared["bluegreen." .. app]
+    if not dict then return end
+    dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), -1, 0)
+    local status = tonumber(ngx.var.status) or 0
+    if judged ~= "1" or status == 499 then return end
+    local stats = ngx.shared["bluegreen." .. app .. ".stats"]
     local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
     local kind = nil
     if not header or header == "-" then
         kind = "err"
-    elseif (tonumber(ngx.var.status) or 0) >= 500 then
+    elseif status >= 500 then
         kind = "5xx"
     end
     local total = "s:0:" .. port .. ":"
     stats:incr(total .. "n", 1, 0)
     if kind then stats:incr(total .. kind, 1, 0) end
-    local gen = ctx.bluegreen_gen
-    if gen then
+    if gen ~= "0" then
         local p = "s:" .. gen .. ":" .. port .. ":"
         stats:incr(p .. "n", 1, 0)
         if kind then stats:incr(p .. kind, 1, 0) end
@@ -236,12 +293,13 @@ _LUA_LOG = """\
     end
 """
 
-# A user met for the first time during a split keeps the bucket it was given: its id (the hash
-# of its address) goes back in the rollout cookie, next to any cookie the app sets.
+# A user met for the first time during a split keeps the bucket it was given: its new id goes
+# back in the rollout cookie, next to any cookie the app sets.
 _LUA_COOKIE = """\
-    local id = ngx.ctx.bluegreen_new_id
+    local state = ngx.var.bluegreen_request
+    local id, name = (state or ""):match(" (%x+) (%S+)$")
     if id then
-        local cookie = ngx.ctx.bluegreen_cookie .. "=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+        local cookie = name .. "=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
         local h = ngx.header["Set-Cookie"]
         if h == nil then
             ngx.header["Set-Cookie"] = cookie
@@ -370,10 +428,23 @@ _LUA_HANDLERS = """\
 """
 
 
+# GET: the whole routing state, "port preview candidate share gen" (0 for unset): what the daemon
+# compares with what it set, to find an nginx restarted behind its back (a restart empties the
+# table; the route file brings the port back, nothing else).
+_LUA_STATE = """\
+            local dict = ngx.shared[TABLE_DICT]
+            if not dict:get("port") then
+SEED
+            end
+            ngx.say((dict:get("port") or 0) .. " " .. (dict:get("preview") or 0) .. " " .. (dict:get("cand") or 0)
+                    .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
+"""
+
+
 def _control_lua() -> dict[str, str]:
     """The control socket's locations (under CONTROL) and what each runs."""
     return {"route": _LUA_ROUTE, "preview": _LUA_PREVIEW, "split": _LUA_SPLIT, "stats": _LUA_STATS,
-            "inflight": _LUA_INFLIGHT, "handlers": _LUA_HANDLERS}
+            "inflight": _LUA_INFLIGHT, "handlers": _LUA_HANDLERS, "state": _LUA_STATE}
 
 
 def _lua_string(text: str) -> str:
@@ -394,6 +465,7 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     # cuts; nginx's is the backstop (e.g. when the daemon itself is gone).
     drain = math.ceil(config.drain.timeout) + 1
     modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if runtime else ""
+    seed = textwrap.indent(render_seed(n.upstream_name, prefix / "route"), "    ") if runtime else ""
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
     # The runtime balancer picks the preview itself; with reloads, the upstream file's maps do.
     target = n.upstream_name if runtime else "$" + route_variable(n.upstream_name)
@@ -420,7 +492,7 @@ http {{
     }}
 
     include {quote(upstream)};
-
+{seed}
     server {{
         listen {n.listen};
 {private}        location / {{

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import NginxError, PortInUse
 from .fsutil import atomic_write
 from .logs import NginxLogs
-from .nginx import (TEMP_KINDS, ErrorLog, render_managed_conf, render_runtime, render_upstream, run_command, workers,
+from .nginx import (TEMP_KINDS, ErrorLog, render_managed_conf, render_upstream, runtime_part, run_command, workers,
                     write_upstream)
 
 
@@ -130,8 +130,7 @@ class ManagedNginx:
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, self._conf())
-        upstream = (render_runtime(self.n.upstream_name, self.route_path, self.control_path, self.config.release,
-                                   self.config.rollout.cookie)
+        upstream = (runtime_part(self.config, self.route_path, self.control_path)
                     if self.runtime else render_upstream(self.n.upstream_name, port, release=self.config.release))
         write_upstream(self.upstream_path, upstream.encode())
         atomic_write(self.route_path, f"{port}\n".encode())

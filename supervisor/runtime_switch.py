@@ -22,12 +22,18 @@ from typing import Any
 from .config import Config
 from .errors import NginxError
 from .fsutil import UndoableFile
-from .nginx import CONTROL, Master, ReloadSwitch, render_lua_handlers, render_runtime, title
+from .nginx import CONTROL, Master, ReloadSwitch, render_lua_handlers, runtime_part, title
 from .nginx_process import ManagedNginx
 from .verdict import Counters
 
 TIMEOUT = 5.0
 POLL = 0.005
+
+
+def route_file_of(upstream: Path) -> Path:
+    """Where the runtime switch keeps the port a fresh nginx routes to, in your nginx: a dotfile
+    beside the upstream file (no `include *.conf` picks it up)."""
+    return upstream.with_name(f".{upstream.name}.route")
 
 
 def is_worker(pid: int) -> bool:
@@ -85,8 +91,7 @@ class RuntimeSwitch:
         self.hint = ""  # what else the control socket needs, said when it does not answer
         self.route_file = UndoableFile(route)
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
-        self.text = render_runtime(config.nginx.upstream_name, route, control, config.release,
-                                   config.rollout.cookie, handlers=self.handlers.file is None)
+        self.text = runtime_part(config, route, control, handlers=self.handlers.file is None)
         self.undo_port: int | None = None
         self.preview_port: int | None = None
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
@@ -99,11 +104,12 @@ class RuntimeSwitch:
     @classmethod
     def external(cls, config: Config, master: Master) -> "RuntimeSwitch":
         """In the user's nginx: its master (root) creates the control socket in a directory only
-        the daemon's user can enter, and reads the route file at (re)load."""
+        the daemon's user can enter. The route file lies beside the upstream file, where nginx's
+        workers (www-data on Debian) can read it when a restarted nginx seeds its table."""
         where = config.daemon.state_dir / "switch"
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         where.chmod(0o700)
-        switch = cls(config, master, where / "route", where / "control.sock")
+        switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock")
         switch.hint = (f" and {config.nginx.upstream_file} included in its http block "
                        "(README: the runtime switch with your own nginx)")
         return switch

@@ -10,12 +10,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import DaemonRun, example_config, free_ports, make_build  # noqa: E402
+from helpers import DaemonRun, example_config, free_ports, make_build, release_ports  # noqa: E402
 
 
 def needs(binary: str) -> None:
     if shutil.which(binary) is None and shutil.which(binary, path="/usr/sbin") is None:
         pytest.fail(f"{binary} is not installed: run scripts/test, which installs it")
+
+
+@pytest.fixture(autouse=True)
+def _ports_released() -> Iterator[None]:
+    """Every test's ports go back to the pool when its teardown (servers stopped) is done."""
+    yield
+    release_ports()
 
 
 @pytest.fixture

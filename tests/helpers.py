@@ -40,7 +40,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, describe: st
 
 # Ports for servers the tests start come from below the kernel's ephemeral range (32768+), so no
 # outgoing connection on the host can take one between picking it and binding it. Overlapping
-# test runs coordinate through one lock file per port, held until this process exits.
+# tests (and test runs) coordinate through one lock file per port, held until the test ends.
 PORT_RANGE = range(20000, 32000)
 PORT_LOCKS = Path("/tmp/bluegreen-test-ports")
 _held: list[int] = []
@@ -68,9 +68,15 @@ def free_ports(n: int) -> list[int]:
             except OSError:
                 os.close(fd)
                 continue
-        _held.append(fd)  # the lock lives as long as this test process
+        _held.append(fd)  # held until the test ends (release_ports)
         picked.append(port)
     return picked
+
+
+def release_ports() -> None:
+    """The test is over and every server it started is gone: its ports are free for others."""
+    while _held:
+        os.close(_held.pop())
 
 
 def managed_nginx(listen: int, switch: str | None = "reload", binary: str | None = None) -> str:
@@ -221,10 +227,18 @@ class DaemonRun:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
     def status(self) -> dict[str, Any] | None:
-        r = bluegreen("status", "--json", "--socket", str(self.socket), timeout=30)
-        if r.returncode != 0:
+        """What `bluegreen status --json` prints, asked on the socket directly (no CLI start per poll);
+        None while the daemon does not answer."""
+        from supervisor import client
+        from supervisor.errors import Unreachable
+
+        try:
+            reply = client.final(self.socket, {"cmd": "status"}, first=30)
+        except Unreachable:
             return None
-        st = json.loads(r.stdout)
+        if not reply.get("ok"):
+            return None
+        st: dict[str, Any] = reply["result"]
         self.remember(st)
         return st
 

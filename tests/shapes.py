@@ -1,0 +1,170 @@
+"""The two nginx shapes every end-to-end promise is checked on:
+
+- managed: the daemon's own nginx, its workers unprivileged (`nginx.user = "www-data"`);
+- debian: the user's nginx as Debian ships it: master root, `user www-data;`, the lua module
+  loaded as modules-enabled/ does, `error_page` lines and several locations; bluegreen in
+  external mode with the runtime switch.
+
+And an app that answers what these tests need: `/` (its version), `/health`, `/missing` (404),
+`/boom` (500), `/slow?ms=N`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from helpers import LUA_MODULES, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
+from supervisor.config import resolve_binary
+
+SHAPES = ("managed", "debian")
+
+APP = """
+const http = require('http');
+const version = 'VERSION';
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://x');
+  const answer = (status, text) => { res.writeHead(status, {'content-type': 'text/plain'}); res.end(text); };
+  if (url.pathname === '/health') return answer(200, 'ok\\n');
+  if (url.pathname === '/missing') return answer(404, 'no such page\\n');
+  if (url.pathname === '/boom') return answer(500, 'boom\\n');
+  if (url.pathname === '/slow') return setTimeout(() => answer(200, `${version} slow\\n`), Number(url.searchParams.get('ms') || 1000));
+  answer(FAIL && (n++ * 37) % 100 < FAIL ? 500 : 200, `hello from ${version}\\n`);
+});
+let n = 0;
+server.listen(Number(process.env.PORT), '127.0.0.1');
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
+"""
+
+
+def app_build(parent: Path, name: str, fail: int = 0) -> Path:
+    """A build of APP: `fail` % of its answers on `/` are 500s (spread evenly)."""
+    return make_build(parent, name, server_js=APP.replace("VERSION", name).replace("FAIL", str(fail)))
+
+
+DEBIAN_CONF = """{modules}
+user www-data;
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/conf.d/*.conf;
+    server {{
+        listen 127.0.0.1:{listen};
+        error_page 404 /404.html;
+        error_page 500 502 503 504 /50x.html;
+        location = /404.html {{ root {prefix}/html; internal; }}
+        location = /50x.html {{ root {prefix}/html; internal; }}
+        location /static/ {{ alias {prefix}/html/; }}
+        location /api/ {{
+            proxy_pass http://myapp;
+            proxy_set_header Host $host;
+        }}
+        location / {{
+            proxy_pass http://myapp;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_intercept_errors on;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class DebianNginx:
+    """The user's nginx: started, stopped and restarted by the test, never by bluegreen."""
+
+    prefix: Path
+    listen: int
+    master: subprocess.Popen[bytes] | None = None
+    masters: list[int] = field(default_factory=list)
+
+    @property
+    def base(self) -> list[str]:
+        nginx = resolve_binary("nginx")
+        assert nginx, "nginx is not installed: run scripts/test"
+        return [nginx, "-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), "-e", str(self.prefix / "error.log")]
+
+    def start(self) -> None:
+        pid_file = self.prefix / "nginx.pid"
+        pid_file.unlink(missing_ok=True)
+        self.master = subprocess.Popen(self.base + ["-g", "daemon off;"], start_new_session=True)
+        self.masters.append(self.master.pid)
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "the user's nginx to start")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """`nginx -s stop` (SIGTERM) or `-s quit` (SIGQUIT): what systemctl restart or an upgrade does."""
+        assert self.master is not None
+        self.master.send_signal(sig)
+        self.master.wait(30)
+
+    def close(self) -> None:
+        if self.master is not None and self.master.poll() is None:
+            self.stop(signal.SIGQUIT)
+        kill_tree(self.masters)
+
+
+def debian_nginx(d: Path, listen: int, upstream_port: int) -> DebianNginx:
+    prefix = d / "nginx"
+    (prefix / "conf.d").mkdir(parents=True)
+    (prefix / "html").mkdir()
+    (prefix / "html" / "404.html").write_text("not found (nginx's page)\n")
+    (prefix / "html" / "50x.html").write_text("sorry (nginx's page)\n")
+    # Like /etc/nginx: anyone may enter it (the workers are www-data).
+    for p in (d, prefix, prefix / "conf.d", prefix / "html"):
+        p.chmod(0o755)
+    from supervisor.nginx import render_upstream
+
+    (prefix / "conf.d" / "myapp.conf").write_text(render_upstream("myapp", upstream_port))
+    (prefix / "nginx.conf").write_text(DEBIAN_CONF.format(modules=LUA_MODULES, prefix=prefix, listen=listen))
+    n = DebianNginx(prefix, listen)
+    n.start()
+    return n
+
+
+def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: Path, extra: str = "",
+             start: bool = True, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+    """A daemon with the runtime switch on `shape`; for debian also the user's nginx (closed by the caller)."""
+    listen, blue, green = free_ports(3)
+    if shape == "managed":
+        nginx = managed_nginx(listen, "runtime") + '\nuser = "www-data"'
+        run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
+        return (run.start() if start else run), None
+    user = debian_nginx(d, listen, blue)
+    base = user.base
+    nginx = "\n".join([
+        'mode = "external"', 'switch = "runtime"', 'upstream_name = "myapp"',
+        f'upstream_file = "{user.prefix}/conf.d/myapp.conf"', f'pid_file = "{user.prefix}/nginx.pid"',
+        f'error_log = "{user.prefix}/error.log"',
+        "test_command = [" + ", ".join(f'"{a}"' for a in base + ["-t"]) + "]",
+        "reload_command = [" + ", ".join(f'"{a}"' for a in base + ["-s", "reload"]) + "]"])
+    run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
+    try:
+        return (run.start() if start else run), user
+    except BaseException:
+        user.close()
+        raise
+
+
+def worker_users(master: int) -> set[str]:
+    import psutil
+
+    return {c.username() for c in psutil.Process(master).children()}
+
+
+def os_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
