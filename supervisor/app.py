@@ -120,7 +120,9 @@ class App:
         """Make nginx send traffic to `port`: start the managed nginx if it is not running, else
         switch when forced, when its config changed, or when its routing names another port."""
         if self.managed is not None and not self.managed.alive():
-            info = await self.managed.start(port)
+            async with self.proxy.lock:
+                info = await self.managed.start(port)
+                self.proxy.port = port
             log.info("managed nginx pid %s listening on %s", info["pid"], info["listen"])
             return
         changed = self.managed is not None and await self.managed.ensure_config()
@@ -130,6 +132,7 @@ class App:
         elif force or await self.proxy.routed_port() != port:
             await self.proxy.route(port)
             log.info("nginx switched to port %d", port)
+        self.proxy.port = port
 
     # ---- processes
 

@@ -10,11 +10,13 @@
     ├── AppError                   app_exited      the app process died (at start, before ready, after the switch)
     │   │                          not_ready       the readiness check never passed in time
     │   │                          start_failed    the command could not be executed at all
-    │   └── AppDied                app_exited      the new build died while the old one drained
+    │   └── AppDied                app_exited      the new build died while the old one still ran (preview, rollout
+    │                                              step, drain, watch, after_switch): traffic went back at once
     ├── ChecksFailed               checks_failed   a smoke check ([[release.checks]]) failed on the standby
     ├── HookFailed                 hook_failed     a hook ([hooks]) failed, timed out or could not run
     ├── RolloutAborted             rollout_aborted a rollout step judged the new build unhealthy: everyone is back on the old
     │                              rollout_unavailable  a rollout needs the runtime switch
+    │                              (a step that reaches no verdict within rollout.step_timeout is aborted too)
     ├── Aborted                    aborted         a paused swap was aborted (bluegreen abort, the active build died)
     │                              pause_timeout   a paused swap saw no promote or abort within release.pause_timeout
     ├── NginxError                 nginx_test_failed      `nginx -t` rejected the config
@@ -23,6 +25,7 @@
     │                              nginx_leftover         a master from an earlier run holds the prefix
     │                              upstream_write_failed  the upstream file could not be written
     │                              handlers_missing       nginx does not include nginx.lua_handlers_file
+    │                              watch_failed           a watch could not read nginx's counters (traffic went back)
     ├── StateError                 state_write_failed     state.json could not be written
     │                              state_invalid          state.json is corrupt
     ├── Unreachable                unreachable     (client side) no daemon answers on the socket

@@ -18,6 +18,7 @@ from .state import DaemonStatus
 
 log = logging.getLogger("bluegreen")
 POLL = 0.25
+RECONCILE = 1.0  # seconds between two comparisons of nginx's routing table with what it was told
 
 
 class Monitor:
@@ -27,24 +28,29 @@ class Monitor:
         self.nginx_failures = 0  # failed restarts of the managed nginx in a row
         self.nginx_retry_at = 0.0
         self.health_failures = 0
+        self.reconcile_failed = False  # said once, until nginx answers again
 
     async def run(self) -> None:
+        """Supervise, whatever runs: nginx always (restarted when it dies, its routing put back
+        when it forgot it); the active build's death and liveness when no swap runs, and while
+        a swap waits on a person or a verdict (paused, rolling out). The swap itself reacts to its
+        new build dying (swap.py) and to the old one dying in those phases."""
         app = self.app
         next_health = time.monotonic() + app.config.app.health.interval
+        next_reconcile = 0.0
         while True:
             await self._wait_for_an_exit(POLL)
-            if app.swap_task is not None and not app.swap_task.done() and app.release.pause is None:
-                # A swap replaces the active app anyway, and reacts itself to a new build that dies
-                # while the old one drains. (wait, not gather: cancelling the monitor must not
-                # cancel the swap.) A paused swap may wait for an hour: what serves is watched
-                # meanwhile, and a dead active build ends the pause (recover).
-                await asyncio.wait({app.swap_task})
-                continue
             try:
-                if app.ledger.unsaved:
-                    await app.retry_save()
                 if app.managed is not None and not app.managed.alive() and time.monotonic() >= self.nginx_retry_at:
                     await self.restart_nginx(app.managed)
+                elif app.proxy.mode == "runtime" and time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + RECONCILE
+                    await self.reconcile()
+                waiting = app.release.pause is not None or app.release.rolling is not None
+                if app.swapping() and not waiting:
+                    continue  # a short phase: the swap replaces or watches what serves itself
+                if app.ledger.unsaved and not app.swapping():
+                    await app.retry_save()
                 if app.active is not None and not app.active.alive() \
                         and app.status in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
                     await self.recover()
@@ -55,6 +61,22 @@ class Monitor:
                 raise
             except Exception:  # the monitor must outlive any single failure
                 log.exception("monitor error")
+
+    async def reconcile(self) -> None:
+        """An nginx restarted behind the daemon's back (your `systemctl restart nginx`) comes back
+        with an empty routing table: put back what it was told (the port comes from the route file
+        by itself; the preview and a rollout's split do not)."""
+        try:
+            again = await self.app.proxy.reconcile()
+        except BluegreenError as e:
+            if not self.reconcile_failed:
+                log.warning("could not read nginx's routing state: %s", e.message)
+            self.reconcile_failed = True
+            return
+        self.reconcile_failed = False
+        if again:
+            log.warning("nginx had forgotten its routing (restarted?): set again: %s", again)
+            self.app.event("routing_restored", what=again)
 
     async def _wait_for_an_exit(self, timeout: float) -> None:
         app = self.app
@@ -78,10 +100,13 @@ class Monitor:
             log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
                       (": " + " | ".join(lines)) if lines else "")
             app.event("nginx_died", pid=managed.pid)
-        app.status = DaemonStatus.RECOVERING
-        port = app.active.port if app.active else app.config.app.port("blue")
+        if not app.swapping():
+            app.status = DaemonStatus.RECOVERING
+        port = app.proxy.port or (app.active.port if app.active else app.config.app.port("blue"))
         try:
-            info = await managed.start(port)
+            async with app.proxy.lock:  # no swap changes the routing meanwhile
+                info = await managed.start(port)
+                again = await app.proxy.reconcile()  # the preview, a rollout's split
         except BluegreenError as e:
             self.nginx_failures += 1
             delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
@@ -92,15 +117,9 @@ class Monitor:
             app.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
             return
         self.nginx_failures, app.warning, app.nginx_down = 0, None, None
-        if app.proxy.preview_port is not None:  # a new master knows no preview: set it again
-            port, app.proxy.preview_port = app.proxy.preview_port, None
-            try:
-                await app.proxy.preview(port)
-            except BluegreenError as e:
-                log.error("could not set the preview again after the nginx restart: %s", e.message)
         if app.status == DaemonStatus.RECOVERING:
             app.status = DaemonStatus.SERVING
-        app.event("nginx_restarted", pid=info["pid"])
+        app.event("nginx_restarted", pid=info["pid"], **({"routing": again} if again else {}))
         if app.active is not None:
             app.serving(app.active)
         app.ledger.save_quietly()

@@ -28,6 +28,7 @@ from . import procs
 from .config import LUA_MODULES, Config, ReleaseConfig
 from .errors import NginxError
 from .fsutil import UndoableFile, atomic_write
+from .proxy import RoutingLock, routing
 
 PLAIN_WORKER = "nginx: worker process"
 POLL = 0.005
@@ -638,6 +639,8 @@ class ReloadSwitch:
         self.old_generation: set[int] = set()
         self.undo_port: int | None = None  # where the staged previous upstream sends traffic
         self.signalled = False
+        self.port: int | None = None  # where the last confirmed route sends traffic
+        self.lock = RoutingLock()
 
     async def routed_port(self) -> int | None:
         """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
@@ -655,9 +658,20 @@ class ReloadSwitch:
         """nginx's own config changed: load it (a reload), sending traffic to `port`."""
         return await self.route(port)
 
+    @routing
+    async def reconcile(self) -> str | None:
+        """The upstream file on disk is what nginx loads at any (re)start, so it only needs
+        rewriting when someone else wrote it: a managed nginx started afresh gets no preview."""
+        if self.port is None or self.upstream.read() == self.render(self.port).encode():
+            return None
+        await self._route(self.port)
+        self.forget_undo()
+        return f"port {self.port}" + (f", preview to {self.preview_port}" if self.preview_port else "")
+
     def config_stale(self) -> bool:
         return False  # the upstream file is rewritten at every switch
 
+    @routing
     async def preview(self, port: int | None) -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody), by rewriting the upstream file with its
         maps and reloading: one reload to turn the preview on, one to turn it off."""
@@ -681,6 +695,7 @@ class ReloadSwitch:
             await asyncio.sleep(POLL)
         return {**result, "preview": port}
 
+    @routing
     async def route(self, port: int) -> dict[str, Any]:
         """All traffic to `port`, and no preview (its port may be about to stop)."""
         before, self.preview_port = self.preview_port, None
@@ -707,6 +722,7 @@ class ReloadSwitch:
             await self._resync()
             raise
         self.undo_port = parse_upstream_port((previous or b"").decode(errors="replace"))
+        self.port = port
         return result
 
     def _restore(self) -> None:
@@ -715,6 +731,7 @@ class ReloadSwitch:
         except OSError as e:
             raise _write_failed(self.upstream.path, e) from e
 
+    @routing
     async def undo(self) -> None:
         """Put the file from before the last route back and load it (test, reload, confirm):
         for when something found after a confirmed reload says the new file must not stay."""
@@ -722,6 +739,7 @@ class ReloadSwitch:
         self.undo_port = None
         await self._apply(0)
 
+    @routing
     async def route_back(self, port: int) -> dict[str, Any]:
         """Undo the last switch, back to `port`, without needing any disk space (the staged copy
         is renamed into place). Raises if nginx cannot be switched back; then nginx still sends
@@ -733,7 +751,9 @@ class ReloadSwitch:
         self._restore()
         self.undo_port = None
         try:
-            return await self._apply(port)
+            result = await self._apply(port)
+            self.port = port
+            return result
         except BaseException:
             try:  # keep the file telling what nginx runs (needs space: best effort)
                 write_upstream(self.upstream.path, current)

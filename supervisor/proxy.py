@@ -10,7 +10,9 @@ same interface, not a branch in this one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+import asyncio
+import functools
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .config import Config
@@ -18,9 +20,52 @@ if TYPE_CHECKING:
     from .nginx_process import ManagedNginx
 
 
+class RoutingLock:
+    """One change of nginx's routing at a time: a swap's, or the monitor's restart of nginx and
+    its re-applying of what was routed. Re-entrant for the task that holds it (a route back may
+    route; the runtime switch's config load reloads)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> None:
+        me = asyncio.current_task()
+        if self._owner is not me or me is None:
+            await self._lock.acquire()
+            self._owner = me
+        self._depth += 1
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._lock.release()
+
+
+R = TypeVar("R")
+
+
+def routing(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """A proxy method that changes (or restores) the routing: it holds the proxy's RoutingLock."""
+    @functools.wraps(method)
+    async def locked(self: Any, *args: Any, **kw: Any) -> R:
+        async with self.lock:
+            return await method(self, *args, **kw)
+    return locked
+
+
 class FrontProxy(Protocol):
     mode: str  # how it switches, shown by status: "reload" or "runtime"
     preview_port: int | None  # where requests with the preview header or cookie go (None: no preview)
+    port: int | None  # where all traffic was last routed, confirmed (None: not yet known)
+    lock: RoutingLock
+
+    async def reconcile(self) -> str | None:
+        """Make nginx route as it was last told (port, preview, split), if it forgot (restarted
+        behind the daemon's back); say what was set again, None if nothing was missing."""
+        ...
 
     async def route(self, port: int) -> dict[str, Any]:
         """Send all traffic to `port` and confirm it; on failure the previous routing stays, and raise."""

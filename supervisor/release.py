@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import hooks, slots
 from .config import other_slot
-from .errors import Aborted, BluegreenError, RolloutAborted
+from .errors import Aborted, BluegreenError, NginxError, RolloutAborted
 from .history import PEER
 from .swap import RELEASES, Plan
 from .verdict import Counters, Rules, Verdict, judge
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bluegreen")
 ROLLOUT_POLL = 0.25  # seconds between two looks at what nginx counted
+WATCH_UNREAD = 10.0  # seconds a watch goes on without nginx's counters (a restart) before it gives up
 Reply = Callable[[dict[str, Any]], None]
 
 
@@ -211,13 +212,21 @@ class Release:
                         break
                     verdict = await self._verdict(gen, standby, old)
                     ro.verdict = verdict.reason
+                    waited = time.monotonic() - began
                     if verdict.failed:
-                        raise RolloutAborted(f"step {i + 1} ({share} % of users), after "
-                                             f"{time.monotonic() - began:.1f}s: {verdict.reason}; everyone is back "
-                                             "on the old build, the new one is drained and stopped",
-                                             step=i + 1, share=share, verdict=verdict.reason, steps=done)
-                    if verdict.outcome.value == "pass" and time.monotonic() - began >= plan.step_seconds:
+                        raise RolloutAborted(f"step {i + 1} ({share} % of users), after {waited:.1f}s: "
+                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
+                                             "drained and stopped", step=i + 1, share=share, verdict=verdict.reason,
+                                             steps=done)
+                    if verdict.outcome.value == "pass" and waited >= plan.step_seconds:
                         break
+                    if waited >= self.app.config.rollout.step_timeout:
+                        raise RolloutAborted(f"step {i + 1} ({share} % of users) reached no verdict within "
+                                             f"rollout.step_timeout ({self.app.config.rollout.step_timeout:g}s): "
+                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
+                                             "drained and stopped (a quiet site: lower rollout.min_requests, or "
+                                             "raise rollout.step_timeout)", step=i + 1, share=share,
+                                             verdict=verdict.reason, steps=done)
                 if ro.decision.done():
                     break
                 done.append({"step": i + 1, "share": share, "seconds": round(time.monotonic() - began, 2),
@@ -250,9 +259,18 @@ class Release:
         traffic before it; RolloutAborted (the caller goes back to the old build) if it fails."""
         old, began = plan.old, time.monotonic()
         assert old is not None
+        unread_since: float | None = None
         while True:
             await asyncio.sleep(ROLLOUT_POLL)
-            verdict = await self._verdict(self.watch_gen, standby, old)
+            try:
+                verdict = await self._verdict(self.watch_gen, standby, old)
+                unread_since = None
+            except NginxError as e:  # nginx restarting: its counters come back (from zero) with it
+                unread_since = unread_since or time.monotonic()
+                if time.monotonic() - unread_since < WATCH_UNREAD:
+                    continue
+                raise NginxError(f"the watch could not read nginx's counters for {WATCH_UNREAD:g}s ({e.message}); "
+                                 "traffic is back on the old build, which never stopped", code="watch_failed") from None
             if verdict.failed:
                 raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
                                      f"{verdict.reason}; traffic is back on the old build, which never stopped, "

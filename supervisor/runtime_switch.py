@@ -15,6 +15,7 @@ rollout cookie) and, per watch generation, counters of what each port answered (
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ from .errors import NginxError
 from .fsutil import UndoableFile
 from .nginx import CONTROL, Master, ReloadSwitch, render_lua_handlers, runtime_part, title
 from .nginx_process import ManagedNginx
+from .proxy import RoutingLock, routing
+from .swap import shielded
 from .verdict import Counters
+
+log = logging.getLogger("bluegreen")
 
 TIMEOUT = 5.0
 POLL = 0.005
@@ -93,9 +98,15 @@ class RuntimeSwitch:
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
         self.text = runtime_part(config, route, control, handlers=self.handlers.file is None)
         self.undo_port: int | None = None
+        # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
+        # share, counters generation). A restarted nginx forgets all but the port (route file).
+        self.port: int | None = None
         self.preview_port: int | None = None
+        self.split_state: tuple[int, int, int] | None = None
+        self.lock = RoutingLock()
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
         self.reloader = ReloadSwitch(config, master, render=lambda port: self.text)
+        self.reloader.lock = self.lock
 
     @classmethod
     def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
@@ -117,6 +128,7 @@ class RuntimeSwitch:
     def config_stale(self) -> bool:
         return self.reloader.upstream.read() != self.text.encode() or self.handlers.stale()
 
+    @routing
     async def route(self, port: int) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
@@ -127,15 +139,23 @@ class RuntimeSwitch:
             raise NginxError(f"cannot write {self.route_file.path}: {e.strerror}; traffic is unchanged "
                              "(check free disk space)", code="upstream_write_failed") from e
         t1 = time.monotonic()
+        before = (previous or b"").strip()
         try:
             await self._set(port)
         except BaseException:
             self.route_file.restore()
+            # nginx may have taken the route before the failure (a cancel, an answer too late):
+            # the table goes back with the file, or the standby about to stop would serve.
+            if before.isdigit():
+                try:
+                    await shielded(self._set(int(before)))
+                except BaseException as e:
+                    log.error("could not put nginx's route back to port %s: %r", before.decode(), e)
             raise
-        before = (previous or b"").strip()
         self.undo_port = int(before) if before.isdigit() else None
         return {"port": port, "write": round(t1 - t0, 4), "set": round(time.monotonic() - t1, 4), "mode": self.mode}
 
+    @routing
     async def route_back(self, port: int) -> dict[str, Any]:
         """Back to `port` by a rename of the staged route file and one table change: no disk space needed."""
         if self.undo_port != port or not self.route_file.armed:
@@ -155,6 +175,7 @@ class RuntimeSwitch:
         self.route_file.clean_stale()
         self.reloader.clean_stale_temp()  # not the shared handlers file's: another daemon may be writing it
 
+    @routing
     async def apply_config(self, port: int) -> dict[str, Any]:
         """Load the nginx part (a reload: a first start in the user's nginx, a daemon upgrade)."""
         self.route_file.replace(f"{port}\n".encode())
@@ -211,6 +232,7 @@ class RuntimeSwitch:
             undone = f"putting your previous config back failed too: {e.message}"
         raise self.handlers.missing(undone)
 
+    @routing
     async def preview(self, port: int | None) -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody): one table change, read back."""
         t0 = time.monotonic()
@@ -225,6 +247,7 @@ class RuntimeSwitch:
         self.preview_port = port
         return {"preview": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
 
+    @routing
     async def split(self, candidate: int | None, share: int, gen: int) -> dict[str, Any]:
         """Users whose bucket is below `share` (0-100) go to `candidate`; requests are counted
         under watch generation `gen` (candidate None: only count). Read back to confirm."""
@@ -234,14 +257,17 @@ class RuntimeSwitch:
         if status != 200 or body != want:
             raise NginxError(f"nginx did not take the split {want}: it answered {status} {body[:80]!r}",
                              code="nginx_reload_failed")
+        self.split_state = (candidate or 0, share if candidate else 0, gen)
         return {"candidate": candidate, "share": share, "gen": gen, "set": round(time.monotonic() - t0, 4)}
 
+    @routing
     async def end_split(self) -> None:
         """No split, no watch; the counters are dropped."""
         status, body = await self._call("DELETE", f"{CONTROL}split")
         if status != 200 or body != "0 0 0":
             raise NginxError(f"nginx did not end the split: it answered {status} {body[:80]!r}",
                              code="nginx_reload_failed")
+        self.split_state = None
 
     async def stats(self, gen: int) -> dict[int, Counters]:
         """What nginx counted per upstream port in watch generation `gen`."""
@@ -291,12 +317,40 @@ class RuntimeSwitch:
             return 0  # nginx is gone (restarted): nothing it counted is in flight any more
 
     async def _set(self, port: int) -> None:
-        """Route to `port`; nginx ends any preview at the same time."""
+        """Route to `port`; nginx ends any preview and split at the same time (the counters
+        generation stays)."""
         status, body = await self._call("PUT", f"{CONTROL}route", str(port).encode())
         if status != 200 or body != str(port):
             raise NginxError(f"nginx did not take the route to port {port}: it answered {status} {body[:80]!r}",
                              code="nginx_reload_failed")
-        self.preview_port = None
+        self.port, self.preview_port = port, None
+        if self.split_state is not None:
+            self.split_state = (0, 0, self.split_state[2])
+
+    @routing
+    async def reconcile(self) -> str | None:
+        """Compare nginx's table with what it was told; a restarted nginx (empty table, port
+        seeded from the route file) gets the preview and the split back."""
+        if self.port is None:
+            return None
+        status, body = await self._call("GET", f"{CONTROL}state")
+        parts = body.split()
+        if status != 200 or len(parts) != 5 or not all(p.isdigit() for p in parts):
+            raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the routing state",
+                             code="nginx_down")
+        port, preview, *split = (int(p) for p in parts)
+        want = (self.port, self.preview_port or 0, self.split_state or (0, 0, 0))
+        if (port, preview, tuple(split)) == want:
+            return None
+        preview_to, split_to = self.preview_port, self.split_state
+        await self._set(self.port)
+        if preview_to is not None:
+            await self.preview(preview_to)
+        if split_to is not None:
+            await self.split(split_to[0] or None, split_to[1], split_to[2])
+        return (f"port {self.port}" + (f", preview to {preview_to}" if preview_to else "")
+                + (f", {split_to[1]} % to {split_to[0]}" if split_to and split_to[0] else "")
+                + (f", counters generation {split_to[2]}" if split_to else ""))
 
     async def _call(self, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
         """One HTTP/1.0 request on the control socket; (status, body)."""

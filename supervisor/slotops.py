@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import probes, slots
 from .errors import Aborted, AppDied, AppError, BluegreenError
 from .state import SlotState
-from .swap import Plan, shielded
+from .swap import Phase, Plan, shielded
 
 if TYPE_CHECKING:
     from .app import App
@@ -180,6 +180,14 @@ class SlotOps:
                   why=standby.exit_reason or slots.describe_exit(standby.returncode) if why == "died" else why)
         await self.discard(standby, drain=standby.alive())
         return True
+
+    async def exited(self, standby: slots.AppProcess) -> None:
+        await standby.wait()
+
+    def died(self, standby: slots.AppProcess, phase: Phase, where: str) -> AppDied:
+        why = standby.exit_reason or slots.describe_exit(standby.returncode)
+        return AppDied(f"the new build ({standby.slot}, pid {standby.pid}) {why} during the {phase}; {where}. "
+                       f"See {standby.log_path}" + slots.exit_hint(standby.returncode))
 
     async def drain(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         old = plan.old

@@ -158,6 +158,10 @@ class SwapOps(Protocol[Standby, Old]):
     # After commit, send traffic back to the old one if it still runs, and drop the new one
     # (drained first if it still serves: a failed after_switch; not if it died).
     async def revert(self, plan: Plan[Old], standby: Standby, why: str) -> bool: ...
+    # Returns once the new build has exited (whenever that is).
+    async def exited(self, standby: Standby) -> None: ...
+    # The error for a new build that died in `phase` (after its exit); `where` says what became of traffic.
+    def died(self, standby: Standby, phase: Phase, where: str) -> AppDied: ...
 
 
 Emit = Callable[[dict[str, Any]], None]
@@ -250,11 +254,14 @@ async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standb
             await phase(Phase.BEFORE_SWITCH, lambda: ops.hook("before_switch", plan, standby))
         if plan.checks:
             await phase(Phase.CHECK, lambda: ops.check(plan, standby))
-        if plan.pause:
-            await phase(Phase.PAUSED, lambda: ops.pause(plan, standby))
+        if plan.pause:  # preview requests reach the new build: its death ends the pause at once
+            await phase(Phase.PAUSED, lambda: _while_alive(ops, standby, Phase.PAUSED, lambda: ops.pause(plan, standby),
+                                                           "the preview ended; traffic is unchanged"))
         if plan.rollout:
             try:
-                await phase(Phase.ROLLOUT, lambda: ops.rollout(plan, standby))
+                await phase(Phase.ROLLOUT, lambda: _while_alive(
+                    ops, standby, Phase.ROLLOUT, lambda: ops.rollout(plan, standby),
+                    "everyone is back on the old build, which never stopped"))
             except BaseException:
                 record.traffic = "restored"  # a share of users was on the new build: all are back
                 raise
@@ -284,13 +291,17 @@ async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
     if plan.old is None:
         return  # the first start: nothing to drain or stop
 
-    async def reverting(name: Phase, action: Callable[[], Any], error: type[BaseException], why: str) -> None:
-        """A phase whose `error` sends traffic back to the old build (if it still runs), then fails the swap."""
+    async def reverting(name: Phase, action: Callable[[], Any], error: type[BaseException] | tuple[type[BaseException], ...],
+                        why: str) -> None:
+        """A phase whose `error` sends traffic back to the old build (if it still runs), then fails
+        the swap. If it cannot go back, the new build serves: the old one leaves as after any swap."""
         try:
             await phase(name, action)
-        except error:
-            if await shielded(ops.revert(plan, standby, why)):
+        except error as e:
+            if await shielded(ops.revert(plan, standby, why if not isinstance(e, AppDied) else "died")):
                 record.traffic = "restored"
+            else:
+                await _stop_old(phase, plan, ops, record)
             raise
 
     try:
@@ -299,11 +310,25 @@ async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
         raise
     except Exception as e:  # nothing else may turn a committed swap into a failure
         record.warnings.append(f"drain: {_text(e)}")
-    if plan.watch:
-        await reverting(Phase.WATCH, lambda: ops.watch(plan, standby), RolloutAborted, "the watch failed")
+    if plan.watch:  # any failure of the watch (a bad verdict, nginx's counters gone, the new build dead) goes back
+        await reverting(Phase.WATCH, lambda: _while_alive(ops, standby, Phase.WATCH, lambda: ops.watch(plan, standby),
+                                                          "traffic is back on the old build, which never stopped"),
+                        Exception, "the watch failed")
     if "after_switch" in plan.hooks:
+        async def back() -> None:  # the new build died while the contract step runs: the old one serves again
+            if await shielded(ops.revert(plan, standby, "died")):
+                record.traffic = "restored"
+
         try:
-            await phase(Phase.AFTER_SWITCH, lambda: ops.hook("after_switch", plan, standby))
+            await phase(Phase.AFTER_SWITCH, lambda: _while_alive(
+                ops, standby, Phase.AFTER_SWITCH, lambda: ops.hook("after_switch", plan, standby),
+                lambda: ("traffic went back to the old build at once, which never stopped; the hook ran to its end"
+                         if record.traffic == "restored" else "the old build could not take traffic back"),
+                finish=True, on_death=back))
+        except AppDied:
+            if record.traffic != "restored":
+                await _stop_old(phase, plan, ops, record)
+            raise
         except HookFailed as e:
             if not plan.rollback_on_hook:
                 record.warnings.append(f"after_switch: {e.message}")
@@ -315,10 +340,42 @@ async def _after_commit(phase: PhaseRunner, plan: Plan[Old],
             else:
                 record.warnings.append(f"after_switch: {e.message}; the old build is gone, so the new one keeps "
                                        "serving (hooks.after_switch_failed = \"rollback\" could not go back)")
+    await _stop_old(phase, plan, ops, record)
+
+
+async def _stop_old(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standby, Old], record: SwapRecord) -> None:
+    """The old build leaves (stopped, or kept warm): the swap's last phase, whatever came before."""
     try:
         await phase(Phase.STOP, lambda: ops.stop_old(plan))
     except Exception as e:
         record.warnings.append(f"stop: {_text(e)}")
+
+
+async def _while_alive(ops: SwapOps[Standby, Old], standby: Standby, name: Phase, action: Callable[[], Any],
+                       where: str | Callable[[], str], *, finish: bool = False,
+                       on_death: Callable[[], Any] | None = None) -> Any:
+    """Run a long phase's `action` while the new build is watched. If it dies first, `on_death`
+    acts at once (one routing change back), then the action is cancelled (its own cleanup ends
+    any preview or split) or, with `finish`, left to end (a hook is never cut short); AppDied."""
+    work = asyncio.ensure_future(action())
+    died = asyncio.ensure_future(ops.exited(standby))
+    try:
+        await asyncio.wait({work, died}, return_when=asyncio.FIRST_COMPLETED)
+        if not died.done():
+            return work.result()
+        if on_death is not None:
+            await shielded(on_death())
+        if finish:
+            await asyncio.gather(work, return_exceptions=True)
+        else:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+        raise ops.died(standby, name, where() if callable(where) else where)
+    finally:
+        died.cancel()
+        if not work.done():  # the swap itself is being cancelled: so is its phase
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
 
 
 def _text(e: Exception) -> str:

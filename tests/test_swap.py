@@ -25,6 +25,7 @@ class FakeOps:
         self.old_alive = old_alive
         self.blocked = asyncio.Event()
         self.release = asyncio.Event()
+        self.new_died = asyncio.Event()  # set: the new build exits
         self.upstream = "old"
 
     async def _step(self, name: str) -> None:
@@ -101,6 +102,13 @@ class FakeOps:
         if self.old_alive and await self.switch_back(plan):
             return True
         return False
+
+    async def exited(self, standby: str) -> None:
+        await self.new_died.wait()
+
+    def died(self, standby: str, phase: Phase, where: str) -> AppDied:
+        self.calls.append(f"died({phase})")
+        return AppDied(f"the new build died during the {phase}; {where}")
 
 
 PLAN: Plan[str] = Plan(build=Path("/b/2"), slot="green", port=8002, old="old-app")
@@ -182,7 +190,8 @@ def test_new_build_dying_during_the_drain_sends_traffic_back_to_the_old_one() ->
 def test_new_build_dying_when_the_old_one_is_gone_too_reports_traffic_moved() -> None:
     ops = FakeOps(fail={"drain": AppDied("the new build died")}, old_alive=False)
     rec, err = run_failing(ops)
-    assert ops.calls[-2:] == ["drain", "revert(died)"]
+    # No way back: the old build leaves as after any swap (nothing stays "retiring")
+    assert ops.calls[-3:] == ["drain", "revert(died)", "stop"]
     assert rec.traffic == "moved" and err.details["traffic"] == "moved"
 
 
@@ -356,3 +365,59 @@ def test_a_watched_swap_that_fails_its_watch_goes_back_to_the_still_running_old_
     assert ops.calls[-4:] == ["drain", "watch", "revert(the watch failed)", "switch_back"]
     assert "after_switch" not in ops.calls and "stop" not in ops.calls  # no contract step on a bad build
     assert e.code == "rollout_aborted" and rec.traffic == "restored"
+
+
+async def _dies_during(phase: str, plan: Plan[str], **kw: Any) -> tuple[FakeOps, SwapRecord, BaseException]:
+    """Run a swap whose new build dies while `phase` waits (a pause, a rollout step, a watch, a hook)."""
+    ops, rec = FakeOps(block=phase, **kw), record()
+    task = asyncio.ensure_future(run_swap(plan, ops, lambda e: None, rec))
+    await ops.blocked.wait()
+    ops.new_died.set()
+    if phase == "after_switch":  # a hook is never cut short: it ends on its own, after traffic went back
+        while "switch_back" not in ops.calls:
+            await asyncio.sleep(0)
+        ops.release.set()
+    with pytest.raises(BluegreenError) as e:
+        await asyncio.wait_for(task, 5)
+    return ops, rec, e.value
+
+
+@pytest.mark.parametrize("phase,plan,traffic", [
+    ("paused", replace(PLAN, pause=True), "unchanged"),
+    ("rollout", replace(PLAN, rollout=(10, 100)), "restored"),
+], ids=["paused", "rollout"])
+def test_a_new_build_dying_before_the_commit_ends_the_swap_at_once(phase: str, plan: Plan[str],
+                                                                         traffic: str) -> None:
+    ops, rec, e = asyncio.run(_dies_during(phase, plan))
+    assert isinstance(e, AppDied) and e.details["traffic"] == traffic
+    assert ops.calls[-2:] == [f"died({phase})", "discard(drain=True)"]
+    assert "switch" not in ops.calls and "commit" not in ops.calls
+
+
+def test_a_new_build_dying_during_the_watch_goes_back_at_once() -> None:
+    ops, rec, e = asyncio.run(_dies_during("watch", replace(PLAN, watch=60.0)))
+    assert isinstance(e, AppDied) and rec.traffic == "restored"
+    assert ops.calls[-2:] == ["revert(died)", "switch_back"]
+    assert "stop" not in ops.calls  # the old build serves again
+
+
+def test_a_new_build_dying_during_after_switch_goes_back_before_the_hook_ends() -> None:
+    plan = replace(PLAN, hooks=frozenset({"after_switch"}))
+    ops, rec, e = asyncio.run(_dies_during("after_switch", plan))
+    assert isinstance(e, AppDied) and rec.traffic == "restored"
+    assert "went back to the old build at once" in e.message
+    # back first, then the hook was let finish: nothing after it
+    assert ops.calls[ops.calls.index("after_switch"):] == ["after_switch", "revert(died)", "switch_back",
+                                                          "died(after_switch)"]
+
+
+def test_a_watch_that_fails_for_any_reason_goes_back_or_stops_the_old_build() -> None:
+    ops, rec = FakeOps(fail={"watch": NginxError("nginx's counters are gone", code="nginx_down")}), record()
+    with pytest.raises(NginxError):
+        asyncio.run(run_swap(replace(PLAN, watch=60.0), ops, lambda e: None, rec))
+    assert rec.traffic == "restored" and ops.calls[-2:] == ["revert(the watch failed)", "switch_back"]
+    # it cannot go back (the old build died meanwhile): the old build leaves as after any swap
+    ops, rec = FakeOps(fail={"watch": NginxError("gone", code="nginx_down")}, old_alive=False), record()
+    with pytest.raises(NginxError):
+        asyncio.run(run_swap(replace(PLAN, watch=60.0), ops, lambda e: None, rec))
+    assert rec.traffic == "moved" and ops.calls[-1] == "stop"
