@@ -261,6 +261,16 @@ class DaemonRun:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return bluegreen(*args, "-c", str(self.config), timeout=timeout)
 
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        """The CLI left running (a swap the test acts on meanwhile); `.communicate()` ends it."""
+        return subprocess.Popen([sys.executable, "-m", "supervisor", *args, "-c", str(self.config)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def phase(self) -> str | None:
+        """The running swap's phase (None: no swap runs)."""
+        st = self.status()
+        return st["swap"]["phase"] if st and st.get("swap") else None
+
     def children(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True) if self.proc else []

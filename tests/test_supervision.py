@@ -1,0 +1,187 @@
+"""Supervision never pauses: while a swap waits on a person (paused), a verdict (a rollout step,
+the watch) or a hook, nginx is restarted with its whole routing state, and the new build dying
+sends traffic back to the old one at once. On both nginx shapes (tests/shapes.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from helpers import ClientThreads, DaemonRun, http_get, wait_until
+from shapes import SHAPES, DebianNginx, app_build, start_on
+
+pytestmark = pytest.mark.e2e
+PREVIEW = {"X-Bluegreen-Preview": "1"}
+
+
+@pytest.fixture(params=SHAPES)
+def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun], short_tmp: Path,
+          releases: Path) -> Iterator[Callable[..., tuple[DaemonRun, DebianNginx | None]]]:
+    started: list[tuple[DaemonRun, DebianNginx | None]] = []
+
+    def start(extra: str = "", **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+        started.append(start_on(request.param, make_daemon, short_tmp, app_build(releases, "v1"), extra, **kw))
+        return started[-1]
+
+    yield start
+    for run, user in started:
+        run.stop()
+        if user is not None:
+            user.close()
+
+
+def restart_nginx(run: DaemonRun, user: DebianNginx | None) -> None:
+    """The managed master killed (the daemon restarts it), or the user's nginx stopped and started
+    by hand (`systemctl restart nginx`): either way a fresh nginx with an empty routing table."""
+    if user is not None:
+        user.stop()
+        user.start()
+        return
+    master = run.status()["nginx"]["master_pid"]
+    os.kill(master, signal.SIGKILL)
+    wait_until(lambda: (st := run.status()) and st["nginx"].get("master_pid") not in (None, master), 60,
+               "the daemon to restart its nginx during the swap", run.output)
+
+
+def bucket_user(share: int, inside: bool) -> str:
+    """A rollout cookie whose bucket is inside (or outside) the first `share` % of users."""
+    for i in range(10_000):
+        user = f"user{i}"
+        if (zlib.crc32(user.encode()) % 100 < share) == inside:
+            return user
+    raise AssertionError("no such user")
+
+
+def answers(port: int, n: int = 10, **headers: str) -> Counter[str]:
+    got: Counter[str] = Counter()
+    for _ in range(n):
+        status, body = http_get(port, "/", headers=headers or None)
+        got[body.split()[-1] if status == 200 else f"http_{status}"] += 1
+    return got
+
+
+def test_nginx_restarted_while_paused_comes_back_with_the_preview(shape, releases: Path) -> None:
+    run, user = shape()
+    assert run.cli("swap", str(app_build(releases, "v2")), "--pause").returncode == 0  # returns once paused
+    assert run.phase() == "paused"
+    assert answers(run.listen_port, **PREVIEW) == {"v2": 10}
+    restart_nginx(run, user)
+    # The swap still waits for a person; the new nginx routes as the old one did, preview included.
+    wait_until(lambda: answers(run.listen_port, 4, **PREVIEW) == {"v2": 4}, 30, "the preview on the new nginx",
+               run.output)
+    assert answers(run.listen_port) == {"v1": 10} and run.phase() == "paused"
+    assert any(e["event"] in ("nginx_restarted", "routing_restored") for e in run.status()["events"])
+    r = run.cli("abort")
+    assert r.returncode == 0 and "traffic never moved" in r.stdout, r.stdout + r.stderr
+    # After the abort everyone, preview header or not, is on the old build (never a stopped standby).
+    assert answers(run.listen_port, **PREVIEW) == {"v1": 10} and answers(run.listen_port) == {"v1": 10}
+
+
+def test_nginx_restarted_mid_rollout_comes_back_with_the_split(shape, releases: Path) -> None:
+    run, user = shape("[rollout]\nmin_requests = 100000")  # the step never passes by itself
+    swap = run.cli_background("swap", str(app_build(releases, "v2")), "--rollout", "30,100", "--step", "600")
+    wait_until(lambda: (st := run.status()) and st["rollout"] and st["rollout"]["share"] == 30, 60, "step 1",
+               run.output)
+    inside, outside = bucket_user(30, True), bucket_user(30, False)
+    assert answers(run.listen_port, Cookie=f"bluegreen_id={inside}") == {"v2": 10}
+    restart_nginx(run, user)
+    wait_until(lambda: answers(run.listen_port, 4, Cookie=f"bluegreen_id={inside}") == {"v2": 4}, 30,
+               "the split on the new nginx", run.output)
+    assert answers(run.listen_port, Cookie=f"bluegreen_id={outside}") == {"v1": 10}
+    assert run.cli("abort").returncode == 0
+    swap.communicate(timeout=120)
+    assert swap.returncode == 1
+    assert answers(run.listen_port, Cookie=f"bluegreen_id={inside}") == {"v1": 10}
+
+
+class Users(ClientThreads):
+    """Users, each with its own rollout cookie, on fresh connections; answers counted by kind."""
+
+    def __init__(self, port: int, clients: int = 4) -> None:
+        super().__init__(clients)
+        self.port = port
+        self.answers: Counter[str] = Counter()
+
+    def _client(self, index: int) -> None:
+        rng = random.Random(index)
+        while not self.stop.is_set():
+            cookie = f"bluegreen_id=u{rng.getrandbits(48):x}"
+            try:
+                status, body = http_get(self.port, "/", timeout=30, headers={"Cookie": cookie})
+                kind = body.split()[-1] if status == 200 else f"http_{status}"
+            except OSError as e:
+                kind = type(e).__name__
+            with self.lock:
+                self.answers[kind] += 1
+
+
+def kill_new_build(run: DaemonRun) -> int:
+    pid = run.status()["standby"]["pid"]
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    return pid
+
+
+def test_the_new_build_killed_mid_rollout_step_sends_everyone_back_at_once(shape, releases: Path) -> None:
+    """Not after min_requests failures: at once, whatever the verdict (here one that never comes)."""
+    run, user = shape("[rollout]\nmin_requests = 100000")
+    with Users(run.listen_port) as users:
+        swap = run.cli_background("swap", str(app_build(releases, "v2")), "--rollout", "30,100", "--step", "600")
+        wait_until(lambda: users.answers["v2"] >= 5, 60, "the new build's share to be served", run.output)
+        kill_new_build(run)
+        out, err = swap.communicate(timeout=120)
+        wait_until(lambda: users.answers["v1"] >= 20, 30, "more answers")
+    assert swap.returncode == 1, out + err
+    assert "[app_exited]" in err and "during the rollout" in err and "everyone is back on the old build" in err, err
+    st = run.status()
+    assert st["active"]["slot"] == "blue" and st["standby"] is None and st["last_swap"]["traffic"] == "restored"
+    assert answers(run.listen_port, Cookie=f"bluegreen_id={bucket_user(30, True)}") == {"v1": 10}
+
+
+def test_the_new_build_dying_during_the_watch_sends_traffic_back_at_once(shape, releases: Path) -> None:
+    run, user = shape("[release]\nwatch_seconds = 600\n[rollout]\nmin_requests = 100000")
+    swap = run.cli_background("swap", str(app_build(releases, "v2")))
+    wait_until(lambda: run.phase() == "watch", 60, "the watch", run.output)
+    assert answers(run.listen_port) == {"v2": 10}
+    os.killpg(os.getpgid(run.status()["active"]["pid"]), signal.SIGKILL)  # committed: the new build is active
+    out, err = swap.communicate(timeout=120)
+    assert swap.returncode == 1 and "[app_exited]" in err and "during the watch" in err, err
+    st = run.status()
+    assert st["last_swap"]["traffic"] == "restored" and st["active"]["slot"] == "blue"
+    assert answers(run.listen_port) == {"v1": 10}
+
+
+def test_the_new_build_dying_during_after_switch_goes_back_while_the_hook_still_runs(
+        shape, releases: Path, short_tmp: Path) -> None:
+    gate = short_tmp / "gate"
+    hook = short_tmp / "contract.sh"
+    hook.write_text(f"#!/bin/sh\necho contract step\nwhile [ ! -e {gate} ]; do sleep 0.05; done\necho done\n")
+    hook.chmod(0o755)
+    run, user = shape(f'[hooks]\nafter_switch = ["{hook}"]')
+    swap = run.cli_background("swap", str(app_build(releases, "v2")))
+    wait_until(lambda: run.phase() == "after_switch", 60, "the contract step", run.output)
+    new = run.status()["active"]["pid"]
+    os.killpg(os.getpgid(new), signal.SIGKILL)
+    # Back on the old build while the hook still waits for its gate.
+    wait_until(lambda: answers(run.listen_port, 3) == {"v1": 3}, 30, "traffic back on the old build", run.output)
+    assert swap.poll() is None, "the hook was cut short"
+    gate.touch()
+    out, err = swap.communicate(timeout=120)
+    assert swap.returncode == 1 and "[app_exited]" in err and "during the after_switch" in err, err
+    assert "the hook ran to its end" in err
+    assert run.status()["last_swap"]["traffic"] == "restored"
+
+
+def test_a_rollout_step_that_never_reaches_a_verdict_ends_at_step_timeout(shape, releases: Path) -> None:
+    run, user = shape("[rollout]\nmin_requests = 100000\nstep_seconds = 1\nstep_timeout = 3")
+    r = run.cli("swap", str(app_build(releases, "v2")), "--rollout", "10,100")
+    assert r.returncode == 1 and "[rollout_aborted]" in r.stderr, r.stderr
+    assert "rollout.step_timeout (3s)" in r.stderr and "waiting for 100000 requests" in r.stderr, r.stderr
+    assert run.status()["last_swap"]["traffic"] == "restored"
+    assert answers(run.listen_port) == {"v1": 10}
