@@ -9,7 +9,9 @@ start fresh; and which leftovers to drain and stop. The caller carries it out.
                                active alive          -> finish: adopt it, retire the old one
                              it had not
                                active alive          -> undo: adopt it, retire the new one
-                             active dead, new alive  -> finish with the new one (it may serve)
+                             active dead, new alive  -> finish with the new one (it may serve),
+                                                        unless it was paused for a preview nobody
+                                                        promoted: then a fresh start of the old build
                              both dead               -> fresh start; stop whatever is left
 After an interrupted swap nobody knows which upstream nginx loaded: it is switched again.
 """
@@ -57,7 +59,7 @@ def decide(state: State, alive: Collection[int]) -> Adoption:
         return Adoption(Action.FINISH, active, _others(active, old), switch=True)
     if active is not None:
         return Adoption(Action.UNDO, active, _others(active, standby), unrecorded, switch=True)
-    if standby is not None:
+    if standby is not None and swap.awaiting != "paused":
         return Adoption(Action.FINISH, standby, _others(standby, old), switch=True)
     return Adoption(Action.FRESH, None, _others(None, old, standby), unrecorded)
 

@@ -259,10 +259,13 @@ class App:
                 # neither, so they cost no write; commit's own write records it committed.
                 new = self.standby or (self.active if self.active is not old else None)
                 record = self.swap
-                self.ledger.swap_progress(InterruptedSwap(name, plan.reason, str(plan.build), slot_state(old),
-                                                          slot_state(new) if new else None,
-                                                          record.started_at if record else 0.0,
-                                                          record.by if record else None))
+                self.ledger.swap_progress(InterruptedSwap(
+                    name, plan.reason, str(plan.build), slot_state(old), slot_state(new) if new else None,
+                    record.started_at if record else 0.0, record.by if record else None,
+                    awaiting="paused" if (name, status) == (Phase.PAUSED.value, "begin") else None,
+                    after_switch_done=(name, status) == (Phase.AFTER_SWITCH.value, "done")))
+                if name in (Phase.PAUSED.value, Phase.AFTER_SWITCH.value):
+                    self.ledger.save_quietly(durable=False)
                 if name == Phase.START.value:
                     # No fsync: this is for a daemon killed while its processes run on; a power
                     # loss ends them all (commit's write, which names the build, has one).

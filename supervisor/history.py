@@ -40,6 +40,8 @@ def entry(record: dict[str, Any]) -> dict[str, Any]:
         out["decided"] = record["decided"]  # who promoted or aborted a paused swap or a rollout
     if error:
         out["error"] = {"code": error.get("code"), "message": (error.get("message") or "").splitlines()[0][:300]}
+    if record.get("warnings"):  # a contract step the next daemon could not run, connections cut...
+        out["warnings"] = [w[:300] for w in record["warnings"]]
     verdict = error.get("verdict") or ((record.get("details") or {}).get("watch") or {}).get("verdict")
     if verdict:
         out["verdict"] = verdict

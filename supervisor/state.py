@@ -56,12 +56,16 @@ class InterruptedSwap:
     standby: SlotState | None  # the new process: known from the end of `start` on
     started_at: float = 0.0  # for the history line the next daemon writes when it ends the swap
     by: dict[str, Any] | None = None
+    # "paused": the standby is a preview nobody promoted (never to be made active by adoption)
+    awaiting: str | None = None
+    after_switch_done: bool = False  # the contract step ran (else the next daemon says it was skipped)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InterruptedSwap":
         return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=SlotState(**d["old"]),
                    standby=SlotState(**d["standby"]) if d.get("standby") else None,
-                   started_at=d.get("started_at", 0.0), by=d.get("by"))
+                   started_at=d.get("started_at", 0.0), by=d.get("by"), awaiting=d.get("awaiting"),
+                   after_switch_done=bool(d.get("after_switch_done")))
 
 
 @dataclass

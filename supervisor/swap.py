@@ -57,10 +57,11 @@ class Phase(str, enum.Enum):
     @property
     def persisted(self) -> bool:
         """It changes what a daemon killed mid-swap must finish or undo, so state.json records
-        it: start (its slot at the begin, its process at the end), commit (by its own write).
-        Ready and switch leave the standby to stop or keep (the switch is redone either way);
-        drain and stop follow a recorded commit."""
-        return self in (Phase.START, Phase.COMMIT)
+        it: start (its slot at the begin, its process at the end), commit (by its own write),
+        paused (a standby nobody promoted is never made active by the next daemon), after_switch
+        (whether the contract step ran). Ready and switch leave the standby to stop or keep (the
+        switch is redone either way); drain and stop follow a recorded commit."""
+        return self in (Phase.START, Phase.PAUSED, Phase.COMMIT, Phase.AFTER_SWITCH)
 
 
 ORDER = tuple(Phase)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from . import adoption, slots
 from .config import other_slot
 from .state import InterruptedSwap
-from .swap import SwapRecord
+from .swap import RELEASES, SwapRecord
 
 if TYPE_CHECKING:
     from .app import App
@@ -73,10 +73,23 @@ def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Ac
     if action is adoption.Action.FINISH:
         record.outcome, record.traffic, record.committed = "done", "moved", True
         record.warnings.append(f"{killed}; the next daemon finished it")
+        hook = app.config.hooks.after_switch
+        if hook and swap.reason in RELEASES and not swap.after_switch_done:
+            skipped = (f"hook_skipped: hooks.after_switch ({' '.join(hook)}) did not run for the {swap.reason} to "
+                       f"{swap.build}: the daemon was killed before it; run it by hand once you have checked the new "
+                       f"build")
+            record.warnings.append(skipped)
+            app.warning = skipped
+            log.warning("%s", skipped)
     else:
         # Whether nginx had switched before the kill is not known (traffic None); where it is now is said.
         record.outcome, record.traffic = "failed", None
-        now = "traffic is on the build that served before" if action is adoption.Action.UNDO else \
-            "both processes were gone, so the daemon started afresh"
+        if action is adoption.Action.UNDO:
+            now = "traffic is on the build that served before"
+        elif swap.awaiting == "paused" and swap.standby is not None:
+            now = ("the swap was paused for a preview nobody promoted and the active build had died too: the "
+                   "preview build was stopped and the build that served before started afresh")
+        else:
+            now = "both processes were gone, so the daemon started afresh"
         record.error = {"code": "interrupted", "message": f"{killed}; the next daemon undid it: {now}"}
     app.ledger.swap_ended(record.to_dict(), keep_progress=False)

@@ -75,3 +75,12 @@ def test_the_state_file_round_trips_every_field() -> None:
     assert set(written) == {"version"} | {f.name for f in fields(State)}
     assert State.from_json(state.to_json()) == state
     assert {k: v for k, v in written.items() if k != "version"} == asdict(state)
+
+
+def test_a_preview_nobody_promoted_is_never_made_active_even_when_the_old_build_died() -> None:
+    paused = InterruptedSwap("paused", "swap", "/b/2", BLUE, GREEN, awaiting="paused")
+    d = decide(State(active=BLUE, swap=paused), alive={202})
+    assert d == Adoption(Action.FRESH, None, (GREEN,))
+    # once promoted (the pause's end was recorded), the same deaths finish the swap as before
+    promoted = InterruptedSwap("paused", "swap", "/b/2", BLUE, GREEN)
+    assert decide(State(active=BLUE, swap=promoted), alive={202}).action is Action.FINISH

@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 
 from helpers import ClientThreads, DaemonRun, http_get, wait_until
@@ -185,3 +187,55 @@ def test_a_rollout_step_that_never_reaches_a_verdict_ends_at_step_timeout(shape,
     assert "rollout.step_timeout (3s)" in r.stderr and "waiting for 100000 requests" in r.stderr, r.stderr
     assert run.status()["last_swap"]["traffic"] == "restored"
     assert answers(run.listen_port) == {"v1": 10}
+
+
+def kill_daemon(run: DaemonRun) -> None:
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
+    run.proc.wait(30)
+
+
+def test_a_preview_nobody_promoted_is_not_made_active_by_the_next_daemon(shape, releases: Path) -> None:
+    """Killed while paused, and the active build dies before the next daemon starts: the preview
+    was never approved, so the old build is started again and the preview stopped."""
+    run, user = shape()
+    assert run.cli("swap", str(app_build(releases, "v2")), "--pause").returncode == 0
+    st = run.status()
+    standby, active = st["paused"]["standby"]["pid"], st["active"]["pid"]
+    kill_daemon(run)
+    os.killpg(os.getpgid(active), signal.SIGKILL)
+    run.start()
+    wait_until(lambda: not psutil.pid_exists(standby) or psutil.Process(standby).status() == psutil.STATUS_ZOMBIE,
+               60, "the unapproved preview to be stopped")
+    assert answers(run.listen_port) == {"v1": 10} and answers(run.listen_port, **PREVIEW) == {"v1": 10}
+    last = run.status()["last_swap"]
+    assert last["outcome"] == "failed" and last["error"]["code"] == "interrupted", last
+    assert "nobody promoted" in last["error"]["message"]
+
+
+def test_a_contract_step_the_killed_daemon_never_ran_is_named_in_status_and_history(
+        shape, releases: Path, short_tmp: Path) -> None:
+    hook = short_tmp / "contract.sh"
+    hook.write_text("#!/bin/sh\necho contract\n")
+    hook.chmod(0o755)
+    run, user = shape(f'[hooks]\nafter_switch = ["{hook}"]', drain_timeout=60)
+    held = threading.Thread(target=lambda: http_get(run.listen_port, "/slow?ms=3000", timeout=30))
+    held.start()
+    wait_until(lambda: run.status()["active"] and inflight_to(run, run.ports[0]), 30, "a request in flight")
+    swap = run.cli_background("swap", str(app_build(releases, "v2")))
+    wait_until(lambda: run.phase() == "drain", 60, "the drain", run.output)
+    kill_daemon(run)
+    swap.communicate(timeout=60)
+    held.join(30)
+    run.start()
+    st = run.status()
+    assert "hook_skipped: hooks.after_switch" in (st["daemon"]["warning"] or ""), st["daemon"]
+    last = run.cli("history", "--json", "-n", "1").stdout
+    assert "hook_skipped" in last and '"outcome": "done"' in last, last
+    assert answers(run.listen_port) == {"v2": 10}
+
+
+def inflight_to(run: DaemonRun, port: int) -> bool:
+    from supervisor import drain
+
+    return drain.inflight(port) > 0

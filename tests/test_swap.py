@@ -259,7 +259,7 @@ def test_each_phase_says_whether_it_can_be_cancelled_and_is_persisted() -> None:
     # cancellable up to the switch; from the commit on, traffic has moved
     assert [p.value for p in ORDER if p.cancellable] == ["prepare", "start", "ready", "before_switch", "check", "paused",
                                                             "rollout", "switch"]
-    assert [p.value for p in ORDER if p.persisted] == ["start", "commit"]
+    assert [p.value for p in ORDER if p.persisted] == ["start", "paused", "commit", "after_switch"]
 
 
 def test_smoke_checks_run_between_ready_and_switch() -> None:
