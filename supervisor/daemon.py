@@ -35,6 +35,7 @@ from .state import DaemonStatus
 
 log = logging.getLogger("bluegreen")
 CHORES = 1.0  # seconds between two rounds of chores
+FORCE_GRACE = 2.0  # seconds the graceful shutdown gets to unwind after a second signal
 
 
 class Daemon:
@@ -67,7 +68,7 @@ class Daemon:
                                  code="config") from None
         self._lock()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # queued only; the main task reacts
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         if self.metrics is not None:
             await self.metrics.start()
@@ -75,7 +76,7 @@ class Daemon:
         log.info("bluegreen %s daemon pid %d, config %s, socket %s", __version__, os.getpid(),
                  self.config.path, self.config.daemon.socket)
         boot = asyncio.ensure_future(self.app.boot())
-        stop_sig = asyncio.ensure_future(self.signals.get())
+        stop_sig = asyncio.ensure_future(self.stop_requested())
         done, _ = await asyncio.wait({boot, stop_sig}, return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if boot in done:
@@ -99,23 +100,39 @@ class Daemon:
         await self.shutdown()
         return code
 
+    async def stop_requested(self) -> Any:
+        """The next SIGTERM, SIGINT or `quit`. A SIGHUP on the way (logrotate's convention) reopens
+        the daemon's log; it never stops the daemon."""
+        while True:
+            sig = await self.signals.get()
+            if sig != signal.SIGHUP:
+                return sig
+            for handler in logging.getLogger("bluegreen").handlers:
+                if isinstance(handler, DaemonLog):
+                    handler.reopen()
+            log.info("SIGHUP: logs/daemon.log reopened (the config is read at start only: restart the daemon "
+                     "to apply a changed config)")
+
     async def chores(self) -> None:
         """Whatever the monitor or a long swap is doing, once a second: rotate the managed nginx's
         logs, tell systemd what the daemon does; and ping its watchdog (from this loop: a hung loop
-        misses its pings and systemd restarts the daemon)."""
+        misses its pings and systemd restarts the daemon). No error ends it: a loop that stopped
+        pinging would have systemd kill a daemon that works."""
         interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
         while True:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
-            if self.notifier.enabled:
-                self.notifier.status(status_line(self.app))
             try:
+                if self.notifier.enabled:
+                    self.notifier.status(status_line(self.app))
                 if self.app.managed is not None:
                     for path in self.app.managed.rotate_logs():
                         log.info("rotated %s (logs.max_bytes)", path)
             except OSError as e:
                 log.warning("could not rotate the nginx logs: %s", e)
+            except Exception:
+                log.exception("chores error")
 
     async def handle(self, request: Request, reply: Any) -> Any:
         return await self.verbs[request.cmd].handle(self, reply, **request.args)
@@ -131,23 +148,45 @@ class Daemon:
         self.app.status = DaemonStatus.STOPPING
         self.notifier.stopping()
         log.info("shutting down%s", " (keeping the app and nginx serving)" if self.app.keep_serving else "")
-        if self.monitor_task is not None:
-            self.monitor_task.cancel()
-            await asyncio.gather(self.monitor_task, return_exceptions=True)
-        force = asyncio.ensure_future(self.signals.get())
-        work = asyncio.ensure_future(self._shutdown_steps(graceful=True))
+        # A second SIGTERM/SIGINT forces, whatever the graceful steps wait for (a recovery swap
+        # draining a hung app, nginx finishing long requests): they get FORCE_GRACE to notice.
+        force = asyncio.ensure_future(self.stop_requested())
+        work = asyncio.ensure_future(self._graceful_shutdown())
         done, _ = await asyncio.wait({force, work}, return_when=asyncio.FIRST_COMPLETED)
         if force in done:
-            log.warning("second signal: forcing shutdown")
+            log.warning("second signal: forcing shutdown (processes get SIGKILL)")
             work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            await self._shutdown_steps(graceful=False)
+            await asyncio.wait({work}, timeout=FORCE_GRACE)
+            await self._forced_shutdown()
         force.cancel()
         await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
         self._unlock()
         log.info("stopped")
+
+    async def _graceful_shutdown(self) -> None:
+        if self.monitor_task is not None:
+            self.monitor_task.cancel()
+            await asyncio.gather(self.monitor_task, return_exceptions=True)
+        await self._shutdown_steps(graceful=True)
+
+    async def _forced_shutdown(self) -> None:
+        """Without waiting for any swap or drain: nginx and every app process are killed (unless
+        they are to keep serving for the next daemon)."""
+        app = self.app
+        if app.keep_serving:
+            return
+        if app.managed is not None:
+            log.info("managed nginx %s", await app.managed.stop(0.0))
+        app.ledger.nginx_stopped()
+        warm = app.release.drop_warm()
+        for proc in {p.pid: p for p in (app.standby, app.active, app.retiring, warm.app if warm else None)
+                     if p is not None}.values():
+            result = await app.stop(proc, graceful=False)
+            log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])
+        app.retiring = None
+        app.ledger.save_quietly()
 
     async def _shutdown_steps(self, graceful: bool) -> None:
         app = self.app
@@ -234,10 +273,20 @@ def setup_logging(state_dir: Path, logs: LogsConfig = LogsConfig()) -> None:
 
 
 def serve(config: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code. What is still running
+    once it returns (cleanup a forced shutdown left behind) gets FORCE_GRACE, never longer."""
     setup_logging(config.daemon.state_dir, config.logs)
+    loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(Daemon(config).run())
+        return loop.run_until_complete(Daemon(config).run())
     except BluegreenError as e:
         log.error("%s", e.message)
         return 1
+    finally:
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.wait(left, timeout=FORCE_GRACE))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -175,9 +175,32 @@ class DaemonLog(RotatingFileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.failed_now = False
+        if self.stream is not None and self._moved():
+            self.reopen()  # removed or renamed under us (rm -rf logs/, an outside logrotate)
         super().emit(record)  # calls handleError on failure
         if not self.failed_now:
             self.failing = False
+
+    def _moved(self) -> bool:
+        try:
+            st, fst = os.stat(self.baseFilename), os.fstat(self.stream.fileno())
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino)
+
+    def reopen(self) -> None:
+        """Write to a fresh file at the same path (SIGHUP, or the file was removed)."""
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None  # type: ignore[assignment]
+            try:
+                os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+            except OSError:
+                pass  # emit's failure says why
+        finally:
+            self.release()
 
     def handleError(self, record: logging.LogRecord) -> None:
         self.failed_now = True

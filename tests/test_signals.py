@@ -1,0 +1,66 @@
+"""Signals to the daemon: SIGHUP never stops it, a second SIGTERM always does, at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers import DaemonRun, http_get, wait_until
+from shapes import app_build
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sighup_reopens_the_daemon_log_and_never_stops_the_daemon(make_daemon) -> None:
+    run: DaemonRun = make_daemon()
+    log = run.dir / "run" / "logs" / "daemon.log"
+    log.rename(log.with_name("daemon.log.old"))  # what logrotate does before it sends HUP
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: log.exists() and "SIGHUP: logs/daemon.log reopened" in log.read_text(), 30,
+               "the daemon to reopen its log", run.output)
+    assert run.proc.poll() is None and run.status()["daemon"]["status"] == "serving"
+    assert http_get(run.listen_port, "/")[0] == 200
+
+
+def test_a_removed_daemon_log_comes_back(make_daemon, releases: Path) -> None:
+    run: DaemonRun = make_daemon()
+    logs = run.dir / "run" / "logs"
+    for f in logs.iterdir():
+        f.unlink()
+    logs.rmdir()
+    assert run.cli("swap", str(app_build(releases, "v2"))).returncode == 0
+    wait_until(lambda: (logs / "daemon.log").exists() and "swap to" in (logs / "daemon.log").read_text(), 30,
+               "daemon.log to be written again")
+
+
+def test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app(make_daemon) -> None:
+    """The first SIGTERM waits for the recovery swap's drain (60 s) and the hung app's stop (60 s);
+    the second one must not: nginx and both builds are killed and the daemon exits."""
+    run: DaemonRun = make_daemon(drain_timeout=60, stop_timeout=60,
+                                 extra='[app.health]\nurl = "http://127.0.0.1:{port}/health"\ninterval = 0.2\n'
+                                       'timeout = 0.5\nfailures = 2')
+    hung = run.status()["active"]["pid"]
+    with_request = threading.Thread(target=lambda: _get(run.listen_port, "/slow?ms=100"), daemon=True)
+    os.killpg(os.getpgid(hung), signal.SIGSTOP)
+    with_request.start()  # a request inside the hung app: the recovery's drain waits for it
+    wait_until(lambda: run.phase() == "drain", 60, "the recovery swap to drain the hung app", run.output)
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "shutting down" in run.output(), 30, "the graceful shutdown to begin")
+    assert run.proc.poll() is None  # still waiting, gracefully
+    run.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: run.proc.poll() is not None, 30, "the second SIGTERM to end the daemon", run.output)
+    assert "second signal: forcing shutdown" in run.output()
+    assert run.leftovers() == [], "left running after a forced shutdown"
+
+
+def _get(port: int, path: str) -> None:
+    try:
+        http_get(port, path, timeout=120)
+    except OSError:
+        pass
