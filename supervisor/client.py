@@ -96,7 +96,7 @@ def _describe(event: dict[str, Any]) -> str:
         return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
                 f"confirm {event['confirm'] * 1000:.0f}ms)")
     if name == "drain":
-        cut = f", {event['connections_cut']} connection(s) cut at the timeout" if event["timed_out"] else ""
+        cut = f", {event['still_open']} connection(s) still open at the timeout" if event["timed_out"] else ""
         return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"

@@ -204,7 +204,7 @@ async def wait_drained(port: int, let_go: Callable[[int, float], Awaitable[int]]
     return {
         "workers_wait": round(proxy_s, 4),
         "old_workers_left": held,
-        "connections_cut": left,
+        "still_open": left,  # connections the old build still had at the deadline (its stop decides their fate)
         "timed_out": bool(left or held) and not died,
         "died": died,
         "after": time.monotonic() - began,

@@ -17,6 +17,7 @@ import asyncio
 import math
 import os
 import re
+import signal
 import textwrap
 import time
 from pathlib import Path
@@ -562,14 +563,28 @@ def write_upstream(path: Path, data: bytes | None) -> None:
         raise _write_failed(path, e) from e
 
 
-async def run_command(argv: list[str], what: str, code: str) -> None:
+COMMAND_TIMEOUT = 30.0  # seconds `nginx -t` or a reload command may take (a hung sudo, a stuck NFS include)
+
+
+async def run_command(argv: list[str], what: str, code: str, timeout: float = COMMAND_TIMEOUT) -> None:
+    """Run an nginx command in its own process group; one that does not finish in `timeout` is
+    killed with its children and reported, so that no swap waits on it for ever."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)
     except OSError as e:
         raise NginxError(f"{what}: cannot run {argv[0]!r}: {e.strerror}", code=code) from e
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+        procs.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise NginxError(f"{what} did not finish within {timeout:g}s ({' '.join(argv)}): killed; nothing was "
+                         "reloaded by it. Check that the command runs by hand without waiting for input",
+                         code=code, command=argv) from None
     if proc.returncode != 0:
         lines = _error_lines(out.decode("utf-8", "replace"))
         raise NginxError(
@@ -894,4 +909,5 @@ class ExternalMaster:
         return pid
 
     async def send_reload(self, master: int) -> None:
-        await run_command(list(self.n.reload_command), "nginx reload", "nginx_reload_failed")
+        await run_command(list(self.n.reload_command), "nginx reload", "nginx_reload_failed",
+                          timeout=self.n.reload_timeout)

@@ -114,11 +114,21 @@ def _validate(obj: dict[str, Any]) -> Request:
             value = float(value)  # 60 is as good as 60.0
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise RequestError(f"{cmd}: {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+        if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or name has it
+            raise RequestError(f"{cmd}: {name!r} is not valid Unicode (a lone surrogate such as \\ud800)")
         args[name] = value
     for name, (_, required) in spec.args.items():
         if required and name not in args:
             raise RequestError(f"{cmd}: missing argument {name!r}; usage: {usage(spec)}")
     return Request(cmd, args)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def clip(text: str) -> str:

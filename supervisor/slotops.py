@@ -29,6 +29,7 @@ class SlotOps:
         self.cfg = app.config
         self.emit = emit  # a hook's output lines, as events
         self.before: tuple[SlotState | None, str | None] = (None, None)
+        self.still_open = 0  # connections the drain left open on the old build (its stop cuts them, or not)
 
     async def prepare(self, plan: AppPlan) -> dict[str, Any]:
         from .app import check_build
@@ -201,8 +202,11 @@ class SlotOps:
                 f"({old.slot}, pid {old.pid}), which never stopped. See {standby.log_path}"
                 + slots.exit_hint(standby.returncode))
         if result["timed_out"]:
-            result["warning"] = (f"{result['connections_cut']} connection(s) still open on the old build at "
-                                 f"drain.timeout ({self.cfg.drain.timeout:g}s) were cut")
+            self.still_open = result["still_open"]
+            stop = self.cfg.app.stop
+            result["warning"] = (f"{result['still_open']} connection(s) still open on the old build at drain.timeout "
+                                 f"({self.cfg.drain.timeout:g}s): it gets {stop.signal.name} now, and what it has not "
+                                 f"finished within app.stop.timeout ({stop.timeout:g}s) is cut by SIGKILL")
             log.warning("drain of %s: %s", old.slot, result["warning"])
         del result["after"]
         return result
@@ -217,15 +221,20 @@ class SlotOps:
         result = await self.app.stop(plan.old)
         if self.app.retiring is plan.old:
             self.app.retiring = None
+        if self.still_open:  # what became of the connections the drain left open, exactly
+            result["warning"] = (f"{self.still_open} connection(s) left open at drain.timeout were cut: the old build "
+                                 if result.get("killed") else
+                                 f"the {self.still_open} connection(s) left open at drain.timeout were not cut: the old "
+                                 "build finished them and ") + result["how"]
         return result
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
         if drain:
             result = await self.app.drain(standby.port)
             if result["timed_out"]:
-                log.warning("drain of standby %s: cut at drain.timeout (%gs): %d connection(s) still open, "
-                            "nginx still holding on (%d)", standby.slot, self.cfg.drain.timeout,
-                            result["connections_cut"], result["old_workers_left"])
+                log.warning("drain of standby %s: drain.timeout (%gs) reached with %d connection(s) still open, "
+                            "nginx still holding on (%d); stopping it", standby.slot, self.cfg.drain.timeout,
+                            result["still_open"], result["old_workers_left"])
         result = await self.app.stop(standby)
         log.info("standby %s (pid %d) %s", standby.slot, standby.pid, result["how"])
         if self.app.standby is standby:

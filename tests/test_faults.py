@@ -169,11 +169,14 @@ def test_drain_timeout_cuts_long_requests_and_says_how_many(make_daemon, release
     r = run.cli("swap", str(make_build(releases, "v2")))
     t.join(60)
     assert r.returncode == 0, r.stderr
-    assert "connection(s) cut at the timeout" in r.stdout
-    assert "warning: drain: 1 connection(s) still open on the old build at drain.timeout (1s) were cut" in r.stdout
-    assert run.status()["last_swap"]["warnings"]
+    assert "1 connection(s) still open at the timeout" in r.stdout
+    assert ("warning: drain: 1 connection(s) still open on the old build at drain.timeout (1s): it gets SIGTERM now, "
+            "and what it has not finished within app.stop.timeout (2s) is cut by SIGKILL") in r.stdout, r.stdout
+    # The example app finishes its requests before it exits: only the SIGKILL at 2s cut this one.
+    assert "warning: stop: 1 connection(s) left open at drain.timeout were cut: the old build did not exit " \
+           "within 2s of SIGTERM: killed with SIGKILL" in r.stdout, r.stdout
     d = run.status()["last_swap"]["details"]["drain"]
-    assert d["timed_out"] and d["connections_cut"] >= 1
+    assert d["timed_out"] and d["still_open"] >= 1
     assert not drain.listening(blue)  # the old app was stopped anyway
     assert cut["reply"] != (200, "v1 slow 30000\n")  # it was cut, as reported
     assert serves(run, "v2")
@@ -400,3 +403,22 @@ s = socket.socket(socket.AF_UNIX); s.connect({str(run.socket)!r}); s.sendall(b"s
 print(s.makefile().readline())
 """], capture_output=True, text=True, timeout=30)
     assert json.loads(client.stdout)["ok"], client.stdout + client.stderr
+
+
+def test_a_request_past_drain_timeout_that_the_old_build_finishes_is_not_reported_as_cut(make_daemon,
+                                                                                       releases: Path) -> None:
+    """The drain's timeout cuts nothing by itself: the old build gets SIGTERM, and the example app
+    finishes its requests before it exits. The swap says exactly that."""
+    run = make_daemon(drain_timeout=1, stop_timeout=30)
+    import threading
+
+    got: dict[str, object] = {}
+    t = threading.Thread(target=lambda: got.update(reply=http_get(run.listen_port, "/slow?ms=3000", timeout=60)))
+    t.start()
+    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach the old app")
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    t.join(60)
+    assert r.returncode == 0, r.stderr
+    assert got["reply"] == (200, "v1 slow 3000\n")  # finished, not cut
+    assert "the 1 connection(s) left open at drain.timeout were not cut: the old build finished them and exited " \
+           "with code 0 after SIGTERM" in r.stdout, r.stdout

@@ -42,6 +42,7 @@ def test_words_request_like_socat_users_type() -> None:
         (b'{"cmd": "status", "v": 2}', "protocol version 2 is not supported"),
         (b"swap /a /b", "too many words"),
         (b"\xff\xfe", "not valid UTF-8"),
+        (b'{"cmd": "swap", "build": "/srv/\\ud800"}', "'build' is not valid Unicode"),
     ],
 )
 def test_bad_requests_get_a_clear_error(line: bytes, message: str) -> None:

@@ -509,6 +509,8 @@ def test_hostile_requests_get_a_clear_answer(make_daemon, releases: Path) -> Non
     assert deep[-1]["error"]["code"] == "bad_request", deep
     unknown = raw(run, b"x" * 60000 + b"\n")
     assert unknown[-1]["error"]["code"] == "bad_request" and len(unknown[-1]["error"]["message"]) < 500
+    surrogate = raw(run, b'{"cmd": "swap", "build": "/srv/\\ud800"}\n')  # valid JSON, no valid path
+    assert surrogate[-1]["error"]["code"] == "bad_request" and "not valid Unicode" in surrogate[-1]["error"]["message"]
     spaced = releases / "with space"
     make_build(releases, "with space", version="spaced")
     words = raw(run, f'swap "{spaced}"\n'.encode())

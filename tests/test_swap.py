@@ -85,7 +85,7 @@ class FakeOps:
 
     async def drain(self, plan: Plan[str], standby: str) -> dict[str, Any]:
         await self._step("drain")
-        return {"connections_cut": 0}
+        return {"still_open": 0}
 
     async def stop_old(self, plan: Plan[str]) -> dict[str, Any]:
         await self._step("stop")
@@ -212,10 +212,10 @@ def test_a_phase_may_add_a_warning_with_its_details() -> None:
     class CutOps(FakeOps):
         async def drain(self, plan: Plan[str], standby: str) -> dict[str, Any]:
             await self._step("drain")
-            return {"connections_cut": 2, "warning": "2 connection(s) were cut"}
+            return {"still_open": 2, "warning": "2 connection(s) still open"}
 
     rec = run(CutOps())
-    assert rec.warnings == ["drain: 2 connection(s) were cut"]
+    assert rec.warnings == ["drain: 2 connection(s) still open"]
 
 
 def test_after_commit_a_drain_problem_is_a_warning_not_a_failed_swap() -> None:
