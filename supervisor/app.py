@@ -223,7 +223,7 @@ class App:
             raise
         finally:
             self.proxy.forget_undo()
-            await self.release.end_split(plan)
+            await self.release.rollouts.end_split(plan)
             self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.ledger.unsaved:
                 self.ledger.save_quietly()

@@ -46,7 +46,7 @@ class Monitor:
                 elif app.proxy.mode == "runtime" and time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + RECONCILE
                     await self.reconcile()
-                waiting = app.release.pause is not None or app.release.rolling is not None
+                waiting = app.release.pause is not None or app.release.rollouts.rolling is not None
                 if app.swapping() and not waiting:
                     continue  # a short phase: the swap replaces or watches what serves itself
                 if app.ledger.unsaved and not app.swapping():

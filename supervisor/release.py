@@ -8,37 +8,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import hooks, slots
 from .config import other_slot
-from .errors import Aborted, BluegreenError, NginxError, RolloutAborted
+from .errors import BluegreenError
 from .history import PEER
+from .rollout import Decision, Rollouts
 from .swap import RELEASES, Plan
-from .verdict import Counters, Rules, Verdict, judge
 
 if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("bluegreen")
-ROLLOUT_POLL = 0.25  # seconds between two looks at what nginx counted
-WATCH_UNREAD = 10.0  # seconds a watch goes on without nginx's counters (a restart) before it gives up
 Reply = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Decision:
-    """A swap waiting on a person: `promote` or `abort` decides (or the daemon itself does)."""
-
-    standby: slots.AppProcess
-    since: float = field(default_factory=time.time)
-    decision: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    def decide(self, what: str) -> None:
-        if not self.decision.done():
-            self.decision.set_result(what)
 
 
 @dataclass
@@ -62,26 +47,10 @@ class Warm:
         return self.app.alive() and time.time() < self.until
 
 
-@dataclass
-class Rolling(Decision):
-    """A rollout in progress: promote jumps to everyone, abort goes back to no one."""
-
-    share: int = 0
-    step: int = 0
-    steps: tuple[int, ...] = ()
-    verdict: str = ""
-
-    def info(self) -> dict[str, Any]:
-        """For status: where the rollout stands, and its latest verdict."""
-        return {"share": self.share, "step": self.step, "steps": len([s for s in self.steps if s < 100]),
-                "port": self.standby.port, "since": self.since, "verdict": self.verdict}
-
-
 class Release:
     def __init__(self, app: App) -> None:
         self.app = app
-        self.rolling: Rolling | None = None
-        self.watch_gen = 0  # the counters generation of the running swap's watch
+        self.rollouts = Rollouts(app)  # a rollout's steps, a watch: judged on nginx's counters
         self.pause: Pause | None = None
         self.paused = asyncio.Event()  # set when the running swap pauses for preview
         self.warm: Warm | None = None
@@ -175,7 +144,7 @@ class Release:
 
     def decide(self, what: str) -> Decision:
         """`promote` or `abort` the paused swap; not_paused if there is none."""
-        target = self.pause or self.rolling
+        target = self.pause or self.rollouts.rolling
         if target is None or target.decision.done():
             running = (f"a {self.app.swap.reason} to {self.app.swap.build} is in phase {self.app.swap.phase}"
                        if self.app.swap is not None and self.app.swapping() else "no swap is running")
@@ -186,116 +155,6 @@ class Release:
             self.app.swap.decided = {"what": what, "by": PEER.get(), "at": time.time()}
         target.decide(what)
         return target
-
-    async def rollout(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess, emit: Reply) -> dict[str, Any]:
-        """Each share of users in turn, for step_seconds and until the verdict passes; a failed
-        verdict or an abort sends everyone back to the old build at once and raises."""
-        from .runtime_switch import RuntimeSwitch
-        from .swap import shielded
-
-        proxy, old = self.app.proxy, plan.old
-        assert isinstance(proxy, RuntimeSwitch) and old is not None
-        ro = self.rolling = Rolling(standby, steps=plan.rollout)
-        base = _generation()
-        done: list[dict[str, Any]] = []
-        try:
-            for i, share in enumerate(s for s in plan.rollout if s < 100):
-                gen, began = base + i, time.monotonic()
-                await proxy.split(standby.port, share, gen)
-                ro.share, ro.step = share, i + 1
-                while not ro.decision.done():
-                    await asyncio.wait({ro.decision}, timeout=ROLLOUT_POLL)
-                    if not old.alive():  # the new build is all that is left: everyone goes there now
-                        log.error("the old build (pid %d) died during the rollout; moving everyone to the new build",
-                                  old.pid)
-                        ro.decide("promote")
-                        break
-                    verdict = await self._verdict(gen, standby, old)
-                    ro.verdict = verdict.reason
-                    waited = time.monotonic() - began
-                    if verdict.failed:
-                        raise RolloutAborted(f"step {i + 1} ({share} % of users), after {waited:.1f}s: "
-                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
-                                             "drained and stopped", step=i + 1, share=share, verdict=verdict.reason,
-                                             steps=done)
-                    if verdict.outcome.value == "pass" and waited >= plan.step_seconds:
-                        break
-                    if waited >= self.app.config.rollout.step_timeout:
-                        raise RolloutAborted(f"step {i + 1} ({share} % of users) reached no verdict within "
-                                             f"rollout.step_timeout ({self.app.config.rollout.step_timeout:g}s): "
-                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
-                                             "drained and stopped (a quiet site: lower rollout.min_requests, or "
-                                             "raise rollout.step_timeout)", step=i + 1, share=share,
-                                             verdict=verdict.reason, steps=done)
-                if ro.decision.done():
-                    break
-                done.append({"step": i + 1, "share": share, "seconds": round(time.monotonic() - began, 2),
-                             "verdict": verdict.reason})
-                emit({"event": "rollout", "status": "step", **done[-1]})
-            what = ro.decision.result() if ro.decision.done() else "complete"
-            if what == "abort":
-                raise Aborted(f"aborted by `bluegreen abort` at {ro.share} % of users; everyone is back on the old "
-                              "build, the new one is drained and stopped")
-            return {"steps": done, "promoted_at": ro.share if what == "promote" else None}
-        except BaseException:
-            try:  # one routing change: everyone on the old build (a route ends the split)
-                await shielded(proxy.route(old.port))
-            except BluegreenError as e:
-                log.error("could not end the rollout's split: %s", e.message)
-            raise
-        finally:
-            self.rolling = None
-
-    async def start_watch(self) -> None:
-        """Count from now (the old build's traffic before the switch is the watch's baseline)."""
-        from .runtime_switch import RuntimeSwitch
-
-        assert isinstance(self.app.proxy, RuntimeSwitch)
-        self.watch_gen = _generation()
-        await self.app.proxy.split(None, 0, self.watch_gen)
-
-    async def watch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
-        """Judge the new build for plan.watch seconds after the switch, against the old build's
-        traffic before it; RolloutAborted (the caller goes back to the old build) if it fails."""
-        old, began = plan.old, time.monotonic()
-        assert old is not None
-        unread_since: float | None = None
-        while True:
-            await asyncio.sleep(ROLLOUT_POLL)
-            try:
-                verdict = await self._verdict(self.watch_gen, standby, old)
-                unread_since = None
-            except NginxError as e:  # nginx restarting: its counters come back (from zero) with it
-                unread_since = unread_since or time.monotonic()
-                if time.monotonic() - unread_since < WATCH_UNREAD:
-                    continue
-                raise NginxError(f"the watch could not read nginx's counters for {WATCH_UNREAD:g}s ({e.message}); "
-                                 "traffic is back on the old build, which never stopped", code="watch_failed") from None
-            if verdict.failed:
-                raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
-                                     f"{verdict.reason}; traffic is back on the old build, which never stopped, "
-                                     "and the new one is drained and stopped", verdict=verdict.reason)
-            if time.monotonic() - began >= plan.watch:
-                return {"seconds": round(time.monotonic() - began, 2), "verdict": verdict.reason}
-
-    async def _verdict(self, gen: int, new: slots.AppProcess, old: slots.AppProcess) -> Verdict:
-        """The new build judged against the old one, on what nginx counted in generation `gen`."""
-        from .runtime_switch import RuntimeSwitch
-
-        assert isinstance(self.app.proxy, RuntimeSwitch)
-        stats, r = await self.app.proxy.stats(gen), self.app.config.rollout
-        return judge(stats.get(new.port, Counters()), stats.get(old.port, Counters()),
-                     Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio))
-
-    async def end_split(self, plan: Plan[slots.AppProcess]) -> None:
-        """After a rollout or a watched swap, however it ended: no split, no counting, no counters."""
-        from .runtime_switch import RuntimeSwitch
-
-        if (plan.rollout or plan.watch) and isinstance(self.app.proxy, RuntimeSwitch):
-            try:
-                await self.app.proxy.end_split()
-            except BluegreenError as e:
-                log.warning("could not drop the rollout's counters: %s", e.message)
 
     async def abort_pause(self, why: str) -> None:
         """End a paused swap because of something other than a user (the active build died)."""
@@ -340,9 +199,3 @@ class Release:
                      result["how"])
             self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
         self.app.ledger.save_quietly()
-
-
-def _generation() -> int:
-    """A counters generation unique to this rollout or watch (a rollout adds its step number);
-    under 10^14, which lua prints exactly."""
-    return int(time.time()) % 10**9 * 100

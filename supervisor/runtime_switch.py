@@ -23,7 +23,8 @@ from typing import Any
 from .config import Config
 from .errors import NginxError
 from .fsutil import UndoableFile
-from .nginx import CONTROL, Master, ReloadSwitch, render_lua_handlers, runtime_part, title
+from .nginx import Master, ReloadSwitch, render_lua_handlers, runtime_part, title
+from .nginx_table import Table
 from .nginx_process import ManagedNginx
 from .proxy import RoutingLock, routing
 from .swap import shielded
@@ -31,7 +32,6 @@ from .verdict import Counters
 
 log = logging.getLogger("bluegreen")
 
-TIMEOUT = 5.0
 POLL = 0.005
 
 
@@ -93,7 +93,7 @@ class RuntimeSwitch:
 
     def __init__(self, config: Config, master: Master, route: Path, control: Path) -> None:
         self.control_path = control
-        self.hint = ""  # what else the control socket needs, said when it does not answer
+        self.table = Table(control)
         self.route_file = UndoableFile(route)
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
         self.text = runtime_part(config, route, control, handlers=self.handlers.file is None)
@@ -121,8 +121,8 @@ class RuntimeSwitch:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         where.chmod(0o700)
         switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock")
-        switch.hint = (f" and {config.nginx.upstream_file} included in its http block "
-                       "(README: the runtime switch with your own nginx)")
+        switch.table.hint = (f" and {config.nginx.upstream_file} included in its http block "
+                             "(README: the runtime switch with your own nginx)")
         return switch
 
     def config_stale(self) -> bool:
@@ -185,7 +185,7 @@ class RuntimeSwitch:
             result = await self._reload_with_handlers(port)
         except NginxError as e:
             if "unknown directive" in e.message and "lua" in e.message:
-                e.message += (f"; the runtime switch needs nginx's lua module loaded{self.hint or ''}: apt-get install "
+                e.message += (f"; the runtime switch needs nginx's lua module loaded{self.table.hint}: apt-get install "
                               "libnginx-mod-http-lua (Debian's nginx loads it from /etc/nginx/modules-enabled/), "
                               'or set nginx.switch = "reload"')
             elif "is duplicate" in e.message:
@@ -221,8 +221,8 @@ class RuntimeSwitch:
         (every drain would wait its whole timeout): put the previous config back and say so.
         The probe: a control request is counted by the log handler once it has ended, which is
         before nginx closes the connection, so a second request sees the count go up."""
-        before = await self._call("GET", f"{CONTROL}handlers")
-        after = await self._call("GET", f"{CONTROL}handlers")
+        before = await self.table.call("GET", "handlers")
+        after = await self.table.call("GET", "handlers")
         if before[0] == after[0] == 200 and before[1].isdigit() and after[1].isdigit() and int(after[1]) > int(before[1]):
             return
         try:
@@ -236,14 +236,9 @@ class RuntimeSwitch:
     async def preview(self, port: int | None) -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody): one table change, read back."""
         t0 = time.monotonic()
-        if port is None:
-            status, body = await self._call("DELETE", f"{CONTROL}preview")
-        else:
-            status, body = await self._call("PUT", f"{CONTROL}preview", str(port).encode())
         want = "" if port is None else str(port)
-        if status != 200 or body != want:
-            raise NginxError(f"nginx did not take the preview {want or '(off)'}: it answered {status} {body[:80]!r}",
-                             code="nginx_reload_failed")
+        await self.table.change("PUT" if port else "DELETE", "preview", want.encode(), want,
+                                f"the preview {want or '(off)'}")
         self.preview_port = port
         return {"preview": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
 
@@ -252,42 +247,24 @@ class RuntimeSwitch:
         """Users whose bucket is below `share` (0-100) go to `candidate`; requests are counted
         under watch generation `gen` (candidate None: only count). Read back to confirm."""
         t0 = time.monotonic()
-        status, body = await self._call("PUT", f"{CONTROL}split", f"{candidate or 0} {share} {gen}".encode())
         want = f"{candidate or 0} {share if candidate else 0} {gen}"
-        if status != 200 or body != want:
-            raise NginxError(f"nginx did not take the split {want}: it answered {status} {body[:80]!r}",
-                             code="nginx_reload_failed")
+        await self.table.change("PUT", "split", f"{candidate or 0} {share} {gen}".encode(), want, f"the split {want}")
         self.split_state = (candidate or 0, share if candidate else 0, gen)
         return {"candidate": candidate, "share": share, "gen": gen, "set": round(time.monotonic() - t0, 4)}
 
     @routing
     async def end_split(self) -> None:
         """No split, no watch; the counters are dropped."""
-        status, body = await self._call("DELETE", f"{CONTROL}split")
-        if status != 200 or body != "0 0 0":
-            raise NginxError(f"nginx did not end the split: it answered {status} {body[:80]!r}",
-                             code="nginx_reload_failed")
+        await self.table.change("DELETE", "split", b"", "0 0 0", "the end of the split")
         self.split_state = None
 
     async def stats(self, gen: int) -> dict[int, Counters]:
         """What nginx counted per upstream port in watch generation `gen`."""
-        status, body = await self._call("GET", f"{CONTROL}stats?gen={gen}")
-        if status != 200:
-            raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the counters",
-                             code="nginx_down")
-        raw: dict[int, dict[str, int]] = {}
-        for line in body.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
-                raw.setdefault(int(parts[0]), {})[parts[1]] = int(parts[2])
-        return {port: Counters(requests=k.get("n", 0), http_5xx=k.get("5xx", 0), upstream_errors=k.get("err", 0),
-                               latency={int(name[1:]): n for name, n in k.items() if name[:1] == "l"
-                                        and name[1:].isdigit()})
-                for port, k in raw.items()}
+        return await self.table.stats(gen)
 
     async def routed_port(self) -> int | None:
         try:
-            status, body = await self._call("GET", f"{CONTROL}route")
+            status, body = await self.table.call("GET", "route")
         except NginxError:
             return None
         return int(body) if status == 200 and body.isdigit() else None
@@ -295,12 +272,8 @@ class RuntimeSwitch:
     async def inflight(self, port: int) -> int:
         """Requests nginx has in flight to `port`, counted by the workers that still run (a worker
         killed mid-request never counted its requests out; they died with it)."""
-        status, body = await self._call("GET", f"{CONTROL}inflight?port={port}")
-        counts = [line.split() for line in body.splitlines()]
-        if status != 200 or not all(len(c) == 2 and c[0].isdigit() and c[1].lstrip("-").isdigit() for c in counts):
-            raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the in-flight count",
-                             code="nginx_down")
-        return sum(max(0, int(n)) for pid, n in counts if is_worker(int(pid)))
+        counts = await self.table.inflight(port)
+        return sum(max(0, n) for pid, n in counts.items() if is_worker(pid))
 
     async def let_go(self, port: int, deadline: float) -> int:
         """Wait until nginx counts no request in flight to `port`."""
@@ -319,10 +292,7 @@ class RuntimeSwitch:
     async def _set(self, port: int) -> None:
         """Route to `port`; nginx ends any preview and split at the same time (the counters
         generation stays)."""
-        status, body = await self._call("PUT", f"{CONTROL}route", str(port).encode())
-        if status != 200 or body != str(port):
-            raise NginxError(f"nginx did not take the route to port {port}: it answered {status} {body[:80]!r}",
-                             code="nginx_reload_failed")
+        await self.table.change("PUT", "route", str(port).encode(), str(port), f"the route to port {port}")
         self.port, self.preview_port = port, None
         if self.split_state is not None:
             self.split_state = (0, 0, self.split_state[2])
@@ -333,17 +303,15 @@ class RuntimeSwitch:
         seeded from the route file) gets the preview and the split back."""
         if self.port is None:
             return None
-        status, body = await self._call("GET", f"{CONTROL}state")
-        parts = body.split()
-        if status != 200 or len(parts) != 5 or not all(p.isdigit() for p in parts):
-            raise NginxError(f"nginx's control socket answered {status} {body[:80]!r} for the routing state",
-                             code="nginx_down")
-        port, preview, *split = (int(p) for p in parts)
-        want = (self.port, self.preview_port or 0, self.split_state or (0, 0, 0))
-        if (port, preview, tuple(split)) == want:
-            return None
+        port, preview, split = await self.table.state()
         preview_to, split_to = self.preview_port, self.split_state
-        await self._set(self.port)
+        # Only what nginx lost (a restart empties the table): a state someone else added stays.
+        lost_preview = preview_to is not None and preview != preview_to
+        lost_split = split_to is not None and split != split_to
+        if port == self.port and not lost_preview and not lost_split:
+            return None
+        if port != self.port or lost_split:  # (a route ends any split: set them in this order)
+            await self._set(self.port)
         if preview_to is not None:
             await self.preview(preview_to)
         if split_to is not None:
@@ -351,23 +319,3 @@ class RuntimeSwitch:
         return (f"port {self.port}" + (f", preview to {preview_to}" if preview_to else "")
                 + (f", {split_to[1]} % to {split_to[0]}" if split_to and split_to[0] else "")
                 + (f", counters generation {split_to[2]}" if split_to else ""))
-
-    async def _call(self, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
-        """One HTTP/1.0 request on the control socket; (status, body)."""
-        sock = str(self.control_path)
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(sock), TIMEOUT)
-            writer.write(f"{method} {path} HTTP/1.0\r\nHost: bluegreen\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                         + body)
-            data = await asyncio.wait_for(reader.read(), TIMEOUT)  # HTTP/1.0: nginx closes after the answer
-            writer.close()
-        except (OSError, asyncio.TimeoutError) as e:
-            raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is nginx running, with the "
-                             f"lua module loaded{self.hint}?", code="nginx_down") from None
-        head, _, text = data.partition(b"\r\n\r\n")
-        try:
-            status = int(head.split(b" ", 2)[1])
-        except (IndexError, ValueError):
-            raise NginxError(f"nginx's control socket gave an unreadable answer: {data[:80]!r}",
-                             code="nginx_down") from None
-        return status, text.decode("utf-8", "replace").strip()

@@ -41,7 +41,7 @@ class SlotOps:
             await self.app.proxy.preview(None)
         await self.app.free_port(plan.port)
         if plan.watch:
-            await self.app.release.start_watch()
+            await self.app.release.rollouts.start_watch()
         return {"slot": plan.slot, "port": plan.port, "build": str(plan.build)}
 
     async def start(self, plan: AppPlan) -> tuple[slots.AppProcess, dict[str, Any]]:
@@ -97,10 +97,10 @@ class SlotOps:
                       "active build")
 
     async def watch(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
-        return await self.app.release.watch(plan, standby)
+        return await self.app.release.rollouts.watch(plan, standby)
 
     async def rollout(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
-        return await self.app.release.rollout(plan, standby, self.emit)
+        return await self.app.release.rollouts.rollout(plan, standby, self.emit)
 
     async def check(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         results = await probes.run_checks(standby.port, self.cfg.release.checks)

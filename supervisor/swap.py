@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
-from .errors import AppDied, BluegreenError, HookFailed, RolloutAborted
+from .errors import AppDied, BluegreenError, HookFailed
 
 Standby = TypeVar("Standby")
 Old = TypeVar("Old")

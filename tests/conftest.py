@@ -13,6 +13,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import DaemonRun, example_config, free_ports, make_build, release_ports  # noqa: E402
 
 
+# Tests that measure time or load the machine hard: scripts/test runs them alone, after the
+# parallel part, so that neither disturbs the other (2 cores).
+SERIAL_FILES = {"test_bench.py", "test_chaos.py", "test_split.py", "test_examples.py", "test_ansible.py"}
+SERIAL_TESTS = {"test_a_slow_build_is_reverted_when_latency_ratio_is_set"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SERIAL_FILES or item.originalname in SERIAL_TESTS:
+            item.add_marker(pytest.mark.serial)
+
+
 def needs(binary: str) -> None:
     if shutil.which(binary) is None and shutil.which(binary, path="/usr/sbin") is None:
         pytest.fail(f"{binary} is not installed: run scripts/test, which installs it")

@@ -79,6 +79,19 @@ def release_ports() -> None:
         os.close(_held.pop())
 
 
+def settled_workers(master: int, count: int = 2) -> set[int]:
+    """The master's current generation of `count` workers, once the previous one (of the last
+    reload) is gone: for nginx's 100 ms after a reload both are titled alike, and the old one
+    then closes its idle keep-alive connections."""
+    from supervisor.nginx import title
+
+    def current() -> set[int] | None:
+        kids = {c.pid: title(c.pid) or "" for c in psutil.Process(master).children()}
+        return None if len(kids) != count or any("shutting down" in t for t in kids.values()) else set(kids)
+
+    return wait_until(current, 30, "the previous generation of nginx workers to exit")
+
+
 def managed_nginx(listen: int, switch: str | None = "reload", binary: str | None = None) -> str:
     """The [nginx] table of a managed nginx on `listen`, with the given switch (None: the
     default, auto) and binary."""

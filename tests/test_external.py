@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, user_nginx_conf, wait_until
+from helpers import (LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, settled_workers,
+                     user_nginx_conf, wait_until)
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
@@ -208,7 +209,7 @@ def test_runtime_switch_in_the_users_nginx_through_its_upstream_file(make_daemon
     assert stat.S_IMODE(control_dir.stat().st_mode) == 0o700
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
     master = system_nginx["master"].pid
-    before = workers_of(master)
+    before = settled_workers(master)  # the start's reload is over: no old worker closes a connection
     with KeepAlive(run.listen_port) as clients:
         wait_until(lambda: len(clients.answers) >= 20, 30, "keep-alive answers")
         for old, new in (("v1", "v2"), ("v2", "v3"), ("v3", "v4")):

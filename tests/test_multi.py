@@ -12,14 +12,13 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import pytest
 
 from conftest import render_config
-from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, kill_tree, make_build, user_nginx_conf,
-                     wait_until)
+from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, kill_tree, make_build, settled_workers,
+                     user_nginx_conf, wait_until)
 from supervisor.config import resolve_binary
-from supervisor.nginx import render_upstream, title
+from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -71,12 +70,7 @@ class OneNginx:
         return self.runs[name].start(wait)
 
     def workers(self) -> set[int]:
-        """The current generation's workers (worker_processes 2), once the previous one (of the last
-        reload) is gone: for nginx's 100 ms after a reload both generations are titled alike."""
-        def current() -> set[int] | None:
-            kids = {c.pid: title(c.pid) or "" for c in psutil.Process(self.master.pid).children()}
-            return None if len(kids) != 2 or any("shutting down" in t for t in kids.values()) else set(kids)
-        return wait_until(current, 30, "the previous generation of nginx workers to exit")
+        return settled_workers(self.master.pid)
 
     def close(self) -> None:
         for run in self.runs.values():

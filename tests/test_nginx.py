@@ -47,5 +47,5 @@ def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> 
     from supervisor.nginx import render_runtime
 
     text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
-    assert "ngx.var.cookie_pv ==" in text and "local id = ngx.var.cookie_uid\n" in text
-    assert 'ctx.bluegreen_new_id, ctx.bluegreen_cookie = id, "uid"' in text
+    assert "ngx.var.cookie_pv ==" in text and "local user = ngx.var.cookie_uid\n" in text
+    assert '.. judged .. " " .. id .. " uid"' in text  # the cookie a new user's id goes back in

@@ -5,15 +5,12 @@ nginx, many users behind one address, clients that hang up, and health checks th
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from helpers import DaemonRun, Load, http_get, wait_until
+from helpers import DaemonRun, http_get
 from shapes import SHAPES, DebianNginx, app_build, os_user, start_on, worker_users
 
 pytestmark = pytest.mark.e2e
@@ -38,20 +35,13 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
 
 def control(run: DaemonRun, path: str) -> str:
     """One GET on the app's runtime control socket (what the daemon asks nginx)."""
-    from supervisor.nginx import CONTROL
-    from supervisor.runtime_switch import RuntimeSwitch
+    from supervisor.nginx_table import Table
 
     st = run.status()
     assert st is not None
     sock = (run.dir / "run" / "nginx" / "control.sock") if st["nginx"]["mode"] == "managed" else \
         (run.dir / "run" / "switch" / "control.sock")
-
-    async def ask() -> tuple[int, str]:
-        probe = RuntimeSwitch.__new__(RuntimeSwitch)
-        probe.control_path, probe.hint = sock, ""
-        return await probe._call("GET", CONTROL + path)
-
-    status, body = asyncio.run(ask())
+    status, body = asyncio.run(Table(sock).call("GET", path))
     assert status == 200, (status, body)
     return body
 

@@ -39,9 +39,16 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
             user.close()
 
 
-def restart_nginx(run: DaemonRun, user: DebianNginx | None) -> None:
+def restart_nginx(run: DaemonRun, user: DebianNginx | None, how: str = "restart") -> None:
     """The managed master killed (the daemon restarts it), or the user's nginx stopped and started
-    by hand (`systemctl restart nginx`): either way a fresh nginx with an empty routing table."""
+    by hand (`systemctl restart nginx`): either way a fresh nginx with an empty routing table.
+    `how="reload"`: an outside reload instead (SIGHUP to the master, what `nginx -s reload` sends)."""
+    if how == "reload":
+        master = run.status()["nginx"]["master_pid"]
+        old = {c.pid for c in psutil.Process(master).children()}
+        os.kill(master, signal.SIGHUP)
+        wait_until(lambda: {c.pid for c in psutil.Process(master).children()} - old, 30, "new workers")
+        return
     if user is not None:
         user.stop()
         user.start()
@@ -69,31 +76,34 @@ def answers(port: int, n: int = 10, **headers: str) -> Counter[str]:
     return got
 
 
-def test_nginx_restarted_while_paused_comes_back_with_the_preview(shape, releases: Path) -> None:
+@pytest.mark.parametrize("how", ["restart", "reload"])
+def test_nginx_restarted_while_paused_comes_back_with_the_preview(shape, releases: Path, how: str) -> None:
     run, user = shape()
     assert run.cli("swap", str(app_build(releases, "v2")), "--pause").returncode == 0  # returns once paused
     assert run.phase() == "paused"
     assert answers(run.listen_port, **PREVIEW) == {"v2": 10}
-    restart_nginx(run, user)
+    restart_nginx(run, user, how)
     # The swap still waits for a person; the new nginx routes as the old one did, preview included.
     wait_until(lambda: answers(run.listen_port, 4, **PREVIEW) == {"v2": 4}, 30, "the preview on the new nginx",
                run.output)
     assert answers(run.listen_port) == {"v1": 10} and run.phase() == "paused"
-    assert any(e["event"] in ("nginx_restarted", "routing_restored") for e in run.status()["events"])
+    if how == "restart":
+        assert any(e["event"] in ("nginx_restarted", "routing_restored") for e in run.status()["events"])
     r = run.cli("abort")
     assert r.returncode == 0 and "traffic never moved" in r.stdout, r.stdout + r.stderr
     # After the abort everyone, preview header or not, is on the old build (never a stopped standby).
     assert answers(run.listen_port, **PREVIEW) == {"v1": 10} and answers(run.listen_port) == {"v1": 10}
 
 
-def test_nginx_restarted_mid_rollout_comes_back_with_the_split(shape, releases: Path) -> None:
+@pytest.mark.parametrize("how", ["restart", "reload"])
+def test_nginx_restarted_mid_rollout_comes_back_with_the_split(shape, releases: Path, how: str) -> None:
     run, user = shape("[rollout]\nmin_requests = 100000")  # the step never passes by itself
     swap = run.cli_background("swap", str(app_build(releases, "v2")), "--rollout", "30,100", "--step", "600")
     wait_until(lambda: (st := run.status()) and st["rollout"] and st["rollout"]["share"] == 30, 60, "step 1",
                run.output)
     inside, outside = bucket_user(30, True), bucket_user(30, False)
     assert answers(run.listen_port, Cookie=f"bluegreen_id={inside}") == {"v2": 10}
-    restart_nginx(run, user)
+    restart_nginx(run, user, how)
     wait_until(lambda: answers(run.listen_port, 4, Cookie=f"bluegreen_id={inside}") == {"v2": 4}, 30,
                "the split on the new nginx", run.output)
     assert answers(run.listen_port, Cookie=f"bluegreen_id={outside}") == {"v1": 10}
@@ -239,3 +249,16 @@ def inflight_to(run: DaemonRun, port: int) -> bool:
     from supervisor import drain
 
     return drain.inflight(port) > 0
+
+
+def test_the_new_build_dying_while_paused_ends_the_preview_at_once(shape, releases: Path) -> None:
+    run, user = shape()
+    assert run.cli("swap", str(app_build(releases, "v2")), "--pause").returncode == 0
+    kill_new_build(run)
+    wait_until(lambda: run.phase() is None, 30, "the paused swap to end", run.output)
+    st = run.status()
+    assert st["paused"] is None and st["standby"] is None and st["active"]["slot"] == "blue"
+    last = st["last_swap"]
+    assert last["error"]["code"] == "app_exited" and "during the paused" in last["error"]["message"], last
+    assert last["traffic"] == "unchanged"
+    assert answers(run.listen_port, **PREVIEW) == {"v1": 10} and answers(run.listen_port) == {"v1": 10}

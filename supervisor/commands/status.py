@@ -56,7 +56,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
         "paused": app.release.pause_info(),
-        "rollout": app.release.rolling.info() if app.release.rolling else None,
+        "rollout": app.release.rollouts.rolling.info() if app.release.rollouts.rolling else None,
         "warm": {**_with_rss(warm.app.to_dict()), "until": warm.until} if warm and warm.usable() else None,
         "last_swap": state.last_swap,
         "history": state.history[-10:],

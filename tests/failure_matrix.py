@@ -1,0 +1,222 @@
+"""The README's failure matrix, from one table: every phase of a swap (and idle) meets every fault.
+
+Each cell says what the user sees and names the end-to-end tests that pin it; a cell with no test
+says so ("not pinned yet"), so the README never claims more than the suite proves. A new phase or
+a new fault is a new row or column here, with its tests. `scripts/failure-matrix` writes the
+README section; tests/test_matrix.py fails when the README and this table disagree, or when a
+named test does not exist.
+"""
+
+from __future__ import annotations
+
+PHASES = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "switch", "commit", "drain",
+          "watch", "after_switch", "stop", "warm window", "idle")
+
+FAULTS = {
+    "kill9": "daemon killed (-9)",
+    "sigterm": "daemon SIGTERM",
+    "master": "nginx master killed",
+    "worker": "an nginx worker killed",
+    "reload": "outside `nginx -s reload`",
+    "restart": "nginx stopped and started by hand",
+    "active_killed": "active build killed",
+    "active_frozen": "active build frozen",
+    "new_killed": "new build killed",
+    "new_frozen": "new build frozen",
+    "disk_full": "disk full",
+}
+
+BEFORE_SWITCH = ("prepare", "start", "ready", "before_switch", "check")
+AFTER_COMMIT = ("commit", "drain", "watch", "after_switch", "stop")
+
+# (phase, fault) -> (what the user sees, tests that pin it)
+Cell = tuple[str, tuple[str, ...]]
+CELLS: dict[tuple[str, str], Cell] = {}
+
+
+def cell(phases: str | tuple[str, ...], fault: str, text: str, *tests: str) -> None:
+    for phase in (phases,) if isinstance(phases, str) else phases:
+        assert phase in PHASES and fault in FAULTS, (phase, fault)
+        assert (phase, fault) not in CELLS, (phase, fault)
+        CELLS[phase, fault] = (text, tests)
+
+
+# --- the daemon killed with -9: app and nginx run on in their own sessions
+KILLED_MID_SWAP = "test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone"
+cell(("prepare", "start", "ready", "switch"), "kill9", "traffic unchanged: the next daemon undoes the swap (`interrupted`)",
+     KILLED_MID_SWAP)
+cell("before_switch", "kill9", "undone by the next daemon, which stops the hook's group (`hook_stopped`)",
+     "test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one")
+cell("check", "kill9", "undone by the next daemon (as in ready)")
+cell("paused", "kill9", "the next daemon routes everyone to the old build and stops the preview; a preview nobody "
+     "promoted is never made active, even if the old build died meanwhile",
+     "test_a_daemon_killed_while_paused_comes_back_on_the_old_build_with_the_standby_removed",
+     "test_a_preview_nobody_promoted_is_not_made_active_by_the_next_daemon")
+cell("rollout step", "kill9", "the next daemon sends everyone back to the old build and stops the new one",
+     "test_a_daemon_killed_mid_rollout_comes_back_on_the_old_build_with_nothing_left")
+cell("commit", "kill9", "the next daemon finishes the swap if state.json names the new build, else undoes it",
+     KILLED_MID_SWAP)
+cell("drain", "kill9", "the next daemon finishes the swap (drains and stops the old build); an `after_switch` that "
+     "never ran is named in status and history (`hook_skipped`)", KILLED_MID_SWAP,
+     "test_a_contract_step_the_killed_daemon_never_ran_is_named_in_status_and_history")
+cell("watch", "kill9", "the next daemon finishes the swap (the watch is not resumed)")
+cell("after_switch", "kill9", "the next daemon stops the hook's group, finishes the swap and says `hook_skipped`")
+cell("stop", "kill9", "the next daemon stops the old build", KILLED_MID_SWAP)
+cell("warm window", "kill9", "the next daemon stops the warm build", "test_a_restarted_daemon_stops_the_warm_build")
+cell("idle", "kill9", "nothing restarts: the next daemon adopts app and nginx; no log line is lost",
+     "test_the_app_logs_through_a_daemon_kill_and_adoption_without_a_lost_line")
+
+# --- SIGTERM (a second one always forces: test_a_second_sigterm_forces_...)
+cell(BEFORE_SWITCH + ("switch",), "sigterm", "the swap is cancelled (standby stopped, traffic unchanged), then nginx "
+     "and the app stop")
+cell("paused", "sigterm", "the preview ends, the standby stops, then nginx and the app stop")
+cell("rollout step", "sigterm", "everyone back on the old build, the new one stopped, then nginx and the app stop")
+cell(("commit", "watch", "after_switch", "stop"), "sigterm", "the swap reports success; both builds stop after nginx")
+cell("drain", "sigterm", "the swap reports success; nginx finishes its requests, then both builds stop; a second "
+     "SIGTERM kills everything at once", "test_sigterm_during_the_drain_leaves_no_process_behind",
+     "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app")
+cell("warm window", "sigterm", "the warm build stops with the rest")
+cell("idle", "sigterm", "nginx stops gracefully, then the app; socket removed; nothing left",
+     "test_sigterm_stops_app_and_nginx_and_removes_the_socket")
+
+# --- the managed nginx master killed (your own nginx: the column "stopped and started")
+RESTARTED = "restarted at once, routing where it routed"
+cell(BEFORE_SWITCH + ("commit", "drain", "watch", "after_switch", "stop", "warm window"), "master", RESTARTED)
+cell("paused", "master", "restarted at once, the preview still on", "test_nginx_restarted_while_paused_comes_back_with_the_preview")
+cell("rollout step", "master", "restarted at once, the split still on",
+     "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
+cell("switch", "master", "reload switch: the switch fails (`nginx_down`), traffic unchanged; runtime switch: the "
+     "route is set on the restarted nginx")
+cell("idle", "master", RESTARTED + " (in-flight requests on its workers finish)",
+     "test_killed_managed_nginx_master_is_restarted", "test_a_restarted_nginx_routes_to_the_active_slot",
+     "test_killed_master_is_replaced_without_waiting_for_its_workers_requests")
+
+# --- one nginx worker killed: its own connections fail, the master forks another
+WORKER = "that worker's requests fail; the master forks another"
+for phase in PHASES:
+    if phase == "drain":
+        cell(phase, "worker", WORKER + "; the drain is not held up by what it never counted out",
+             "test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up")
+    else:
+        cell(phase, "worker", WORKER)
+
+# --- an outside reload: the runtime switch's table survives it; the reload switch's file is what nginx loads
+for phase in PHASES:
+    if phase in ("paused", "rollout step"):
+        cell(phase, "reload", "nothing changes (the preview, the split stay)",
+             "test_nginx_restarted_while_paused_comes_back_with_the_preview" if phase == "paused" else
+             "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
+    else:
+        cell(phase, "reload", "nothing changes")
+
+# --- your nginx stopped and started (systemctl restart nginx, a package upgrade)
+for phase in PHASES:
+    if phase == "paused":
+        cell(phase, "restart", "the first requests already route as before; the preview is set again within a second",
+             "test_nginx_restarted_while_paused_comes_back_with_the_preview")
+    elif phase == "rollout step":
+        cell(phase, "restart", "routes as before at once; the split is set again within a second",
+             "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
+    elif phase == "idle":
+        cell(phase, "restart", "routes to the active build from its first request (workers read the route file)",
+             "test_an_nginx_stopped_and_started_by_hand_routes_to_the_active_build_at_once")
+    elif phase == "switch":
+        cell(phase, "restart", "the switch fails (`nginx_down`) or lands on the new nginx; traffic where the swap says")
+    else:
+        cell(phase, "restart", "routes as before at once (the route file)")
+
+# --- the active (old) build killed
+cell(BEFORE_SWITCH, "active_killed", "its requests fail until the swap switches to the new build")
+cell("paused", "active_killed", "the pause is aborted at once, then the same build is started again (`recover`)")
+cell("rollout step", "active_killed", "everyone moves to the new build (it is all that is left)")
+cell(("switch", "commit", "drain", "stop"), "active_killed", "nothing more: it was leaving; the new build serves")
+cell(("watch", "after_switch"), "active_killed", "the new build serves; no way back if it fails")
+cell("warm window", "active_killed", "the warm build is no longer warm; `rollback` starts it afresh",
+     "test_a_warm_build_that_dies_is_no_longer_warm_and_rollback_starts_it_afresh")
+cell("idle", "active_killed", "the same build is started on the other slot and switched to; requests meanwhile fail",
+     "test_crashed_active_app_is_restarted_on_the_other_slot", "test_repeated_crashes_back_off_then_stop_in_a_failed_state")
+
+# --- the active build frozen (SIGSTOP, a deadlock): found only with app.health.url
+cell(BEFORE_SWITCH + ("switch", "commit"), "active_frozen", "its requests hang until the swap switches")
+cell("paused", "active_frozen", "with app.health.url: the pause is aborted and the build replaced")
+cell("rollout step", "active_frozen", "its users' requests hang; the rollout goes on (its verdict judges the new build)")
+cell("drain", "active_frozen", "the drain waits drain.timeout, then it is killed after app.stop.timeout; a second "
+     "SIGTERM to the daemon kills it at once", "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app")
+cell(("watch", "after_switch", "stop", "warm window"), "active_frozen", "no traffic reaches it; it is stopped (SIGKILL "
+     "after app.stop.timeout)")
+cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash",
+     "test_hung_active_app_is_replaced")
+
+# --- the new build killed
+cell("prepare", "new_killed", "nothing started yet")
+cell(("start", "ready"), "new_killed", "exit 1, `app_exited` with its exit and last lines; traffic unchanged",
+     "test_swap_to_a_build_that_crashes_at_start_fails_and_old_keeps_serving")
+cell(("before_switch", "check"), "new_killed", "exit 1, `app_exited`; traffic unchanged")
+cell("paused", "new_killed", "the preview ends at once (status' last swap: `app_exited`); traffic unchanged",
+     "test_the_new_build_dying_while_paused_ends_the_preview_at_once")
+cell("rollout step", "new_killed", "everyone back on the old build at once: exit 1, `app_exited`, `traffic: restored`",
+     "test_the_new_build_killed_mid_rollout_step_sends_everyone_back_at_once")
+cell("switch", "new_killed", "nginx switched back at once: exit 1, `app_exited`",
+     "test_standby_that_exits_right_after_ready_fails_the_swap",
+     "test_with_the_runtime_switch_a_standby_dying_right_after_ready_is_reported_as_it_happened")
+cell("commit", "new_killed", "back to the old build (it still runs) at once")
+cell("drain", "new_killed", "back to the old build at once: exit 1, `app_exited`, `traffic: restored`",
+     "test_new_build_dying_during_the_drain_sends_traffic_back_at_once")
+cell("watch", "new_killed", "back to the old build at once: exit 1, `app_exited`, `traffic: restored`",
+     "test_the_new_build_dying_during_the_watch_sends_traffic_back_at_once")
+cell("after_switch", "new_killed", "back to the old build at once; the hook runs to its end; exit 1, `app_exited`",
+     "test_the_new_build_dying_during_after_switch_goes_back_while_the_hook_still_runs")
+cell(("stop", "warm window", "idle"), "new_killed", "exit 4 if the swap still runs; the crash restart brings it back",
+     "test_new_build_dying_after_the_old_one_stopped_is_reported_and_restarted")
+
+# --- the new build frozen
+cell(("prepare", "start"), "new_frozen", "as in ready")
+cell("ready", "new_frozen", "exit 1, `not_ready` at app.ready.timeout; traffic unchanged",
+     "test_swap_to_a_build_that_never_gets_ready_times_out_and_stops_the_standby")
+cell(("before_switch", "check"), "new_frozen", "`checks_failed` (a check times out), or the hook decides")
+cell(("paused", "rollout step", "watch"), "new_frozen", "its requests time out; a rollout or watch verdict reverts it "
+     "(upstream errors), a preview waits for abort")
+cell(("switch", "commit", "drain", "after_switch", "stop", "warm window", "idle"), "new_frozen",
+     "it serves nothing until app.health.url finds it hung")
+
+# --- disk full
+cell(BEFORE_SWITCH + ("paused", "rollout step"), "disk_full", "traffic unchanged; the swap fails where it cannot write")
+cell("switch", "disk_full", "the route or upstream file cannot be written: `upstream_write_failed`, traffic unchanged")
+cell("commit", "disk_full", "state.json cannot be written: back to the old build (a rename, no space needed), "
+     "exit 1; if nginx cannot go back either, the new build serves, exit 4, and the daemon retries the write",
+     "test_disk_full_after_the_switch_puts_traffic_back_on_the_old_build",
+     "test_disk_full_and_no_way_back_keeps_the_new_build_serving_and_says_so")
+cell(("drain", "watch", "after_switch", "stop", "warm window"), "disk_full", "the swap is committed; later writes are "
+     "retried")
+cell("idle", "disk_full", "app output is dropped, never blocking the app, and the loss is said once it can write",
+     "test_a_full_disk_drops_output_without_blocking_and_says_so_once_it_can")
+
+assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
+
+
+def tests_named() -> set[str]:
+    return {t for _, tests in CELLS.values() for t in tests}
+
+
+def render() -> str:
+    """The README section: one table per fault group (a table of 11 columns would not read), the
+    phases as rows; each cell's tests by number, listed below."""
+    numbers = {t: i + 1 for i, t in enumerate(sorted(tests_named()))}
+    pinned = sum(1 for _, tests in CELLS.values() if tests)
+    out = [f"{len(PHASES)} phases × {len(FAULTS)} faults = {len(CELLS)} cells; {pinned} pinned by an end-to-end "
+           f"test (the numbers, listed below), the others say what the code does and are *not pinned yet*.", ""]
+    groups = (("kill9", "sigterm"), ("master", "worker", "reload", "restart"), ("active_killed", "active_frozen"),
+              ("new_killed", "new_frozen", "disk_full"))
+    for group in groups:
+        out.append("| phase | " + " | ".join(FAULTS[f] for f in group) + " |")
+        out.append("|---|" + "---|" * len(group))
+        for phase in PHASES:
+            row = []
+            for f in group:
+                text, tests = CELLS[phase, f]
+                refs = " ".join(f"[{numbers[t]}]" for t in tests) if tests else "*not pinned yet*"
+                row.append(f"{text} {refs}")
+            out.append(f"| **{phase}** | " + " | ".join(row) + " |")
+        out.append("")
+    out.append("Tests: " + "; ".join(f"[{n}] `{t}`" for t, n in sorted(numbers.items(), key=lambda x: x[1])))
+    return "\n".join(out) + "\n"
