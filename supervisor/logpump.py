@@ -67,24 +67,35 @@ class Sink:
 
 
     def write(self, data: bytes) -> None:
-        try:
-            if self.fd < 0 or not self._current():
+        """Append `data`, rotating before a file would pass max_bytes: at a line's end where one
+        fits (a read from the pipe can hold many lines), cut only a line longer than a whole file."""
+        while data:
+            try:
+                if self.fd < 0 or not self._current():
+                    self._close()
+                    self._open()
+                room = self.max_bytes - self.size
+                cut = len(data)
+                if cut > room:
+                    cut = data.rfind(b"\n", 0, max(room, 0)) + 1
+                    if cut == 0 and self.size:  # not one whole line fits: a fresh file
+                        self._close()
+                        rotate(self.path, self.backups)
+                        self._open()
+                        continue
+                    cut = cut or self.max_bytes
+                if self.lost:
+                    note = (f"--- bluegreen {time.strftime('%Y-%m-%d %H:%M:%S')}: {self.lost} bytes of output were "
+                            f"lost ({self.why})\n").encode()
+                    self._all(note)
+                    self.lost = 0
+                self._all(data[:cut])
+                data = data[cut:]
+            except OSError as e:  # a full disk, a removed directory: drop, count, go on reading
+                self.lost += len(data)
+                self.why = e.strerror or str(e)
                 self._close()
-                self._open()
-            if self.size and self.size + len(data) > self.max_bytes:
-                self._close()
-                rotate(self.path, self.backups)
-                self._open()
-            if self.lost:
-                note = (f"--- bluegreen {time.strftime('%Y-%m-%d %H:%M:%S')}: {self.lost} bytes of output were "
-                        f"lost ({self.why})\n").encode()
-                self._all(note)
-                self.lost = 0
-            self._all(data)
-        except OSError as e:  # a full disk, a removed directory: drop, count, go on reading
-            self.lost += len(data)
-            self.why = e.strerror or str(e)
-            self._close()
+                return
 
     def _all(self, data: bytes) -> None:
         view = memoryview(data)

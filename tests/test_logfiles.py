@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import ROOT, wait_until
 from supervisor.logpump import Sink
 from supervisor.logs import Follower, last_lines
 from supervisor.slots import PUMP
@@ -103,3 +103,21 @@ def test_the_sink_makes_its_directory_again_if_an_operator_removed_it(tmp_path: 
     shutil.rmtree(logs)  # `rm -rf run/logs` while the app runs
     sink.write(b"after\n")
     assert (logs / "app.log").read_bytes() == b"after\n" and sink.lost == 0
+
+
+def test_one_big_read_from_the_pipe_is_rotated_at_line_ends(tmp_path: Path) -> None:
+    """A slow pump reads many lines at once (up to the pipe's 64 KiB): each file still stays within
+    max_bytes, cut between lines; only a line longer than a whole file is split."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("logpump", ROOT / "supervisor" / "logpump.py")
+    pump = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(pump)  # type: ignore[union-attr]
+    lines = b"".join(f"line {i:05d}\n".encode() for i in range(1000))  # 11 bytes each
+    sink = pump.Sink(str(tmp_path / "app.log"), 100, 200)
+    sink.write(lines)
+    sink.write(b"x" * 250 + b"\n")
+    files = sorted(tmp_path.iterdir(), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    assert all(p.stat().st_size <= 100 for p in files), [(p.name, p.stat().st_size) for p in files]
+    assert b"".join(p.read_bytes() for p in files) == lines + b"x" * 250 + b"\n"
+    assert all(p.read_bytes().endswith(b"\n") for p in files if b"x" not in p.read_bytes())

@@ -5,12 +5,13 @@ nginx, many users behind one address, clients that hang up, and health checks th
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from helpers import DaemonRun, http_get
+from helpers import DaemonRun, http_get, wait_until
 from shapes import SHAPES, DebianNginx, app_build, os_user, start_on, worker_users
 
 pytestmark = pytest.mark.e2e
@@ -93,3 +94,125 @@ def test_error_pages_answered_by_nginx_never_hold_a_request_in_flight(shape, rel
     assert r.returncode == 0, r.stderr
     drain = run.status()["last_swap"]["details"]["drain"]
     assert not drain["timed_out"], drain
+
+
+def get_with_cookie(port: int, path: str = "/", cookie: str | None = None, timeout: float = 10) -> tuple[int, str, str]:
+    """(status, body, the Set-Cookie nginx added) for one request on a fresh connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(), r.getheader("Set-Cookie") or ""
+    finally:
+        conn.close()
+
+
+def bucket_user(share: int, inside: bool, prefix: str = "u") -> str:
+    """A rollout cookie value whose bucket is inside (or outside) the first `share` % of users."""
+    import zlib
+
+    return next(f"{prefix}{i}" for i in range(100_000) if (zlib.crc32(f"{prefix}{i}".encode()) % 100 < share) == inside)
+
+
+def rolling_out(run: DaemonRun, build: Path, share: int, *args: str) -> Any:
+    """A rollout whose first step (`share` %) is on; the CLI left running."""
+    swap = run.cli_background("swap", str(build), "--rollout", f"{share},100", *args)
+    wait_until(lambda: (st := run.status()) and st["rollout"] and st["rollout"]["share"] == share, 60,
+               f"the {share} % step", run.output)
+    return swap
+
+
+def test_many_users_behind_one_address_are_spread_over_the_split(shape, releases: Path) -> None:
+    """curl without a cookie jar, NAT, a load balancer: one address, many users. Each new user gets
+    a random id, so a 20 % step sends about 20 % of them to the new build, and each keeps its side."""
+    run, user = shape("[rollout]\nmin_requests = 100000")
+    swap = rolling_out(run, app_build(releases, "v2"), 20, "--step", "600")
+    seen = [get_with_cookie(run.listen_port) for _ in range(300)]
+    on_new = [cookie for status, body, cookie in seen if body == "hello from v2\n"]
+    assert all(status == 200 for status, _, _ in seen)
+    assert 20 <= len(on_new) <= 110, len(on_new)  # binomial(300, 0.2): 60 +- 7
+    assert len({c.split(";")[0] for _, _, c in seen}) == 300  # 300 users, 300 ids
+    for status, body, cookie in seen[:30]:  # each user keeps its side with its cookie
+        assert get_with_cookie(run.listen_port, cookie=cookie.split(";")[0])[1] == body
+    assert run.cli("abort").returncode == 0
+    swap.communicate(timeout=120)
+
+
+def test_clients_that_hang_up_never_fail_a_healthy_build(shape, releases: Path) -> None:
+    """Requests abandoned by their clients (nginx's 499) say nothing about the build: 40 of them on a
+    slow page must not revert a healthy rollout."""
+    import socket
+    import threading
+
+    run, user = shape("[rollout]\nmin_requests = 20")
+    inside, outside = bucket_user(50, True), bucket_user(50, False)
+    swap = rolling_out(run, app_build(releases, "v2"), 50, "--step", "4")
+    for _ in range(40):  # a slow page, given up after 0.3 s
+        s = socket.create_connection(("127.0.0.1", run.listen_port))
+        s.sendall(f"GET /slow?ms=3000 HTTP/1.1\r\nHost: t\r\nCookie: bluegreen_id={inside}\r\n\r\n".encode())
+        s.settimeout(0.3)
+        try:
+            s.recv(100)
+        except socket.timeout:
+            pass
+        s.close()
+    stop = threading.Event()
+
+    def users() -> None:  # ordinary users on both sides, so the step has its evidence
+        while not stop.is_set():
+            for who in (inside, outside):
+                get_with_cookie(run.listen_port, cookie=f"bluegreen_id={who}")
+
+    t = threading.Thread(target=users)
+    t.start()
+    try:
+        out, err = swap.communicate(timeout=180)
+    finally:
+        stop.set()
+        t.join(30)
+    assert swap.returncode == 0, out + err
+    assert get_with_cookie(run.listen_port)[1] == "hello from v2\n"
+
+
+def test_a_health_check_flood_through_nginx_never_dilutes_a_failing_build(shape, releases: Path) -> None:
+    """A load balancer's health checks (the readiness path, or rollout.ignore_paths) are not users:
+    a build failing 30 % of its real requests is reverted however many /health requests pass."""
+    import threading
+
+    run, user = shape('[rollout]\nmin_requests = 20\nignore_paths = ["/status/"]')
+    inside = bucket_user(50, True)
+    stop = threading.Event()
+
+    def flood(path: str) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", run.listen_port, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", path, headers={"Cookie": f"bluegreen_id={inside}"})
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", run.listen_port, timeout=10)
+        conn.close()
+
+    floods = [threading.Thread(target=flood, args=(p,)) for p in ("/health", "/health", "/health", "/status/x")]
+    for t in floods:
+        t.start()
+    try:
+        swap = rolling_out(run, app_build(releases, "v2", fail=30), 50, "--step", "600")
+        for i in range(200):  # the users' own requests, a few of them, slowly
+            if swap.poll() is not None:
+                break
+            get_with_cookie(run.listen_port, cookie=f"bluegreen_id={bucket_user(50, True, f'r{i}-')}")
+        out, err = swap.communicate(timeout=120)
+    finally:
+        stop.set()
+        for t in floods:
+            t.join(30)
+    assert swap.returncode == 1 and "[rollout_aborted]" in err, out + err
+    failed = re.search(r"new: (\d+) of (\d+) requests failed", err)
+    # judged on users' requests only: about 30 % of them fail (counted with the floods, it was ~1 %)
+    assert failed and int(failed.group(1)) / int(failed.group(2)) >= 0.2, err
