@@ -824,8 +824,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
-    if args.quick:
-        args.releases, args.idle, args.gap, args.rate = 2, 3.0, 1.5, 40
+    if args.quick:  # a short run; an explicit --releases still counts
+        args.releases = args.releases if "--releases" in sys.argv else 2
+        args.idle, args.gap, args.rate = 3.0, 1.5, 40
     report = asyncio.run(amain(args))
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -119,10 +119,13 @@ class Daemon:
         misses its pings and systemd restarts the daemon). No error ends it: a loop that stopped
         pinging would have systemd kill a daemon that works."""
         interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
+        fault = os.environ.get("BLUEGREEN_FAULT_BLOCK_LOOP")  # tests only: a file naming seconds to hang
         while True:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
+            if fault:
+                _block_loop(Path(fault))
             try:
                 if self.notifier.enabled:
                     self.notifier.status(status_line(self.app))
@@ -246,6 +249,17 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+def _block_loop(order: Path) -> None:
+    """A fault the tests inject (BLUEGREEN_FAULT_BLOCK_LOOP): hang the event loop for the seconds
+    the file names, as a deadlock would, so that the watchdog's pings are seen to stop."""
+    try:
+        seconds = float(order.read_text())
+        order.unlink()
+    except (OSError, ValueError):
+        return
+    time.sleep(seconds)
+
 
 def status_line(app: App, event: dict[str, Any] | None = None) -> str:
     """One line for systemd's STATUS= (`systemctl status` shows it): the swap's phase, or what serves."""

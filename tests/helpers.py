@@ -291,13 +291,15 @@ class DaemonRun:
             return []
 
     def stop(self) -> int | None:
-        """SIGTERM and wait; then kill anything it left behind. Returns the exit code."""
+        """SIGTERM and wait; then kill anything it left behind, and fail if a daemon that stopped
+        cleanly (and was not told to keep serving) left a process running. Returns the exit code."""
         if self.proc is None:
             return None
         for c in self.children():
             self.seen.add(c.pid)
         code = None
-        if self.proc.poll() is None:
+        stopped_now = self.proc.poll() is None
+        if stopped_now:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 code = self.proc.wait(60)
@@ -305,7 +307,15 @@ class DaemonRun:
                 pass
         else:
             code = self.proc.returncode
+        # (a log pump exits once it has read the app's last output, just after the daemon)
+        deadline = time.monotonic() + 5
+        while (left := [p for p in {*self.seen, *self.leftovers()} if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         kill_tree([self.proc.pid, *self.seen, *self.leftovers()])
+        keeps = 'on_stop = "keep"' in self.config.read_text()
+        if stopped_now and code == 0 and not keeps and left:
+            details = "; ".join(f"{p} {describe(p)}" for p in left)
+            raise AssertionError(f"the daemon stopped cleanly but left running: {details}")
         return code
 
     def leftovers(self) -> list[int]:
@@ -321,6 +331,21 @@ class DaemonRun:
         except (OSError, ValueError, psutil.Error):
             pass
         return pids
+
+
+def running(pid: int) -> bool:
+    """A live process (a zombie is dead: only its parent has not reaped it yet)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def describe(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.Error:
+        return "(gone)"
 
 
 class ClientThreads:
@@ -488,7 +513,8 @@ class KeepAlive(ClientThreads):
         with self.lock:
             answers = list(self.answers)
         first_new = min((arrived for _, arrived, v in answers if v == new), default=None)
-        return 0 if first_new is None else sum(1 for sent, _, v in answers if v == old and sent > first_new)
+        assert first_new is not None, f"no answer from {new} reached these clients: nothing to judge"
+        return sum(1 for sent, _, v in answers if v == old and sent > first_new)
 
 
 MISBEHAVING = """

@@ -36,14 +36,16 @@ const server = http.createServer((req, res) => {
   answer(FAIL && (n++ * 37) % 100 < FAIL ? 500 : 200, `hello from ${version}\\n`);
 });
 let n = 0;
-server.listen(Number(process.env.PORT), '127.0.0.1');
+setTimeout(() => server.listen(Number(process.env.PORT), '127.0.0.1'), BOOT_MS);
 process.on('SIGTERM', () => server.close(() => process.exit(0)));
 """
 
 
-def app_build(parent: Path, name: str, fail: int = 0) -> Path:
-    """A build of APP: `fail` % of its answers on `/` are 500s (spread evenly)."""
-    return make_build(parent, name, server_js=APP.replace("VERSION", name).replace("FAIL", str(fail)))
+def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0) -> Path:
+    """A build of APP: `fail` % of its answers on `/` are 500s (spread evenly); it listens only
+    `boot_ms` after it started (a slow boot holds a swap in its ready phase)."""
+    return make_build(parent, name, server_js=APP.replace("VERSION", name).replace("FAIL", str(fail))
+                      .replace("BOOT_MS", str(boot_ms)))
 
 
 DEBIAN_CONF = """{modules}

@@ -99,8 +99,7 @@ def test_swap_to_a_build_that_never_gets_ready_times_out_and_stops_the_standby(m
 def test_second_swap_during_a_swap_is_refused_as_busy(make_daemon, releases: Path) -> None:
     run = make_daemon()
     slow_boot = make_build(releases, "v2", boot_delay_ms=3000)
-    first = subprocess.Popen([*CLI, "swap", "-c", str(run.config), str(slow_boot)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = run.cli_background("swap", str(slow_boot))
     try:
         wait_until(lambda: (run.status() or {}).get("swap"), 30, "the first swap to be running")
         second = run.cli("swap", str(slow_boot))

@@ -88,8 +88,7 @@ def test_tomcat_standby_still_booting_is_stopped_on_cancel_jvm_included(make_dae
     sick = short_tmp / "sick"
     shutil.copytree(EXAMPLES / "tomcat" / "v2", sick)
     (sick / "health.jsp").unlink()
-    swap = subprocess.Popen([sys.executable, "-m", "supervisor", "swap", "-c", str(run.config), str(sick)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    swap = run.cli_background("swap", str(sick))
     try:
         standby = wait_until(lambda: (run.status() or {}).get("standby"), 60, "the standby JVM to start")
         jvm = psutil.Process(standby["pid"])

@@ -113,13 +113,25 @@ def test_stale_pid_file_fails_the_swap_with_a_clear_error(make_daemon, system_ng
     pid_file: Path = system_nginx["prefix"] / "nginx.pid"
     real = pid_file.read_text()
     pid_file.write_text("")  # what `nginx -t` leaves behind when no master runs
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a pid reused by someone else
     try:
         r = run.cli("swap", str(make_build(releases, "v2")))
         assert r.returncode == 1
         assert "[nginx_down]" in r.stderr and "empty or invalid" in r.stderr
         assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+        for pid in (gone.pid, other.pid):  # the master gone; its pid now another program's
+            pid_file.write_text(f"{pid}\n")
+            r = run.cli("swap", str(make_build(releases, f"v2-{pid}")))
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert "[nginx_down]" in r.stderr and f"names pid {pid}, which is not a running nginx" in r.stderr
+            assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+        assert other.poll() is None, "the process that took the pid was signalled"
     finally:
         pid_file.write_text(real)
+        other.kill()
+        other.wait()
 
 
 def test_reload_refused_by_the_master_is_detected_and_undone(make_daemon, system_nginx, releases: Path) -> None:

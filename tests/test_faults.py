@@ -62,11 +62,16 @@ def test_crashed_active_app_is_restarted_on_the_other_slot(make_daemon) -> None:
 
 def test_repeated_crashes_back_off_then_stop_in_a_failed_state(make_daemon, releases: Path) -> None:
     flaky = make_build(releases, "flaky", server_js=CRASHES_AFTER_READY)
-    run = make_daemon(build=flaky, extra="[app.restart]\nattempts = 2\nbackoff = 0.2\nbackoff_max = 0.4")
+    run = make_daemon(build=flaky, extra="[app.restart]\nattempts = 3\nbackoff = 1.0\nbackoff_max = 1.5")
     st = wait_until(lambda: (lambda s: s if s and s["daemon"]["status"] == "failed" else None)(run.status()),
-                    60, "the daemon to give up", run.output)
-    assert "crashed 2 times in a row; not restarting it again" in st["daemon"]["failure"]
-    assert [e["event"] for e in st["events"]].count("crash") == 3
+                    90, "the daemon to give up", run.output)
+    assert "crashed 3 times in a row; not restarting it again" in st["daemon"]["failure"]
+    events = [e for e in st["events"] if e["event"] in ("crash", "restarted")]
+    assert [e["event"] for e in events] == ["crash", "restarted"] * 3 + ["crash"], events
+    # The backoff, measured: restart 1 at once, restart 2 after 1 s, restart 3 after 1.5 s (capped);
+    # each of these is a floor (a restart also boots the app), never a ceiling.
+    waited = [events[i + 1]["at"] - events[i]["at"] for i in range(0, 6, 2)]
+    assert waited[1] >= 1.0 and waited[2] >= 1.5, waited
     human = run.cli("status").stdout
     assert "FAILED" in human and "bluegreen swap" in human
     # The way out: release a build that works.

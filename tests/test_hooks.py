@@ -155,18 +155,14 @@ def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_
                                                                            releases: Path) -> None:
     """Otherwise the retried swap would run a second migration beside the first."""
     import signal
-    import subprocess
-    import sys
-
-    from helpers import ROOT
 
     pid_file = short_tmp / "hook.pid"
     expand = script(short_tmp / "expand", f'echo $$ > {pid_file}\nsleep 300\n')
     run = make_daemon(extra=hooks(before_switch=[str(expand)]))
-    swap = subprocess.Popen([sys.executable, "-m", "supervisor", "swap", str(make_build(releases, "v2")), "-c",
-                             str(run.config)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    swap = run.cli_background("swap", str(make_build(releases, "v2")))
     try:
-        wait_until(pid_file.exists, 60, "the hook to start")
+        # the whole line: `echo $$ >` creates the file before it writes the number
+        wait_until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 60, "the hook to start")
         group = int(pid_file.read_text())
         run.proc.send_signal(signal.SIGKILL)
         run.proc.wait(30)

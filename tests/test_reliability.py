@@ -208,12 +208,23 @@ def test_disk_full_and_no_way_back_keeps_the_new_build_serving_and_says_so(make_
         assert st["active"]["build"] == str(v2) and st["active"]["alive"]
         assert "state.json" in (st["daemon"]["warning"] or "")
         assert "NOT SAVED" in run.cli("status").stdout
+        # Meanwhile the old build keeps running (state.json still names it: a restarted daemon
+        # finds a consistent world), and no swap is accepted.
+        old_pid = json.loads((small_disk / "state.json").read_text())["active"]["pid"]
+        assert psutil.pid_exists(old_pid) and old_pid != st["active"]["pid"]
+        refused = run.cli("swap", str(make_build(releases, "v3")))
+        assert refused.returncode == 1 and "[state_write_failed]" in refused.stderr \
+            and "no swap until state.json can be written" in refused.stderr, refused.stderr
     finally:
         full.release()
     (small_disk / "filler").unlink()  # once there is room, the daemon writes the truth by itself
     wait_until(lambda: json.loads((small_disk / "state.json").read_text())["active"]["build"] == str(v2), 30,
                "state.json to name the new build", run.output)
     assert status_where(run, lambda s: s["daemon"]["warning"] is None, "the warning to clear")
+    # ...then the old build is drained and stopped
+    wait_until(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
+               60, "the old build to be stopped once the state is saved", run.output)
+    assert not drain.listening(run.ports[0])
 
 
 # ---- 2. "previous" is the last build a user released
@@ -355,7 +366,7 @@ def test_a_leftover_of_ours_on_the_standby_port_is_cleared(make_daemon, releases
         wait_until(lambda: drain.listening(run.ports[1]), 30, "the stray server to listen")
         r = run.cli("swap", str(make_build(releases, "v2")))
         assert r.returncode == 0, r.stderr
-        assert stray.wait(30) is not None
+        wait_until(lambda: stray.poll() is not None, 30, "the stray server of ours to be stopped")
         assert serves(run, "v2")
     finally:
         kill_tree([stray.pid])

@@ -82,16 +82,20 @@ def test_the_control_endpoint_is_private_and_takes_only_a_port(make_daemon) -> N
     for garbage in (put(b"abc"), put(b"99999"), put(b"-1"), put(b"8001; drop"), put(b"1" * 5000),
                     b"\x00\xff garbage\r\n\r\n"):
         assert b" 200 " not in control(run, garbage).split(b"\r\n", 1)[0]
-    # concurrent writes of the same valid port all read it back; the route never changed meanwhile
-    port = str(run.ports[0]).encode()
-    results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(control(run, put(port)))) for _ in range(20)]
+    # 20 concurrent writes of 20 different ports (nginx's two workers take them in parallel): every
+    # answer is one whole port that was written, never a torn value; and the daemon, which did not
+    # ask for any of them, puts its own route back within a second (it compares every second)
+    ports = [str(40000 + i).encode() for i in range(20)]
+    results: dict[bytes, bytes] = {}
+    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, control(run, put(p)))) for p in ports]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert len(results) == 20 and all(r.endswith(port + b"\n") for r in results)
-    assert serves(run, "v1")
+    assert sorted(results) == sorted(ports)
+    assert all(r.split(b"\r\n\r\n", 1)[1].strip() in ports for r in results.values()), results
+    wait_until(lambda: serves(run, "v1"), 30, "the daemon to put its route back", run.output)
+    assert any(e["event"] == "routing_restored" for e in run.status()["events"])
 
 
 def test_a_restarted_nginx_routes_to_the_active_slot(make_daemon, releases: Path) -> None:

@@ -64,3 +64,67 @@ def _get(port: int, path: str) -> None:
         http_get(port, path, timeout=120)
     except OSError:
         pass
+
+
+def test_an_idle_client_is_dropped_at_client_timeout_and_blocks_no_one(make_daemon) -> None:
+    import socket
+
+    run: DaemonRun = make_daemon(daemon="client_timeout = 1")
+    idle = socket.socket(socket.AF_UNIX)
+    idle.connect(str(run.socket))
+    idle.settimeout(30)
+    try:
+        assert run.status()["daemon"]["status"] == "serving"  # others are served meanwhile
+        said = b""
+        while chunk := idle.recv(4096):  # then the daemon says why and hangs up on the silent one
+            said += chunk
+        assert b'"bad_request"' in said and b"within 1s" in said, said
+    finally:
+        idle.close()
+
+
+def test_sigint_to_the_cli_mid_swap_leaves_the_swap_running_and_status_shows_it(make_daemon, releases: Path) -> None:
+    run: DaemonRun = make_daemon()
+    swap = run.cli_background("swap", str(app_build(releases, "v2", boot_ms=1500)))
+    wait_until(lambda: run.phase() in ("start", "ready"), 30, "the swap to start", run.output)
+    swap.send_signal(signal.SIGINT)  # Ctrl-C in the operator's terminal
+    out, err = swap.communicate(timeout=30)
+    assert swap.returncode != 0
+    assert run.phase() is not None or run.status()["last_swap"]["outcome"] == "done"  # it went on
+    wait_until(lambda: run.phase() is None, 60, "the swap to finish without its client")
+    assert run.status()["last_swap"]["outcome"] == "done" and http_get(run.listen_port, "/")[1] == "hello from v2\n"
+
+
+def test_cancel_before_the_switch_stops_the_standby_and_leaves_traffic_alone(make_daemon, releases: Path) -> None:
+    run: DaemonRun = make_daemon()
+    swap = run.cli_background("swap", str(app_build(releases, "v2", boot_ms=60_000)))
+    standby = wait_until(lambda: (run.status() or {}).get("standby"), 30, "the standby to start")
+    r = run.cli("cancel")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out, err = swap.communicate(timeout=60)
+    assert swap.returncode == 1 and "[cancelled]" in err and "traffic is unchanged" in err, err
+    assert not _alive(standby["pid"])
+    st = run.status()
+    assert st["standby"] is None and st["last_swap"]["error"]["code"] == "cancelled"
+    assert http_get(run.listen_port, "/")[1] == "hello from v1\n"
+
+
+def test_sigterm_before_the_switch_cancels_the_swap_and_stops_everything(make_daemon, releases: Path) -> None:
+    run: DaemonRun = make_daemon()
+    swap = run.cli_background("swap", str(app_build(releases, "v2", boot_ms=60_000)))
+    wait_until(lambda: (run.status() or {}).get("standby"), 30, "the standby to start")
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.proc.wait(60) == 0, run.output()
+    out, err = swap.communicate(timeout=60)
+    assert swap.returncode != 0 and ("[cancelled]" in err or "[shutting_down]" in err), err
+    assert run.leftovers() == []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

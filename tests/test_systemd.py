@@ -52,6 +52,7 @@ class NotifySocket:
         self.path = path
         self.messages: list[dict[str, str]] = []
         self.on_ready: list[int] = []  # the public port's answer at the moment READY=1 arrived
+        self.pings: list[float] = []  # when each WATCHDOG=1 arrived (monotonic)
         self.port = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._collect, daemon=True)
@@ -66,6 +67,8 @@ class NotifySocket:
             msg = dict(line.split("=", 1) for line in data.decode().splitlines())
             if msg.get("READY") == "1":
                 self.on_ready.append(http_get(self.port, "/", timeout=5)[0])
+            if msg.get("WATCHDOG") == "1":
+                self.pings.append(time.monotonic())
             self.messages.append(msg)
 
     def statuses(self) -> list[str]:
@@ -103,6 +106,28 @@ def test_ready_status_watchdog_and_stopping_over_a_real_notify_socket(make_daemo
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(60) == 0
         assert any(m.get("STOPPING") == "1" for m in notify.messages)
+    finally:
+        notify.close()
+
+
+def test_a_hung_event_loop_misses_its_watchdog_pings(make_daemon, short_tmp: Path) -> None:
+    """The pings come from the event loop itself: block the loop (a fault hook only tests set) and
+    they stop for that long, so systemd's watchdog would restart the daemon; then they resume."""
+    block = short_tmp / "block-loop"
+    run = make_daemon(start=False)
+    notify = NotifySocket(short_tmp / "notify.sock")
+    notify.port = run.listen_port
+    try:
+        run.start(wait=False, env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000",
+                                   "BLUEGREEN_FAULT_BLOCK_LOOP": str(block)})
+        wait_until(lambda: any("READY" in m for m in notify.messages), 60, "READY=1", run.output)
+        wait_until(lambda: len(notify.pings) >= 3, 10, "regular pings")
+        block.write_text("2.5")  # the loop sleeps 2.5 s without yielding: hung
+        wait_until(lambda: not block.exists(), 10, "the loop to take the fault")
+        before = len(notify.pings)
+        wait_until(lambda: len(notify.pings) >= before + 3, 30, "pings to resume", run.output)
+        gaps = [b - a for a, b in zip(notify.pings, notify.pings[1:])]
+        assert max(gaps) >= 2.0, gaps  # every 0.2 s, except while the loop was hung
     finally:
         notify.close()
 
