@@ -151,6 +151,43 @@ def make_build(parent: Path, name: str, *, version: str | None = None, boot_dela
     return build
 
 
+def serves(run: "DaemonRun", version: str) -> bool:
+    """nginx answers `/` from `version` (False while it refuses: a restarting master)."""
+    try:
+        return http_get(run.listen_port, "/") == (200, f"hello from {version}\n")
+    except OSError:
+        return False
+
+
+def raw(run: "DaemonRun", data: bytes, read: bool = True) -> list[dict[str, Any]]:
+    """`data` as is on the control socket; every reply line (none if `read` is False: a client that
+    sends and leaves). The write side is closed after sending, as socat does."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(run.socket))
+        s.sendall(data)
+        if not read:
+            return []
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return [json.loads(x) for x in out.splitlines()]
+
+
+# Example-app variants the fault tests use: it crashes once ready; it ignores SIGTERM (so its
+# stop waits app.stop.timeout, then SIGKILL), alone or with a child that outlives it.
+def crashes_after_ready(ms: int) -> str:
+    return NODE_APP.read_text() + f"\nsetTimeout(() => {{ console.error('fatal: out of cheese'); process.exit(1); }}, {ms});\n"
+
+
+SLOW_TO_STOP = NODE_APP.read_text().replace("process.on('SIGTERM', () => shutdown('SIGTERM'));",
+                                            "process.on('SIGTERM', () => log('SIGTERM ignored'));")
+IGNORES_SIGTERM = SLOW_TO_STOP.replace("process.on('SIGTERM', () => log('SIGTERM ignored'));",
+                                       "process.on('SIGTERM', () => log('SIGTERM ignored'));\n"
+                                       "require('child_process').spawn('sleep', ['600'], { stdio: 'ignore' });")
+
+
 def http_get(port: int, path: str = "/", timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """One GET on a fresh connection; returns (status, body)."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -215,6 +252,7 @@ class DaemonRun:
     ports: tuple[int, int]
     proc: subprocess.Popen[bytes] | None = None
     seen: set[int] = field(default_factory=set)
+    not_ours: set[int] = field(default_factory=set)
 
     @property
     def socket(self) -> Path:
@@ -261,7 +299,10 @@ class DaemonRun:
             if st.get(key):
                 self.seen.add(st[key]["pid"])
         if st["nginx"].get("master_pid"):
-            self.seen.add(st["nginx"]["master_pid"])
+            if st["nginx"].get("mode") == "managed":
+                self.seen.add(st["nginx"]["master_pid"])
+            else:  # the user's nginx: its test stops it, never the daemon
+                self.not_ours.add(st["nginx"]["master_pid"])
 
     def serving(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -297,6 +338,7 @@ class DaemonRun:
             return None
         for c in self.children():
             self.seen.add(c.pid)
+        self.seen -= self.not_ours
         code = None
         stopped_now = self.proc.poll() is None
         if stopped_now:
@@ -309,12 +351,13 @@ class DaemonRun:
             code = self.proc.returncode
         # (a log pump exits once it has read the app's last output, just after the daemon)
         deadline = time.monotonic() + 5
-        while (left := [p for p in {*self.seen, *self.leftovers()} if running(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in {*self.seen, *self.leftovers()} - self.not_ours if running(p)]) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
+        details = "; ".join(f"{p} {describe(p)}" for p in left)
         kill_tree([self.proc.pid, *self.seen, *self.leftovers()])
         keeps = 'on_stop = "keep"' in self.config.read_text()
         if stopped_now and code == 0 and not keeps and left:
-            details = "; ".join(f"{p} {describe(p)}" for p in left)
             raise AssertionError(f"the daemon stopped cleanly but left running: {details}")
         return code
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import DaemonRun, Load, bluegreen, free_ports, http_get, make_build, managed_nginx, wait_until
+from helpers import bluegreen, free_ports, http_get, Load, make_build, managed_nginx, serves, wait_until
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
@@ -22,11 +22,6 @@ console.log('starting');
 console.error('boom: DATABASE_URL is not set');
 process.exit(3);
 """
-
-
-def serves(run: DaemonRun, version: str) -> bool:
-    status, body = http_get(run.listen_port, "/")
-    return status == 200 and body.strip() == f"hello from {version}"
 
 
 @pytest.mark.parametrize("switch", ["reload", "runtime"])

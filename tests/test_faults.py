@@ -14,24 +14,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import NODE_APP, DaemonRun, Load, free_ports, http_get, make_build, managed_nginx, wait_until
+from helpers import (IGNORES_SIGTERM, NODE_APP, SLOW_TO_STOP, crashes_after_ready, DaemonRun, free_ports, http_get,
+                     Load, make_build, managed_nginx, raw, serves, wait_until)
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
 
 # The example app, changed only in how it dies or stops.
-CRASHES_AFTER_READY = NODE_APP.read_text() + "\nsetTimeout(() => { console.error('fatal: out of cheese'); process.exit(1); }, 1500);\n"
+CRASHES_AFTER_READY = crashes_after_ready(1500)
 EXITS_AFTER_FIRST_HEALTH = NODE_APP.read_text().replace(
     "res.end(pkg.healthy === false ? 'unhealthy\\n' : 'ok\\n');",
     "res.end('ok\\n', () => process.exit(4));")
-IGNORES_SIGTERM = NODE_APP.read_text().replace(
-    "process.on('SIGTERM', () => shutdown('SIGTERM'));",
-    "process.on('SIGTERM', () => log('SIGTERM ignored'));\n"
-    "require('child_process').spawn('sleep', ['600'], { stdio: 'ignore' });")
-
-
-def serves(run: DaemonRun, version: str) -> bool:
-    return http_get(run.listen_port, "/") == (200, f"hello from {version}\n")
 
 
 # ---- the app
@@ -214,7 +207,6 @@ def upstream_port(run: DaemonRun) -> int:
     return int(text.split("server 127.0.0.1:")[1].split(";")[0])
 
 
-SLOW_TO_STOP = IGNORES_SIGTERM.replace("require('child_process').spawn('sleep', ['600'], { stdio: 'ignore' });", "")
 
 
 @pytest.mark.parametrize("switch", ["reload", "runtime"])
@@ -320,19 +312,6 @@ def test_on_stop_keep_makes_sigterm_leave_the_app_serving(make_daemon) -> None:
 
 
 # ---- the control socket
-
-
-def raw(run: DaemonRun, data: bytes, read: bool = True) -> list[dict]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(30)
-        s.connect(str(run.socket))
-        s.sendall(data)
-        if not read:
-            return []
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return [json.loads(x) for x in out.splitlines()]
 
 
 def test_socket_is_private_by_default(make_daemon) -> None:

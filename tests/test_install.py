@@ -19,7 +19,7 @@ from typing import Iterator
 import psutil
 import pytest
 
-from helpers import ROOT, Load, example_config, free_ports, http_get, kill_tree, wait_until
+from helpers import ROOT, Load, example_config, free_ports, http_get, kill_tree, running, wait_until
 from supervisor.slots import marked
 
 pytestmark = pytest.mark.e2e
@@ -43,13 +43,6 @@ def run(cmd: list[str] | str, timeout: float = 300, env: dict[str, str] = ENV) -
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/", shell=isinstance(cmd, str))
     assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def source_copy(dest: Path) -> Path:
@@ -148,7 +141,7 @@ def test_an_installed_bluegreen_does_the_readme_first_steps_from_outside_the_che
         run([bluegreen, "quit", "-c", str(cfg)])
         assert daemon.wait(60) == 0, (site / "daemon.out").read_text()[-3000:]
         seen += [p.pid for p in marked(site / "run")]
-        still = [pid for pid in seen if alive(pid)]
+        still = [pid for pid in seen if running(pid)]
         assert still == [], f"left running after quit: {still}"
         with pytest.raises(OSError):
             http_get(listen, timeout=2)

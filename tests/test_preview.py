@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Load, http_get, make_build, managed_nginx, wait_until
+from helpers import Load, http_get, make_build, managed_nginx, running, wait_until
 from supervisor import drain
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +77,7 @@ def test_abort_ends_the_preview_and_stops_the_standby_with_traffic_never_moved(m
         assert body(run.listen_port, PREVIEW) == "hello from v1\n"  # the preview route is gone
     assert not load.failures, (load.failures, load.examples)
     wait_until(lambda: not drain.listening(run.ports[1]), 30, "the standby to stop")
-    assert not _alive(standby)
+    assert not running(standby)
     last = run.status()["last_swap"]
     assert last["error"]["code"] == "aborted" and last["traffic"] == "unchanged"
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
@@ -124,18 +124,9 @@ def test_a_daemon_killed_while_paused_comes_back_on_the_old_build_with_the_stand
         run.proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
         run.proc.wait(30)
         run.start()
-        wait_until(lambda: not _alive(standby), 60, "the previewed standby to be stopped")
+        wait_until(lambda: not running(standby), 60, "the previewed standby to be stopped")
         assert body(run.listen_port, PREVIEW) == "hello from v1\n"
         assert body(run.listen_port) == "hello from v1\n"
     assert not load.failures, (load.failures, load.examples)
     st = run.status()
     assert st["paused"] is None and st["standby"] is None and st["active"]["slot"] == "blue"
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DaemonRun, http_get, wait_until
+from helpers import DaemonRun, http_get, running, wait_until
 from shapes import app_build
 
 pytestmark = pytest.mark.e2e
@@ -103,7 +103,7 @@ def test_cancel_before_the_switch_stops_the_standby_and_leaves_traffic_alone(mak
     assert r.returncode == 0, r.stdout + r.stderr
     out, err = swap.communicate(timeout=60)
     assert swap.returncode == 1 and "[cancelled]" in err and "traffic is unchanged" in err, err
-    assert not _alive(standby["pid"])
+    assert not running(standby["pid"])
     st = run.status()
     assert st["standby"] is None and st["last_swap"]["error"]["code"] == "cancelled"
     assert http_get(run.listen_port, "/")[1] == "hello from v1\n"
@@ -119,12 +119,3 @@ def test_sigterm_before_the_switch_cancels_the_swap_and_stops_everything(make_da
     out, err = swap.communicate(timeout=60)
     assert swap.returncode != 0 and ("[cancelled]" in err or "[shutting_down]" in err), err
     assert run.leftovers() == []
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

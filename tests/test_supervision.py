@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from helpers import ClientThreads, DaemonRun, http_get, wait_until
+from helpers import ClientThreads, DaemonRun, http_get, running, wait_until
 from shapes import SHAPES, DebianNginx, app_build, start_on
 
 pytestmark = pytest.mark.e2e
@@ -223,7 +223,7 @@ def test_a_preview_nobody_promoted_is_not_made_active_by_the_next_daemon(shape, 
     kill_daemon(run)
     os.killpg(os.getpgid(active), signal.SIGKILL)
     run.start()
-    wait_until(lambda: not psutil.pid_exists(standby) or psutil.Process(standby).status() == psutil.STATUS_ZOMBIE,
+    wait_until(lambda: not running(standby),
                60, "the unapproved preview to be stopped")
     assert answers(run.listen_port) == {"v1": 10} and answers(run.listen_port, **PREVIEW) == {"v1": 10}
     last = run.status()["last_swap"]
