@@ -62,7 +62,7 @@ class Daemon:
     async def run(self) -> int:
         try:
             for sub in ("logs", "slots"):
-                (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+                (self.state_dir / sub).mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:
             raise BluegreenError(f"cannot create {self.state_dir}: {e.strerror}; check daemon.state_dir",
                                  code="config") from None
@@ -275,7 +275,8 @@ def status_line(app: App, event: dict[str, Any] | None = None) -> str:
 
 
 def setup_logging(state_dir: Path, logs: LogsConfig = LogsConfig()) -> None:
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (state_dir / "logs").mkdir(mode=0o750, parents=True, exist_ok=True)
+    (state_dir / "logs").chmod(0o750)  # logs hold the apps' and the hooks' output: not for every local user
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger("bluegreen")
     root.setLevel(logging.INFO)

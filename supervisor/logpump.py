@@ -46,10 +46,10 @@ class Sink:
     def _open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, flags, 0o644)
+            self.fd = os.open(self.path, flags, 0o640)  # an app's output may hold secrets: not for everyone
         except FileNotFoundError:  # someone removed the logs directory: make it again
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.fd = os.open(self.path, flags, 0o644)
+            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+            self.fd = os.open(self.path, flags, 0o640)
         self.size = os.fstat(self.fd).st_size
 
     def _current(self) -> bool:

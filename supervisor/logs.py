@@ -167,8 +167,12 @@ def _size(path: Path) -> int:
 
 
 class DaemonLog(RotatingFileHandler):
-    """daemon.log, rotated by size; a failed write (a full disk) is said once on stderr, not as a
-    traceback per line."""
+    """daemon.log (mode 0640: hooks' output lands here), rotated by size; a failed write (a full
+    disk) is said once on stderr, not as a traceback per line."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
     failing = False
     failed_now = False

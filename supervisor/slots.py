@@ -216,8 +216,8 @@ def _log_header(log_path: Path, what: str) -> tuple[int, Ident | None]:
     """Append the "--- bluegreen ... starting" line; return where this start's output begins."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(log_path, "ab", buffering=0)
+        log_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        log = open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640), "ab", buffering=0)
     except OSError as e:
         raise AppError(f"cannot start the app: cannot open its log {log_path}: {e.strerror} (check permissions)",
                        code="start_failed") from e
@@ -295,10 +295,12 @@ async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str
     leader_alive = app.alive()
     tree = _leftovers(app)  # collect now: once the leader dies its children are reparented
     if not leader_alive and not tree:
+        # No killpg here: a group whose leader died long ago may be someone else's by now (its id
+        # is a pid, and pids are reused); what is still ours carries our markers, and none does.
         app.exit_reason = app.exit_reason or describe_exit(app.returncode)
-        procs.killpg(app.pid, signal.SIGKILL)  # nothing should be left in its group; make sure
         return {"pid": app.pid, "how": f"already gone: {app.exit_reason}", "seconds": 0.0}
-    procs.killpg(app.pid, sig)
+    if leader_alive:  # its group id cannot be anyone else's while it runs
+        procs.killpg(app.pid, sig)
     for p in tree:
         procs.send(p, sig)
     deadline = began + timeout
@@ -306,13 +308,16 @@ async def stop(app: AppProcess, sig: signal.Signals, timeout: float) -> dict[str
     survivors = await _gone(tree, deadline)
     killed = not leader_done or bool(survivors)
     if killed:
-        procs.killpg(app.pid, signal.SIGKILL)
+        if leader_alive:
+            procs.killpg(app.pid, signal.SIGKILL)
         for p in survivors:
             procs.send(p, signal.SIGKILL)
         await _wait_leader(app, time.monotonic() + 10)
         await _gone(survivors, time.monotonic() + 10)
-    # Anything left in the group (a grandchild that outlived its parent) goes too.
-    procs.killpg(app.pid, signal.SIGKILL)
+    # Anything left in the group (a grandchild that outlived its parent) goes too: the group is
+    # still ours, its leader ran a moment ago (a dead leader's group: only marked processes above).
+    if leader_alive:
+        procs.killpg(app.pid, signal.SIGKILL)
     exit_text = describe_exit(app.returncode, we_killed=True)
     if not leader_alive:
         gone = app.exit_reason or describe_exit(app.returncode)

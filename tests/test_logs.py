@@ -167,3 +167,15 @@ def test_bluegreen_logs_names_what_it_cannot_show(make_daemon) -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run.cli("logs", "-n", "many")
     assert r.returncode == 2 and "expected a number of lines" in r.stderr
+
+
+def test_logs_are_not_for_every_local_user(make_daemon) -> None:
+    """A hook's printed secret and the app's output land in these files: 0640 in a 0750 directory."""
+    import stat as st
+
+    run = make_daemon()
+    logs = run.dir / "run" / "logs"
+    slot = run.status()["active"]["slot"]
+    assert st.S_IMODE(logs.stat().st_mode) == 0o750
+    for name in ("daemon.log", f"{slot}.log"):
+        assert st.S_IMODE((logs / name).stat().st_mode) == 0o640, name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -224,3 +225,21 @@ def test_stop_clears_what_a_start_script_left_in_the_background(tmp_path: Path,
     assert "stopped 1 process(es) it left running" in result["how"]
     psutil.wait_procs([server], timeout=10)
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+
+
+def test_stopping_an_app_whose_leader_is_long_dead_never_signals_whoever_got_its_pid(tmp_path: Path) -> None:
+    """Minutes after the app died its pid (its process group's id) may belong to someone else: only
+    processes that carry our markers are stopped then, never a whole group by number."""
+    import subprocess
+
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a group whose id is "our" old pid
+    try:
+        gone = slots.AppProcess("blue", 1, tmp_path, stranger.pid, create_time=1.0, log_path=tmp_path / "blue.log",
+                                state_dir=tmp_path)  # same pid, another start time: not the process we ran
+        assert not gone.alive()
+        result = asyncio.run(slots.stop(gone, signal.SIGTERM, 1.0))
+        assert result["how"].startswith("already gone")
+        assert stranger.poll() is None, "the process that took the pid was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()
