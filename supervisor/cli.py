@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         _err("interrupted: a swap already started goes on in the daemon; see `bluegreen status`, "
              "or stop it with `bluegreen cancel`")
         return EXIT_FAILED
+    except BrokenPipeError:  # `bluegreen swap ... | head`: the reader left; what the daemon does goes on
+        try:
+            sys.stdout = open(os.devnull, "w")  # nothing more to say to a closed pipe, not even at exit
+        except OSError:
+            pass
+        return EXIT_FAILED
 
 
 def _config_path(args: argparse.Namespace) -> Path:

@@ -141,8 +141,9 @@ class ControlServer:
         except BluegreenError as e:
             reply(protocol.failure(**e.to_dict()))
         except asyncio.CancelledError:
+            # The daemon is stopping (its connections are cancelled, or the swap this client waited
+            # for was): the client is told; nothing is re-raised into asyncio's connection callback.
             reply(protocol.failure("shutting_down", "the daemon is shutting down"))
-            raise
         except ConnectionError:
             pass  # the client went away
         except Exception as e:  # never let one connection take the daemon down

@@ -140,9 +140,8 @@ server {{
     listen "unix:{control}";
     client_max_body_size 64;
     access_log off;
-    # Declares the request variable the balancer keeps what it counted in (nginx variables are
-    # global by name; a `set` anywhere makes it writable everywhere).
-    set $bluegreen_request "";
+    # Makes $bluegreen_request (the handlers' map) indexed, so that lua can write it.
+    set $bluegreen_request_seen $bluegreen_request;
 {control_locations}}}
 """
     # Names checked by config.py (letters, digits, `_`, `.`, `-`): plain lua strings.
@@ -165,7 +164,12 @@ def render_lua_handlers() -> str:
     """The runtime switch's http-level request handlers: they count a request out and set the
     rollout cookie, for whichever app's balancer picked the request (its name rides in the
     request variable $bluegreen_request), so one copy serves every app in the nginx."""
-    return f"""log_by_lua_block {{
+    return f"""# What the balancer counted a request in as: empty until it does (a map, so that reading
+# it before is no "uninitialized variable" warning); it survives internal redirects.
+map "" $bluegreen_request {{
+    default "";
+}}
+log_by_lua_block {{
 {_LUA_LOG}}}
 header_filter_by_lua_block {{
 {_LUA_COOKIE}}}

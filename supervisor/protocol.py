@@ -17,6 +17,7 @@ working directory; the CLI resolves it).
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +115,8 @@ def _validate(obj: dict[str, Any]) -> Request:
             value = float(value)  # 60 is as good as 60.0
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise RequestError(f"{cmd}: {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RequestError(f"{cmd}: {name!r} must be a finite number, got {value!r}")
         if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or name has it
             raise RequestError(f"{cmd}: {name!r} is not valid Unicode (a lone surrogate such as \\ud800)")
         args[name] = value

@@ -60,6 +60,7 @@ class Rollouts:
         self.app = app
         self.rolling: Rolling | None = None
         self.watch_gen = 0  # the counters generation of the running swap's watch
+        self.unread_since: float | None = None  # since when nginx's counters do not answer
 
     async def rollout(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess, emit: Reply) -> dict[str, Any]:
         """Each share of users in turn, for step_seconds and until the verdict passes; a failed
@@ -70,7 +71,7 @@ class Rollouts:
         proxy, old = self.app.proxy, plan.old
         assert isinstance(proxy, RuntimeSwitch) and old is not None
         ro = self.rolling = Rolling(standby, steps=plan.rollout)
-        base = _generation()
+        base, self.unread_since = _generation(), None
         done: list[dict[str, Any]] = []
         try:
             for i, share in enumerate(s for s in plan.rollout if s < 100):
@@ -82,9 +83,11 @@ class Rollouts:
                     if not old.alive():  # the new build is all that is left: everyone goes there now
                         log.error("the old build (pid %d) died during the rollout; moving everyone to the new build",
                                   old.pid)
-                        ro.decide("promote")
+                        ro.decide("old_died")
                         break
                     verdict = await self._verdict(gen, standby, old)
+                    if verdict is None:
+                        continue
                     ro.verdict = verdict.reason
                     waited = time.monotonic() - began
                     if verdict.failed:
@@ -110,6 +113,9 @@ class Rollouts:
             if what == "abort":
                 raise Aborted(f"aborted by `bluegreen abort` at {ro.share} % of users; everyone is back on the old "
                               "build, the new one is drained and stopped")
+            if what == "old_died":  # nobody promoted: said as it happened
+                return {"steps": done, "promoted_at": None, "warning": f"the old build died at {ro.share} % of "
+                        "users: everyone moved to the new build, unjudged"}
             return {"steps": done, "promoted_at": ro.share if what == "promote" else None}
         except BaseException:
             try:  # one routing change: everyone on the old build (a route ends the split)
@@ -133,18 +139,12 @@ class Rollouts:
         traffic before it; RolloutAborted (the caller goes back to the old build) if it fails."""
         old, began = plan.old, time.monotonic()
         assert old is not None
-        unread_since: float | None = None
+        self.unread_since = None
         while True:
             await asyncio.sleep(ROLLOUT_POLL)
-            try:
-                verdict = await self._verdict(self.watch_gen, standby, old)
-                unread_since = None
-            except NginxError as e:  # nginx restarting: its counters come back (from zero) with it
-                unread_since = unread_since or time.monotonic()
-                if time.monotonic() - unread_since < WATCH_UNREAD:
-                    continue
-                raise NginxError(f"the watch could not read nginx's counters for {WATCH_UNREAD:g}s ({e.message}); "
-                                 "traffic is back on the old build, which never stopped", code="watch_failed") from None
+            verdict = await self._verdict(self.watch_gen, standby, old)
+            if verdict is None:
+                continue
             if verdict.failed:
                 raise RolloutAborted(f"the watch after the switch, {time.monotonic() - began:.1f}s in: "
                                      f"{verdict.reason}; traffic is back on the old build, which never stopped, "
@@ -152,12 +152,23 @@ class Rollouts:
             if time.monotonic() - began >= plan.watch:
                 return {"seconds": round(time.monotonic() - began, 2), "verdict": verdict.reason}
 
-    async def _verdict(self, gen: int, new: slots.AppProcess, old: slots.AppProcess) -> Verdict:
-        """The new build judged against the old one, on what nginx counted in generation `gen`."""
+    async def _verdict(self, gen: int, new: slots.AppProcess, old: slots.AppProcess) -> Verdict | None:
+        """The new build judged against the old one, on what nginx counted in generation `gen`;
+        None while nginx does not answer (restarting: its counters come back, from zero, with it
+        and the daemon's reconcile), NginxError `watch_failed` once that lasted WATCH_UNREAD."""
         from .runtime_switch import RuntimeSwitch
 
         assert isinstance(self.app.proxy, RuntimeSwitch)
-        stats, r = await self.app.proxy.stats(gen), self.app.config.rollout
+        r = self.app.config.rollout
+        try:
+            stats = await self.app.proxy.stats(gen)
+        except NginxError as e:
+            self.unread_since = self.unread_since or time.monotonic()
+            if time.monotonic() - self.unread_since < WATCH_UNREAD:
+                return None
+            raise NginxError(f"nginx's counters could not be read for {WATCH_UNREAD:g}s ({e.message}); traffic is "
+                             "back on the old build, which never stopped", code="watch_failed") from None
+        self.unread_since = None
         return judge(stats.get(new.port, Counters()), stats.get(old.port, Counters()),
                      Rules(r.min_requests, r.max_error_rate, r.error_ratio, r.latency_ratio))
 

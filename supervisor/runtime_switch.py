@@ -184,6 +184,10 @@ class RuntimeSwitch:
         try:
             result = await self._reload_with_handlers(port)
         except NginxError as e:
+            if 'unknown "bluegreen_request" variable' in e.message and self.handlers.file is not None:
+                # the handlers file declares it: nginx -t found the include missing before any reload
+                raise self.handlers.missing("nginx -t refused the config (unknown \"bluegreen_request\" variable): "
+                                            "nothing was reloaded, your previous config is back") from None
             if "unknown directive" in e.message and "lua" in e.message:
                 e.message += (f"; the runtime switch needs nginx's lua module loaded{self.table.hint}: apt-get install "
                               "libnginx-mod-http-lua (Debian's nginx loads it from /etc/nginx/modules-enabled/), "
@@ -237,6 +241,8 @@ class RuntimeSwitch:
         """Send preview requests to `port` (None: nobody): one table change, read back."""
         t0 = time.monotonic()
         want = "" if port is None else str(port)
+        if port is None:  # intent first: an nginx that cannot be told now is told by reconcile
+            self.preview_port = None
         await self.table.change("PUT" if port else "DELETE", "preview", want.encode(), want,
                                 f"the preview {want or '(off)'}")
         self.preview_port = port
@@ -254,9 +260,10 @@ class RuntimeSwitch:
 
     @routing
     async def end_split(self) -> None:
-        """No split, no watch; the counters are dropped."""
-        await self.table.change("DELETE", "split", b"", "0 0 0", "the end of the split")
+        """No split, no watch; the counters are dropped. Intent first: if nginx cannot be told now
+        (restarting), reconcile tells it, and never puts back a split whose candidate is gone."""
         self.split_state = None
+        await self.table.change("DELETE", "split", b"", "0 0 0", "the end of the split")
 
     async def stats(self, gen: int) -> dict[int, Counters]:
         """What nginx counted per upstream port in watch generation `gen`."""
@@ -305,17 +312,19 @@ class RuntimeSwitch:
             return None
         port, preview, split = await self.table.state()
         preview_to, split_to = self.preview_port, self.split_state
-        # Only what nginx lost (a restart empties the table): a state someone else added stays.
-        lost_preview = preview_to is not None and preview != preview_to
-        lost_split = split_to is not None and split != split_to
-        if port == self.port and not lost_preview and not lost_split:
+        # nginx routes as it was told, nothing more: what a restart lost is set again, and what it
+        # was never told (or was told to end while it could not hear) is taken away.
+        if (port, preview, split) == (self.port, preview_to or 0, split_to or (0, 0, 0)):
             return None
-        if port != self.port or lost_split:  # (a route ends any split: set them in this order)
-            await self._set(self.port)
-        if preview_to is not None:
+        if port != self.port or (split_to is not None and split != split_to):
+            await self._set(self.port)  # (a route ends any split and preview: set them after it)
+            port, preview, split = self.port, 0, (0, 0, split[2])
+        if preview != (preview_to or 0):
             await self.preview(preview_to)
-        if split_to is not None:
+        if split_to is not None and split != split_to:
             await self.split(split_to[0] or None, split_to[1], split_to[2])
+        elif split_to is None and split != (0, 0, 0):
+            await self.end_split()
         return (f"port {self.port}" + (f", preview to {preview_to}" if preview_to else "")
                 + (f", {split_to[1]} % to {split_to[0]}" if split_to and split_to[0] else "")
                 + (f", counters generation {split_to[2]}" if split_to else ""))

@@ -43,6 +43,7 @@ def test_words_request_like_socat_users_type() -> None:
         (b"swap /a /b", "too many words"),
         (b"\xff\xfe", "not valid UTF-8"),
         (b'{"cmd": "swap", "build": "/srv/\\ud800"}', "'build' is not valid Unicode"),
+        (b'{"cmd": "swap", "build": "/x", "step_seconds": 1e999}', "'step_seconds' must be a finite number"),
     ],
 )
 def test_bad_requests_get_a_clear_error(line: bytes, message: str) -> None:

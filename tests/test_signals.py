@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DaemonRun, http_get, running, wait_until
+from helpers import ROOT, DaemonRun, http_get, running, wait_until
 from shapes import app_build
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +115,19 @@ def test_sigterm_before_the_switch_cancels_the_swap_and_stops_everything(make_da
     wait_until(lambda: (run.status() or {}).get("standby"), 30, "the standby to start")
     assert run.proc is not None
     run.proc.send_signal(signal.SIGTERM)
-    assert run.proc.wait(60) == 0, run.output()
+    wait_until(lambda: run.proc.poll() is not None, 120, "the daemon to stop", run.output)
+    assert run.proc.returncode == 0, run.output()
     out, err = swap.communicate(timeout=60)
     assert swap.returncode != 0 and ("[cancelled]" in err or "[shutting_down]" in err), err
     assert run.leftovers() == []
+    assert "Traceback" not in run.output(), run.output()  # the attached client was told, nothing more
+
+
+def test_a_cli_whose_reader_left_says_nothing_more(make_daemon) -> None:
+    import subprocess
+    import sys
+
+    run: DaemonRun = make_daemon()
+    r = subprocess.run(f"{sys.executable} -m supervisor status -c {run.config} | true", shell=True,
+                       capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

@@ -6,6 +6,7 @@ upstream errors and latency per port. The rollout that drives this comes next.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import threading
@@ -50,7 +51,14 @@ def split_nginx(make_daemon, releases: Path):
     try:
         wait_until(lambda: drain.listening(green), 30, "v2 to listen")
         cfg = config.load(run.config)
-        yield run, RuntimeSwitch.managed(cfg, ManagedNginx(cfg)), blue, green
+        # The test drives nginx's table itself: the daemon, which would put back its own routing
+        # within a second (reconcile), is held still meanwhile (nginx and v1 serve on).
+        assert run.proc is not None
+        run.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield run, RuntimeSwitch.managed(cfg, ManagedNginx(cfg)), blue, green
+        finally:
+            run.proc.send_signal(signal.SIGCONT)
     finally:
         kill_tree([v2.pid])
 

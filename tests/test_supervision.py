@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import threading
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -51,6 +52,7 @@ def restart_nginx(run: DaemonRun, user: DebianNginx | None, how: str = "restart"
         return
     if user is not None:
         user.stop()
+        time.sleep(0.5)  # the scenario: nginx down for a moment (a restart that takes its time)
         user.start()
         return
     master = run.status()["nginx"]["master_pid"]
@@ -111,6 +113,7 @@ def test_nginx_restarted_mid_rollout_comes_back_with_the_split(shape, releases: 
                run.output)
     inside, outside = bucket_user(30, True), bucket_user(30, False)
     assert answers(run.listen_port, Cookie=f"bluegreen_id={inside}") == {"v2": 10}
+    assert "rollout 30 %" in run.cli("status").stdout  # the new build's row says what it does
     restart_nginx(run, user, how)
     wait_until(lambda: answering(run.listen_port, {"v2": 4}, Cookie=f"bluegreen_id={inside}"), 30,
                "the split on the new nginx", run.output)
@@ -270,3 +273,38 @@ def test_the_new_build_dying_while_paused_ends_the_preview_at_once(shape, releas
     assert last["error"]["code"] == "app_exited" and "during the paused" in last["error"]["message"], last
     assert last["traffic"] == "unchanged"
     assert answers(run.listen_port, **PREVIEW) == {"v1": 10} and answers(run.listen_port) == {"v1": 10}
+
+
+def test_a_rollout_ended_while_your_nginx_is_down_never_sends_users_to_the_stopped_build(make_daemon, short_tmp: Path,
+                                                                                        releases: Path) -> None:
+    """Your nginx stopped mid-rollout; the rollout ends meanwhile (nginx cannot be told); nginx
+    starts again: its table must end up with no split at all, never the split to the build that
+    was stopped (the daemon's reconcile follows what it meant, not what it last managed to set)."""
+    run, user = start_on("debian", make_daemon, short_tmp, app_build(releases, "v1"), "[rollout]\nmin_requests = 100000")
+    assert user is not None
+    try:
+        swap = run.cli_background("swap", str(app_build(releases, "v2")), "--rollout", "30,100", "--step", "600")
+        wait_until(lambda: (st := run.status()) and st["rollout"] and st["rollout"]["share"] == 30, 60, "step 1",
+                   run.output)
+        user.stop()
+        run.cli("abort")  # (or the rollout already failed on its own: nginx's counters are gone)
+        out, err = swap.communicate(timeout=120)
+        assert swap.returncode == 1, out + err
+        wait_until(lambda: run.status()["standby"] is None, 60, "the new build to be stopped", run.output)
+        user.start()
+        inside = bucket_user(30, True)
+        wait_until(lambda: answering(run.listen_port, {"v1": 10}, Cookie=f"bluegreen_id={inside}"), 30,
+                   "the users of the share back on the old build", run.output)
+        time.sleep(2)  # two of the daemon's reconcile rounds: it must not put the dead split back
+        assert answers(run.listen_port, 20, Cookie=f"bluegreen_id={inside}") == {"v1": 20}
+    finally:
+        run.stop()
+        user.close()
+
+
+def test_no_request_leaves_an_uninitialized_variable_warning_in_nginx_s_log(shape, releases: Path) -> None:
+    run, user = shape()
+    for path in ("/", "/missing", "/boom", "/health"):
+        http_get(run.listen_port, path)
+    log = (user.prefix / "error.log") if user is not None else (run.dir / "run" / "nginx" / "error.log")
+    assert "uninitialized" not in log.read_text()

@@ -113,7 +113,9 @@ def format_status(st: dict[str, Any]) -> str:
     if a:
         rows.append(_process_row("active", a, "serving"))
     if sb:
-        rows.append(_process_row("standby", sb, "paused" if st.get("paused") else "starting"))
+        ro = st.get("rollout")
+        rows.append(_process_row("standby", sb, "paused" if st.get("paused") else
+                                 f"rollout {ro['share']} %" if ro else "starting"))
     if w:
         rows.append(_process_row("warm", w, "no traffic"))
     where = n.get("listen") or n.get("upstream_file") or ""
