@@ -115,8 +115,10 @@ for phase in PHASES:
         cell(phase, "restart", "the first requests already route as before; the preview is set again within a second",
              "test_nginx_restarted_while_paused_comes_back_with_the_preview")
     elif phase == "rollout step":
-        cell(phase, "restart", "routes as before at once; the split is set again within a second",
-             "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
+        cell(phase, "restart", "routes as before at once; the split is set again within a second; a rollout that "
+             "ended while nginx was down leaves no split behind",
+             "test_nginx_restarted_mid_rollout_comes_back_with_the_split",
+             "test_a_rollout_ended_while_your_nginx_is_down_never_sends_users_to_the_stopped_build")
     elif phase == "idle":
         cell(phase, "restart", "routes to the active build from its first request (workers read the route file)",
              "test_an_nginx_stopped_and_started_by_hand_routes_to_the_active_build_at_once")
