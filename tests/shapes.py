@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from helpers import LUA_MODULES, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
+from helpers import LUA_MODULES, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
 from supervisor.config import resolve_binary
 
 SHAPES = ("managed", "debian")
@@ -48,21 +48,9 @@ def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0) -> Path:
                       .replace("BOOT_MS", str(boot_ms)))
 
 
-DEBIAN_CONF = """{modules}
-user www-data;
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/conf.d/*.conf;
-    server {{
+# The user's server as Debian's default site grows into a real one: error pages nginx answers
+# itself (proxy_intercept_errors), static files, several locations proxying to the app.
+DEBIAN_SERVER = """    server {{
         listen 127.0.0.1:{listen};
         error_page 404 /404.html;
         error_page 500 502 503 504 /50x.html;
@@ -80,7 +68,6 @@ http {{
             proxy_intercept_errors on;
         }}
     }}
-}}
 """
 
 
@@ -130,7 +117,9 @@ def debian_nginx(d: Path, listen: int, upstream_port: int) -> DebianNginx:
     from supervisor.nginx import render_upstream
 
     (prefix / "conf.d" / "myapp.conf").write_text(render_upstream("myapp", upstream_port))
-    (prefix / "nginx.conf").write_text(DEBIAN_CONF.format(modules=LUA_MODULES, prefix=prefix, listen=listen))
+    (prefix / "nginx.conf").write_text(USER_NGINX_CONF.format(  # master root, workers www-data, as Debian ships it
+        modules=LUA_MODULES, prefix=prefix, user="user www-data;",
+        servers=DEBIAN_SERVER.format(prefix=prefix, listen=listen)))
     n = DebianNginx(prefix, listen)
     n.start()
     return n
