@@ -91,19 +91,13 @@ class Rollouts:
                     ro.verdict = verdict.reason
                     waited = time.monotonic() - began
                     if verdict.failed:
-                        raise RolloutAborted(f"step {i + 1} ({share} % of users), after {waited:.1f}s: "
-                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
-                                             "drained and stopped", step=i + 1, share=share, verdict=verdict.reason,
-                                             steps=done)
+                        raise _aborted(i + 1, share, f", after {waited:.1f}s: {verdict.reason}", verdict, done)
                     if verdict.outcome.value == "pass" and waited >= plan.step_seconds:
                         break
                     if waited >= self.app.config.rollout.step_timeout:
-                        raise RolloutAborted(f"step {i + 1} ({share} % of users) reached no verdict within "
-                                             f"rollout.step_timeout ({self.app.config.rollout.step_timeout:g}s): "
-                                             f"{verdict.reason}; everyone is back on the old build, the new one is "
-                                             "drained and stopped (a quiet site: lower rollout.min_requests, or "
-                                             "raise rollout.step_timeout)", step=i + 1, share=share,
-                                             verdict=verdict.reason, steps=done)
+                        raise _aborted(i + 1, share, f" reached no verdict within rollout.step_timeout "
+                                       f"({self.app.config.rollout.step_timeout:g}s): {verdict.reason} (a quiet site: "
+                                       "lower rollout.min_requests, or raise rollout.step_timeout)", verdict, done)
                 if ro.decision.done():
                     break
                 done.append({"step": i + 1, "share": share, "seconds": round(time.monotonic() - began, 2),
@@ -181,6 +175,11 @@ class Rollouts:
                 await self.app.proxy.end_split()
             except BluegreenError as e:
                 log.warning("could not drop the rollout's counters: %s", e.message)
+
+
+def _aborted(step: int, share: int, why: str, verdict: Verdict, done: list[dict[str, Any]]) -> RolloutAborted:
+    return RolloutAborted(f"step {step} ({share} % of users){why}; everyone is back on the old build, the new one "
+                          "is drained and stopped", step=step, share=share, verdict=verdict.reason, steps=done)
 
 
 def _generation() -> int:
