@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import DaemonRun, example_config, free_ports, make_build, release_ports  # noqa: E402
+from helpers import DaemonRun, example_config, free_ports, make_build, release_ports, stop_all  # noqa: E402
 
 
 # Tests that measure time or load the machine hard: scripts/test runs them alone, after the
@@ -99,8 +99,7 @@ def make_daemon(short_tmp: Path) -> Iterator[Callable[..., DaemonRun]]:
         return run.start() if start else run
 
     yield factory
-    for run in runs:
-        run.stop()
+    stop_all(runs)
 
 
 @pytest.fixture

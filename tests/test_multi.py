@@ -16,7 +16,7 @@ import pytest
 
 from conftest import render_config
 from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, kill_tree, make_build, settled_workers,
-                     user_nginx_conf, wait_until)
+                     stop_all, user_nginx_conf, wait_until)
 from supervisor.config import resolve_binary
 from supervisor.nginx import render_upstream
 
@@ -73,14 +73,15 @@ class OneNginx:
         return settled_workers(self.master.pid)
 
     def close(self) -> None:
-        for run in self.runs.values():
-            run.stop()
-        self.master.send_signal(signal.SIGQUIT)
         try:
-            self.master.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_tree([self.master.pid])
+            stop_all(list(self.runs.values()))
+        finally:
+            self.master.send_signal(signal.SIGQUIT)
+            try:
+                self.master.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_tree([self.master.pid])
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from helpers import DaemonRun, http_get, wait_until
+from helpers import DaemonRun, http_get, stop_all, wait_until
 from shapes import SHAPES, DebianNginx, app_build, os_user, start_on, worker_users
 
 pytestmark = pytest.mark.e2e
@@ -28,10 +28,12 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
         return started[-1]
 
     yield start
-    for run, user in started:  # the daemon first, then the user's nginx it switched
-        run.stop()
-        if user is not None:
-            user.close()
+    try:  # the daemons first, then the users' nginx they switched, whatever a daemon left
+        stop_all([run for run, _ in started])
+    finally:
+        for _, user in started:
+            if user is not None:
+                user.close()
 
 
 def control(run: DaemonRun, path: str) -> str:

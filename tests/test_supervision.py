@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from helpers import ClientThreads, DaemonRun, http_get, running, wait_until
+from helpers import ClientThreads, DaemonRun, http_get, running, stop_all, wait_until
 from shapes import SHAPES, DebianNginx, app_build, start_on
 
 pytestmark = pytest.mark.e2e
@@ -34,10 +34,12 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
         return started[-1]
 
     yield start
-    for run, user in started:
-        run.stop()
-        if user is not None:
-            user.close()
+    try:  # the daemons first, then the users' nginx they switched, whatever a daemon left
+        stop_all([run for run, _ in started])
+    finally:
+        for _, user in started:
+            if user is not None:
+                user.close()
 
 
 def restart_nginx(run: DaemonRun, user: DebianNginx | None, how: str = "restart") -> None:
