@@ -218,6 +218,7 @@ class RuntimeSwitch:
             self.handlers.settle(kept=False)
             raise
         self.handlers.settle(kept=True)
+        self.reloader.forget_undo()  # kept: the staged copy of your previous file goes
         return result
 
     async def _require_handlers(self) -> None:

@@ -201,6 +201,8 @@ def test_runtime_switch_in_the_users_nginx_through_its_upstream_file(make_daemon
     run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
     upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
     assert "balancer_by_lua_block" in upstream.read_text()
+    # beside your file: only the route file, no staged copy of your previous upstream left behind
+    assert sorted(os.listdir(upstream.parent)) == [".upstream.conf.route", "upstream.conf"]
     st = run.status()
     assert st["nginx"]["switch"] == "runtime" and "your nginx" in st["nginx"]["switch_why"], st["nginx"]
     control_dir = run.dir / "run" / "switch"
@@ -220,6 +222,8 @@ def test_runtime_switch_in_the_users_nginx_through_its_upstream_file(make_daemon
     assert not clients.failures, clients.failures[:5]
     assert workers_of(master) == before  # not one reload for three swaps
     assert http_get(run.listen_port, "/") == (200, "hello from v4\n")
+    bye = run.cli("quit")
+    assert bye.returncode == 0 and "your nginx is yours" in bye.stdout and "managed" not in bye.stdout, bye.stdout
 
 
 def test_runtime_switch_in_a_users_nginx_without_the_module_fails_at_start_and_changes_nothing(

@@ -27,13 +27,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def handle(daemon: Daemon, reply: Any, keep: bool = False) -> dict[str, Any]:
     daemon.quit(keep)
-    return {"stopping": True, "keep_serving": daemon.app.keep_serving}
+    return {"stopping": True, "keep_serving": daemon.app.keep_serving, "managed": daemon.app.managed is not None}
 
 
 def run(sock: Path, args: argparse.Namespace) -> int:
     reply = client.final(sock, {"cmd": "quit", "keep": args.keep_serving}, first=args.timeout)
     if not reply.get("ok"):
         return client.print_error(reply)
-    print("the daemon is stopping" + ("; the app and nginx keep serving" if reply["result"]["keep_serving"]
-                                       else ", with the app and its managed nginx"))
+    result = reply["result"]
+    managed = result.get("managed", True)
+    if result["keep_serving"]:
+        print("the daemon is stopping; the app" + (" and its managed nginx keep" if managed else " keeps") + " serving")
+    else:
+        print("the daemon is stopping, with the app" + (" and its managed nginx" if managed else
+                                                         " (your nginx is yours: it keeps running)"))
     return client.EXIT_OK
