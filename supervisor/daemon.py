@@ -170,8 +170,7 @@ class Daemon:
 
     async def _graceful_shutdown(self) -> None:
         if self.monitor_task is not None:
-            self.monitor_task.cancel()
-            await asyncio.gather(self.monitor_task, return_exceptions=True)
+            await cancelled(self.monitor_task)
         await self._shutdown_steps(graceful=True)
 
     async def _forced_shutdown(self) -> None:
@@ -225,8 +224,7 @@ class Daemon:
                 f"the daemon stopped during the {record.phase}: the old build ({old.slot}, pid {old.pid}) "
                 + ("was handed over to the next daemon, which drains and stops it" if app.keep_serving
                    else "is stopped with the daemon, once nginx has finished its requests"))
-        app.swap_task.cancel()
-        await asyncio.gather(app.swap_task, return_exceptions=True)
+        await cancelled(app.swap_task)
 
     def _lock(self) -> None:
         path = self.state_dir / "daemon.lock"
@@ -249,6 +247,15 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+async def cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait for it to end, cancelling again each second: on Python 3.11 a
+    cancellation that lands as an asyncio.wait_for completes is lost (CPython gh-86296), and a
+    shutdown must not wait for ever on a task that never heard it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+
 
 def _block_loop(order: Path) -> None:
     """A fault the tests inject (BLUEGREEN_FAULT_BLOCK_LOOP): hang the event loop for the seconds

@@ -38,7 +38,7 @@ class Monitor:
         app = self.app
         next_health = time.monotonic() + app.config.app.health.interval
         next_reconcile = 0.0
-        while True:
+        while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
             await self._wait_for_an_exit(POLL)
             try:
                 if app.managed is not None and not app.managed.alive() and time.monotonic() >= self.nginx_retry_at:

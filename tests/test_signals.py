@@ -131,3 +131,26 @@ def test_a_cli_whose_reader_left_says_nothing_more(make_daemon) -> None:
     r = subprocess.run(f"{sys.executable} -m supervisor status -c {run.config} | true", shell=True,
                        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_a_cancellation_the_task_lost_is_sent_again() -> None:
+    """Python 3.11's asyncio.wait_for can lose a cancellation that lands as its inner call completes;
+    the shutdown cancels its tasks again until they end (it once waited for ever on the monitor)."""
+    import asyncio
+
+    from supervisor.daemon import cancelled
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # lost, as in the wait_for race
+        await asyncio.sleep(30)
+
+    async def main() -> bool:
+        task = asyncio.ensure_future(stubborn())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancelled(task), 10)
+        return task.cancelled()
+
+    assert asyncio.run(main())
