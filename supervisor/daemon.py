@@ -177,6 +177,8 @@ class Daemon:
         """Without waiting for any swap or drain: nginx and every app process are killed (unless
         they are to keep serving for the next daemon)."""
         app = self.app
+        if self.monitor_task is not None:
+            self.monitor_task.cancel()  # nothing it would restart may come back
         if app.keep_serving:
             return
         if app.managed is not None:

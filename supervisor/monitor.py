@@ -40,6 +40,8 @@ class Monitor:
         next_reconcile = 0.0
         while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
             await self._wait_for_an_exit(POLL)
+            if app.status == DaemonStatus.STOPPING:  # what the shutdown stops is never brought back
+                return
             try:
                 if app.managed is not None and not app.managed.alive() and time.monotonic() >= self.nginx_retry_at:
                     await self.restart_nginx(app.managed)
@@ -157,10 +159,14 @@ class Monitor:
             await asyncio.sleep(delay)
         if app.active is not dead:  # a user's swap replaced it meanwhile
             return
+        if app.status == DaemonStatus.STOPPING:
+            return
         try:
             await app.run_swap(dead.build, lambda event: None, reason="recover")
         except BluegreenError as e:
             log.error("restart %d failed: %s", app.restarts, e.message.splitlines()[0])
+            return
+        if app.status == DaemonStatus.STOPPING:  # the daemon began to stop meanwhile: it stays stopping
             return
         app.status = DaemonStatus.SERVING
         app.event("restarted", slot=app.active.slot if app.active else None,
