@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import DaemonRun, example_config, free_ports, make_build, release_ports, stop_all  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
 
 # Tests that measure time or load the machine hard: scripts/test runs them alone, after the
@@ -107,3 +108,25 @@ def releases(short_tmp: Path) -> Path:
     d = short_tmp / "releases"
     d.mkdir(exist_ok=True)
     return d
+
+
+@pytest.fixture(params=SHAPES)
+def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun], short_tmp: Path,
+          releases: Path) -> Iterator[Callable[..., Any]]:
+    """Start a daemon (v1 of shapes.APP, or `build`) with the runtime switch on this test's nginx
+    shape (tests/shapes.py); the daemons are stopped first, then the users' nginx they switched."""
+    from shapes import DebianNginx, app_build, start_on
+
+    started: list[tuple[DaemonRun, DebianNginx | None]] = []
+
+    def start(extra: str = "", build: Path | None = None, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+        started.append(start_on(request.param, make_daemon, short_tmp, build or app_build(releases, "v1"), extra, **kw))
+        return started[-1]
+
+    yield start
+    try:
+        stop_all([run for run, _ in started])
+    finally:
+        for _, user in started:
+            if user is not None:
+                user.close()

@@ -7,33 +7,14 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from helpers import DaemonRun, http_get, stop_all, wait_until
-from shapes import SHAPES, DebianNginx, app_build, os_user, start_on, worker_users
+from helpers import DaemonRun, http_get, wait_until
+from shapes import app_build, os_user, worker_users
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(params=SHAPES)
-def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun], short_tmp: Path,
-          releases: Path) -> Iterator[Callable[..., tuple[DaemonRun, DebianNginx | None]]]:
-    """Start a daemon (v1) on this test's nginx shape; the user's nginx is closed after the daemon."""
-    started: list[tuple[DaemonRun, DebianNginx | None]] = []
-
-    def start(extra: str = "", build: Path | None = None, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
-        started.append(start_on(request.param, make_daemon, short_tmp, build or app_build(releases, "v1"), extra, **kw))
-        return started[-1]
-
-    yield start
-    try:  # the daemons first, then the users' nginx they switched, whatever a daemon left
-        stop_all([run for run, _ in started])
-    finally:
-        for _, user in started:
-            if user is not None:
-                user.close()
 
 
 def control(run: DaemonRun, path: str) -> str:

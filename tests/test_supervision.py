@@ -12,34 +12,15 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
 
-from helpers import ClientThreads, DaemonRun, http_get, running, stop_all, wait_until
-from shapes import SHAPES, DebianNginx, app_build, start_on
+from helpers import ClientThreads, DaemonRun, http_get, running, wait_until
+from shapes import DebianNginx, app_build, start_on
 
 pytestmark = pytest.mark.e2e
 PREVIEW = {"X-Bluegreen-Preview": "1"}
-
-
-@pytest.fixture(params=SHAPES)
-def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun], short_tmp: Path,
-          releases: Path) -> Iterator[Callable[..., tuple[DaemonRun, DebianNginx | None]]]:
-    started: list[tuple[DaemonRun, DebianNginx | None]] = []
-
-    def start(extra: str = "", **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
-        started.append(start_on(request.param, make_daemon, short_tmp, app_build(releases, "v1"), extra, **kw))
-        return started[-1]
-
-    yield start
-    try:  # the daemons first, then the users' nginx they switched, whatever a daemon left
-        stop_all([run for run, _ in started])
-    finally:
-        for _, user in started:
-            if user is not None:
-                user.close()
 
 
 def restart_nginx(run: DaemonRun, user: DebianNginx | None, how: str = "restart") -> None:
