@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from . import builds, drain, hooks, slots, takeover
+from . import builds, drain, faults, hooks, slots, takeover
 from .config import Config
 from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
 from .history import PEER
@@ -211,7 +211,7 @@ class App:
         handed_over = False
         emit = self._emitter(plan)
         try:
-            await run_swap(plan, SlotOps(self, emit), emit, record)
+            await run_swap(plan, SlotOps(self, emit), emit, record, hold=faults.phase_hold())
         except asyncio.CancelledError:
             # Stopping mid-drain: done; the next daemon drains and stops the old build.
             handed_over = record.committed and self.status == DaemonStatus.STOPPING and self.keep_serving

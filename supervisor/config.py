@@ -374,6 +374,11 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "to the new build; letters, digits and `-`"),
         Key("preview_cookie", _pattern(r"[A-Za-z0-9_]+", "bluegreen_preview"), "bluegreen_preview",
             "the same with this cookie set to `1` (for browsers); letters, digits and `_`"),
+        Key("preview_token", _choice("", "random"), "",
+            "`\"random\"`: the preview header and cookie must carry a fresh secret token, made for "
+            "each pause and printed by `swap --pause` (and `status`), instead of `1`; nobody who only "
+            "read these docs reaches the new build. `\"\"`: the value `1`",
+            shown='`""`'),
         Key("pause_timeout", _positive, 3600.0,
             "seconds a paused swap waits for `promote` or `abort`; then it is aborted "
             "(`pause_timeout`), traffic unchanged"),
@@ -576,6 +581,7 @@ class ReleaseConfig:
     checks: tuple[CheckConfig, ...] = ()
     preview_header: str = "X-Bluegreen-Preview"
     preview_cookie: str = "bluegreen_preview"
+    preview_token: str = ""
     pause_timeout: float = 3600.0
     keep_warm: float = 0.0
     watch_seconds: float = 0.0
@@ -948,6 +954,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
         release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
                               preview_cookie=v["release"]["preview_cookie"],
+                              preview_token=v["release"]["preview_token"],
                               pause_timeout=v["release"]["pause_timeout"], keep_warm=v["release"]["keep_warm"],
                               watch_seconds=v["release"]["watch_seconds"]),
         rollout=RolloutConfig(**v["rollout"]),

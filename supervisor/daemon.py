@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, commands
+from . import __version__, commands, faults
 from .app import App
 from .config import Config, LogsConfig
 from .control import ControlServer
@@ -119,13 +119,11 @@ class Daemon:
         misses its pings and systemd restarts the daemon). No error ends it: a loop that stopped
         pinging would have systemd kill a daemon that works."""
         interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
-        fault = os.environ.get("BLUEGREEN_FAULT_BLOCK_LOOP")  # tests only: a file naming seconds to hang
         while True:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
-            if fault:
-                _block_loop(Path(fault))
+            faults.block_loop()  # tests only
             try:
                 if self.notifier.enabled:
                     self.notifier.status(status_line(self.app))
@@ -257,17 +255,6 @@ async def cancelled(task: asyncio.Task[Any]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=1.0)
-
-
-def _block_loop(order: Path) -> None:
-    """A fault the tests inject (BLUEGREEN_FAULT_BLOCK_LOOP): hang the event loop for the seconds
-    the file names, as a deadlock would, so that the watchdog's pings are seen to stop."""
-    try:
-        seconds = float(order.read_text())
-        order.unlink()
-    except (OSError, ValueError):
-        return
-    time.sleep(seconds)
 
 
 def status_line(app: App, event: dict[str, Any] | None = None) -> str:

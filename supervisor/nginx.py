@@ -56,7 +56,8 @@ def preview_vars(release: ReleaseConfig) -> tuple[str, str]:
     return "http_" + release.preview_header.lower().replace("-", "_"), "cookie_" + release.preview_cookie
 
 
-def render_upstream(name: str, port: int, preview: int | None = None, release: ReleaseConfig = ReleaseConfig()) -> str:
+def render_upstream(name: str, port: int, preview: int | None = None, release: ReleaseConfig = ReleaseConfig(),
+                    token: str = "") -> str:
     # Exactly one server: with a single server nginx never marks it failed (no
     # "no live upstreams" 502s), unlike a `down`/`backup` sibling would. The preview is its own
     # upstream, chosen per request by the maps below (header first, then cookie).
@@ -72,8 +73,8 @@ def render_upstream(name: str, port: int, preview: int | None = None, release: R
     if preview is not None:
         text += f"upstream {name}__preview {{\n    server 127.0.0.1:{preview};\n}}\n"
     return text + (
-        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"1\" {to_preview};\n}}\n"
-        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"1\" {to_preview};\n}}\n"
+        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"{token or 1}\" {to_preview};\n}}\n"
+        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"{token or 1}\" {to_preview};\n}}\n"
     )
 
 
@@ -121,7 +122,7 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     table, stats = shared_dicts(upstream_name)
     seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route)))
     ignored = "{" + ", ".join(_lua_string(p) for p in unjudged) + "}"
-    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == "1" or ngx.var.{cookie} == "1"') \
+    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == token or ngx.var.{cookie} == token') \
         .replace("ROLLOUT_COOKIE_NAME", rollout_cookie).replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}") \
         .replace("UNJUDGED", ignored).replace("SEED\n", textwrap.indent(seed, " " * 16))
     control_locations = "".join(
@@ -220,6 +221,7 @@ SEED
             end
             local id = "-"
             local preview = dict:get("preview")
+            local token = preview and (dict:get("preview_token") or "1")
             if preview and (PREVIEW_MATCH) then
                 port = preview
             else
@@ -337,6 +339,7 @@ _LUA_ROUTE = """\
 READ_PORT
                 dict:set("port", port)
                 dict:delete("preview")
+                dict:delete("preview_token")
                 dict:delete("cand")
                 dict:delete("share")
             elseif not dict:get("port") then
@@ -345,18 +348,29 @@ SEED
             ngx.say(dict:get("port") or "")
 """.replace("READ_PORT\n", _LUA_READ_PORT)
 
-# PUT a port: preview requests go there; DELETE: no preview. Answers the preview port (or "").
+# PUT "port" or "port token": preview requests (their header or cookie equal to the token, or to
+# 1 without one) go there; DELETE: no preview. Answers "port token" as set (or "").
 _LUA_PREVIEW = """\
             local dict = ngx.shared[TABLE_DICT]
             local method = ngx.req.get_method()
             if method == "PUT" then
-READ_PORT
+                ngx.req.read_body()
+                local p, token = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*([%w_-]*)%s*$")
+                local port = tonumber(p or "")
+                if not port or port < 1 or port > 65535 or #token > 64 then
+                    ngx.status = 400
+                    ngx.say("expected a port number (1-65535), then an optional token (letters, digits, _ and -)")
+                    return
+                end
                 dict:set("preview", port)
+                if token ~= "" then dict:set("preview_token", token) else dict:delete("preview_token") end
             elseif method == "DELETE" then
                 dict:delete("preview")
+                dict:delete("preview_token")
             end
-            ngx.say(dict:get("preview") or "")
-""".replace("READ_PORT\n", _LUA_READ_PORT)
+            local token = dict:get("preview_token")
+            ngx.say((dict:get("preview") or "") .. (token and (" " .. token) or ""))
+"""
 
 # PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off).
 # Answers the three numbers as set (0 for unset).
@@ -651,8 +665,9 @@ class ReloadSwitch:
         self.master = master
         # What the upstream file holds for a port: the upstream block, or the runtime switch's part.
         self.render = render or (lambda port: render_upstream(self.n.upstream_name, port, self.preview_port,
-                                                              config.release))
+                                                              config.release, self.preview_token))
         self.preview_port: int | None = None  # where preview requests go (a paused swap's standby)
+        self.preview_token = ""  # what their header or cookie must say ("": 1)
         self.upstream = UndoableFile(master.upstream_path)
         self.log = master.log
         self.old_generation: set[int] = set()
@@ -691,19 +706,20 @@ class ReloadSwitch:
         return False  # the upstream file is rewritten at every switch
 
     @routing
-    async def preview(self, port: int | None) -> dict[str, Any]:
+    async def preview(self, port: int | None, token: str = "") -> dict[str, Any]:
         """Send preview requests to `port` (None: nobody), by rewriting the upstream file with its
         maps and reloading: one reload to turn the preview on, one to turn it off."""
-        if port == self.preview_port:
+        if (port, token) == (self.preview_port, self.preview_token if port else ""):
             return {"preview": port, "mode": self.mode}
         current = await self.routed_port()
         if current is None:
             raise NginxError(f"{self.upstream.path} names no port; cannot set the preview", code="nginx_reload_failed")
-        before, self.preview_port = self.preview_port, port
+        before = self.preview_port, self.preview_token
+        self.preview_port, self.preview_token = port, token if port else ""
         try:
             result = await self._route(current)
         except BaseException:
-            self.preview_port = before
+            self.preview_port, self.preview_token = before
             raise
         finally:
             self.forget_undo()  # the preview is no switch: nothing to undo

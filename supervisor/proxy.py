@@ -75,9 +75,10 @@ class FrontProxy(Protocol):
         """Undo the last `route`, back to `port`, needing no new disk space; raise if it cannot."""
         ...
 
-    async def preview(self, port: int | None) -> dict[str, Any]:
-        """Send requests that carry the preview header or cookie to `port` (None: end the preview),
-        and confirm it; every other request stays where it is. A `route` ends any preview."""
+    async def preview(self, port: int | None, token: str = "") -> dict[str, Any]:
+        """Send requests that carry the preview header or cookie (set to `token`, or to 1 without
+        one) to `port` (None: end the preview), and confirm it; every other request stays where it
+        is. A `route` ends any preview."""
         ...
 
     def forget_undo(self) -> None:

@@ -32,6 +32,7 @@ class Pause(Decision):
     `promote` or `abort` decides, or release.pause_timeout does."""
 
     until: float = 0.0  # wall clock: the pause_timeout
+    token: str = ""  # what the preview header or cookie must say (release.preview_token; "": 1)
 
 
 @dataclass
@@ -134,7 +135,8 @@ class Release:
             return None
         r = self.app.config.release
         info = {"since": p.since, "until": p.until, "standby": p.standby.to_dict(),
-                "header": f"{r.preview_header}: 1", "cookie": f"{r.preview_cookie}=1", "mode": self.app.proxy.mode}
+                "header": f"{r.preview_header}: {p.token or 1}", "cookie": f"{r.preview_cookie}={p.token or 1}",
+                "mode": self.app.proxy.mode}
         if self.app.managed is None and self.app.proxy.mode == "reload":
             from .nginx import route_variable
 

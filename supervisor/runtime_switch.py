@@ -102,6 +102,7 @@ class RuntimeSwitch:
         # share, counters generation). A restarted nginx forgets all but the port (route file).
         self.port: int | None = None
         self.preview_port: int | None = None
+        self.preview_token = ""  # what a preview request's header or cookie must say ("": 1)
         self.split_state: tuple[int, int, int] | None = None
         self.lock = RoutingLock()
         # nginx's own config (the part in the upstream file) changes by a reload, never at a swap.
@@ -238,15 +239,16 @@ class RuntimeSwitch:
         raise self.handlers.missing(undone)
 
     @routing
-    async def preview(self, port: int | None) -> dict[str, Any]:
-        """Send preview requests to `port` (None: nobody): one table change, read back."""
+    async def preview(self, port: int | None, token: str = "") -> dict[str, Any]:
+        """Send preview requests (their header or cookie equal to `token`, or to 1 without one) to
+        `port` (None: nobody): one table change, read back."""
         t0 = time.monotonic()
-        want = "" if port is None else str(port)
+        want = "" if port is None else f"{port} {token}".strip()
         if port is None:  # intent first: an nginx that cannot be told now is told by reconcile
-            self.preview_port = None
+            self.preview_port, self.preview_token = None, ""
         await self.table.change("PUT" if port else "DELETE", "preview", want.encode(), want,
-                                f"the preview {want or '(off)'}")
-        self.preview_port = port
+                                f"the preview {port or '(off)'}")
+        self.preview_port, self.preview_token = port, token if port else ""
         return {"preview": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
 
     @routing
@@ -301,7 +303,7 @@ class RuntimeSwitch:
         """Route to `port`; nginx ends any preview and split at the same time (the counters
         generation stays)."""
         await self.table.change("PUT", "route", str(port).encode(), str(port), f"the route to port {port}")
-        self.port, self.preview_port = port, None
+        self.port, self.preview_port, self.preview_token = port, None, ""
         if self.split_state is not None:
             self.split_state = (0, 0, self.split_state[2])
 
@@ -312,7 +314,7 @@ class RuntimeSwitch:
         if self.port is None:
             return None
         port, preview, split = await self.table.state()
-        preview_to, split_to = self.preview_port, self.split_state
+        preview_to, token_to, split_to = self.preview_port, self.preview_token, self.split_state
         # nginx routes as it was told, nothing more: what a restart lost is set again, and what it
         # was never told (or was told to end while it could not hear) is taken away.
         if (port, preview, split) == (self.port, preview_to or 0, split_to or (0, 0, 0)):
@@ -321,7 +323,7 @@ class RuntimeSwitch:
             await self._set(self.port)  # (a route ends any split and preview: set them after it)
             port, preview, split = self.port, 0, (0, 0, split[2])
         if preview != (preview_to or 0):
-            await self.preview(preview_to)
+            await self.preview(preview_to, token_to)
         if split_to is not None and split != split_to:
             await self.split(split_to[0] or None, split_to[1], split_to[2])
         elif split_to is None and split != (0, 0, 0):

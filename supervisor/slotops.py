@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -64,8 +65,9 @@ class SlotOps:
 
         app, old, timeout = self.app, plan.old, self.cfg.release.pause_timeout
         assert old is not None
-        await app.proxy.preview(standby.port)
-        pause = app.release.pause = Pause(standby, until=time.time() + timeout)
+        token = secrets.token_urlsafe(18) if self.cfg.release.preview_token == "random" else ""
+        await app.proxy.preview(standby.port, token)
+        pause = app.release.pause = Pause(standby, until=time.time() + timeout, token=token)
         app.release.paused.set()
         log.info("paused: preview requests go to %s (port %d) until promote or abort", standby.build, standby.port)
         deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ import enum
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 
 from .errors import AppDied, BluegreenError, HookFailed
 
@@ -166,15 +166,18 @@ class SwapOps(Protocol[Standby, Old]):
 
 
 Emit = Callable[[dict[str, Any]], None]
+Hold = Callable[[str], Awaitable[None]]
 
 
-async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, record: SwapRecord) -> SwapRecord:
+async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, record: SwapRecord,
+                   hold: Hold | None = None) -> SwapRecord:
     """Carry out one swap, emitting a begin/end event per phase; raise BluegreenError on failure.
+    `hold` (tests only: supervisor.faults) is awaited at each phase's begin.
 
     `record.traffic` always says where traffic went: "unchanged" (never switched), "moved" (the
     new build serves), "restored" (switched, then back to the old build).
     """
-    phase = _phase_runner(record, emit)
+    phase = _phase_runner(record, emit, hold)
     try:
         standby = await _until_commit(phase, plan, ops, record)
         # Committed: the new build serves. From here on only the old one's exit is at stake,
@@ -211,7 +214,7 @@ async def run_swap(plan: Plan[Old], ops: SwapOps[Standby, Old], emit: Emit, reco
 PhaseRunner = Callable[[Phase, Callable[[], Any]], Any]
 
 
-def _phase_runner(record: SwapRecord, emit: Emit) -> PhaseRunner:
+def _phase_runner(record: SwapRecord, emit: Emit, hold: Hold | None = None) -> PhaseRunner:
     """Run one phase: record it, emit its begin and done events, time it, keep its details."""
     clock = time.monotonic
     t0 = clock()
@@ -221,6 +224,8 @@ def _phase_runner(record: SwapRecord, emit: Emit) -> PhaseRunner:
         began = clock()
         try:
             emit({"event": name.value, "status": "begin", "elapsed": round(began - t0, 4)})
+            if hold is not None:
+                await hold(name.value)
             began = clock()  # a phase's duration is its action's: not the state.json write at its begin
             out = await action()
         except BaseException as e:

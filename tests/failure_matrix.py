@@ -9,6 +9,8 @@ named test does not exist.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 PHASES = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "switch", "commit", "drain",
           "watch", "after_switch", "stop", "warm window", "idle")
 
@@ -150,8 +152,8 @@ cell("idle", "active_frozen", "with app.health.url: replaced after `failures` ch
      "test_hung_active_app_is_replaced")
 
 # --- the new build killed
-cell("prepare", "new_killed", "nothing started yet")
-cell(("start", "ready"), "new_killed", "exit 1, `app_exited` with its exit and last lines; traffic unchanged",
+cell(("prepare", "start"), "new_killed", "nothing started yet")
+cell("ready", "new_killed", "exit 1, `app_exited` with its exit and last lines; traffic unchanged",
      "test_swap_to_a_build_that_crashes_at_start_fails_and_old_keeps_serving")
 cell(("before_switch", "check"), "new_killed", "exit 1, `app_exited`; traffic unchanged")
 cell("paused", "new_killed", "the preview ends at once (status' last swap: `app_exited`); traffic unchanged",
@@ -168,18 +170,22 @@ cell("watch", "new_killed", "back to the old build at once: exit 1, `app_exited`
      "test_the_new_build_dying_during_the_watch_sends_traffic_back_at_once")
 cell("after_switch", "new_killed", "back to the old build at once; the hook runs to its end; exit 1, `app_exited`",
      "test_the_new_build_dying_during_after_switch_goes_back_while_the_hook_still_runs")
-cell(("stop", "warm window", "idle"), "new_killed", "exit 4 if the swap still runs; the crash restart brings it back",
+cell("idle", "new_killed", "(idle: the new build is the active one)")
+cell(("stop", "warm window"), "new_killed", "exit 4 if the swap still runs; the crash restart brings it back",
      "test_new_build_dying_after_the_old_one_stopped_is_reported_and_restarted")
 
-# --- the new build frozen
-cell(("prepare", "start"), "new_frozen", "as in ready")
+# --- the new build frozen (app.health.url set: a hung active build is replaced like a crashed one)
+cell(("prepare", "start"), "new_frozen", "nothing started yet")
 cell("ready", "new_frozen", "exit 1, `not_ready` at app.ready.timeout; traffic unchanged",
      "test_swap_to_a_build_that_never_gets_ready_times_out_and_stops_the_standby")
-cell(("before_switch", "check"), "new_frozen", "`checks_failed` (a check times out), or the hook decides")
+cell("check", "new_frozen", "exit 1, `checks_failed` (the check times out); traffic unchanged")
+cell("before_switch", "new_frozen", "the hook decides; if it passes, the swap switches to the hung build, which "
+     "app.health.url then finds and replaces (the same build on the other slot)")
 cell(("paused", "rollout step", "watch"), "new_frozen", "its requests time out; a rollout or watch verdict reverts it "
-     "(upstream errors), a preview waits for abort")
-cell(("switch", "commit", "drain", "after_switch", "stop", "warm window", "idle"), "new_frozen",
-     "it serves nothing until app.health.url finds it hung")
+     "(upstream errors, under traffic), a preview waits for a person; once promoted it is found hung and replaced")
+cell(("switch", "commit", "drain", "after_switch", "stop", "warm window"), "new_frozen",
+     "the swap succeeds; it serves nothing until app.health.url finds it hung and replaces it")
+cell("idle", "new_frozen", "(idle: the new build is the active one)")
 
 # --- disk full
 cell(BEFORE_SWITCH + ("paused", "rollout step"), "disk_full", "traffic unchanged; the swap fails where it cannot write")
@@ -196,15 +202,79 @@ cell("idle", "disk_full", "app output is dropped, never blocking the app, and th
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
 
 
+# --- What tests/test_phase_faults.py checks for each cell it walks: every phase held (tests/
+# test_phase_faults.py says how), the fault put there, the phase let go, then what users get.
+EVERY_CELL = "test_a_phase_meets_a_fault"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """`serves`: the build every request gets once things settled ("v1" the old, "v2" the new; None:
+    the daemon stopped, and nothing it ran is left). `exit`: the swap's exit code (for a paused swap,
+    promote's), None where no client waits for it (the daemon was killed, no swap ran)."""
+
+    serves: str | None
+    exit: int | None = None
+
+
+UNTIL_COMMIT = BEFORE_SWITCH + ("paused", "rollout step", "switch", "commit")
+SETTLED = ("warm window", "idle")
+NEW_BUILD_RUNS = tuple(p for p in PHASES if p not in ("prepare", "start", "idle"))  # a new build to kill or freeze
+
+
+def _normal(phase: str) -> Outcome:
+    """The phase let go with nothing wrong: the swap ends and the new build serves."""
+    if phase == "idle":
+        return Outcome("v1")
+    return Outcome("v2", None if phase in SETTLED else 0)
+
+
+def _outcome(phase: str, fault: str) -> Outcome | None:
+    if fault in ("worker", "reload", "master", "restart"):
+        return _normal(phase)
+    if fault == "kill9":  # the next daemon undoes what was not committed, finishes what was
+        return Outcome("v1" if phase in UNTIL_COMMIT + ("idle",) else "v2")
+    if fault == "sigterm":
+        return Outcome(None, 1 if phase in UNTIL_COMMIT and phase != "paused" else
+                       None if phase in SETTLED + ("paused",) else 0)
+    if fault in ("active_killed", "active_frozen"):
+        if phase in ("paused", "idle"):  # the preview ends; the same build starts again
+            return Outcome("v1")
+        return _normal(phase)
+    if phase not in NEW_BUILD_RUNS:
+        return None
+    if fault == "new_killed":
+        if phase in ("stop", "warm window"):  # nothing to go back to: the crash restart brings it back
+            return Outcome("v2", None if phase in SETTLED else 4)
+        return Outcome("v1", None if phase == "paused" else 1)
+    if fault == "new_frozen":
+        if phase in ("ready", "check"):  # not ready in time, or a smoke check times out
+            return Outcome("v1", 1)
+        return _normal(phase)  # switched to it, found hung by app.health.url and replaced
+    return None
+
+
+OUTCOMES: dict[tuple[str, str], Outcome] = {
+    (p, f): o for p in PHASES for f in FAULTS if (o := _outcome(p, f)) is not None}
+# nginx's columns on the shape where they happen: the daemon restarts its own master; yours is
+# stopped and started by hand.
+ONLY_ON = {"master": "managed", "restart": "debian"}
+
+
+def tests_of(phase: str, fault: str) -> tuple[str, ...]:
+    tests = CELLS[phase, fault][1]
+    return tests + (EVERY_CELL,) if (phase, fault) in OUTCOMES else tests
+
+
 def tests_named() -> set[str]:
-    return {t for _, tests in CELLS.values() for t in tests}
+    return {t for key in CELLS for t in tests_of(*key)}
 
 
 def render() -> str:
     """The README section: one table per fault group (a table of 11 columns would not read), the
     phases as rows; each cell's tests by number, listed below."""
     numbers = {t: i + 1 for i, t in enumerate(sorted(tests_named()))}
-    pinned = sum(1 for _, tests in CELLS.values() if tests)
+    pinned = sum(1 for key in CELLS if tests_of(*key))
     out = [f"{len(PHASES)} phases × {len(FAULTS)} faults = {len(CELLS)} cells; {pinned} pinned by an end-to-end "
            f"test (the numbers, listed below), the others say what the code does and are *not pinned yet*.", ""]
     groups = (("kill9", "sigterm"), ("master", "worker", "reload", "restart"), ("active_killed", "active_frozen"),
@@ -215,7 +285,7 @@ def render() -> str:
         for phase in PHASES:
             row = []
             for f in group:
-                text, tests = CELLS[phase, f]
+                text, tests = CELLS[phase, f][0], tests_of(phase, f)
                 refs = " ".join(f"[{numbers[t]}]" for t in tests) if tests else "*not pinned yet*"
                 row.append(f"{text} {refs}")
             out.append(f"| **{phase}** | " + " | ".join(row) + " |")

@@ -203,6 +203,22 @@ def http_get(port: int, path: str = "/", timeout: float = 10.0, headers: dict[st
     return status, body.decode("utf-8", "replace")
 
 
+def answering(port: int, want: dict[str, int], **headers: str) -> bool:
+    """For wait_until: the answers are `want` (a restarting nginx may refuse connections meanwhile)."""
+    try:
+        return answers(port, sum(want.values()), **headers) == want
+    except OSError:
+        return False
+
+
+def answers(port: int, n: int = 10, **headers: str) -> Counter[str]:
+    got: "Counter[str]" = Counter()
+    for _ in range(n):
+        status, body = http_get(port, "/", headers=headers or None)
+        got[body.split()[-1] if status == 200 else f"http_{status}"] += 1
+    return got
+
+
 def unchunk(body: bytes) -> bytes:
     out = b""
     while body:
@@ -444,6 +460,7 @@ class Load(ClientThreads):
         self.failures: Counter[str] = Counter()
         self.examples: list[str] = []
         self.versions: Counter[str] = Counter()
+        self.last_failure_at = 0.0  # time.time() when the last failed request was sent
 
     @property
     def total(self) -> int:
@@ -455,6 +472,7 @@ class Load(ClientThreads):
             n += 1
             slow = (n + index) % self.slow_every == 0
             path = self.slow_path.format(ms=self.slow_ms) if slow else "/"
+            sent = time.time()
             try:
                 status, body = http_get(self.port, path, timeout=30)
                 kind = None if status == 200 else f"http_{status}"
@@ -475,6 +493,7 @@ class Load(ClientThreads):
                     self.versions[body.split()[-1] if not slow else body.split()[0]] += 1
                 else:
                     self.failures[kind] += 1
+                    self.last_failure_at = max(self.last_failure_at, sent)
                     if len(self.examples) < 5:
                         self.examples.append(f"{path}: {kind}")
 

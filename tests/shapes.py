@@ -24,28 +24,40 @@ from supervisor.config import resolve_binary
 SHAPES = ("managed", "debian")
 
 APP = """
+const fs = require('fs');
 const http = require('http');
 const version = 'VERSION';
+const gate = 'GATE';  // a file: /gate answers once it exists (and a gated stop waits for it too)
+const opened = (then) => { const t = setInterval(() => { if (!gate || fs.existsSync(gate)) { clearInterval(t); then(); } }, 50); };
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, 'http://x');
   const answer = (status, text) => { res.writeHead(status, {'content-type': 'text/plain'}); res.end(text); };
   if (url.pathname === '/health') return answer(200, 'ok\\n');
   if (url.pathname === '/missing') return answer(404, 'no such page\\n');
   if (url.pathname === '/boom') return answer(500, 'boom\\n');
+  if (url.pathname === '/gate') {  // says it has the request (GATE.VERSION), answers once the gate opens
+    fs.writeFileSync(`${gate}.${version}`, '');
+    return opened(() => answer(200, `${version} gate\\n`));
+  }
   if (url.pathname === '/slow') return setTimeout(() => answer(200, `${version} slow\\n`), Number(url.searchParams.get('ms') || 1000));
   answer(FAIL && (n++ * 37) % 100 < FAIL ? 500 : 200, `hello from ${version}\\n`);
 });
 let n = 0;
 setTimeout(() => server.listen(Number(process.env.PORT), '127.0.0.1'), BOOT_MS);
-process.on('SIGTERM', () => server.close(() => process.exit(0)));
+const stop = () => server.close(() => process.exit(0));
+process.on('SIGTERM', () => STOP_GATE ? opened(stop) : stop());
 """
 
 
-def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0) -> Path:
+def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0, gate: Path | None = None,
+              stop_gate: bool = False) -> Path:
     """A build of APP: `fail` % of its answers on `/` are 500s (spread evenly); it listens only
-    `boot_ms` after it started (a slow boot holds a swap in its ready phase)."""
+    `boot_ms` after it started (a slow boot holds a swap in its ready phase); `/gate` answers
+    once the file `gate` exists (and creates `gate`.NAME when it gets the request), and with
+    `stop_gate` so does its SIGTERM (a slow stop, held)."""
     return make_build(parent, name, server_js=APP.replace("VERSION", name).replace("FAIL", str(fail))
-                      .replace("BOOT_MS", str(boot_ms)))
+                      .replace("BOOT_MS", str(boot_ms)).replace("STOP_GATE", "true" if stop_gate else "false")
+                      .replace("GATE", str(gate or "")))
 
 
 # The user's server as Debian's default site grows into a real one: error pages nginx answers
@@ -126,13 +138,14 @@ def debian_nginx(d: Path, listen: int, upstream_port: int) -> DebianNginx:
 
 
 def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: Path, extra: str = "",
-             start: bool = True, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
-    """A daemon with the runtime switch on `shape`; for debian also the user's nginx (closed by the caller)."""
+             start: bool = True, env: dict[str, str] | None = None, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+    """A daemon with the runtime switch on `shape` (its environment plus `env`); for debian also the
+    user's nginx (closed by the caller)."""
     listen, blue, green = free_ports(3)
     if shape == "managed":
         nginx = managed_nginx(listen, "runtime") + '\nuser = "www-data"'
         run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
-        return (run.start() if start else run), None
+        return (run.start(env=env) if start else run), None
     user = debian_nginx(d, listen, blue)
     base = user.base
     nginx = "\n".join([
@@ -143,7 +156,7 @@ def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: 
         "reload_command = [" + ", ".join(f'"{a}"' for a in base + ["-s", "reload"]) + "]"])
     run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
     try:
-        return (run.start() if start else run), user
+        return (run.start(env=env) if start else run), user
     except BaseException:
         user.close()
         raise

@@ -130,3 +130,54 @@ def test_a_daemon_killed_while_paused_comes_back_on_the_old_build_with_the_stand
     assert not load.failures, (load.failures, load.examples)
     st = run.status()
     assert st["paused"] is None and st["standby"] is None and st["active"]["slot"] == "blue"
+
+
+def preview_token(swap_stdout: str) -> str:
+    """The token `swap --pause` printed (release.preview_token = "random")."""
+    import re
+
+    m = re.search(r"'X-Bluegreen-Preview: ([A-Za-z0-9_-]+)'", swap_stdout)
+    assert m and m.group(1) != "1", swap_stdout
+    return m.group(1)
+
+
+def test_with_a_random_preview_token_only_requests_that_carry_it_see_the_preview(shape, releases: Path) -> None:
+    """The documented header with `1` no longer reaches the new build; the token printed by
+    `swap --pause` does (header or cookie), on a restarted nginx too; each pause has its own."""
+    from shapes import app_build
+    from test_supervision import restart_nginx
+
+    run, user = shape('[release]\npreview_token = "random"')
+    r = run.cli("swap", str(app_build(releases, "v2")), "--pause")
+    assert r.returncode == 0, r.stdout + r.stderr
+    token = preview_token(r.stdout)
+    assert f"bluegreen_preview={token}" in r.stdout and token in run.cli("status").stdout
+    port = run.listen_port
+    assert body(port, PREVIEW) == body(port, COOKIE) == "hello from v1\n"  # the documented value: no preview
+    assert body(port, {"X-Bluegreen-Preview": token}) == "hello from v2\n"
+    assert body(port, {"Cookie": f"bluegreen_preview={token}"}) == "hello from v2\n"
+    assert body(port, {"X-Bluegreen-Preview": token[:-1]}) == "hello from v1\n"
+    restart_nginx(run, user)  # nginx forgets its table: the daemon sets the preview, with its token, again
+    wait_until(lambda: http_get(port, "/", headers={"X-Bluegreen-Preview": token})[1] == "hello from v2\n", 30,
+               "the preview back on the restarted nginx", run.output)
+    assert body(port, PREVIEW) == "hello from v1\n"
+    assert run.cli("abort").returncode == 0
+    assert body(port, {"X-Bluegreen-Preview": token}) == "hello from v1\n"
+    again = preview_token(run.cli("swap", str(app_build(releases, "v3")), "--pause").stdout)
+    assert again != token and body(port, {"X-Bluegreen-Preview": token}) == "hello from v1\n"
+    assert body(port, {"X-Bluegreen-Preview": again}) == "hello from v3\n"
+    assert run.cli("promote").returncode == 0 and body(port) == "hello from v3\n"
+
+
+def test_the_reload_switch_matches_the_random_preview_token_too(make_daemon, releases: Path) -> None:
+    from helpers import free_ports
+
+    listen = free_ports(1)[0]
+    run = make_daemon(listen=listen, nginx=managed_nginx(listen, "reload"), extra='[release]\npreview_token = "random"')
+    r = run.cli("swap", str(make_build(releases, "v2")), "--pause")
+    token = preview_token(r.stdout)
+    assert body(run.listen_port, PREVIEW) == "hello from v1\n"
+    assert body(run.listen_port, {"X-Bluegreen-Preview": token}) == "hello from v2\n"
+    assert body(run.listen_port, {"Cookie": f"bluegreen_preview={token}"}) == "hello from v2\n"
+    assert run.cli("abort").returncode == 0
+    assert body(run.listen_port, {"X-Bluegreen-Preview": token}) == "hello from v1\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ClientThreads, DaemonRun, http_get, running, wait_until
+from helpers import ClientThreads, DaemonRun, answering, answers, http_get, running, wait_until
 from shapes import DebianNginx, app_build, start_on
 
 pytestmark = pytest.mark.e2e
@@ -51,22 +51,6 @@ def bucket_user(share: int, inside: bool) -> str:
         if (zlib.crc32(user.encode()) % 100 < share) == inside:
             return user
     raise AssertionError("no such user")
-
-
-def answering(port: int, want: dict[str, int], **headers: str) -> bool:
-    """For wait_until: the answers are `want` (a restarting nginx may refuse connections meanwhile)."""
-    try:
-        return answers(port, sum(want.values()), **headers) == want
-    except OSError:
-        return False
-
-
-def answers(port: int, n: int = 10, **headers: str) -> Counter[str]:
-    got: Counter[str] = Counter()
-    for _ in range(n):
-        status, body = http_get(port, "/", headers=headers or None)
-        got[body.split()[-1] if status == 200 else f"http_{status}"] += 1
-    return got
 
 
 @pytest.mark.parametrize("how", ["restart", "reload"])

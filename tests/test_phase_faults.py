@@ -1,0 +1,257 @@
+"""Every phase meets every fault (the README's failure matrix, tests/failure_matrix.py): a real
+daemon on each nginx shape is held in one phase of a swap, the fault is put there, the phase is
+let go, and the test checks what users get once things settled: which build answers every
+request, the swap's exit code, what status says, and (at teardown) that nothing is left running.
+
+How a phase is held:
+- prepare, start, ready, check, switch, commit: the daemon's test-only hold (supervisor/faults.py,
+  BLUEGREEN_FAULT_HOLD): the phase has begun, its action waits for a gate file;
+- before_switch, after_switch: a hook that waits for the gate;
+- paused: `swap --pause` (let go: `promote`); rollout step: `--rollout 50,100` with a verdict that
+  never comes (let go: `promote`); watch: `release.watch_seconds`;
+- drain: a request in flight to the old build, answered once the gate opens;
+- stop: an old build whose SIGTERM waits for the gate;
+- warm window: `release.keep_warm`, after a swap; idle: no swap.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import pytest
+
+from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, Outcome
+from helpers import DaemonRun, answering, describe, http_get, running, wait_until
+from shapes import SHAPES, DebianNginx, app_build
+
+pytestmark = pytest.mark.e2e
+
+HELD_BY_THE_DAEMON = ("prepare", "start", "ready", "check", "switch", "commit")
+STATUS_PHASE = {"rollout step": "rollout"}  # the matrix's row name -> the phase status reports
+COMMON = """
+[app.health]
+url = "http://127.0.0.1:{port}/health"
+interval = 0.5
+timeout = 0.5
+failures = 3
+[app.restart]
+backoff = 0.2
+"""
+
+
+def cells() -> list[Any]:
+    return [pytest.param(phase, fault, shape, id=f"{phase.replace(' ', '_')}-{fault}-{shape}")
+            for (phase, fault) in OUTCOMES for shape in SHAPES if ONLY_ON.get(fault, shape) == shape]
+
+
+@dataclass
+class Held:
+    """One phase held: the daemon, the user's nginx (debian shape), the swap's client, the pids."""
+
+    run: DaemonRun
+    user: DebianNginx | None
+    gate: Path
+    phase: str
+    old: int
+    swap: subprocess.Popen[str] | None = None
+    victim: int = 0  # the build killed or frozen
+    in_flight: list[Any] = field(default_factory=list)
+
+    def new(self) -> int:
+        """The new build's pid: the standby until the commit, the active build after it."""
+        st = self.run.status()
+        assert st is not None
+        for key in ("standby", "active", "warm"):
+            if st.get(key) and st[key]["build"].endswith("/v2"):
+                return int(st[key]["pid"])
+        raise AssertionError(f"no new build in {st}")
+
+    def master(self) -> int:
+        if self.user is not None:
+            assert self.user.master is not None
+            return self.user.master.pid
+        st = self.run.status()
+        assert st is not None
+        return int(st["nginx"]["master_pid"])
+
+
+def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str) -> Held:
+    """Start a daemon (v1) on this shape and bring a swap to v2 into `phase`, held there."""
+    extra, env, args = COMMON, {}, []
+    hook = gate.parent / "hook.sh"
+    hook.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n")
+    hook.chmod(0o755)
+    if phase in HELD_BY_THE_DAEMON:
+        env["BLUEGREEN_FAULT_HOLD"] = f"{phase}:{gate}"
+    if phase == "check":
+        extra += '[[release.checks]]\npath = "/health"\ntimeout = 2\n'
+    if phase in ("before_switch", "after_switch"):
+        extra += f'[hooks]\n{phase} = ["{hook}"]\n'
+    if phase == "paused":
+        args = ["--pause"]
+    if phase == "rollout step":
+        extra += "[rollout]\nmin_requests = 100000\n"
+        args = ["--rollout", "50,100", "--step", "600"]
+    if phase == "watch":
+        extra += "[release]\nwatch_seconds = 8\n[rollout]\nmin_requests = 100000\n"
+    if phase == "warm window":
+        extra += "[release]\nkeep_warm = 600\n"
+    drain = 12 if phase == "drain" else 5  # the drain hold: time to put the fault, a frozen old build waited out
+    build = app_build(releases, "v1", gate=gate, stop_gate=phase == "stop")
+    run, user = shape(extra, build=build, env=env, drain_timeout=drain, stop_timeout=15 if phase == "stop" else 5,
+                      ready=READY)
+    st = run.status()
+    held = Held(run, user, gate, phase, old=st["active"]["pid"])
+    if phase == "idle":
+        return held
+    if phase == "drain":  # a request the old build answers once the gate opens
+        t = threading.Thread(target=lambda: held.in_flight.append(http_get(run.listen_port, "/gate", timeout=120)),
+                             daemon=True)
+        t.start()
+        wait_until(lambda: gate.with_suffix(".v1").exists(), 30, "the old build to have the request")
+    v2 = app_build(releases, "v2", gate=gate)
+    if phase == "paused":
+        r = run.cli("swap", str(v2), "--pause")
+        assert r.returncode == 0, r.stdout + r.stderr
+        return held
+    held.swap = run.cli_background("swap", str(v2), *args)
+    if phase == "warm window":
+        out, err = held.swap.communicate(timeout=120)
+        assert held.swap.returncode == 0, out + err
+        held.swap = None
+        assert run.status()["warm"]["pid"] == held.old
+        return held
+    want = STATUS_PHASE.get(phase, phase)
+    wait_until(lambda: run.phase() == want, 60, f"the swap to reach {phase}", run.output)
+    if phase == "rollout step":
+        wait_until(lambda: (st := run.status()) and st["rollout"] and st["rollout"]["share"] == 50, 30, "step 1")
+    return held
+
+
+READY = 'url = "http://127.0.0.1:{port}/health"\ntimeout = 5\ninterval = 0.05'
+
+
+def group(pid: int, sig: signal.Signals) -> None:
+    os.killpg(os.getpgid(pid), sig)
+
+
+def put(held: Held, fault: str) -> None:
+    """The fault, as it happens on a real host."""
+    run = held.run
+    if fault == "kill9":
+        assert run.proc is not None
+        run.proc.send_signal(signal.SIGKILL)
+        run.proc.wait(30)
+    elif fault == "sigterm":
+        assert run.proc is not None
+        run.proc.send_signal(signal.SIGTERM)
+    elif fault == "master":
+        master = held.master()
+        os.kill(master, signal.SIGKILL)
+        wait_until(lambda: (st := run.status()) and st["nginx"].get("master_pid") not in (None, master), 60,
+                   "the daemon to restart its nginx", run.output)
+    elif fault == "worker":  # one that serves (not an old one still shutting down after a reload)
+        master = held.master()
+        before = serving_workers(master)
+        os.kill(min(before), signal.SIGKILL)
+        wait_until(lambda: serving_workers(master) - before, 30, "the master to fork another")
+    elif fault == "reload":
+        master = held.master()
+        before = {c.pid for c in psutil.Process(master).children()}
+        os.kill(master, signal.SIGHUP)
+        wait_until(lambda: {c.pid for c in psutil.Process(master).children()} - before, 30, "new workers")
+    elif fault == "restart":
+        assert held.user is not None
+        held.user.stop()
+        time.sleep(0.5)  # the scenario: nginx down for a moment (a restart that takes its time)
+        held.user.start()
+    elif fault in ("active_killed", "active_frozen", "new_killed", "new_frozen"):
+        held.victim = held.old if fault.startswith("active") else held.new()
+        group(held.victim, signal.SIGKILL if fault.endswith("killed") else signal.SIGSTOP)
+    else:
+        raise AssertionError(fault)
+
+
+def serving_workers(master: int) -> set[int]:
+    """The workers of the current generation: titled as serving, the same set over 0.3 s (for
+    nginx's first moments after a reload both generations are titled alike)."""
+    from supervisor.nginx import title
+
+    def now() -> set[int]:
+        return {c.pid for c in psutil.Process(master).children() if "shutting down" not in (title(c.pid) or "")}
+
+    def stable() -> set[int] | None:
+        first = now()
+        time.sleep(0.3)
+        return first if first and now() == first else None
+
+    return wait_until(stable, 30, "nginx's serving workers")
+
+
+def let_go(held: Held, fault: str) -> int | None:
+    """Open the gate, and promote a rollout, or a paused swap (unless the old build's fault ends the
+    pause first: nobody decides while it is found dead or hung); the swap's exit code, if a client waits."""
+    code = None
+    if held.phase == "drain" and fault == "new_killed" and held.swap is not None:
+        # Back to the old build at once: not once the request the drain waits for has ended.
+        held.swap.communicate(timeout=180)
+        code, held.swap = held.swap.returncode, None
+    held.gate.touch()
+    ends_itself = ("kill9", "sigterm") + (("active_killed", "active_frozen") if held.phase == "paused" else ())
+    if held.phase in ("paused", "rollout step") and fault not in ends_itself:
+        r = held.run.cli("promote")
+        code = r.returncode if held.phase == "paused" else None
+    if held.swap is not None:
+        held.swap.communicate(timeout=180)
+        code = held.swap.returncode
+    return code
+
+
+def nothing_left(run: DaemonRun) -> None:
+    """After the daemon's own shutdown: no app, no hook, no managed nginx (the user's nginx stays)."""
+    assert run.proc is not None
+    assert run.proc.wait(90) == 0, run.output()
+    run.seen |= {c.pid for c in run.children()}
+    wait_until(lambda: not [p for p in {*run.seen, *run.leftovers()} - run.not_ours if running(p)], 15,
+               "every process of the daemon to end",
+               lambda: "; ".join(f"{p} {describe(p)}" for p in {*run.seen, *run.leftovers()} if running(p)))
+
+
+@pytest.mark.parametrize("phase, fault, shape", cells(), indirect=["shape"])
+def test_a_phase_meets_a_fault(phase: str, fault: str, shape, releases: Path, short_tmp: Path) -> None:
+    want: Outcome = OUTCOMES[phase, fault]
+    held = hold(shape, releases, short_tmp / "gate", phase)
+    put(held, fault)
+    code = let_go(held, fault)
+    if fault == "sigterm":
+        nothing_left(held.run)
+    elif fault == "kill9":
+        held.run.start()  # the next daemon
+    if want.exit is not None:
+        assert code == want.exit, f"{FAULTS[fault]} in {phase}: exit {code}\n{held.run.output()}"
+    if want.serves is None:
+        return
+    run = held.run
+    if fault == "new_frozen" or (fault == "active_frozen" and phase != "warm window"):  # found hung, or left: killed
+        wait_until(lambda: not running(held.victim), 120, "the frozen build to be killed", run.output)
+    wait_until(lambda: run.phase() is None and run.status()["daemon"]["status"] == "serving", 120,
+               "the swap, or the recovery, to end", run.output)
+    wait_until(lambda: answering(run.listen_port, {want.serves: 4}), 90,
+               f"every request answered by {want.serves}", run.output)
+    st = run.status()
+    assert st["daemon"]["status"] == "serving" and st["active"]["build"].endswith(f"/{want.serves}"), st
+    if phase == "drain" and fault in ("sigterm", "reload", "new_killed", "new_frozen"):
+        wait_until(lambda: held.in_flight, 60, "the request in flight to be answered")
+        assert held.in_flight == [(200, "v1 gate\n")], held.in_flight  # the drain lost nothing
+    if phase == "warm window":  # whatever happened to the warm build, rollback brings the old build back
+        r = run.cli("rollback")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert answering(run.listen_port, {"v1": 4}), run.output()
