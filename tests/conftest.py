@@ -115,11 +115,11 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
           releases: Path) -> Iterator[Callable[..., Any]]:
     """Start a daemon (v1 of shapes.APP, or `build`) with the runtime switch on this test's nginx
     shape (tests/shapes.py); the daemons are stopped first, then the users' nginx they switched."""
-    from shapes import DebianNginx, app_build, start_on
+    from shapes import UserNginx, app_build, start_on
 
-    started: list[tuple[DaemonRun, DebianNginx | None]] = []
+    started: list[tuple[DaemonRun, UserNginx | None]] = []
 
-    def start(extra: str = "", build: Path | None = None, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+    def start(extra: str = "", build: Path | None = None, **kw: Any) -> tuple[DaemonRun, UserNginx | None]:
         started.append(start_on(request.param, make_daemon, short_tmp, build or app_build(releases, "v1"), extra, **kw))
         return started[-1]
 

@@ -152,7 +152,7 @@ cell("idle", "active_frozen", "with app.health.url: replaced after `failures` ch
      "test_hung_active_app_is_replaced")
 
 # --- the new build killed
-cell(("prepare", "start"), "new_killed", "nothing started yet")
+cell(("prepare", "start"), "new_killed", "n/a: nothing started yet")
 cell("ready", "new_killed", "exit 1, `app_exited` with its exit and last lines; traffic unchanged",
      "test_swap_to_a_build_that_crashes_at_start_fails_and_old_keeps_serving")
 cell(("before_switch", "check"), "new_killed", "exit 1, `app_exited`; traffic unchanged")
@@ -170,12 +170,12 @@ cell("watch", "new_killed", "back to the old build at once: exit 1, `app_exited`
      "test_the_new_build_dying_during_the_watch_sends_traffic_back_at_once")
 cell("after_switch", "new_killed", "back to the old build at once; the hook runs to its end; exit 1, `app_exited`",
      "test_the_new_build_dying_during_after_switch_goes_back_while_the_hook_still_runs")
-cell("idle", "new_killed", "(idle: the new build is the active one)")
+cell("idle", "new_killed", "n/a: idle, the new build is the active one")
 cell(("stop", "warm window"), "new_killed", "exit 4 if the swap still runs; the crash restart brings it back",
      "test_new_build_dying_after_the_old_one_stopped_is_reported_and_restarted")
 
 # --- the new build frozen (app.health.url set: a hung active build is replaced like a crashed one)
-cell(("prepare", "start"), "new_frozen", "nothing started yet")
+cell(("prepare", "start"), "new_frozen", "n/a: nothing started yet")
 cell("ready", "new_frozen", "exit 1, `not_ready` at app.ready.timeout; traffic unchanged",
      "test_swap_to_a_build_that_never_gets_ready_times_out_and_stops_the_standby")
 cell("check", "new_frozen", "exit 1, `checks_failed` (the check times out); traffic unchanged")
@@ -185,10 +185,11 @@ cell(("paused", "rollout step", "watch"), "new_frozen", "its requests time out; 
      "(upstream errors, under traffic), a preview waits for a person; once promoted it is found hung and replaced")
 cell(("switch", "commit", "drain", "after_switch", "stop", "warm window"), "new_frozen",
      "the swap succeeds; it serves nothing until app.health.url finds it hung and replaces it")
-cell("idle", "new_frozen", "(idle: the new build is the active one)")
+cell("idle", "new_frozen", "n/a: idle, the new build is the active one")
 
 # --- disk full
-cell(BEFORE_SWITCH + ("paused", "rollout step"), "disk_full", "traffic unchanged; the swap fails where it cannot write")
+cell(BEFORE_SWITCH + ("paused", "rollout step"), "disk_full", "the swap fails where it cannot write, at the latest at "
+     "its commit (state.json), which puts traffic back on the old build: exit 1, the old build serves")
 cell("switch", "disk_full", "the route or upstream file cannot be written: `upstream_write_failed`, traffic unchanged")
 cell("commit", "disk_full", "state.json cannot be written: back to the old build (a rename, no space needed), "
      "exit 1; if nginx cannot go back either, the new build serves, exit 4, and the daemon retries the write",
@@ -237,6 +238,10 @@ def _outcome(phase: str, fault: str) -> Outcome | None:
     if fault == "sigterm":
         return Outcome(None, 1 if phase in UNTIL_COMMIT and phase != "paused" else
                        None if phase in SETTLED + ("paused",) else 0)
+    if fault == "disk_full":  # the state_dir's disk fills: state.json, logs, the managed nginx's files
+        if phase in UNTIL_COMMIT:  # the swap fails where it cannot write (at the latest, its commit)
+            return Outcome("v1", 1)
+        return _normal(phase)  # committed: later writes are retried
     if fault in ("active_killed", "active_frozen"):
         if phase in ("paused", "idle"):  # the preview ends; the same build starts again
             return Outcome("v1")
@@ -258,7 +263,8 @@ OUTCOMES: dict[tuple[str, str], Outcome] = {
     (p, f): o for p in PHASES for f in FAULTS if (o := _outcome(p, f)) is not None}
 # nginx's columns on the shape where they happen: the daemon restarts its own master; yours is
 # stopped and started by hand.
-ONLY_ON = {"master": "managed", "restart": "debian"}
+ONLY_ON = {"master": "managed", "restart": "debian",
+           "disk_full": "managed"}  # (your nginx's files are not on the state_dir's disk)
 
 
 def tests_of(phase: str, fault: str) -> tuple[str, ...]:
@@ -275,8 +281,10 @@ def render() -> str:
     phases as rows; each cell's tests by number, listed below."""
     numbers = {t: i + 1 for i, t in enumerate(sorted(tests_named()))}
     pinned = sum(1 for key in CELLS if tests_of(*key))
-    out = [f"{len(PHASES)} phases × {len(FAULTS)} faults = {len(CELLS)} cells; {pinned} pinned by an end-to-end "
-           f"test (the numbers, listed below), the others say what the code does and are *not pinned yet*.", ""]
+    moot = sum(1 for text, _ in CELLS.values() if text.startswith("n/a"))
+    out = [f"{len(PHASES)} phases × {len(FAULTS)} faults = {len(CELLS)} cells: {pinned} pinned by an end-to-end "
+           f"test (the numbers, listed below), {moot} that cannot happen (n/a), and {len(CELLS) - pinned - moot} "
+           "*not pinned yet*.", ""]
     groups = (("kill9", "sigterm"), ("master", "worker", "reload", "restart"), ("active_killed", "active_frozen"),
               ("new_killed", "new_frozen", "disk_full"))
     for group in groups:
@@ -286,7 +294,8 @@ def render() -> str:
             row = []
             for f in group:
                 text, tests = CELLS[phase, f][0], tests_of(phase, f)
-                refs = " ".join(f"[{numbers[t]}]" for t in tests) if tests else "*not pinned yet*"
+                refs = (" ".join(f"[{numbers[t]}]" for t in tests) if tests else
+                        "" if text.startswith("n/a") else "*not pinned yet*")
                 row.append(f"{text} {refs}")
             out.append(f"| **{phase}** | " + " | ".join(row) + " |")
         out.append("")

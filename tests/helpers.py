@@ -341,6 +341,13 @@ class DaemonRun:
         st = self.status()
         return st["swap"]["phase"] if st and st.get("swap") else None
 
+    def kill(self) -> None:
+        """SIGKILL the daemon (no cleanup of any kind), remembering what it ran for teardown."""
+        assert self.proc is not None
+        self.seen |= {c.pid for c in self.children()}
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
     def children(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True) if self.proc else []

@@ -84,11 +84,12 @@ DEBIAN_SERVER = """    server {{
 
 
 @dataclass
-class DebianNginx:
-    """The user's nginx: started, stopped and restarted by the test, never by bluegreen."""
+class UserNginx:
+    """The user's nginx (its own prefix, nginx.conf there): started, stopped and restarted by the
+    test, never by bluegreen."""
 
     prefix: Path
-    listen: int
+    listen: int = 0
     master: subprocess.Popen[bytes] | None = None
     masters: list[int] = field(default_factory=list)
 
@@ -116,8 +117,17 @@ class DebianNginx:
             self.stop(signal.SIGQUIT)
         kill_tree(self.masters)
 
+    def external(self, upstream_file: Path, name: str, switch: str | None = None,
+                 reload: list[str] | None = None) -> list[str]:
+        """The [nginx] keys of a daemon in external mode on this nginx (one per line)."""
+        keys = ['mode = "external"'] + ([f'switch = "{switch}"'] if switch else []) + [
+            f'upstream_name = "{name}"', f'upstream_file = "{upstream_file}"', f'pid_file = "{self.prefix}/nginx.pid"',
+            f'error_log = "{self.prefix}/error.log"']
+        return keys + ["test_command = [" + ", ".join(f'"{a}"' for a in self.base + ["-t"]) + "]",
+                       "reload_command = [" + ", ".join(f'"{a}"' for a in reload or self.base + ["-s", "reload"]) + "]"]
 
-def debian_nginx(d: Path, listen: int, upstream_port: int) -> DebianNginx:
+
+def debian_nginx(d: Path, listen: int, upstream_port: int) -> UserNginx:
     prefix = d / "nginx"
     (prefix / "conf.d").mkdir(parents=True)
     (prefix / "html").mkdir()
@@ -132,13 +142,13 @@ def debian_nginx(d: Path, listen: int, upstream_port: int) -> DebianNginx:
     (prefix / "nginx.conf").write_text(USER_NGINX_CONF.format(  # master root, workers www-data, as Debian ships it
         modules=LUA_MODULES, prefix=prefix, user="user www-data;",
         servers=DEBIAN_SERVER.format(prefix=prefix, listen=listen)))
-    n = DebianNginx(prefix, listen)
+    n = UserNginx(prefix, listen)
     n.start()
     return n
 
 
 def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: Path, extra: str = "",
-             start: bool = True, env: dict[str, str] | None = None, **kw: Any) -> tuple[DaemonRun, DebianNginx | None]:
+             start: bool = True, env: dict[str, str] | None = None, **kw: Any) -> tuple[DaemonRun, UserNginx | None]:
     """A daemon with the runtime switch on `shape` (its environment plus `env`); for debian also the
     user's nginx (closed by the caller)."""
     listen, blue, green = free_ports(3)
@@ -147,13 +157,7 @@ def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: 
         run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
         return (run.start(env=env) if start else run), None
     user = debian_nginx(d, listen, blue)
-    base = user.base
-    nginx = "\n".join([
-        'mode = "external"', 'switch = "runtime"', 'upstream_name = "myapp"',
-        f'upstream_file = "{user.prefix}/conf.d/myapp.conf"', f'pid_file = "{user.prefix}/nginx.pid"',
-        f'error_log = "{user.prefix}/error.log"',
-        "test_command = [" + ", ".join(f'"{a}"' for a in base + ["-t"]) + "]",
-        "reload_command = [" + ", ".join(f'"{a}"' for a in base + ["-s", "reload"]) + "]"])
+    nginx = "\n".join(user.external(user.prefix / "conf.d" / "myapp.conf", "myapp", "runtime"))
     run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
     try:
         return (run.start(env=env) if start else run), user

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -11,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import (LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, kill_tree, make_build, settled_workers,
+from helpers import (LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, make_build, settled_workers,
                      user_nginx_conf, wait_until)
-from supervisor.config import resolve_binary
+from shapes import UserNginx
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
@@ -23,50 +22,26 @@ def system_nginx(short_tmp: Path, request: pytest.FixtureRequest):
     """An nginx started by 'the user' (this test), with its own prefix, before any daemon; with
     the lua module loaded when the test is marked `lua`."""
     modules = LUA_MODULES if request.node.get_closest_marker("lua") else ""
-    nginx = resolve_binary("nginx")
-    assert nginx, "nginx is not installed: run scripts/test"
-    prefix = short_tmp / "nginx"
-    (prefix / "conf.d").mkdir(parents=True)
     listen, blue, green = free_ports(3)
-    conf = prefix / "nginx.conf"
-    conf.write_text(user_nginx_conf(prefix, {listen: "myapp"}, modules))
+    user = UserNginx(short_tmp / "nginx", listen)
+    (user.prefix / "conf.d").mkdir(parents=True)
+    conf = user.prefix / "nginx.conf"
+    conf.write_text(user_nginx_conf(user.prefix, {listen: "myapp"}, modules))
     # What a user has before adopting bluegreen: an upstream pointing at the blue port.
-    (prefix / "conf.d" / "upstream.conf").write_text(render_upstream("myapp", blue))
-    base = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    master = subprocess.Popen(base + ["-g", "daemon off;"], start_new_session=True)
-    wait_until(lambda: (prefix / "nginx.pid").exists() and (prefix / "nginx.pid").read_text().strip(), 30,
-               "the external nginx to start")
-    yield {"base": base, "prefix": prefix, "conf": conf, "listen": listen, "ports": (blue, green), "master": master}
-    if master.poll() is None:
-        master.send_signal(signal.SIGQUIT)
-        try:
-            master.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    kill_tree([master.pid])
+    (user.prefix / "conf.d" / "upstream.conf").write_text(render_upstream("myapp", blue))
+    user.start()
+    yield {"base": user.base, "prefix": user.prefix, "conf": conf, "listen": listen, "ports": (blue, green),
+           "master": user.master, "user": user}
+    user.close()
 
 
 def external_daemon(make_daemon, system_nginx, releases: Path, reload: list[str] | None = None,
                     extra: str = "", wait: bool = True) -> DaemonRun:
     n = system_nginx
-    prefix, base = n["prefix"], n["base"]
-    reload = reload or base + ["-s", "reload"]
-    run = make_daemon(
-        start=False,
-        ports=n["ports"],
-        listen=n["listen"],
-        build=make_build(releases, "v1"),
-        nginx="\n".join([
-            'mode = "external"',
-            f'upstream_file = "{prefix}/conf.d/upstream.conf"',
-            'upstream_name = "myapp"',
-            f'pid_file = "{prefix}/nginx.pid"',
-            f'error_log = "{prefix}/error.log"',
-            "test_command = [" + ", ".join(f'"{a}"' for a in base + ["-t"]) + "]",
-            "reload_command = [" + ", ".join(f'"{a}"' for a in reload) + "]",
-            extra,
-        ]),
-    )
+    user: UserNginx = n["user"]
+    run = make_daemon(start=False, ports=n["ports"], listen=n["listen"], build=make_build(releases, "v1"),
+                      nginx="\n".join(user.external(user.prefix / "conf.d" / "upstream.conf", "myapp", reload=reload)
+                                      + [extra]))
     return run.start(wait)
 
 

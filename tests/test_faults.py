@@ -197,10 +197,7 @@ def swap_and_kill_daemon_at(run: DaemonRun, build: Path, phase: str) -> dict:
             if msg.get("event") == phase and msg.get("status") == "begin":
                 break
             assert "ok" not in msg, msg
-    for c in run.children():
-        run.seen.add(c.pid)
-    run.proc.send_signal(signal.SIGKILL)
-    run.proc.wait(30)
+    run.kill()
     saved = json.loads((run.dir / "run" / "state.json").read_text())
     return saved
 

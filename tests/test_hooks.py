@@ -154,8 +154,6 @@ def test_a_hook_that_cannot_run_is_named_by_check_config_and_at_the_swap(make_da
 def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_daemon, short_tmp: Path,
                                                                            releases: Path) -> None:
     """Otherwise the retried swap would run a second migration beside the first."""
-    import signal
-
     pid_file = short_tmp / "hook.pid"
     expand = script(short_tmp / "expand", f'echo $$ > {pid_file}\nsleep 300\n')
     run = make_daemon(extra=hooks(before_switch=[str(expand)]))
@@ -164,8 +162,7 @@ def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_
         # the whole line: `echo $$ >` creates the file before it writes the number
         wait_until(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"), 60, "the hook to start")
         group = int(pid_file.read_text())
-        run.proc.send_signal(signal.SIGKILL)
-        run.proc.wait(30)
+        run.kill()
         swap.communicate(timeout=60)
         assert alive_in_group(group)  # nothing stopped it yet
         run.start()

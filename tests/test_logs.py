@@ -85,8 +85,7 @@ def test_the_app_logs_through_a_daemon_kill_and_adoption_without_a_lost_line(tic
     active = run.status()["active"]
     slot, pid = active["slot"], active["pid"]
     wait_until(lambda: last_number(slot_files(logs, slot)) > 200, 30, "the app to log")
-    run.proc.send_signal(signal.SIGKILL)
-    run.proc.wait(10)
+    run.kill()
     rotated_before = len(slot_files(logs, slot))
     seen = last_number(slot_files(logs, slot))
     # Without any daemon: the app still logs, and the pump still rotates.

@@ -6,7 +6,6 @@ the runtime switch (two routing tables in one nginx, sharing one copy of the req
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Iterator
 import pytest
 
 from conftest import render_config
-from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, kill_tree, make_build, settled_workers,
+from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, make_build, settled_workers,
                      stop_all, user_nginx_conf, wait_until)
-from supervisor.config import resolve_binary
+from shapes import UserNginx
 from supervisor.nginx import render_upstream
 
 pytestmark = pytest.mark.e2e
@@ -30,10 +29,9 @@ class OneNginx:
     whose http block includes conf.d/*.conf, and a daemon per app started on demand."""
 
     def __init__(self, root: Path) -> None:
-        nginx = resolve_binary("nginx")
-        assert nginx, "nginx is not installed: run scripts/test"
         self.root = root
-        self.prefix = root / "nginx"
+        self.user = UserNginx(root / "nginx")
+        self.prefix = self.user.prefix
         (self.prefix / "conf.d").mkdir(parents=True)
         ports = free_ports(6)
         self.apps = {app: {"listen": ports[3 * i], "ports": (ports[3 * i + 1], ports[3 * i + 2])}
@@ -42,10 +40,10 @@ class OneNginx:
         conf.write_text(user_nginx_conf(self.prefix, {a["listen"]: name for name, a in self.apps.items()}, LUA_MODULES))
         for name, a in self.apps.items():  # what the user had before bluegreen: plain upstreams
             self.file(name).write_text(render_upstream(name, a["ports"][0]))
-        self.base = [nginx, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.prefix / "error.log")]
-        self.master = subprocess.Popen(self.base + ["-g", "daemon off;"], start_new_session=True)
-        wait_until(lambda: (self.prefix / "nginx.pid").exists() and (self.prefix / "nginx.pid").read_text().strip(),
-                   30, "the user's nginx to start")
+        self.base = self.user.base
+        self.user.start()
+        assert self.user.master is not None
+        self.master = self.user.master
         self.runs: dict[str, DaemonRun] = {}
 
     def file(self, name: str) -> Path:
@@ -56,11 +54,7 @@ class OneNginx:
         a = self.apps[name]
         d = self.root / name
         d.mkdir()
-        nginx = ['mode = "external"', f'switch = "{switch}"', f'upstream_file = "{self.file(name)}"',
-                 f'upstream_name = "{name}"', f'pid_file = "{self.prefix}/nginx.pid"',
-                 f'error_log = "{self.prefix}/error.log"',
-                 "test_command = [" + ", ".join(f'"{x}"' for x in self.base + ["-t"]) + "]",
-                 "reload_command = [" + ", ".join(f'"{x}"' for x in self.base + ["-s", "reload"]) + "]"]
+        nginx = self.user.external(self.file(name), name, switch)
         if handlers is not None:
             nginx.append(f'lua_handlers_file = "{handlers}"')
         cfg = d / "bluegreen.toml"
@@ -76,12 +70,7 @@ class OneNginx:
         try:
             stop_all(list(self.runs.values()))
         finally:
-            self.master.send_signal(signal.SIGQUIT)
-            try:
-                self.master.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            kill_tree([self.master.pid])
+            self.user.close()
 
 
 @pytest.fixture

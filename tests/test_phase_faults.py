@@ -23,14 +23,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
 
 from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, Outcome
 from helpers import DaemonRun, answering, describe, http_get, running, wait_until
-from shapes import SHAPES, DebianNginx, app_build
+from shapes import SHAPES, UserNginx, app_build
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,7 @@ class Held:
     """One phase held: the daemon, the user's nginx (debian shape), the swap's client, the pids."""
 
     run: DaemonRun
-    user: DebianNginx | None
+    user: UserNginx | None
     gate: Path
     phase: str
     old: int
@@ -147,9 +147,7 @@ def put(held: Held, fault: str) -> None:
     """The fault, as it happens on a real host."""
     run = held.run
     if fault == "kill9":
-        assert run.proc is not None
-        run.proc.send_signal(signal.SIGKILL)
-        run.proc.wait(30)
+        run.kill()
     elif fault == "sigterm":
         assert run.proc is not None
         run.proc.send_signal(signal.SIGTERM)
@@ -173,6 +171,10 @@ def put(held: Held, fault: str) -> None:
         held.user.stop()
         time.sleep(0.5)  # the scenario: nginx down for a moment (a restart that takes its time)
         held.user.start()
+    elif fault == "disk_full":  # the state_dir's disk: state.json, logs, the managed nginx's files
+        r = subprocess.run(["dd", "if=/dev/zero", f"of={held.run.dir / 'run' / 'filler'}", "bs=4k"],
+                           capture_output=True, text=True)
+        assert "No space left on device" in r.stderr, r.stderr
     elif fault in ("active_killed", "active_frozen", "new_killed", "new_frozen"):
         held.victim = held.old if fault.startswith("active") else held.new()
         group(held.victim, signal.SIGKILL if fault.endswith("killed") else signal.SIGSTOP)
@@ -225,8 +227,23 @@ def nothing_left(run: DaemonRun) -> None:
                lambda: "; ".join(f"{p} {describe(p)}" for p in {*run.seen, *run.leftovers()} if running(p)))
 
 
+@pytest.fixture
+def state_disk(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Path]:
+    """For the disk-full column: the daemon's state_dir on its own small tmpfs (set up before the
+    daemon, unmounted after it stopped)."""
+    mnt = short_tmp / "run"
+    if request.node.callspec.params.get("fault") != "disk_full":
+        yield mnt
+        return
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.mark.parametrize("phase, fault, shape", cells(), indirect=["shape"])
-def test_a_phase_meets_a_fault(phase: str, fault: str, shape, releases: Path, short_tmp: Path) -> None:
+def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, releases: Path,
+                               short_tmp: Path) -> None:
     want: Outcome = OUTCOMES[phase, fault]
     held = hold(shape, releases, short_tmp / "gate", phase)
     put(held, fault)
@@ -235,6 +252,7 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, shape, releases: Path, sh
         nothing_left(held.run)
     elif fault == "kill9":
         held.run.start()  # the next daemon
+    (state_disk / "filler").unlink(missing_ok=True)  # the disk-full column: space again, once the swap ended
     if want.exit is not None:
         assert code == want.exit, f"{FAULTS[fault]} in {phase}: exit {code}\n{held.run.output()}"
     if want.serves is None:

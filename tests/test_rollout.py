@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import random
-import signal
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -167,8 +166,7 @@ def test_a_daemon_killed_mid_rollout_comes_back_on_the_old_build_with_nothing_le
     try:
         wait_until(lambda: in_rollout(run), 60, "the rollout's first step")
         new = run.status()["standby"]["pid"]
-        run.proc.send_signal(signal.SIGKILL)
-        run.proc.wait(30)
+        run.kill()
         swap.communicate(timeout=60)
     finally:
         if swap.poll() is None:

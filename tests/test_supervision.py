@@ -17,13 +17,13 @@ import psutil
 import pytest
 
 from helpers import ClientThreads, DaemonRun, answering, answers, http_get, running, wait_until
-from shapes import DebianNginx, app_build, start_on
+from shapes import UserNginx, app_build, start_on
 
 pytestmark = pytest.mark.e2e
 PREVIEW = {"X-Bluegreen-Preview": "1"}
 
 
-def restart_nginx(run: DaemonRun, user: DebianNginx | None, how: str = "restart") -> None:
+def restart_nginx(run: DaemonRun, user: UserNginx | None, how: str = "restart") -> None:
     """The managed master killed (the daemon restarts it), or the user's nginx stopped and started
     by hand (`systemctl restart nginx`): either way a fresh nginx with an empty routing table.
     `how="reload"`: an outside reload instead (SIGHUP to the master, what `nginx -s reload` sends)."""
@@ -177,12 +177,6 @@ def test_a_rollout_step_that_never_reaches_a_verdict_ends_at_step_timeout(shape,
     assert answers(run.listen_port) == {"v1": 10}
 
 
-def kill_daemon(run: DaemonRun) -> None:
-    assert run.proc is not None
-    run.proc.send_signal(signal.SIGKILL)  # no cleanup of any kind
-    run.proc.wait(30)
-
-
 def test_a_preview_nobody_promoted_is_not_made_active_by_the_next_daemon(shape, releases: Path) -> None:
     """Killed while paused, and the active build dies before the next daemon starts: the preview
     was never approved, so the old build is started again and the preview stopped."""
@@ -190,7 +184,7 @@ def test_a_preview_nobody_promoted_is_not_made_active_by_the_next_daemon(shape, 
     assert run.cli("swap", str(app_build(releases, "v2")), "--pause").returncode == 0
     st = run.status()
     standby, active = st["paused"]["standby"]["pid"], st["active"]["pid"]
-    kill_daemon(run)
+    run.kill()
     os.killpg(os.getpgid(active), signal.SIGKILL)
     run.start()
     wait_until(lambda: not running(standby),
@@ -212,7 +206,7 @@ def test_a_contract_step_the_killed_daemon_never_ran_is_named_in_status_and_hist
     wait_until(lambda: run.status()["active"] and inflight_to(run, run.ports[0]), 30, "a request in flight")
     swap = run.cli_background("swap", str(app_build(releases, "v2")))
     wait_until(lambda: run.phase() == "drain", 60, "the drain", run.output)
-    kill_daemon(run)
+    run.kill()
     swap.communicate(timeout=60)
     held.join(30)
     run.start()

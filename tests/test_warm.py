@@ -100,8 +100,7 @@ def test_a_restarted_daemon_stops_the_warm_build(make_daemon, releases: Path) ->
     run = make_daemon(extra="[release]\nkeep_warm = 120")
     v1 = run.status()["active"]
     assert run.cli("swap", str(make_build(releases, "v2"))).returncode == 0
-    run.proc.send_signal(signal.SIGKILL)
-    run.proc.wait(30)
+    run.kill()
     run.start()
     wait_until(lambda: gone(v1["pid"]), 30, "the next daemon to stop the warm build")
     st = run.status()
