@@ -260,12 +260,17 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
     run = held.run
     if fault == "new_frozen" or (fault == "active_frozen" and phase != "warm window"):  # found hung, or left: killed
         wait_until(lambda: not running(held.victim), 120, "the frozen build to be killed", run.output)
-    wait_until(lambda: run.phase() is None and run.status()["daemon"]["status"] == "serving", 120,
-               "the swap, or the recovery, to end", run.output)
-    wait_until(lambda: answering(run.listen_port, {want.serves: 4}), 90,
-               f"every request answered by {want.serves}", run.output)
-    st = run.status()
-    assert st["daemon"]["status"] == "serving" and st["active"]["build"].endswith(f"/{want.serves}"), st
+
+    def settled() -> bool:
+        """No swap or recovery runs, the daemon serves `want`, and so does every request (a build
+        killed a moment ago may not be noticed yet: then this is not true yet)."""
+        st = run.status()
+        return bool(st and st["daemon"]["status"] == "serving" and not (st.get("swap") or {}).get("phase")
+                    and st["active"]["alive"] and st["active"]["pid"] != held.victim
+                    and st["active"]["build"].endswith(f"/{want.serves}")
+                    and answering(run.listen_port, {want.serves: 4}))
+
+    wait_until(settled, 120, f"the daemon to serve {want.serves} to every request, no swap running", run.output)
     if phase == "drain" and fault in ("sigterm", "reload", "new_killed", "new_frozen"):
         wait_until(lambda: held.in_flight, 60, "the request in flight to be answered")
         assert held.in_flight == [(200, "v1 gate\n")], held.in_flight  # the drain lost nothing
