@@ -157,4 +157,8 @@ def check_config(args: argparse.Namespace) -> int:
     print(f"  nginx: {cfg.nginx.mode}" + (f" on {cfg.nginx.listen}" if cfg.nginx.mode == "managed" else
                                           f", upstream file {cfg.nginx.upstream_file}"))
     print(f"  socket: {cfg.daemon.socket}  state: {cfg.daemon.state_dir}")
+    from .config import machine_warnings
+
+    for warning in machine_warnings(cfg):
+        print(f"  warning: {warning}")
     return EXIT_OK

@@ -990,6 +990,29 @@ def _nginx_file_problems(n: dict[str, Any], base: Path) -> list[str]:
     return problems
 
 
+def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range | None:
+    """The ports the kernel hands to outgoing connections (None if it does not say)."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return range(low, high + 1)
+
+
+def machine_warnings(cfg: "Config") -> list[str]:
+    """What may fail later on this machine without being wrong now: check-config prints these and
+    the daemon logs them at start."""
+    warnings = []
+    ephemeral = ephemeral_ports()
+    inside = [p for p in cfg.app.ports if ephemeral is not None and p in ephemeral]
+    if inside and ephemeral is not None:
+        warnings.append(f"app.ports: {', '.join(map(str, inside))} inside the kernel's range for outgoing connections "
+                        f"({ephemeral.start}-{ephemeral.stop - 1}, net.ipv4.ip_local_port_range): while an outgoing "
+                        "connection from that port lingers (TIME-WAIT), the app cannot listen on it and a swap fails; "
+                        f"choose ports below {ephemeral.start}")
+    return warnings
+
+
 def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bool = True) -> list[str]:
     """What this machine must offer for the config to run, each problem named by its key.
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__, commands, faults
 from .app import App
-from .config import Config, LogsConfig
+from .config import Config, LogsConfig, machine_warnings
 from .control import ControlServer
 from .errors import BluegreenError
 from .history import History
@@ -75,6 +75,8 @@ class Daemon:
         await self.control.start()
         log.info("bluegreen %s daemon pid %d, config %s, socket %s", __version__, os.getpid(),
                  self.config.path, self.config.daemon.socket)
+        for warning in machine_warnings(self.config):
+            log.warning("%s", warning)
         boot = asyncio.ensure_future(self.app.boot())
         stop_sig = asyncio.ensure_future(self.stop_requested())
         done, _ = await asyncio.wait({boot, stop_sig}, return_when=asyncio.FIRST_COMPLETED)

@@ -72,9 +72,12 @@ def render_upstream(name: str, port: int, preview: int | None = None, release: R
     )
     if preview is not None:
         text += f"upstream {name}__preview {{\n    server 127.0.0.1:{preview};\n}}\n"
+    # A map's plain strings match whatever their case: a token is matched by a case-sensitive
+    # regex (its characters, letters, digits, _ and -, mean nothing in a regex).
+    key = f"~^{token}$" if token else "1"
     return text + (
-        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"{token or 1}\" {to_preview};\n}}\n"
-        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"{token or 1}\" {to_preview};\n}}\n"
+        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"{key}\" {to_preview};\n}}\n"
+        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"{key}\" {to_preview};\n}}\n"
     )
 
 

@@ -137,7 +137,8 @@ class ManagedNginx:
         self.prefix.chmod(0o700)  # the control socket inside is for the daemon's user only
         await run_command(self.test_argv(), "nginx -t", "nginx_test_failed")
         offset = self.log.offset()
-        log = open(self.config.daemon.state_dir / "logs" / "nginx.log", "ab", buffering=0)
+        path = self.config.daemon.state_dir / "logs" / "nginx.log"  # every log 0640, as the apps' logs
+        log = open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640), "ab", buffering=0)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.base_argv(), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,

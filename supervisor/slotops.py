@@ -189,7 +189,8 @@ class SlotOps:
 
     def died(self, standby: slots.AppProcess, phase: Phase, where: str) -> AppDied:
         why = standby.exit_reason or slots.describe_exit(standby.returncode)
-        return AppDied(f"the new build ({standby.slot}, pid {standby.pid}) {why} during the {phase}; {where}. "
+        when = "while paused" if phase == Phase.PAUSED else f"during the {phase}"
+        return AppDied(f"the new build ({standby.slot}, pid {standby.pid}) {why} {when}; {where}. "
                        f"See {standby.log_path}" + slots.exit_hint(standby.returncode))
 
     async def drain(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:

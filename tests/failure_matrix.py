@@ -156,7 +156,8 @@ cell(("prepare", "start"), "new_killed", "n/a: nothing started yet")
 cell("ready", "new_killed", "exit 1, `app_exited` with its exit and last lines; traffic unchanged",
      "test_swap_to_a_build_that_crashes_at_start_fails_and_old_keeps_serving")
 cell(("before_switch", "check"), "new_killed", "exit 1, `app_exited`; traffic unchanged")
-cell("paused", "new_killed", "the preview ends at once (status' last swap: `app_exited`); traffic unchanged",
+cell("paused", "new_killed", "the preview ends at once (status' last swap: `app_exited`, \"while paused\"); traffic "
+     "unchanged",
      "test_the_new_build_dying_while_paused_ends_the_preview_at_once")
 cell("rollout step", "new_killed", "everyone back on the old build at once: exit 1, `app_exited`, `traffic: restored`",
      "test_the_new_build_killed_mid_rollout_step_sends_everyone_back_at_once")

@@ -311,7 +311,7 @@ class DaemonRun:
 
     def remember(self, st: dict[str, Any]) -> None:
         """Keep every pid the daemon ever reported, so teardown can kill leftovers by pid."""
-        for key in ("active", "standby", "warm"):
+        for key in ("active", "standby", "warm", "retiring"):
             if st.get(key):
                 self.seen.add(st[key]["pid"])
         if st["nginx"].get("master_pid"):

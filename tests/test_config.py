@@ -253,3 +253,23 @@ def test_the_files_the_daemon_writes_for_your_nginx_need_their_directory(tmp_pat
     r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "-c", str(cfg)], capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert "nginx.upstream_file" not in r.stderr and "nginx.lua_handlers_file" in r.stderr, r.stderr
+
+
+def test_app_ports_the_kernel_gives_to_outgoing_connections_are_warned_about(tmp_path: Path) -> None:
+    """A port in net.ipv4.ip_local_port_range can be held by a client's TIME-WAIT: the app's listen
+    then fails. check-config says so (a warning: the config is valid), naming the range."""
+    from helpers import ROOT
+    from supervisor.config import ephemeral_ports
+
+    ephemeral = ephemeral_ports()
+    assert ephemeral is not None
+    build = tmp_path / "build"
+    build.mkdir()
+    for ports, warned in (((ephemeral.start, ephemeral.start + 1), True), ((ephemeral.start - 2, ephemeral.start - 1), False)):
+        cfg = tmp_path / "bg.toml"
+        cfg.write_text(f'[app]\ncommand = ["sh", "-c", "true"]\nports = [{ports[0]}, {ports[1]}]\nbuild = "{build}"\n')
+        r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "-c", str(cfg)], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("warning: app.ports: " in r.stdout and "net.ipv4.ip_local_port_range" in r.stdout
+                and f"choose ports below {ephemeral.start}" in r.stdout) == warned, r.stdout

@@ -176,5 +176,5 @@ def test_logs_are_not_for_every_local_user(make_daemon) -> None:
     logs = run.dir / "run" / "logs"
     slot = run.status()["active"]["slot"]
     assert st.S_IMODE(logs.stat().st_mode) == 0o750
-    for name in ("daemon.log", f"{slot}.log"):
+    for name in ("daemon.log", f"{slot}.log", "nginx.log"):  # nginx.log: the managed nginx's own output
         assert st.S_IMODE((logs / name).stat().st_mode) == 0o640, name

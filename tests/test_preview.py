@@ -81,6 +81,7 @@ def test_abort_ends_the_preview_and_stops_the_standby_with_traffic_never_moved(m
     assert last["error"]["code"] == "aborted" and last["traffic"] == "unchanged"
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
     assert entry["decided"]["what"] == "abort" and entry["decided"]["by"]["uid"] == os.getuid(), entry
+    assert f"aborted by {entry['decided']['by']['user']}" in run.cli("history").stdout
     assert run.cli("swap", str(make_build(releases, "v3"))).returncode == 0  # the slot is free again
     assert body(run.listen_port) == "hello from v3\n"
 
@@ -154,7 +155,8 @@ def test_with_a_random_preview_token_only_requests_that_carry_it_see_the_preview
     assert body(port, PREVIEW) == body(port, COOKIE) == "hello from v1\n"  # the documented value: no preview
     assert body(port, {"X-Bluegreen-Preview": token}) == "hello from v2\n"
     assert body(port, {"Cookie": f"bluegreen_preview={token}"}) == "hello from v2\n"
-    assert body(port, {"X-Bluegreen-Preview": token[:-1]}) == "hello from v1\n"
+    for other in {token.lower(), token.upper(), token[:-1], token + "x", f"1, {token}"} - {token}:
+        assert body(port, {"X-Bluegreen-Preview": other}) == "hello from v1\n", other
     restart_nginx(run, user)  # nginx forgets its table: the daemon sets the preview, with its token, again
     wait_until(lambda: http_get(port, "/", headers={"X-Bluegreen-Preview": token})[1] == "hello from v2\n", 30,
                "the preview back on the restarted nginx", run.output)
@@ -177,5 +179,8 @@ def test_the_reload_switch_matches_the_random_preview_token_too(make_daemon, rel
     assert body(run.listen_port, PREVIEW) == "hello from v1\n"
     assert body(run.listen_port, {"X-Bluegreen-Preview": token}) == "hello from v2\n"
     assert body(run.listen_port, {"Cookie": f"bluegreen_preview={token}"}) == "hello from v2\n"
+    for other in {token.lower(), token.upper(), token[:-1], token + "x", f"1, {token}"} - {token}:  # nginx's maps ignore case
+        assert body(run.listen_port, {"X-Bluegreen-Preview": other}) == "hello from v1\n", other
+        assert body(run.listen_port, {"Cookie": f"bluegreen_preview={other}"}) == "hello from v1\n", other
     assert run.cli("abort").returncode == 0
     assert body(run.listen_port, {"X-Bluegreen-Preview": token}) == "hello from v1\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import signal
 import socket
 import stat
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import render_config
-from helpers import (ROOT, bluegreen, DaemonRun, free_ports, http_get, KeepAlive, Load, make_build, managed_nginx,
+from helpers import (bluegreen, DaemonRun, free_ports, http_get, KeepAlive, Load, make_build, managed_nginx,
                      serves, wait_until)
 from supervisor import drain
 from supervisor.config import resolve_binary
@@ -205,8 +204,7 @@ def test_a_commit_that_cannot_be_saved_goes_back_without_waiting_on_the_live_por
     state_dir = run.dir / "run"
     with Load(run.listen_port, clients=4, slow_every=2, slow_ms=1000) as load:  # always some in flight
         wait_until(lambda: load.slow_ok >= 2, 30, "slow requests in flight")
-        swap = subprocess.Popen([sys.executable, "-m", "supervisor", "swap", str(v2), "-c", str(run.config)],
-                                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        swap = run.cli_background("swap", str(v2))
         try:
             wait_until(lambda: ((run.status() or {}).get("swap") or {}).get("phase") == "ready", 30,
                        "the standby to boot")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -139,6 +140,10 @@ def test_the_new_build_dying_during_the_watch_sends_traffic_back_at_once(shape, 
     swap = run.cli_background("swap", str(app_build(releases, "v2")))
     wait_until(lambda: run.phase() == "watch", 60, "the watch", run.output)
     assert answers(run.listen_port) == {"v2": 10}
+    st = run.status()  # the old build still runs, and status says so: it is the way back
+    assert st["retiring"]["build"].endswith("/v1") and running(st["retiring"]["pid"]), st
+    text = run.cli("status").stdout
+    assert re.search(r"^│ old +│ blue +│.*│ no traffic; the way back +│$", text, re.M), text
     os.killpg(os.getpgid(run.status()["active"]["pid"]), signal.SIGKILL)  # committed: the new build is active
     out, err = swap.communicate(timeout=120)
     assert swap.returncode == 1 and "[app_exited]" in err and "during the watch" in err, err
@@ -231,7 +236,7 @@ def test_the_new_build_dying_while_paused_ends_the_preview_at_once(shape, releas
     st = run.status()
     assert st["paused"] is None and st["standby"] is None and st["active"]["slot"] == "blue"
     last = st["last_swap"]
-    assert last["error"]["code"] == "app_exited" and "during the paused" in last["error"]["message"], last
+    assert last["error"]["code"] == "app_exited" and "while paused; the preview ended" in last["error"]["message"], last
     assert last["traffic"] == "unchanged"
     assert answers(run.listen_port, **PREVIEW) == {"v1": 10} and answers(run.listen_port) == {"v1": 10}
 

@@ -64,7 +64,8 @@ def format_history(entries: list[dict[str, Any]]) -> str:
         decided = e.get("decided")
         if decided:
             who = (decided.get("by") or {}).get("user", "?")
-            lines.append(f"{'':<21}{decided['what']}d by {who} at "
+            done = {"promote": "promoted", "abort": "aborted"}.get(decided["what"], decided["what"])
+            lines.append(f"{'':<21}{done} by {who} at "
                          f"{time.strftime('%H:%M:%S', time.localtime(decided['at']))}")
         if e.get("error"):
             lines.append(f"{'':<21}{e['error']['code']}: {e['error']['message']}")

@@ -53,6 +53,8 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "events": state.events[-10:],
         "active": _with_rss(app.active.to_dict()) if app.active else None,
         "standby": _with_rss(app.standby.to_dict()) if app.standby else None,
+        # a committed swap's old build, still running (drain, watch, after_switch, stop): the way back
+        "retiring": _with_rss(app.retiring.to_dict()) if app.retiring and app.retiring.alive() else None,
         "previous_build": state.previous_build,
         "swap": app.swap.to_dict() if app.swap is not None and app.swapping() else None,
         "paused": app.release.pause_info(),
@@ -116,6 +118,10 @@ def format_status(st: dict[str, Any]) -> str:
         ro = st.get("rollout")
         rows.append(_process_row("standby", sb, "paused" if st.get("paused") else
                                  f"rollout {ro['share']} %" if ro else "starting"))
+    if st.get("retiring"):
+        phase = (st.get("swap") or {}).get("phase")
+        rows.append(_process_row("old", st["retiring"], "draining" if phase == "drain" else
+                                 "no traffic; the way back" if phase in ("watch", "after_switch") else "stopping"))
     if w:
         rows.append(_process_row("warm", w, "no traffic"))
     where = n.get("listen") or n.get("upstream_file") or ""
