@@ -107,9 +107,8 @@ def _process_row(role: str, p: dict[str, Any], state: str) -> list[str]:
             state if p.get("alive") else "DEAD"]
 
 
-def format_status(st: dict[str, Any]) -> str:
-    d = st["daemon"]
-    lines = [f"bluegreen {d['status']}, daemon pid {d['pid']}, up {_ago(d['since'])} (v{d['version']}, {d['config']})"]
+def _rows(st: dict[str, Any], where: str) -> list[list[str]]:
+    """The processes' table: active, standby, the old build still running, warm, nginx."""
     rows = [["role", "slot", "port", "pid", "build", "uptime", "memory", "status"]]
     a, sb, w, n = st.get("active"), st.get("standby"), st.get("warm"), st["nginx"]
     if a:
@@ -124,10 +123,18 @@ def format_status(st: dict[str, Any]) -> str:
                                  "no traffic; the way back" if phase in ("watch", "after_switch") else "stopping"))
     if w:
         rows.append(_process_row("warm", w, "no traffic"))
-    where = n.get("listen") or n.get("upstream_file") or ""
     rows.append(["nginx", n["mode"], where.rsplit(":", 1)[-1] if n.get("listen") else "-",
                  str(n.get("master_pid") or "-"), f"switch: {n.get('switch')}", "", "",
                  "running" if n.get("running") else "DOWN"])
+    return rows
+
+
+def format_status(st: dict[str, Any]) -> str:
+    d = st["daemon"]
+    lines = [f"bluegreen {d['status']}, daemon pid {d['pid']}, up {_ago(d['since'])} (v{d['version']}, {d['config']})"]
+    a, w, n = st.get("active"), st.get("warm"), st["nginx"]
+    where = n.get("listen") or n.get("upstream_file") or ""
+    rows = _rows(st, where)
     lines += table(rows)
     if a:
         lines.append(f"active   {a['slot']} serves {a['build']}" + ("" if a.get("alive") else "  ** NOT RUNNING **"))
