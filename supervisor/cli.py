@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__, commands
 from .client import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, FIRST_REPLY, EXIT_FAILED, err as _err
 from .config import Config, load
-from .errors import ConfigError, LogsError, Unreachable
+from .errors import BluegreenError, ConfigError, LogsError, Unreachable
 from .logs import LOG_NAMES, show, sources
 
 DEFAULT_CONFIG = "bluegreen.toml"
@@ -113,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # nothing more to say to a closed pipe, not even at exit
         except OSError:
             pass
+        return EXIT_FAILED
+    except BluegreenError as e:  # e.g. a damaged state.json read by `logs active`: named, with what to do
+        _err(f"[{e.code}] {e.message}")
+        return EXIT_FAILED
+    except PermissionError as e:  # a file of the daemon's (config, state, logs) this user may not read
+        _err(f"permission denied: {e.filename or e}; run this as the daemon's user (or root), or ask for read "
+             "access to that file")
+        return EXIT_FAILED
+    except OSError as e:  # the last resort: one line, naming what failed, never a traceback
+        _err(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
         return EXIT_FAILED
 
 

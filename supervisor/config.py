@@ -8,6 +8,7 @@ collected so `bluegreen check-config` can report them at once.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shutil
@@ -56,16 +57,28 @@ def _optional_str(v: Any) -> str | None:
     return None if v is None else _nonempty_str(v)
 
 
+def _number(v: Any) -> bool:
+    """A real, finite number: TOML's nan and inf parse as floats, but no timeout or ratio means them."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _positive(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        raise ValueError("expected a number of seconds greater than 0")
+    if not _number(v) or v <= 0:
+        raise ValueError("expected a number of seconds greater than 0" + _NOT_FINITE * _nonfinite(v))
     return float(v)
 
 
 def _seconds_or_zero(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise ValueError("expected a number of seconds, 0 or more")
+    if not _number(v) or v < 0:
+        raise ValueError("expected a number of seconds, 0 or more" + _NOT_FINITE * _nonfinite(v))
     return float(v)
+
+
+_NOT_FINITE = " (a finite one: nan and inf mean nothing here)"
+
+
+def _nonfinite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
 
 
 def _pattern(regex: str, example: str) -> Callable[[Any], str]:
@@ -90,7 +103,7 @@ def shares(v: Any) -> tuple[int, ...]:
 
 
 def _ratio(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+    if not _number(v) or not 0 <= v <= 1:  # (nan fails the range too)
         raise ValueError("expected a fraction between 0 and 1, like 0.01 for 1 %")
     return float(v)
 
@@ -266,8 +279,8 @@ def _parse_checks(tables: list[dict[str, Any]], problems: list[str]) -> list[Che
                                                     headers.items()):
             problems.append(f"{where}.headers: a table of strings, got {headers!r}")
         timeout = v["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            problems.append(f"{where}.timeout: seconds, a positive number, got {timeout!r}")
+        if not _number(timeout) or timeout <= 0:
+            problems.append(f"{where}.timeout: seconds, a positive finite number, got {timeout!r}")
         if len(problems) == bad:
             checks.append(CheckConfig(method.upper(), v["path"], v["status"], v["body"], dict(headers),
                                       float(timeout)))
@@ -805,6 +818,13 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
                 problems.append(f"daemon.{key}: no such group {name!r}")
     _check_app(a, r, v["app.health"], path, problems)
     _check_nginx(n, a, d, path, data, problems)
+    metrics = _host_port(d.get("metrics_listen"))
+    if metrics:  # the daemon's own port must be no one else's in this config
+        taken = {p: f"app.ports ({'blue' if i == 0 else 'green'})" for i, p in enumerate(a.get("ports") or ())}
+        if n.get("mode", "managed") == "managed" and isinstance(n.get("listen"), str):
+            taken[int(n["listen"].rsplit(":", 1)[-1])] = "nginx.listen"
+        if metrics[1] in taken:
+            problems.append(f"daemon.metrics_listen: port {metrics[1]} is also {taken[metrics[1]]}; choose another port")
     v["release"]["checks"] = _parse_checks(v["release"].get("checks", []), problems)
     reloads = (n.get("switch") or ("auto" if n.get("mode") == "managed" else "reload")) == "reload"
     for key, on in (("rollout.steps", v["rollout"].get("steps")), ("release.watch_seconds",
@@ -1080,7 +1100,31 @@ def hook_problems(name: str, program: Path) -> list[str]:
         return [f"hooks.{name}: {program} does not exist or is not a file"]
     if not os.access(program, os.X_OK):
         return [f"hooks.{name}: {program} is not executable (chmod +x {program})"]
+    interpreter = missing_interpreter(program)
+    if interpreter:
+        return [f"hooks.{name}: {program} exists, but its first line (#!) names {interpreter}, which is not "
+                "installed; install it or fix that line"]
     return []
+
+
+def missing_interpreter(program: Path) -> str | None:
+    """The interpreter a script's `#!` line names, if it is missing (the kernel then says ENOENT,
+    as if the script itself were missing); `#!/usr/bin/env NAME` looks NAME up on PATH."""
+    try:
+        with open(program, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    if not words:
+        return None
+    if not os.path.exists(words[0]):
+        return words[0]
+    if os.path.basename(words[0]) == "env" and len(words) > 1 and not words[1].startswith("-"):
+        return None if shutil.which(words[1]) else f"{words[1]} (looked up by {words[0]})"
+    return None
 
 
 LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib/nginx/modules/ngx_http_lua_module.so"))

@@ -148,7 +148,9 @@ class ControlServer:
             pass  # the client went away
         except Exception as e:  # never let one connection take the daemon down
             log.exception("internal error serving a control request")
-            reply(protocol.failure("internal", f"internal error: {e!r}; see the daemon log"))
+            # The exception's text may quote a file's contents: the client gets its kind, the log the rest.
+            reply(protocol.failure("internal", f"internal error ({type(e).__name__}) serving this request; its "
+                                               "details are in the daemon log (bluegreen logs daemon)"))
         finally:
             self.connections.discard(task)
             await _finish(reader, writer)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import math
 import logging
 import os
 import time
@@ -48,6 +49,31 @@ def entry(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_line(line: str) -> dict[str, Any] | None:
+    """One history line as an entry, or None if it is not one (any JSON at all, or no JSON)."""
+    try:
+        e = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (isinstance(e, dict) and number(e.get("at")) and number(e.get("started_at"))
+            and all(isinstance(e.get(k), str) for k in ("reason", "to", "outcome"))
+            and isinstance(e.get("from"), (str, type(None))) and isinstance(e.get("by"), (dict, type(None)))
+            and isinstance(e.get("durations", {}), dict) and all(number(v) for v in e.get("durations", {}).values())):
+        return None
+    decided, error = e.get("decided"), e.get("error")
+    if decided is not None and not (isinstance(decided, dict) and isinstance(decided.get("what"), str)
+                                    and number(decided.get("at"))
+                                    and isinstance(decided.get("by"), (dict, type(None)))):
+        return None
+    if error is not None and not (isinstance(error, dict) and isinstance(error.get("code"), (str, type(None)))
+                                  and isinstance(error.get("message"), str)):
+        return None
+    return e  # type: ignore[no-any-return]
+
+
 def outcome(record: dict[str, Any]) -> str:
     """done, reverted (traffic went to the new build and came back), failed (it never moved), or
     failed_moved (the new build serves although the swap failed)."""
@@ -75,22 +101,25 @@ class History:
             log.error("could not write the history line for the %s to %s (%s): %s", swap["reason"], swap["build"],
                       swap["outcome"], e)
 
-    def last(self, n: int) -> list[dict[str, Any]]:
-        """The latest `n` entries, oldest first, across the rotated files."""
+    def last(self, n: int) -> tuple[list[dict[str, Any]], int]:
+        """The latest `n` entries, oldest first, across the rotated files; and how many lines were
+        skipped as damaged (cut by a crash mid-write, or edited into something that is no entry)."""
         found: list[dict[str, Any]] = []
+        skipped = 0
         files = [self.path] + [Path(f"{self.path}.{k}") for k in range(1, self.backups + 1)]
         for path in files:
             if len(found) >= n:
                 break
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
             except OSError:
                 continue
             older = []
             for ln in lines:
-                try:
-                    older.append(json.loads(ln))
-                except ValueError:
-                    continue  # a line cut by a crash mid-write
+                e = parse_line(ln)
+                if e is None:
+                    skipped += ln.strip() != ""
+                else:
+                    older.append(e)
             found = older + found
-        return found[-n:] if n else []
+        return (found[-n:] if n else []), skipped

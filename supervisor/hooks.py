@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import psutil
 
 from . import slots
-from .config import expand
+from .config import expand, missing_interpreter
 from .errors import HookFailed
 
 log = logging.getLogger("bluegreen")
@@ -47,6 +47,9 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         why = "is not executable (chmod +x it)" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        interpreter = missing_interpreter(Path(args[0])) if isinstance(e, FileNotFoundError) else None
+        if interpreter:
+            why = f"its first line (#!) names {interpreter}, which is not installed"
         raise HookFailed(f"hooks.{name}: cannot run {args[0]!r}: {why}", hook=name) from None
     began = time.monotonic()
     tail: list[str] = []

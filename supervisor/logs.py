@@ -111,30 +111,51 @@ class Follower:
             self.f = None
 
 
-def last_lines(path: Path, n: int, end: int | None = None) -> list[str]:
+def last_lines(path: Path, n: int, end: int | None = None, limit: int | None = None) -> list[str]:
     """The last `n` lines of a log (of its first `end` bytes), reaching into PATH.1 when the current
-    file has fewer."""
+    file has fewer; reading at most `limit` bytes of each file (a line cut there starts with `…`)."""
     lines: list[str] = []
     for p, upto in ((path, end), (Path(f"{path}.1"), None)):
         if len(lines) >= n:
             break
-        lines = _tail(p, n - len(lines), upto) + lines
+        lines = _tail(p, n - len(lines), upto, limit) + lines
     return lines[-n:] if n else []
 
 
-def _tail(path: Path, n: int, end: int | None) -> list[str]:
+def _tail(path: Path, n: int, end: int | None, limit: int | None = None) -> list[str]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size if end is None else end
             block, data = 65536, b""
-            while size > 0 and data.count(b"\n") <= n:
-                step = min(block, size)
+            while size > 0 and data.count(b"\n") <= n and (limit is None or len(data) < limit):
+                step = min(block, size, limit - len(data) if limit else block)
                 size -= step
                 f.seek(size)
                 data = f.read(step) + data
     except OSError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-n:]
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > 0 and lines and len(lines) <= n:  # stopped at `limit` inside a line
+        lines[0] = "…" + lines[0]
+    return lines[-n:]
+
+
+QUOTE_LINE, QUOTE_TOTAL = 512, 4096  # an app's last lines quoted in an error (CLI, state.json, status)
+
+
+def quoted(lines: list[str]) -> list[str]:
+    """Lines to quote in an error: each cut to QUOTE_LINE characters, the oldest left out past
+    QUOTE_TOTAL in all (a build that prints a 10 MiB line must not make a 10 MiB error)."""
+    out: list[str] = []
+    total = 0
+    for line in reversed(lines):
+        if len(line) > QUOTE_LINE:
+            line = f"{line[:QUOTE_LINE]}… ({len(line) - QUOTE_LINE} more characters)"
+        total += len(line) + 1
+        if total > QUOTE_TOTAL and out:
+            break
+        out.append(line)
+    return out[::-1]
 
 
 class NginxLogs:

@@ -26,7 +26,7 @@ from . import procs
 from .config import LogsConfig, expand, render_tokens
 from .errors import AppError
 from .fsutil import atomic_write
-from .logs import Ident, last_lines
+from .logs import QUOTE_TOTAL, Ident, last_lines, quoted
 from .state import SlotState
 
 PUMP = Path(__file__).with_name("logpump.py")
@@ -342,8 +342,9 @@ async def _wait_leader(app: AppProcess, deadline: float) -> bool:
 
 
 async def log_tail(path: Path, lines: int = 20) -> list[str]:
-    """The last `lines` lines of a log (across its latest rotation), read without blocking the loop."""
-    return await _last_lines(path, lines)
+    """The last `lines` lines of a log (across its latest rotation), read without blocking the loop,
+    bounded for quoting in an error (logs.quoted: 4 KiB in all)."""
+    return quoted(await _last_lines(path, lines, None, 4 * QUOTE_TOTAL))
 
 
 _last_lines = aiofiles.os.wrap(last_lines)  # run in the loop's executor

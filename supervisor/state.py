@@ -62,10 +62,38 @@ class InterruptedSwap:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InterruptedSwap":
-        return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=SlotState(**d["old"]),
-                   standby=SlotState(**d["standby"]) if d.get("standby") else None,
-                   started_at=d.get("started_at", 0.0), by=d.get("by"), awaiting=d.get("awaiting"),
+        _typed(d, "swap", {"phase": str, "reason": str, "build": str, "started_at": _NUMBER + (type(None),),
+                           "by": (dict, type(None)), "awaiting": (str, type(None)),
+                           "after_switch_done": (bool, type(None))})
+        return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=_slot(d.get("old"), "swap.old"),
+                   standby=_slot(d["standby"], "swap.standby") if d.get("standby") else None,
+                   started_at=d.get("started_at") or 0.0, by=d.get("by"), awaiting=d.get("awaiting"),
                    after_switch_done=bool(d.get("after_switch_done")))
+
+
+_NUMBER = (int, float)
+
+
+def _typed(d: Any, where: str, fields: dict[str, type | tuple[type, ...]]) -> None:
+    """Every field of `d` of its type (a damaged or hand-edited file says where it is wrong)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    for name, kind in fields.items():
+        v = d.get(name)
+        if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else
+                                                                             (kind,))):
+            raise ValueError(f"{where}.{name}: expected {_kind(kind)}, got {json.dumps(v)[:40]}")
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    names = {int: "a number", float: "a number", str: "a string", dict: "an object", list: "a list",
+             bool: "true or false", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[k] for k in (kind if isinstance(kind, tuple) else (kind,))))
+
+
+def _slot(d: Any, where: str) -> SlotState:
+    _typed(d, where, {"slot": str, "port": int, "build": str, "pid": int, "create_time": _NUMBER, "since": _NUMBER})
+    return SlotState(d["slot"], d["port"], d["build"], d["pid"], float(d["create_time"]), float(d["since"]))
 
 
 @dataclass
@@ -96,15 +124,23 @@ class State:
         if not isinstance(obj, dict) or obj.get("version") != VERSION:
             raise ValueError(f"unsupported state version {obj.get('version') if isinstance(obj, dict) else obj!r}")
         active, swap, warm = obj.get("active"), obj.get("swap"), obj.get("warm")
+        _typed(obj, "state", {"previous_build": (str, type(None)), "last_swap": (dict, type(None)),
+                              "history": (list, type(None)), "nginx": (dict, type(None)),
+                              "events": (list, type(None)), "warm_until": _NUMBER + (type(None),)})
+        for key in ("history", "events"):
+            if not all(isinstance(x, dict) for x in obj.get(key) or ()):
+                raise ValueError(f"state.{key}: expected a list of objects")
+        if obj.get("nginx") is not None:
+            _typed(obj["nginx"], "state.nginx", {"pid": int, "create_time": _NUMBER})
         return cls(
-            active=SlotState(**active) if active else None,
+            active=_slot(active, "state.active") if active else None,
             previous_build=obj.get("previous_build"),
             last_swap=obj.get("last_swap"),
             history=list(obj.get("history") or []),
             swap=InterruptedSwap.from_dict(swap) if swap else None,
             nginx=obj.get("nginx"),
             events=list(obj.get("events") or []),
-            warm=SlotState(**warm) if warm else None,
+            warm=_slot(warm, "state.warm") if warm else None,
             warm_until=obj.get("warm_until"),
         )
 
@@ -119,13 +155,17 @@ class StateStore:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return State()
+        except OSError as e:  # a directory, a symlink loop, no permission
+            raise StateError(f"{self.path} cannot be read ({e.strerror}); move it away to start from app.build",
+                             code="state_invalid") from None
         try:
             return State.from_json(data)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
             raise StateError(
-                f"{self.path} is not a valid bluegreen state file ({e}); move it away to start from app.build",
+                f"{self.path} is not a valid bluegreen state file ({why}); move it away to start from app.build",
                 code="state_invalid",
-            ) from e
+            ) from None
 
     def save(self, state: State, durable: bool = True) -> None:
         state.history = state.history[-HISTORY:]

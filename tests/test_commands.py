@@ -54,3 +54,21 @@ def test_the_cli_offers_every_verb_with_its_own_arguments() -> None:
     assert parser.parse_args(["quit", "--keep-serving"]).keep_serving
     assert parser.parse_args(["status", "--timeout", "2"]).timeout == 2.0
     assert Path(parser.parse_args(["status", "--socket", "/s"]).socket) == Path("/s")
+
+
+@pytest.mark.parametrize("error, said", [
+    (PermissionError(13, "Permission denied", "/srv/app/run/state.json"),
+     "bluegreen: permission denied: /srv/app/run/state.json; run this as the daemon's user (or root)"),
+    (IsADirectoryError(21, "Is a directory", "/srv/app/run/logs/daemon.log"),
+     "bluegreen: Is a directory: /srv/app/run/logs/daemon.log"),
+])
+def test_a_file_the_cli_cannot_read_is_one_line_never_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  error: OSError, said: str) -> None:
+    def fails(args: argparse.Namespace) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "show_logs", fails)
+    assert cli.main(["logs", "daemon", "-c", "/srv/app/bluegreen.toml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1 and "Traceback" not in err, err

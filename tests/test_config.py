@@ -80,6 +80,14 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("[rollout]\nmax_error_rate = 5", "rollout.max_error_rate: expected a fraction between 0 and 1"),
         ("[rollout]\nsteps = [5, 100]\n[nginx]\nswitch = 'reload'", "rollout.steps: needs the runtime switch"),
         ("[release]\nwatch_seconds = 30\n[nginx]\nswitch = 'reload'", "release.watch_seconds: needs the runtime switch"),
+        # TOML's nan and inf are floats: no timeout, ratio or share means them
+        ("[drain]\ntimeout = nan", "drain.timeout: expected a number of seconds greater than 0 (a finite one: nan and inf mean nothing here)"),
+        ("[release]\nkeep_warm = inf", "release.keep_warm: expected a number of seconds, 0 or more (a finite one"),
+        ("[rollout]\nerror_ratio = inf", "rollout.error_ratio: expected a number of seconds greater than 0 (a finite one"),
+        ("[rollout]\nmax_error_rate = nan", "rollout.max_error_rate: expected a fraction between 0 and 1"),
+        ("[[release.checks]]\npath = '/'\ntimeout = nan", "release.checks[0].timeout: seconds, a positive finite number"),
+        ("[daemon]\nmetrics_listen = '8001'", "daemon.metrics_listen: port 8001 is also app.ports (blue); choose"),
+        ("[daemon]\nmetrics_listen = '127.0.0.1:8080'", "daemon.metrics_listen: port 8080 is also nginx.listen; choose"),
     ],
 )
 def test_bad_key_is_named(snippet: str, expected: str) -> None:

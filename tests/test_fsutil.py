@@ -58,6 +58,48 @@ def test_corrupt_state_file_is_named(tmp_path: Path) -> None:
         StateStore(tmp_path / "state.json").load()
 
 
+SLOT = {"slot": "blue", "port": 8001, "build": "/srv/r/1", "pid": 42, "create_time": 1.0, "since": 1.0}
+
+
+@pytest.mark.parametrize("damage, why", [
+    ({"active": {**SLOT, "port": "8001"}}, "state.active.port: expected a number, got \"8001\""),
+    ({"active": {**SLOT, "pid": True}}, "state.active.pid: expected a number, got true"),
+    ({"active": {k: v for k, v in SLOT.items() if k != "build"}}, "state.active.build: expected a string, got null"),
+    ({"active": [1, 2]}, "state.active: expected an object, got list"),
+    ({"history": {"a": 1}}, "state.history: expected a list or null"),
+    ({"events": [1, 2]}, "state.events: expected a list of objects"),
+    ({"nginx": {"pid": "x", "create_time": 1}}, "state.nginx.pid: expected a number"),
+    ({"warm_until": "later"}, "state.warm_until: expected a number or null"),
+    ({"swap": {"phase": "start", "reason": "swap", "build": "/b", "old": {**SLOT, "since": None}}},
+     "swap.old.since: expected a number, got null"),
+    ({"swap": {"phase": 1, "reason": "swap", "build": "/b", "old": SLOT}}, "swap.phase: expected a string"),
+])
+def test_a_state_file_with_a_wrong_type_is_named_with_the_field(tmp_path: Path, damage: dict, why: str) -> None:
+    """Every field's type is checked on load: a hand-edited or damaged state.json is refused with
+    the file and the field named, never a TypeError in the middle of a start or a status."""
+    import json
+
+    (tmp_path / "state.json").write_text(json.dumps({"version": 1, "active": SLOT, **damage}))
+    with pytest.raises(StateError) as e:
+        StateStore(tmp_path / "state.json").load()
+    assert f"{tmp_path / 'state.json'} is not a valid bluegreen state file ({why}" in e.value.message, e.value.message
+    assert "move it away to start from app.build" in e.value.message
+
+
+def test_a_state_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    deep = tmp_path / "deep" / "state.json"
+    deep.parent.mkdir()
+    deep.write_text("[" * 100_000)
+    (tmp_path / "dir" / "state.json").mkdir(parents=True)
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "state.json").symlink_to(tmp_path / "loop" / "state.json")
+    for path, why in ((deep, "nested too deeply"), (tmp_path / "dir" / "state.json", "Is a directory"),
+                      (tmp_path / "loop" / "state.json", "Too many levels of symbolic links")):
+        with pytest.raises(StateError) as e:
+            StateStore(path).load()
+        assert str(path) in e.value.message and why in e.value.message, e.value.message
+
+
 def test_a_staged_copy_goes_back_with_a_rename_when_the_disk_is_full(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from supervisor.fsutil import stage

@@ -61,7 +61,34 @@ def test_the_history_file_is_rotated_and_read_across_its_files(tmp_path: Path) -
     files = sorted(tmp_path.iterdir())
     assert [p.name for p in files] == ["history.jsonl", "history.jsonl.1", "history.jsonl.2", "history.jsonl.3"]
     assert all(p.stat().st_size <= 4096 for p in files)
-    last = h.last(25)
-    assert [e["to"] for e in last] == [f"/r/{i}" for i in range(75, 100)]
+    last, skipped = h.last(25)
+    assert [e["to"] for e in last] == [f"/r/{i}" for i in range(75, 100)] and skipped == 0
     (tmp_path / "history.jsonl").write_text((tmp_path / "history.jsonl").read_text() + '{"cut by a cra')
-    assert h.last(1)[0]["to"] == "/r/99"  # a line cut mid-write is skipped
+    last, skipped = h.last(1)
+    assert last[0]["to"] == "/r/99" and skipped == 1  # a line cut mid-write is skipped, and counted
+
+
+GARBAGE = [b"42", b"{}", b"[]", b"null", b'"text"', b'{"at": 1, "started_at": 1, "reason": "swap", "outcome": "done"}',
+           b'{"at": "noon", "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done"}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "durations": {"x": "slow"}}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "decided": {"what": 1}}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "error": "boom"}',
+           b"\xff\xfe not utf-8", b"[" * 100_000, b'{"at": 1e999, "started_at": 1, "reason": "s", "to": "/r", "outcome": "d"}']
+
+
+@pytest.mark.e2e
+def test_damaged_history_lines_are_skipped_and_counted_never_a_failure(make_daemon, releases: Path) -> None:
+    """Garbage in history.jsonl (an edit, a disk error, deep nesting): `history` shows the good
+    entries, says how many lines it skipped, and never fails or echoes the file."""
+    run = make_daemon()
+    assert run.cli("swap", str(make_build(releases, "v2"))).returncode == 0
+    path = run.dir / "run" / "history.jsonl"
+    good = path.read_bytes()
+    path.write_bytes(b"\n".join(GARBAGE) + b"\n" + good + b"\n".join(GARBAGE) + b"\n")
+    for args in ((), ("--json",)):
+        r = run.cli("history", *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"{2 * len(GARBAGE)} damaged line(s) of history.jsonl skipped" in r.stderr, r.stderr
+        assert "v1 -> v2" in r.stdout or '"to": "' in r.stdout, r.stdout
+        assert len(r.stdout) + len(r.stderr) < 5000  # nothing of the garbage echoed
+    assert [Path(json.loads(ln)["to"]).name for ln in run.cli("history", "--json").stdout.splitlines()] == ["v2"]

@@ -149,6 +149,15 @@ def test_a_hook_that_cannot_run_is_named_by_check_config_and_at_the_swap(make_da
     r = run.cli("swap", str(make_build(releases, "v2")))
     assert r.returncode == 1 and "[hook_failed]" in r.stderr and "is not executable" in r.stderr, r.stderr
     assert http_get(run.listen_port) == (200, "hello from v1\n")
+    # Executable, but its #! interpreter is not installed: the kernel's ENOENT names the interpreter here.
+    expand.write_text("#!/usr/bin/no-such-python3\nprint('expand')\n")
+    expand.chmod(0o755)
+    r = bluegreen("check-config", "-c", str(cfg))
+    assert (f"hooks.before_switch: {expand} exists, but its first line (#!) names /usr/bin/no-such-python3, which "
+            "is not installed") in r.stderr, r.stderr
+    r = run.cli("swap", str(make_build(releases, "v3")))
+    assert r.returncode == 1 and "names /usr/bin/no-such-python3, which is not installed" in r.stderr, r.stderr
+    assert http_get(run.listen_port) == (200, "hello from v1\n")
 
 
 def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_daemon, short_tmp: Path,

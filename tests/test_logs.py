@@ -178,3 +178,34 @@ def test_logs_are_not_for_every_local_user(make_daemon) -> None:
     assert st.S_IMODE(logs.stat().st_mode) == 0o750
     for name in ("daemon.log", f"{slot}.log", "nginx.log"):  # nginx.log: the managed nginx's own output
         assert st.S_IMODE((logs / name).stat().st_mode) == 0o640, name
+
+
+def test_logs_with_a_damaged_state_file_says_which_file_and_what_to_do(short_tmp: Path) -> None:
+    """`logs active` reads state.json to find the active slot: a damaged one is one line naming
+    the file and the field, exit 1, never a traceback."""
+    (short_tmp / "run").mkdir()
+    (short_tmp / "run" / "state.json").write_text('{"version": 1, "active": {"slot": "blue", "port": "x"}}')
+    cfg = short_tmp / "bluegreen.toml"
+    cfg.write_text(f'[app]\ncommand = ["node", "server.js"]\nports = [21001, 21002]\nbuild = "{short_tmp}"\n'
+                   '[daemon]\nstate_dir = "run"\n')
+    r = bluegreen("logs", "active", "-c", str(cfg))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == (f"bluegreen: [state_invalid] {short_tmp}/run/state.json is not a valid bluegreen state "
+                                'file (state.active.port: expected a number, got "x"); move it away to start from '
+                                "app.build"), r.stderr
+
+
+def test_a_build_that_prints_a_huge_line_and_dies_gets_a_bounded_error(make_daemon, releases: Path) -> None:
+    """The last lines quoted in an error are cut (each line, and 4 KiB in all): a 10 MiB line does
+    not make a 10 MiB CLI error, state.json or status."""
+    huge = make_build(releases, "huge", server_js="console.log('starting');\n"
+                      "process.stdout.write('x'.repeat(10 * 1024 * 1024) + '\\n', () => process.exit(3));\n")
+    run = make_daemon()
+    r = run.cli("swap", str(huge))
+    assert r.returncode == 1 and "[app_exited]" in r.stderr, r.stderr[:2000]
+    assert "xxxx… (" in r.stderr and "more characters)" in r.stderr, r.stderr[:2000]
+    assert len(r.stderr) < 12_000, len(r.stderr)
+    assert (run.dir / "run" / "state.json").stat().st_size < 100_000
+    assert len(run.cli("status", "--json").stdout) < 100_000
+    logs = run.dir / "run" / "logs"  # the log itself keeps it all (rotated at logs.max_bytes, 10 MiB)
+    wait_until(lambda: sum(p.stat().st_size for p in logs.glob("green.log*")) > 10 * 1024 * 1024, 30, "the whole line")

@@ -245,7 +245,7 @@ def test_rollback_after_crash_restarts_returns_to_the_last_good_release(make_dae
 
 def test_new_build_dying_during_the_drain_sends_traffic_back_at_once(make_daemon, releases: Path) -> None:
     run = make_daemon()
-    long = Background(run.listen_port, "/slow?ms=15000")
+    long = Background(run.listen_port, "/slow?ms=6000")  # long enough: the revert comes at once
     wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
     s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
     with s:
@@ -256,7 +256,7 @@ def test_new_build_dying_during_the_drain_sends_traffic_back_at_once(make_daemon
         reply = final_reply(f)
     assert not reply["ok"] and reply["error"]["code"] == "app_exited", reply
     assert reply["error"]["traffic"] == "restored"
-    assert long.result() == (200, "v1 slow 15000\n")
+    assert long.result() == (200, "v1 slow 6000\n")
     st = run.status()
     assert st["active"]["slot"] == "blue" and st["daemon"]["status"] == "serving"
 

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def handle(daemon: Daemon, reply: Any, n: int = 20) -> dict[str, Any]:
-    return {"entries": daemon.history.last(max(0, min(n, MAX)))}
+    entries, skipped = daemon.history.last(max(0, min(n, MAX)))
+    return {"entries": entries, "skipped": skipped}
 
 
 def run(sock: Path, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -45,6 +46,9 @@ def run(sock: Path, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             out.write(json.dumps(e) + "\n")
     else:
         out.write(format_history(entries))
+    if reply["result"].get("skipped"):
+        print(f"bluegreen: {reply['result']['skipped']} damaged line(s) of history.jsonl skipped (not a history "
+              "entry: cut by a crash, or edited)", file=sys.stderr)
     return client.EXIT_OK
 
 
@@ -60,7 +64,8 @@ def format_history(entries: list[dict[str, Any]]) -> str:
         lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'])):<19}  {e['reason']:<8}  "
                      f"{who:<12}  {moved:<30}  {e['outcome']:<12}  {took}")
         phases = " ".join(f"{k} {v:.3f}" for k, v in e.get("durations", {}).items())
-        lines.append(f"{'':<21}{phases}")
+        if phases:  # (none for a swap the next daemon finished)
+            lines.append(f"{'':<21}{phases}")
         decided = e.get("decided")
         if decided:
             who = (decided.get("by") or {}).get("user", "?")
