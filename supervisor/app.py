@@ -104,11 +104,13 @@ class App:
         if await takeover.adopt(self):
             return
         slot, build = "blue", self.config.app.build
-        if state.active is not None:
-            if Path(state.active.build).is_dir():
-                slot, build = state.active.slot, Path(state.active.build)
+        if state.active is not None:  # the build that served last: a directory or a file (a WAR)
+            saved = Path(state.active.build)
+            why = builds.problem(saved.resolve()) if saved.exists() else "is gone"
+            if why is None:
+                slot, build = state.active.slot, saved
             else:
-                log.warning("saved build %s is gone; starting app.build %s", state.active.build, build)
+                log.warning("saved build %s %s; starting app.build %s", saved, why, build)
         plan: Plan[slots.AppProcess] = Plan(build=check_build(build), slot=slot, port=self.config.app.port(slot),
                                             old=None, reason="start")
         record = SwapRecord(build=str(plan.build), to_slot=slot, to_port=plan.port, from_slot=None, reason="start")

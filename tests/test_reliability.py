@@ -574,3 +574,24 @@ def test_hung_active_app_is_replaced(make_daemon) -> None:
             os.kill(hung["pid"], signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def test_a_file_build_survives_a_daemon_restart(make_daemon, releases: Path) -> None:
+    """A build can be a file (a WAR, a bundle): the next daemon starts the one that served last,
+    as it does a directory, not app.build."""
+    from shapes import APP
+
+    def bundle(name: str) -> Path:  # one executable file, as a single-file build tool makes
+        path = releases / f"app-{name}"
+        path.write_text("#!/usr/bin/env node\n" + APP.replace("VERSION", name).replace("FAIL", "0")
+                        .replace("BOOT_MS", "0").replace("STOP_GATE", "false").replace("GATE", ""))
+        path.chmod(0o755)
+        return path
+
+    run = make_daemon(build=bundle("v1"), command='["{build}"]')
+    assert run.cli("swap", str(bundle("v2"))).returncode == 0
+    assert run.stop() == 0
+    run.start()
+    assert http_get(run.listen_port) == (200, "hello from v2\n")
+    assert run.status()["active"]["build"] == str(releases / "app-v2")
+    assert "is gone" not in run.output()
