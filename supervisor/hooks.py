@@ -10,7 +10,8 @@ A hook is an argv (never a shell) with the app's placeholders ({port}, {build}, 
 build), run in the new build's directory in its own process group, with BLUEGREEN_OLD_BUILD,
 BLUEGREEN_NEW_BUILD, BLUEGREEN_OLD_PORT and BLUEGREEN_NEW_PORT in its environment. Each line it
 prints goes to the daemon log and to the swap's client as an event; at hooks.timeout its whole
-group is killed. A hook carries BLUEGREEN_HOOK_STATE_DIR, so that a daemon started after one was
+group is killed, and when it ends whatever it left running is stopped too, in its group or not
+(a `setsid` helper: every process of the run carries BLUEGREEN_HOOK_RUN). A hook carries BLUEGREEN_HOOK_STATE_DIR, so that a daemon started after one was
 killed finds a hook it left running (its swap is finished or undone without it) and stops it.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -34,15 +36,19 @@ log = logging.getLogger("bluegreen")
 MARKER = "BLUEGREEN_HOOK_STATE_DIR"
 LINE_LIMIT = 1000  # characters of one output line kept (a hook printing a megabyte line cannot flood the client)
 TAIL = 5  # last lines quoted in the error
+OUTPUT_GRACE = 1.0  # seconds to read what a hook printed after it exited
+RUN_MARKER = "BLUEGREEN_HOOK_RUN"
 
 
 async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env: Mapping[str, str], cwd: Path,
               timeout: float, emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Run hook `name` to its end; its details, or HookFailed naming what went wrong and the fix."""
     args = [expand(a, context) for a in argv]
+    run_id = secrets.token_hex(8)  # marks this run's processes, even those that leave its group (setsid)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *args, cwd=cwd if cwd.is_dir() else None, env={**os.environ, **env, "BLUEGREEN_HOOK": name},
+            *args, cwd=cwd if cwd.is_dir() else None,
+            env={**os.environ, **env, "BLUEGREEN_HOOK": name, RUN_MARKER: run_id},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as e:
@@ -70,6 +76,8 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
     except BaseException:  # cancelled (bluegreen cancel, the daemon stopping): the hook goes too
         await _kill_group(proc)
         raise
+    finally:
+        _stop_escaped(name, run_id, line)
     if proc.returncode != 0:
         how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0
                else f"exited with status {proc.returncode}")
@@ -78,8 +86,39 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
 
 
 async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None]) -> None:
-    """Every line the hook prints, until it exits and its output closes (children that keep the
-    output open hold the hook, up to its timeout)."""
+    """Every line the hook prints until it exits, then what is left for OUTPUT_GRACE: a helper it
+    started and left running may hold its output open for ever (it is stopped after the hook)."""
+    reader = asyncio.ensure_future(_pump(proc, line))
+    try:
+        # (not proc.wait(): asyncio wakes it only once the output pipe closed too, which a helper
+        # holding the pipe delays for ever; the exit status is set as soon as the hook exits)
+        while proc.returncode is None and not reader.done():
+            await asyncio.wait({reader}, timeout=0.05)
+        if proc.returncode is None:
+            await proc.wait()  # the output closed: the hook is exiting
+        await asyncio.wait({reader}, timeout=OUTPUT_GRACE)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+def _stop_escaped(name: str, run_id: str, line: Callable[[str], None]) -> None:
+    """Kill what this hook run left running, its group's or not (a `setsid` helper): a hook is a
+    step of a release, and nothing of it outlives the step."""
+    left = slots.marked(Path(run_id), key=RUN_MARKER)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    if left:
+        line(f"(bluegreen: hooks.{name} left {len(left)} process(es) running after it ended; stopped: "
+             + ", ".join(f"pid {p.pid}" for p in left) + ")")
+        log.warning("hooks.%s left process(es) running after it ended, stopped: %s", name,
+                    ", ".join(str(p.pid) for p in left))
+
+
+async def _pump(proc: asyncio.subprocess.Process, line: Callable[[str], None]) -> None:
     assert proc.stdout is not None
     pending = b""
     while chunk := await proc.stdout.read(65536):
@@ -92,7 +131,6 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
             pending = b""
     if pending:
         line(pending.decode("utf-8", "replace"))
-    await proc.wait()
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -186,3 +186,31 @@ def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_
     assert any(e["event"] == "hook_stopped" and "hooks.before_switch" in e["hook"] for e in st["events"]), st["events"]
     assert "left by a daemon that was killed" in (run.dir / "run" / "logs" / "daemon.log").read_text()
     assert http_get(run.listen_port) == (200, "hello from v1\n")
+
+
+@pytest.mark.parametrize("ends", ["exits 0", "times out"])
+def test_a_helper_a_hook_starts_with_setsid_never_outlives_the_hook(make_daemon, short_tmp: Path, releases: Path,
+                                                                    ends: str) -> None:
+    """Migration scripts fork watchers (`setsid helper &`) that leave the hook's process group and
+    may hold its output open: the hook is judged by its own exit, and what it left is stopped."""
+    pid_file = short_tmp / "helper.pid"
+    rest = "exit 0\n" if ends == "exits 0" else "sleep 300\n"
+    expand = script(short_tmp / "expand", f'echo migrating\nsetsid sh -c \'echo $$ > {pid_file}; exec sleep 300\' &\n'
+                                          f'while [ ! -s {pid_file} ]; do sleep 0.05; done\n{rest}')
+    run = make_daemon(extra=hooks(before_switch=[str(expand)], timeout=20))
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    helper = int(pid_file.read_text())
+    assert "hooks.before_switch left 1 process(es) running after it ended; stopped: pid" in r.stdout + r.stderr, r
+    if ends == "exits 0":  # not "did not finish within hooks.timeout" while the helper held its output
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert http_get(run.listen_port) == (200, "hello from v2\n")
+    else:
+        assert r.returncode == 1 and "did not finish within hooks.timeout (20s)" in r.stderr, r.stderr
+    wait_until(lambda: not alive(helper), 10, "the helper to be gone")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
