@@ -26,6 +26,7 @@ from .errors import BluegreenError, RequestError
 from .history import PEER
 
 log = logging.getLogger("bluegreen.control")
+OUTBOX = 1 << 20  # bytes of progress events a client may leave unread; then they are left out, counted
 
 Reply = Callable[[dict[str, Any]], None]
 Handler = Callable[[protocol.Request, Reply], Awaitable[Any]]
@@ -108,13 +109,31 @@ class ControlServer:
         assert task is not None
         self.connections.add(task)
 
-        def reply(message: dict[str, Any]) -> None:
+        dropped = 0
+
+        def write(message: dict[str, Any]) -> None:
+            nonlocal dropped
             if writer.is_closing():
                 return  # the client left; the work it started goes on
             try:
+                if dropped:  # said before the next line that goes out (the final reply included)
+                    writer.write(protocol.encode({"event": "control", "status": "output", "line": (
+                        f"({dropped} progress line(s) left out: this client read too slowly)")}))
+                    dropped = 0
                 writer.write(protocol.encode(message))
             except (ConnectionError, RuntimeError):
                 pass
+
+        def reply(message: dict[str, Any]) -> None:
+            """A progress event: dropped (and counted) while this client has OUTBOX bytes unread, so
+            that a hook printing fast to a client that does not read cannot grow the daemon."""
+            nonlocal dropped
+            if writer.is_closing():
+                return
+            if writer.transport.get_write_buffer_size() > OUTBOX:
+                dropped += 1
+                return
+            write(message)
 
         try:
             peer = _peer(writer.get_extra_info("socket"))
@@ -137,19 +156,19 @@ class ControlServer:
                 raise RequestError(f"no request line within {timeout:g}s") from None
             request = protocol.parse_request(line)
             result = await self.handler(request, reply)
-            reply(protocol.success(result))
+            write(protocol.success(result))  # the final reply is never left out
         except BluegreenError as e:
-            reply(protocol.failure(**e.to_dict()))
+            write(protocol.failure(**e.to_dict()))
         except asyncio.CancelledError:
             # The daemon is stopping (its connections are cancelled, or the swap this client waited
             # for was): the client is told; nothing is re-raised into asyncio's connection callback.
-            reply(protocol.failure("shutting_down", "the daemon is shutting down"))
+            write(protocol.failure("shutting_down", "the daemon is shutting down"))
         except ConnectionError:
             pass  # the client went away
         except Exception as e:  # never let one connection take the daemon down
             log.exception("internal error serving a control request")
             # The exception's text may quote a file's contents: the client gets its kind, the log the rest.
-            reply(protocol.failure("internal", f"internal error ({type(e).__name__}) serving this request; its "
+            write(protocol.failure("internal", f"internal error ({type(e).__name__}) serving this request; its "
                                                "details are in the daemon log (bluegreen logs daemon)"))
         finally:
             self.connections.discard(task)

@@ -214,3 +214,32 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_a_hook_that_prints_a_flood_to_a_client_that_does_not_read_does_not_grow_the_daemon(
+        make_daemon, short_tmp: Path, releases: Path) -> None:
+    """Progress lines for a client that does not read are left out past 1 MiB unread, and said;
+    the final reply always arrives."""
+    import json
+    import socket
+
+    flood = script(short_tmp / "flood", "head -c 50000000 /dev/zero | tr '\\\\0' x | fold -w 100\n")
+    run = make_daemon(extra=hooks(before_switch=[str(flood)], timeout=120))
+    daemon = psutil.Process(run.proc.pid)
+    before = daemon.memory_info().rss
+    with socket.socket(socket.AF_UNIX) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(str(run.socket))
+        s.sendall(json.dumps({"cmd": "swap", "build": str(make_build(releases, "v2"))}).encode() + b"\n")
+        wait_until(lambda: (run.status() or {}).get("swap") is None, 180, "the swap to end while nobody reads")
+        grown = daemon.memory_info().rss - before
+        s.settimeout(30)
+        data = b""
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    lines = data.decode().splitlines()
+    final = json.loads(lines[-1])
+    assert final["ok"], final
+    assert any("progress line(s) left out: this client read too slowly" in ln for ln in lines)
+    assert len(data) < 5_000_000, len(data)  # not the 50 MB the hook printed
+    assert grown < 30 * 1024 * 1024, f"the daemon grew by {grown / 1048576:.1f} MB"
