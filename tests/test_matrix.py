@@ -23,6 +23,15 @@ def test_every_test_the_matrix_names_exists() -> None:
     assert named_tests() - defined == set()
 
 
+def test_every_test_the_readme_names_exists() -> None:
+    """The event table and the prose name tests too (`test_...`): none of them is gone or misspelt."""
+    defined = set()
+    for f in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", f.read_text(), re.M))
+    named = set(re.findall(r"`(test_\w+)`", (ROOT / "README.md").read_text()))
+    assert named and named - defined == set()
+
+
 def test_the_readme_matrix_is_the_generated_one() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "failure-matrix"), "--check"], capture_output=True,
                        text=True)
