@@ -300,9 +300,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("socket_group", _optional_str, None,
             "group allowed on the socket (then mode 0660); default 0600, owner only"),
         Key("allow_users", _str_list, [],
-            "users allowed on the socket besides root and the daemon's user (SO_PEERCRED)"),
+            "users allowed on the socket besides root and the daemon's user: the socket is then mode 0666 "
+            "and each connection's user is checked (SO_PEERCRED); anyone else gets `forbidden`. They must "
+            "be able to reach its directory"),
         Key("allow_groups", _str_list, [],
-            "groups whose members are allowed on the socket"),
+            "groups whose members are allowed on the socket (as `allow_users`, by the connecting "
+            "process's groups)"),
         Key("client_timeout", _positive, 10.0,
             "seconds a client has to send its request line"),
         Key("metrics_listen", _optional_listen, None,

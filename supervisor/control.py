@@ -73,6 +73,10 @@ class ControlServer:
         if self.config.socket_group:
             os.chown(self.path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
             os.chmod(self.path, 0o660)
+        if self.config.allow_users or self.config.allow_groups:
+            # Users and groups named one by one: anyone may connect, SO_PEERCRED decides (_peer_allowed)
+            # and everyone else is refused with `forbidden`.
+            os.chmod(self.path, 0o666)
 
     def _remove_stale(self) -> None:
         """Remove a socket file no daemon answers on. The state-dir lock does not cover it: two

@@ -406,3 +406,32 @@ def test_a_request_past_drain_timeout_that_the_old_build_finishes_is_not_reporte
     assert got["reply"] == (200, "v1 slow 3000\n")  # finished, not cut
     assert "the 1 connection(s) left open at drain.timeout were not cut: the old build finished them and exited " \
            "with code 0 after SIGTERM" in r.stdout, r.stdout
+
+
+def test_allow_users_lets_a_listed_user_in_and_refuses_the_others(make_daemon) -> None:
+    """daemon.allow_users works as documented: the listed user drives the daemon, another local
+    user is refused by name (`forbidden`), both through the socket's file mode and SO_PEERCRED."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as other users")
+    import pwd
+
+    run = make_daemon(daemon='allow_users = ["nobody"]')
+    assert stat.S_IMODE(run.socket.stat().st_mode) == 0o666
+    os.chmod(run.dir, 0o755)
+    os.chmod(run.dir / "run", 0o755)
+
+    def ask_as(user: str) -> dict:
+        uid = pwd.getpwnam(user).pw_uid
+        gid = pwd.getpwnam(user).pw_gid
+        client = subprocess.run([sys.executable, "-c", f"""
+import os, socket
+os.setgroups([]); os.setgid({gid}); os.setuid({uid})
+s = socket.socket(socket.AF_UNIX); s.connect({str(run.socket)!r}); s.sendall(b"status\\n")
+print(s.makefile().readline())
+"""], capture_output=True, text=True, timeout=30)
+        return json.loads(client.stdout)
+
+    assert ask_as("nobody")["ok"]
+    refused = ask_as("daemon")
+    assert not refused["ok"] and refused["error"]["code"] == "forbidden", refused
+    assert "user daemon" in refused["error"]["message"] and "daemon.allow_users" in refused["error"]["message"]
