@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, commands, faults
 from .app import App
@@ -50,6 +50,7 @@ class Daemon:
         self.started_at = time.time()
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self._lock_fd: int | None = None
+        self._owner_fd: int | None = None  # the lock beside your upstream file (external mode)
         self.recorder = Recorder(self.started_at)
         self.history = History(self.state_dir / "history.jsonl", config.logs.max_bytes, config.logs.backups)
         self.app.ledger.observers += [self.recorder.swap_ended, self.history.record]
@@ -229,26 +230,29 @@ class Daemon:
         await cancelled(app.swap_task)
 
     def _lock(self) -> None:
-        path = self.state_dir / "daemon.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 32).decode().strip() or "?"
-            os.close(fd)
-            raise BluegreenError(
-                f"another bluegreen daemon (pid {other}) already uses {self.state_dir}; "
-                "stop it first, or give this config its own daemon.state_dir",
-                code="locked",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        """One daemon per state_dir; with your nginx, also one per upstream file (two daemons
+        writing one would send each other's traffic to their own app)."""
+        self._lock_fd = _take_lock(self.state_dir / "daemon.lock", self.state_dir, lambda other: BluegreenError(
+            f"another bluegreen daemon (pid {other.split()[0] if other else '?'}) already uses {self.state_dir}; "
+            "stop it first, or give this config its own daemon.state_dir", code="locked"))
+        n = self.config.nginx
+        if n.mode == "external" and n.upstream_file is not None:
+            owner = n.upstream_file.parent / f".{n.upstream_file.name}.owner"  # (not *.conf: nginx never reads it)
+            try:
+                self._owner_fd = _take_lock(owner, self.state_dir, lambda other: BluegreenError(
+                    f"nginx.upstream_file {n.upstream_file} is already written by another bluegreen daemon "
+                    f"({_owner(other)}): two daemons on one upstream file take each other's traffic. Give this "
+                    "config its own nginx.upstream_file and nginx.upstream_name", code="locked"))
+            except BaseException:
+                self._unlock()
+                raise
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._owner_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._owner_fd = None
+
 
 async def cancelled(task: asyncio.Task[Any]) -> None:
     """Cancel `task` and wait for it to end, cancelling again each second: on Python 3.11 a
@@ -283,6 +287,26 @@ def setup_logging(state_dir: Path, logs: LogsConfig = LogsConfig()) -> None:
                                                                    backupCount=logs.backups)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
+
+
+def _take_lock(path: Path, state_dir: Path, refused: Callable[[str], BluegreenError]) -> int:
+    """An exclusive flock on `path` (held while the daemon lives, released by the kernel at its
+    death), the file saying "pid state_dir"; `refused(what the holder wrote)` if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 4096).decode(errors="replace").strip()
+        os.close(fd)
+        raise refused(other) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {state_dir}\n".encode())
+    return fd
+
+
+def _owner(text: str) -> str:
+    pid, _, state_dir = text.partition(" ")
+    return f"pid {pid or '?'}" + (f", state_dir {state_dir}" if state_dir else "")
 
 
 def serve(config: Config) -> int:

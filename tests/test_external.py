@@ -56,8 +56,9 @@ def test_external_mode_swaps_through_the_users_nginx(make_daemon, system_nginx, 
     assert upstream == render_upstream("myapp", run.ports[1])
     st = run.status()
     assert st["nginx"]["mode"] == "external" and st["nginx"]["master_pid"] == system_nginx["master"].pid
-    # Only our file changed: no stray temp file next to it for `include *.conf` to pick up.
-    assert sorted(os.listdir(system_nginx["prefix"] / "conf.d")) == ["upstream.conf"]
+    # Only our file changed: no stray temp file next to it for `include *.conf` to pick up (the
+    # owner lock is a dot-file nginx never reads).
+    assert sorted(os.listdir(system_nginx["prefix"] / "conf.d")) == [".upstream.conf.owner", "upstream.conf"]
 
 
 def test_failed_nginx_test_restores_the_upstream_byte_for_byte(make_daemon, system_nginx, releases: Path) -> None:
@@ -176,8 +177,8 @@ def test_runtime_switch_in_the_users_nginx_through_its_upstream_file(make_daemon
     run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
     upstream = system_nginx["prefix"] / "conf.d" / "upstream.conf"
     assert "balancer_by_lua_block" in upstream.read_text()
-    # beside your file: only the route file, no staged copy of your previous upstream left behind
-    assert sorted(os.listdir(upstream.parent)) == [".upstream.conf.route", "upstream.conf"]
+    # beside your file: only the route file and the owner lock, no staged copy of your previous upstream
+    assert sorted(os.listdir(upstream.parent)) == [".upstream.conf.owner", ".upstream.conf.route", "upstream.conf"]
     st = run.status()
     assert st["nginx"]["switch"] == "runtime" and "your nginx" in st["nginx"]["switch_why"], st["nginx"]
     control_dir = run.dir / "run" / "switch"

@@ -175,3 +175,31 @@ def test_a_shared_handlers_file_nginx_does_not_include_is_found_and_everything_p
     assert one_nginx.file("blog").read_bytes() == before  # the user's upstream, loaded again
     assert not (elsewhere / "lua-handlers.conf").exists()  # written for this start, taken back
     assert blog.leftovers() == []
+
+
+@pytest.mark.parametrize("switch", ["reload", "runtime"])
+def test_a_config_copied_with_another_apps_upstream_file_is_refused_and_takes_nothing(one_nginx: OneNginx,
+                                                                                      switch: str) -> None:
+    """A third app's config copied from shop's (its own ports and state_dir, but shop's
+    nginx.upstream_file): its daemon refuses to start, naming the daemon that owns the file, and
+    never writes it; shop keeps its traffic."""
+    shop = one_nginx.daemon("shop", switch)
+    before = one_nginx.file("shop").read_bytes()
+    d = one_nginx.root / "copycat"
+    d.mkdir()
+    ports = tuple(free_ports(2))
+    cfg = d / "bluegreen.toml"
+    cfg.write_text(render_config(d, build=make_build(d / "releases", "v9"), ports=ports, listen=free_ports(1)[0],
+                                 nginx="\n".join(one_nginx.user.external(one_nginx.file("shop"), "shop", switch))))
+    copycat = DaemonRun(dir=d, config=cfg, listen_port=shop.listen_port, ports=ports)  # type: ignore[arg-type]
+    one_nginx.runs["copycat"] = copycat.start(wait=False)
+    assert copycat.proc is not None
+    code = copycat.proc.wait(60)
+    out = copycat.output()
+    assert code == 1, out
+    assert (f"nginx.upstream_file {one_nginx.file('shop')} is already written by another bluegreen daemon "
+            f"(pid {shop.proc.pid}, state_dir {shop.dir / 'run'})") in out, out
+    assert "Give this config its own nginx.upstream_file and nginx.upstream_name" in out
+    assert one_nginx.file("shop").read_bytes() == before
+    assert http_get(shop.listen_port, "/") == (200, "hello from v1\n")
+    assert copycat.leftovers() == []
