@@ -113,32 +113,8 @@ class ControlServer:
         assert task is not None
         self.connections.add(task)
 
-        dropped = 0
-
-        def write(message: dict[str, Any]) -> None:
-            nonlocal dropped
-            if writer.is_closing():
-                return  # the client left; the work it started goes on
-            try:
-                if dropped:  # said before the next line that goes out (the final reply included)
-                    writer.write(protocol.encode({"event": "control", "status": "output", "line": (
-                        f"({dropped} progress line(s) left out: this client read too slowly)")}))
-                    dropped = 0
-                writer.write(protocol.encode(message))
-            except (ConnectionError, RuntimeError):
-                pass
-
-        def reply(message: dict[str, Any]) -> None:
-            """A progress event: dropped (and counted) while this client has OUTBOX bytes unread, so
-            that a hook printing fast to a client that does not read cannot grow the daemon."""
-            nonlocal dropped
-            if writer.is_closing():
-                return
-            if writer.transport.get_write_buffer_size() > OUTBOX:
-                dropped += 1
-                return
-            write(message)
-
+        out = Outbox(writer)
+        write, reply = out.write, out.progress
         try:
             peer = _peer(writer.get_extra_info("socket"))
             PEER.set(peer)  # who asked, for the history (a swap task started from here inherits it)
@@ -177,6 +153,36 @@ class ControlServer:
         finally:
             self.connections.discard(task)
             await _finish(reader, writer)
+
+
+class Outbox:
+    """What one connection sends: progress events are left out (and counted) while the client has
+    OUTBOX bytes unread, so that a hook printing fast to a client that does not read cannot grow the
+    daemon; the final reply always goes out, after the count of what was left out."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.dropped = 0
+
+    def write(self, message: dict[str, Any]) -> None:
+        if self.writer.is_closing():
+            return  # the client left; the work it started goes on
+        try:
+            if self.dropped:
+                self.writer.write(protocol.encode({"event": "control", "status": "output", "line": (
+                    f"({self.dropped} progress line(s) left out: this client read too slowly)")}))
+                self.dropped = 0
+            self.writer.write(protocol.encode(message))
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def progress(self, message: dict[str, Any]) -> None:
+        if self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() > OUTBOX:
+            self.dropped += 1
+            return
+        self.write(message)
 
 
 async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
