@@ -115,7 +115,10 @@ class App:
                                             old=None, reason="start")
         record = SwapRecord(build=str(plan.build), to_slot=slot, to_port=plan.port, from_slot=None, reason="start")
         log.info("starting %s on %s (port %d)", plan.build, slot, plan.port)
-        await run_swap(plan, SlotOps(self), _log_phase, record)
+        try:
+            await run_swap(plan, SlotOps(self), _log_phase, record)
+        finally:
+            self.proxy.forget_undo()  # the staged copy of the previous upstream file is not kept past the start
         log.info("serving %s from %s (port %d)", plan.build, slot, plan.port)
 
     async def point_nginx_at(self, port: int, force: bool) -> None:

@@ -62,16 +62,35 @@ def _number(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+MAX_SECONDS = 365 * 86400  # no wait means more than a year; nginx refuses far larger times
+
+
 def _positive(v: Any) -> float:
     if not _number(v) or v <= 0:
         raise ValueError("expected a number of seconds greater than 0" + _NOT_FINITE * _nonfinite(v))
-    return float(v)
+    return _at_most_a_year(v)
 
 
 def _seconds_or_zero(v: Any) -> float:
     if not _number(v) or v < 0:
         raise ValueError("expected a number of seconds, 0 or more" + _NOT_FINITE * _nonfinite(v))
+    return _at_most_a_year(v)
+
+
+def _at_most_a_year(v: float) -> float:
+    if v > MAX_SECONDS:
+        raise ValueError(f"expected at most {MAX_SECONDS} seconds (a year), got {v:g}")
     return float(v)
+
+
+def _factor(v: Any) -> float:
+    if not _number(v) or v <= 0 or v > 1e6:
+        raise ValueError("expected a factor greater than 0, like 2" + _NOT_FINITE * _nonfinite(v))
+    return float(v)
+
+
+def _optional_factor(v: Any) -> float | None:
+    return None if v is None else _factor(v)
 
 
 _NOT_FINITE = " (a finite one: nan and inf mean nothing here)"
@@ -106,10 +125,6 @@ def _ratio(v: Any) -> float:
     if not _number(v) or not 0 <= v <= 1:  # (nan fails the range too)
         raise ValueError("expected a fraction between 0 and 1, like 0.01 for 1 %")
     return float(v)
-
-
-def _optional_positive(v: Any) -> float | None:
-    return None if v is None else _positive(v)
 
 
 def _positive_int(v: Any) -> int:
@@ -429,9 +444,9 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "a step passes only once the new build served this many requests"),
         Key("max_error_rate", _ratio, 0.01,
             "the new build's failed share (5xx answers, no answer at all) always tolerated"),
-        Key("error_ratio", _positive, 2.0,
+        Key("error_ratio", _factor, 2.0,
             "or up to this many times the old build's failed share, whichever is higher"),
-        Key("latency_ratio", _optional_positive, None,
+        Key("latency_ratio", _optional_factor, None,
             "if set, a step fails when the new build's p99 exceeds the old build's p99 times this"),
     ),
     "hooks": (
@@ -1103,16 +1118,15 @@ def hook_problems(name: str, program: Path) -> list[str]:
         return [f"hooks.{name}: {program} does not exist or is not a file"]
     if not os.access(program, os.X_OK):
         return [f"hooks.{name}: {program} is not executable (chmod +x {program})"]
-    interpreter = missing_interpreter(program)
-    if interpreter:
-        return [f"hooks.{name}: {program} exists, but its first line (#!) names {interpreter}, which is not "
-                "installed; install it or fix that line"]
+    why = interpreter_problem(program)
+    if why:
+        return [f"hooks.{name}: {program} exists, but {why}; install it or fix that line"]
     return []
 
 
-def missing_interpreter(program: Path) -> str | None:
-    """The interpreter a script's `#!` line names, if it is missing (the kernel then says ENOENT,
-    as if the script itself were missing); `#!/usr/bin/env NAME` looks NAME up on PATH."""
+def interpreter_problem(program: Path) -> str | None:
+    """What is wrong with the interpreter a script's `#!` line names (the kernel then says ENOENT
+    or EACCES as if the script itself were at fault), or None; `#!/usr/bin/env NAME` looks NAME up."""
     try:
         with open(program, "rb") as f:
             first = f.readline(256)
@@ -1120,13 +1134,20 @@ def missing_interpreter(program: Path) -> str | None:
         return None
     if not first.startswith(b"#!"):
         return None
-    words = first[2:].decode(errors="replace").split()
+    line = first[2:].rstrip(b"\n")
+    if line.endswith(b"\r"):
+        return "its first line (#!) ends with a carriage return: the file has Windows line ends (dos2unix it)"
+    words = line.decode(errors="replace").replace("\t", " ").split(" ")
+    words = [w for w in words if w]
     if not words:
         return None
     if not os.path.exists(words[0]):
-        return words[0]
-    if os.path.basename(words[0]) == "env" and len(words) > 1 and not words[1].startswith("-"):
-        return None if shutil.which(words[1]) else f"{words[1]} (looked up by {words[0]})"
+        return f"its first line (#!) names {words[0]}, which is not installed"
+    if not os.path.isfile(words[0]) or not os.access(words[0], os.X_OK):
+        return f"its first line (#!) names {words[0]}, which is not an executable file"
+    if os.path.basename(words[0]) == "env" and len(words) > 1 and not words[1].startswith("-") \
+            and not shutil.which(words[1]):
+        return f"its first line (#!) names {words[1]} (looked up by {words[0]}), which is not installed"
     return None
 
 

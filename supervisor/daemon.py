@@ -242,10 +242,22 @@ class Daemon:
                 self._owner_fd = _take_lock(owner, self.state_dir, lambda other: BluegreenError(
                     f"nginx.upstream_file {n.upstream_file} is already written by another bluegreen daemon "
                     f"({_owner(other)}): two daemons on one upstream file take each other's traffic. Give this "
-                    "config its own nginx.upstream_file and nginx.upstream_name", code="locked"))
+                    "config its own nginx.upstream_file and nginx.upstream_name", code="locked"),
+                    lambda last: self._other_owner(owner, last))
             except BaseException:
                 self._unlock()
                 raise
+
+    def _other_owner(self, owner: Path, last: str) -> BluegreenError | None:
+        """The upstream file's last owner is another app whose daemon is not running now (killed,
+        or stopped with its app left serving): its app may still serve through the file."""
+        state_dir = Path(last.partition(" ")[2]) if last.partition(" ")[2] else None
+        if state_dir is None or state_dir.resolve() == self.state_dir.resolve() or not (state_dir / "state.json").exists():
+            return None
+        return BluegreenError(
+            f"nginx.upstream_file {self.config.nginx.upstream_file} belongs to the app of state_dir {state_dir}, whose "
+            "daemon is not running (its app may still serve through that file): give this config its own "
+            f"nginx.upstream_file and nginx.upstream_name. If that app is gone for good, remove {owner}", code="locked")
 
     def _unlock(self) -> None:
         for fd in (self._lock_fd, self._owner_fd):
@@ -289,9 +301,11 @@ def setup_logging(state_dir: Path, logs: LogsConfig = LogsConfig()) -> None:
         root.addHandler(handler)
 
 
-def _take_lock(path: Path, state_dir: Path, refused: Callable[[str], BluegreenError]) -> int:
+def _take_lock(path: Path, state_dir: Path, refused: Callable[[str], BluegreenError],
+               owned: Callable[[str], BluegreenError | None] = lambda last: None) -> int:
     """An exclusive flock on `path` (held while the daemon lives, released by the kernel at its
-    death), the file saying "pid state_dir"; `refused(what the holder wrote)` if another holds it."""
+    death), the file saying "pid state_dir"; `refused(what the holder wrote)` if another holds it,
+    and `owned(what the last holder wrote)`'s error if that one's claim outlives it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,6 +313,11 @@ def _take_lock(path: Path, state_dir: Path, refused: Callable[[str], BluegreenEr
         other = os.read(fd, 4096).decode(errors="replace").strip()
         os.close(fd)
         raise refused(other) from None
+    claim = owned(os.read(fd, 4096).decode(errors="replace").strip())
+    if claim is not None:
+        os.close(fd)
+        raise claim
+    os.lseek(fd, 0, os.SEEK_SET)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {state_dir}\n".encode())
     return fd

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-import math
 import logging
 import os
 import time
@@ -50,28 +49,60 @@ def entry(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
-    """One history line as an entry, or None if it is not one (any JSON at all, or no JSON)."""
+    """One history line as an entry, or None if it is not one: any JSON at all, or no JSON. Numbers
+    must be real times and durations, strings real text (no lone surrogates)."""
     try:
         e = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not (isinstance(e, dict) and number(e.get("at")) and number(e.get("started_at"))
-            and all(isinstance(e.get(k), str) for k in ("reason", "to", "outcome"))
-            and isinstance(e.get("from"), (str, type(None))) and isinstance(e.get("by"), (dict, type(None)))
-            and isinstance(e.get("durations", {}), dict) and all(number(v) for v in e.get("durations", {}).values())):
+    if not (isinstance(e, dict) and _time(e.get("at")) and _time(e.get("started_at"))
+            and all(_text(e.get(k)) for k in ("reason", "to", "outcome"))
+            and all(_text(e.get(k), none=True) for k in ("from", "traffic"))
+            and _record(e.get("by"), {"user": str, "why": str})
+            and isinstance(e.get("durations", {}), dict)
+            and all(_text(k) and _seconds(v) for k, v in e.get("durations", {}).items())
+            and _record(e.get("error"), {"code": str, "message": str}, need=("message",))):
         return None
-    decided, error = e.get("decided"), e.get("error")
-    if decided is not None and not (isinstance(decided, dict) and isinstance(decided.get("what"), str)
-                                    and number(decided.get("at"))
-                                    and isinstance(decided.get("by"), (dict, type(None)))):
-        return None
-    if error is not None and not (isinstance(error, dict) and isinstance(error.get("code"), (str, type(None)))
-                                  and isinstance(error.get("message"), str)):
+    decided = e.get("decided")
+    if decided is not None and not (_record(decided, {"what": str, "by": dict}, need=("what",))
+                                    and _time(decided.get("at"))):
         return None
     return e  # type: ignore[no-any-return]
+
+
+def _text(v: Any, none: bool = False) -> bool:
+    if v is None:
+        return none
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _time(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e11
+
+
+def _seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e9
+
+
+def _record(v: Any, fields: dict[str, type], need: tuple[str, ...] = ()) -> bool:
+    """None, or an object whose known fields (those in `need` required) have their type."""
+    if v is None:
+        return True
+    if not isinstance(v, dict):
+        return False
+    for k, kind in fields.items():
+        if k in v or k in need:
+            if kind is str and not _text(v.get(k), none=k not in need):
+                return False
+            if kind is not str and not isinstance(v.get(k), (kind, type(None))):
+                return False
+    return True
 
 
 def outcome(record: dict[str, Any]) -> str:

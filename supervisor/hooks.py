@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import psutil
 
 from . import slots
-from .config import expand, missing_interpreter
+from .config import expand, interpreter_problem
 from .errors import HookFailed
 
 log = logging.getLogger("bluegreen")
@@ -37,6 +37,7 @@ MARKER = "BLUEGREEN_HOOK_STATE_DIR"
 LINE_LIMIT = 1000  # characters of one output line kept (a hook printing a megabyte line cannot flood the client)
 TAIL = 5  # last lines quoted in the error
 OUTPUT_GRACE = 1.0  # seconds to read what a hook printed after it exited
+SHOWN = 2000  # lines of a hook's output logged and streamed; the rest is counted
 RUN_MARKER = "BLUEGREEN_HOOK_RUN"
 
 
@@ -53,19 +54,34 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     except OSError as e:
         why = "is not executable (chmod +x it)" if isinstance(e, PermissionError) else (e.strerror or str(e))
-        interpreter = missing_interpreter(Path(args[0])) if isinstance(e, FileNotFoundError) else None
-        if interpreter:
-            why = f"its first line (#!) names {interpreter}, which is not installed"
+        bad = interpreter_problem(Path(args[0])) if isinstance(e, (FileNotFoundError, PermissionError)) else None
+        if bad:
+            why = bad
         raise HookFailed(f"hooks.{name}: cannot run {args[0]!r}: {why}", hook=name) from None
     began = time.monotonic()
     tail: list[str] = []
 
+    shown = 0
+
     def line(text: str) -> None:
+        """Each line to the log and the client, up to SHOWN of them (a hook printing a flood is
+        not slowed to the pace of the daemon's log); the last ones are always kept for the error."""
+        nonlocal shown
         text = text[:LINE_LIMIT]
-        log.info("hook %s: %s", name, text)
         tail.append(text)
         del tail[:-TAIL]
+        shown += 1
+        if shown <= SHOWN:
+            log.info("hook %s: %s", name, text)
+            emit({"event": name, "status": "output", "line": text})
+
+    def say(text: str) -> None:  # bluegreen's own word about the hook: always shown
+        log.info("hook %s: %s", name, text)
         emit({"event": name, "status": "output", "line": text})
+
+    def hidden() -> None:
+        if shown > SHOWN:
+            say(f"({shown - SHOWN} more line(s) of hooks.{name} not shown; its last: {' | '.join(tail)})")
 
     try:
         await asyncio.wait_for(_read_lines(proc, line), timeout)
@@ -77,12 +93,13 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
         await _kill_group(proc)
         raise
     finally:
-        _stop_escaped(name, run_id, line)
+        hidden()
+        _stop_escaped(name, run_id, say)
     if proc.returncode != 0:
         how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0
                else f"exited with status {proc.returncode}")
         raise HookFailed(f"hooks.{name} ({args[0]}) {how}" + _quoted(tail), hook=name, exit=proc.returncode)
-    return {"exit": 0, "seconds": round(time.monotonic() - began, 3), "lines": len(tail)}
+    return {"exit": 0, "seconds": round(time.monotonic() - began, 3), "lines": shown}
 
 
 async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None]) -> None:
@@ -102,7 +119,7 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
         await asyncio.gather(reader, return_exceptions=True)
 
 
-def _stop_escaped(name: str, run_id: str, line: Callable[[str], None]) -> None:
+def _stop_escaped(name: str, run_id: str, say: Callable[[str], None]) -> None:
     """Kill what this hook run left running, its group's or not (a `setsid` helper): a hook is a
     step of a release, and nothing of it outlives the step."""
     left = slots.marked(Path(run_id), key=RUN_MARKER)
@@ -112,7 +129,7 @@ def _stop_escaped(name: str, run_id: str, line: Callable[[str], None]) -> None:
         except psutil.Error:
             continue
     if left:
-        line(f"(bluegreen: hooks.{name} left {len(left)} process(es) running after it ended; stopped: "
+        say(f"(bluegreen: hooks.{name} left {len(left)} process(es) running after it ended; stopped: "
              + ", ".join(f"pid {p.pid}" for p in left) + ")")
         log.warning("hooks.%s left process(es) running after it ended, stopped: %s", name,
                     ", ".join(str(p.pid) for p in left))

@@ -20,6 +20,8 @@ from .fsutil import atomic_write
 log = logging.getLogger("bluegreen")
 VERSION = 1
 HISTORY = 20
+MAX_BYTES = 16 << 20  # a state.json is a few KiB: anything far bigger is not one (and is not read whole)
+SLOTS = ("blue", "green")
 
 
 class DaemonStatus(str, enum.Enum):
@@ -93,7 +95,32 @@ def _kind(kind: type | tuple[type, ...]) -> str:
 
 def _slot(d: Any, where: str) -> SlotState:
     _typed(d, where, {"slot": str, "port": int, "build": str, "pid": int, "create_time": _NUMBER, "since": _NUMBER})
+    if d["slot"] not in SLOTS:
+        raise ValueError(f"{where}.slot: expected \"blue\" or \"green\", got {json.dumps(d['slot'])[:40]}")
+    _in_range(d, where, "port", 1, 65535)
+    _in_range(d, where, "pid", 1, 1 << 22)
     return SlotState(d["slot"], d["port"], d["build"], d["pid"], float(d["create_time"]), float(d["since"]))
+
+
+def _in_range(d: dict[str, Any], where: str, key: str, low: float, high: float) -> None:
+    if not low <= d[key] <= high:
+        raise ValueError(f"{where}.{key}: expected {low}-{high}, got {d[key]}")
+
+
+def _last_swap(d: Any) -> None:
+    """What status prints of the last swap: its kind, build, outcome, end, phases, error."""
+    _typed(d, "state.last_swap", {"reason": str, "build": str, "outcome": (str, type(None)),
+                                  "finished_at": _NUMBER + (type(None),),
+                                  "durations": (dict, type(None)), "error": (dict, type(None))})
+    if not all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in (d.get("durations") or {}).values()):
+        raise ValueError("state.last_swap.durations: expected numbers of seconds")
+    if d.get("error") is not None:
+        _typed(d["error"], "state.last_swap.error", {"code": str, "message": str})
+
+
+def _events(events: list[Any]) -> None:
+    for i, e in enumerate(events):
+        _typed(e, f"state.events[{i}]", {"at": _NUMBER, "event": str})
 
 
 @dataclass
@@ -121,7 +148,7 @@ class State:
     @classmethod
     def from_json(cls, data: bytes) -> "State":
         obj = json.loads(data)
-        if not isinstance(obj, dict) or obj.get("version") != VERSION:
+        if not isinstance(obj, dict) or type(obj.get("version")) is not int or obj.get("version") != VERSION:
             raise ValueError(f"unsupported state version {obj.get('version') if isinstance(obj, dict) else obj!r}")
         active, swap, warm = obj.get("active"), obj.get("swap"), obj.get("warm")
         _typed(obj, "state", {"previous_build": (str, type(None)), "last_swap": (dict, type(None)),
@@ -132,6 +159,13 @@ class State:
                 raise ValueError(f"state.{key}: expected a list of objects")
         if obj.get("nginx") is not None:
             _typed(obj["nginx"], "state.nginx", {"pid": int, "create_time": _NUMBER})
+            _in_range(obj["nginx"], "state.nginx", "pid", 1, 1 << 22)
+        if obj.get("last_swap") is not None:
+            _last_swap(obj["last_swap"])
+        _events(obj.get("events") or [])
+        for key in ("swap", "warm"):
+            if obj.get(key) is not None and not isinstance(obj[key], dict):
+                raise ValueError(f"state.{key}: expected an object or null, got {type(obj[key]).__name__}")
         return cls(
             active=_slot(active, "state.active") if active else None,
             previous_build=obj.get("previous_build"),
@@ -152,12 +186,19 @@ class StateStore:
     def load(self) -> State:
         """The saved state, or an empty one; a corrupt file is an error that names it."""
         try:
-            data = self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_BYTES + 1)
         except FileNotFoundError:
             return State()
-        except OSError as e:  # a directory, a symlink loop, no permission
+        except PermissionError:
+            raise StateError(f"{self.path} cannot be read by this user (permission denied); run this as the "
+                             "daemon's user (or root)", code="state_invalid") from None
+        except OSError as e:  # a directory, a symlink loop
             raise StateError(f"{self.path} cannot be read ({e.strerror}); move it away to start from app.build",
                              code="state_invalid") from None
+        if len(data) > MAX_BYTES:
+            raise StateError(f"{self.path} is not a valid bluegreen state file (over {MAX_BYTES >> 20} MiB; ours are "
+                             "a few KiB); move it away to start from app.build", code="state_invalid")
         try:
             return State.from_json(data)
         except (ValueError, TypeError, KeyError, RecursionError) as e:

@@ -68,7 +68,8 @@ def test_the_state_file_round_trips_every_field() -> None:
     """What decide() reads must survive the write: every field of State, nested records included."""
     from dataclasses import asdict, fields
 
-    state = State(active=GREEN, previous_build="/b/1", last_swap={"build": "/b/2", "durations": {"ready": 0.1}},
+    state = State(active=GREEN, previous_build="/b/1", last_swap={"reason": "swap", "build": "/b/2", "outcome": "done", "finished_at": 2.0,
+                                                                  "durations": {"ready": 0.1}},
                   history=[{"build": "/b/2"}], swap=swap("drain"), nginx={"pid": 9, "create_time": 3.0},
                   events=[{"at": 1.0, "event": "crash"}])
     written = json.loads(state.to_json())

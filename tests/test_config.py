@@ -83,7 +83,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         # TOML's nan and inf are floats: no timeout, ratio or share means them
         ("[drain]\ntimeout = nan", "drain.timeout: expected a number of seconds greater than 0 (a finite one: nan and inf mean nothing here)"),
         ("[release]\nkeep_warm = inf", "release.keep_warm: expected a number of seconds, 0 or more (a finite one"),
-        ("[rollout]\nerror_ratio = inf", "rollout.error_ratio: expected a number of seconds greater than 0 (a finite one"),
+        ("[rollout]\nerror_ratio = inf", "rollout.error_ratio: expected a factor greater than 0, like 2 (a finite one"),
+        ("[drain]\ntimeout = 1e300", "drain.timeout: expected at most 31536000 seconds (a year), got 1e+300"),
         ("[rollout]\nmax_error_rate = nan", "rollout.max_error_rate: expected a fraction between 0 and 1"),
         ("[[release.checks]]\npath = '/'\ntimeout = nan", "release.checks[0].timeout: seconds, a positive finite number"),
         ("[daemon]\nmetrics_listen = '8001'", "daemon.metrics_listen: port 8001 is also app.ports (blue); choose"),

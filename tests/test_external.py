@@ -48,6 +48,8 @@ def external_daemon(make_daemon, system_nginx, releases: Path, reload: list[str]
 def test_external_mode_swaps_through_the_users_nginx(make_daemon, system_nginx, releases: Path) -> None:
     run = external_daemon(make_daemon, system_nginx, releases)
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    # after the first start too: no staged copy of your previous file left beside it
+    assert sorted(os.listdir(system_nginx["prefix"] / "conf.d")) == [".upstream.conf.owner", "upstream.conf"]
     v2 = make_build(releases, "v2")
     r = run.cli("swap", str(v2))
     assert r.returncode == 0, r.stdout + r.stderr

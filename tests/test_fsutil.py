@@ -73,6 +73,19 @@ SLOT = {"slot": "blue", "port": 8001, "build": "/srv/r/1", "pid": 42, "create_ti
     ({"swap": {"phase": "start", "reason": "swap", "build": "/b", "old": {**SLOT, "since": None}}},
      "swap.old.since: expected a number, got null"),
     ({"swap": {"phase": 1, "reason": "swap", "build": "/b", "old": SLOT}}, "swap.phase: expected a string"),
+    ({"active": {**SLOT, "slot": "../../etc/passwd"}}, 'state.active.slot: expected "blue" or "green"'),
+    ({"active": {**SLOT, "pid": -1}}, "state.active.pid: expected 1-4194304, got -1"),
+    ({"active": {**SLOT, "port": 99999}}, "state.active.port: expected 1-65535, got 99999"),
+    ({"nginx": {"pid": -5, "create_time": 1}}, "state.nginx.pid: expected 1-4194304, got -5"),
+    ({"swap": []}, "state.swap: expected an object or null, got list"),
+    ({"last_swap": {"reason": "swap", "build": "/b", "outcome": "done", "error": "x"}},
+     "state.last_swap.error: expected an object or null"),
+    ({"last_swap": {"reason": "swap", "build": "/b", "outcome": "done", "durations": "x"}},
+     "state.last_swap.durations: expected an object or null"),
+    ({"last_swap": {"reason": "swap", "build": "/b", "outcome": "done", "finished_at": "x"}},
+     "state.last_swap.finished_at: expected a number or null"),
+    ({"events": [{"build": 5}]}, "state.events[0].at: expected a number"),
+    ({"version": True}, "unsupported state version True"),
 ])
 def test_a_state_file_with_a_wrong_type_is_named_with_the_field(tmp_path: Path, damage: dict, why: str) -> None:
     """Every field's type is checked on load: a hand-edited or damaged state.json is refused with

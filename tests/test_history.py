@@ -73,7 +73,11 @@ GARBAGE = [b"42", b"{}", b"[]", b"null", b'"text"', b'{"at": 1, "started_at": 1,
            b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "durations": {"x": "slow"}}',
            b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "decided": {"what": 1}}',
            b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "error": "boom"}',
-           b"\xff\xfe not utf-8", b"[" * 100_000, b'{"at": 1e999, "started_at": 1, "reason": "s", "to": "/r", "outcome": "d"}']
+           b"\xff\xfe not utf-8", b"[" * 100_000, b'{"at": 1e999, "started_at": 1, "reason": "s", "to": "/r", "outcome": "d"}',
+           b'{"at": 1e308, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done"}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "\\ud800"}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "traffic": true}',
+           b'{"at": 2, "started_at": 1, "reason": "swap", "to": "/r", "outcome": "done", "by": {"user": 5}}']
 
 
 @pytest.mark.e2e
@@ -92,3 +96,8 @@ def test_damaged_history_lines_are_skipped_and_counted_never_a_failure(make_daem
         assert "v1 -> v2" in r.stdout or '"to": "' in r.stdout, r.stdout
         assert len(r.stdout) + len(r.stderr) < 5000  # nothing of the garbage echoed
     assert [Path(json.loads(ln)["to"]).name for ln in run.cli("history", "--json").stdout.splitlines()] == ["v2"]
+    # An entry that is one, but holds escape sequences or a huge name: shown, cleaned and cut.
+    odd = {**json.loads(good.splitlines()[-1]), "to": "/r/\x1b[2J\x1b[31m" + "x" * 5000}
+    path.write_bytes(good + json.dumps(odd).encode() + b"\n")
+    text = run.cli("history").stdout
+    assert "\x1b" not in text and "?[2J?[31m" in text and len(text) < 2000, text

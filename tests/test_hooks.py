@@ -158,6 +158,14 @@ def test_a_hook_that_cannot_run_is_named_by_check_config_and_at_the_swap(make_da
     r = run.cli("swap", str(make_build(releases, "v3")))
     assert r.returncode == 1 and "names /usr/bin/no-such-python3, which is not installed" in r.stderr, r.stderr
     assert http_get(run.listen_port) == (200, "hello from v1\n")
+    expand.write_bytes(b"#!/bin/sh\r\necho expand\r\n")  # edited on Windows
+    r = bluegreen("check-config", "-c", str(cfg))
+    assert "ends with a carriage return: the file has Windows line ends (dos2unix it)" in r.stderr, r.stderr
+    r = run.cli("swap", str(make_build(releases, "v4")))
+    assert r.returncode == 1 and "Windows line ends" in r.stderr, r.stderr
+    expand.write_text("#!/tmp\necho expand\n")
+    r = bluegreen("check-config", "-c", str(cfg))
+    assert "its first line (#!) names /tmp, which is not an executable file" in r.stderr, r.stderr
 
 
 def test_a_hook_left_running_by_a_killed_daemon_is_stopped_by_the_next_one(make_daemon, short_tmp: Path,
@@ -223,7 +231,7 @@ def test_a_hook_that_prints_a_flood_to_a_client_that_does_not_read_does_not_grow
     import json
     import socket
 
-    flood = script(short_tmp / "flood", "head -c 50000000 /dev/zero | tr '\\\\0' x | fold -w 100\n")
+    flood = script(short_tmp / "flood", "yes " + "x" * 1200 + " | head -c 50000000\n")  # 41,632 lines of 1201 bytes
     run = make_daemon(extra=hooks(before_switch=[str(flood)], timeout=120))
     daemon = psutil.Process(run.proc.pid)
     before = daemon.memory_info().rss
@@ -243,3 +251,7 @@ def test_a_hook_that_prints_a_flood_to_a_client_that_does_not_read_does_not_grow
     assert any("progress line(s) left out: this client read too slowly" in ln for ln in lines)
     assert len(data) < 5_000_000, len(data)  # not the 50 MB the hook printed
     assert grown < 30 * 1024 * 1024, f"the daemon grew by {grown / 1048576:.1f} MB"
+    # the first 2000 lines logged and streamed (each cut to 1000 characters), the rest counted
+    total = -(-50_000_000 // 1201)
+    assert final["result"]["swap"]["details"]["before_switch"]["lines"] == total
+    assert f"{total - 2000} more line(s) of hooks.before_switch not shown" in run.log.read_text()

@@ -203,3 +203,12 @@ def test_a_config_copied_with_another_apps_upstream_file_is_refused_and_takes_no
     assert one_nginx.file("shop").read_bytes() == before
     assert http_get(shop.listen_port, "/") == (200, "hello from v1\n")
     assert copycat.leftovers() == []
+    # shop's daemon killed (its app serves on): the file is still shop's, and shop's next daemon takes it back.
+    shop.kill()
+    copycat.start(wait=False)
+    assert copycat.proc is not None and copycat.proc.wait(60) == 1
+    assert (f"belongs to the app of state_dir {shop.dir / 'run'}, whose daemon is not running" in copycat.output()
+            and "If that app is gone for good, remove" in copycat.output()), copycat.output()
+    assert one_nginx.file("shop").read_bytes() == before and http_get(shop.listen_port, "/") == (200, "hello from v1\n")
+    shop.start()
+    assert http_get(shop.listen_port, "/") == (200, "hello from v1\n")

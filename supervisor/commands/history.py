@@ -58,20 +58,27 @@ def format_history(entries: list[dict[str, Any]]) -> str:
     lines = [f"{'ENDED':<19}  {'WHAT':<8}  {'WHO':<12}  {'FROM -> TO':<30}  {'OUTCOME':<12}  TOOK"]
     for e in entries:
         by = e.get("by") or {}
-        who = by.get("user", "?") if "uid" in by else f"({by.get('why', 'bluegreen')})"
-        moved = f"{Path(e['from']).name if e.get('from') else '-'} -> {Path(e['to']).name}"
+        who = clean(by.get("user", "?")) if "uid" in by else f"({clean(by.get('why', 'bluegreen'))})"
+        moved = f"{clean(Path(e['from']).name) if e.get('from') else '-'} -> {clean(Path(e['to']).name)}"
         took = f"{e['at'] - e['started_at']:.2f}s"
-        lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'])):<19}  {e['reason']:<8}  "
-                     f"{who:<12}  {moved:<30}  {e['outcome']:<12}  {took}")
-        phases = " ".join(f"{k} {v:.3f}" for k, v in e.get("durations", {}).items())
+        lines.append(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'])):<19}  {clean(e['reason']):<8}  "
+                     f"{who:<12}  {moved:<30}  {clean(e['outcome']):<12}  {took}")
+        phases = " ".join(f"{clean(k)} {v:.3f}" for k, v in e.get("durations", {}).items())
         if phases:  # (none for a swap the next daemon finished)
             lines.append(f"{'':<21}{phases}")
         decided = e.get("decided")
         if decided:
-            who = (decided.get("by") or {}).get("user", "?")
-            done = {"promote": "promoted", "abort": "aborted"}.get(decided["what"], decided["what"])
+            who = clean((decided.get("by") or {}).get("user", "?"))
+            done = {"promote": "promoted", "abort": "aborted"}.get(decided["what"], clean(decided["what"]))
             lines.append(f"{'':<21}{done} by {who} at "
                          f"{time.strftime('%H:%M:%S', time.localtime(decided['at']))}")
         if e.get("error"):
-            lines.append(f"{'':<21}{e['error']['code']}: {e['error']['message']}")
+            lines.append(f"{'':<21}{clean(e['error'].get('code') or '?')}: {clean(e['error']['message'])}")
     return "\n".join(lines) + "\n"
+
+
+def clean(text: Any, limit: int = 200) -> str:
+    """A stored string as the terminal may show it: no control characters (an edited file could
+    hold escape sequences), at most `limit` characters."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "…"
