@@ -55,9 +55,13 @@ def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0, gate: Pa
     `boot_ms` after it started (a slow boot holds a swap in its ready phase); `/gate` answers
     once the file `gate` exists (and creates `gate`.NAME when it gets the request), and with
     `stop_gate` so does its SIGTERM (a slow stop, held)."""
-    return make_build(parent, name, server_js=APP.replace("VERSION", name).replace("FAIL", str(fail))
-                      .replace("BOOT_MS", str(boot_ms)).replace("STOP_GATE", "true" if stop_gate else "false")
-                      .replace("GATE", str(gate or "")))
+    return make_build(parent, name, server_js=app_source(name, fail, boot_ms, gate, stop_gate))
+
+
+def app_source(name: str, fail: int = 0, boot_ms: int = 0, gate: Path | None = None, stop_gate: bool = False) -> str:
+    """APP's text for a build called `name` (see app_build)."""
+    return (APP.replace("VERSION", name).replace("FAIL", str(fail)).replace("BOOT_MS", str(boot_ms))
+            .replace("STOP_GATE", "true" if stop_gate else "false").replace("GATE", str(gate or "")))
 
 
 # The user's server as Debian's default site grows into a real one: error pages nginx answers

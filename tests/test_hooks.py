@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import Load, bluegreen, http_get, make_build, wait_until
+from helpers import Load, bluegreen, http_get, make_build, running, wait_until
 from supervisor import drain
 from conftest import render_config
 
@@ -214,14 +214,8 @@ def test_a_helper_a_hook_starts_with_setsid_never_outlives_the_hook(make_daemon,
         assert http_get(run.listen_port) == (200, "hello from v2\n")
     else:
         assert r.returncode == 1 and "did not finish within hooks.timeout (20s)" in r.stderr, r.stderr
-    wait_until(lambda: not alive(helper), 10, "the helper to be gone")
+    wait_until(lambda: not running(helper), 10, "the helper to be gone")
 
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def test_a_hook_that_prints_a_flood_to_a_client_that_does_not_read_does_not_grow_the_daemon(

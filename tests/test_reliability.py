@@ -579,12 +579,11 @@ def test_hung_active_app_is_replaced(make_daemon) -> None:
 def test_a_file_build_survives_a_daemon_restart(make_daemon, releases: Path) -> None:
     """A build can be a file (a WAR, a bundle): the next daemon starts the one that served last,
     as it does a directory, not app.build."""
-    from shapes import APP
+    from shapes import app_source
 
     def bundle(name: str) -> Path:  # one executable file, as a single-file build tool makes
         path = releases / f"app-{name}"
-        path.write_text("#!/usr/bin/env node\n" + APP.replace("VERSION", name).replace("FAIL", "0")
-                        .replace("BOOT_MS", "0").replace("STOP_GATE", "false").replace("GATE", ""))
+        path.write_text("#!/usr/bin/env node\n" + app_source(name))
         path.chmod(0o755)
         return path
 
