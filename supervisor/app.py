@@ -99,6 +99,8 @@ class App:
         log.info("switch: %s: %s", self.proxy.mode, self.switch_why)
         if self.managed is not None and self.managed.adopt(state.nginx):
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
+        elif self.managed is not None:
+            await self.managed.refuse_what_blocks_a_start()
         self.proxy.clean_stale_temp()
         await hooks.stop_leftovers(self.state_dir, lambda what: self.event("hook_stopped", hook=what))
         if await takeover.adopt(self):

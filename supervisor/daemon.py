@@ -118,9 +118,10 @@ class Daemon:
 
     async def chores(self) -> None:
         """Whatever the monitor or a long swap is doing, once a second: rotate the managed nginx's
-        logs, tell systemd what the daemon does; and ping its watchdog (from this loop: a hung loop
-        misses its pings and systemd restarts the daemon). No error ends it: a loop that stopped
-        pinging would have systemd kill a daemon that works."""
+        logs, write state.json again if someone else changed it, tell systemd what the daemon does;
+        and ping its watchdog (from this loop: a hung loop misses its pings and systemd restarts the
+        daemon). No error ends it: a loop that stopped pinging would have systemd kill a daemon
+        that works."""
         interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
         while True:
             if self.notifier.watchdog_interval:
@@ -128,6 +129,7 @@ class Daemon:
             await asyncio.sleep(interval)
             faults.block_loop()  # tests only
             try:
+                self.app.ledger.keep_file()
                 if self.notifier.enabled:
                     self.notifier.status(status_line(self.app))
                 if self.app.managed is not None:

@@ -143,7 +143,7 @@ def port_holder(port: int) -> str:
         for c in psutil.net_connections(kind="tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
                 try:
-                    cmd = " ".join(psutil.Process(c.pid).cmdline()) or psutil.Process(c.pid).name()
+                    cmd = " ".join(" ".join(psutil.Process(c.pid).cmdline()).split()) or psutil.Process(c.pid).name()
                 except psutil.Error:
                     cmd = "?"
                 return f"pid {c.pid} ({cmd})"

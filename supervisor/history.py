@@ -123,8 +123,11 @@ class History:
         try:
             if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:
                 rotate(str(self.path), self.backups)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # a line cut by a crash, or pasted in: ours must not be glued to it
                 os.write(fd, line)
             finally:
                 os.close(fd)

@@ -221,7 +221,7 @@ class DaemonLog(RotatingFileHandler):
                 self.stream.close()
                 self.stream = None  # type: ignore[assignment]
             try:
-                os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+                os.makedirs(os.path.dirname(self.baseFilename), mode=0o750, exist_ok=True)
             except OSError:
                 pass  # emit's failure says why
         finally:

@@ -121,11 +121,17 @@ class ManagedNginx:
             await asyncio.sleep(0.02)
         return True
 
-    async def start(self, port: int) -> dict[str, Any]:
-        """Write the config for `port`, test it, start nginx, wait until it accepts connections."""
+    async def refuse_what_blocks_a_start(self) -> None:
+        """Raise now what would make nginx's start fail: an nginx left running on this prefix, or
+        nginx.listen held by another process (a copied config): the daemon asks before it starts
+        any app, so that a refused daemon has started nothing."""
         await self._clear_dead_master()
         self._refuse_leftover()
         self._refuse_held_listen()
+
+    async def start(self, port: int) -> dict[str, Any]:
+        """Write the config for `port`, test it, start nginx, wait until it accepts connections."""
+        await self.refuse_what_blocks_a_start()
         self._remove_stale_control_socket()
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)

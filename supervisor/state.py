@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +183,7 @@ class State:
 class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.written: tuple[int, int, int] | None = None  # inode, size, mtime of this daemon's last write
 
     def load(self) -> State:
         """The saved state, or an empty one; a corrupt file is an error that names it."""
@@ -213,11 +215,26 @@ class StateStore:
         state.events = state.events[-HISTORY:]
         try:
             atomic_write(self.path, state.to_json(), mode=0o600, durable=durable)
+            self.written = self._stamp()
         except OSError as e:
             raise StateError(
                 f"cannot write {self.path}: {e.strerror}; the previous state is unchanged "
                 "(check free disk space and permissions)"
             ) from e
+
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def changed_by_others(self) -> bool:
+        """True when the file is no longer what this daemon last wrote (edited, damaged, removed)."""
+        if self.written is None:
+            return False
+        try:
+            return self._stamp() != self.written
+        except OSError:
+            return True
 
 
 class Ledger:
@@ -253,6 +270,16 @@ class Ledger:
 
     def retry(self) -> bool:
         return not self.unsaved or self.save_quietly()
+
+    def keep_file(self) -> None:
+        """state.json changed or removed by anything but this daemon (a slip of the editor, a cleanup
+        script, a damaged disk block) is written again from memory, so that the next daemon does
+        not start from a file that lies (the daemon's chores call this once a second)."""
+        if self.unsaved or not self.store.changed_by_others():
+            return
+        log.warning("%s was changed or removed by something other than this daemon: written again from what the "
+                    "daemon knows (edit the config, not this file)", self.store.path)
+        self.save_quietly()
 
     def event(self, kind: str, **details: Any) -> None:
         """Recorded now, written with the next save."""

@@ -26,6 +26,9 @@ FAULTS = {
     "new_killed": "new build killed",
     "new_frozen": "new build frozen",
     "disk_full": "disk full",
+    "logs_removed": "`rm -rf` of the logs folder",
+    "state_damaged": "state.json and history.jsonl damaged",
+    "second_daemon": "a copied config started beside it",
 }
 
 BEFORE_SWITCH = ("prepare", "start", "ready", "before_switch", "check")
@@ -201,6 +204,20 @@ cell(("drain", "watch", "after_switch", "stop", "warm window"), "disk_full", "th
 cell("idle", "disk_full", "app output is dropped, never blocking the app, and the loss is said once it can write",
      "test_a_full_disk_drops_output_without_blocking_and_says_so_once_it_can")
 
+# --- the operations surface: logs, state files, a shared nginx (issue 20)
+for phase in PHASES:
+    cell(phase, "logs_removed", "nothing else changes: `daemon.log` and the apps' logs come back with their next line "
+         "(nginx's own stderr, `nginx.log`, at its next start)", "test_a_removed_daemon_log_comes_back",
+         "test_the_sink_makes_its_directory_again_if_an_operator_removed_it")
+    cell(phase, "state_damaged", "nothing else changes: the daemon writes state.json again from memory within a "
+         "second (a warning in its log); `history` skips the damaged lines, counts them, and the swap's own line "
+         "is whole", "test_damaged_history_lines_are_skipped_and_counted_never_a_failure",
+         "test_a_history_line_is_never_glued_to_a_damaged_one")
+    cell(phase, "second_daemon", "the copy is refused before it starts anything (exit 2), naming what holds: your "
+         "nginx's upstream file (`.NAME.owner`: the daemon and state_dir that own it), or the managed nginx's "
+         "listen address; the running daemon does not notice",
+         "test_a_config_copied_with_another_apps_upstream_file_is_refused_and_takes_nothing")
+
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
 
 
@@ -232,7 +249,7 @@ def _normal(phase: str) -> Outcome:
 
 
 def _outcome(phase: str, fault: str) -> Outcome | None:
-    if fault in ("worker", "reload", "master", "restart"):
+    if fault in ("worker", "reload", "master", "restart", "logs_removed", "state_damaged", "second_daemon"):
         return _normal(phase)
     if fault == "kill9":  # the next daemon undoes what was not committed, finishes what was
         return Outcome("v1" if phase in UNTIL_COMMIT + ("idle",) else "v2")
@@ -287,7 +304,7 @@ def render() -> str:
            f"test (the numbers, listed below), {moot} that cannot happen (n/a), and {len(CELLS) - pinned - moot} "
            "*not pinned yet*.", ""]
     groups = (("kill9", "sigterm"), ("master", "worker", "reload", "restart"), ("active_killed", "active_frozen"),
-              ("new_killed", "new_frozen", "disk_full"))
+              ("new_killed", "new_frozen", "disk_full"), ("logs_removed", "state_damaged", "second_daemon"))
     for group in groups:
         out.append("| phase | " + " | ".join(FAULTS[f] for f in group) + " |")
         out.append("|---|" + "---|" * len(group))

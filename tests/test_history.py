@@ -101,3 +101,18 @@ def test_damaged_history_lines_are_skipped_and_counted_never_a_failure(make_daem
     path.write_bytes(good + json.dumps(odd).encode() + b"\n")
     text = run.cli("history").stdout
     assert "\x1b" not in text and "?[2J?[31m" in text and len(text) < 2000, text
+
+
+def test_a_history_line_is_never_glued_to_a_damaged_one(tmp_path: Path) -> None:
+    """A last line with no end (a crash mid-write, a paste) must not swallow the next swap's line."""
+    path = tmp_path / "history.jsonl"
+    h = History(path, 1 << 20, 3)
+    path.write_bytes(b'{"at": 1, "reason": "sw')  # cut short, no newline
+    h.record({"reason": "swap", "build": "/r/2", "from_build": "/r/1", "outcome": "done", "traffic": "moved",
+              "started_at": 1000.0, "finished_at": 1001.0, "durations": {}})
+    entries, skipped = h.last(10)
+    assert [e["to"] for e in entries] == ["/r/2"] and skipped == 1
+    h.record({"reason": "swap", "build": "/r/3", "from_build": "/r/2", "outcome": "done", "traffic": "moved",
+              "started_at": 1002.0, "finished_at": 1003.0, "durations": {}})
+    assert path.read_bytes().count(b"\n\n") == 0  # a whole last line gets no blank line after it
+    assert [e["to"] for e in h.last(10)[0]] == ["/r/2", "/r/3"]

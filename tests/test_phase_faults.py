@@ -16,9 +16,13 @@ How a phase is held:
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,8 +32,8 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, Outcome
-from helpers import DaemonRun, answering, describe, http_get, running, wait_until
+from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, SETTLED, Outcome
+from helpers import DaemonRun, answering, describe, free_ports, http_get, running, wait_until
 from shapes import SHAPES, UserNginx, app_build
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +68,7 @@ class Held:
     swap: subprocess.Popen[str] | None = None
     victim: int = 0  # the build killed or frozen
     in_flight: list[Any] = field(default_factory=list)
+    copy: str = ""  # what a copied config's daemon said
 
     def new(self) -> int:
         """The new build's pid: the standby until the commit, the active build after it."""
@@ -175,11 +180,40 @@ def put(held: Held, fault: str) -> None:
         r = subprocess.run(["dd", "if=/dev/zero", f"of={held.run.dir / 'run' / 'filler'}", "bs=4k"],
                            capture_output=True, text=True)
         assert "No space left on device" in r.stderr, r.stderr
+    elif fault == "logs_removed":
+        shutil.rmtree(run.dir / "run" / "logs")
+    elif fault == "state_damaged":  # cut short in place (same file), and a pasted line with no end
+        (run.dir / "run" / "state.json").write_bytes(b'{"version": 1, "active": {"slot": "blu')
+        with open(run.dir / "run" / "history.jsonl", "ab") as f:
+            f.write(b"pasted by mistake")
+    elif fault == "second_daemon":
+        held.copy = copied_daemon(run)
     elif fault in ("active_killed", "active_frozen", "new_killed", "new_frozen"):
         held.victim = held.old if fault.startswith("active") else held.new()
         group(held.victim, signal.SIGKILL if fault.endswith("killed") else signal.SIGSTOP)
     else:
         raise AssertionError(fault)
+
+
+def copied_daemon(run: DaemonRun) -> str:
+    """A second daemon on a copy of this config (its own state_dir and app ports, the same nginx),
+    as a colleague starts one for another app; what it said, once refused."""
+    copy = run.dir / "copy"
+    copy.mkdir()
+    text = re.sub(r"^ports = \[\d+, \d+\]$", "ports = [{}, {}]".format(*free_ports(2)), run.config.read_text(),
+                  flags=re.M)
+    (copy / "bluegreen.toml").write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "daemon", "-c", str(copy / "bluegreen.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, out
+    assert "starting" not in out, out  # refused before it started anything
+    return out
 
 
 def serving_workers(master: int) -> set[int]:
@@ -227,6 +261,41 @@ def nothing_left(run: DaemonRun) -> None:
                lambda: "; ".join(f"{p} {describe(p)}" for p in {*run.seen, *run.leftovers()} if running(p)))
 
 
+def operations_checked(held: Held, fault: str) -> None:
+    """The operations columns: what comes back, what is refused."""
+    run, state = held.run, held.run.dir / "run"
+    if fault == "logs_removed":  # a line after the removal (SIGHUP logs one) lands in a daemon.log again
+        assert run.proc is not None
+        run.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP" in read(state / "logs" / "daemon.log"), 30, "daemon.log to come back")
+    elif fault == "state_damaged":
+        from supervisor.state import State
+
+        def whole() -> bool:
+            try:
+                return State.from_json((state / "state.json").read_bytes()).active is not None
+            except (OSError, ValueError, TypeError, KeyError):
+                return False
+
+        wait_until(whole, 30, "state.json to be written again", run.output)
+        r = run.cli("history", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        if held.phase != "idle":  # the swap's own line is whole, not glued to the pasted one
+            assert json.loads(r.stdout.splitlines()[-1])["to"].endswith("/v2"), r.stdout
+        if held.phase in SETTLED:  # nothing else wrote it: the daemon saw the damage
+            assert "written again" in read(state / "logs" / "daemon.log"), run.output()
+    elif fault == "second_daemon":
+        owner = "upstream" if held.user is not None else str(run.listen_port)
+        assert owner in held.copy, held.copy
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.fixture
 def state_disk(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Path]:
     """For the disk-full column: the daemon's state_dir on its own small tmpfs (set up before the
@@ -260,6 +329,7 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
     if want.serves is None:
         return
     run = held.run
+    operations_checked(held, fault)
     if fault == "new_frozen" or (fault == "active_frozen" and phase != "warm window"):  # found hung, or left: killed
         wait_until(lambda: not running(held.victim), 120, "the frozen build to be killed", run.output)
 
