@@ -465,6 +465,29 @@ class Bench:
         return {"step_s": step, "rounds": rows, "requests": s["requests"],
                 "other_failures": s["failed"] - sum(r["failed"] for r in rows)}
 
+    async def cli_startup(self, runs: int = 20) -> dict[str, Any]:
+        """How long the `bluegreen` command takes, beside a bare start of the same interpreter (same
+        venv): medians of `runs` calls, taken in turns so that any load hits all of them alike."""
+        run = self.start_daemon(self.fast, "cli", "runtime")
+        bluegreen = Path(sys.executable).parent / "bluegreen"
+        cmds = {"python -c pass": [sys.executable, "-c", "pass"], "bluegreen --version": [str(bluegreen), "--version"],
+                "bluegreen status": [str(bluegreen), "status", "-c", str(run.config)]}
+        times: dict[str, list[float]] = {k: [] for k in cmds}
+
+        def timed(argv: list[str]) -> float:
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            return time.perf_counter() - t
+
+        for _ in range(runs):
+            for name, argv in cmds.items():
+                times[name].append(await asyncio.to_thread(timed, argv))
+        run.stop()
+        self.daemon = None
+        bare = statistics.median(times["python -c pass"])
+        return {name: {"ms": statistics.median(t) * 1000, "ratio": statistics.median(t) / bare}
+                for name, t in times.items()}
+
     async def ops_footprint(self, ops: bool, scrape_every: float = 15.0) -> dict[str, Any]:
         """The daemon idle (one swap done, no load), with the ops features on (metrics scraped every
         `scrape_every` s, logs rotated at 64 KiB after traffic filled them) or off: RSS and CPU, and
@@ -692,6 +715,19 @@ def print_report(report: dict[str, Any]) -> None:
                   f"| {fmt(lat['steady_p50'], ' ms', 1)} / {fmt(lat['steady_p99'], ' ms', 1)} "
                   f"| {fmt(lat['swap_p50'], ' ms', 1)} / {fmt(lat['swap_p99'], ' ms', 1)} "
                   f"| {fmt(r['release_s_mean'], ' s', 2)} | {fmt(r['nginx_rss_mb'], ' MB', 1)} |")
+    cli = report.get("cli")
+    if cli:
+        print("\n| command (same venv, median of 20) | time | × a bare interpreter start |")
+        print("|---|---|---|")
+        for name, c in cli.items():
+            print(f"| `{name}` | {c['ms']:.1f} ms | {c['ratio']:.2f} × |")
+        print("  target: `bluegreen --version` and `bluegreen status` within 2.5 × `python -c pass`")
+        recipe = next((r for r in rows if r["approach"] == "nginx recipe"), None)
+        if recipe and recipe["release_s_mean"]:
+            ours = ", ".join(f"{r['approach']} {r['release_s_mean']:.2f} s ({r['release_s_mean'] / recipe['release_s_mean']:.2f} ×)"
+                             for r in rows if r["approach"].startswith("bluegreen"))
+            print(f"  a release as the user waits for it (the `bluegreen swap` call, CLI start included): {ours}; "
+                  f"the hand recipe {recipe['release_s_mean']:.2f} s")
     for key, name, target in (("bluegreen_phases", "bluegreen (reload)", 100), ("bluegreen_runtime_phases",
                                                                                "bluegreen (runtime)", 20)):
         p = report.get(key)
@@ -778,6 +814,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             report["ops"] = [await bench.ops_footprint(False), await bench.ops_footprint(True, 15.0),
                              await bench.ops_footprint(True, 1.0)]
         if not args.only_soak and not args.only_scale and not args.only_rollback and not args.only_ops:
+            print("bench: the CLI's start...", file=sys.stderr)
+            report["cli"] = await bench.cli_startup()
             print("bench: bluegreen...", file=sys.stderr)
             m, footprint = await bench.bluegreen()
             bench_rows = [summarize(m)]

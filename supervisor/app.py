@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from . import builds, drain, faults, hooks, slots, takeover
 from .config import Config
-from .errors import BluegreenError, BuildError, Busy, NotReadyYet, StateError
+from .errors import BluegreenError, Busy, NotReadyYet, StateError
 from .history import PEER
 from .launch import Launcher
 from .nginx import ExternalMaster, Master
@@ -31,26 +31,6 @@ Reply = Callable[[dict[str, Any]], None]
 
 def slot_state(app: slots.AppProcess) -> SlotState:
     return SlotState(app.slot, app.port, str(app.build), app.pid, app.create_time, app.started_at)
-
-
-def check_build(build: Path) -> Path:
-    """The build's real path: a `current -> releases/42` link is resolved now, at release time,
-    so status, rollback and crash restarts name (and restart) what was released."""
-    from .protocol import clip
-
-    if not build.is_absolute():
-        raise BuildError(f"build path {clip(str(build))} must be absolute (the CLI resolves relative paths for you)")
-    try:
-        real = build.resolve(strict=True)
-        why = builds.problem(real)
-        if why:
-            raise BuildError(f"build {build} {why}")
-    except FileNotFoundError:
-        raise BuildError(f"build {clip(str(build))} does not exist; a build is {builds.FORMS}") from None
-    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise BuildError(f"build {clip(str(build))} cannot be used: {why}") from None
-    return real
 
 
 class App:
@@ -113,7 +93,7 @@ class App:
                 slot, build = state.active.slot, saved
             else:
                 log.warning("saved build %s %s; starting app.build %s", saved, why, build)
-        plan: Plan[slots.AppProcess] = Plan(build=check_build(build), slot=slot, port=self.config.app.port(slot),
+        plan: Plan[slots.AppProcess] = Plan(build=builds.check_build(build), slot=slot, port=self.config.app.port(slot),
                                             old=None, reason="start")
         record = SwapRecord(build=str(plan.build), to_slot=slot, to_port=plan.port, from_slot=None, reason="start")
         log.info("starting %s on %s (port %d)", plan.build, slot, plan.port)

@@ -9,6 +9,9 @@ import os
 import zipfile
 from pathlib import Path
 
+from .errors import BuildError
+from .protocol import clip
+
 ARCHIVES = (".war", ".jar", ".ear", ".zip")
 FORMS = "a directory (an exploded app) or a file (like app-1.4.war)"
 
@@ -37,3 +40,21 @@ def problem(path: Path) -> str | None:
 def workdir(build: Path) -> Path:
     """The default working directory ({build}): the build itself, or the directory holding a file build."""
     return build if build.is_dir() or not build.exists() else build.parent
+
+
+def check_build(build: Path) -> Path:
+    """The build's real path: a `current -> releases/42` link is resolved now, at release time,
+    so status, rollback and crash restarts name (and restart) what was released."""
+    if not build.is_absolute():
+        raise BuildError(f"build path {clip(str(build))} must be absolute (the CLI resolves relative paths for you)")
+    try:
+        real = build.resolve(strict=True)
+        why = problem(real)
+        if why:
+            raise BuildError(f"build {build} {why}")
+    except FileNotFoundError:
+        raise BuildError(f"build {clip(str(build))} does not exist; a build is {FORMS}") from None
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise BuildError(f"build {clip(str(build))} cannot be used: {why}") from None
+    return real

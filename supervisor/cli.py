@@ -6,16 +6,18 @@ codes are in client.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, commands
 from .client import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, FIRST_REPLY, EXIT_FAILED, err as _err
-from .config import Config, load
 from .errors import BluegreenError, ConfigError, LogsError, Unreachable
-from .logs import LOG_NAMES, show, sources
+from .paths import LOG_NAMES, control_socket
+
+if TYPE_CHECKING:
+    from .config import Config
 
 DEFAULT_CONFIG = "bluegreen.toml"
 
@@ -45,6 +47,14 @@ or not answering, 4 failed after traffic moved to the new build (read the messag
 """
 
 
+class _Version(argparse.Action):
+    """argparse's own version action formats its text (loading shutil and three codecs for it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"bluegreen {__version__}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", metavar="PATH", help="config file (default: $BLUEGREEN_CONFIG or ./bluegreen.toml)")
@@ -56,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluegreen", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--version", action="version", version=f"bluegreen {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
+    # prog given: argparse would otherwise build a help formatter now, and load shutil and its codecs
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="bluegreen")
     sub.add_parser("daemon", parents=[common], help="run the daemon in the foreground",
                    description="Run the daemon: start the saved (or app.build) build and nginx, serve the "
                                "control socket. SIGTERM/SIGINT stop the app and the managed nginx cleanly.")
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "logs":
             return show_logs(args)
         if args.command == "daemon":
+            import dataclasses
+
             from .daemon import serve  # the daemon's imports are not needed by the client
 
             cfg = _config(args, machine=True, with_build=False)
@@ -131,6 +144,9 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _config(args: argparse.Namespace, **checks: bool) -> Config:
+    """The whole config, checked (the daemon, check-config, logs); the verbs need only the socket."""
+    from .config import load
+
     path = _config_path(args)
     if not args.config and not os.environ.get("BLUEGREEN_CONFIG") and not path.exists():
         raise ConfigError(f"no config given and ./{DEFAULT_CONFIG} does not exist; pass -c PATH or --socket PATH")
@@ -140,7 +156,8 @@ def _config(args: argparse.Namespace, **checks: bool) -> Config:
 def _socket_path(args: argparse.Namespace) -> Path:
     if args.socket:
         return Path(args.socket)
-    return _config(args).daemon.socket
+    path = _config_path(args)
+    return (path.exists() and control_socket(path)) or _config(args).daemon.socket
 
 
 def _lines(v: str) -> int:
@@ -150,6 +167,8 @@ def _lines(v: str) -> int:
 
 
 def show_logs(args: argparse.Namespace) -> int:
+    from .logs import show, sources
+
     found = sources(_config(args), args.which)
     try:
         show(found, args.lines, args.follow, sys.stdout)
@@ -167,7 +186,7 @@ def check_config(args: argparse.Namespace) -> int:
     print(f"  nginx: {cfg.nginx.mode}" + (f" on {cfg.nginx.listen}" if cfg.nginx.mode == "managed" else
                                           f", upstream file {cfg.nginx.upstream_file}"))
     print(f"  socket: {cfg.daemon.socket}  state: {cfg.daemon.state_dir}")
-    from .config import machine_warnings
+    from .config import machine_warnings  # (loaded by _config already)
 
     for warning in machine_warnings(cfg):
         print(f"  warning: {warning}")

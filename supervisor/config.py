@@ -15,19 +15,15 @@ import shutil
 import signal
 import string
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
-
 from . import builds
 from .errors import ConfigError
+from .paths import rel as _rel, socket_path as _socket_path, toml
+from .protocol import shares
 
 SLOTS = ("blue", "green")
 
@@ -107,18 +103,6 @@ def _pattern(regex: str, example: str) -> Callable[[Any], str]:
         return v
 
     return parse
-
-
-def shares(v: Any) -> tuple[int, ...]:
-    """Rollout shares: percentages of users, each 1-100, rising (the rollout ends at 100 either way)."""
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise ValueError("expected a list of whole percentages, like [5, 25, 50, 100]")
-    bad = [x for x in v if not 1 <= x <= 100]
-    if bad:
-        raise ValueError(f"each share is a percentage of users, 1-100; got {bad[0]}")
-    if any(b <= a for a, b in zip(v, v[1:])):
-        raise ValueError(f"shares must rise, like [5, 25, 50, 100]; got {v}")
-    return tuple(v)
 
 
 def _ratio(v: Any) -> float:
@@ -758,8 +742,8 @@ def load(path: str | os.PathLike[str], *, machine: bool = False, with_build: boo
 
 def parse(text: str, path: Path, *, machine: bool = False, with_build: bool = True) -> Config:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        data = toml().loads(text)
+    except toml().TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     problems: list[str] = []
     values = _check_keys(data, problems)
@@ -928,14 +912,6 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
                 f"nginx.binary: {n['binary']!r} not found on PATH or in /usr/sbin; install nginx "
                 "(apt-get install nginx) or set nginx.binary to its full path"
             )
-
-
-def _rel(base: Path, p: str) -> Path:
-    return (base / os.path.expanduser(p)).absolute()
-
-
-def _socket_path(d: dict[str, Any], base: Path) -> Path:
-    return _rel(base, d["socket"]) if d.get("socket") else _rel(base, d["state_dir"]) / "bluegreen.sock"
 
 
 def _nginx_config(n: dict[str, Any], base: Path) -> NginxConfig:

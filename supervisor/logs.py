@@ -237,7 +237,6 @@ class DaemonLog(RotatingFileHandler):
 
 # --- `bluegreen logs`: read straight from the files, so it works with the daemon down too
 
-LOG_NAMES = ("active", "blue", "green", "nginx", "daemon")
 
 
 def sources(config: Config, which: str) -> list[tuple[str, Path]]:

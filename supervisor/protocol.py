@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import RequestError
 
@@ -29,12 +27,14 @@ MAX_LINE = 64 * 1024
 ECHO = 60  # at most this much of a client's own input is quoted back in an error
 
 
-@dataclass(frozen=True)
-class CommandSpec:
+class CommandSpec(NamedTuple):
+    """A verb on the wire (a NamedTuple, not a dataclass: the CLI loads every verb's spec, and
+    dataclasses would cost it more than the rest of its start)."""
+
     name: str
     help: str
-    # argument name -> (accepted JSON type, required)
-    args: dict[str, tuple[type, bool]] = field(default_factory=dict)
+    # argument name -> (accepted JSON type, required); never changed, so one shared empty dict is safe
+    args: dict[str, tuple[type, bool]] = {}
     # the order words map onto args: "swap /x" -> build="/x"
     positional: tuple[str, ...] = ()
     order: int = 100  # where it stands in `help` and the CLI
@@ -48,8 +48,7 @@ def commands() -> dict[str, CommandSpec]:
     return {name: module.SPEC for name, module in load().items()}
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     cmd: str
     args: dict[str, Any]
 
@@ -77,6 +76,8 @@ def parse_request(line: bytes | str) -> Request:
             raise RequestError("a request must be a JSON object")
     else:
         try:
+            import shlex  # plain-text requests (socat) are parsed in the daemon only
+
             words = shlex.split(text)
         except ValueError as e:
             raise RequestError(f"cannot split the words of the request: {e} (quote a path with spaces: "
@@ -166,3 +167,15 @@ def parse_reply(line: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError("reply is not a JSON object")
     return obj
+
+
+def shares(v: Any) -> tuple[int, ...]:
+    """Rollout shares: percentages of users, each 1-100, rising (the rollout ends at 100 either way)."""
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError("expected a list of whole percentages, like [5, 25, 50, 100]")
+    bad = [x for x in v if not 1 <= x <= 100]
+    if bad:
+        raise ValueError(f"each share is a percentage of users, 1-100; got {bad[0]}")
+    if any(b <= a for a, b in zip(v, v[1:])):
+        raise ValueError(f"shares must rise, like [5, 25, 50, 100]; got {v}")
+    return tuple(v)

@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import probes, slots
+from . import builds, probes, slots
 from .errors import Aborted, AppDied, AppError, BluegreenError
 from .state import SlotState
 from .swap import Phase, Plan, shielded
@@ -33,9 +33,7 @@ class SlotOps:
         self.still_open = 0  # connections the drain left open on the old build (its stop cuts them, or not)
 
     async def prepare(self, plan: AppPlan) -> dict[str, Any]:
-        from .app import check_build
-
-        check_build(plan.build)
+        builds.check_build(plan.build)
         if self.app.release.warm is not None:  # it holds the slot this swap needs
             await self.app.release.end_warm("a new swap needs its slot")
         if self.app.proxy.preview_port is not None:  # left by an abort whose preview could not be ended

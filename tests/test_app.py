@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.app import check_build
+from supervisor.builds import check_build
 from supervisor.errors import BuildError
 
 

@@ -26,6 +26,8 @@ def test_bench_quick_smoke() -> None:
         assert set(report[key]) >= {"start_to_ready_s", "switch_ms", "drain_s", "overhead_ms_median"}
     assert report["bluegreen_runtime_phases"]["switch_ms"]["mode"] == "runtime"
     assert report["footprint"]["idle_rss_mb"] > 0
+    assert set(report["cli"]) == {"python -c pass", "bluegreen --version", "bluegreen status"}
+    assert all(c["ms"] > 0 for c in report["cli"].values())  # measured (the ratio is the README's, not a test's)
     baseline, scraped, _ = report["ops"]  # metrics and rotation off, then on
     assert baseline["scrapes"] == 0 and scraped["scrapes"] >= 1 and scraped["pumps"] == 1
     assert "access.log.1" in scraped["access_logs"] and baseline["access_logs"] == ["access.log"]

@@ -48,3 +48,25 @@ def test_every_error_code_raised_is_in_the_error_tree_and_the_readme() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
     missing = sorted(c for c in codes if c not in tree or f"`{c}`" not in readme)
     assert not missing, f"codes raised but not listed in errors.py's tree or the README: {missing}"
+
+
+DAEMON_ONLY = ("asyncio", "httpx", "psutil", "aiofiles", "supervisor.config", "supervisor.app", "supervisor.daemon",
+               "supervisor.nginx", "supervisor.slots", "supervisor.logs")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["status", "-c", "CONFIG"], ["swap", "-c", "CONFIG", "/nonexistent"],
+                                  ["history", "-c", "CONFIG"], ["--help"]])
+def test_the_cli_loads_only_what_a_client_needs(argv: list[str], tmp_path: Path) -> None:
+    """A verb reads the socket path from the config and speaks the wire format: it never imports the
+    daemon (what made `bluegreen status` 8-10 times a bare Python start)."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "app.toml"
+    config.write_text('[daemon]\nstate_dir = "run"\n[app]\ncommand = ["x"]\n')
+    probe = (f"import sys\nsys.argv = ['bluegreen'] + {[a.replace('CONFIG', str(config)) for a in argv]!r}\n"
+             "from supervisor.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+             f"print('LOADED', sorted(m for m in sys.modules if m.startswith({DAEMON_ONLY!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path).stdout
+    loaded = out.rsplit("LOADED ", 1)[-1].strip()
+    assert loaded == "[]", f"{argv}: {loaded}"

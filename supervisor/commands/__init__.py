@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import pkgutil
+import os
 from types import ModuleType
 
 
 @functools.cache
 def load() -> dict[str, ModuleType]:
     """Every verb module, by name, in the order their SPECs give."""
-    modules = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+    # (a listing, not pkgutil: pkgutil loads inspect, which alone costs the CLI a tenth of its start)
+    names = sorted(f[:-3] for f in os.listdir(__path__[0]) if f.endswith(".py") and not f.startswith("_"))
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in names]
     return {m.SPEC.name: m for m in sorted(modules, key=lambda m: m.SPEC.order)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,8 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     app = daemon.app
     waiting, record = app.release.decide("abort"), app.swap
     assert app.swap_task is not None and record is not None
+    import asyncio  # the daemon's side (the CLI does not load asyncio)
+
     await asyncio.gather(app.swap_task, return_exceptions=True)
     return {"aborted": str(waiting.standby.build), "standby": waiting.standby.to_dict(), "traffic": record.traffic,
             "active": app.active.to_dict() if app.active else None}

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
 from ..errors import BluegreenError
 from ..protocol import CommandSpec
-from ..swap import Phase
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
 
-log = logging.getLogger("bluegreen")
 SPEC = CommandSpec(
     "cancel", "stop a running swap before it switches traffic (its standby is stopped)", order=30,
     description="Cancel the running swap if it has not switched nginx yet: its standby is stopped (whole process "
@@ -25,6 +21,10 @@ SPEC = CommandSpec(
 
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
+    import logging
+
+    from ..swap import Phase  # the daemon's side: not imported by the CLI
+
     app = daemon.app
     task, record = app.swap_task, app.swap
     if task is None or task.done() or record is None:
@@ -35,8 +35,10 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
             "let it finish draining, then `bluegreen rollback` if needed",
             code="too_late", phase=record.phase,
         )
-    log.info("cancelling the %s to %s in phase %s", record.reason, record.build, record.phase)
+    logging.getLogger("bluegreen").info("cancelling the %s to %s in phase %s", record.reason, record.build, record.phase)
     task.cancel()
+    import asyncio  # the daemon's side (the CLI does not load asyncio)
+
     await asyncio.gather(task, return_exceptions=True)
     return {"cancelled": record.build, "phase": record.error.get("phase") if record.error else None,
             "active": app.active.to_dict() if app.active else None}

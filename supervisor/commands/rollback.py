@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
-from ..app import check_build
 from ..errors import BluegreenError
 from ..protocol import CommandSpec
 
@@ -28,11 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
+    from .. import builds  # the daemon's side (zipfile and its codecs are not the CLI's)
+
     previous = daemon.app.ledger.state.previous_build
     if not previous:
         raise BluegreenError("there is no previous build to roll back to (no swap has completed yet)",
                              code="no_previous")
-    return await daemon.app.run_swap(check_build(Path(previous)), reply, reason="rollback")
+    return await daemon.app.run_swap(builds.check_build(Path(previous)), reply, reason="rollback")
 
 
 def run(sock: Path, args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import psutil
-
 from .. import __version__, client
 from ..client import ago as _ago
 from ..errors import BluegreenError
@@ -68,6 +66,8 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
 
 def _with_rss(p: dict[str, Any]) -> dict[str, Any]:
     """The resident memory of the app's whole tree (a start script's server included)."""
+    import psutil  # the daemon's side: not imported by the CLI
+
     try:
         root = psutil.Process(p["pid"])
         p["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
-from ..app import check_build
-from ..config import shares
+from ..protocol import shares
 from ..errors import NotReadyYet, RequestError
 from ..protocol import CommandSpec
 
@@ -53,6 +52,8 @@ def _shares(text: str) -> list[int]:
 
 async def handle(daemon: Daemon, reply: Any, build: str | None = None, pause: bool = False,
                  rollout: list[Any] | None = None, step_seconds: float | None = None) -> dict[str, Any]:
+    from .. import builds  # the daemon's side (zipfile and its codecs are not the CLI's)
+
     app = daemon.app
     if build is None:
         if app.active is None:
@@ -68,7 +69,7 @@ async def handle(daemon: Daemon, reply: Any, build: str | None = None, pause: bo
         raise RequestError("swap: step_seconds must be greater than 0")
     if steps and build is None:
         raise RequestError("swap: a rollout needs a BUILD (a restart of the same build has nothing to watch)")
-    return await app.run_swap(check_build(target), reply, reason="swap" if build else "restart", pause=pause,
+    return await app.run_swap(builds.check_build(target), reply, reason="swap" if build else "restart", pause=pause,
                               rollout=steps, step_seconds=step_seconds)
 
 
