@@ -101,44 +101,48 @@ def shared_dicts(upstream_name: str) -> tuple[str, str]:
     return f"bluegreen.{upstream_name}", f"bluegreen.{upstream_name}.stats"
 
 
+LUA_DIR = Path(__file__).resolve().parent / "lua"  # package data: bluegreen.lua, the program nginx runs
+LUA_CONTROLS = ("route", "preview", "split", "stats", "inflight", "handlers", "state")  # as in bluegreen.lua
+
+
+def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseConfig(),
+            rollout_cookie: str = ROLLOUT_COOKIE, unjudged: tuple[str, ...] = ()) -> str:
+    """One app's settings, as the lua table every call into bluegreen.lua takes."""
+    header, cookie = preview_vars(release)
+    table, stats = shared_dicts(upstream_name)
+    fields = {"name": upstream_name, "table": table, "stats": stats, "route": str(route), "preview_header": header,
+              "preview_cookie": cookie, "rollout_cookie": rollout_cookie}
+    return ("{" + ", ".join(f"{k} = {_lua_string(v)}" for k, v in fields.items())
+            + ", unjudged = {" + ", ".join(_lua_string(p) for p in unjudged) + "}}")
+
+
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
                    rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True,
-                   unjudged: tuple[str, ...] = ()) -> str:
-    """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md).
+                   unjudged: tuple[str, ...] = (), preload: bool = True) -> str:
+    """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md):
+    this app's shared dicts, its upstream whose balancer is bluegreen.lua's, and its control
+    socket. What the lua does is said in supervisor/lua/bluegreen.lua.
 
     The table is seeded from the route file, which the daemon writes before every change, when
-    it has no port yet (a fresh nginx); `add` never clobbers a live value. The balancer counts
-    each request in flight per port *and worker pid*, once; the log phase (run for every
-    request, failed ones too) counts it out. What was counted rides in the request variable
-    $bluegreen_request, which survives internal redirects (error_page, X-Accel-Redirect,
-    try_files), unlike ngx.ctx. A worker killed mid-request never counts out, so the daemon
-    ignores the counts of workers that are gone. Subrequests (auth_request, mirror) are routed
-    but never counted: nginx runs no log phase for them. Requests to `unjudged` paths (a path,
-    or a prefix ending in `/`) are counted in flight but never judged by a watch. Preview,
-    split, counters: see the lua below. Control: Unix socket only.
+    it has no port yet (a fresh nginx). Requests to `unjudged` paths (a path, or a prefix ending
+    in `/`) are counted in flight but never judged by a watch. Control: Unix socket only.
 
     Everything here is per app (named after the upstream) except the http-level request
     handlers (render_lua_handlers), which nginx allows once per http block: with `handlers`
     False they are left out, for a file that several apps share (nginx.lua_handlers_file).
     """
-    header, cookie = preview_vars(release)
     table, stats = shared_dicts(upstream_name)
-    seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route)))
-    ignored = "{" + ", ".join(_lua_string(p) for p in unjudged) + "}"
-    balancer = _LUA_BALANCER.replace("PREVIEW_MATCH", f'ngx.var.{header} == token or ngx.var.{cookie} == token') \
-        .replace("ROLLOUT_COOKIE_NAME", rollout_cookie).replace("ROLLOUT_COOKIE", f"cookie_{rollout_cookie}") \
-        .replace("UNJUDGED", ignored).replace("SEED\n", textwrap.indent(seed, " " * 16))
+    app = lua_app(upstream_name, route, release, rollout_cookie, unjudged)
     control_locations = "".join(
-        f"    location = {CONTROL}{name} {{\n        content_by_lua_block {{\n"
-        + lua.replace("SEED\n", textwrap.indent(seed, " " * 16))
-        + "        }\n    }\n" for name, lua in _control_lua().items())
-    text = f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
+        f"    location = {CONTROL}{name} {{\n"
+        f"        content_by_lua_block {{ return require(\"bluegreen\").control({app}, \"{name}\") }}\n    }}\n"
+        for name in LUA_CONTROLS)
+    return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
 lua_shared_dict {table} 1m;
 lua_shared_dict {stats} 4m;
-{render_lua_handlers() if handlers else ""}upstream {upstream_name} {{
+{render_lua_handlers(preload) if handlers else ""}upstream {upstream_name} {{
     server 127.0.0.1:1;  # a placeholder: the balancer picks the port
-    balancer_by_lua_block {{
-{balancer}    }}
+    balancer_by_lua_block {{ return require("bluegreen").balancer({app}) }}
 }}
 server {{
     listen "unix:{control}";
@@ -148,12 +152,9 @@ server {{
     set $bluegreen_request_seen $bluegreen_request;
 {control_locations}}}
 """
-    # Names checked by config.py (letters, digits, `_`, `.`, `-`): plain lua strings.
-    return text.replace("TABLE_DICT", f'"{table}"').replace("STATS_DICT", f'"{stats}"') \
-        .replace("APP_NAME", f'"{upstream_name}"')
 
 
-def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True) -> str:
+def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True) -> str:
     """render_runtime for this app's config: what the managed nginx and the user's nginx include.
     The path of app.ready.url is never judged, besides rollout.ignore_paths."""
     from urllib.parse import urlsplit
@@ -161,313 +162,33 @@ def runtime_part(config: Config, route: Path, control: Path, handlers: bool = Tr
     ready = config.app.ready.url
     unjudged = config.rollout.ignore_paths + ((urlsplit(ready).path or "/",) if ready else ())
     return render_runtime(config.nginx.upstream_name, route, control, config.release, config.rollout.cookie,
-                          handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)))
+                          handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)), preload=preload)
 
 
-def render_lua_handlers() -> str:
-    """The runtime switch's http-level request handlers: they count a request out and set the
-    rollout cookie, for whichever app's balancer picked the request (its name rides in the
-    request variable $bluegreen_request), so one copy serves every app in the nginx."""
-    return f"""# What the balancer counted a request in as: empty until it does (a map, so that reading
+def render_lua_handlers(preload: bool = True) -> str:
+    """The runtime switch's http-level part, once per http block, the same for every app: where
+    nginx finds bluegreen.lua, and the request handlers that count a request out and set the
+    rollout cookie for whichever app's balancer picked it (its name rides in $bluegreen_request).
+    With `preload` the master loads the lua (workers running as www-data may not read the
+    package's folder); the managed nginx loads it in its own init block instead."""
+    init = 'init_by_lua_block { require("bluegreen") }\n' if preload else ""
+    return f"""lua_package_path "{LUA_DIR}/?.lua;;";
+{init}# What the balancer counted a request in as: empty until it does (a map, so that reading
 # it before is no "uninitialized variable" warning); it survives internal redirects.
 map "" $bluegreen_request {{
     default "";
 }}
-log_by_lua_block {{
-{_LUA_LOG}}}
-header_filter_by_lua_block {{
-{_LUA_COOKIE}}}
+log_by_lua_block {{ require("bluegreen").log() }}
+header_filter_by_lua_block {{ require("bluegreen").header_filter() }}
 """
 
 
 def render_seed(upstream_name: str, route: Path) -> str:
-    """An init_by_lua block that seeds the table from the route file as nginx (re)loads its
-    config: in the master, before the workers drop their privileges (a managed nginx whose
-    workers run as nginx.user may not reach a private state_dir)."""
+    """An init_by_lua block that loads bluegreen.lua and seeds the table from the route file as
+    nginx (re)loads its config: in the master, before the workers drop their privileges (a
+    managed nginx whose workers run as nginx.user may not reach a private state_dir)."""
     table, _ = shared_dicts(upstream_name)
-    seed = _LUA_SEED.replace("ROUTE_FILE", _lua_string(str(route))).replace("TABLE_DICT", f'"{table}"')
-    return "init_by_lua_block {\n    local dict = ngx.shared[" + f'"{table}"' + "]\n" + textwrap.indent(seed, "    ") + "}\n"
-
-
-# A fresh nginx has no port in the table: it takes the one in the route file (written before
-# every change). `add` leaves a value set meanwhile alone, and a reload keeps the table. A file
-# nginx cannot read is said in its error log (a 0700 directory and workers running as www-data).
-_LUA_SEED = """\
-local f, err = io.open(ROUTE_FILE, "r")
-if f then
-    local p = tonumber(f:read("*l") or "")
-    f:close()
-    if p then dict:add("port", p) end
-else
-    ngx.log(ngx.ERR, "bluegreen: cannot read the route file: ", err, " (nginx's user must be able to read it)")
-end
-"""
-
-# Picks the port once per request (retries and internal redirects keep it) and counts the request
-# in. A preview request goes to the preview port; during a split, a user whose bucket (a stable
-# hash of the rollout cookie modulo 100) is below the share goes to the candidate. A user without
-# the cookie gets a random id (many users may share one address: NAT, a load balancer), sent back
-# in the cookie. What was counted goes in $bluegreen_request: "port gen app judged id cookie".
-_LUA_BALANCER = """\
-        local dict = ngx.shared[TABLE_DICT]
-        local state = ngx.var.bluegreen_request or ""
-        local port
-        if state ~= "" then
-            local p, app = state:match("^(%d+) %d+ (%S+)")
-            if app == APP_NAME then port = tonumber(p) end
-        end
-        if not port then
-            port = dict:get("port")
-            if not port then
-SEED
-                port = dict:get("port")
-            end
-            local id = "-"
-            local preview = dict:get("preview")
-            local token = preview and (dict:get("preview_token") or "1")
-            if preview and (PREVIEW_MATCH) then
-                port = preview
-            else
-                local cand = dict:get("cand")
-                if cand then
-                    local user = ngx.var.ROLLOUT_COOKIE
-                    if not user or user == "" then
-                        user = ngx.md5(ngx.worker.pid() .. " " .. ngx.var.connection .. " "
-                                       .. ngx.var.connection_requests .. " " .. ngx.now() .. " "
-                                       .. math.random()):sub(1, 16)
-                        id = user
-                    end
-                    if ngx.crc32_short(user) % 100 < (dict:get("share") or 0) then port = cand end
-                end
-            end
-            if not port then
-                ngx.log(ngx.ERR, "bluegreen: no route for ", APP_NAME, " yet (the daemon sets it)")
-                return ngx.exit(502)
-            end
-            if state == "" and not ngx.is_subrequest then
-                local judged, uri = 1, ngx.var.uri or ""
-                for _, p in ipairs(UNJUDGED) do
-                    if uri == p or (p:sub(-1) == "/" and uri:sub(1, #p) == p)
-                            or uri:sub(1, #p + 1) == p .. "/" then
-                        judged = 0
-                        break
-                    end
-                end
-                dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), 1, 0)
-                ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. APP_NAME .. " "
-                    .. judged .. " " .. id .. " ROLLOUT_COOKIE_NAME"
-            end
-        end
-        local ok, err = require("ngx.balancer").set_current_peer("127.0.0.1", port)
-        if not ok then
-            ngx.log(ngx.ERR, "bluegreen: ", err)
-            return ngx.exit(502)
-        end
-"""
-
-# Counts the request out, and counts it per upstream port: always in generation 0 (requests,
-# 5xx answers, upstream errors: no answer header from the app, i.e. refused, reset, timed out;
-# since nginx started, for the metrics), and for a watch generation also its latency bucket
-# (see verdict.py). A client that hung up first (499) says nothing about the app: not judged,
-# nor are the app's unjudged paths. The dicts are those of the app whose balancer took it.
-_LUA_LOG = """\
-    local state = ngx.var.bluegreen_request
-    if not state or state == "" then
-        local probe = ngx.ctx.bluegreen_probe  -- a control request asking whether these handlers run
-        if probe then ngx.shared[probe]:incr("handlers", 1, 0) end
-        return
-    end
-    local port, gen, app, judged = state:match("^(%d+) (%d+) (%S+) (%d)")
-    if not port then return end
-    local dict = ngx.shared["bluegreen." .. app]
-    if not dict then return end
-    dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), -1, 0)
-    local status = tonumber(ngx.var.status) or 0
-    if judged ~= "1" or status == 499 then return end
-    local stats = ngx.shared["bluegreen." .. app .. ".stats"]
-    local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
-    local kind = nil
-    if not header or header == "-" then
-        kind = "err"
-    elseif status >= 500 then
-        kind = "5xx"
-    end
-    local total = "s:0:" .. port .. ":"
-    stats:incr(total .. "n", 1, 0)
-    if kind then stats:incr(total .. kind, 1, 0) end
-    if gen ~= "0" then
-        local p = "s:" .. gen .. ":" .. port .. ":"
-        stats:incr(p .. "n", 1, 0)
-        if kind then stats:incr(p .. kind, 1, 0) end
-        local t = tonumber((ngx.var.upstream_response_time or ""):match("([%d.]+)%s*$") or "")
-        if t then stats:incr(p .. "l" .. math.floor(math.log(t * 10000 + 1) / math.log(1.2)), 1, 0) end
-    end
-"""
-
-# A user met for the first time during a split keeps the bucket it was given: its new id goes
-# back in the rollout cookie, next to any cookie the app sets.
-_LUA_COOKIE = """\
-    local state = ngx.var.bluegreen_request
-    local id, name = (state or ""):match(" (%x+) (%S+)$")
-    if id then
-        local cookie = name .. "=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
-        local h = ngx.header["Set-Cookie"]
-        if h == nil then
-            ngx.header["Set-Cookie"] = cookie
-        elseif type(h) == "table" then
-            table.insert(h, cookie)
-            ngx.header["Set-Cookie"] = h
-        else
-            ngx.header["Set-Cookie"] = {h, cookie}
-        end
-    end
-"""
-
-# A PUT's body: a port (digits, 1-65535), or a 400 answer.
-_LUA_READ_PORT = """\
-                ngx.req.read_body()
-                local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
-                if not port or port < 1 or port > 65535 then
-                    ngx.status = 400
-                    ngx.say("expected a port number (1-65535)")
-                    return
-                end
-"""
-
-# PUT a port (validated: digits, 1-65535) or GET: answers the table's value. A new route ends
-# any preview (its port may be about to stop).
-_LUA_ROUTE = """\
-            local dict = ngx.shared[TABLE_DICT]
-            if ngx.req.get_method() == "PUT" then
-READ_PORT
-                dict:set("port", port)
-                dict:delete("preview")
-                dict:delete("preview_token")
-                dict:delete("cand")
-                dict:delete("share")
-            elseif not dict:get("port") then
-SEED
-            end
-            ngx.say(dict:get("port") or "")
-""".replace("READ_PORT\n", _LUA_READ_PORT)
-
-# PUT "port" or "port token": preview requests (their header or cookie equal to the token, or to
-# 1 without one) go there; DELETE: no preview. Answers "port token" as set (or "").
-_LUA_PREVIEW = """\
-            local dict = ngx.shared[TABLE_DICT]
-            local method = ngx.req.get_method()
-            if method == "PUT" then
-                ngx.req.read_body()
-                local p, token = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*([%w_-]*)%s*$")
-                local port = tonumber(p or "")
-                if not port or port < 1 or port > 65535 or #token > 64 then
-                    ngx.status = 400
-                    ngx.say("expected a port number (1-65535), then an optional token (letters, digits, _ and -)")
-                    return
-                end
-                dict:set("preview", port)
-                if token ~= "" then dict:set("preview_token", token) else dict:delete("preview_token") end
-            elseif method == "DELETE" then
-                dict:delete("preview")
-                dict:delete("preview_token")
-            end
-            local token = dict:get("preview_token")
-            ngx.say((dict:get("preview") or "") .. (token and (" " .. token) or ""))
-"""
-
-# PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off).
-# Answers the three numbers as set (0 for unset).
-_LUA_SPLIT = """\
-            local dict = ngx.shared[TABLE_DICT]
-            local method = ngx.req.get_method()
-            if method == "PUT" then
-                ngx.req.read_body()
-                local c, s, g = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s+(%d+)%s+(%d+)%s*$")
-                c, s, g = tonumber(c or ""), tonumber(s or ""), tonumber(g or "")
-                if not c or c > 65535 or s > 100 or g < 1 then
-                    ngx.status = 400
-                    ngx.say("expected: candidate-port share(0-100) generation(>0)")
-                    return
-                end
-                if c > 0 then
-                    dict:set("cand", c)
-                    dict:set("share", s)
-                else
-                    dict:delete("cand")
-                    dict:delete("share")
-                end
-                dict:set("gen", g)
-            elseif method == "DELETE" then
-                dict:delete("cand")
-                dict:delete("share")
-                dict:delete("gen")
-                local stats = ngx.shared[STATS_DICT]
-                for _, k in ipairs(stats:get_keys(0)) do  -- the watch counters; generation 0 stays
-                    if k:sub(1, 4) ~= "s:0:" then stats:delete(k) end
-                end
-            end
-            ngx.say((dict:get("cand") or 0) .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
-"""
-
-# GET ?gen=G: one "port kind count" line per counter of watch generation G (0: all since nginx started).
-_LUA_STATS = """\
-            local gen = tonumber(ngx.var.arg_gen or "")
-            if not gen then
-                ngx.status = 400
-                ngx.say("expected ?gen=N")
-                return
-            end
-            local stats, prefix = ngx.shared[STATS_DICT], "s:" .. gen .. ":"
-            for _, key in ipairs(stats:get_keys(0)) do
-                if key:sub(1, #prefix) == prefix then
-                    local port, kind = key:sub(#prefix + 1):match("^(%d+):(%w+)$")
-                    if port then ngx.say(port, " ", kind, " ", stats:get(key) or 0) end
-                end
-            end
-"""
-
-# GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
-_LUA_INFLIGHT = """\
-            local port = tonumber(ngx.var.arg_port or "")
-            if not port then
-                ngx.status = 400
-                ngx.say("expected ?port=N")
-                return
-            end
-            local dict, prefix = ngx.shared[TABLE_DICT], "inflight:" .. port .. ":"
-            for _, key in ipairs(dict:get_keys(0)) do
-                if key:sub(1, #prefix) == prefix then
-                    ngx.say(key:sub(#prefix + 1), " ", dict:get(key) or 0)
-                end
-            end
-"""
-
-
-# GET: how many control requests the http-level log handler has counted; each GET is counted
-# once it has ended, so the next answer is higher exactly when nginx runs the handlers.
-_LUA_HANDLERS = """\
-            ngx.ctx.bluegreen_probe = TABLE_DICT
-            ngx.say(ngx.shared[TABLE_DICT]:get("handlers") or 0)
-"""
-
-
-# GET: the whole routing state, "port preview candidate share gen" (0 for unset): what the daemon
-# compares with what it set, to find an nginx restarted behind its back (a restart empties the
-# table; the route file brings the port back, nothing else).
-_LUA_STATE = """\
-            local dict = ngx.shared[TABLE_DICT]
-            if not dict:get("port") then
-SEED
-            end
-            ngx.say((dict:get("port") or 0) .. " " .. (dict:get("preview") or 0) .. " " .. (dict:get("cand") or 0)
-                    .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
-"""
-
-
-def _control_lua() -> dict[str, str]:
-    """The control socket's locations (under CONTROL) and what each runs."""
-    return {"route": _LUA_ROUTE, "preview": _LUA_PREVIEW, "split": _LUA_SPLIT, "stats": _LUA_STATS,
-            "inflight": _LUA_INFLIGHT, "handlers": _LUA_HANDLERS, "state": _LUA_STATE}
+    return f'init_by_lua_block {{ require("bluegreen").seed({_lua_string(table)}, {_lua_string(str(route))}) }}\n'
 
 
 def _lua_string(text: str) -> str:

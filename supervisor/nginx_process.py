@@ -136,7 +136,7 @@ class ManagedNginx:
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, self._conf())
-        upstream = (runtime_part(self.config, self.route_path, self.control_path)
+        upstream = (runtime_part(self.config, self.route_path, self.control_path, preload=False)
                     if self.runtime else render_upstream(self.n.upstream_name, port, release=self.config.release))
         write_upstream(self.upstream_path, upstream.encode())
         atomic_write(self.route_path, f"{port}\n".encode())

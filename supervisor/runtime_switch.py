@@ -91,12 +91,12 @@ class SharedHandlers:
 class RuntimeSwitch:
     mode = "runtime"
 
-    def __init__(self, config: Config, master: Master, route: Path, control: Path) -> None:
+    def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True) -> None:
         self.control_path = control
         self.table = Table(control)
         self.route_file = UndoableFile(route)
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
-        self.text = runtime_part(config, route, control, handlers=self.handlers.file is None)
+        self.text = runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload)
         self.undo_port: int | None = None
         # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
         # share, counters generation). A restarted nginx forgets all but the port (route file).
@@ -111,7 +111,7 @@ class RuntimeSwitch:
 
     @classmethod
     def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
-        return cls(config, nginx, nginx.route_path, nginx.control_path)
+        return cls(config, nginx, nginx.route_path, nginx.control_path, preload=False)  # its conf loads the lua
 
     @classmethod
     def external(cls, config: Config, master: Master) -> "RuntimeSwitch":

@@ -47,5 +47,7 @@ def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> 
     from supervisor.nginx import render_runtime
 
     text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
-    assert "ngx.var.cookie_pv ==" in text and "local user = ngx.var.cookie_uid\n" in text
-    assert '.. judged .. " " .. id .. " uid"' in text  # the cookie a new user's id goes back in
+    # Every call into bluegreen.lua gets the app's settings: the preview cookie read, the rollout
+    # cookie a new user's id goes back in.
+    assert text.count("preview_cookie = [==[cookie_pv]==]") == 1 + 7  # the balancer, the 7 control locations
+    assert text.count("rollout_cookie = [==[uid]==]") == 8

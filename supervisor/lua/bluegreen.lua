@@ -1,0 +1,292 @@
+-- bluegreen's program inside nginx: the runtime switch (NGINX-NOTES.md has the tested pattern).
+--
+-- One copy serves every app in an nginx: each app's rendered part calls these functions with its
+-- own settings (`app`: its name, its two shared dicts, its route file, the variables a preview
+-- request and a rollout user are read from, the paths a watch never judges). nginx loads it in
+-- the master (init_by_lua), so that workers running as another user never read the file.
+--
+-- A request is counted in once, by the balancer, in the app's table dict: "inflight:PORT:WORKER".
+-- What was counted rides in the request variable $bluegreen_request, "port gen app judged id
+-- cookie", which survives internal redirects (error_page, X-Accel-Redirect, try_files), unlike
+-- ngx.ctx; the http-level log handler counts it out, and counts the answer for the watch.
+
+local balancer = require("ngx.balancer")
+
+local M = {}
+
+-- A fresh nginx has no port in the table: it takes the one in the route file (written by the
+-- daemon before every change). `add` leaves a value set meanwhile alone, and a reload keeps the
+-- table. A file nginx cannot read is said in its error log.
+function M.seed(table_dict, route_file)
+    local dict = ngx.shared[table_dict]
+    local f, err = io.open(route_file, "r")
+    if f then
+        local p = tonumber(f:read("*l") or "")
+        f:close()
+        if p then dict:add("port", p) end
+    else
+        ngx.log(ngx.ERR, "bluegreen: cannot read the route file: ", err, " (nginx's user must be able to read it)")
+    end
+end
+
+local function route_port(app, dict)
+    local port = dict:get("port")
+    if not port then
+        M.seed(app.table, app.route)
+        port = dict:get("port")
+    end
+    return port
+end
+
+-- Whether the watch judges this request: not for the app's unjudged paths (a path, or a prefix
+-- ending in "/").
+local function judged(app)
+    local uri = ngx.var.uri or ""
+    for _, p in ipairs(app.unjudged) do
+        if uri == p or (p:sub(-1) == "/" and uri:sub(1, #p) == p) or uri:sub(1, #p + 1) == p .. "/" then
+            return 0
+        end
+    end
+    return 1
+end
+
+-- A preview request goes to the preview port; during a split, a user whose bucket (a stable hash
+-- of the rollout cookie modulo 100) is below the share goes to the candidate. A user without the
+-- cookie gets a random id (many users may share one address: NAT, a load balancer), sent back in
+-- the cookie. Returns the port and the new id ("-": none).
+local function pick(app, dict, port)
+    local preview = dict:get("preview")
+    local token = preview and (dict:get("preview_token") or "1")
+    if preview and (ngx.var[app.preview_header] == token or ngx.var[app.preview_cookie] == token) then
+        return preview, "-"
+    end
+    local cand = dict:get("cand")
+    if not cand then return port, "-" end
+    local id = "-"
+    local user = ngx.var["cookie_" .. app.rollout_cookie]
+    if not user or user == "" then
+        user = ngx.md5(ngx.worker.pid() .. " " .. ngx.var.connection .. " " .. ngx.var.connection_requests .. " "
+                       .. ngx.now() .. " " .. math.random()):sub(1, 16)
+        id = user
+    end
+    if ngx.crc32_short(user) % 100 < (dict:get("share") or 0) then port = cand end
+    return port, id
+end
+
+-- balancer_by_lua: picks the port once per request (retries and internal redirects keep it) and
+-- counts the request in. Subrequests (auth_request, mirror) are routed but never counted: nginx
+-- runs no log phase for them.
+function M.balancer(app)
+    local dict = ngx.shared[app.table]
+    local state = ngx.var.bluegreen_request or ""
+    local port
+    if state ~= "" then
+        local p, name = state:match("^(%d+) %d+ (%S+)")
+        if name == app.name then port = tonumber(p) end
+    end
+    if not port then
+        local id
+        port, id = pick(app, dict, route_port(app, dict))
+        if not port then
+            ngx.log(ngx.ERR, "bluegreen: no route for ", app.name, " yet (the daemon sets it)")
+            return ngx.exit(502)
+        end
+        if state == "" and not ngx.is_subrequest then
+            dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), 1, 0)
+            ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. app.name .. " "
+                .. judged(app) .. " " .. id .. " " .. app.rollout_cookie
+        end
+    end
+    local ok, err = balancer.set_current_peer("127.0.0.1", port)
+    if not ok then
+        ngx.log(ngx.ERR, "bluegreen: ", err)
+        return ngx.exit(502)
+    end
+end
+
+-- Counts one answer of a watch generation `gen` ("0": since nginx started, for the metrics):
+-- requests, 5xx answers, upstream errors (no answer header from the app: refused, reset, timed
+-- out), and for a watch generation its latency bucket (verdict.py computes the same index).
+local function count_answer(stats, gen, port, status)
+    local header = (ngx.var.upstream_header_time or "-"):match("([^,%s]+)%s*$")
+    local kind = nil
+    if not header or header == "-" then
+        kind = "err"
+    elseif status >= 500 then
+        kind = "5xx"
+    end
+    local total = "s:0:" .. port .. ":"
+    stats:incr(total .. "n", 1, 0)
+    if kind then stats:incr(total .. kind, 1, 0) end
+    if gen ~= "0" then
+        local p = "s:" .. gen .. ":" .. port .. ":"
+        stats:incr(p .. "n", 1, 0)
+        if kind then stats:incr(p .. kind, 1, 0) end
+        local t = tonumber((ngx.var.upstream_response_time or ""):match("([%d.]+)%s*$") or "")
+        if t then stats:incr(p .. "l" .. math.floor(math.log(t * 10000 + 1) / math.log(1.2)), 1, 0) end
+    end
+end
+
+-- log_by_lua (http level, every request, failed ones too): counts the request out of the app
+-- whose balancer took it. A client that hung up first (499) says nothing about the app: not
+-- judged, nor are the app's unjudged paths.
+function M.log()
+    local state = ngx.var.bluegreen_request
+    if not state or state == "" then
+        local probe = ngx.ctx.bluegreen_probe  -- a control request asking whether these handlers run
+        if probe then ngx.shared[probe]:incr("handlers", 1, 0) end
+        return
+    end
+    local port, gen, app, is_judged = state:match("^(%d+) (%d+) (%S+) (%d)")
+    if not port then return end
+    local dict = ngx.shared["bluegreen." .. app]
+    if not dict then return end
+    dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), -1, 0)
+    local status = tonumber(ngx.var.status) or 0
+    if is_judged ~= "1" or status == 499 then return end
+    count_answer(ngx.shared["bluegreen." .. app .. ".stats"], gen, port, status)
+end
+
+-- header_filter_by_lua (http level): a user met for the first time during a split keeps the bucket
+-- it was given: its new id goes back in the rollout cookie, next to any cookie the app sets.
+function M.header_filter()
+    local id, name = (ngx.var.bluegreen_request or ""):match(" (%x+) (%S+)$")
+    if not id then return end
+    local cookie = name .. "=" .. id .. "; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+    local h = ngx.header["Set-Cookie"]
+    if h == nil then
+        ngx.header["Set-Cookie"] = cookie
+    elseif type(h) == "table" then
+        table.insert(h, cookie)
+        ngx.header["Set-Cookie"] = h
+    else
+        ngx.header["Set-Cookie"] = {h, cookie}
+    end
+end
+
+-- The control socket's locations (/.bluegreen/NAME on a Unix socket only the daemon reaches).
+
+local function bad(text)
+    ngx.status = 400
+    ngx.say(text)
+end
+
+local control = {}
+
+-- PUT a port (digits, 1-65535) or GET: answers the table's value. A new route ends any preview
+-- and split (their ports may be about to stop).
+function control.route(app)
+    local dict = ngx.shared[app.table]
+    if ngx.req.get_method() == "PUT" then
+        ngx.req.read_body()
+        local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
+        if not port or port < 1 or port > 65535 then return bad("expected a port number (1-65535)") end
+        dict:set("port", port)
+        dict:delete("preview")
+        dict:delete("preview_token")
+        dict:delete("cand")
+        dict:delete("share")
+    end
+    ngx.say(route_port(app, dict) or "")
+end
+
+-- PUT "port" or "port token": preview requests (their header or cookie equal to the token, or to
+-- 1 without one) go there; DELETE: no preview. Answers "port token" as set (or "").
+function control.preview(app)
+    local dict = ngx.shared[app.table]
+    local method = ngx.req.get_method()
+    if method == "PUT" then
+        ngx.req.read_body()
+        local p, token = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*([%w_-]*)%s*$")
+        local port = tonumber(p or "")
+        if not port or port < 1 or port > 65535 or #token > 64 then
+            return bad("expected a port number (1-65535), then an optional token (letters, digits, _ and -)")
+        end
+        dict:set("preview", port)
+        if token ~= "" then dict:set("preview_token", token) else dict:delete("preview_token") end
+    elseif method == "DELETE" then
+        dict:delete("preview")
+        dict:delete("preview_token")
+    end
+    local token = dict:get("preview_token")
+    ngx.say((dict:get("preview") or "") .. (token and (" " .. token) or ""))
+end
+
+-- PUT "candidate share gen" (candidate 0: none, only the watch generation), GET, DELETE (all off,
+-- and the watch counters with it; generation 0 stays). Answers the three numbers (0: unset).
+function control.split(app)
+    local dict = ngx.shared[app.table]
+    local method = ngx.req.get_method()
+    if method == "PUT" then
+        ngx.req.read_body()
+        local c, s, g = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s+(%d+)%s+(%d+)%s*$")
+        c, s, g = tonumber(c or ""), tonumber(s or ""), tonumber(g or "")
+        if not c or c > 65535 or s > 100 or g < 1 then
+            return bad("expected: candidate-port share(0-100) generation(>0)")
+        end
+        if c > 0 then
+            dict:set("cand", c)
+            dict:set("share", s)
+        else
+            dict:delete("cand")
+            dict:delete("share")
+        end
+        dict:set("gen", g)
+    elseif method == "DELETE" then
+        dict:delete("cand")
+        dict:delete("share")
+        dict:delete("gen")
+        local stats = ngx.shared[app.stats]
+        for _, k in ipairs(stats:get_keys(0)) do
+            if k:sub(1, 4) ~= "s:0:" then stats:delete(k) end
+        end
+    end
+    ngx.say((dict:get("cand") or 0) .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
+end
+
+-- GET ?gen=G: one "port kind count" line per counter of watch generation G (0: all since nginx started).
+function control.stats(app)
+    local gen = tonumber(ngx.var.arg_gen or "")
+    if not gen then return bad("expected ?gen=N") end
+    local stats, prefix = ngx.shared[app.stats], "s:" .. gen .. ":"
+    for _, key in ipairs(stats:get_keys(0)) do
+        if key:sub(1, #prefix) == prefix then
+            local port, kind = key:sub(#prefix + 1):match("^(%d+):(%w+)$")
+            if port then ngx.say(port, " ", kind, " ", stats:get(key) or 0) end
+        end
+    end
+end
+
+-- GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
+function control.inflight(app)
+    local port = tonumber(ngx.var.arg_port or "")
+    if not port then return bad("expected ?port=N") end
+    local dict, prefix = ngx.shared[app.table], "inflight:" .. port .. ":"
+    for _, key in ipairs(dict:get_keys(0)) do
+        if key:sub(1, #prefix) == prefix then ngx.say(key:sub(#prefix + 1), " ", dict:get(key) or 0) end
+    end
+end
+
+-- GET: how many control requests the http-level log handler has counted; each GET is counted
+-- once it has ended, so the next answer is higher exactly when nginx runs the handlers.
+function control.handlers(app)
+    ngx.ctx.bluegreen_probe = app.table
+    ngx.say(ngx.shared[app.table]:get("handlers") or 0)
+end
+
+-- GET: the whole routing state, "port preview candidate share gen" (0 for unset): what the daemon
+-- compares with what it set, to find an nginx restarted behind its back (a restart empties the
+-- table; the route file brings the port back, nothing else).
+function control.state(app)
+    local dict = ngx.shared[app.table]
+    local port = route_port(app, dict)
+    ngx.say((port or 0) .. " " .. (dict:get("preview") or 0) .. " " .. (dict:get("cand") or 0)
+            .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
+end
+
+-- content_by_lua of /.bluegreen/WHAT.
+function M.control(app, what)
+    return control[what](app)
+end
+
+return M
