@@ -1,4 +1,4 @@
-"""Prometheus metrics (text format 0.0.4) on `daemon.metrics_listen`, off by default.
+"""Prometheus metrics (text format 0.0.4, written by prometheus_client) on `daemon.metrics_listen`, off by default.
 
 What a dashboard or an alert needs from a release tool: swaps by reason and outcome, how long
 each phase took (a histogram), crash restarts, the build that serves (an info metric), the
@@ -6,7 +6,8 @@ daemon's status, and nginx's per-slot requests, 5xx answers, upstream errors (ru
 counted inside nginx) and in-flight requests (both switches). Counters start at 0 with the
 daemon, as Prometheus expects of a restarted process; nginx's start with its master.
 
-The endpoint is a few lines of asyncio, not an HTTP framework: one GET, one answer, close.
+prometheus_client writes the text format (a custom collector and generate_latest, as exporters
+do); the endpoint is a few lines of asyncio, not an HTTP framework: one GET, one answer, close.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import asyncio
 import errno
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
 
 from . import drain
 from .config import SLOTS
@@ -67,76 +69,111 @@ class Recorder:
             self.phases.setdefault(phase, Histogram()).observe(seconds)
 
 
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass
+class NginxSnapshot:
+    """What nginx says at a scrape (asked before the families are built: the collector is sync)."""
+
+    up: bool
+    ports: dict[str, int]  # slot -> port
+    stats: dict[int, Any] | None  # port -> counters (runtime switch), None otherwise
+    inflight: dict[int, int]
 
 
-def _labels(**labels: Any) -> str:
-    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}" if labels else ""
+class Collector:
+    """prometheus_client's custom collector: the daemon's own numbers and nginx's snapshot, as
+    metric families; prometheus_client writes the text format."""
 
+    def __init__(self, app: App, rec: Recorder, nginx: NginxSnapshot) -> None:
+        self.app, self.rec, self.nginx = app, rec, nginx
 
-class Exposition:
-    """The text format: HELP and TYPE once per family, then its samples."""
+    def collect(self) -> Iterator[Any]:
+        yield from self._daemon()
+        yield from self._swaps()
+        yield from self._nginx()
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    def _daemon(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
 
-    def family(self, name: str, kind: str, help: str) -> None:
-        self.lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        app = self.app
+        yield GaugeMetricFamily("bluegreen_up", "1 while the bluegreen daemon runs.", value=1)
+        status = GaugeMetricFamily("bluegreen_daemon_status", "The daemon's status: 1 for the current one (failed: "
+                                   "it gave up restarting a crashing app).", labels=["status"])
+        for s in DaemonStatus:
+            status.add_metric([s.value], int(app.status == s))
+        yield status
+        yield GaugeMetricFamily("bluegreen_daemon_start_time_seconds", "When the daemon started (Unix time).",
+                                value=round(self.rec.started_at, 3))
+        build = GaugeMetricFamily("bluegreen_active_build_info", "The build that serves: always 1, the build in "
+                                  "the labels.", labels=["slot", "port", "build", "build_name", "pid"])
+        if app.active is not None:
+            a = app.active
+            build.add_metric([a.slot, str(a.port), str(a.build), a.build.name, str(a.pid)], 1)
+        yield build
 
-    def sample(self, name: str, value: float, **labels: Any) -> None:
-        text = repr(float(value)) if isinstance(value, float) else str(value)
-        self.lines.append(f"{name}{_labels(**labels)} {text}")
+    def _swaps(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        swaps = CounterMetricFamily("bluegreen_swaps", "Swaps that ended, by reason (swap, rollback, restart, "
+                                    "recover) and outcome (done, failed).", labels=["reason", "outcome"])
+        for (reason, outcome), n in sorted(self.rec.swaps.items()):
+            swaps.add_metric([reason, outcome], n)
+        yield swaps
+        swap = self.app.swap if self.app.swapping() else None
+        running = GaugeMetricFamily("bluegreen_swap_in_progress", "1 while a swap runs, labelled with its phase.",
+                                    labels=["phase", "reason"])
+        # While none runs, the sample has no labels (a label set with nothing in it would be a series of its own).
+        running.add_metric([swap.phase or "", swap.reason] if swap is not None else [], int(swap is not None))
+        yield running
+        phases = HistogramMetricFamily("bluegreen_swap_phase_duration_seconds", "How long each swap phase took.",
+                                       labels=["phase"])
+        for phase, h in sorted(self.rec.phases.items()):
+            buckets = [(repr(b), n) for b, n in zip(BUCKETS, h.counts)] + [("+Inf", h.count)]
+            phases.add_metric([phase], buckets, round(h.sum, 6))
+        yield phases
+        yield CounterMetricFamily("bluegreen_crash_restarts", "Restarts of a crashed or hung active app.",
+                                  value=self.rec.crash_restarts)
+
+    def _nginx(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        n = self.nginx
+        yield GaugeMetricFamily("bluegreen_nginx_up", "1 while the nginx master that routes the traffic runs.",
+                                value=int(n.up))
+        if n.stats is not None:
+            for name, attr, what in (("requests", "requests", "Requests nginx sent to the slot's port"),
+                                     ("responses_5xx", "http_5xx", "5xx answers the slot's app gave"),
+                                     ("upstream_errors", "upstream_errors", "Requests the slot's app never "
+                                      "answered (refused, reset, timed out)")):
+                family = CounterMetricFamily(f"bluegreen_nginx_{name}", f"{what}, since the nginx master started "
+                                             "(runtime switch only).", labels=["slot", "port"])
+                for slot, port in n.ports.items():
+                    c = n.stats.get(port)
+                    family.add_metric([slot, str(port)], getattr(c, attr) if c else 0)
+                yield family
+        inflight = GaugeMetricFamily("bluegreen_nginx_inflight", "Requests in flight from nginx to the slot's port.",
+                                     labels=["slot", "port"])
+        for slot, port in n.ports.items():
+            inflight.add_metric([slot, str(port)], n.inflight.get(port, 0))
+        yield inflight
 
 
 async def render(app: App, rec: Recorder) -> str:
-    """The current metrics, as the text /metrics answers."""
-    out = Exposition()
-    out.family("bluegreen_up", "gauge", "1 while the bluegreen daemon runs.")
-    out.sample("bluegreen_up", 1)
-    out.family("bluegreen_daemon_status", "gauge", "The daemon's status: 1 for the current one (failed: it gave "
-               "up restarting a crashing app).")
-    for status in DaemonStatus:
-        out.sample("bluegreen_daemon_status", int(app.status == status), status=status.value)
-    out.family("bluegreen_daemon_start_time_seconds", "gauge", "When the daemon started (Unix time).")
-    out.sample("bluegreen_daemon_start_time_seconds", round(rec.started_at, 3))
-    out.family("bluegreen_swaps_total", "counter", "Swaps that ended, by reason (swap, rollback, restart, recover) "
-               "and outcome (done, failed).")
-    for (reason, outcome), n in sorted(rec.swaps.items()):
-        out.sample("bluegreen_swaps_total", n, reason=reason, outcome=outcome)
-    out.family("bluegreen_swap_in_progress", "gauge", "1 while a swap runs, labelled with its phase.")
-    swap = app.swap if app.swapping() else None
-    out.sample("bluegreen_swap_in_progress", int(swap is not None),
-               **({"phase": swap.phase or "", "reason": swap.reason} if swap is not None else {}))
-    out.family("bluegreen_swap_phase_duration_seconds", "histogram", "How long each swap phase took.")
-    for phase, h in sorted(rec.phases.items()):
-        for bound, n in zip(BUCKETS, h.counts):
-            out.sample("bluegreen_swap_phase_duration_seconds_bucket", n, phase=phase, le=repr(bound))
-        out.sample("bluegreen_swap_phase_duration_seconds_bucket", h.count, phase=phase, le="+Inf")
-        out.sample("bluegreen_swap_phase_duration_seconds_sum", round(h.sum, 6), phase=phase)
-        out.sample("bluegreen_swap_phase_duration_seconds_count", h.count, phase=phase)
-    out.family("bluegreen_crash_restarts_total", "counter", "Restarts of a crashed or hung active app.")
-    out.sample("bluegreen_crash_restarts_total", rec.crash_restarts)
-    out.family("bluegreen_active_build_info", "gauge", "The build that serves: always 1, the build in the labels.")
-    if app.active is not None:
-        out.sample("bluegreen_active_build_info", 1, slot=app.active.slot, port=app.active.port,
-                   build=app.active.build, build_name=app.active.build.name, pid=app.active.pid)
-    await _nginx(app, out)
-    return out.text()
+    """The current metrics, as the text /metrics answers (prometheus_client is loaded at the first
+    scrape: a daemon without metrics never pays for it)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(app, rec, await _nginx(app)))
+    return generate_latest(registry).decode()
 
 
-async def _nginx(app: App, out: Exposition) -> None:
+async def _nginx(app: App) -> NginxSnapshot:
     ports = {slot: app.config.app.port(slot) for slot in SLOTS}
     try:
         app.master.master_pid()
         up = True
     except BluegreenError:
         up = False
-    out.family("bluegreen_nginx_up", "gauge", "1 while the nginx master that routes the traffic runs.")
-    out.sample("bluegreen_nginx_up", int(up))
     runtime = app.proxy if isinstance(app.proxy, RuntimeSwitch) else None
     stats = None
     if up and runtime is not None:
@@ -144,25 +181,16 @@ async def _nginx(app: App, out: Exposition) -> None:
             stats = await runtime.stats(0)
         except BluegreenError:
             pass
-    if stats is not None:
-        for name, attr, what in (("requests", "requests", "Requests nginx sent to the slot's port"),
-                                 ("responses_5xx", "http_5xx", "5xx answers the slot's app gave"),
-                                 ("upstream_errors", "upstream_errors", "Requests the slot's app never answered "
-                                  "(refused, reset, timed out)")):
-            family = f"bluegreen_nginx_{name}_total"
-            out.family(family, "counter", f"{what}, since the nginx master started (runtime switch only).")
-            for slot, port in ports.items():
-                c = stats.get(port)
-                out.sample(family, getattr(c, attr) if c else 0, slot=slot, port=port)
-    out.family("bluegreen_nginx_inflight", "gauge", "Requests in flight from nginx to the slot's port.")
-    for slot, port in ports.items():
+    inflight = {}
+    for port in ports.values():
         n = 0
         if up:
             try:
                 n = await runtime.inflight(port) if runtime is not None else drain.inflight(port)
             except (BluegreenError, OSError):
                 n = 0
-        out.sample("bluegreen_nginx_inflight", n, slot=slot, port=port)
+        inflight[port] = n
+    return NginxSnapshot(up, ports, stats, inflight)
 
 
 class MetricsServer:

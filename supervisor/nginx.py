@@ -105,6 +105,14 @@ LUA_DIR = Path(__file__).resolve().parent / "lua"  # package data: bluegreen.lua
 LUA_CONTROLS = ("route", "preview", "split", "stats", "inflight", "handlers", "state")  # as in bluegreen.lua
 
 
+def lua_digest() -> str:
+    """Names the lua program's version in the rendered parts: an upgraded bluegreen's first start
+    finds the part stale and reloads nginx, which loads the new program."""
+    import hashlib
+
+    return hashlib.sha256((LUA_DIR / "bluegreen.lua").read_bytes()).hexdigest()[:16]
+
+
 def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseConfig(),
             rollout_cookie: str = ROLLOUT_COOKIE, unjudged: tuple[str, ...] = ()) -> str:
     """One app's settings, as the lua table every call into bluegreen.lua takes."""
@@ -137,7 +145,8 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
         f"    location = {CONTROL}{name} {{\n"
         f"        content_by_lua_block {{ return require(\"bluegreen\").control({app}, \"{name}\") }}\n    }}\n"
         for name in LUA_CONTROLS)
-    return f"""# Written by bluegreen (nginx.switch = "runtime"); do not edit. Include it once, in http {{}}.
+    return f"""# Written by bluegreen (nginx.switch = "runtime"; bluegreen.lua {lua_digest()}); do not edit.
+# Include it once, in http {{}}.
 lua_shared_dict {table} 1m;
 lua_shared_dict {stats} 4m;
 {render_lua_handlers(preload) if handlers else ""}upstream {upstream_name} {{
@@ -172,7 +181,8 @@ def render_lua_handlers(preload: bool = True) -> str:
     With `preload` the master loads the lua (workers running as www-data may not read the
     package's folder); the managed nginx loads it in its own init block instead."""
     init = 'init_by_lua_block { require("bluegreen") }\n' if preload else ""
-    return f"""lua_package_path "{LUA_DIR}/?.lua;;";
+    return f"""# bluegreen.lua {lua_digest()}, loaded from:
+lua_package_path "{LUA_DIR}/?.lua;;";
 {init}# What the balancer counted a request in as: empty until it does (a map, so that reading
 # it before is no "uninitialized variable" warning); it survives internal redirects.
 map "" $bluegreen_request {{

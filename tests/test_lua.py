@@ -26,3 +26,17 @@ def test_the_lua_is_luacheck_clean() -> None:
 def test_the_control_locations_are_the_ones_the_lua_answers() -> None:
     text = (LUA_DIR / "bluegreen.lua").read_text()
     assert set(re.findall(r"^function control\.(\w+)\(", text, re.M)) == set(LUA_CONTROLS)
+
+
+def test_a_changed_lua_program_makes_the_rendered_part_stale(tmp_path, monkeypatch) -> None:
+    """An upgraded bluegreen's daemon finds its nginx part changed, so it reloads nginx, which
+    loads the new program (nginx keeps the old one in memory until then)."""
+    from pathlib import Path
+
+    from supervisor import nginx
+
+    before = nginx.render_runtime("app", Path("/r"), Path("/c"))
+    (tmp_path / "bluegreen.lua").write_text((LUA_DIR / "bluegreen.lua").read_text() + "\n-- the next version\n")
+    monkeypatch.setattr(nginx, "LUA_DIR", tmp_path)
+    after = nginx.render_runtime("app", Path("/r"), Path("/c"))
+    assert before != after and nginx.lua_digest() in after
