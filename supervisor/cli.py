@@ -17,7 +17,7 @@ from .errors import BluegreenError, ConfigError, LogsError, Unreachable
 from .paths import LOG_NAMES, control_socket
 
 if TYPE_CHECKING:
-    from .config import Config
+    from .config.schema import Config
 
 DEFAULT_CONFIG = "bluegreen.toml"
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "daemon":
             import dataclasses
 
-            from .daemon import serve  # the daemon's imports are not needed by the client
+            from .daemon.process import serve  # the daemon's imports are not needed by the client
 
             cfg = _config(args, machine=True, with_build=False)
             if args.socket:
@@ -145,7 +145,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 def _config(args: argparse.Namespace, **checks: bool) -> Config:
     """The whole config, checked (the daemon, check-config, logs); the verbs need only the socket."""
-    from .config import load
+    from .config.schema import load
 
     path = _config_path(args)
     if not args.config and not os.environ.get("BLUEGREEN_CONFIG") and not path.exists():
@@ -167,7 +167,7 @@ def _lines(v: str) -> int:
 
 
 def show_logs(args: argparse.Namespace) -> int:
-    from .logs import show, sources
+    from .processes.logs import show, sources
 
     found = sources(_config(args), args.which)
     try:
@@ -186,7 +186,7 @@ def check_config(args: argparse.Namespace) -> int:
     print(f"  nginx: {cfg.nginx.mode}" + (f" on {cfg.nginx.listen}" if cfg.nginx.mode == "managed" else
                                           f", upstream file {cfg.nginx.upstream_file}"))
     print(f"  socket: {cfg.daemon.socket}  state: {cfg.daemon.state_dir}")
-    from .config import machine_warnings  # (loaded by _config already)
+    from .config.schema import machine_warnings  # (loaded by _config already)
 
     for warning in machine_warnings(cfg):
         print(f"  warning: {warning}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -197,3 +198,18 @@ def print_error(final: dict[str, Any], quiet: bool = False) -> int:
     if e.get("code") in ("bad_request", "config"):
         return EXIT_USAGE
     return EXIT_MOVED if e.get("traffic") == "moved" else EXIT_FAILED
+
+
+def answering_pid(path: Path) -> int | None:
+    """The pid of the process that accepts connections on the Unix socket `path` (0 if it
+    cannot be told), or None if nothing answers there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError:
+            return 0  # it exists but we may not connect (permissions): assume it is alive
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid

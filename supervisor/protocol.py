@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from .errors import RequestError
 
@@ -41,20 +41,14 @@ class CommandSpec(NamedTuple):
     description: str = ""
 
 
-def commands() -> dict[str, CommandSpec]:
-    """The command table, built from the verb modules (supervisor/commands/)."""
-    from .commands import load
-
-    return {name: module.SPEC for name, module in load().items()}
-
-
 class Request(NamedTuple):
     cmd: str
     args: dict[str, Any]
 
 
-def parse_request(line: bytes | str) -> Request:
-    """Parse one request line (JSON object or words); raise RequestError saying what is wrong."""
+def parse_request(line: bytes | str, table: Mapping[str, CommandSpec]) -> Request:
+    """Parse one request line (JSON object or words) against the command table (commands.specs());
+    raise RequestError saying what is wrong."""
     if isinstance(line, bytes):
         if len(line) > MAX_LINE:
             raise RequestError(f"request line is {len(line)} bytes; the limit is {MAX_LINE}")
@@ -85,18 +79,17 @@ def parse_request(line: bytes | str) -> Request:
         if not words:
             raise RequestError('empty request; send a JSON object like {"cmd": "status"} or words like "status"')
         obj = {"cmd": words[0]}
-        spec = commands().get(words[0])
+        spec = table.get(words[0])
         if spec is not None:
             if len(words) - 1 > len(spec.positional):
                 raise RequestError(f"{spec.name}: too many words; usage: {usage(spec)} "
                                    '(quote a path with spaces: swap "/srv/my app/build")')
             obj.update(zip(spec.positional, words[1:]))
-    return _validate(obj)
+    return _validate(obj, table)
 
 
-def _validate(obj: dict[str, Any]) -> Request:
+def _validate(obj: dict[str, Any], table: Mapping[str, CommandSpec]) -> Request:
     cmd = obj.get("cmd")
-    table = commands()
     if not isinstance(cmd, str):
         raise RequestError('missing "cmd" (a string); known commands: ' + ", ".join(table))
     spec = table.get(cmd)

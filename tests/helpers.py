@@ -83,7 +83,7 @@ def settled_workers(master: int, count: int = 2) -> set[int]:
     """The master's current generation of `count` workers, once the previous one (of the last
     reload) is gone: for nginx's 100 ms after a reload both are titled alike, and the old one
     then closes its idle keep-alive connections."""
-    from supervisor.nginx import title
+    from supervisor.processes.procs import title
 
     def current() -> set[int] | None:
         kids = {c.pid: title(c.pid) or "" for c in psutil.Process(master).children()}
@@ -387,7 +387,7 @@ class DaemonRun:
     def leftovers(self) -> list[int]:
         """Processes of this run that no status ever showed (e.g. after a test failed with the daemon
         gone): every app process carries the state dir's marker; the managed master has a pid file."""
-        from supervisor.slots import marked
+        from supervisor.processes.slots import marked
 
         pids = [p.pid for p in marked(self.dir / "run")]
         try:

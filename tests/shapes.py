@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from helpers import LUA_MODULES, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
-from supervisor.config import resolve_binary
+from supervisor.config.schema import resolve_binary
 
 SHAPES = ("managed", "debian")
 
@@ -140,7 +140,7 @@ def debian_nginx(d: Path, listen: int, upstream_port: int) -> UserNginx:
     # Like /etc/nginx: anyone may enter it (the workers are www-data).
     for p in (d, prefix, prefix / "conf.d", prefix / "html"):
         p.chmod(0o755)
-    from supervisor.nginx import render_upstream
+    from supervisor.proxy.nginx import render_upstream
 
     (prefix / "conf.d" / "myapp.conf").write_text(render_upstream("myapp", upstream_port))
     (prefix / "nginx.conf").write_text(USER_NGINX_CONF.format(  # master root, workers www-data, as Debian ships it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from supervisor.adoption import Action, Adoption, decide
+from supervisor.release.adoption import Action, Adoption, decide
 from supervisor.state import InterruptedSwap, SlotState, State
 
 BLUE = SlotState("blue", 8001, "/b/1", 101, 1.0, 1.0)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import config
+from supervisor.config import schema as config
 from supervisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,7 +268,7 @@ def test_app_ports_the_kernel_gives_to_outgoing_connections_are_warned_about(tmp
     """A port in net.ipv4.ip_local_port_range can be held by a client's TIME-WAIT: the app's listen
     then fails. check-config says so (a warning: the config is valid), naming the range."""
     from helpers import ROOT
-    from supervisor.config import ephemeral_ports
+    from supervisor.config.schema import ephemeral_ports
 
     ephemeral = ephemeral_ports()
     assert ephemeral is not None

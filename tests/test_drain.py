@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor import drain
+from supervisor.processes import drain
 
 
 @pytest.fixture

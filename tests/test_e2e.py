@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import bluegreen, free_ports, http_get, Load, make_build, managed_nginx, serves, wait_until
-from supervisor import drain
+from supervisor.processes import drain
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "supervisor"]

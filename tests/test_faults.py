@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (IGNORES_SIGTERM, NODE_APP, SLOW_TO_STOP, crashes_after_ready, DaemonRun, free_ports, http_get,
                      Load, make_build, managed_nginx, raw, serves, wait_until)
-from supervisor import drain
+from supervisor.processes import drain
 
 pytestmark = pytest.mark.e2e
 

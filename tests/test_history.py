@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_build, wait_until
-from supervisor.history import History
+from supervisor.release.history import History
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from helpers import Load, bluegreen, http_get, make_build, running, wait_until
-from supervisor import drain
+from supervisor.processes import drain
 from conftest import render_config
 
 pytestmark = pytest.mark.e2e

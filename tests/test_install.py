@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from helpers import ROOT, Load, example_config, free_ports, http_get, kill_tree, running, wait_until
-from supervisor.slots import marked
+from supervisor.processes.slots import marked
 
 pytestmark = pytest.mark.e2e
 

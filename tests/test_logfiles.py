@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, wait_until
-from supervisor.logpump import Sink
-from supervisor.logs import Follower, last_lines
-from supervisor.slots import PUMP
+from supervisor.processes.logpump import Sink
+from supervisor.processes.logs import Follower, last_lines
+from supervisor.processes.slots import PUMP
 
 
 def waiting_for_input(pid: int, read_end: int) -> bool:
@@ -110,7 +110,7 @@ def test_one_big_read_from_the_pipe_is_rotated_at_line_ends(tmp_path: Path) -> N
     max_bytes, cut between lines; only a line longer than a whole file is split."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("logpump", ROOT / "supervisor" / "logpump.py")
+    spec = importlib.util.spec_from_file_location("logpump", ROOT / "supervisor" / "processes" / "logpump.py")
     pump = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(pump)  # type: ignore[union-attr]
     lines = b"".join(f"line {i:05d}\n".encode() for i in range(1000))  # 11 bytes each

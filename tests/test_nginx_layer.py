@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 def control(run: DaemonRun, path: str) -> str:
     """One GET on the app's runtime control socket (what the daemon asks nginx)."""
-    from supervisor.nginx_table import Table
+    from supervisor.proxy.table import Table
 
     st = run.status()
     assert st is not None

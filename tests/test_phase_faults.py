@@ -219,7 +219,7 @@ def copied_daemon(run: DaemonRun) -> str:
 def serving_workers(master: int) -> set[int]:
     """The workers of the current generation: titled as serving, the same set over 0.3 s (for
     nginx's first moments after a reload both generations are titled alike)."""
-    from supervisor.nginx import title
+    from supervisor.processes.procs import title
 
     def now() -> set[int]:
         return {c.pid for c in psutil.Process(master).children() if "shutting down" not in (title(c.pid) or "")}

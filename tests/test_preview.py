@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Load, http_get, make_build, managed_nginx, running, wait_until
-from supervisor import drain
+from supervisor.processes import drain
 
 pytestmark = pytest.mark.e2e
 

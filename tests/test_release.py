@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Load, bluegreen, http_get, make_build
-from supervisor import drain
+from supervisor.processes import drain
 from conftest import render_config
 
 pytestmark = pytest.mark.e2e
@@ -94,8 +94,8 @@ def test_a_check_reads_a_bounded_answer_and_a_trickle_times_out() -> None:
     import asyncio
     import time
 
-    from supervisor.config import CheckConfig
-    from supervisor.probes import CHECK_BODY_LIMIT, run_checks
+    from supervisor.config.schema import CheckConfig
+    from supervisor.processes.probes import CHECK_BODY_LIMIT, run_checks
 
     big = b"x" * (4 * CHECK_BODY_LIMIT) + b"END"
     huge = serve_once(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big))

@@ -21,7 +21,7 @@ import pytest
 
 from helpers import (SLOW_TO_STOP, bluegreen, crashes_after_ready, DaemonRun, free_ports, http_get, kill_tree, Load,
                      make_build, managed_nginx, raw, serves, wait_until)
-from supervisor import drain, slots
+from supervisor.processes import drain, slots
 
 pytestmark = pytest.mark.e2e
 

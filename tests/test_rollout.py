@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from helpers import ClientThreads, http_get, make_build, managed_nginx, misbehaving_build, wait_until
-from supervisor import drain
+from supervisor.processes import drain
 
 pytestmark = pytest.mark.e2e
 

@@ -50,8 +50,8 @@ def test_every_error_code_raised_is_in_the_error_tree_and_the_readme() -> None:
     assert not missing, f"codes raised but not listed in errors.py's tree or the README: {missing}"
 
 
-DAEMON_ONLY = ("asyncio", "httpx", "psutil", "aiofiles", "supervisor.config", "supervisor.app", "supervisor.daemon",
-               "supervisor.nginx", "supervisor.slots", "supervisor.logs")
+DAEMON_ONLY = ("asyncio", "httpx", "psutil", "aiofiles", "prometheus_client", "supervisor.config", "supervisor.release",
+               "supervisor.daemon", "supervisor.proxy", "supervisor.processes")
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["status", "-c", "CONFIG"], ["swap", "-c", "CONFIG", "/nonexistent"],
@@ -70,3 +70,84 @@ def test_the_cli_loads_only_what_a_client_needs(argv: list[str], tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path).stdout
     loaded = out.rsplit("LOADED ", 1)[-1].strip()
     assert loaded == "[]", f"{argv}: {loaded}"
+
+
+# The layers, lowest first: a module imports only from its own layer or a lower one (the top-level
+# modules are the base: errors, the wire format, files, state, the client).
+LAYERS = {"": 0, "config": 1, "processes": 2, "proxy": 3, "release": 4, "commands": 5, "daemon": 6, "cli": 7,
+          "__main__": 7}
+
+
+def imported(f: Path) -> set[str]:
+    """The package modules `f` imports when it runs (function-local imports included; those under
+    TYPE_CHECKING, for annotations only, left out)."""
+    mod = ".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+    tree = ast.parse(f.read_text())
+    typing_only = {id(m) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                   for m in ast.walk(n)}
+    out = set()
+    for n in ast.walk(tree):
+        if id(n) in typing_only or not isinstance(n, ast.ImportFrom):
+            continue
+        if n.level:
+            base = mod.split(".")[:len(mod.split(".")) - n.level + (f.name == "__init__.py")]
+            target = ".".join(base + ([n.module] if n.module else []))
+        elif (n.module or "").startswith("supervisor"):
+            target = n.module or ""
+        else:
+            continue
+        for alias in n.names:
+            sub = f"{target}.{alias.name}"
+            is_module = (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists() or \
+                (PACKAGE.parent / sub.replace(".", "/")).is_dir()
+            out.add(sub if is_module else target)
+    return out - {mod, "supervisor"}
+
+
+def layer(module: str) -> str:
+    part = module.split(".")[1] if "." in module else ""
+    return part if part in LAYERS and ((PACKAGE / part).is_dir() or part in ("cli", "__main__")) else ""
+
+
+GRAPH = {".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): imported(f)
+         for f in FILES}
+
+
+def test_imports_only_point_down_the_layers() -> None:
+    up = [f"{m} -> {t}" for m, targets in sorted(GRAPH.items()) for t in sorted(targets)
+          if t in GRAPH and LAYERS[layer(t)] > LAYERS[layer(m)]]
+    assert not up, up
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No import cycle, function-local imports included."""
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [t for t in GRAPH[start] if t in GRAPH]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo += [t for t in GRAPH[m] if t in GRAPH]
+        return False
+
+    cycles = sorted(m for m in GRAPH if reaches(m, m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_app_changes_only_through_its_own_methods() -> None:
+    """What the app is doing (active, standby, retiring, status...) is written in release/app.py
+    only: the executor, the monitor, takeover and the daemon call its methods."""
+    writes = []
+    for f in FILES:
+        if f.name == "app.py" and f.parent.name == "release":
+            continue
+        for n in ast.walk(ast.parse(f.read_text())):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(
+                n, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if isinstance(e, ast.Attribute) and ast.unparse(e.value) in ("app", "self.app", "daemon.app"):
+                        writes.append(f"{f.relative_to(PACKAGE.parent)}:{n.lineno} {ast.unparse(e)}")
+    assert not writes, writes

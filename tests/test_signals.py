@@ -140,7 +140,7 @@ def test_a_cancellation_the_task_lost_is_sent_again() -> None:
     the shutdown cancels its tasks again until they end (it once waited for ever on the monitor)."""
     import asyncio
 
-    from supervisor.daemon import cancelled
+    from supervisor.daemon.process import cancelled
 
     async def stubborn() -> None:
         try:

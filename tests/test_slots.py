@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from helpers import free_ports, wait_until
-from supervisor import drain, probes, slots
-from supervisor.config import ReadyConfig
+from supervisor.processes import drain, probes, slots
+from supervisor.config.schema import ReadyConfig
 from supervisor.errors import AppError
 
 PY = sys.executable

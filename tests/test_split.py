@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from helpers import http_get, kill_tree, make_build, unchunk, wait_until
-from supervisor import config, drain
-from supervisor.nginx_process import ManagedNginx
-from supervisor.runtime_switch import RuntimeSwitch
-from supervisor.verdict import bucket_of, bucket_upper_ms
+from supervisor.config import schema as config
+from supervisor.processes import drain
+from supervisor.proxy.managed import ManagedNginx
+from supervisor.proxy.runtime import RuntimeSwitch
+from supervisor.proxy.counters import bucket_of, bucket_upper_ms
 
 pytestmark = pytest.mark.e2e
 

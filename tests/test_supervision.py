@@ -223,7 +223,7 @@ def test_a_contract_step_the_killed_daemon_never_ran_is_named_in_status_and_hist
 
 
 def inflight_to(run: DaemonRun, port: int) -> bool:
-    from supervisor import drain
+    from supervisor.processes import drain
 
     return drain.inflight(port) > 0
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from supervisor.errors import Aborted, AppDied, AppError, BluegreenError, ChecksFailed, HookFailed, NginxError, StateError
-from supervisor.swap import ORDER, Phase, Plan, SwapRecord, run_swap
+from supervisor.release.phases import ORDER, Phase, Plan, SwapRecord, run_swap
 
 
 class FakeOps:

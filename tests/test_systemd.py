@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, http_get, make_build, wait_until
-from supervisor.notify import Notifier
+from supervisor.daemon.notify import Notifier
 
 UNITS = ROOT / "supervisor" / "systemd"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.verdict import Counters, Outcome, Rules, bucket_of, bucket_upper_ms, judge
+from supervisor.proxy.counters import Counters, bucket_of, bucket_upper_ms
+from supervisor.release.verdict import Outcome, Rules, judge
 
 
 def latencies(*seconds: float) -> dict[int, int]:

@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from helpers import Load, http_get, make_build, wait_until
-from supervisor import drain
-from supervisor.slots import marked
+from supervisor.processes import drain
+from supervisor.processes.slots import marked
 
 pytestmark = pytest.mark.e2e
 

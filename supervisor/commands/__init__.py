@@ -16,6 +16,8 @@ import importlib
 import os
 from types import ModuleType
 
+from ..protocol import CommandSpec
+
 
 @functools.cache
 def load() -> dict[str, ModuleType]:
@@ -24,3 +26,8 @@ def load() -> dict[str, ModuleType]:
     names = sorted(f[:-3] for f in os.listdir(__path__[0]) if f.endswith(".py") and not f.startswith("_"))
     modules = [importlib.import_module(f"{__name__}.{name}") for name in names]
     return {m.SPEC.name: m for m in sorted(modules, key=lambda m: m.SPEC.order)}
+
+
+def specs() -> dict[str, CommandSpec]:
+    """The protocol's command table: every verb's wire spec, by name."""
+    return {name: module.SPEC for name, module in load().items()}

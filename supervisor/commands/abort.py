@@ -10,7 +10,7 @@ from .. import client
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "abort", "end a paused swap or a rollout: everyone on the old build, the new one drained and stopped", order=12,

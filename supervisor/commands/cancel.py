@@ -11,7 +11,7 @@ from ..errors import BluegreenError
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "cancel", "stop a running swap before it switches traffic (its standby is stopped)", order=30,
@@ -23,7 +23,7 @@ SPEC = CommandSpec(
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     import logging
 
-    from ..swap import Phase  # the daemon's side: not imported by the CLI
+    from ..release.phases import Phase  # the daemon's side: not imported by the CLI
 
     app = daemon.app
     task, record = app.swap_task, app.swap

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
-from ..protocol import CommandSpec, commands
+from . import specs
+from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec("help", "list the commands", order=60,
                    description="List the commands the running daemon understands on its socket.")
 
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, str]:
-    return {name: spec.help for name, spec in commands().items()}
+    return {name: spec.help for name, spec in specs().items()}
 
 
 def run(sock: Path, args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from .. import client
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "history", "every swap, rollback, revert and crash restart: when, who, from -> to, outcome, phases",

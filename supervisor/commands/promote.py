@@ -10,7 +10,7 @@ from .. import client
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "promote", "carry a paused swap or a rollout on: everyone to the new build, drain and stop the old one", order=11,

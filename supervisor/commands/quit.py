@@ -10,7 +10,7 @@ from .. import client
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "quit", "stop the daemon; with keep=true the app and managed nginx keep serving and the next daemon adopts them",

@@ -11,7 +11,7 @@ from ..errors import BluegreenError
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "rollback", "swap back to the build that served before the last release", order=20,

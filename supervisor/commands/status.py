@@ -15,7 +15,7 @@ from ..errors import BluegreenError
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec("status", "active and standby slots, the running swap, the last swap's phases", order=40,
                    description="Show what serves (slot, port, pid, build, uptime), the standby during a swap, "

@@ -13,7 +13,7 @@ from ..errors import NotReadyYet, RequestError
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:
-    from ..daemon import Daemon
+    from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
     "swap",

@@ -1,0 +1,192 @@
+"""Watching what serves: a dead active app or managed nginx is noticed at once (our children) or
+within 0.25 s (adopted processes, polled), a hung app by its liveness checks, and each is
+brought back; a state.json write that failed is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..processes import probes, slots
+from ..release.app import App
+from ..config.schema import expand
+from ..errors import BluegreenError
+from ..proxy.managed import ManagedNginx
+from ..state import DaemonStatus
+
+log = logging.getLogger("bluegreen")
+POLL = 0.25
+RECONCILE = 1.0  # seconds between two comparisons of nginx's routing table with what it was told
+
+
+class Monitor:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.crashed_pid: int | None = None  # the crash being retried (a new pid is a new crash)
+        self.nginx_failures = 0  # failed restarts of the managed nginx in a row
+        self.nginx_retry_at = 0.0
+        self.health_failures = 0
+        self.reconcile_failed = False  # said once, until nginx answers again
+
+    async def run(self) -> None:
+        """Supervise, whatever runs: nginx always (restarted when it dies, its routing put back
+        when it forgot it); the active build's death and liveness when no swap runs, and while
+        a swap waits on a person or a verdict (paused, rolling out). The swap itself reacts to its
+        new build dying (phases.py) and to the old one dying in those phases."""
+        app = self.app
+        next_health = time.monotonic() + app.config.app.health.interval
+        next_reconcile = 0.0
+        while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
+            await self._wait_for_an_exit(POLL)
+            if app.status == DaemonStatus.STOPPING:  # what the shutdown stops is never brought back
+                return
+            try:
+                if app.managed is not None and not app.managed.alive() and time.monotonic() >= self.nginx_retry_at:
+                    await self.restart_nginx(app.managed)
+                elif app.proxy.mode == "runtime" and time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + RECONCILE
+                    await self.reconcile()
+                waiting = app.release.pause is not None or app.release.rollouts.rolling is not None
+                if app.swapping() and not waiting:
+                    continue  # a short phase: the swap replaces or watches what serves itself
+                if app.ledger.unsaved and not app.swapping():
+                    await app.retry_save()
+                if app.active is not None and not app.active.alive() \
+                        and app.status in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
+                    await self.recover()
+                elif app.config.app.health.url and time.monotonic() >= next_health:
+                    next_health = time.monotonic() + app.config.app.health.interval
+                    await self.check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the monitor must outlive any single failure
+                log.exception("monitor error")
+
+    async def reconcile(self) -> None:
+        """An nginx restarted behind the daemon's back (your `systemctl restart nginx`) comes back
+        with an empty routing table: put back what it was told (the port comes from the route file
+        by itself; the preview and a rollout's split do not)."""
+        try:
+            again = await self.app.proxy.reconcile()
+        except BluegreenError as e:
+            if not self.reconcile_failed:
+                log.warning("could not read nginx's routing state: %s", e.message)
+            self.reconcile_failed = True
+            return
+        self.reconcile_failed = False
+        if again:
+            log.warning("nginx had forgotten its routing (restarted?): set again: %s", again)
+            self.app.event("routing_restored", what=again)
+
+    async def _wait_for_an_exit(self, timeout: float) -> None:
+        app = self.app
+        candidates = [app.active.proc if app.active else None, app.managed.proc if app.managed else None]
+        waits = [asyncio.ensure_future(p.wait()) for p in candidates if p is not None and p.returncode is None]
+        if not waits:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def restart_nginx(self, managed: ManagedNginx) -> None:
+        """Start a new master after the managed one died; retry with capped backoff, and let
+        status say that nginx is down and why."""
+        app = self.app
+        if self.nginx_failures == 0:
+            lines = managed.log.tail()
+            log.error("the managed nginx master (pid %s) died%s; restarting it", managed.pid,
+                      (": " + " | ".join(lines)) if lines else "")
+            app.event("nginx_died", pid=managed.pid)
+        if not app.swapping():
+            app.set_status(DaemonStatus.RECOVERING)
+        port = app.proxy.port or (app.active.port if app.active else app.config.app.port("blue"))
+        try:
+            async with app.proxy.lock:  # no swap changes the routing meanwhile
+                info = await managed.start(port)
+                again = await app.proxy.reconcile()  # the preview, a rollout's split
+        except BluegreenError as e:
+            self.nginx_failures += 1
+            delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
+            self.nginx_retry_at = time.monotonic() + delay
+            app.warn(f"the managed nginx is down and could not be restarted: {e.message}; retrying in {delay:g}s",
+                     nginx_down=True)
+            log.error("%s", app.warning)
+            app.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
+            return
+        self.nginx_failures = 0
+        app.warn(None)
+        if app.status == DaemonStatus.RECOVERING:
+            app.set_status(DaemonStatus.SERVING)
+        app.event("nginx_restarted", pid=info["pid"], **({"routing": again} if again else {}))
+        if app.active is not None:
+            app.serving(app.active)
+        app.ledger.save_quietly()
+
+    async def recover(self, hung: str | None = None) -> None:
+        """The active app died (or hung, saying `hung`): start the same build on the other slot, with
+        capped backoff; a hung one is drained and stopped by that swap like any old build."""
+        app = self.app
+        await app.release.abort_pause(f"the active build {hung or 'died'}")  # its standby is no restart
+        dead = app.active
+        assert dead is not None
+        r = app.config.app.restart
+        if self.crashed_pid != dead.pid:  # a new crash, not a retry of the same one
+            self.crashed_pid = dead.pid
+            why = hung or dead.exit_reason or slots.describe_exit(dead.returncode)
+            log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
+                      "" if hung else slots.exit_hint(dead.returncode))
+            app.event("unhealthy" if hung else "crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build))
+            fresh = time.time() - dead.started_at >= r.reset_after
+        else:
+            fresh = False
+        if app.count_restart(reset=fresh) > r.attempts:
+            app.set_status(DaemonStatus.FAILED, f"the app {'stopped answering' if hung else 'crashed'} "
+                           f"{app.restarts - 1} times in a row; not restarting it again. Fix the build and "
+                           f"`bluegreen swap` to it (see {dead.log_path})")
+            log.error("%s", app.failure)
+            app.event("failed", build=str(dead.build), restarts=app.restarts - 1)
+            app.ledger.save_quietly()
+            return
+        app.set_status(DaemonStatus.RECOVERING)
+        delay = r.delay(app.restarts)
+        if delay:
+            log.info("restart %d of %d in %.1fs", app.restarts, r.attempts, delay)
+            await asyncio.sleep(delay)
+        if app.active is not dead:  # a user's swap replaced it meanwhile
+            return
+        if app.status == DaemonStatus.STOPPING:
+            return
+        try:
+            await app.run_swap(dead.build, lambda event: None, reason="recover")
+        except BluegreenError as e:
+            log.error("restart %d failed: %s", app.restarts, e.message.splitlines()[0])
+            return
+        if app.status == DaemonStatus.STOPPING:  # the daemon began to stop meanwhile: it stays stopping
+            return
+        app.set_status(DaemonStatus.SERVING)
+        app.event("restarted", slot=app.active.slot if app.active else None,
+                  pid=app.active.pid if app.active else None)
+
+    async def check_health(self) -> None:
+        """A liveness check of the active app; after `failures` in a row it counts as hung and is
+        replaced like a crashed one, same restart count and backoff (by a restart swap: the fresh
+        copy serves before the hung one is stopped, and SIGKILL ends one that ignores SIGTERM)."""
+        app, h = self.app, self.app.config.app.health
+        active = app.active
+        if active is None or h.url is None or app.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
+            return
+        ok, what = await probes.alive(expand(h.url, app.launcher.context(active.slot, active.build)), h.timeout)
+        if ok:
+            self.health_failures = 0
+            return
+        self.health_failures += 1
+        log.warning("liveness check %d of %d failed for %s (pid %d): %s", self.health_failures, h.failures,
+                    active.slot, active.pid, what)
+        if self.health_failures >= h.failures:
+            self.health_failures = 0
+            await self.recover(hung=f"failed {h.failures} liveness checks in a row (last: {what})")

@@ -1,0 +1,124 @@
+"""Low-level process facts and signals, shared by the app slots and the managed nginx; every
+read of /proc is here.
+
+One liveness rule for every process bluegreen tracks: the pid exists, is not a zombie, and,
+when a start time is known, started then (pids get reused). Signals to a process group never
+raise for a group that is already gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+
+def alive(pid: int, create_time: float | None = None) -> bool:
+    """Is `pid` a running process (not a zombie), and the one that started at `create_time`?"""
+    try:
+        p = psutil.Process(pid)
+        if create_time is not None and abs(p.create_time() - create_time) >= 0.01:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def running(p: psutil.Process) -> bool:
+    """The same rule for a psutil handle (its start time is checked by psutil itself)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def killpg(pgid: int, sig: signal.Signals) -> None:
+    """Signal a whole process group; a group that is gone (or not ours) is left alone."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def send(p: psutil.Process, sig: signal.Signals) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+# --- /proc: what bluegreen reads of other processes (gone or forbidden reads as nothing)
+
+def pids() -> list[int]:
+    """Every process on the host, but this one."""
+    me = os.getpid()
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and int(name) != me]
+
+
+def environ(pid: int) -> bytes | None:
+    """The environment `pid` started with, NUL-separated, between NULs (so that "\\0KEY=" matches
+    whole entries); None if it is gone or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return b"\0" + f.read() + b"\0"
+    except OSError:
+        return None
+
+
+def title(pid: int) -> str | None:
+    """A process's title (nginx's workers rename themselves), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """`pid`'s child processes."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets `pid` holds open."""
+    found = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(int(target[8:-1]))
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def groups(pid: int) -> set[int]:
+    """`pid`'s supplementary groups."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {int(g) for ln in f if ln.startswith("Groups:") for g in ln.split()[1:]}
+    except (OSError, ValueError):
+        return set()

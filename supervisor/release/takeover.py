@@ -1,0 +1,96 @@
+"""Carrying out adoption.decide at start-up: take over the processes a previous daemon left
+running instead of restarting them, finish or undo its interrupted swap, stop its leftovers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import adoption
+from ..processes import slots
+from ..config.schema import other_slot
+from ..state import InterruptedSwap
+from .phases import RELEASES, SwapRecord
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("bluegreen")
+
+
+async def adopt(app: App) -> bool:
+    """Carry out adoption.decide: take over live processes instead of restarting them."""
+    state = app.ledger.state
+    saved = [s for s in (state.active, state.swap and state.swap.standby, state.swap and state.swap.old) if s]
+    alive = {s.pid for s in saved if slots.adopt_state(s, app.state_dir) is not None}
+    decision = adoption.decide(state, alive)
+    if state.swap is not None:
+        log.warning("a %s to %s was interrupted (last step recorded: %s): %s", state.swap.reason,
+                    state.swap.build, state.swap.phase, decision.action)
+    leftovers = [p for p in (slots.adopt_state(s, app.state_dir) for s in decision.retire) if p is not None]
+    warm = slots.adopt_state(state.warm, app.state_dir) if state.warm else None
+    if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
+        leftovers.append(warm)  # a restart ends the keep_warm window
+    app.ledger.warm(None, None)
+    if decision.unrecorded_slot:  # killed between spawning a standby and recording it
+        leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,
+                                     app.launcher.log_path(decision.unrecorded_slot))
+    active = slots.adopt_state(decision.active, app.state_dir) if decision.active else None
+    if active is None:
+        for p in leftovers:  # they would hold the ports the fresh start needs
+            await app.retire(p, drain=False)
+        _end_interrupted(app, state.swap, decision.action)
+        return False
+    try:
+        await app.point_nginx_at(active.port, force=decision.switch)
+    except BaseException:
+        # Past this point a failure must not stop what still serves: leave it all to the next daemon.
+        log.error("could not point nginx at the adopted %s slot; leaving every process as it was", active.slot)
+        app.hand_over()
+        raise
+    app.committed(active, None)
+    app.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
+    log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
+    for p in leftovers:
+        await app.retire(p, drain=True)
+    _end_interrupted(app, state.swap, decision.action)
+    app.serving(active)
+    app.ledger.save()
+    return True
+
+
+def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Action) -> None:
+    """The interrupted swap is over now: it ends like any swap (status' last swap, the history,
+    the metrics), as finished (its new build serves) or not (what ran before serves, or a fresh start)."""
+    app.ledger.swap_progress(None)
+    if swap is None:
+        return
+    slot = swap.standby.slot if swap.standby else other_slot(swap.old.slot)
+    record = SwapRecord(build=swap.build, to_slot=slot, to_port=app.config.app.port(slot), from_slot=swap.old.slot,
+                        reason=swap.reason, started_at=swap.started_at or time.time(), phase=swap.phase,
+                        from_build=swap.old.build, by=swap.by, finished_at=time.time())
+    killed = f"the daemon was killed during the {swap.reason} (last step recorded: {swap.phase})"
+    if action is adoption.Action.FINISH:
+        record.outcome, record.traffic, record.committed = "done", "moved", True
+        record.warnings.append(f"{killed}; the next daemon finished it")
+        hook = app.config.hooks.after_switch
+        if hook and swap.reason in RELEASES and not swap.after_switch_done:
+            skipped = (f"hook_skipped: hooks.after_switch ({' '.join(hook)}) did not run for the {swap.reason} to "
+                       f"{swap.build}: the daemon was killed before it; run it by hand once you have checked the new "
+                       f"build")
+            record.warnings.append(skipped)
+            app.warn(skipped)
+            log.warning("%s", skipped)
+    else:
+        # Whether nginx had switched before the kill is not known (traffic None); where it is now is said.
+        record.outcome, record.traffic = "failed", None
+        if action is adoption.Action.UNDO:
+            now = "traffic is on the build that served before"
+        elif swap.awaiting == "paused" and swap.standby is not None:
+            now = ("the swap was paused for a preview nobody promoted and the active build had died too: the "
+                   "preview build was stopped and the build that served before started afresh")
+        else:
+            now = "both processes were gone, so the daemon started afresh"
+        record.error = {"code": "interrupted", "message": f"{killed}; the next daemon undid it: {now}"}
+    app.ledger.swap_ended(record.to_dict(), keep_progress=False)
