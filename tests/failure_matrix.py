@@ -1,9 +1,9 @@
-"""The README's failure matrix, from one table: every phase of a swap (and idle) meets every fault.
+"""The failure matrix (docs/failure-modes.md), from one table: every phase of a swap (and idle) meets every fault.
 
 Each cell says what the user sees and names the end-to-end tests that pin it; a cell with no test
-says so ("not pinned yet"), so the README never claims more than the suite proves. A new phase or
+says so ("not pinned yet"), so the manual never claims more than the suite proves. A new phase or
 a new fault is a new row or column here, with its tests. `scripts/failure-matrix` writes the
-README section; tests/test_matrix.py fails when the README and this table disagree, or when a
+page section; tests/test_matrix.py fails when the page and this table disagree, or when a
 named test does not exist.
 """
 

@@ -21,6 +21,11 @@ from typing import Any, Callable, Self
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def manual() -> str:
+    """The whole manual: README.md and every page of docs/ (what a user reads)."""
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 NODE_APP = ROOT / "examples" / "node-app" / "v1" / "server.js"
 
 

@@ -60,11 +60,11 @@ def war(path: Path, release: str) -> Path:
 
 
 def readme_block(lang: str) -> str:
-    """The README's `lang` code block in its Ansible paragraph."""
-    text = (ROOT / "README.md").read_text()
+    """The `lang` code block in the manual's Ansible paragraph (docs/past-one-host.md)."""
+    text = (ROOT / "docs" / "past-one-host.md").read_text()
     section = text[text.index("**Ansible**"):text.index("**Kubernetes**")]
     match = re.search(rf"```{lang}\n(.*?)```", section, re.S)
-    assert match, f"no {lang} block in the README's Ansible paragraph"
+    assert match, f"no {lang} block in docs/past-one-host.md's Ansible paragraph"
     return match.group(1)
 
 

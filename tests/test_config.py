@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import manual
 from supervisor.config import schema as config
 from supervisor.errors import ConfigError
 
@@ -208,11 +209,11 @@ def test_fuzzed_text_loads_or_fails_cleanly(text: str) -> None:
         pass
 
 
-def test_readme_documents_every_key() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_manual_documents_every_key() -> None:
+    text = manual()
     for section, keys in config.SCHEMA.items():
         for key in keys:
-            assert f"`{section}.{key.name}`" in readme, f"{section}.{key.name} is missing from README's config table"
+            assert f"`{section}.{key.name}`" in text, f"{section}.{key.name} is missing from docs/configuration.md"
 
 
 def test_hooks_default_to_none_and_a_relative_program_is_relative_to_the_config_file() -> None:
@@ -240,11 +241,11 @@ def test_logs_and_metrics_keys_are_checked_and_named() -> None:
         assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
 
 
-def test_the_readme_config_reference_is_the_one_generated_from_the_schema() -> None:
+def test_the_config_reference_is_the_one_generated_from_the_schema() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "config-reference"), "--check"], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 0, r.stderr  # if not: run scripts/config-reference and commit the README
-    assert config.reference() in (ROOT / "README.md").read_text()
+    assert r.returncode == 0, r.stderr  # if not: run scripts/config-reference and commit docs/configuration.md
+    assert config.reference() in (ROOT / "docs" / "configuration.md").read_text()
     for section, keys in config.SCHEMA.items():
         assert all(key.help for key in keys), f"a key of [{section}] has no help text for the reference"
 

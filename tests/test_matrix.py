@@ -1,4 +1,4 @@
-"""The README's failure matrix is the one tests/failure_matrix.py renders, and every test it names
+"""The failure matrix (docs/failure-modes.md) is the one tests/failure_matrix.py renders, and every test it names
 exists: a cell never claims a test that is gone or misspelt."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 from failure_matrix import CELLS, FAULTS, PHASES
 from failure_matrix import tests_named as named_tests
-from helpers import ROOT
+from helpers import ROOT, manual
 
 
 def test_every_phase_meets_every_fault() -> None:
@@ -23,16 +23,16 @@ def test_every_test_the_matrix_names_exists() -> None:
     assert named_tests() - defined == set()
 
 
-def test_every_test_the_readme_names_exists() -> None:
+def test_every_test_the_manual_names_exists() -> None:
     """The event table and the prose name tests too (`test_...`): none of them is gone or misspelt."""
     defined = set()
     for f in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)\(", f.read_text(), re.M))
-    named = set(re.findall(r"`(test_\w+)`", (ROOT / "README.md").read_text()))
+    named = set(re.findall(r"`(test_\w+)`", manual()))
     assert named and named - defined == set()
 
 
-def test_the_readme_matrix_is_the_generated_one() -> None:
+def test_the_documented_matrix_is_the_generated_one() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "failure-matrix"), "--check"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""systemd (issue 13): the shipped units verify with systemd-analyze and are the ones the README
+"""systemd (issue 13): the shipped units verify with systemd-analyze and are the ones the manual (docs/operations.md)
 shows; the daemon speaks the notify protocol to a real datagram socket: READY=1 only once the
 app serves, STATUS= with a swap's phase, watchdog pings, STOPPING=1."""
 
@@ -28,7 +28,7 @@ UNITS = ROOT / "supervisor" / "systemd"
 def test_the_shipped_units_verify_and_are_the_ones_the_readme_shows(unit: str, instance: str,
                                                                     tmp_path: Path) -> None:
     text = (UNITS / unit).read_text()
-    assert f"```ini\n{text}```" in (ROOT / "README.md").read_text(), f"the README does not show {unit} as shipped"
+    assert f"```ini\n{text}```" in (ROOT / "docs" / "operations.md").read_text(), f"docs/operations.md does not show {unit} as shipped"
     assert re.search(r"^Type=notify$", text, re.M) and re.search(r"^KillMode=process$", text, re.M)
     assert re.search(r"^WatchdogSec=\d+$", text, re.M)
     analyze = shutil.which("systemd-analyze")
