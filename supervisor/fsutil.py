@@ -99,7 +99,7 @@ class UndoableFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.undo: Staged | None = None
-        self.armed = False  # a replace can be undone (undo None: by removing the file)
+        self.undoable = False  # a replace can be undone (undo None: by removing the file)
 
     def read(self) -> bytes | None:
         try:
@@ -118,14 +118,14 @@ class UndoableFile:
             if undo is not None:
                 undo.discard()
             raise
-        self.undo, self.armed = undo, True
+        self.undo, self.undoable = undo, True
         return previous
 
     def restore(self) -> None:
         """Put the content from before the last replace back (a rename: no new space needed)."""
-        undo, armed = self.undo, self.armed
-        self.undo, self.armed = None, False
-        if not armed:
+        undo, undoable = self.undo, self.undoable
+        self.undo, self.undoable = None, False
+        if not undoable:
             raise RuntimeError(f"nothing to undo for {self.path}")
         if undo is None:
             self.path.unlink(missing_ok=True)
@@ -135,7 +135,7 @@ class UndoableFile:
     def forget(self) -> None:
         if self.undo is not None:
             self.undo.discard()
-        self.undo, self.armed = None, False
+        self.undo, self.undoable = None, False
 
     def clean_stale(self) -> None:
         """Remove dot-temp files a killed process left beside the file."""

@@ -1,6 +1,6 @@
 """state.json: which slot serves which build, written atomically before the old app is touched.
 
-`Ledger` is the one place the state changes and is saved: each change says whether it must
+`StateKeeper` is the one place the state changes and is saved: each change says whether it must
 reach the disk before the caller goes on (`save`, which raises) or may be written later.
 """
 
@@ -237,7 +237,7 @@ class StateStore:
             return True
 
 
-class Ledger:
+class StateKeeper:
     """The state and its file: every change goes through here. `unsaved` is true when a change
     that had to reach the disk could not (a full disk); `retry` writes it once it can."""
 
@@ -274,7 +274,7 @@ class Ledger:
     def keep_file(self) -> None:
         """state.json changed or removed by anything but this daemon (a slip of the editor, a cleanup
         script, a damaged disk block) is written again from memory, so that the next daemon does
-        not start from a file that lies (the daemon's chores call this once a second)."""
+        not start from a file that lies (the daemon's housekeeping calls this once a second)."""
         if self.unsaved or not self.store.changed_by_others():
             return
         log.warning("%s was changed or removed by something other than this daemon: written again from what the "

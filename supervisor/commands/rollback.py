@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     from .. import builds  # the daemon's side (zipfile and its codecs are not the CLI's)
 
-    previous = daemon.app.ledger.state.previous_build
+    previous = daemon.app.keeper.state.previous_build
     if not previous:
         raise BluegreenError("there is no previous build to roll back to (no swap has completed yet)",
                              code="no_previous")

@@ -42,12 +42,12 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         n["prefix"] = str(app.managed.prefix)
     else:
         n["upstream_file"] = str(app.master.upstream_path)
-    state, warm = app.ledger.state, app.release.warm
+    state, warm = app.keeper.state, app.release.warm
     return {
         "daemon": {"pid": os.getpid(), "version": __version__, "status": str(app.status),
                    "since": daemon.started_at, "config": str(app.config.path), "state_dir": str(app.state_dir),
                    "failure": app.failure, "restarts": app.restarts, "warning": app.warning,
-                   "state_saved": not app.ledger.unsaved},
+                   "state_saved": not app.keeper.unsaved},
         "events": state.events[-10:],
         "active": _with_rss(app.active.to_dict()) if app.active else None,
         "standby": _with_rss(app.standby.to_dict()) if app.standby else None,

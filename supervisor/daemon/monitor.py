@@ -51,7 +51,7 @@ class Monitor:
                 waiting = app.release.pause is not None or app.release.rollouts.rolling is not None
                 if app.swapping() and not waiting:
                     continue  # a short phase: the swap replaces or watches what serves itself
-                if app.ledger.unsaved and not app.swapping():
+                if app.keeper.unsaved and not app.swapping():
                     await app.retry_save()
                 if app.active is not None and not app.active.alive() \
                         and app.status in (DaemonStatus.SERVING, DaemonStatus.RECOVERING):
@@ -125,7 +125,7 @@ class Monitor:
         app.event("nginx_restarted", pid=info["pid"], **({"routing": again} if again else {}))
         if app.active is not None:
             app.serving(app.active)
-        app.ledger.save_quietly()
+        app.keeper.save_quietly()
 
     async def recover(self, hung: str | None = None) -> None:
         """The active app died (or hung, saying `hung`): start the same build on the other slot, with
@@ -150,7 +150,7 @@ class Monitor:
                            f"`bluegreen swap` to it (see {dead.log_path})")
             log.error("%s", app.failure)
             app.event("failed", build=str(dead.build), restarts=app.restarts - 1)
-            app.ledger.save_quietly()
+            app.keeper.save_quietly()
             return
         app.set_status(DaemonStatus.RECOVERING)
         delay = r.delay(app.restarts)

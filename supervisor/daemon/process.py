@@ -34,7 +34,7 @@ from ..protocol import Request
 from ..state import DaemonStatus
 
 log = logging.getLogger("bluegreen")
-CHORES = 1.0  # seconds between two rounds of chores
+HOUSEKEEPING = 1.0  # seconds between two rounds of housekeeping
 FORCE_GRACE = 2.0  # seconds the graceful shutdown gets to unwind after a second signal
 
 
@@ -53,7 +53,7 @@ class Daemon:
         self._owner_fd: int | None = None  # the lock beside your upstream file (external mode)
         self.recorder = Recorder(self.started_at)
         self.history = History(self.state_dir / "history.jsonl", config.logs.max_bytes, config.logs.backups)
-        self.app.ledger.observers += [self.recorder.swap_ended, self.history.record]
+        self.app.keeper.observers += [self.recorder.swap_ended, self.history.record]
         self.notifier = Notifier()
         if self.notifier.enabled:  # under systemd: every phase of a swap shows in `systemctl status`
             self.app.watchers.append(lambda event: self.notifier.status(status_line(self.app, event)))
@@ -93,9 +93,9 @@ class Daemon:
                 self.app.set_status(DaemonStatus.SERVING)
                 self.notifier.ready(status_line(self.app))
                 self.monitor_task = asyncio.ensure_future(self.monitor.run())
-                chores = asyncio.ensure_future(self.chores())
+                housekeeping = asyncio.ensure_future(self.housekeeping())
                 await stop_sig
-                chores.cancel()
+                housekeeping.cancel()
         else:
             boot.cancel()
             await asyncio.gather(boot, return_exceptions=True)
@@ -116,20 +116,20 @@ class Daemon:
             log.info("SIGHUP: logs/daemon.log reopened (the config is read at start only: restart the daemon "
                      "to apply a changed config)")
 
-    async def chores(self) -> None:
+    async def housekeeping(self) -> None:
         """Whatever the monitor or a long swap is doing, once a second: rotate the managed nginx's
         logs, write state.json again if someone else changed it, tell systemd what the daemon does;
         and ping its watchdog (from this loop: a hung loop misses its pings and systemd restarts the
         daemon). No error ends it: a loop that stopped pinging would have systemd kill a daemon
         that works."""
-        interval = min(CHORES, self.notifier.watchdog_interval or CHORES)
+        interval = min(HOUSEKEEPING, self.notifier.watchdog_interval or HOUSEKEEPING)
         while True:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
             faults.block_loop()  # tests only
             try:
-                self.app.ledger.keep_file()
+                self.app.keeper.keep_file()
                 if self.notifier.enabled:
                     self.notifier.status(status_line(self.app))
                 if self.app.managed is not None:
@@ -138,7 +138,7 @@ class Daemon:
             except OSError as e:
                 log.warning("could not rotate the nginx logs: %s", e)
             except Exception:
-                log.exception("chores error")
+                log.exception("housekeeping error")
 
     async def handle(self, request: Request, reply: Any) -> Any:
         return await self.verbs[request.cmd].handle(self, reply, **request.args)
@@ -187,14 +187,14 @@ class Daemon:
             return
         if app.managed is not None:
             log.info("managed nginx %s", await app.managed.stop(0.0))
-        app.ledger.nginx_stopped()
+        app.keeper.nginx_stopped()
         warm = app.release.drop_warm()
         for proc in {p.pid: p for p in (app.standby, app.active, app.retiring, warm.app if warm else None)
                      if p is not None}.values():
             result = await app.stop(proc, graceful=False)
             log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])
         app.retired()
-        app.ledger.save_quietly()
+        app.keeper.save_quietly()
 
     async def _shutdown_steps(self, graceful: bool) -> None:
         app = self.app
@@ -202,7 +202,7 @@ class Daemon:
         if app.keep_serving:
             if app.active is not None and app.active.alive():
                 app.serving(app.active)
-                app.ledger.save_quietly()
+                app.keeper.save_quietly()
                 log.info("left %s (pid %d)%s running; the next daemon adopts them", app.active.slot,
                          app.active.pid, f" and nginx (pid {app.managed.pid})" if app.managed else "")
             return
@@ -210,7 +210,7 @@ class Daemon:
         if app.managed is not None:
             how = await app.managed.stop(self.config.drain.timeout if graceful else 0.0)
             log.info("managed nginx %s", how)
-        app.ledger.nginx_stopped()
+        app.keeper.nginx_stopped()
         warm = app.release.drop_warm()
         for proc in (app.standby, app.active, app.retiring, warm.app if warm else None):
             if proc is not None:

@@ -166,16 +166,16 @@ class Watched(Protocol):
     def alive(self) -> bool: ...
 
 
-async def wait_drained(port: int, let_go: Callable[[int, float], Awaitable[int]], timeout: float,
+async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitable[int]], timeout: float,
                        interval: float, watch: Watched | None = None) -> dict[str, Any]:
-    """Wait until the proxy can send `port` no more requests (`let_go`: old nginx workers
+    """Wait until the proxy can send `port` no more requests (`wait_released`: old nginx workers
     exited, or nginx counts none in flight to it), then until `port` has no connection in
     flight, both within `timeout`; report what was left. Stops early if `watch` (the new build)
     dies: waiting would only prolong an outage."""
     began = time.monotonic()
     deadline = began + timeout
     died = False
-    proxy = asyncio.ensure_future(let_go(port, deadline))
+    proxy = asyncio.ensure_future(wait_released(port, deadline))
     try:
         while not proxy.done():
             if watch is not None and not watch.alive():

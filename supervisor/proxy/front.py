@@ -80,7 +80,7 @@ class FrontProxy(Protocol):
         """The last `route` will not be undone."""
         ...
 
-    async def let_go(self, port: int, deadline: float) -> int:
+    async def wait_released(self, port: int, deadline: float) -> int:
         """Wait until the proxy can send no more requests to `port` (no longer routed there);
         return how many requests (or proxy processes) still held on to it at the deadline."""
         ...

@@ -498,7 +498,7 @@ class ReloadSwitch:
         """Undo the last switch, back to `port`, without needing any disk space (the staged copy
         is renamed into place). Raises if nginx cannot be switched back; then nginx still sends
         traffic where the last switch pointed it."""
-        if self.undo_port != port or not self.upstream.armed:
+        if self.undo_port != port or not self.upstream.undoable:
             self.forget_undo()
             return await self.route(port)
         current = self.upstream.read()
@@ -595,7 +595,7 @@ class ReloadSwitch:
                 )
             await asyncio.sleep(POLL)
 
-    async def let_go(self, port: int, deadline: float) -> int:
+    async def wait_released(self, port: int, deadline: float) -> int:
         """Wait until every worker that predates the last reload has exited (only those can still
         send a request to a port no longer in the upstream); return how many have not."""
         left = [p for p in self.old_generation if procs.alive(p)]

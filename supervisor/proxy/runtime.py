@@ -55,7 +55,7 @@ class SharedHandlers:
         return self.file is not None and self.file.read() != self.text
 
     def write(self) -> None:
-        """Write the file if it differs (then `settle` keeps it or puts the previous one back)."""
+        """Write the file if it differs (then `commit_or_undo` keeps it or puts the previous one back)."""
         self.wrote = False
         if self.file is None or not self.stale():
             return
@@ -66,7 +66,7 @@ class SharedHandlers:
                              code="upstream_write_failed") from e
         self.wrote = True
 
-    def settle(self, kept: bool) -> None:
+    def commit_or_undo(self, kept: bool) -> None:
         if self.file is not None and self.wrote:
             if kept:
                 self.file.forget()
@@ -153,7 +153,7 @@ class RuntimeSwitch:
     @routing
     async def route_back(self, port: int) -> dict[str, Any]:
         """Back to `port` by a rename of the staged route file and one table change: no disk space needed."""
-        if self.undo_port != port or not self.route_file.armed:
+        if self.undo_port != port or not self.route_file.undoable:
             self.forget_undo()
             return await self.route(port)
         t0 = time.monotonic()
@@ -210,9 +210,9 @@ class RuntimeSwitch:
             if self.handlers.file is not None:
                 await self._require_handlers()
         except BaseException:
-            self.handlers.settle(kept=False)
+            self.handlers.commit_or_undo(kept=False)
             raise
-        self.handlers.settle(kept=True)
+        self.handlers.commit_or_undo(kept=True)
         self.reloader.forget_undo()  # kept: the staged copy of your previous file goes
         return result
 
@@ -279,7 +279,7 @@ class RuntimeSwitch:
         counts = await self.table.inflight(port)
         return sum(max(0, n) for pid, n in counts.items() if worker_title(pid))
 
-    async def let_go(self, port: int, deadline: float) -> int:
+    async def wait_released(self, port: int, deadline: float) -> int:
         """Wait until nginx counts no request in flight to `port`."""
         left = await self._inflight_or_zero(port)
         while left and time.monotonic() < deadline:

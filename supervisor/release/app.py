@@ -24,7 +24,7 @@ from ..proxy.managed import ManagedNginx
 from ..proxy import switch
 from .controller import Release
 from .executor import SlotOps
-from ..state import DaemonStatus, InterruptedSwap, Ledger, StateStore
+from ..state import DaemonStatus, InterruptedSwap, StateKeeper, StateStore
 from .phases import RELEASES, Phase, Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")
@@ -36,7 +36,7 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state_dir = config.daemon.state_dir
-        self.ledger = Ledger(StateStore(self.state_dir / "state.json"))
+        self.keeper = StateKeeper(StateStore(self.state_dir / "state.json"))
         self.managed = ManagedNginx(config) if config.nginx.mode == "managed" else None
         self.master: Master = self.managed or ExternalMaster(config)
         self.proxy, self.switch_why = switch.make(config, self.master, self.managed)
@@ -61,11 +61,11 @@ class App:
 
     def serving(self, app: slots.AppProcess, previous: Path | None = None) -> None:
         """Record `app` as the one that serves (and `previous`, for a release, as what served before)."""
-        self.ledger.serving(slots.slot_state(app), self.managed.identity() if self.managed else None,
+        self.keeper.serving(slots.slot_state(app), self.managed.identity() if self.managed else None,
                             str(previous) if previous is not None else None)
 
     def event(self, kind: str, **details: Any) -> None:
-        self.ledger.event(kind, **details)
+        self.keeper.event(kind, **details)
 
     def swapping(self) -> bool:
         return self.swap_task is not None and not self.swap_task.done()
@@ -74,7 +74,7 @@ class App:
 
     async def boot(self) -> None:
         """Adopt what a previous daemon left serving, or start the saved (else configured) build."""
-        state = self.ledger.load()
+        state = self.keeper.load()
         log.info("switch: %s: %s", self.proxy.mode, self.switch_why)
         if self.managed is not None and self.managed.adopt(state.nginx):
             log.info("adopted the running managed nginx (pid %d)", self.managed.pid)
@@ -128,7 +128,7 @@ class App:
 
     async def drain(self, port: int, watch: slots.AppProcess | None = None) -> dict[str, Any]:
         d = self.config.drain
-        return await drain.wait_drained(port, self.proxy.let_go, d.timeout, d.interval, watch)
+        return await drain.wait_drained(port, self.proxy.wait_released, d.timeout, d.interval, watch)
 
     async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
         s = self.config.app.stop
@@ -143,7 +143,7 @@ class App:
     async def retry_save(self) -> None:
         """state.json could not be written after traffic moved: write it once there is room, then
         let the old build go."""
-        if not self.ledger.retry():
+        if not self.keeper.retry():
             return
         log.info("state.json written again")
         self.warning = None  # (not nginx_down: the monitor clears that)
@@ -250,9 +250,9 @@ class App:
         finally:
             self.proxy.forget_undo()
             await self.release.rollouts.end_split(plan)
-            self.ledger.swap_ended(record.to_dict(), keep_progress=handed_over)
-            if not self.ledger.unsaved:
-                self.ledger.save_quietly()
+            self.keeper.swap_ended(record.to_dict(), keep_progress=handed_over)
+            if not self.keeper.unsaved:
+                self.keeper.save_quietly()
         if plan.reason != "recover":  # a release the user asked for: a fresh start for crash counting
             self.restarts, self.status, self.failure = 0, DaemonStatus.SERVING, None
         log.info("%s to %s done in %.2fs", plan.reason, plan.build, (record.finished_at or 0) - record.started_at)
@@ -269,7 +269,7 @@ class App:
         if self.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING, DaemonStatus.FAILED) \
                 or self.active is None:
             raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
-        if self.ledger.unsaved and not self.ledger.retry():
+        if self.keeper.unsaved and not self.keeper.retry():
             raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
 
 
@@ -287,17 +287,17 @@ def _emitter(app: App, plan: Plan[slots.AppProcess]) -> Callable[[dict[str, Any]
             # neither, so they cost no write; commit's own write records it committed.
             new = app.standby or (app.active if app.active is not old else None)
             record = app.swap
-            app.ledger.swap_progress(InterruptedSwap(
+            app.keeper.swap_progress(InterruptedSwap(
                 name, plan.reason, str(plan.build), slots.slot_state(old), slots.slot_state(new) if new else None,
                 record.started_at if record else 0.0, record.by if record else None,
                 awaiting="paused" if (name, status) == (Phase.PAUSED.value, "begin") else None,
                 after_switch_done=(name, status) == (Phase.AFTER_SWITCH.value, "done")))
             if name in (Phase.PAUSED.value, Phase.AFTER_SWITCH.value):
-                app.ledger.save_quietly(durable=False)
+                app.keeper.save_quietly(durable=False)
             if name == Phase.START.value:
                 # No fsync: this is for a daemon killed while its processes run on; a power
                 # loss ends them all (commit's write, which names the build, has one).
-                app.ledger.save(durable=False)
+                app.keeper.save(durable=False)
         for reply in [*app.watchers, *app.listeners]:
             reply(event)
 

@@ -171,8 +171,8 @@ class Release:
         until = time.time() + seconds
         self.warm = Warm(old, until)
         self.warm.timer = asyncio.ensure_future(self._cool(self.warm, seconds))
-        self.app.ledger.warm(slots.slot_state(old), until)
-        self.app.ledger.save_quietly()
+        self.app.keeper.warm(slots.slot_state(old), until)
+        self.app.keeper.save_quietly()
         return until
 
     async def _cool(self, warm: Warm, seconds: float) -> None:
@@ -186,7 +186,7 @@ class Release:
         warm, self.warm = self.warm, None
         if warm is not None and warm.timer is not None and warm.timer is not asyncio.current_task():
             warm.timer.cancel()
-        self.app.ledger.warm(None, None)
+        self.app.keeper.warm(None, None)
         return warm
 
     async def end_warm(self, why: str) -> None:
@@ -199,4 +199,4 @@ class Release:
             log.info("warm %s (pid %d, %s) stopped, %s: %s", warm.app.slot, warm.app.pid, warm.app.build, why,
                      result["how"])
             self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
-        self.app.ledger.save_quietly()
+        self.app.keeper.save_quietly()

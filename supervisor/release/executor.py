@@ -141,17 +141,17 @@ class SlotOps:
 
     async def commit(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         app = self.app
-        self.before = app.ledger.snapshot()
+        self.before = app.keeper.snapshot()
         app.serving(standby, previous=plan.old_build if plan.is_release else None)
         if plan.warm is not None:
             app.release.drop_warm()  # it serves again (if the write fails, the switch back stops it)
         try:
-            app.ledger.save()
+            app.keeper.save()
         except BluegreenError:
-            app.ledger.restore(self.before)
+            app.keeper.restore(self.before)
             raise
         app.committed(standby, plan.old)
-        return {"state": str(app.ledger.store.path)}
+        return {"state": str(app.keeper.store.path)}
 
     async def keep(self, plan: AppPlan, standby: slots.AppProcess) -> None:
         """nginx serves from the standby and cannot be switched back: it is the active app now.
@@ -159,7 +159,7 @@ class SlotOps:
         a daemon restarted before the write succeeds still finds a consistent world."""
         app = self.app
         app.serving(standby, previous=plan.old_build if plan.is_release else None)
-        app.ledger.save_quietly()
+        app.keeper.save_quietly()
         app.committed(standby, plan.old)
         if plan.old is None:  # the first start: there is nothing to go back to
             app.warn(f"state.json could not be written: {standby.build} serves, but a restarted daemon would "
@@ -176,9 +176,9 @@ class SlotOps:
         app, old = self.app, plan.old
         if old is None or not old.alive() or not await self.switch_back(plan):
             return False
-        app.ledger.restore(self.before)
+        app.keeper.restore(self.before)
         app.reverted(old)
-        app.ledger.save_quietly()
+        app.keeper.save_quietly()
         app.event("reverted", slot=old.slot, pid=old.pid, build=str(old.build),
                   why=standby.exit_reason or slots.describe_exit(standby.returncode) if why == "died" else why)
         await self.discard(standby, drain=standby.alive())

@@ -118,7 +118,7 @@ class History:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
 
     def record(self, swap: dict[str, Any]) -> None:
-        """Append the line for an ended swap (a Ledger observer)."""
+        """Append the line for an ended swap (a StateKeeper observer)."""
         line = (json.dumps(entry(swap)) + "\n").encode()  # phases stay in their order
         try:
             if self.path.exists() and self.path.stat().st_size + len(line) > self.max_bytes:

@@ -21,7 +21,7 @@ log = logging.getLogger("bluegreen")
 
 async def adopt(app: App) -> bool:
     """Carry out adoption.decide: take over live processes instead of restarting them."""
-    state = app.ledger.state
+    state = app.keeper.state
     saved = [s for s in (state.active, state.swap and state.swap.standby, state.swap and state.swap.old) if s]
     alive = {s.pid for s in saved if slots.adopt_state(s, app.state_dir) is not None}
     decision = adoption.decide(state, alive)
@@ -32,7 +32,7 @@ async def adopt(app: App) -> bool:
     warm = slots.adopt_state(state.warm, app.state_dir) if state.warm else None
     if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
         leftovers.append(warm)  # a restart ends the keep_warm window
-    app.ledger.warm(None, None)
+    app.keeper.warm(None, None)
     if decision.unrecorded_slot:  # killed between spawning a standby and recording it
         leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,
                                      app.launcher.log_path(decision.unrecorded_slot))
@@ -56,14 +56,14 @@ async def adopt(app: App) -> bool:
         await app.retire(p, drain=True)
     _end_interrupted(app, state.swap, decision.action)
     app.serving(active)
-    app.ledger.save()
+    app.keeper.save()
     return True
 
 
 def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Action) -> None:
     """The interrupted swap is over now: it ends like any swap (status' last swap, the history,
     the metrics), as finished (its new build serves) or not (what ran before serves, or a fresh start)."""
-    app.ledger.swap_progress(None)
+    app.keeper.swap_progress(None)
     if swap is None:
         return
     slot = swap.standby.slot if swap.standby else other_slot(swap.old.slot)
@@ -93,4 +93,4 @@ def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Ac
         else:
             now = "both processes were gone, so the daemon started afresh"
         record.error = {"code": "interrupted", "message": f"{killed}; the next daemon undid it: {now}"}
-    app.ledger.swap_ended(record.to_dict(), keep_progress=False)
+    app.keeper.swap_ended(record.to_dict(), keep_progress=False)
