@@ -171,6 +171,25 @@ local function bad(text)
     ngx.say(text)
 end
 
+-- The captures of `pattern` in the request's body (nothing when it does not match).
+local function body(pattern)
+    ngx.req.read_body()
+    return (ngx.req.get_body_data() or ""):match(pattern)
+end
+
+local function forget(dict, ...)
+    for _, key in ipairs({...}) do dict:delete(key) end
+end
+
+-- The keys of `dict` that start with `prefix`, each without it.
+local function keys_after(dict, prefix)
+    local found = {}
+    for _, key in ipairs(dict:get_keys(0)) do
+        if key:sub(1, #prefix) == prefix then found[#found + 1] = key:sub(#prefix + 1) end
+    end
+    return found
+end
+
 local control = {}
 
 -- PUT a port (digits, 1-65535) or GET: answers the table's value. A new route ends any preview
@@ -178,14 +197,10 @@ local control = {}
 function control.route(app)
     local dict = ngx.shared[app.table]
     if ngx.req.get_method() == "PUT" then
-        ngx.req.read_body()
-        local port = tonumber((ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*$") or "")
+        local port = tonumber(body("^%s*(%d+)%s*$") or "")
         if not port or port < 1 or port > 65535 then return bad("expected a port number (1-65535)") end
         dict:set("port", port)
-        dict:delete("preview")
-        dict:delete("preview_token")
-        dict:delete("cand")
-        dict:delete("share")
+        forget(dict, "preview", "preview_token", "cand", "share")
     end
     ngx.say(route_port(app, dict) or "")
 end
@@ -196,8 +211,7 @@ function control.preview(app)
     local dict = ngx.shared[app.table]
     local method = ngx.req.get_method()
     if method == "PUT" then
-        ngx.req.read_body()
-        local p, token = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s*([%w_-]*)%s*$")
+        local p, token = body("^%s*(%d+)%s*([%w_-]*)%s*$")
         local port = tonumber(p or "")
         if not port or port < 1 or port > 65535 or #token > 64 then
             return bad("expected a port number (1-65535), then an optional token (letters, digits, _ and -)")
@@ -205,8 +219,7 @@ function control.preview(app)
         dict:set("preview", port)
         if token ~= "" then dict:set("preview_token", token) else dict:delete("preview_token") end
     elseif method == "DELETE" then
-        dict:delete("preview")
-        dict:delete("preview_token")
+        forget(dict, "preview", "preview_token")
     end
     local token = dict:get("preview_token")
     ngx.say((dict:get("preview") or "") .. (token and (" " .. token) or ""))
@@ -218,8 +231,7 @@ function control.split(app)
     local dict = ngx.shared[app.table]
     local method = ngx.req.get_method()
     if method == "PUT" then
-        ngx.req.read_body()
-        local c, s, g = (ngx.req.get_body_data() or ""):match("^%s*(%d+)%s+(%d+)%s+(%d+)%s*$")
+        local c, s, g = body("^%s*(%d+)%s+(%d+)%s+(%d+)%s*$")
         c, s, g = tonumber(c or ""), tonumber(s or ""), tonumber(g or "")
         if not c or c > 65535 or s > 100 or g < 1 then
             return bad("expected: candidate-port share(0-100) generation(>0)")
@@ -228,14 +240,11 @@ function control.split(app)
             dict:set("cand", c)
             dict:set("share", s)
         else
-            dict:delete("cand")
-            dict:delete("share")
+            forget(dict, "cand", "share")
         end
         dict:set("gen", g)
     elseif method == "DELETE" then
-        dict:delete("cand")
-        dict:delete("share")
-        dict:delete("gen")
+        forget(dict, "cand", "share", "gen")
         local stats = ngx.shared[app.stats]
         for _, k in ipairs(stats:get_keys(0)) do
             if k:sub(1, 4) ~= "s:0:" then stats:delete(k) end
@@ -249,11 +258,9 @@ function control.stats(app)
     local gen = tonumber(ngx.var.arg_gen or "")
     if not gen then return bad("expected ?gen=N") end
     local stats, prefix = ngx.shared[app.stats], "s:" .. gen .. ":"
-    for _, key in ipairs(stats:get_keys(0)) do
-        if key:sub(1, #prefix) == prefix then
-            local port, kind = key:sub(#prefix + 1):match("^(%d+):(%w+)$")
-            if port then ngx.say(port, " ", kind, " ", stats:get(key) or 0) end
-        end
+    for _, rest in ipairs(keys_after(stats, prefix)) do
+        local port, kind = rest:match("^(%d+):(%w+)$")
+        if port then ngx.say(port, " ", kind, " ", stats:get(prefix .. rest) or 0) end
     end
 end
 
@@ -262,8 +269,8 @@ function control.inflight(app)
     local port = tonumber(ngx.var.arg_port or "")
     if not port then return bad("expected ?port=N") end
     local dict, prefix = ngx.shared[app.table], "inflight:" .. port .. ":"
-    for _, key in ipairs(dict:get_keys(0)) do
-        if key:sub(1, #prefix) == prefix then ngx.say(key:sub(#prefix + 1), " ", dict:get(key) or 0) end
+    for _, worker in ipairs(keys_after(dict, prefix)) do
+        ngx.say(worker, " ", dict:get(prefix .. worker) or 0)
     end
 end
 
