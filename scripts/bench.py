@@ -46,7 +46,7 @@ import psutil  # noqa: E402
 from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, misbehaving_build  # noqa: E402
 from supervisor.processes import drain
-from supervisor.config.schema import resolve_binary  # noqa: E402
+from supervisor.config.host import resolve_binary  # noqa: E402
 
 SLOW_EVERY = 10  # one request in ten is slow
 SLOW_MS = 1000

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from helpers import LUA_MODULES, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
-from supervisor.config.schema import resolve_binary
+from supervisor.config.host import resolve_binary
 
 SHAPES = ("managed", "debian")
 

@@ -245,7 +245,9 @@ def test_the_config_reference_is_the_one_generated_from_the_schema() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "config-reference"), "--check"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr  # if not: run scripts/config-reference and commit docs/configuration.md
-    assert config.reference() in (ROOT / "docs" / "configuration.md").read_text()
+    from supervisor.config.reference import reference
+
+    assert reference() in (ROOT / "docs" / "configuration.md").read_text()
     for section, keys in config.SCHEMA.items():
         assert all(key.help for key in keys), f"a key of [{section}] has no help text for the reference"
 
@@ -269,7 +271,7 @@ def test_app_ports_the_kernel_gives_to_outgoing_connections_are_warned_about(tmp
     """A port in net.ipv4.ip_local_port_range can be held by a client's TIME-WAIT: the app's listen
     then fails. check-config says so (a warning: the config is valid), naming the range."""
     from helpers import ROOT
-    from supervisor.config.schema import ephemeral_ports
+    from supervisor.config.host import ephemeral_ports
 
     ephemeral = ephemeral_ports()
     assert ephemeral is not None

@@ -21,7 +21,7 @@ from conftest import render_config
 from helpers import (bluegreen, DaemonRun, free_ports, http_get, KeepAlive, Load, make_build, managed_nginx,
                      serves, wait_until)
 from supervisor.processes import drain
-from supervisor.config.schema import resolve_binary
+from supervisor.config.host import resolve_binary
 from supervisor.proxy.nginx import workers
 pytestmark = pytest.mark.e2e
 

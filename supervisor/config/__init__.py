@@ -1,2 +1,3 @@
-"""The config layer: the one declarative schema of bluegreen.toml (schema.py), what it checks on
-this machine, and the reference the README is generated from. Imports nothing above it."""
+"""The config layer: the one declarative schema of bluegreen.toml (schema.py), what this machine
+offers it (host.py), and the reference the manual is generated from (reference.py). Imports
+nothing above it."""

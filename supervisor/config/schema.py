@@ -7,15 +7,12 @@ collected so `bluegreen check-config` can report them at once.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
 import shutil
 import signal
 import string
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,6 +21,7 @@ from .. import builds
 from ..errors import ConfigError
 from ..paths import rel as _rel, socket_path as _socket_path, toml
 from ..protocol import shares
+from .host import ephemeral_ports, hook_problems, lua_missing, resolve_binary
 
 SLOTS = ("blue", "green")
 
@@ -499,29 +497,6 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             shown="`nginx -s reload`"),
     ),
 }
-
-
-def shown_default(key: Key) -> str:
-    """A key's default as the reference shows it."""
-    d = key.default
-    if key.shown is not None:
-        return key.shown
-    if d is REQUIRED:
-        return "required"
-    if d is None:
-        return "none"
-    if isinstance(d, float) and d.is_integer():
-        d = int(d)
-    return f"`{list(d) if isinstance(d, tuple) else d}`"
-
-
-def reference() -> str:
-    """The README's configuration reference (a Markdown table), generated from SCHEMA:
-    `scripts/config-reference` writes it, and a test fails when the README differs."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, keys in SCHEMA.items():
-        rows += [f"| `{section}.{key.name}` | {shown_default(key)} | {key.help} |" for key in keys]
-    return "\n".join(rows) + "\n"
 
 
 # --- the typed result
@@ -1004,15 +979,6 @@ def _nginx_file_problems(n: dict[str, Any], base: Path) -> list[str]:
     return problems
 
 
-def ephemeral_ports(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range | None:
-    """The ports the kernel hands to outgoing connections (None if it does not say)."""
-    try:
-        low, high = (int(x) for x in path.read_text().split())
-    except (OSError, ValueError):
-        return None
-    return range(low, high + 1)
-
-
 def machine_warnings(cfg: "Config") -> list[str]:
     """What may fail later on this machine without being wrong now: check-config prints these and
     the daemon logs them at start."""
@@ -1084,87 +1050,3 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
     return problems
 
 
-def hook_problems(name: str, program: Path) -> list[str]:
-    """A hook that could not run at all, named now rather than in the middle of a release."""
-    if os.sep not in str(program):
-        if shutil.which(str(program)) is None:
-            return [f"hooks.{name}: {str(program)!r} is not on PATH; give its full path"]
-        return []
-    if not program.is_file():
-        return [f"hooks.{name}: {program} does not exist or is not a file"]
-    if not os.access(program, os.X_OK):
-        return [f"hooks.{name}: {program} is not executable (chmod +x {program})"]
-    why = interpreter_problem(program)
-    if why:
-        return [f"hooks.{name}: {program} exists, but {why}; install it or fix that line"]
-    return []
-
-
-def interpreter_problem(program: Path) -> str | None:
-    """What is wrong with the interpreter a script's `#!` line names (the kernel then says ENOENT
-    or EACCES as if the script itself were at fault), or None; `#!/usr/bin/env NAME` looks NAME up."""
-    try:
-        with open(program, "rb") as f:
-            first = f.readline(256)
-    except OSError:
-        return None
-    if not first.startswith(b"#!"):
-        return None
-    line = first[2:].rstrip(b"\n")
-    if line.endswith(b"\r"):
-        return "its first line (#!) ends with a carriage return: the file has Windows line ends (dos2unix it)"
-    words = line.decode(errors="replace").replace("\t", " ").split(" ")
-    words = [w for w in words if w]
-    if not words:
-        return None
-    if not os.path.exists(words[0]):
-        return f"its first line (#!) names {words[0]}, which is not installed"
-    if not os.path.isfile(words[0]) or not os.access(words[0], os.X_OK):
-        return f"its first line (#!) names {words[0]}, which is not an executable file"
-    if os.path.basename(words[0]) == "env" and len(words) > 1 and not words[1].startswith("-") \
-            and not shutil.which(words[1]):
-        return f"its first line (#!) names {words[1]} (looked up by {words[0]}), which is not installed"
-    return None
-
-
-LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib/nginx/modules/ngx_http_lua_module.so"))
-LUA_LIBRARY = Path("/usr/share/lua/5.1/resty/core.lua")
-
-
-@functools.lru_cache(maxsize=8)
-def lua_missing(binary: str) -> str | None:
-    """Why the managed nginx `binary` cannot run the runtime switch (None: it can).
-
-    The files being there is not enough: Debian's module is built for Debian's nginx 1.22 and
-    another build (nginx.org's, a custom one) refuses it. So `binary -t` loads the module into
-    a throwaway prefix, as the managed nginx would."""
-    missing = [str(p) for p in (*LUA_MODULES, LUA_LIBRARY) if not p.exists()]
-    if missing:
-        return f"{', '.join(missing)} not found: install Debian's lua module (apt-get install libnginx-mod-http-lua)"
-    with tempfile.TemporaryDirectory(prefix="bluegreen-lua-") as tmp:
-        conf = Path(tmp) / "nginx.conf"
-        conf.write_text("".join(f"load_module {m};\n" for m in LUA_MODULES)
-                        + f"pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
-                        + "http {\n    lua_shared_dict probe 64k;\n"
-                        + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi",
-                                                                              "uwsgi", "scgi"))
-                        + "    init_by_lua_block { require('ngx.balancer') }\n}\n")
-        try:
-            r = subprocess.run([binary, "-t", "-q", "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr"],
-                               capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return f"{binary} -t could not run ({e})"
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "[emerg]" in ln or "[alert]" in ln), lines[0] if lines else "no output")
-        return (f"{binary} cannot load Debian's lua module ({why}); the module works only with Debian's own "
-                "nginx package (apt-get install nginx libnginx-mod-http-lua)")
-    return None
-
-
-def resolve_binary(name: str) -> str | None:
-    """Find an executable on PATH, then in /usr/sbin (not on a normal user's PATH on Debian)."""
-    found = shutil.which(name)
-    if found is None and os.sep not in name:
-        found = shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
-    return found

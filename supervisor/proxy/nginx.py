@@ -26,7 +26,8 @@ from typing import Any, Callable, Protocol
 import psutil
 
 from ..processes import procs
-from ..config.schema import LUA_MODULES, Config, ReleaseConfig
+from ..config.schema import Config, ReleaseConfig
+from ..config.host import LUA_MODULES
 from ..errors import NginxError
 from ..fsutil import UndoableFile, atomic_write
 from .front import RoutingLock, routing

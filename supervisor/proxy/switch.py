@@ -3,7 +3,9 @@ it and the config asks for it, else reloads."""
 
 from __future__ import annotations
 
-from ..config.schema import Config, lua_missing
+from ..config.schema import Config
+
+from ..config.host import lua_missing
 from .front import FrontProxy
 from .managed import ManagedNginx
 from .nginx import Master, ReloadSwitch

@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping
 import psutil
 
 from ..processes import procs, slots
-from ..config.schema import expand, interpreter_problem
+from ..config.schema import expand
+from ..config.host import interpreter_problem
 from ..errors import HookFailed
 
 log = logging.getLogger("bluegreen")
