@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..processes import drain
 from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
-from ..proxy.runtime import RuntimeSwitch
 from ..state import DaemonStatus
 
 if TYPE_CHECKING:
@@ -174,7 +173,7 @@ async def _nginx(app: App) -> NginxSnapshot:
         up = True
     except BluegreenError:
         up = False
-    runtime = app.proxy if isinstance(app.proxy, RuntimeSwitch) else None
+    runtime = app.proxy.traffic_split()
     stats = None
     if up and runtime is not None:
         try:

@@ -14,6 +14,8 @@ import asyncio
 import functools
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
+from .counters import Counters
+
 
 class RoutingLock:
     """One change of nginx's routing at a time: a swap's, or the monitor's restart of nginx and
@@ -51,11 +53,36 @@ def routing(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     return locked
 
 
+class TrafficSplit(Protocol):
+    """What a rollout and a watch need of the front proxy, besides routing: give a share of users
+    to a candidate port, and count what each port answered (the runtime switch can; reloads cannot)."""
+
+    async def split(self, candidate: int | None, share: int, gen: int) -> dict[str, Any]:
+        """Send `share` % of users to `candidate` (None: nobody, only count), counting in generation `gen`."""
+        ...
+
+    async def end_split(self) -> None:
+        """No split, no counting; the counters of every watch generation dropped."""
+        ...
+
+    async def stats(self, gen: int) -> dict[int, Counters]:
+        """What nginx counted per upstream port in generation `gen` (0: since it started)."""
+        ...
+
+    async def inflight(self, port: int) -> int:
+        """Requests nginx has in flight to `port`."""
+        ...
+
+
 class FrontProxy(Protocol):
     mode: str  # how it switches, shown by status: "reload" or "runtime"
     preview_port: int | None  # where requests with the preview header or cookie go (None: no preview)
     port: int | None  # where all traffic was last routed, confirmed (None: not yet known)
     lock: RoutingLock
+
+    def traffic_split(self) -> TrafficSplit | None:
+        """The same proxy as a TrafficSplit, if it can split traffic (None: reloads only route)."""
+        ...
 
     async def reconcile(self) -> str | None:
         """Make nginx route as it was last told (port, preview, split), if it forgot (restarted

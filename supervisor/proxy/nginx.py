@@ -379,6 +379,10 @@ class ReloadSwitch:
 
     mode = "reload"
 
+    def traffic_split(self) -> None:
+        """Reloads route all traffic, or a preview; they split no share of users and count nothing."""
+        return None
+
     def __init__(self, config: Config, master: Master, render: Callable[[int], str] | None = None) -> None:
         self.config = config
         self.n = config.nginx

@@ -85,6 +85,9 @@ class SharedHandlers:
 class RuntimeSwitch:
     mode = "runtime"
 
+    def traffic_split(self) -> "RuntimeSwitch":
+        return self
+
     def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True) -> None:
         self.control_path = control
         self.table = Table(control)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..processes import slots
 from ..errors import Aborted, BluegreenError, NginxError, RolloutAborted
 from .phases import Plan
+from ..proxy.front import TrafficSplit
 from .verdict import Counters, Rules, Verdict, judge
 
 if TYPE_CHECKING:
@@ -65,18 +66,17 @@ class Rollouts:
     async def rollout(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess, emit: Reply) -> dict[str, Any]:
         """Each share of users in turn, for step_seconds and until the verdict passes; a failed
         verdict or an abort sends everyone back to the old build at once and raises."""
-        from ..proxy.runtime import RuntimeSwitch
         from ..aio import shielded
 
-        proxy, old = self.app.proxy, plan.old
-        assert isinstance(proxy, RuntimeSwitch) and old is not None
+        proxy, old, split = self.app.proxy, plan.old, self._split()
+        assert old is not None
         ro = self.rolling = Rolling(standby, steps=plan.rollout)
         base, self.unread_since = _generation(), None
         done: list[dict[str, Any]] = []
         try:
             for i, share in enumerate(s for s in plan.rollout if s < 100):
                 gen, began = base + i, time.monotonic()
-                await proxy.split(standby.port, share, gen)
+                await split.split(standby.port, share, gen)
                 ro.share, ro.step = share, i + 1
                 while not ro.decision.done():
                     await asyncio.wait({ro.decision}, timeout=ROLLOUT_POLL)
@@ -120,13 +120,16 @@ class Rollouts:
         finally:
             self.rolling = None
 
+    def _split(self) -> TrafficSplit:
+        """The front proxy as a TrafficSplit: config.py refuses a rollout or a watch without one."""
+        split = self.app.proxy.traffic_split()
+        assert split is not None, "a rollout or a watch needs the runtime switch"
+        return split
+
     async def start_watch(self) -> None:
         """Count from now (the old build's traffic before the switch is the watch's baseline)."""
-        from ..proxy.runtime import RuntimeSwitch
-
-        assert isinstance(self.app.proxy, RuntimeSwitch)
         self.watch_gen = _generation()
-        await self.app.proxy.split(None, 0, self.watch_gen)
+        await self._split().split(None, 0, self.watch_gen)
 
     async def watch(self, plan: Plan[slots.AppProcess], standby: slots.AppProcess) -> dict[str, Any]:
         """Judge the new build for plan.watch seconds after the switch, against the old build's
@@ -150,12 +153,9 @@ class Rollouts:
         """The new build judged against the old one, on what nginx counted in generation `gen`;
         None while nginx does not answer (restarting: its counters come back, from zero, with it
         and the daemon's reconcile), NginxError `watch_failed` once that lasted WATCH_UNREAD."""
-        from ..proxy.runtime import RuntimeSwitch
-
-        assert isinstance(self.app.proxy, RuntimeSwitch)
         r = self.app.config.rollout
         try:
-            stats = await self.app.proxy.stats(gen)
+            stats = await self._split().stats(gen)
         except NginxError as e:
             self.unread_since = self.unread_since or time.monotonic()
             if time.monotonic() - self.unread_since < WATCH_UNREAD:
@@ -168,11 +168,10 @@ class Rollouts:
 
     async def end_split(self, plan: Plan[slots.AppProcess]) -> None:
         """After a rollout or a watched swap, however it ended: no split, no counting, no counters."""
-        from ..proxy.runtime import RuntimeSwitch
-
-        if (plan.rollout or plan.watch) and isinstance(self.app.proxy, RuntimeSwitch):
+        split = self.app.proxy.traffic_split()
+        if (plan.rollout or plan.watch) and split is not None:
             try:
-                await self.app.proxy.end_split()
+                await split.end_split()
             except BluegreenError as e:
                 log.warning("could not drop the rollout's counters: %s", e.message)
 
