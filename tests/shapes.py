@@ -140,7 +140,7 @@ def debian_nginx(d: Path, listen: int, upstream_port: int) -> UserNginx:
     # Like /etc/nginx: anyone may enter it (the workers are www-data).
     for p in (d, prefix, prefix / "conf.d", prefix / "html"):
         p.chmod(0o755)
-    from supervisor.proxy.nginx import render_upstream
+    from supervisor.proxy.render import render_upstream
 
     (prefix / "conf.d" / "myapp.conf").write_text(render_upstream("myapp", upstream_port))
     (prefix / "nginx.conf").write_text(USER_NGINX_CONF.format(  # master root, workers www-data, as Debian ships it

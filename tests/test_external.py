@@ -13,7 +13,7 @@ import pytest
 from helpers import (LUA_MODULES, DaemonRun, KeepAlive, free_ports, http_get, make_build, settled_workers,
                      user_nginx_conf, wait_until)
 from shapes import UserNginx
-from supervisor.proxy.nginx import render_upstream
+from supervisor.proxy.render import render_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -245,7 +245,7 @@ def test_preview_in_the_users_nginx_with_the_reload_switch_needs_the_route_varia
     (defined by the upstream file's maps) lets the preview through; the pause output says so."""
     conf = system_nginx["conf"]
     conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
-    from supervisor.proxy.nginx import workers
+    from supervisor.proxy.master import workers
 
     master = system_nginx["master"].pid
     before = set(workers(master))

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from helpers import ROOT
-from supervisor.proxy.nginx import LUA_CONTROLS, LUA_DIR
+from supervisor.proxy.render import LUA_CONTROLS, LUA_DIR
 
 
 def test_the_lua_is_luacheck_clean() -> None:
@@ -33,7 +33,7 @@ def test_a_changed_lua_program_makes_the_rendered_part_stale(tmp_path, monkeypat
     loads the new program (nginx keeps the old one in memory until then)."""
     from pathlib import Path
 
-    from supervisor.proxy import nginx
+    from supervisor.proxy import render as nginx
 
     before = nginx.render_runtime("app", Path("/r"), Path("/c"))
     (tmp_path / "bluegreen.lua").write_text((LUA_DIR / "bluegreen.lua").read_text() + "\n-- the next version\n")

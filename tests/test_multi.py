@@ -17,7 +17,7 @@ from conftest import render_config
 from helpers import (LUA_MODULES, DaemonRun, Load, free_ports, http_get, make_build, settled_workers,
                      stop_all, user_nginx_conf, wait_until)
 from shapes import UserNginx
-from supervisor.proxy.nginx import render_upstream
+from supervisor.proxy.render import render_upstream
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from supervisor.config import schema as config
-from supervisor.proxy.nginx import parse_upstream_port, render_managed_conf, render_upstream
+from supervisor.proxy.render import parse_upstream_port, render_managed_conf, render_upstream
 
 
 def test_upstream_has_exactly_one_server_line_and_parses_back() -> None:
@@ -44,7 +44,7 @@ def test_a_preview_is_its_own_upstream_chosen_by_header_then_cookie() -> None:
 
 def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> None:
     from supervisor.config.schema import ReleaseConfig
-    from supervisor.proxy.nginx import render_runtime
+    from supervisor.proxy.render import render_runtime
 
     text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
     # Every call into bluegreen.lua gets the app's settings: the preview cookie read, the rollout

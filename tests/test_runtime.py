@@ -22,7 +22,7 @@ from helpers import (bluegreen, DaemonRun, free_ports, http_get, KeepAlive, Load
                      serves, wait_until)
 from supervisor.processes import drain
 from supervisor.config.host import resolve_binary
-from supervisor.proxy.nginx import workers
+from supervisor.proxy.master import workers
 pytestmark = pytest.mark.e2e
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
-from . import specs
 from ..protocol import CommandSpec
+from . import specs
 
 if TYPE_CHECKING:
     from ..daemon.process import Daemon

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import client
-from ..protocol import shares
 from ..errors import NotReadyYet, RequestError
+from ..protocol import shares
 from ..protocol import CommandSpec
 
 if TYPE_CHECKING:

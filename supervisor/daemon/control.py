@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from .. import protocol
-from ..processes import procs
 from ..client import answering_pid
 from ..commands import specs
 from ..config.schema import DaemonConfig
 from ..errors import BluegreenError, RequestError
+from ..processes import procs
 from ..release.history import PEER
 
 log = logging.getLogger("bluegreen.control")

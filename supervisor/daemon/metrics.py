@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..processes import drain
 from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
+from ..processes import drain
 from ..state import DaemonStatus
 
 if TYPE_CHECKING:

@@ -9,11 +9,11 @@ import asyncio
 import logging
 import time
 
-from ..processes import probes, slots
-from ..release.app import App
 from ..config.schema import expand
 from ..errors import BluegreenError
+from ..processes import probes, slots
 from ..proxy.managed import ManagedNginx
+from ..release.app import App
 from ..state import DaemonStatus
 
 log = logging.getLogger("bluegreen")

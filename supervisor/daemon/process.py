@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__, commands, faults
-from ..release.app import App
 from ..config.schema import Config, LogsConfig, machine_warnings
-from .control import ControlServer
 from ..errors import BluegreenError
-from ..release.history import History
 from ..processes.logs import DaemonLog
-from .metrics import MetricsServer, Recorder
-from .notify import Notifier
-from .monitor import Monitor
 from ..protocol import Request
+from ..release.app import App
+from ..release.history import History
 from ..state import DaemonStatus
+from .control import ControlServer
+from .metrics import MetricsServer, Recorder
+from .monitor import Monitor
+from .notify import Notifier
 
 log = logging.getLogger("bluegreen")
 HOUSEKEEPING = 1.0  # seconds between two rounds of housekeeping

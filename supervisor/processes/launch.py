@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import builds
-from . import drain, slots
 from ..config.schema import Config, expand
 from ..errors import PortInUse
+from . import drain, slots
 
 log = logging.getLogger("bluegreen")
 

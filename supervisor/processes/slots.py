@@ -22,12 +22,12 @@ from typing import Any, Mapping
 import aiofiles.os
 import psutil
 
-from . import procs
 from ..config.schema import LogsConfig, expand, render_tokens
 from ..errors import AppError
 from ..fsutil import atomic_write
-from .logs import QUOTE_TOTAL, Ident, last_lines, quoted
 from ..state import SlotState
+from . import procs
+from .logs import QUOTE_TOTAL, Ident, last_lines, quoted
 
 PUMP = Path(__file__).with_name("logpump.py")
 

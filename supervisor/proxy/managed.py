@@ -15,13 +15,14 @@ from typing import Any
 
 import psutil
 
-from ..processes import drain, procs
 from ..config.schema import Config
 from ..errors import NginxError, PortInUse
 from ..fsutil import atomic_write
+from ..processes import drain, procs
 from ..processes.logs import NginxLogs
-from .nginx import (TEMP_KINDS, ErrorLog, render_managed_conf, render_upstream, runtime_part, run_command, workers,
-                    write_upstream)
+from .master import ErrorLog, run_command, workers
+from .reload import write_upstream
+from .render import TEMP_KINDS, render_managed_conf, render_upstream, runtime_part
 
 
 class ManagedNginx:

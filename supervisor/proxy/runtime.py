@@ -24,11 +24,13 @@ from ..aio import shielded
 from ..config.schema import Config
 from ..errors import NginxError
 from ..fsutil import UndoableFile
-from .nginx import Master, ReloadSwitch, render_lua_handlers, runtime_part, worker_title
-from .table import Table
-from .managed import ManagedNginx
-from .front import RoutingLock, routing
 from .counters import Counters
+from .front import RoutingLock, routing
+from .managed import ManagedNginx
+from .master import Master, worker_title
+from .reload import ReloadSwitch
+from .render import render_lua_handlers, runtime_part
+from .table import Table
 
 log = logging.getLogger("bluegreen")
 

@@ -3,12 +3,12 @@ it and the config asks for it, else reloads."""
 
 from __future__ import annotations
 
-from ..config.schema import Config
-
 from ..config.host import lua_missing
+from ..config.schema import Config
 from .front import FrontProxy
 from .managed import ManagedNginx
-from .nginx import Master, ReloadSwitch
+from .master import Master
+from .reload import ReloadSwitch
 from .runtime import RuntimeSwitch
 
 

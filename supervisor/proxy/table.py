@@ -17,8 +17,8 @@ import asyncio
 from pathlib import Path
 
 from ..errors import NginxError
-from .nginx import CONTROL
 from .counters import Counters
+from .render import CONTROL
 
 TIMEOUT = 5.0
 

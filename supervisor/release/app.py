@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import builds, faults
-from ..processes import drain, slots
-from . import hooks, takeover
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
-from .history import PEER
+from ..processes import drain, slots
 from ..processes.launch import Launcher
-from ..proxy.nginx import ExternalMaster, Master
-from ..proxy.managed import ManagedNginx
 from ..proxy import switch
+from ..proxy.external import ExternalMaster
+from ..proxy.managed import ManagedNginx
+from ..proxy.master import Master
+from ..state import DaemonStatus, InterruptedSwap, StateKeeper, StateStore
+from . import hooks, takeover
 from .controller import Release
 from .executor import SlotOps
-from ..state import DaemonStatus, InterruptedSwap, StateKeeper, StateStore
+from .history import PEER
 from .phases import RELEASES, Phase, Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import hooks
-from ..processes import slots
 from ..config.schema import other_slot
 from ..errors import BluegreenError
+from ..processes import slots
+from . import hooks
 from .history import PEER
-from .rollout import Decision, Rollouts
 from .phases import RELEASES, Plan
+from .rollout import Decision, Rollouts
 
 if TYPE_CHECKING:
     from .app import App
@@ -139,7 +139,7 @@ class Release:
                 "header": f"{r.preview_header}: {p.token or 1}", "cookie": f"{r.preview_cookie}={p.token or 1}",
                 "mode": self.app.proxy.mode}
         if self.app.managed is None and self.app.proxy.mode == "reload":
-            from ..proxy.nginx import route_variable
+            from ..proxy.render import route_variable
 
             var = route_variable(self.app.config.nginx.upstream_name)
             info["needs"] = f"proxy_pass http://${var}; in your server block (README: preview with your own nginx)"

@@ -13,10 +13,10 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import builds
-from ..processes import probes, slots
-from ..errors import Aborted, AppDied, AppError, BluegreenError
-from ..state import SlotState
 from ..aio import shielded
+from ..errors import Aborted, AppDied, AppError, BluegreenError
+from ..processes import probes, slots
+from ..state import SlotState
 from .phases import Phase, Plan
 
 if TYPE_CHECKING:

@@ -28,10 +28,10 @@ from typing import Any, Callable, Mapping
 
 import psutil
 
-from ..processes import procs, slots
-from ..config.schema import expand
 from ..config.host import interpreter_problem
+from ..config.schema import expand
 from ..errors import HookFailed
+from ..processes import procs, slots
 
 log = logging.getLogger("bluegreen")
 MARKER = "BLUEGREEN_HOOK_STATE_DIR"

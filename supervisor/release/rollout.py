@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..processes import slots
 from ..errors import Aborted, BluegreenError, NginxError, RolloutAborted
-from .phases import Plan
+from ..processes import slots
 from ..proxy.front import TrafficSplit
+from .phases import Plan
 from .verdict import Counters, Rules, Verdict, judge
 
 if TYPE_CHECKING:

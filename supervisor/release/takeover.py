@@ -7,10 +7,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from . import adoption
-from ..processes import slots
 from ..config.schema import other_slot
+from ..processes import slots
 from ..state import InterruptedSwap
+from . import adoption
 from .phases import RELEASES, SwapRecord
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..proxy.counters import Counters
 
+
 @dataclass(frozen=True)
 class Rules:
     """When the new build counts as healthy (the [rollout] keys of the same names)."""
