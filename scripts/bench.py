@@ -45,7 +45,7 @@ import psutil  # noqa: E402
 
 from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, misbehaving_build  # noqa: E402
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from supervisor.config.host import resolve_binary  # noqa: E402
 
 SLOW_EVERY = 10  # one request in ten is slow
@@ -672,10 +672,10 @@ def scale() -> dict[str, Any]:
             while len(socks) < n:
                 c = socket.create_connection(("127.0.0.1", oport))
                 socks += [c, other.accept()[0]]
-            assert drain.inflight(port) == 1
+            assert sockets.inflight(port) == 1
             out[str(n)] = {
-                "sock_diag_ms": timed(lambda: drain.inflight(port), 50),
-                "proc_net_tcp_ms": timed(lambda: drain._proc_scan(port, drain.INFLIGHT_STATES), 10),
+                "sock_diag_ms": timed(lambda: sockets.inflight(port), 50),
+                "proc_net_tcp_ms": timed(lambda: sockets._proc_scan(port, sockets.INFLIGHT_STATES), 10),
                 "psutil_net_connections_ms": timed(
                     lambda: [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port], 5),
             }

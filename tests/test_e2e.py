@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import bluegreen, free_ports, http_get, Load, make_build, managed_nginx, serves, wait_until
-from supervisor.processes import drain
+from supervisor.processes import sockets
 
 pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "supervisor"]
@@ -42,7 +42,7 @@ def test_slow_request_in_flight_finishes_on_the_old_build_before_it_stops(make_d
     t = threading.Thread(target=slow)
     t.start()
     # The slow request is inside the old app: measured from outside, like the daemon does.
-    wait_until(lambda: drain.inflight(blue) >= 1, 30, "the slow request to reach the old app")
+    wait_until(lambda: sockets.inflight(blue) >= 1, 30, "the slow request to reach the old app")
 
     swap = run.cli("swap", str(v2))
     t.join(60)
@@ -87,7 +87,7 @@ def test_swap_to_a_build_that_never_gets_ready_times_out_and_stops_the_standby(m
     assert swap.returncode == 1, swap.stdout + swap.stderr
     assert "[not_ready]" in swap.stderr and "was not ready after 2s" in swap.stderr
     assert "HTTP 503" in swap.stderr
-    assert drain.listening(run.ports[1]) == []  # the standby was stopped
+    assert sockets.listening(run.ports[1]) == []  # the standby was stopped
     assert serves(run, "v1")
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (IGNORES_SIGTERM, NODE_APP, SLOW_TO_STOP, crashes_after_ready, DaemonRun, free_ports, http_get,
                      Load, make_build, managed_nginx, raw, serves, wait_until)
-from supervisor.processes import drain
+from supervisor.processes import sockets
 
 pytestmark = pytest.mark.e2e
 
@@ -166,7 +166,7 @@ def test_drain_timeout_cuts_long_requests_and_says_how_many(make_daemon, release
 
     t = threading.Thread(target=long_request)
     t.start()
-    wait_until(lambda: drain.inflight(blue) >= 1, 30, "the long request to reach the old app")
+    wait_until(lambda: sockets.inflight(blue) >= 1, 30, "the long request to reach the old app")
     r = run.cli("swap", str(make_build(releases, "v2")))
     t.join(60)
     assert r.returncode == 0, r.stderr
@@ -178,7 +178,7 @@ def test_drain_timeout_cuts_long_requests_and_says_how_many(make_daemon, release
            "within 2s of SIGTERM: killed with SIGKILL" in r.stdout, r.stdout
     d = run.status()["last_swap"]["details"]["drain"]
     assert d["timed_out"] and d["still_open"] >= 1
-    assert not drain.listening(blue)  # the old app was stopped anyway
+    assert not sockets.listening(blue)  # the old app was stopped anyway
     assert cut["reply"] != (200, "v1 slow 30000\n")  # it was cut, as reported
     assert serves(run, "v2")
 
@@ -226,7 +226,7 @@ def test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone(make_
 
         holder = threading.Thread(target=lambda: held.update(reply=http_get(run.listen_port, "/slow?ms=4000")))
         holder.start()
-        wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the slow request to reach the old app")
+        wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the slow request to reach the old app")
     with Load(run.listen_port, clients=4, slow_every=8, slow_ms=2000) as load:
         wait_until(lambda: load.slow_ok >= 1, 60, "load with slow requests")
         state = swap_and_kill_daemon_at(run, v2, phase)
@@ -256,7 +256,7 @@ def test_daemon_killed_mid_swap_is_adopted_and_the_swap_finished_or_undone(make_
     other = run.ports[1] if active_port == run.ports[0] else run.ports[0]
     routed = (run.dir / "run" / "nginx" / "route").read_text().strip() if switch == "runtime" else upstream_port(run)
     assert int(routed) == active_port
-    wait_until(lambda: not drain.listening(other), 30, "the leftover slot to be stopped")
+    wait_until(lambda: not sockets.listening(other), 30, "the leftover slot to be stopped")
     saved = json.loads((run.dir / "run" / "state.json").read_text())
     assert saved["swap"] is None and saved["active"]["pid"] == st["active"]["pid"]
     # The interrupted swap ends like any other: one history line (none if the kill came before
@@ -399,7 +399,7 @@ def test_a_request_past_drain_timeout_that_the_old_build_finishes_is_not_reporte
     got: dict[str, object] = {}
     t = threading.Thread(target=lambda: got.update(reply=http_get(run.listen_port, "/slow?ms=3000", timeout=60)))
     t.start()
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach the old app")
+    wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the long request to reach the old app")
     r = run.cli("swap", str(make_build(releases, "v2")))
     t.join(60)
     assert r.returncode == 0, r.stderr

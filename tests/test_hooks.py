@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from helpers import Load, bluegreen, http_get, make_build, running, wait_until
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from conftest import render_config
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +79,7 @@ def test_a_failing_before_switch_aborts_the_swap_with_traffic_unchanged(make_dae
     assert "ERROR: lock timeout on table users" in r.stderr and "traffic is unchanged" in r.stderr
     assert not load.failures, (load.failures, load.examples)
     assert http_get(run.listen_port) == (200, "hello from v1\n")
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the standby to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the standby to stop")
     assert run.status()["last_swap"]["error"]["phase"] == "before_switch"
 
 
@@ -119,7 +119,7 @@ def test_a_failing_after_switch_can_send_traffic_back_to_the_old_build(make_daem
     st = run.status()
     assert st["active"]["pid"] == old and st["last_swap"]["traffic"] == "restored"
     assert http_get(run.listen_port) == (200, "hello from v1\n")
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the new build to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the new build to stop")
 
 
 def test_after_failure_is_told_what_failed(make_daemon, short_tmp: Path, releases: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Load, http_get, make_build, managed_nginx, running, wait_until
-from supervisor.processes import drain
+from supervisor.processes import sockets
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +56,7 @@ def test_a_paused_swap_previews_the_new_build_to_header_and_cookie_requests_then
     assert st["paused"] is None and st["active"]["slot"] == "green"
     last = st["last_swap"]
     assert last["outcome"] == "done" and last["details"]["paused"]["decision"] == "promote"
-    assert not drain.listening(run.ports[0])  # the old build was drained and stopped as usual
+    assert not sockets.listening(run.ports[0])  # the old build was drained and stopped as usual
     # The history says who started the swap and who promoted it.
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
     assert entry["decided"]["what"] == "promote" and entry["decided"]["by"]["uid"] == os.getuid(), entry
@@ -75,7 +75,7 @@ def test_abort_ends_the_preview_and_stops_the_standby_with_traffic_never_moved(m
         assert "aborted the swap to" in r.stdout and "traffic never moved" in r.stdout
         assert body(run.listen_port, PREVIEW) == "hello from v1\n"  # the preview route is gone
     assert not load.failures, (load.failures, load.examples)
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the standby to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the standby to stop")
     assert not running(standby)
     last = run.status()["last_swap"]
     assert last["error"]["code"] == "aborted" and last["traffic"] == "unchanged"
@@ -111,7 +111,7 @@ def test_a_paused_swap_nobody_decides_is_aborted_at_the_pause_timeout(make_daemo
     assert last["error"]["code"] == "pause_timeout" and "release.pause_timeout (1s)" in last["error"]["message"]
     assert last["traffic"] == "unchanged"
     assert body(run.listen_port, PREVIEW) == "hello from v1\n"
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the standby to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the standby to stop")
 
 
 def test_a_daemon_killed_while_paused_comes_back_on_the_old_build_with_the_standby_removed(

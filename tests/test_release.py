@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Load, bluegreen, http_get, make_build
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from conftest import render_config
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def test_a_failing_smoke_check_stops_the_standby_and_names_what_it_got(make_daem
     st = run.status()
     assert st["active"]["slot"] == "blue" and st["standby"] is None
     assert st["last_swap"]["traffic"] == "unchanged" and st["last_swap"]["error"]["phase"] == "check"
-    assert not drain.listening(green)  # the standby was stopped
+    assert not sockets.listening(green)  # the standby was stopped
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
     assert not load.failures, (load.failures, load.examples)
 

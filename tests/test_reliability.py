@@ -21,7 +21,7 @@ import pytest
 
 from helpers import (SLOW_TO_STOP, bluegreen, crashes_after_ready, DaemonRun, free_ports, http_get, kill_tree, Load,
                      make_build, managed_nginx, raw, serves, wait_until)
-from supervisor.processes import drain, slots
+from supervisor.processes import sockets, slots
 
 pytestmark = pytest.mark.e2e
 
@@ -219,7 +219,7 @@ def test_disk_full_and_no_way_back_keeps_the_new_build_serving_and_says_so(make_
     # ...then the old build is drained and stopped
     wait_until(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
                60, "the old build to be stopped once the state is saved", run.output)
-    assert not drain.listening(run.ports[0])
+    assert not sockets.listening(run.ports[0])
 
 
 # ---- 2. "previous" is the last build a user released
@@ -246,7 +246,7 @@ def test_rollback_after_crash_restarts_returns_to_the_last_good_release(make_dae
 def test_new_build_dying_during_the_drain_sends_traffic_back_at_once(make_daemon, releases: Path) -> None:
     run = make_daemon()
     long = Background(run.listen_port, "/slow?ms=6000")  # long enough: the revert comes at once
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
+    wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
     s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
     with s:
         new_pid = run.status()["active"]["pid"]
@@ -285,7 +285,7 @@ def in_drain_with_a_long_request(run: DaemonRun, releases: Path, ms: int) -> tup
     """A request of `ms` in flight on v1, and a swap to v2 that has begun draining it."""
     old_pid = run.status()["active"]["pid"]
     long = Background(run.listen_port, f"/slow?ms={ms}")
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
+    wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the long request to reach v1")
     s, f = swap_over_socket(run, make_build(releases, "v2"), "drain")
     return old_pid, long, s, f
 
@@ -317,7 +317,7 @@ def test_sigterm_during_the_drain_leaves_no_process_behind(make_daemon, releases
     assert run.proc.wait(60) == 0
     assert reply["ok"], reply
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
-    assert not drain.listening(run.ports[0]) and not drain.listening(run.ports[1])
+    assert not sockets.listening(run.ports[0]) and not sockets.listening(run.ports[1])
     assert long.result() == (200, "v1 slow 3000\n")  # nginx stopped gracefully: it finished
 
 
@@ -356,7 +356,7 @@ def test_a_leftover_of_ours_on_the_standby_port_is_cleared(make_daemon, releases
     stray = subprocess.Popen(["node", "server.js"], cwd=build, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: drain.listening(run.ports[1]), 30, "the stray server to listen")
+        wait_until(lambda: sockets.listening(run.ports[1]), 30, "the stray server to listen")
         r = run.cli("swap", str(make_build(releases, "v2")))
         assert r.returncode == 0, r.stderr
         wait_until(lambda: stray.poll() is not None, 30, "the stray server of ours to be stopped")
@@ -419,7 +419,7 @@ def test_current_symlink_is_resolved_at_each_swap(make_daemon, releases: Path) -
 def test_killed_master_is_replaced_without_waiting_for_its_workers_requests(make_daemon) -> None:
     run = make_daemon()
     long = Background(run.listen_port, "/slow?ms=8000")
-    wait_until(lambda: drain.inflight(run.ports[0]) >= 1, 30, "the long request to reach the app")
+    wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the long request to reach the app")
     master = run.status()["nginx"]["master_pid"]
     os.kill(master, signal.SIGKILL)
     wait_until(lambda: (run.status() or {"nginx": {}})["nginx"].get("master_pid") not in (None, master), 30,

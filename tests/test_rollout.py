@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from helpers import ClientThreads, http_get, make_build, managed_nginx, misbehaving_build, wait_until
-from supervisor.processes import drain
+from supervisor.processes import sockets
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_a_good_build_goes_through_every_step_to_everyone_with_no_failed_request
     last = run.status()["last_swap"]
     assert [s["share"] for s in last["details"]["rollout"]["steps"]] == [10, 50]
     assert [v["share"] for v in run.status()["history"][-1]["verdicts"]] == [10, 50]
-    assert not drain.listening(run.ports[0])
+    assert not sockets.listening(run.ports[0])
 
 
 def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_share_sees_errors(
@@ -95,7 +95,7 @@ def test_a_build_failing_30_percent_is_reverted_in_the_first_step_and_only_its_s
     audit = json.loads(run.cli("history", "-n", "1", "--json").stdout)  # the audit trail says it was reverted
     assert (audit["outcome"], audit["error"]["code"], audit["to"]) == ("reverted", "rollout_aborted", str(releases / "v2"))
     assert "requests failed (" in audit["verdict"]
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the bad build to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the bad build to stop")
     assert {http_get(run.listen_port, "/", headers={"Cookie": f"bluegreen_id={i}"})[1] for i in range(30)} \
         == {"hello from v1\n"}
 
@@ -156,7 +156,7 @@ def test_abort_during_a_rollout_sends_everyone_back_and_stops_the_new_build(roll
             swap.kill()
     assert {http_get(run.listen_port, "/", headers={"Cookie": f"bluegreen_id={i}"})[1] for i in range(30)} \
         == {"hello from v1\n"}
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the new build to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the new build to stop")
 
 
 def test_a_daemon_killed_mid_rollout_comes_back_on_the_old_build_with_nothing_left(rollout_daemon,
@@ -193,7 +193,7 @@ def test_bad_rollouts_are_refused_with_traffic_unchanged(make_daemon, releases: 
     assert r.returncode == 1 and "[rollout_unavailable]" in r.stderr and "runtime switch" in r.stderr, r.stderr
     assert "traffic is unchanged" in r.stderr
     assert http_get(run.listen_port) == (200, "hello from v1\n")
-    assert not drain.listening(run.ports[1])
+    assert not sockets.listening(run.ports[1])
 
 
 def test_a_watched_plain_swap_goes_back_on_its_own_when_the_new_build_fails(rollout_daemon, releases: Path) -> None:
@@ -207,7 +207,7 @@ def test_a_watched_plain_swap_goes_back_on_its_own_when_the_new_build_fails(roll
     assert set(users.failures) <= {"http_500"}, users.answers  # the bad build's own answers, nothing else
     st = run.status()
     assert st["active"]["pid"] == old and st["last_swap"]["traffic"] == "restored"  # the old build never stopped
-    wait_until(lambda: not drain.listening(run.ports[1]), 30, "the bad build to stop")
+    wait_until(lambda: not sockets.listening(run.ports[1]), 30, "the bad build to stop")
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import render_config
 from helpers import (bluegreen, DaemonRun, free_ports, http_get, KeepAlive, Load, make_build, managed_nginx,
                      serves, wait_until)
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from supervisor.config.host import resolve_binary
 from supervisor.proxy.master import workers
 pytestmark = pytest.mark.e2e
@@ -178,11 +178,11 @@ def test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up(make_daem
             pass  # its worker is killed: this one request is lost
 
     threading.Thread(target=slow, daemon=True).start()
-    wait_until(lambda: drain.inflight(blue) >= 1, 30, "the slow request to reach the app")
+    wait_until(lambda: sockets.inflight(blue) >= 1, 30, "the slow request to reach the app")
     before = workers(st["nginx"]["master_pid"])
     for pid in before:
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: drain.inflight(blue) == 0, 30, "the app to see its connection closed")
+    wait_until(lambda: sockets.inflight(blue) == 0, 30, "the app to see its connection closed")
     wait_until(lambda: serves(run, "v1"), 30, "the respawned workers to serve")
     r = run.cli("swap", "--json", str(make_build(releases, "v2")))
     assert r.returncode == 0, r.stdout + r.stderr

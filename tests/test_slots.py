@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import free_ports, wait_until
-from supervisor.processes import drain, probes, slots
+from supervisor.processes import sockets, probes, slots
 from supervisor.config.schema import ReadyConfig
 from supervisor.errors import AppError
 
@@ -150,7 +150,7 @@ def ready_with(tmp: Path, loop: asyncio.AbstractEventLoop, answers: list[tuple[i
     app = spawn(tmp, sequence_app(answers), port)
     url = f"http://127.0.0.1:{port}/health"
     try:
-        wait_until(lambda: drain.listening(port), 30, "the app to listen")  # so every check gets an answer
+        wait_until(lambda: sockets.listening(port), 30, "the app to listen")  # so every check gets an answer
         return loop.run_until_complete(probes.wait_ready(app, ReadyConfig(url, 30, 0.02, **kw), url))
     finally:
         loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))

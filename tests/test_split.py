@@ -18,7 +18,7 @@ import pytest
 
 from helpers import http_get, kill_tree, make_build, unchunk, wait_until
 from supervisor.config import schema as config
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from supervisor.proxy.managed import ManagedNginx
 from supervisor.proxy.runtime import RuntimeSwitch
 from supervisor.proxy.counters import bucket_of, bucket_upper_ms
@@ -50,7 +50,7 @@ def split_nginx(make_daemon, releases: Path):
     v2 = subprocess.Popen(["node", "server.js"], cwd=make_build(releases, "v2"), env={"PORT": str(green),
                           "PATH": "/usr/bin:/bin:/usr/local/bin"}, start_new_session=True)
     try:
-        wait_until(lambda: drain.listening(green), 30, "v2 to listen")
+        wait_until(lambda: sockets.listening(green), 30, "v2 to listen")
         cfg = config.load(run.config)
         # The test drives nginx's table itself: the daemon, which would put back its own routing
         # within a second (reconcile), is held still meanwhile (nginx and v1 serve on).
@@ -128,7 +128,7 @@ def test_nginx_counts_requests_errors_and_latency_per_port_for_a_watch_generatio
     assert 300 <= new.percentile_ms(99) <= bucket_upper_ms(bucket_of(max(took) / 1000))  # type: ignore[operator]
     assert new.percentile_ms(50) < 100  # type: ignore[operator]
     assert asyncio.run(switch.stats(6)) == {}  # another generation counted nothing
-    kill_tree([p for p in drain.listening_pids(green)])  # the candidate dies: nginx gets no answer
+    kill_tree([p for p in sockets.listening_pids(green)])  # the candidate dies: nginx gets no answer
     for _ in range(5):
         http_get(run.listen_port, "/")
     dead = asyncio.run(switch.stats(7))[green]

@@ -223,9 +223,9 @@ def test_a_contract_step_the_killed_daemon_never_ran_is_named_in_status_and_hist
 
 
 def inflight_to(run: DaemonRun, port: int) -> bool:
-    from supervisor.processes import drain
+    from supervisor.processes import sockets
 
-    return drain.inflight(port) > 0
+    return sockets.inflight(port) > 0
 
 
 def test_the_new_build_dying_while_paused_ends_the_preview_at_once(shape, releases: Path) -> None:

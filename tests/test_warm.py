@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import Load, http_get, make_build, wait_until
-from supervisor.processes import drain
+from supervisor.processes import sockets
 from supervisor.processes.slots import marked
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def test_a_rollback_within_the_warm_window_is_one_routing_change_with_no_process
     assert r.returncode == 0, r.stdout + r.stderr
     assert "kept warm for 120s" in r.stdout and "stays warm until" in r.stdout, r.stdout
     st = run.status()
-    assert st["warm"]["pid"] == v1["pid"] and drain.listening(v1["port"])  # running, with no traffic
+    assert st["warm"]["pid"] == v1["pid"] and sockets.listening(v1["port"])  # running, with no traffic
     assert "warm     blue" in run.cli("status").stdout
     app_pids = {p.pid for p in marked(run.dir / "run")}
     with Load(run.listen_port, clients=4) as load:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
-from ..processes import drain
+from ..processes import sockets
 from ..state import DaemonStatus
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ async def _nginx(app: App) -> NginxSnapshot:
         n = 0
         if up:
             try:
-                n = await runtime.inflight(port) if runtime is not None else drain.inflight(port)
+                n = await runtime.inflight(port) if runtime is not None else sockets.inflight(port)
             except (BluegreenError, OSError):
                 n = 0
         inflight[port] = n
@@ -206,7 +206,7 @@ class MetricsServer:
         except OSError as e:
             where = f"{host}:{port}"
             if e.errno == errno.EADDRINUSE:
-                raise PortInUse(f"daemon.metrics_listen: {where} is already in use by {drain.port_holder(port)}; "
+                raise PortInUse(f"daemon.metrics_listen: {where} is already in use by {sockets.port_holder(port)}; "
                                 "choose another address, or stop that process", port=port) from None
             raise BluegreenError(f"daemon.metrics_listen: cannot listen on {where}: {e.strerror}; choose another "
                                  "address", code="config") from None

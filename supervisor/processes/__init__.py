@@ -1,3 +1,3 @@
 """The processes layer: the app's two slots and everything about a process from outside it:
-launching (launch, slots), /proc (procs), readiness and smoke checks (probes), connections in
-flight (drain), and its output (logpump writes it, logs reads it)."""
+launching (launch, slots), /proc (procs), readiness and smoke checks (probes), connections on a
+port (sockets) and the drain wait (drain), and its output (logpump writes it, logs reads it)."""

@@ -13,7 +13,7 @@ from typing import Callable
 from .. import builds
 from ..config.schema import Config, expand
 from ..errors import PortInUse
-from . import drain, slots
+from . import sockets, slots
 
 log = logging.getLogger("bluegreen")
 
@@ -61,13 +61,13 @@ class Launcher:
         """Make sure `port` is free for a new app: a leftover of ours holding it (a server its start
         script left behind, a process a killed daemon never recorded) is stopped, never one of
         `keep`; anything else is the user's, and named."""
-        if not drain.listening(port):
+        if not sockets.listening(port):
             return
-        holders = drain.listening_pids(port) - keep
+        holders = sockets.listening_pids(port) - keep
         s = self.config.app.stop
         for what in await slots.clear_leftovers(self.state_dir, holders, s.signal, s.timeout):
             log.warning("port %d was held by a leftover of this daemon's apps; stopped it: %s", port, what)
             cleared(what)
-        if drain.listening(port):
-            raise PortInUse(f"port {port} is already in use by {drain.port_holder(port)}; stop that process or "
+        if sockets.listening(port):
+            raise PortInUse(f"port {port} is already in use by {sockets.port_holder(port)}; stop that process or "
                             "change app.ports", port=port)

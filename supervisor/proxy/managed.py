@@ -18,7 +18,7 @@ import psutil
 from ..config.schema import Config
 from ..errors import NginxError, PortInUse
 from ..fsutil import atomic_write
-from ..processes import drain, procs
+from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
 from .reload import write_upstream
@@ -185,8 +185,8 @@ class ManagedNginx:
 
     def _refuse_held_listen(self) -> None:
         port = int(self.n.listen.rsplit(":", 1)[-1])
-        if drain.listening(port):
-            raise PortInUse(f"nginx.listen {self.n.listen} is already in use by {drain.port_holder(port)}; "
+        if sockets.listening(port):
+            raise PortInUse(f"nginx.listen {self.n.listen} is already in use by {sockets.port_holder(port)}; "
                             "stop that process or change nginx.listen", port=port)
 
     def _refuse_leftover(self) -> None:
@@ -229,7 +229,7 @@ class ManagedNginx:
         procs.killpg(old, signal.SIGQUIT)
         port = int(self.n.listen.rsplit(":", 1)[-1])
         deadline = time.monotonic() + 5.0
-        while procs.group_alive(old) and drain.listening(port) and time.monotonic() < deadline:
+        while procs.group_alive(old) and sockets.listening(port) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if procs.group_alive(old):
             self.orphans.append(old)

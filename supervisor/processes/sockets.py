@@ -1,0 +1,158 @@
+"""Connections on a port, seen from outside the app, by TCP state; who listens on a port.
+
+The kernel filters for us through NETLINK_SOCK_DIAG (what `ss` uses): a state mask and a
+bytecode "local port == P" filter, so one count costs the same with 10 or 10,000 other
+sockets on the host. If netlink is unavailable we fall back to parsing /proc/net/tcp{,6}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from . import procs
+
+# Linux TCP states (include/net/tcp_states.h)
+ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING = range(1, 12)
+STATE_NAMES = {
+    ESTABLISHED: "ESTABLISHED", SYN_RECV: "SYN_RECV", CLOSE_WAIT: "CLOSE_WAIT", LISTEN: "LISTEN",
+    SYN_SENT: "SYN_SENT", FIN_WAIT1: "FIN_WAIT1", FIN_WAIT2: "FIN_WAIT2", TIME_WAIT: "TIME_WAIT",
+    CLOSE: "CLOSE", LAST_ACK: "LAST_ACK", CLOSING: "CLOSING",
+}
+# In-flight on the app's side: the app still owes a response (CLOSE_WAIT: the peer hung up,
+# the app has not, and is often still working). TIME_WAIT/FIN_WAIT*/LAST_ACK: the app closed.
+INFLIGHT_STATES = frozenset({ESTABLISHED, SYN_RECV, CLOSE_WAIT})
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+
+
+@dataclass(frozen=True)
+class Conn:
+    state: int
+    local_port: int
+    remote: str
+    remote_port: int
+    inode: int
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES.get(self.state, str(self.state))
+
+
+def _request(family: int, port: int, states: frozenset[int], seq: int) -> bytes:
+    # Bytecode: accept iff port <= sport <= port. A "no" jump past the end rejects.
+    bc = struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, 20) + struct.pack("=BBH", 0, 0, port)
+    bc += struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 12) + struct.pack("=BBH", 0, 0, port)
+    attr = struct.pack("=HH", 4 + len(bc), INET_DIAG_REQ_BYTECODE) + bc
+    mask = 0
+    for s in states:
+        mask |= 1 << s
+    # inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid (48 bytes, zero)
+    req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, mask) + b"\0" * 48
+    body = req + attr
+    header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    return header + body
+
+
+def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
+    out: list[Conn] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
+        s.sendto(_request(family, port, states, 1), (0, 0))
+        while True:
+            data = s.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    return out
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    (errno,) = struct.unpack_from("=i", data, offset + 16)
+                    raise OSError(-errno, os.strerror(-errno))
+                if kind == SOCK_DIAG_BY_FAMILY:
+                    # inet_diag_msg: family, state, timer, retrans, then sockid: sport, dport (big endian)
+                    _fam, state = struct.unpack_from("=BB", data, offset + 16)
+                    sport, dport = struct.unpack_from("!HH", data, offset + 20)
+                    raw_dst = data[offset + 40 : offset + 56]
+                    (inode,) = struct.unpack_from("=I", data, offset + 16 + 68)
+                    if family == socket.AF_INET:
+                        remote = socket.inet_ntop(socket.AF_INET, raw_dst[:4])
+                    else:
+                        remote = socket.inet_ntop(socket.AF_INET6, raw_dst)
+                    out.append(Conn(state, sport, remote, dport, inode))
+                offset += (length + 3) & ~3
+
+
+def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
+    out: list[Conn] = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, remote, st = fields[1], fields[2], int(fields[3], 16)
+                    if st not in states or int(local.rsplit(":", 1)[1], 16) != port:
+                        continue
+                    addr, rport = remote.rsplit(":", 1)
+                    out.append(Conn(st, port, addr, int(rport, 16), int(fields[9])))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+_netlink_ok = True
+
+
+def connections(port: int, states: frozenset[int] = INFLIGHT_STATES) -> list[Conn]:
+    """Sockets on this host whose local port is `port`, in one of `states` (IPv4 and IPv6)."""
+    global _netlink_ok
+    if _netlink_ok:
+        try:
+            return _netlink_dump(socket.AF_INET, port, states) + _netlink_dump(socket.AF_INET6, port, states)
+        except OSError:
+            _netlink_ok = False
+    return _proc_scan(port, states)
+
+
+def inflight(port: int) -> int:
+    """How many connections an app on `port` still serves (ESTABLISHED, SYN_RECV, CLOSE_WAIT)."""
+    return len(connections(port, INFLIGHT_STATES))
+
+
+def listening(port: int) -> list[Conn]:
+    """Listening sockets on `port` (any address)."""
+    return connections(port, frozenset({LISTEN}))
+
+
+def port_holder(port: int) -> str:
+    """Name the process listening on `port` (only on error paths: it scans every socket)."""
+    import psutil
+
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                try:
+                    cmd = " ".join(" ".join(psutil.Process(c.pid).cmdline()).split()) or psutil.Process(c.pid).name()
+                except psutil.Error:
+                    cmd = "?"
+                return f"pid {c.pid} ({cmd})"
+    except psutil.Error:
+        pass
+    return "a process this user cannot see (try as root: ss -ltnp)"
+
+
+def listening_pids(port: int) -> set[int]:
+    """Pids of the processes that hold a listening socket on `port` (by socket inode, via /proc)."""
+    inodes = {c.inode for c in listening(port)}
+    if not inodes:
+        return set()
+    return {pid for pid in procs.pids() if procs.socket_inodes(pid) & inodes}
