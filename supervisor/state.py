@@ -217,10 +217,7 @@ class StateStore:
             atomic_write(self.path, state.to_json(), mode=0o600, durable=durable)
             self.written = self._stamp()
         except OSError as e:
-            raise StateError(
-                f"cannot write {self.path}: {e.strerror}; the previous state is unchanged "
-                "(check free disk space and permissions)"
-            ) from e
+            raise StateError(f"cannot write {self.path}: {e.strerror}; {_fix(e.errno, self.path)}") from e
 
 
     def _stamp(self) -> tuple[int, int, int]:
@@ -237,6 +234,19 @@ class StateStore:
             return True
 
 
+def _fix(errno_: int | None, path: Path) -> str:
+    """What to do about a state.json that cannot be written."""
+    import errno
+
+    if errno_ in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+        return f"something else took its place: move {path} away (the daemon writes it again by itself)"
+    if errno_ in (errno.ENOSPC, errno.EDQUOT):
+        return f"free disk space in {path.parent} (the daemon writes it again by itself)"
+    if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"let the daemon's user write {path.parent} (the daemon writes it again by itself)"
+    return "the previous state is unchanged (check free disk space and permissions)"
+
+
 class StateKeeper:
     """The state and its file: every change goes through here. `unsaved` is true when a change
     that had to reach the disk could not (a full disk); `retry` writes it once it can."""
@@ -245,6 +255,7 @@ class StateKeeper:
         self.store = store
         self.state = State()
         self.unsaved = False
+        self.error: str | None = None  # why the last write failed, while `unsaved`
         # Told of every swap that ended (its record), before it is saved: the metrics, the history log.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -256,8 +267,12 @@ class StateKeeper:
         """Write now; raise StateError if it cannot be written. `durable=False`: no fsync, for
         what only matters while processes run (a swap's progress: a power loss stops them all),
         never for what must survive a reboot (which build is active)."""
-        self.store.save(self.state, durable)
-        self.unsaved = False
+        try:
+            self.store.save(self.state, durable)
+        except StateError as e:
+            self.error = e.message
+            raise
+        self.unsaved, self.error = False, None
 
     def save_quietly(self, durable: bool = True) -> bool:
         """Write now if possible; a failure is remembered and retried, not raised."""
@@ -277,9 +292,12 @@ class StateKeeper:
         not start from a file that lies (the daemon's housekeeping calls this once a second)."""
         if self.unsaved or not self.store.changed_by_others():
             return
-        log.warning("%s was changed or removed by something other than this daemon: written again from what the "
-                    "daemon knows (edit the config, not this file)", self.store.path)
-        self.save_quietly()
+        if self.save_quietly():
+            log.warning("%s was changed or removed by something other than this daemon: written again from what "
+                        "the daemon knows (edit the config, not this file)", self.store.path)
+        else:
+            log.error("%s was changed or removed by something other than this daemon, and cannot be written again: "
+                      "%s", self.store.path, self.error)
 
     def event(self, kind: str, **details: Any) -> None:
         """Recorded now, written with the next save."""

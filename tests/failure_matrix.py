@@ -213,9 +213,9 @@ for phase in PHASES:
          "second (a warning in its log); `history` skips the damaged lines, counts them, and the swap's own line "
          "is whole", "test_damaged_history_lines_are_skipped_and_counted_never_a_failure",
          "test_a_history_line_is_never_glued_to_a_damaged_one")
-    cell(phase, "second_daemon", "the copy is refused before it starts anything (exit 2), naming what holds: your "
+    cell(phase, "second_daemon", "the copy is refused before it starts anything (exit 1), naming what holds: your "
          "nginx's upstream file (`.NAME.owner`: the daemon and state_dir that own it), or the managed nginx's "
-         "listen address; the running daemon does not notice",
+         "listen address (the other daemon's state_dir); the running daemon does not notice",
          "test_a_config_copied_with_another_apps_upstream_file_is_refused_and_takes_nothing")
 
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))

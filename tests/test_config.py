@@ -285,3 +285,21 @@ def test_app_ports_the_kernel_gives_to_outgoing_connections_are_warned_about(tmp
         assert r.returncode == 0, r.stdout + r.stderr
         assert ("warning: app.ports: " in r.stdout and "net.ipv4.ip_local_port_range" in r.stdout
                 and f"choose ports below {ephemeral.start}" in r.stdout) == warned, r.stdout
+    cfg.write_text(cfg.read_text() + f'[nginx]\nlisten = "127.0.0.1:{ephemeral.start + 5}"\n')
+    r = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "-c", str(cfg)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0 and f"warning: nginx.listen: port {ephemeral.start + 5} is inside" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe[\x00d\x00a\x00e\x00", "[app]\ncommand = ['caf\xe9']\n".encode("latin-1")])
+def test_a_config_that_is_not_utf8_is_one_line_naming_the_fix(tmp_path: Path, data: bytes) -> None:
+    """A config saved as UTF-16 (Notepad) or Latin-1: every command says so in one line, exit 2."""
+    from helpers import ROOT
+
+    cfg = tmp_path / "bg.toml"
+    cfg.write_bytes(data)
+    for argv in (["check-config"], ["status"], ["logs", "daemon"], ["daemon"]):
+        r = subprocess.run([sys.executable, "-m", "supervisor", *argv, "-c", str(cfg)], capture_output=True,
+                           text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert "is not UTF-8 text" in r.stderr and "save it as UTF-8" in r.stderr and "Traceback" not in r.stderr

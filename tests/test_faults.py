@@ -435,3 +435,36 @@ print(s.makefile().readline())
     refused = ask_as("daemon")
     assert not refused["ok"] and refused["error"]["code"] == "forbidden", refused
     assert "user daemon" in refused["error"]["message"] and "daemon.allow_users" in refused["error"]["message"]
+
+
+def test_a_directory_in_place_of_state_json_is_named_and_no_swap_switches_until_it_is_gone(make_daemon,
+                                                                                            releases: Path) -> None:
+    """Someone puts a directory where state.json is (a cleanup script, a slip of `mkdir`): the
+    daemon serves on, says why state.json cannot be written and what to do, and refuses a swap
+    before nginx is switched (not at its commit, after the new build served); once the directory
+    is gone, the state is written again and swaps work."""
+    from shapes import app_build
+
+    run = make_daemon()
+    state = run.dir / "run" / "state.json"
+    slow = app_build(releases, "v2", boot_ms=3000)
+    swap = run.cli_background("swap", str(slow))
+    wait_until(lambda: run.phase() == "ready", 60, "the swap to wait for the slow build")
+    state.unlink()
+    state.mkdir()
+    wait_until(lambda: run.status()["daemon"]["state_saved"] is False, 30, "the daemon to find it cannot write")
+    out, err = swap.communicate(timeout=120)
+    assert swap.returncode == 1, out + err
+    assert "nginx was not switched" in out + err and "Is a directory" in out + err, out + err
+    assert serves(run, "v1")
+    text = run.cli("status").stdout
+    assert "NOT SAVED: cannot write" in text and f"move {state} away" in text, text
+    v3 = make_build(releases, "v3")
+    r = run.cli("swap", str(v3))
+    assert r.returncode == 1 and "no swap until state.json can be written" in r.stdout + r.stderr \
+        and "Is a directory" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "None" not in r.stdout + r.stderr
+    state.rmdir()
+    wait_until(lambda: state.is_file() and run.status()["daemon"]["state_saved"], 30, "state.json written again")
+    assert run.cli("swap", str(v3)).returncode == 0
+    assert serves(run, "v3")

@@ -33,6 +33,8 @@ def test_a_removed_daemon_log_comes_back(make_daemon, releases: Path) -> None:
     for f in logs.iterdir():
         f.unlink()
     logs.rmdir()
+    r = run.cli("logs", "daemon")  # not "has the daemon run?": it runs, its logs were removed
+    assert r.returncode == 1 and "is missing (removed while the daemon ran?)" in r.stderr, r.stdout + r.stderr
     assert run.cli("swap", str(app_build(releases, "v2"))).returncode == 0
     wait_until(lambda: (logs / "daemon.log").exists() and "swap to" in (logs / "daemon.log").read_text(), 30,
                "daemon.log to be written again")

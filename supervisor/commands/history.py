@@ -27,8 +27,14 @@ MAX = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", type=int, default=20, metavar="N", help=f"how many (default 20, at most {MAX})")
+    p.add_argument("-n", type=_count, default=20, metavar="N", help=f"how many (default 20, at most {MAX})")
     p.add_argument("--json", action="store_true", help="one JSON object per line, as stored")
+
+
+def _count(v: str) -> int:
+    if not v.isdigit() or int(v) > MAX:
+        raise argparse.ArgumentTypeError(f"expected a number of entries from 0 to {MAX}, got {v!r}")
+    return int(v)
 
 
 async def handle(daemon: Daemon, reply: Any, n: int = 20) -> dict[str, Any]:

@@ -47,7 +47,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "daemon": {"pid": os.getpid(), "version": __version__, "status": str(app.status),
                    "since": daemon.started_at, "config": str(app.config.path), "state_dir": str(app.state_dir),
                    "failure": app.failure, "restarts": app.restarts, "warning": app.warning,
-                   "state_saved": not app.keeper.unsaved},
+                   "state_saved": not app.keeper.unsaved, "state_error": app.keeper.error},
         "events": state.events[-10:],
         "active": _with_rss(app.active.to_dict()) if app.active else None,
         "standby": _with_rss(app.standby.to_dict()) if app.standby else None,
@@ -168,7 +168,7 @@ def format_status(st: dict[str, Any]) -> str:
     if d.get("failure"):
         lines.append(f"FAILED   {d['failure']}")
     if d.get("state_saved") is False:
-        lines.append("state    NOT SAVED: state.json is stale (see the warning)")
+        lines.append(f"state    NOT SAVED: {d.get('state_error') or 'state.json is stale (see the warning)'}")
     if d.get("warning"):
         lines.append(f"WARNING  {d['warning']}")
     for e in (st.get("events") or [])[-5:]:

@@ -710,6 +710,9 @@ def load(path: str | os.PathLike[str], *, machine: bool = False, with_build: boo
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; pass -c PATH (see config.example.toml)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): save it as UTF-8; "
+                          "an editor's UTF-16 or Latin-1 will not do") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     return parse(text, path, machine=machine, with_build=with_build)
@@ -990,6 +993,11 @@ def machine_warnings(cfg: "Config") -> list[str]:
                         f"({ephemeral.start}-{ephemeral.stop - 1}, net.ipv4.ip_local_port_range): while an outgoing "
                         "connection from that port lingers (TIME-WAIT), the app cannot listen on it and a swap fails; "
                         f"choose ports below {ephemeral.start}")
+    listen = int(cfg.nginx.listen.rsplit(":", 1)[-1]) if cfg.nginx.mode == "managed" else None
+    if ephemeral is not None and listen in ephemeral:
+        warnings.append(f"nginx.listen: port {listen} is inside the kernel's range for outgoing connections "
+                        f"({ephemeral.start}-{ephemeral.stop - 1}): an outgoing connection holding it makes the "
+                        f"managed nginx fail to start (bind: address in use); choose a port below {ephemeral.start}")
     return warnings
 
 

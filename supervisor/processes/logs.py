@@ -251,6 +251,9 @@ def sources(config: Config, which: str) -> list[tuple[str, Path]]:
             raise LogsError(f"no build has been started with {state_dir} yet (no active slot in state.json); "
                             "start `bluegreen daemon`, or name a log: blue, green, nginx, daemon")
         which = active.slot
+    if not logs.is_dir() and (state_dir / "state.json").exists():
+        raise LogsError(f"{logs} is missing (removed while the daemon ran?): each log comes back with its next "
+                        "line; try again in a moment")
     if which in ("blue", "green"):
         path = logs / f"{which}.log"
         if not path.exists():

@@ -185,9 +185,17 @@ class ManagedNginx:
 
     def _refuse_held_listen(self) -> None:
         port = int(self.n.listen.rsplit(":", 1)[-1])
-        if sockets.listening(port):
-            raise PortInUse(f"nginx.listen {self.n.listen} is already in use by {sockets.port_holder(port)}; "
-                            "stop that process or change nginx.listen", port=port)
+        if not sockets.listening(port):
+            return
+        owner = _other_daemons_nginx(sockets.listening_pids(port))
+        if owner is not None:
+            master, state_dir = owner
+            raise PortInUse(f"nginx.listen {self.n.listen} is already served by the managed nginx (master pid "
+                            f"{master}) of another bluegreen daemon, the one with daemon.state_dir {state_dir}: "
+                            "give this config its own nginx.listen, or stop that daemon (bluegreen quit -c ITS "
+                            "CONFIG)", port=port)
+        raise PortInUse(f"nginx.listen {self.n.listen} is already in use by {sockets.port_holder(port)}; "
+                        "stop that process or change nginx.listen", port=port)
 
     def _refuse_leftover(self) -> None:
         try:
@@ -250,3 +258,21 @@ def _accepts(listen: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def _other_daemons_nginx(holders: set[int]) -> tuple[int, Path] | None:
+    """If a port's holders are a managed nginx (a worker or its master, started with `-p
+    STATE_DIR/nginx/`), its master's pid and that state_dir: the message then names the other
+    bluegreen daemon, not a worker that its master would only fork again."""
+    for pid in holders:
+        try:
+            proc = psutil.Process(pid)
+            master = proc.parent() if "worker process" in (procs.title(pid) or "") else proc
+            argv = master.cmdline() if master is not None else []
+        except psutil.Error:
+            continue
+        if "-p" in argv and argv.index("-p") + 1 < len(argv):
+            prefix = Path(argv[argv.index("-p") + 1])
+            if prefix.name == "nginx" and (prefix.parent / "daemon.lock").exists():
+                return master.pid, prefix.parent
+    return None

@@ -271,7 +271,8 @@ class App:
                 or self.active is None:
             raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
         if self.keeper.unsaved and not self.keeper.retry():
-            raise StateError(f"no swap until state.json can be written: {self.warning}", traffic="unchanged")
+            raise StateError(f"no swap until state.json can be written: {self.keeper.error or self.warning}",
+                             traffic="unchanged")
 
 
 def _emitter(app: App, plan: Plan[slots.AppProcess]) -> Callable[[dict[str, Any]], None]:

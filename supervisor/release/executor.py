@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import builds
 from ..aio import shielded
-from ..errors import Aborted, AppDied, AppError, BluegreenError
+from ..errors import Aborted, AppDied, AppError, BluegreenError, StateError
 from ..processes import probes, slots
 from ..state import SlotState
 from .phases import Phase, Plan
@@ -117,6 +117,10 @@ class SlotOps:
         if not standby.alive():
             raise AppError(f"the {standby.slot} slot {slots.describe_exit(standby.returncode)} right after it "
                            "became ready; nginx was not switched", code="app_exited")
+        keeper = self.app.keeper
+        if plan.old is not None and keeper.unsaved and not keeper.retry():  # the commit could not be written
+            raise StateError(f"state.json cannot be written ({keeper.error}); nginx was not switched",
+                             traffic="unchanged")
         if plan.old is None:
             await self.app.point_nginx_at(plan.port, force=True)
             return {"port": plan.port}
