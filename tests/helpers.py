@@ -23,6 +23,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def as_in_a_terminal() -> None:
+    """For a child the test sends Ctrl-C: SIGINT and SIGQUIT at their defaults, as in an operator's
+    terminal, even when the suite itself runs with them ignored (a script's background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def manual() -> str:
     """The whole manual: README.md and every page of docs/ (what a user reads)."""
     return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
@@ -339,7 +346,7 @@ class DaemonRun:
     def cli_background(self, *args: str) -> subprocess.Popen[str]:
         """The CLI left running (a swap the test acts on meanwhile); `.communicate()` ends it."""
         return subprocess.Popen([sys.executable, "-m", "supervisor", *args, "-c", str(self.config)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_in_a_terminal)
 
     def phase(self) -> str | None:
         """The running swap's phase (None: no swap runs)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ROOT, bluegreen, http_get, make_build, wait_until
+from helpers import ROOT, as_in_a_terminal, bluegreen, http_get, make_build, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -131,7 +131,8 @@ def test_bluegreen_logs_shows_the_serving_app_and_follows_it_across_rotations(ma
     assert "--- bluegreen" in run.cli("logs", slot, "-n", "100").stdout  # each start is marked
 
     follow = subprocess.Popen([sys.executable, "-m", "supervisor", "logs", "-f", "-n", "1", "-c", str(run.config)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=as_in_a_terminal)
     printed: list[str] = []
     reader = threading.Thread(target=lambda: printed.extend(follow.stdout), daemon=True)
     reader.start()
