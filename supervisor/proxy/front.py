@@ -14,6 +14,7 @@ import asyncio
 import functools
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
+from ..fsutil import UndoableFile
 from .counters import Counters
 
 
@@ -72,6 +73,24 @@ class TrafficSplit(Protocol):
     async def inflight(self, port: int) -> int:
         """Requests nginx has in flight to `port`."""
         ...
+
+
+class StagedRoute:
+    """What both switches share: the file that routes (the upstream file, the route file) is
+    replaced with its previous version staged beside it, so the way back to the port it named is
+    a rename that needs no disk space, until the swap is over (`forget_undo`)."""
+
+    staged: UndoableFile
+    undo_port: int | None = None  # where the staged previous version sends traffic
+
+    def forget_undo(self) -> None:
+        """The last route will not be undone: drop its staged copy."""
+        self.staged.forget()
+        self.undo_port = None
+
+    def can_go_back_to(self, port: int) -> bool:
+        """The staged previous version is there, and routes to `port`."""
+        return self.undo_port == port and self.staged.undoable
 
 
 class FrontProxy(Protocol):

@@ -22,7 +22,7 @@ from ..config.schema import Config
 from ..errors import NginxError
 from ..fsutil import UndoableFile, atomic_write
 from ..processes import procs
-from .front import RoutingLock, routing
+from .front import RoutingLock, StagedRoute, routing
 from .master import Master, PLAIN_WORKER, run_command, workers
 from .render import parse_upstream_port, render_upstream
 
@@ -48,7 +48,7 @@ def write_upstream(path: Path, data: bytes | None) -> None:
         raise _write_failed(path, e) from e
 
 
-class ReloadSwitch:
+class ReloadSwitch(StagedRoute):
     """The FrontProxy that switches by rewriting the upstream file and reloading nginx."""
 
     mode = "reload"
@@ -66,10 +66,9 @@ class ReloadSwitch:
                                                               config.release, self.preview_token))
         self.preview_port: int | None = None  # where preview requests go (a paused swap's standby)
         self.preview_token = ""  # what their header or cookie must say ("": 1)
-        self.upstream = UndoableFile(master.upstream_path)
+        self.upstream = self.staged = UndoableFile(master.upstream_path)
         self.log = master.log
         self.old_generation: set[int] = set()
-        self.undo_port: int | None = None  # where the staged previous upstream sends traffic
         self.signalled = False
         self.port: int | None = None  # where the last confirmed route sends traffic
         self.lock = RoutingLock()
@@ -77,11 +76,6 @@ class ReloadSwitch:
     async def routed_port(self) -> int | None:
         """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
         return parse_upstream_port((self.upstream.read() or b"").decode(errors="replace"))
-
-    def forget_undo(self) -> None:
-        """The last switch will not be undone: drop its staged copy."""
-        self.upstream.forget()
-        self.undo_port = None
 
     def clean_stale_temp(self) -> None:
         self.upstream.clean_stale()
@@ -177,7 +171,7 @@ class ReloadSwitch:
         """Undo the last switch, back to `port`, without needing any disk space (the staged copy
         is renamed into place). Raises if nginx cannot be switched back; then nginx still sends
         traffic where the last switch pointed it."""
-        if self.undo_port != port or not self.upstream.undoable:
+        if not self.can_go_back_to(port):
             self.forget_undo()
             return await self.route(port)
         current = self.upstream.read()

@@ -25,7 +25,7 @@ from ..config.schema import Config
 from ..errors import NginxError
 from ..fsutil import UndoableFile
 from .counters import Counters
-from .front import RoutingLock, routing
+from .front import RoutingLock, StagedRoute, routing
 from .managed import ManagedNginx
 from .master import Master, worker_title
 from .reload import ReloadSwitch
@@ -84,7 +84,7 @@ class SharedHandlers:
                           code="handlers_missing")
 
 
-class RuntimeSwitch:
+class RuntimeSwitch(StagedRoute):
     mode = "runtime"
 
     def traffic_split(self) -> "RuntimeSwitch":
@@ -93,10 +93,9 @@ class RuntimeSwitch:
     def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True) -> None:
         self.control_path = control
         self.table = Table(control)
-        self.route_file = UndoableFile(route)
+        self.route_file = self.staged = UndoableFile(route)
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
         self.text = runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload)
-        self.undo_port: int | None = None
         # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
         # share, counters generation). A restarted nginx forgets all but the port (route file).
         self.port: int | None = None
@@ -158,7 +157,7 @@ class RuntimeSwitch:
     @routing
     async def route_back(self, port: int) -> dict[str, Any]:
         """Back to `port` by a rename of the staged route file and one table change: no disk space needed."""
-        if self.undo_port != port or not self.route_file.undoable:
+        if not self.can_go_back_to(port):
             self.forget_undo()
             return await self.route(port)
         t0 = time.monotonic()
@@ -166,10 +165,6 @@ class RuntimeSwitch:
         await self._set(port)
         self.undo_port = None
         return {"port": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
-
-    def forget_undo(self) -> None:
-        self.route_file.forget()
-        self.undo_port = None
 
     def clean_stale_temp(self) -> None:
         self.route_file.clean_stale()
