@@ -7,6 +7,7 @@ reach the disk before the caller goes on (`save`, which raises) or may be writte
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -236,8 +237,6 @@ class StateStore:
 
 def _fix(errno_: int | None, path: Path) -> str:
     """What to do about a state.json that cannot be written."""
-    import errno
-
     if errno_ in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
         return f"something else took its place: move {path} away (the daemon writes it again by itself)"
     if errno_ in (errno.ENOSPC, errno.EDQUOT):

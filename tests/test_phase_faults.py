@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -200,20 +199,20 @@ def copied_daemon(run: DaemonRun) -> str:
     as a colleague starts one for another app; what it said, once refused."""
     copy = run.dir / "copy"
     copy.mkdir()
-    text = re.sub(r"^ports = \[\d+, \d+\]$", "ports = [{}, {}]".format(*free_ports(2)), run.config.read_text(),
-                  flags=re.M)
-    (copy / "bluegreen.toml").write_text(text)
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "daemon", "-c", str(copy / "bluegreen.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ports = free_ports(2)
+    (copy / "bluegreen.toml").write_text(re.sub(r"^ports = \[\d+, \d+\]$", "ports = [{}, {}]".format(*ports),
+                                                run.config.read_text(), flags=re.M))
+    other = DaemonRun(dir=copy, config=copy / "bluegreen.toml", listen_port=run.listen_port, ports=(ports[0], ports[1]))
+    other.start(wait=False)
+    assert other.proc is not None
     try:
-        out, _ = proc.communicate(timeout=60)
+        code = other.proc.wait(60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 1, out
-    assert "starting" not in out, out  # refused before it started anything
-    return out
+        if other.proc.poll() is None:
+            other.kill()
+    assert code == 1, other.output()
+    assert "starting" not in other.output() and other.leftovers() == [], other.output()  # it started nothing
+    return other.output()
 
 
 def serving_workers(master: int) -> set[int]:

@@ -202,7 +202,8 @@ class MetricsServer:
     async def start(self) -> None:
         host, port = self.address
         try:
-            self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+            self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
+                                                     limit=MAX_REQUEST)  # a scrape's request head, at most
         except OSError as e:
             where = f"{host}:{port}"
             if e.errno == errno.EADDRINUSE:

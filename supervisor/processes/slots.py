@@ -98,9 +98,10 @@ def adopt_state(saved: SlotState, state_dir: Path) -> AppProcess | None:
                  state_dir / "logs" / f"{saved.slot}.log", state_dir)
 
 
-def marked(state_dir: Path, slot: str | None = None, key: str = "BLUEGREEN_STATE_DIR") -> list[psutil.Process]:
+def marked(state_dir: Path | str, slot: str | None = None, key: str = "BLUEGREEN_STATE_DIR") -> list[psutil.Process]:
     """Live processes started for `state_dir` (and `slot`), found by the markers in their environment
-    (`key`: apps carry BLUEGREEN_STATE_DIR, hooks BLUEGREEN_HOOK_STATE_DIR)."""
+    (`key`: apps carry BLUEGREEN_STATE_DIR, hooks BLUEGREEN_HOOK_STATE_DIR, a hook run's processes
+    BLUEGREEN_HOOK_RUN with its id)."""
     marker = f"{key}={state_dir}\0".encode()
     slot_marker = f"BLUEGREEN_SLOT={slot}\0".encode() if slot else b""
     found = []

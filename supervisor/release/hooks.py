@@ -123,7 +123,7 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
 def _stop_escaped(name: str, run_id: str, say: Callable[[str], None]) -> None:
     """Kill what this hook run left running, its group's or not (a `setsid` helper): a hook is a
     step of a release, and nothing of it outlives the step."""
-    left = slots.marked(Path(run_id), key=RUN_MARKER)
+    left = slots.marked(run_id, key=RUN_MARKER)
     for p in left:
         try:
             p.kill()

@@ -190,6 +190,13 @@ local function keys_after(dict, prefix)
     return found
 end
 
+-- The number in query argument `name`; nil, after a 400 answer, if there is none.
+local function number_arg(name)
+    local n = tonumber(ngx.var["arg_" .. name] or "")
+    if not n then bad("expected ?" .. name .. "=N") end
+    return n
+end
+
 local control = {}
 
 -- PUT a port (digits, 1-65535) or GET: answers the table's value. A new route ends any preview
@@ -255,8 +262,8 @@ end
 
 -- GET ?gen=G: one "port kind count" line per counter of watch generation G (0: all since nginx started).
 function control.stats(app)
-    local gen = tonumber(ngx.var.arg_gen or "")
-    if not gen then return bad("expected ?gen=N") end
+    local gen = number_arg("gen")
+    if not gen then return end
     local stats, prefix = ngx.shared[app.stats], "s:" .. gen .. ":"
     for _, rest in ipairs(keys_after(stats, prefix)) do
         local port, kind = rest:match("^(%d+):(%w+)$")
@@ -266,8 +273,8 @@ end
 
 -- GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
 function control.inflight(app)
-    local port = tonumber(ngx.var.arg_port or "")
-    if not port then return bad("expected ?port=N") end
+    local port = number_arg("port")
+    if not port then return end
     local dict, prefix = ngx.shared[app.table], "inflight:" .. port .. ":"
     for _, worker in ipairs(keys_after(dict, prefix)) do
         ngx.say(worker, " ", dict:get(prefix .. worker) or 0)
