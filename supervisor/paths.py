@@ -2,7 +2,7 @@
 
 The CLI's verbs need nothing else of a config, so they read only this (the TOML and two keys)
 instead of the whole schema: `bluegreen status` then starts about as fast as Python does.
-config.py derives the same paths through the same functions.
+config/schema.py derives the same paths through the same functions.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 def quote(path: Path | str) -> str:
     """A path as an nginx string: quoted, so spaces and `#`/`;`/`{` in a path stay literal.
-    (config.py refuses state_dir paths with the characters nginx cannot quote: `"`, `\\`, `$`.)"""
+    (the config schema refuses state_dir paths with the characters nginx cannot quote: `"`, `\\`, `$`.)"""
     return '"' + str(path) + '"'
 
 
@@ -185,7 +185,7 @@ def _lua_string(text: str) -> str:
 
 def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: bool = False) -> str:
     """The managed nginx.conf. The upstream file it includes holds the upstream block (reload
-    switch) or the runtime switch's part (runtime_switch.render_runtime): then the lua module is
+    switch) or the runtime switch's part (render_runtime, here): then the lua module is
     loaded here, and the public listener refuses the control path."""
     n = config.nginx
     user = ""

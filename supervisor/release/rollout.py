@@ -121,7 +121,7 @@ class Rollouts:
             self.rolling = None
 
     def _split(self) -> TrafficSplit:
-        """The front proxy as a TrafficSplit: config.py refuses a rollout or a watch without one."""
+        """The front proxy as a TrafficSplit: the config schema refuses a rollout or a watch without one."""
         split = self.app.proxy.traffic_split()
         assert split is not None, "a rollout or a watch needs the runtime switch"
         return split
