@@ -71,7 +71,12 @@ class _RawFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
     """The same, keeping the description's and the examples' own line breaks (the top-level help)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+BUILT_IN = ("daemon", "check-config", "logs")  # subcommands that are no control verb
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with `only` (a verb or a built-in), that subcommand alone: `bluegreen
+    status` need not load and describe every other verb (a third of its start)."""
     common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument("-c", "--config", metavar="PATH", help="config file (default: $BLUEGREEN_CONFIG or ./bluegreen.toml)")
     common.add_argument("--socket", metavar="PATH", help="control socket (default: daemon.socket from the config)")
@@ -85,30 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     # prog given: argparse would otherwise build a help formatter now, and load shutil and its codecs
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="bluegreen")
-    sub.add_parser("daemon", parents=[common], formatter_class=_Formatter, help="run the daemon in the foreground",
-                   description="Run the daemon: start the saved (or app.build) build and nginx, serve the "
-                               "control socket. SIGTERM/SIGINT stop the app and the managed nginx cleanly.")
-    for name, verb in commands.load().items():
+
+    def wanted(name: str) -> bool:
+        return only is None or only == name
+
+    if wanted("daemon"):
+        sub.add_parser("daemon", parents=[common], formatter_class=_Formatter, help="run the daemon in the foreground",
+                       description="Run the daemon: start the saved (or app.build) build and nginx, serve the "
+                                   "control socket. SIGTERM/SIGINT stop the app and the managed nginx cleanly.")
+    verbs = commands.load() if only is None else {only: commands.one(only)} if only in commands.names() else {}
+    for name, verb in verbs.items():
         p = sub.add_parser(name, parents=[common], formatter_class=_Formatter, help=verb.SPEC.help,
                            description=verb.SPEC.description or None)
         if hasattr(verb, "add_arguments"):
             verb.add_arguments(p)
-    sub.add_parser("check-config", parents=[common], formatter_class=_Formatter,
-                   help="validate the config and report every problem")
-    lg = sub.add_parser(
-        "logs", parents=[common], formatter_class=_Formatter, help="show (and follow) the app's, nginx's or the daemon's log",
-        description="Show the last lines of a log, read straight from daemon.state_dir (so it works with the daemon "
-                    "stopped too), across its latest rotation. active: the slot that serves now; blue, green: a slot's "
-                    "app output (every start begins with a '--- bluegreen' line); nginx: the managed nginx's error "
-                    "and access logs; daemon: the daemon's own log.")
-    lg.add_argument("which", nargs="?", default="active", choices=LOG_NAMES, help="which log (default: active)")
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
-    lg.add_argument("-n", "--lines", type=_lines, default=20, metavar="N", help="lines to show first (default 20)")
+    if wanted("check-config"):
+        sub.add_parser("check-config", parents=[common], formatter_class=_Formatter,
+                       help="validate the config and report every problem")
+    if wanted("logs"):
+        _logs_arguments(sub.add_parser("logs", parents=[common], formatter_class=_Formatter, description=LOGS,
+                                       help="show (and follow) the app's, nginx's or the daemon's log"))
     return parser
 
 
+LOGS = """Show the last lines of a log, read straight from daemon.state_dir (so it works with the daemon \
+stopped too), across its latest rotation. active: the slot that serves now; blue, green: a slot's app \
+output (every start begins with a '--- bluegreen' line); nginx: the managed nginx's error and access \
+logs; daemon: the daemon's own log."""
+
+
+def _logs_arguments(lg: argparse.ArgumentParser) -> None:
+    lg.add_argument("which", nargs="?", default="active", choices=LOG_NAMES, help="which log (default: active)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
+    lg.add_argument("-n", "--lines", type=_lines, default=20, metavar="N", help="lines to show first (default 20)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    only = words[0] if words and (words[0] in BUILT_IN or words[0] in commands.names()) else None
+    args = build_parser(only).parse_args(words)
     try:
         if args.command == "check-config":
             return check_config(args)
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.socket:
                 cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, socket=Path(args.socket).absolute()))
             return serve(cfg)
-        verb = commands.load()[args.command]
+        verb = commands.one(args.command)
         code: int = verb.run(_socket_path(args), args)
         return code
     except ConfigError as e:

@@ -20,11 +20,23 @@ from ..protocol import CommandSpec
 
 
 @functools.cache
+def names() -> tuple[str, ...]:
+    """Every verb's name: its module's (a listing, not pkgutil: pkgutil loads inspect, which alone
+    costs the CLI a tenth of its start)."""
+    return tuple(sorted(f[:-3] for f in os.listdir(__path__[0]) if f.endswith(".py") and not f.startswith("_")))
+
+
+def one(name: str) -> ModuleType:
+    """One verb's module (the CLI running `status` loads no other verb)."""
+    if name not in names():
+        raise KeyError(name)
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+@functools.cache
 def load() -> dict[str, ModuleType]:
     """Every verb module, by name, in the order their SPECs give."""
-    # (a listing, not pkgutil: pkgutil loads inspect, which alone costs the CLI a tenth of its start)
-    names = sorted(f[:-3] for f in os.listdir(__path__[0]) if f.endswith(".py") and not f.startswith("_"))
-    modules = [importlib.import_module(f"{__name__}.{name}") for name in names]
+    modules = [one(name) for name in names()]
     return {m.SPEC.name: m for m in sorted(modules, key=lambda m: m.SPEC.order)}
 
 
