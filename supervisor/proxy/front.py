@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
-from ..fsutil import UndoableFile
+from ..errors import NginxError
+from ..fsutil import UndoableFile, atomic_write
 from .counters import Counters
 
 
@@ -76,12 +78,95 @@ class TrafficSplit(Protocol):
 
 
 class StagedRoute:
-    """What both switches share: the file that routes (the upstream file, the route file) is
-    replaced with its previous version staged beside it, so the way back to the port it named is
-    a rename that needs no disk space, until the swap is over (`forget_undo`)."""
+    """The way both switches move traffic, as one sequence: the file that routes (the upstream
+    file, the route file) is replaced with its previous version staged beside it; nginx is made
+    to take it (`apply`: a tested, confirmed reload, or a table change read back); any failure
+    puts the previous file back and brings nginx in line with it (`recover`). Going back is a
+    rename of the staged copy, which needs no disk space, until the swap is over (`forget_undo`).
+    A switch says what its file holds for a port (`text_for`, `port_in`) and how nginx takes it."""
 
     staged: UndoableFile
     undo_port: int | None = None  # where the staged previous version sends traffic
+    port: int | None = None  # where the last confirmed route sends traffic
+    lock: RoutingLock
+    durable = True  # the routing file is fsynced (the runtime switch's is written again at every start)
+
+    def text_for(self, port: int) -> bytes:
+        """What the routing file holds to send all traffic to `port`."""
+        raise NotImplementedError
+
+    def port_in(self, data: bytes | None) -> int | None:
+        """The port a version of the routing file sends traffic to (None: absent, or not ours)."""
+        raise NotImplementedError
+
+    async def apply(self, port: int) -> dict[str, Any]:
+        """Make nginx take what the routing file says (it routes to `port`), and confirm it; raise if not."""
+        raise NotImplementedError
+
+    async def recover(self, port: int | None) -> None:
+        """After a failed `apply` (the file already put back, routing to `port`): bring nginx in
+        line with the file, best effort."""
+        raise NotImplementedError
+
+    def write_failed(self, e: OSError) -> NginxError:
+        return NginxError(f"cannot write {self.staged.path}: {e.strerror}; traffic is unchanged "
+                          "(check free disk space and permissions)", code="upstream_write_failed")
+
+    async def switch_to(self, port: int) -> dict[str, Any]:
+        """Stage, write, apply; on any failure the previous file is back and nginx follows it."""
+        t0 = time.monotonic()
+        try:
+            previous = self.staged.replace(self.text_for(port), durable=self.durable)
+        except OSError as e:
+            raise self.write_failed(e) from e
+        t1 = time.monotonic()
+        try:
+            result = await self.apply(port)
+        except BaseException:
+            self.put_back()
+            await self.recover(self.port_in(previous))
+            raise
+        self.undo_port = self.port_in(previous)
+        self.port = port
+        return {**result, "write": round(t1 - t0, 4)}
+
+    @routing
+    async def route(self, port: int) -> dict[str, Any]:
+        """All traffic to `port`, confirmed; on failure the previous routing stays, and raise."""
+        return await self.switch_to(port)
+
+    @routing
+    async def route_back(self, port: int) -> dict[str, Any]:
+        """Undo the last route, back to `port`, by a rename of the staged copy (no disk space
+        needed). Raises if nginx cannot be switched back; then the file (best effort) and nginx
+        still route where the last switch pointed them."""
+        if not self.can_go_back_to(port):
+            self.forget_undo()
+            return await self.route(port)
+        current = self.staged.read()
+        self.put_back()
+        self.undo_port = None
+        try:
+            result = await self.apply(port)
+        except BaseException:
+            try:  # keep the file telling what nginx runs (needs space: best effort)
+                if current is None:
+                    self.staged.path.unlink(missing_ok=True)
+                else:
+                    atomic_write(self.staged.path, current)
+            except OSError:
+                pass
+            await self.recover(self.port_in(current))
+            raise
+        self.port = port
+        return result
+
+    def put_back(self) -> None:
+        """The staged previous version back in place (a rename)."""
+        try:
+            self.staged.restore()
+        except OSError as e:
+            raise self.write_failed(e) from e
 
     def forget_undo(self) -> None:
         """The last route will not be undone: drop its staged copy."""

@@ -21,7 +21,6 @@ from ..fsutil import atomic_write
 from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
-from .reload import write_upstream
 from .render import TEMP_KINDS, render_managed_conf, render_upstream, runtime_part
 
 
@@ -139,7 +138,11 @@ class ManagedNginx:
         atomic_write(self.conf_path, self._conf())
         upstream = (runtime_part(self.config, self.route_path, self.control_path, preload=False)
                     if self.runtime else render_upstream(self.n.upstream_name, port, release=self.config.release))
-        write_upstream(self.upstream_path, upstream.encode())
+        try:
+            atomic_write(self.upstream_path, upstream.encode())
+        except OSError as e:
+            raise NginxError(f"cannot write {self.upstream_path}: {e.strerror} (check free disk space and permissions)",
+                             code="upstream_write_failed") from e
         atomic_write(self.route_path, f"{port}\n".encode())
         self.prefix.chmod(0o700)  # the control socket inside is for the daemon's user only
         await run_command(self.test_argv(), "nginx -t", "nginx_test_failed")

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from ..config.schema import Config
 from ..errors import NginxError
-from ..fsutil import UndoableFile, atomic_write
+from ..fsutil import UndoableFile
 from ..processes import procs
 from .front import RoutingLock, StagedRoute, routing
 from .master import Master, PLAIN_WORKER, run_command, workers
@@ -28,24 +27,6 @@ from .render import parse_upstream_port, render_upstream
 
 POLL = 0.005
 STEADY = 0.1  # seconds a new generation's worker count must hold when it is short of the expected one
-
-
-def _write_failed(path: Path, e: OSError) -> NginxError:
-    return NginxError(f"cannot write {path}: {e.strerror}; the previous file is unchanged "
-                      "(check free disk space and permissions)", code="upstream_write_failed")
-
-
-
-
-def write_upstream(path: Path, data: bytes | None) -> None:
-    """Replace (or, for None, remove) the upstream file atomically; NginxError on failure."""
-    try:
-        if data is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write(path, data)
-    except OSError as e:
-        raise _write_failed(path, e) from e
 
 
 class ReloadSwitch(StagedRoute):
@@ -75,7 +56,13 @@ class ReloadSwitch(StagedRoute):
 
     async def routed_port(self) -> int | None:
         """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
-        return parse_upstream_port((self.upstream.read() or b"").decode(errors="replace"))
+        return self.port_in(self.upstream.read())
+
+    def text_for(self, port: int) -> bytes:
+        return self.render(port).encode()
+
+    def port_in(self, data: bytes | None) -> int | None:
+        return parse_upstream_port((data or b"").decode(errors="replace"))
 
     def clean_stale_temp(self) -> None:
         self.upstream.clean_stale()
@@ -90,7 +77,7 @@ class ReloadSwitch(StagedRoute):
         rewriting when someone else wrote it: a managed nginx started afresh gets no preview."""
         if self.port is None or self.upstream.read() == self.render(self.port).encode():
             return None
-        await self._route(self.port)
+        await self.switch_to(self.port)
         self.forget_undo()
         return f"port {self.port}" + (f", preview to {self.preview_port}" if self.preview_port else "")
 
@@ -109,7 +96,7 @@ class ReloadSwitch(StagedRoute):
         before = self.preview_port, self.preview_token
         self.preview_port, self.preview_token = port, token if port else ""
         try:
-            result = await self._route(current)
+            result = await self.switch_to(current)
         except BaseException:
             self.preview_port, self.preview_token = before
             raise
@@ -127,71 +114,22 @@ class ReloadSwitch(StagedRoute):
         """All traffic to `port`, and no preview (its port may be about to stop)."""
         before, self.preview_port = self.preview_port, None
         try:
-            return await self._route(port)
+            return await self.switch_to(port)
         except BaseException:
             self.preview_port = before
             raise
-
-    async def _route(self, port: int) -> dict[str, Any]:
-        """Point the upstream at `port`; on any failure restore the previous file and raise.
-
-        The previous file is staged beside the new one first, so `route_back` can put it back
-        with a rename even when the disk has filled up since.
-        """
-        try:
-            previous = self.upstream.replace(self.render(port).encode())
-        except OSError as e:
-            raise _write_failed(self.upstream.path, e) from e
-        try:
-            result = await self._apply(port)
-        except BaseException:
-            self._restore()
-            await self._resync()
-            raise
-        self.undo_port = parse_upstream_port((previous or b"").decode(errors="replace"))
-        self.port = port
-        return result
-
-    def _restore(self) -> None:
-        try:
-            self.upstream.restore()
-        except OSError as e:
-            raise _write_failed(self.upstream.path, e) from e
 
     @routing
     async def undo(self) -> None:
         """Put the file from before the last route back and load it (test, reload, confirm):
         for when something found after a confirmed reload says the new file must not stay."""
-        self._restore()
+        self.put_back()
         self.undo_port = None
-        await self._apply(0)
+        await self.apply(0)
 
-    @routing
-    async def route_back(self, port: int) -> dict[str, Any]:
-        """Undo the last switch, back to `port`, without needing any disk space (the staged copy
-        is renamed into place). Raises if nginx cannot be switched back; then nginx still sends
-        traffic where the last switch pointed it."""
-        if not self.can_go_back_to(port):
-            self.forget_undo()
-            return await self.route(port)
-        current = self.upstream.read()
-        self._restore()
-        self.undo_port = None
-        try:
-            result = await self._apply(port)
-            self.port = port
-            return result
-        except BaseException:
-            try:  # keep the file telling what nginx runs (needs space: best effort)
-                write_upstream(self.upstream.path, current)
-            except NginxError:
-                pass
-            await self._resync()
-            raise
-
-    async def _apply(self, port: int) -> dict[str, Any]:
+    async def apply(self, port: int) -> dict[str, Any]:
         """Test the file on disk, reload, confirm; remember the old worker generation for the drain."""
-        self.signalled = False  # whether nginx may have loaded the file: only then does _resync reload
+        self.signalled = False  # whether nginx may have loaded the file: only then does recover reload
         t0 = time.monotonic()
         await run_command(self.master.test_argv(), "nginx -t", "nginx_test_failed")
         t1 = time.monotonic()
@@ -212,8 +150,8 @@ class ReloadSwitch(StagedRoute):
             "old_workers": len(before),
         }
 
-    async def _resync(self) -> None:
-        """After a failed confirmation: best effort to make the running nginx match the restored file."""
+    async def recover(self, port: int | None) -> None:
+        """After a failed confirmation: a reload, so that the running nginx loads the restored file."""
         if not self.signalled:
             return
         try:

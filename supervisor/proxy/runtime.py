@@ -86,6 +86,7 @@ class SharedHandlers:
 
 class RuntimeSwitch(StagedRoute):
     mode = "runtime"
+    durable = False  # the route file: written again at every start
 
     def traffic_split(self) -> "RuntimeSwitch":
         return self
@@ -127,44 +128,30 @@ class RuntimeSwitch(StagedRoute):
     def config_stale(self) -> bool:
         return self.reloader.upstream.read() != self.text.encode() or self.handlers.stale()
 
-    @routing
-    async def route(self, port: int) -> dict[str, Any]:
-        t0 = time.monotonic()
-        try:
-            # The file first: an nginx restarted from now on comes back routing to `port`. Not
-            # fsynced: after a power loss nothing runs, and every start writes it again.
-            previous = self.route_file.replace(f"{port}\n".encode(), durable=False)
-        except OSError as e:
-            raise NginxError(f"cannot write {self.route_file.path}: {e.strerror}; traffic is unchanged "
-                             "(check free disk space)", code="upstream_write_failed") from e
-        t1 = time.monotonic()
-        before = (previous or b"").strip()
-        try:
-            await self._set(port)
-        except BaseException:
-            self.route_file.restore()
-            # nginx may have taken the route before the failure (a cancel, an answer too late):
-            # the table goes back with the file, or the standby about to stop would serve.
-            if before.isdigit():
-                try:
-                    await shielded(self._set(int(before)))
-                except BaseException as e:
-                    log.error("could not put nginx's route back to port %s: %r", before.decode(), e)
-            raise
-        self.undo_port = int(before) if before.isdigit() else None
-        return {"port": port, "write": round(t1 - t0, 4), "set": round(time.monotonic() - t1, 4), "mode": self.mode}
+    def text_for(self, port: int) -> bytes:
+        return f"{port}\n".encode()
 
-    @routing
-    async def route_back(self, port: int) -> dict[str, Any]:
-        """Back to `port` by a rename of the staged route file and one table change: no disk space needed."""
-        if not self.can_go_back_to(port):
-            self.forget_undo()
-            return await self.route(port)
+    def port_in(self, data: bytes | None) -> int | None:
+        text = (data or b"").strip()
+        return int(text) if text.isdigit() else None
+
+    async def apply(self, port: int) -> dict[str, Any]:
+        """One table change, read back. The file was written first: an nginx restarted from now
+        on comes back routing to `port` (not fsynced: after a power loss nothing runs, and every
+        start writes it again)."""
         t0 = time.monotonic()
-        self.route_file.restore()
         await self._set(port)
-        self.undo_port = None
         return {"port": port, "set": round(time.monotonic() - t0, 4), "mode": self.mode}
+
+    async def recover(self, port: int | None) -> None:
+        """nginx may have taken the route before the failure (a cancel, an answer too late): the
+        table goes back with the file, or the standby about to stop would serve."""
+        if port is None:
+            return
+        try:
+            await shielded(self._set(port))
+        except BaseException as e:
+            log.error("could not put nginx's route back to port %s: %r", port, e)
 
     def clean_stale_temp(self) -> None:
         self.route_file.clean_stale()
