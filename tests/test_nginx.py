@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from supervisor.config import schema as config
 from supervisor.proxy.render import parse_upstream_port, render_managed_conf, render_upstream
 
@@ -51,3 +53,23 @@ def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> 
     # cookie a new user's id goes back in.
     assert text.count("preview_cookie = [==[cookie_pv]==]") == 1 + 7  # the balancer, the 7 control locations
     assert text.count("rollout_cookie = [==[uid]==]") == 8
+
+
+def test_the_templates_are_files_whose_every_field_is_filled_and_values_are_taken_as_they_are() -> None:
+    """nginx's config lives in supervisor/proxy/templates/ (package data): a field left out or
+    a field the template lost fails at rendering, and a value that looks like a field stays text."""
+    from supervisor.proxy import render
+
+    names = sorted(p.name for p in render.TEMPLATES.glob("*.conf"))
+    source = Path(render.__file__).read_text()
+    assert names and all(f'"{name}"' in source for name in names), "a template nothing renders"
+    with pytest.raises(ValueError, match="seed.conf"):
+        render.fill("seed.conf", table="t")
+    with pytest.raises(ValueError, match="seed.conf"):
+        render.fill("seed.conf", table="t", route="r", extra="x")
+    assert "{{route}}" in render.fill("seed.conf", table="{{route}}", route="r")
+    cfg = config.parse('[app]\ncommand = ["x"]\nports = [1, 2]\nbuild = "b"\n', Path("/srv/app/bluegreen.toml"))
+    for text in (render_managed_conf(cfg, Path("/p"), Path("/p/up.conf"), runtime=True),
+                 render_managed_conf(cfg, Path("/p"), Path("/p/up.conf")),
+                 render.render_runtime("app", Path("/r"), Path("/c.sock")), render_upstream("app", 1, 2)):
+        assert "{{" not in text, text

@@ -4,6 +4,7 @@ handlers, and the managed nginx's whole nginx.conf."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -14,6 +15,24 @@ from ..config.host import LUA_MODULES
 from ..config.schema import Config, ReleaseConfig
 
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data: nginx's config, with {{ fields }}
+FIELD = re.compile(r"\{\{ *([a-z_]+) *\}\}")
+
+
+@functools.cache
+def template(name: str) -> str:
+    return (TEMPLATES / name).read_text()
+
+
+def fill(template_name: str, /, **values: object) -> str:
+    """A template of templates/ with its {{ fields }} filled. Every field must be given and every
+    value used (a renamed field fails here, not in nginx); a value is inserted as it is, never
+    read for fields itself."""
+    text = template(template_name)
+    fields = set(FIELD.findall(text))
+    if fields != set(values):
+        raise ValueError(f"template {template_name}: fields {sorted(fields)}, given {sorted(values)}")
+    return FIELD.sub(lambda m: str(values[m.group(1)]), text)
 
 
 def quote(path: Path | str) -> str:
@@ -40,23 +59,11 @@ def render_upstream(name: str, port: int, preview: int | None = None, release: R
     # "no live upstreams" 502s), unlike a `down`/`backup` sibling would. The preview is its own
     # upstream, chosen per request by the maps below (header first, then cookie).
     header, cookie = preview_vars(release)
-    var = route_variable(name)
-    to_preview = f"{name}__preview" if preview is not None else name
-    text = (
-        "# Written by bluegreen at every swap; do not edit.\n"
-        f"upstream {name} {{\n"
-        f"    server 127.0.0.1:{port};\n"
-        "}\n"
-    )
-    if preview is not None:
-        text += f"upstream {name}__preview {{\n    server 127.0.0.1:{preview};\n}}\n"
     # A map's plain strings match whatever their case: a token is matched by a case-sensitive
     # regex (its characters, letters, digits, _ and -, mean nothing in a regex).
-    key = f"~^{token}$" if token else "1"
-    return text + (
-        f"map ${cookie} ${var}__by_cookie {{\n    default {name};\n    \"{key}\" {to_preview};\n}}\n"
-        f"map ${header} ${var} {{\n    default ${var}__by_cookie;\n    \"{key}\" {to_preview};\n}}\n"
-    )
+    return fill("upstream.conf", name=name, port=port, cookie=cookie, header=header, var=route_variable(name),
+                key=f"~^{token}$" if token else "1", to_preview=f"{name}__preview" if preview is not None else name,
+                preview_upstream="" if preview is None else fill("preview-upstream.conf", name=name, port=preview))
 
 
 def parse_upstream_port(text: str) -> int | None:
@@ -119,26 +126,11 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     """
     table, stats = shared_dicts(upstream_name)
     app = lua_app(upstream_name, route, release, rollout_cookie, unjudged)
-    control_locations = "".join(
-        f"    location = {CONTROL}{name} {{\n"
-        f"        content_by_lua_block {{ return require(\"bluegreen\").control({app}, \"{name}\") }}\n    }}\n"
-        for name in LUA_CONTROLS)
-    return f"""# Written by bluegreen (nginx.switch = "runtime"; bluegreen.lua {lua_digest()}); do not edit.
-# Include it once, in http {{}}.
-lua_shared_dict {table} 1m;
-lua_shared_dict {stats} 4m;
-{render_lua_handlers(preload) if handlers else ""}upstream {upstream_name} {{
-    server 127.0.0.1:1;  # a placeholder: the balancer picks the port
-    balancer_by_lua_block {{ return require("bluegreen").balancer({app}) }}
-}}
-server {{
-    listen "unix:{control}";
-    client_max_body_size 64;
-    access_log off;
-    # Makes $bluegreen_request (the handlers' map) indexed, so that lua can write it.
-    set $bluegreen_request_seen $bluegreen_request;
-{control_locations}}}
-"""
+    control_locations = "".join(fill("control-location.conf", path=CONTROL + name, app=app, name=name)
+                                for name in LUA_CONTROLS)
+    return fill("runtime.conf", digest=lua_digest(), table=table, stats=stats, name=upstream_name, app=app,
+                handlers=render_lua_handlers(preload) if handlers else "", control=control,
+                control_locations=control_locations)
 
 
 def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True) -> str:
@@ -158,17 +150,8 @@ def render_lua_handlers(preload: bool = True) -> str:
     rollout cookie for whichever app's balancer picked it (its name rides in $bluegreen_request).
     With `preload` the master loads the lua (workers running as www-data may not read the
     package's folder); the managed nginx loads it in its own init block instead."""
-    init = 'init_by_lua_block { require("bluegreen") }\n' if preload else ""
-    return f"""# bluegreen.lua {lua_digest()}, loaded from:
-lua_package_path "{LUA_DIR}/?.lua;;";
-{init}# What the balancer counted a request in as: empty until it does (a map, so that reading
-# it before is no "uninitialized variable" warning); it survives internal redirects.
-map "" $bluegreen_request {{
-    default "";
-}}
-log_by_lua_block {{ require("bluegreen").log() }}
-header_filter_by_lua_block {{ require("bluegreen").header_filter() }}
-"""
+    return fill("handlers.conf", digest=lua_digest(), lua_dir=LUA_DIR,
+                preload='init_by_lua_block { require("bluegreen") }\n' if preload else "")
 
 
 def render_seed(upstream_name: str, route: Path) -> str:
@@ -176,7 +159,7 @@ def render_seed(upstream_name: str, route: Path) -> str:
     nginx (re)loads its config: in the master, before the workers drop their privileges (a
     managed nginx whose workers run as nginx.user may not reach a private state_dir)."""
     table, _ = shared_dicts(upstream_name)
-    return f'init_by_lua_block {{ require("bluegreen").seed({_lua_string(table)}, {_lua_string(str(route))}) }}\n'
+    return fill("seed.conf", table=_lua_string(table), route=_lua_string(str(route)))
 
 
 def _lua_string(text: str) -> str:
@@ -201,42 +184,8 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
     # The runtime balancer picks the preview itself; with reloads, the upstream file's maps do.
     target = n.upstream_name if runtime else "$" + route_variable(n.upstream_name)
-    return f"""# Generated by bluegreen from {config.path} at every daemon start; edit that file instead.
-{modules}{user}worker_processes {n.worker_processes};
-pid {quote(prefix / 'nginx.pid')};
-error_log {quote(prefix / 'error.log')} notice;
-# Old workers may serve in-flight requests for at most the drain timeout (+1 s backstop).
-worker_shutdown_timeout {drain}s;
-
-events {{
-    worker_connections 1024;
-}}
-
-http {{
-    log_format bluegreen '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
-                         'upstream=$upstream_addr rt=$request_time';
-    access_log {quote(prefix / 'access.log')} bluegreen;
-{temp}
-
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      '';
-    }}
-
-    include {quote(upstream)};
-{seed}
-    server {{
-        listen {n.listen};
-{private}        location / {{
-            proxy_pass http://{target};
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-        }}
-    }}
-}}
-"""
+    return fill("nginx.conf", config_path=config.path, load_modules=modules, user=user,
+                worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
+                error_log=quote(prefix / "error.log"), shutdown_timeout=drain, access_log=quote(prefix / "access.log"),
+                temp_paths=temp, upstream_file=quote(upstream), seed=seed, listen=n.listen, private_control=private,
+                target=target)
