@@ -73,6 +73,22 @@ def final(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> d
     return list(request(sock_path, req, first=first))[-1]
 
 
+def drain_line(event: dict[str, Any]) -> str:
+    """What the drain did to traffic: when nginx let go, what was left running, what was closed."""
+    text = f"nginx let go of the old build after {event['workers_wait']:.3f}s"
+    if event["timed_out"]:
+        text += f", {event['still_open']} request(s) still running at drain.timeout"
+    cut = event.get("long_lived_cut") or {}
+    if cut:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(cut.items()))
+        text += f"; closed {sum(cut.values())} long-lived connection(s) at the grace ({kinds}): their clients reconnect"
+    if event.get("long_lived_ended"):
+        text += f"; {event['long_lived_ended']} long-lived connection(s) ended by themselves"
+    if event.get("long_lived_left"):
+        text += f"; {event['long_lived_left']} long-lived connection(s) could not be closed ({event['cut_error']})"
+    return text
+
+
 def ago(t: float | None) -> str:
     if not t:
         return "-"
@@ -97,8 +113,7 @@ def _describe(event: dict[str, Any]) -> str:
         return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
                 f"confirm {event['confirm'] * 1000:.0f}ms)")
     if name == "drain":
-        cut = f", {event['still_open']} connection(s) still open at the timeout" if event["timed_out"] else ""
-        return f"nginx let go of the old build after {event['workers_wait']:.3f}s{cut}"
+        return drain_line(event)
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
     if name == "watch":

@@ -2,7 +2,8 @@
 
 - managed: the daemon's own nginx, its workers unprivileged (`nginx.user = "www-data"`);
 - debian: the user's nginx as Debian ships it: master root, `user www-data;`, the lua module
-  loaded as modules-enabled/ does, `error_page` lines and several locations; bluegreen in
+  loaded as modules-enabled/ does, `error_page` lines and several locations (one for WebSockets,
+  with `proxy_bind $myapp_bind;` as docs/nginx.md says for long-lived requests); bluegreen in
   external mode with the runtime switch.
 
 And an app that answers what these tests need: `/` (its version), `/health`, `/missing` (404),
@@ -82,6 +83,14 @@ DEBIAN_SERVER = """    server {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_intercept_errors on;
+            proxy_bind $myapp_bind;
+        }}
+        location /ws {{
+            proxy_pass http://myapp;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_bind $myapp_bind;
         }}
     }}
 """

@@ -65,9 +65,13 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
 
 
 def _with_rss(p: dict[str, Any]) -> dict[str, Any]:
-    """The resident memory of the app's whole tree (a start script's server included)."""
+    """The resident memory of the app's whole tree (a start script's server included), and the
+    long-lived connections (WebSockets, event streams, listed paths) open to it, by kind."""
     import psutil  # the daemon's side: not imported by the CLI
 
+    from ..processes import sockets
+
+    p["long_lived"] = sockets.long_lived(p["port"])
     try:
         root = psutil.Process(p["pid"])
         p["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
@@ -143,6 +147,11 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append(f"nginx    {n['mode']} {where}, " + (f"master pid {n['master_pid']}" if n.get("running")
                                                         else f"NOT RUNNING: {n.get('error')}"))
     lines.append(f"switch   {n.get('switch')}: {n.get('switch_why')}")
+    for role in ("active", "standby", "retiring", "warm"):
+        lived = (st.get(role) or {}).get("long_lived")
+        if lived:
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(lived.items()))
+            lines.append(f"long     {st[role]['slot']} ({'old' if role == 'retiring' else role}) holds {counts}")
     if st.get("swap"):
         s = st["swap"]
         lines.append(f"swap     {s['reason']} to {s['build']} in progress, phase {s['phase']}")

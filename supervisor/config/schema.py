@@ -65,6 +65,10 @@ def _positive(v: Any) -> float:
     return _at_most_a_year(v)
 
 
+def _optional_seconds_or_zero(v: Any) -> float | None:
+    return None if v is None else _seconds_or_zero(v)
+
+
 def _seconds_or_zero(v: Any) -> float:
     if not _number(v) or v < 0:
         raise ValueError("expected a number of seconds, 0 or more" + _NOT_FINITE * _nonfinite(v))
@@ -449,10 +453,19 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     ),
     "drain": (
         Key("timeout", _positive, 30.0,
-            "the longest an old slot keeps serving after the switch (managed nginx: "
-            "`worker_shutdown_timeout` = this + 1 s, as a backstop)"),
+            "the longest an old slot keeps serving short requests after the switch (managed nginx: "
+            "`worker_shutdown_timeout` = the longer of this and `long_lived_grace`, + 1 s, as a backstop)"),
         Key("interval", _positive, 0.02,
             "seconds between two in-flight counts"),
+        Key("long_lived_grace", _optional_seconds_or_zero, None,
+            "seconds long-lived connections to the old build (WebSockets, event streams, "
+            "`long_lived_paths`) get after the switch to end by themselves; then the daemon closes "
+            "them and their clients reconnect, to the new build. Short requests never wait for them",
+            shown="`drain.timeout`"),
+        Key("long_lived_paths", _url_paths, [],
+            "paths whose requests are long-lived too (a path, or a prefix ending in `/`), besides "
+            "`Upgrade: websocket` requests and those that accept `text/event-stream`: long polling, "
+            "streamed downloads"),
     ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed",
@@ -633,6 +646,12 @@ class AppConfig:
 class DrainConfig:
     timeout: float
     interval: float
+    long_lived_grace: float | None = None  # None: timeout
+    long_lived_paths: tuple[str, ...] = ()
+
+    @property
+    def grace(self) -> float:
+        return self.timeout if self.long_lived_grace is None else self.long_lived_grace
 
 
 @dataclass(frozen=True)
@@ -943,7 +962,8 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             files={dest: _rel(base, src) for dest, src in a["files"].items()},
             health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
         ),
-        drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"]),
+        drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"], long_lived_grace=dr["long_lived_grace"],
+                          long_lived_paths=dr["long_lived_paths"]),
         release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
                               preview_cookie=v["release"]["preview_cookie"],
                               preview_token=v["release"]["preview_token"],

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
 from ..processes import sockets
+from ..processes.sockets import LONG_LIVED
 from ..state import DaemonStatus
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class NginxSnapshot:
     ports: dict[str, int]  # slot -> port
     stats: dict[int, Any] | None  # port -> counters (runtime switch), None otherwise
     inflight: dict[int, int]
+    long_lived: dict[int, dict[str, int]]  # port -> kind -> connections open (the kernel's count)
 
 
 class Collector:
@@ -154,6 +156,13 @@ class Collector:
         for slot, port in n.ports.items():
             inflight.add_metric([slot, str(port)], n.inflight.get(port, 0))
         yield inflight
+        lived = GaugeMetricFamily("bluegreen_long_lived_connections", "Long-lived connections open to the slot's "
+                                  "port, by kind (websocket, event-stream, path: drain.long_lived_paths).",
+                                  labels=["slot", "port", "kind"])
+        for slot, port in n.ports.items():
+            for kind in LONG_LIVED:
+                lived.add_metric([slot, str(port), kind], n.long_lived.get(port, {}).get(kind, 0))
+        yield lived
 
 
 async def render(app: App, rec: Recorder) -> str:
@@ -189,7 +198,8 @@ async def _nginx(app: App) -> NginxSnapshot:
             except (BluegreenError, OSError):
                 n = 0
         inflight[port] = n
-    return NginxSnapshot(up, ports, stats, inflight)
+    long_lived = {port: sockets.long_lived(port) for port in ports.values()}
+    return NginxSnapshot(up, ports, stats, inflight, long_lived)
 
 
 class MetricsServer:

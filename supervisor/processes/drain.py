@@ -1,5 +1,12 @@
 """Draining: waiting until the proxy and the app have both let go of the old port, the app's
-connections counted from outside it (sockets.py)."""
+connections counted from outside it (sockets.py).
+
+Short requests are waited for, up to drain.timeout. Long-lived ones (WebSockets, event streams,
+listed paths: nginx connects them from their own loopback address, sockets.LONG_LIVED) would
+hold a release for as long as a client stays: they get drain.long_lived_grace to end by
+themselves, then the daemon closes them (sockets.destroy) and their clients reconnect, to the
+new build. Neither waits for the other.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +14,108 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
-from .sockets import inflight
+from . import sockets
+
+CUT_SETTLE = 1.0  # seconds the proxy gets to let go once the long-lived connections it held are closed
 
 
 class Watched(Protocol):
     def alive(self) -> bool: ...
 
 
+class Drain:
+    """One drain of `port`: the proxy's release (a task), the kernel's view of the port's
+    connections, the two deadlines, and what was closed."""
+
+    def __init__(self, port: int, timeout: float, grace: float, interval: float) -> None:
+        self.port, self.interval = port, interval
+        self.began = time.monotonic()
+        self.deadline = self.began + timeout  # short requests
+        self.long_deadline = self.began + grace  # long-lived ones
+        self.cut: dict[str, int] = {}
+        self.cut_why = ""
+        self.ended = 0  # long-lived connections that closed by themselves within the grace
+        self.seen: set[int] = set()  # the long-lived connections open at the last look (inodes)
+        self.tried: set[int] = set()  # the ones the daemon tried to close
+
+    def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
+        """(short connections in flight, long-lived ones by kind) on the port now."""
+        short, long = 0, {}
+        for conn in sockets.connections(self.port):
+            kind = sockets.long_lived_kind(conn)
+            if kind is None:
+                short += 1
+            else:
+                long.setdefault(kind, []).append(conn)
+        return short, long
+
+    def close_long_lived(self, long: dict[str, list[sockets.Conn]]) -> None:
+        """The grace is over: close what is left (once each); count by kind what was closed."""
+        for kind, all_conns in long.items():
+            conns = [c for c in all_conns if c.inode not in self.tried]
+            self.tried.update(c.inode for c in conns)
+            if not conns:
+                continue
+            closed, why = sockets.destroy(conns)
+            if closed:
+                self.cut[kind] = self.cut.get(kind, 0) + closed
+            self.cut_why = self.cut_why or why
+        self.seen = set()
+
+    def count_ended(self, long: dict[str, list[sockets.Conn]]) -> None:
+        """Count the long-lived connections seen before and gone now, before any was closed by us."""
+        now = {c.inode for conns in long.values() for c in conns}
+        if not self.cut:
+            self.ended += len(self.seen - now)
+        self.seen = now
+
+
 async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitable[int]], timeout: float,
-                       interval: float, watch: Watched | None = None) -> dict[str, Any]:
-    """Wait until the proxy can send `port` no more requests (`wait_released`: old nginx workers
-    exited, or nginx counts none in flight to it), then until `port` has no connection in
-    flight, both within `timeout`; report what was left. Stops early if `watch` (the new build)
-    dies: waiting would only prolong an outage."""
-    began = time.monotonic()
-    deadline = began + timeout
-    died = False
-    proxy = asyncio.ensure_future(wait_released(port, deadline))
+                       interval: float, watch: Watched | None = None, grace: float | None = None) -> dict[str, Any]:
+    """Wait until the proxy sends `port` no more short requests (`wait_released`: old nginx
+    workers exited, or nginx counts none in flight to it) and the port has no short connection
+    in flight, both within `timeout`; close the long-lived connections that outlive `grace`
+    (default: `timeout`). Report what was left and what was closed. Stops early if `watch` (the
+    new build) dies: waiting would only prolong an outage."""
+    d = Drain(port, timeout, timeout if grace is None else grace, interval)
+    end = max(d.deadline, d.long_deadline)
+    proxy = asyncio.ensure_future(wait_released(port, end + CUT_SETTLE))
+    died, proxy_s = False, None
     try:
-        while not proxy.done():
+        while True:
             if watch is not None and not watch.alive():
                 died = True
                 break
-            await asyncio.wait({proxy}, timeout=interval)
+            now = time.monotonic()
+            if proxy.done() and proxy_s is None:
+                proxy_s = now - d.began
+            short, long = d.open()
+            d.count_ended(long)
+            if long and now >= d.long_deadline:
+                d.close_long_lived(long)
+                long = {}
+            if proxy.done() and not short and not long:
+                break
+            # Past both deadlines: done, unless old nginx workers are letting go of what was just closed.
+            if now >= end and (proxy.done() or not d.cut or now >= end + CUT_SETTLE):
+                break
+            if proxy.done():
+                await asyncio.sleep(interval)
+            else:
+                await asyncio.wait({proxy}, timeout=interval)
     finally:
         proxy.cancel()
     held = proxy.result() if proxy.done() and not proxy.cancelled() else 0
-    proxy_s = time.monotonic() - began
-    left = 0 if died else inflight(port)
-    while left and time.monotonic() < deadline:
-        if watch is not None and not watch.alive():
-            died = True
-            break
-        await asyncio.sleep(interval)
-        left = inflight(port)
+    short, long = (0, {}) if died else d.open()
     return {
-        "workers_wait": round(proxy_s, 4),
+        "workers_wait": round(proxy_s if proxy_s is not None else time.monotonic() - d.began, 4),
         "old_workers_left": held,
-        "still_open": left,  # connections the old build still had at the deadline (its stop decides their fate)
-        "timed_out": bool(left or held) and not died,
+        "still_open": short,  # short connections the old build still had at the deadline (its stop decides)
+        "timed_out": bool(short or (held and not d.cut)) and not died,
+        "long_lived_cut": d.cut,  # by kind: closed by the daemon at the grace
+        "long_lived_ended": d.ended,  # closed by the client or the app within the grace
+        "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)
+        "cut_error": d.cut_why,
         "died": died,
-        "after": time.monotonic() - began,
+        "after": time.monotonic() - d.began,
     }

@@ -7,6 +7,7 @@ sockets on the host. If netlink is unavailable we fall back to parsing /proc/net
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -26,8 +27,8 @@ STATE_NAMES = {
 INFLIGHT_STATES = frozenset({ESTABLISHED, SYN_RECV, CLOSE_WAIT})
 
 NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 20, 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
@@ -40,6 +41,8 @@ class Conn:
     remote: str
     remote_port: int
     inode: int
+    family: int = socket.AF_INET
+    sockid: bytes = b""  # the kernel's inet_diag_sockid (netlink only): what SOCK_DESTROY names
 
     @property
     def state_name(self) -> str:
@@ -87,7 +90,7 @@ def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
                         remote = socket.inet_ntop(socket.AF_INET, raw_dst[:4])
                     else:
                         remote = socket.inet_ntop(socket.AF_INET6, raw_dst)
-                    out.append(Conn(state, sport, remote, dport, inode))
+                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68]))
                 offset += (length + 3) & ~3
 
 
@@ -103,10 +106,16 @@ def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
                     if st not in states or int(local.rsplit(":", 1)[1], 16) != port:
                         continue
                     addr, rport = remote.rsplit(":", 1)
-                    out.append(Conn(st, port, addr, int(rport, 16), int(fields[9])))
+                    out.append(Conn(st, port, _proc_address(addr), int(rport, 16), int(fields[9])))
         except FileNotFoundError:
             continue
     return out
+
+
+def _proc_address(hexaddr: str) -> str:
+    """/proc/net/tcp's address (host byte order, per 32-bit word) as inet_ntop writes it."""
+    raw = b"".join(struct.pack("=I", int(hexaddr[i:i + 8], 16)) for i in range(0, len(hexaddr), 8))
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 _netlink_ok = True
@@ -156,3 +165,49 @@ def listening_pids(port: int) -> set[int]:
     if not inodes:
         return set()
     return {pid for pid in procs.pids() if procs.socket_inodes(pid) & inodes}
+
+
+def destroy(conns: list[Conn]) -> tuple[int, str]:
+    """Close these connections from outside their process (netlink SOCK_DESTROY, what `ss -K`
+    does): the process sees the connection aborted, its peer a reset. Needs CAP_NET_ADMIN and a
+    kernel built with CONFIG_INET_DIAG_DESTROY. Returns how many were closed, and why the others
+    were not ("" if none failed); a connection already gone counts as closed."""
+    closed, why = 0, ""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
+        for seq, conn in enumerate(conns, 1):
+            if not conn.sockid:
+                why = why or "netlink sock_diag is unavailable"
+                continue
+            body = struct.pack("=BBBxI", conn.family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + conn.sockid
+            s.sendto(struct.pack("=IHHII", 16 + len(body), SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body,
+                     (0, 0))
+            data = s.recv(65536)
+            kind = struct.unpack_from("=H", data, 4)[0] if len(data) >= 16 else 0
+            error = -struct.unpack_from("=i", data, 16)[0] if kind == NLMSG_ERROR and len(data) >= 20 else 0
+            if error in (0, errno.ENOENT):
+                closed += 1
+            else:
+                why = why or os.strerror(error) + (" (closing another process's connection needs CAP_NET_ADMIN)"
+                                                   if error == errno.EPERM else "")
+    return closed, why
+
+
+# nginx connects long-lived requests to an app from their own loopback address (proxy_bind, the
+# maps in proxy/templates/long-lived.conf), so that the kernel tells them apart from short ones.
+LONG_LIVED = {"websocket": "127.0.0.2", "event-stream": "127.0.0.3", "path": "127.0.0.4"}
+_KIND_OF = {address: kind for kind, address in LONG_LIVED.items()}
+
+
+def long_lived_kind(conn: Conn) -> str | None:
+    """The kind of long-lived request a connection to an app carries (None: a short one)."""
+    return _KIND_OF.get(conn.remote.removeprefix("::ffff:"))
+
+
+def long_lived(port: int) -> dict[str, int]:
+    """Long-lived connections open on `port` now, by kind (kinds with none left out)."""
+    counts: dict[str, int] = {}
+    for conn in connections(port):
+        kind = long_lived_kind(conn)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts

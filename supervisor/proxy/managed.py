@@ -137,7 +137,8 @@ class ManagedNginx:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, self._conf())
         upstream = (runtime_part(self.config, self.route_path, self.control_path, preload=False)
-                    if self.runtime else render_upstream(self.n.upstream_name, port, release=self.config.release))
+                    if self.runtime else render_upstream(self.n.upstream_name, port, release=self.config.release,
+                                                         long_paths=self.config.drain.long_lived_paths))
         try:
             atomic_write(self.upstream_path, upstream.encode())
         except OSError as e:

@@ -44,7 +44,8 @@ class ReloadSwitch(StagedRoute):
         self.master = master
         # What the upstream file holds for a port: the upstream block, or the runtime switch's part.
         self.render = render or (lambda port: render_upstream(self.n.upstream_name, port, self.preview_port,
-                                                              config.release, self.preview_token))
+                                                              config.release, self.preview_token,
+                                                              config.drain.long_lived_paths))
         self.preview_port: int | None = None  # where preview requests go (a paused swap's standby)
         self.preview_token = ""  # what their header or cookie must say ("": 1)
         self.upstream = self.staged = UndoableFile(master.upstream_path)

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 from ..config.host import LUA_MODULES
+from ..processes.sockets import LONG_LIVED
 from ..config.schema import Config, ReleaseConfig
 
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -48,13 +49,32 @@ def route_variable(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_route"
 
 
+def bind_variable(name: str) -> str:
+    """The variable naming the address nginx connects a request to the app from: 127.0.0.1, or a
+    long-lived kind's own (sockets.LONG_LIVED). `proxy_bind $<name>_bind;` in the location."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_bind"
+
+
+def long_lived_maps(name: str, paths: tuple[str, ...] = ()) -> str:
+    """The maps that set bind_variable(name): a WebSocket upgrade, then an event stream (its
+    Accept header), then drain.long_lived_paths (a path and what is under it, or a prefix ending
+    in `/`; case-sensitive regexes)."""
+    def pattern(path: str) -> str:
+        literal = re.sub(r"([.^$*+?()\[\]{}|])", r"\\\1", path)
+        return f"~^{literal}" if path.endswith("/") else f"~^{literal}(/|$)"
+
+    entries = "".join(f'    "{pattern(p)}" {LONG_LIVED["path"]};\n' for p in paths)
+    return fill("long-lived.conf", var=bind_variable(name), paths=entries, websocket=LONG_LIVED["websocket"],
+                event_stream=LONG_LIVED["event-stream"])
+
+
 def preview_vars(release: ReleaseConfig) -> tuple[str, str]:
     """The nginx variables of the preview header and cookie (`X-Bluegreen-Preview` -> http_x_bluegreen_preview)."""
     return "http_" + release.preview_header.lower().replace("-", "_"), "cookie_" + release.preview_cookie
 
 
 def render_upstream(name: str, port: int, preview: int | None = None, release: ReleaseConfig = ReleaseConfig(),
-                    token: str = "") -> str:
+                    token: str = "", long_paths: tuple[str, ...] = ()) -> str:
     # Exactly one server: with a single server nginx never marks it failed (no
     # "no live upstreams" 502s), unlike a `down`/`backup` sibling would. The preview is its own
     # upstream, chosen per request by the maps below (header first, then cookie).
@@ -63,7 +83,8 @@ def render_upstream(name: str, port: int, preview: int | None = None, release: R
     # regex (its characters, letters, digits, _ and -, mean nothing in a regex).
     return fill("upstream.conf", name=name, port=port, cookie=cookie, header=header, var=route_variable(name),
                 key=f"~^{token}$" if token else "1", to_preview=f"{name}__preview" if preview is not None else name,
-                preview_upstream="" if preview is None else fill("preview-upstream.conf", name=name, port=preview))
+                preview_upstream="" if preview is None else fill("preview-upstream.conf", name=name, port=preview),
+                long_lived=long_lived_maps(name, long_paths))
 
 
 def parse_upstream_port(text: str) -> int | None:
@@ -104,14 +125,14 @@ def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseCon
     header, cookie = preview_vars(release)
     table, stats = shared_dicts(upstream_name)
     fields = {"name": upstream_name, "table": table, "stats": stats, "route": str(route), "preview_header": header,
-              "preview_cookie": cookie, "rollout_cookie": rollout_cookie}
+              "preview_cookie": cookie, "rollout_cookie": rollout_cookie, "bind": bind_variable(upstream_name)}
     return ("{" + ", ".join(f"{k} = {_lua_string(v)}" for k, v in fields.items())
             + ", unjudged = {" + ", ".join(_lua_string(p) for p in unjudged) + "}}")
 
 
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
                    rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True,
-                   unjudged: tuple[str, ...] = (), preload: bool = True) -> str:
+                   unjudged: tuple[str, ...] = (), preload: bool = True, long_paths: tuple[str, ...] = ()) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md):
     this app's shared dicts, its upstream whose balancer is bluegreen.lua's, and its control
     socket. What the lua does is said in supervisor/lua/bluegreen.lua.
@@ -130,7 +151,7 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
                                 for name in LUA_CONTROLS)
     return fill("runtime.conf", digest=lua_digest(), table=table, stats=stats, name=upstream_name, app=app,
                 handlers=render_lua_handlers(preload) if handlers else "", control=control,
-                control_locations=control_locations)
+                control_locations=control_locations, long_lived=long_lived_maps(upstream_name, long_paths))
 
 
 def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True) -> str:
@@ -141,7 +162,8 @@ def runtime_part(config: Config, route: Path, control: Path, handlers: bool = Tr
     ready = config.app.ready.url
     unjudged = config.rollout.ignore_paths + ((urlsplit(ready).path or "/",) if ready else ())
     return render_runtime(config.nginx.upstream_name, route, control, config.release, config.rollout.cookie,
-                          handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)), preload=preload)
+                          handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)), preload=preload,
+                          long_paths=config.drain.long_lived_paths)
 
 
 def render_lua_handlers(preload: bool = True) -> str:
@@ -178,7 +200,7 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     temp = "\n".join(f"    {kind}_temp_path {quote(prefix / 'temp' / kind)};" for kind in TEMP_KINDS)
     # One second past the drain timeout: the daemon's own deadline acts first and counts what it
     # cuts; nginx's is the backstop (e.g. when the daemon itself is gone).
-    drain = math.ceil(config.drain.timeout) + 1
+    drain = math.ceil(max(config.drain.timeout, config.drain.grace)) + 1
     modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if runtime else ""
     seed = textwrap.indent(render_seed(n.upstream_name, prefix / "route"), "    ") if runtime else ""
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
@@ -188,4 +210,4 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
                 worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
                 error_log=quote(prefix / "error.log"), shutdown_timeout=drain, access_log=quote(prefix / "access.log"),
                 temp_paths=temp, upstream_file=quote(upstream), seed=seed, listen=n.listen, private_control=private,
-                target=target)
+                target=target, bind_var=bind_variable(n.upstream_name))

@@ -260,14 +260,16 @@ class RuntimeSwitch(StagedRoute):
             return None
         return int(body) if status == 200 and body.isdigit() else None
 
-    async def inflight(self, port: int) -> int:
-        """Requests nginx has in flight to `port`, counted by the workers that still run (a worker
-        killed mid-request never counted its requests out; they died with it)."""
+    async def inflight(self, port: int, short_only: bool = False) -> int:
+        """Requests nginx has in flight to `port` (`short_only`: not counting the long-lived ones),
+        counted by the workers that still run (a worker killed mid-request never counted its
+        requests out; they died with it)."""
         counts = await self.table.inflight(port)
-        return sum(max(0, n) for pid, n in counts.items() if worker_title(pid))
+        return sum(max(0, n - (long if short_only else 0)) for pid, (n, long) in counts.items() if worker_title(pid))
 
     async def wait_released(self, port: int, deadline: float) -> int:
-        """Wait until nginx counts no request in flight to `port`."""
+        """Wait until nginx counts no short request in flight to `port` (the drain closes the
+        long-lived ones at their grace)."""
         left = await self._inflight_or_zero(port)
         while left and time.monotonic() < deadline:
             await asyncio.sleep(POLL * 2)
@@ -276,7 +278,7 @@ class RuntimeSwitch(StagedRoute):
 
     async def _inflight_or_zero(self, port: int) -> int:
         try:
-            return await self.inflight(port)
+            return await self.inflight(port, short_only=True)
         except NginxError:
             return 0  # nginx is gone (restarted): nothing it counted is in flight any more
 

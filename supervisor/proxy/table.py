@@ -7,7 +7,7 @@ change, each answered with the table's value so that every change is read back.
     PUT    /.bluegreen/split          "candidate share gen" (DELETE: all off, counters dropped)
     GET    /.bluegreen/state          "port preview candidate share gen"
     GET    /.bluegreen/stats?gen=G    "port kind count" lines
-    GET    /.bluegreen/inflight?port=P  "worker-pid count" lines
+    GET    /.bluegreen/inflight?port=P  "worker-pid count long" lines
     GET    /.bluegreen/handlers       how many control requests the shared log handler counted
 """
 
@@ -82,11 +82,12 @@ class Table:
                                         and name[1:].isdigit()})
                 for port, k in raw.items()}
 
-    async def inflight(self, port: int) -> dict[int, int]:
-        """Requests in flight to `port`, per nginx worker pid that ever sent one there."""
+    async def inflight(self, port: int) -> dict[int, tuple[int, int]]:
+        """Requests in flight to `port` and how many of them are long-lived, per nginx worker pid
+        that ever sent one there."""
         body = await self.read(f"inflight?port={port}", "the in-flight count")
         counts = [line.split() for line in body.splitlines()]
-        if not all(len(c) == 2 and c[0].isdigit() and c[1].lstrip("-").isdigit() for c in counts):
+        if not all(len(c) == 3 and c[0].isdigit() and all(n.lstrip("-").isdigit() for n in c[1:]) for c in counts):
             raise NginxError(f"nginx's control socket gave an unreadable in-flight count {body[:80]!r}",
                              code="nginx_down")
-        return {int(pid): int(n) for pid, n in counts}
+        return {int(pid): (int(n), int(long)) for pid, n, long in counts}

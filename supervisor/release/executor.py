@@ -208,13 +208,21 @@ class SlotOps:
                 f"while the old build was still serving its last requests; traffic is back on the old build "
                 f"({old.slot}, pid {old.pid}), which never stopped. See {standby.log_path}"
                 + slots.exit_hint(standby.returncode))
+        stop = self.cfg.app.stop
         if result["timed_out"]:
             self.still_open = result["still_open"]
-            stop = self.cfg.app.stop
-            result["warning"] = (f"{result['still_open']} connection(s) still open on the old build at drain.timeout "
+            result["warning"] = (f"{result['still_open']} request(s) still running on the old build at drain.timeout "
                                  f"({self.cfg.drain.timeout:g}s): it gets {stop.signal.name} now, and what it has not "
                                  f"finished within app.stop.timeout ({stop.timeout:g}s) is cut by SIGKILL")
             log.warning("drain of %s: %s", old.slot, result["warning"])
+        if result["long_lived_left"]:
+            self.still_open += result["long_lived_left"]
+            result["warning"] = (f"{result['long_lived_left']} long-lived connection(s) could not be closed at "
+                                 f"drain.long_lived_grace ({result['cut_error']}): the old build gets {stop.signal.name}"
+                                 f" now, and SIGKILL after app.stop.timeout ({stop.timeout:g}s) if they hold it")
+            log.warning("drain of %s: %s", old.slot, result["warning"])
+        if result["long_lived_cut"]:
+            log.info("drain of %s: closed long-lived connections at the grace: %s", old.slot, result["long_lived_cut"])
         del result["after"]
         return result
 

@@ -5,10 +5,12 @@
 -- request and a rollout user are read from, the paths a watch never judges). nginx loads it in
 -- the master (init_by_lua), so that workers running as another user never read the file.
 --
--- A request is counted in once, by the balancer, in the app's table dict: "inflight:PORT:WORKER".
--- What was counted rides in the request variable $bluegreen_request, "port gen app judged id
--- cookie", which survives internal redirects (error_page, X-Accel-Redirect, try_files), unlike
--- ngx.ctx; the http-level log handler counts it out, and counts the answer for the watch.
+-- A request is counted in once, by the balancer, in the app's table dict: "inflight:PORT:WORKER",
+-- and a long-lived one (a WebSocket, an event stream, a listed path: the app's bind variable,
+-- from the maps of its part, names another address than 127.0.0.1) also in "long:PORT:WORKER".
+-- What was counted rides in the request variable $bluegreen_request, "port gen app judged long
+-- id cookie", which survives internal redirects (error_page, X-Accel-Redirect, try_files),
+-- unlike ngx.ctx; the http-level log handler counts it out, and counts the answer for the watch.
 
 local balancer = require("ngx.balancer")
 
@@ -92,9 +94,12 @@ function M.balancer(app)
             return ngx.exit(502)
         end
         if state == "" and not ngx.is_subrequest then
-            dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), 1, 0)
+            local worker = port .. ":" .. ngx.worker.pid()
+            local long = (ngx.var[app.bind] or "127.0.0.1") ~= "127.0.0.1" and 1 or 0
+            dict:incr("inflight:" .. worker, 1, 0)
+            if long == 1 then dict:incr("long:" .. worker, 1, 0) end
             ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. app.name .. " "
-                .. judged(app) .. " " .. id .. " " .. app.rollout_cookie
+                .. judged(app) .. " " .. long .. " " .. id .. " " .. app.rollout_cookie
         end
     end
     local ok, err = balancer.set_current_peer("127.0.0.1", port)
@@ -137,11 +142,13 @@ function M.log()
         if probe then ngx.shared[probe]:incr("handlers", 1, 0) end
         return
     end
-    local port, gen, app, is_judged = state:match("^(%d+) (%d+) (%S+) (%d)")
+    local port, gen, app, is_judged, long = state:match("^(%d+) (%d+) (%S+) (%d) (%d)")
     if not port then return end
     local dict = ngx.shared["bluegreen." .. app]
     if not dict then return end
-    dict:incr("inflight:" .. port .. ":" .. ngx.worker.pid(), -1, 0)
+    local worker = port .. ":" .. ngx.worker.pid()
+    dict:incr("inflight:" .. worker, -1, 0)
+    if long == "1" then dict:incr("long:" .. worker, -1, 0) end
     local status = tonumber(ngx.var.status) or 0
     if is_judged ~= "1" or status == 499 then return end
     count_answer(ngx.shared["bluegreen." .. app .. ".stats"], gen, port, status)
@@ -271,13 +278,14 @@ function control.stats(app)
     end
 end
 
--- GET ?port=P: one "worker-pid count" line per worker that ever sent a request to P.
+-- GET ?port=P: one "worker-pid count long" line per worker that ever sent a request to P: its
+-- requests in flight there, and how many of them are long-lived.
 function control.inflight(app)
     local port = number_arg("port")
     if not port then return end
     local dict, prefix = ngx.shared[app.table], "inflight:" .. port .. ":"
     for _, worker in ipairs(keys_after(dict, prefix)) do
-        ngx.say(worker, " ", dict:get(prefix .. worker) or 0)
+        ngx.say(worker, " ", dict:get(prefix .. worker) or 0, " ", dict:get("long:" .. port .. ":" .. worker) or 0)
     end
 end
 

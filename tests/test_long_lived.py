@@ -1,0 +1,225 @@
+"""Long-lived connections through a release: WebSockets and server-sent events (the live example,
+examples/live-app, unchanged), on both nginx shapes.
+
+The policy (docs/how-a-swap-works.md): short requests are waited for up to drain.timeout;
+long-lived ones get drain.long_lived_grace, then the daemon closes them, their clients
+reconnect to the new build, and the swap says how many of which kind it closed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from helpers import ROOT, DaemonRun, Load, http_get, wait_until
+
+pytestmark = pytest.mark.e2e
+LIVE = ROOT / "examples" / "live-app"
+
+
+class EventStream(threading.Thread):
+    """An EventSource as a browser runs it: `Accept: text/event-stream`, and on any close a new
+    connection that sends the last id it saw (the app goes on from there)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stopped = port, threading.Event()
+        self.events: list[tuple[str, int]] = []  # (version, n) in the order they came
+        self.connections = 0
+        self.ends: list[str] = []  # how each connection ended
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            last = self.events[-1][1] if self.events else None
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})}
+            try:
+                with httpx.stream("GET", f"http://127.0.0.1:{self.port}/events", headers=headers, timeout=30) as r:
+                    self.connections += 1
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            version, n = line[6:].split()
+                            self.events.append((version, int(n)))
+                        if self.stopped.is_set():
+                            return
+                self.ends.append("ended")
+            except httpx.HTTPError as e:
+                self.ends.append(type(e).__name__)
+            self.stopped.wait(0.1)  # the stream's `retry: 100`
+
+    def lost(self) -> list[int]:
+        """Event numbers never received (the numbering goes on across reconnections)."""
+        seen = [n for _, n in self.events]
+        return sorted(set(range(seen[0], seen[-1] + 1)) - set(seen)) if seen else []
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(30)
+
+
+class Socket(threading.Thread):
+    """A WebSocket client that reconnects whenever its connection closes."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stopped = port, threading.Event()
+        self.messages: list[tuple[int, str, int]] = []  # (connection, version, n)
+        self.connections = 0
+        self.closes: list[str] = []
+
+    def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed, WebSocketException
+        from websockets.sync.client import connect
+
+        while not self.stopped.is_set():
+            try:
+                with connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=10) as ws:
+                    self.connections += 1
+                    while not self.stopped.is_set():
+                        try:
+                            version, n = str(ws.recv(timeout=1)).split()
+                        except TimeoutError:
+                            continue
+                        self.messages.append((self.connections, version, int(n)))
+            except ConnectionClosed as e:
+                self.closes.append(f"closed {e.rcvd.code if e.rcvd else 'without a close frame'}")
+            except (OSError, WebSocketException) as e:
+                self.closes.append(type(e).__name__)
+            self.stopped.wait(0.1)
+
+    def lost(self) -> list[tuple[int, int]]:
+        """(connection, n) of the messages missing within each connection (each starts at 1)."""
+        missing = []
+        for c in {c for c, _, _ in self.messages}:
+            seen = sorted(n for cc, _, n in self.messages if cc == c)
+            missing += [(c, n) for n in range(1, seen[-1] + 1) if n not in set(seen)]
+        return missing
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(30)
+
+
+def swap(run: DaemonRun, build: Path) -> dict[str, dict[str, Any]]:
+    """`bluegreen swap --json`: each phase's final event, by phase."""
+    r = run.cli("swap", str(build), "--json", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {e["event"]: e for e in lines if "event" in e}
+
+
+def test_a_release_closes_websockets_and_event_streams_at_the_grace_and_they_reconnect_to_the_new_build(
+        shape: Any) -> None:
+    """drain.timeout 2 s, app.stop.timeout 120 s, and an app that never ends a stream on SIGTERM:
+    the streams are closed at the grace (2 s), so the old build exits on its SIGTERM at once
+    instead of holding the release until its SIGKILL; the clients reconnect to v2 and miss no
+    event; short requests alongside never fail."""
+    run, _ = shape(build=LIVE / "v1", drain_timeout=2, stop_timeout=120)
+    release_with_live_clients(run)
+
+
+def test_the_reload_switch_closes_them_too_so_its_old_workers_let_go(make_daemon: Any) -> None:
+    """With reloads, the old nginx workers hold the long-lived connections (until
+    worker_shutdown_timeout): closed at the grace, the workers exit and the release ends."""
+    from helpers import free_ports, managed_nginx
+
+    listen = free_ports(1)[0]
+    run = make_daemon(build=LIVE / "v1", drain_timeout=2, stop_timeout=120, listen=listen,
+                      nginx=managed_nginx(listen, "reload"))
+    release_with_live_clients(run)
+
+
+def release_with_live_clients(run: DaemonRun) -> None:
+    """The first test's release, on `run`: see its docstring."""
+    stream, sock = EventStream(run.listen_port), Socket(run.listen_port)
+    stream.start()
+    sock.start()
+    try:
+        wait_until(lambda: len(stream.events) >= 3 and len(sock.messages) >= 3, 60, "both clients to receive from v1")
+        assert run.status()["active"]["long_lived"] == {"event-stream": 1, "websocket": 1}
+        old = psutil.Process(run.status()["active"]["pid"])
+        with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
+            wait_until(lambda: load.total >= 20, 60, "load to flow")
+            phases = swap(run, LIVE / "v2")
+            after = load.total
+            wait_until(lambda: load.total >= after + 20, 60, "requests after the swap")
+        drain, stop = phases["drain"], phases["stop"]
+        assert drain["long_lived_cut"] == {"event-stream": 1, "websocket": 1}, drain
+        assert not drain["timed_out"] and not drain["long_lived_left"], drain
+        assert not stop.get("killed") and "SIGKILL" not in stop["how"], stop  # it exited on SIGTERM
+        assert not old.is_running()
+        wait_until(lambda: any(v == "v2" for v, _ in stream.events) and any(v == "v2" for _, v, _ in sock.messages),
+                   60, "both clients to receive from v2")
+        assert stream.connections >= 2 and sock.connections >= 2
+        assert stream.lost() == [], "events lost across the release"
+        assert sock.lost() == [], "messages lost within a connection"
+        assert not load.failures, (load.failures, load.examples)
+    finally:
+        stream.close()
+        sock.close()
+
+
+def test_short_requests_are_waited_for_while_long_lived_ones_are_closed_at_their_own_grace(
+        make_daemon: Any) -> None:
+    """drain.long_lived_grace 0.5 s, drain.timeout 60 s: a 4 s request to the old build finishes
+    (200, from v1) after its event stream was closed and had reconnected to v2."""
+    run = make_daemon(build=LIVE / "v1", drain_timeout=60, drain="long_lived_grace = 0.5")
+    stream = EventStream(run.listen_port)
+    stream.start()
+    slow: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        slow["answer"] = http_get(run.listen_port, "/slow?ms=4000", timeout=60)
+        slow["at"] = time.monotonic()
+        slow["stream_versions"] = {v for v, _ in stream.events}
+
+    try:
+        wait_until(lambda: len(stream.events) >= 3, 60, "the stream to flow")
+        t = threading.Thread(target=slow_request)
+        t.start()
+        wait_until(lambda: run.status()["active"]["long_lived"] == {"event-stream": 1}, 30, "the stream, counted")
+        phases = swap(run, LIVE / "v2")
+        t.join(60)
+        assert slow["answer"] == (200, "v1 slow 4000\n")
+        assert "v2" in slow["stream_versions"], "the stream waited for the slow request"
+        assert phases["drain"]["long_lived_cut"] == {"event-stream": 1}
+        assert not phases["drain"]["timed_out"]
+        assert stream.lost() == []
+    finally:
+        stream.close()
+
+
+def test_a_listed_path_is_long_lived_too_and_is_closed_at_the_grace(make_daemon: Any) -> None:
+    """drain.long_lived_paths: a long poll on /slow is closed at the grace (its client sees the
+    connection end, and would ask again), counted as `path`; the metrics and status show it
+    while it is open."""
+    from helpers import free_ports
+
+    metrics = free_ports(1)[0]
+    run = make_daemon(build=LIVE / "v1", drain_timeout=1, stop_timeout=120, drain='long_lived_paths = ["/slow"]',
+                      daemon=f'metrics_listen = "127.0.0.1:{metrics}"')
+    poll: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        try:
+            poll["answer"] = http_get(run.listen_port, "/slow?ms=100000", timeout=200)
+        except OSError as e:
+            poll["error"] = e
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    wait_until(lambda: run.status()["active"]["long_lived"] == {"path": 1}, 30, "the long poll, counted")
+    text = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
+    blue = run.status()["active"]["slot"]
+    assert f'bluegreen_long_lived_connections{{kind="path",port="{run.ports[0]}",slot="{blue}"}} 1.0' in text
+    assert "holds 1 path" in run.cli("status").stdout
+    phases = swap(run, LIVE / "v2")
+    t.join(60)
+    assert phases["drain"]["long_lived_cut"] == {"path": 1}
+    assert "answer" not in poll or poll["answer"][0] >= 500, poll  # never a whole answer: it was cut
