@@ -29,6 +29,7 @@ FAULTS = {
     "logs_removed": "`rm -rf` of the logs folder",
     "state_damaged": "state.json and history.jsonl damaged",
     "second_daemon": "a copied config started beside it",
+    "long_lived": "an event stream open to the old build",
 }
 
 BEFORE_SWITCH = ("prepare", "start", "ready", "before_switch", "check")
@@ -218,6 +219,26 @@ for phase in PHASES:
          "listen address (the other daemon's state_dir); the running daemon does not notice",
          "test_a_config_copied_with_another_apps_upstream_file_is_refused_and_takes_nothing")
 
+# --- long-lived connections (issue 22): a client's event stream, opened on the old build before
+# the swap, reconnecting whenever it closes (as EventSource does), numbered events
+RELEASED = ("the stream is closed at `drain.long_lived_grace` (short requests are still waited for, up to "
+            "`drain.timeout`), reconnects to the new build and misses no event; the old build then exits on its "
+            "stop signal, never held to `app.stop.timeout`")
+LIVE_TESTS = ("test_a_release_closes_websockets_and_event_streams_at_the_grace_and_they_reconnect_to_the_new_build",)
+cell(BEFORE_SWITCH + ("switch", "commit"), "long_lived", "stays on the old build, untouched, until the drain: "
+     + RELEASED, *LIVE_TESTS)
+cell("paused", "long_lived", "stays on the old build while paused (the preview takes new requests only); after "
+     "`promote`, " + RELEASED, *LIVE_TESTS)
+cell("rollout step", "long_lived", "stays on the build it opened on (the split sends new users only); after "
+     "`promote`, " + RELEASED, *LIVE_TESTS)
+cell("drain", "long_lived", RELEASED, *LIVE_TESTS,
+     "test_short_requests_are_waited_for_while_long_lived_ones_are_closed_at_their_own_grace")
+cell(("watch", "after_switch", "stop"), "long_lived", "already closed by the drain and reconnected to the new "
+     "build: this phase does not touch it", *LIVE_TESTS)
+cell("warm window", "long_lived", "closed by the drain before the old build was kept warm; on the new build, "
+     "untouched by the window", *LIVE_TESTS)
+cell("idle", "long_lived", "nothing happens to it: it stays open on the build that serves")
+
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
 
 
@@ -249,7 +270,8 @@ def _normal(phase: str) -> Outcome:
 
 
 def _outcome(phase: str, fault: str) -> Outcome | None:
-    if fault in ("worker", "reload", "master", "restart", "logs_removed", "state_damaged", "second_daemon"):
+    if fault in ("worker", "reload", "master", "restart", "logs_removed", "state_damaged", "second_daemon",
+                 "long_lived"):
         return _normal(phase)
     if fault == "kill9":  # the next daemon undoes what was not committed, finishes what was
         return Outcome("v1" if phase in UNTIL_COMMIT + ("idle",) else "v2")
@@ -304,7 +326,8 @@ def render() -> str:
            f"test (the numbers, listed below), {moot} that cannot happen (n/a), and {len(CELLS) - pinned - moot} "
            "*not pinned yet*.", ""]
     groups = (("kill9", "sigterm"), ("master", "worker", "reload", "restart"), ("active_killed", "active_frozen"),
-              ("new_killed", "new_frozen", "disk_full"), ("logs_removed", "state_damaged", "second_daemon"))
+              ("new_killed", "new_frozen", "disk_full"), ("logs_removed", "state_damaged", "second_daemon"),
+              ("long_lived",))
     for group in groups:
         out.append("| phase | " + " | ".join(FAULTS[f] for f in group) + " |")
         out.append("|---|" + "---|" * len(group))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Self
 
+import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -631,3 +632,42 @@ def misbehaving_build(parent: Path, name: str, fail: int = 0, delay_ms: int = 0)
     `delay_ms`; /health stays fine, so it passes readiness and looks healthy to a plain check."""
     return make_build(parent, name, server_js=MISBEHAVING.replace("FAIL", str(fail)).replace("DELAY", str(delay_ms))
                       .replace("VERSION", name))
+
+
+class EventStream(threading.Thread):
+    """An EventSource as a browser runs it: `Accept: text/event-stream`, and on any close a new
+    connection that sends the last id it saw (the app goes on from there)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stopped = port, threading.Event()
+        self.events: list[tuple[str, int]] = []  # (version, n) in the order they came
+        self.connections = 0
+        self.ends: list[str] = []  # how each connection ended
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            last = self.events[-1][1] if self.events else None
+            headers = {"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})}
+            try:
+                with httpx.stream("GET", f"http://127.0.0.1:{self.port}/events", headers=headers, timeout=30) as r:
+                    self.connections += 1
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            version, n = line[6:].split()
+                            self.events.append((version, int(n)))
+                        if self.stopped.is_set():
+                            return
+                self.ends.append("ended")
+            except httpx.HTTPError as e:
+                self.ends.append(type(e).__name__)
+            self.stopped.wait(0.1)  # the stream's `retry: 100`
+
+    def lost(self) -> list[int]:
+        """Event numbers never received (the numbering goes on across reconnections)."""
+        seen = [n for _, n in self.events]
+        return sorted(set(range(seen[0], seen[-1] + 1)) - set(seen)) if seen else []
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(30)

@@ -7,7 +7,7 @@
   external mode with the runtime switch.
 
 And an app that answers what these tests need: `/` (its version), `/health`, `/missing` (404),
-`/boom` (500), `/slow?ms=N`.
+`/boom` (500), `/slow?ms=N`, `/events` (a numbered event stream).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ const server = http.createServer((req, res) => {
     return opened(() => answer(200, `${version} gate\\n`));
   }
   if (url.pathname === '/slow') return setTimeout(() => answer(200, `${version} slow\\n`), Number(url.searchParams.get('ms') || 1000));
+  if (url.pathname === '/events') {  // numbered events, every 100 ms, going on from Last-Event-ID
+    let e = Number(req.headers['last-event-id'] || 0);
+    res.writeHead(200, {'content-type': 'text/event-stream'});
+    const t = setInterval(() => res.write(`id: ${++e}\\ndata: ${version} ${e}\\n\\n`), 100);
+    return req.on('close', () => clearInterval(t));
+  }
   answer(FAIL && (n++ * 37) % 100 < FAIL ? 500 : 200, `hello from ${version}\\n`);
 });
 let n = 0;

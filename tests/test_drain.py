@@ -59,3 +59,85 @@ def test_proc_fallback_agrees_with_netlink(listener: socket.socket) -> None:
     finally:
         for s in clients + accepted:
             s.close()
+
+
+def connect_from(address: str, port: int) -> socket.socket:
+    """A client connection from `address` (what nginx's proxy_bind does for a long-lived request)."""
+    c = socket.socket()
+    c.bind((address, 0))
+    c.connect(("127.0.0.1", port))
+    return c
+
+
+def test_long_lived_connections_are_told_apart_by_the_address_nginx_connects_from(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    clients = [connect_from(a, port) for a in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.4")]
+    accepted = [listener.accept()[0] for _ in clients]
+    try:
+        assert sockets.long_lived(port) == {"websocket": 1, "event-stream": 2, "path": 1}
+        by_proc = sorted(c.remote for c in sockets._proc_scan(port, sockets.INFLIGHT_STATES))
+        assert by_proc == sorted(c.remote for c in sockets.connections(port))  # the fallback reads them alike
+    finally:
+        for s in clients + accepted:
+            s.close()
+
+
+def test_the_drain_closes_long_lived_connections_at_their_grace_and_still_waits_for_short_ones(
+        listener: socket.socket) -> None:
+    """Grace 0.2 s, timeout 30 s: the event stream is closed (its client sees a reset) while a
+    short request goes on; the drain ends when the short one ends, not at its timeout."""
+    import asyncio
+    import threading
+
+    from supervisor.processes.drain import wait_drained
+
+    port = listener.getsockname()[1]
+    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.3", port)
+    accepted = [listener.accept()[0] for _ in range(2)]
+    reset = threading.Event()
+
+    def client_reads() -> None:
+        try:
+            stream.recv(1)
+        except ConnectionResetError:
+            reset.set()
+            accepted[0].close()  # the short request's answer: it ends once the stream was closed
+            short.close()
+
+    async def no_proxy(port: int, deadline: float) -> int:
+        return 0
+
+    threading.Thread(target=client_reads, daemon=True).start()
+    try:
+        result = asyncio.run(wait_drained(port, no_proxy, timeout=30, interval=0.01, grace=0.2))
+        assert reset.is_set()
+        assert result["long_lived_cut"] == {"event-stream": 1}
+        assert not result["timed_out"] and result["still_open"] == 0 and result["long_lived_left"] == 0
+    finally:
+        for s in [short, stream, *accepted]:
+            s.close()
+
+
+def test_a_close_the_kernel_refuses_is_reported_with_its_reason(listener: socket.socket,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon without CAP_NET_ADMIN cannot close another process's connection: the drain says
+    how many it could not close and why, and ends at its deadline."""
+    import asyncio
+
+    from supervisor.processes.drain import wait_drained
+
+    port = listener.getsockname()[1]
+    ws = connect_from("127.0.0.2", port)
+    accepted = listener.accept()[0]
+    monkeypatch.setattr(sockets, "destroy", lambda conns: (0, "Operation not permitted (needs CAP_NET_ADMIN)"))
+
+    async def no_proxy(port: int, deadline: float) -> int:
+        return 0
+
+    try:
+        result = asyncio.run(wait_drained(port, no_proxy, timeout=0.1, interval=0.01))
+        assert result["long_lived_cut"] == {} and result["long_lived_left"] == 1
+        assert "CAP_NET_ADMIN" in result["cut_error"]
+    finally:
+        ws.close()
+        accepted.close()

@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, SETTLED, Outcome
-from helpers import DaemonRun, answering, describe, free_ports, http_get, running, wait_until
+from failure_matrix import FAULTS, ONLY_ON, OUTCOMES, SETTLED, UNTIL_COMMIT, Outcome
+from helpers import DaemonRun, EventStream, answering, describe, free_ports, http_get, running, wait_until
 from shapes import SHAPES, UserNginx, app_build
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +68,7 @@ class Held:
     victim: int = 0  # the build killed or frozen
     in_flight: list[Any] = field(default_factory=list)
     copy: str = ""  # what a copied config's daemon said
+    stream: EventStream | None = None  # the long-lived column's client
 
     def new(self) -> int:
         """The new build's pid: the standby until the commit, the active build after it."""
@@ -87,8 +88,10 @@ class Held:
         return int(st["nginx"]["master_pid"])
 
 
-def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str) -> Held:
-    """Start a daemon (v1) on this shape and bring a swap to v2 into `phase`, held there."""
+def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
+         before_swap: Callable[[DaemonRun], None] = lambda run: None) -> Held:
+    """Start a daemon (v1) on this shape, call `before_swap`, and bring a swap to v2 into `phase`,
+    held there."""
     extra, env, args = COMMON, {}, []
     hook = gate.parent / "hook.sh"
     hook.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n")
@@ -114,6 +117,7 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str) -> H
                       ready=READY)
     st = run.status()
     held = Held(run, user, gate, phase, old=st["active"]["pid"])
+    before_swap(run)
     if phase == "idle":
         return held
     if phase == "drain":  # a request the old build answers once the gate opens
@@ -187,6 +191,12 @@ def put(held: Held, fault: str) -> None:
             f.write(b"pasted by mistake")
     elif fault == "second_daemon":
         held.copy = copied_daemon(run)
+    elif fault == "long_lived":  # opened before the swap; until the drain it stays on the old build
+        assert held.stream is not None
+        if held.phase in UNTIL_COMMIT:
+            at = len(held.stream.events)
+            wait_until(lambda: len(held.stream.events) > at + 2, 30, "events while the phase is held")
+            assert {v for v, _ in held.stream.events} == {"v1"}, held.stream.events[-3:]
     elif fault in ("active_killed", "active_frozen", "new_killed", "new_frozen"):
         held.victim = held.old if fault.startswith("active") else held.new()
         group(held.victim, signal.SIGKILL if fault.endswith("killed") else signal.SIGSTOP)
@@ -288,6 +298,18 @@ def operations_checked(held: Held, fault: str) -> None:
         assert owner in held.copy, held.copy
 
 
+def stream_checked(held: Held, serves: str) -> None:
+    """The long-lived column: the stream goes on from the build that serves, and lost no event;
+    the old build, if the swap stopped it, exited on its stop signal (the drain closed the stream)."""
+    stream = held.stream
+    assert stream is not None
+    wait_until(lambda: stream.events and stream.events[-1][0] == serves, 60, f"the stream to get events from {serves}")
+    stream.close()
+    assert stream.lost() == [], stream.lost()[:10]
+    last = held.run.status()["last_swap"]
+    assert not [w for w in (last or {}).get("warnings", []) if w.startswith("stop:")], last  # no SIGKILL
+
+
 def read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -315,7 +337,15 @@ def state_disk(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Path
 def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, releases: Path,
                                short_tmp: Path) -> None:
     want: Outcome = OUTCOMES[phase, fault]
-    held = hold(shape, releases, short_tmp / "gate", phase)
+    stream: list[EventStream] = []
+
+    def open_stream(run: DaemonRun) -> None:
+        stream.append(EventStream(run.listen_port))
+        stream[0].start()
+        wait_until(lambda: len(stream[0].events) >= 3, 30, "the stream to flow")
+
+    held = hold(shape, releases, short_tmp / "gate", phase, open_stream if fault == "long_lived" else lambda run: None)
+    held.stream = stream[0] if stream else None
     put(held, fault)
     code = let_go(held, fault)
     if fault == "sigterm":
@@ -342,6 +372,8 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
                     and answering(run.listen_port, {want.serves: 4}))
 
     wait_until(settled, 120, f"the daemon to serve {want.serves} to every request, no swap running", run.output)
+    if held.stream is not None:
+        stream_checked(held, want.serves)
     if phase == "drain" and fault in ("sigterm", "reload", "new_killed", "new_frozen"):
         wait_until(lambda: held.in_flight, 60, "the request in flight to be answered")
         assert held.in_flight == [(200, "v1 gate\n")], held.in_flight  # the drain lost nothing

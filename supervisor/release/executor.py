@@ -239,6 +239,8 @@ class SlotOps:
                                  if result.get("killed") else
                                  f"the {self.still_open} connection(s) left open at drain.timeout were not cut: the old "
                                  "build finished them and ") + result["how"]
+        elif result.get("killed"):  # nothing left open, and still no exit: the app's own shutdown hangs
+            result["warning"] = f"the old build {result['how']}: it did not exit on its own within app.stop.timeout"
         return result
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
