@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+LIVE = ROOT / "examples" / "live-app"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from bench_live import live_release  # noqa: E402
 from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, misbehaving_build  # noqa: E402
 from supervisor.processes import sockets
@@ -403,14 +405,14 @@ class Bench:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def start_daemon(self, builds: list[Path], name: str, switch: str = "reload", extra: str = "",
-                     daemon: str = "") -> DaemonRun:
+                     daemon: str = "", drain_timeout: float = 30, nginx: str = "") -> DaemonRun:
         listen, blue, green = free_ports(3)
         d = self.dir / name
         d.mkdir()
         cfg = d / "bluegreen.toml"
-        cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=30,
+        cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=drain_timeout,
                                      nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1\n'
-                                           f'switch = "{switch}"', extra=extra, daemon=daemon))
+                                           f'switch = "{switch}"\n{nginx}', extra=extra, daemon=daemon))
         self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
         return self.daemon
 
@@ -544,6 +546,25 @@ class Bench:
                 "drain_ms_mean": statistics.mean(drain),
                 "without_drain_ms_mean": statistics.mean(t - d for t, d in zip(total, drain)),
                 "without_drain_ms_max": max(t - d for t, d in zip(total, drain))}
+
+    async def live(self, switch: str, clients: int = 500, releases: int = 10) -> dict[str, Any]:
+        """`clients` reconnecting WebSocket clients of examples/live-app through `releases` releases
+        under the HTTP load (drain.timeout 5 s: the long-lived grace)."""
+        builds = [LIVE / "v1", LIVE / "v2"]
+        run = self.start_daemon(builds, f"live-{switch}", switch, drain_timeout=5, nginx="worker_connections = 4096")
+
+        def http_load(release: Callable[[int], Awaitable[dict[str, Any]]]) -> Awaitable[Measured]:
+            return measure(f"bluegreen ({switch}), {clients} WebSocket clients", run.listen_port, self.args.rate,
+                           releases, self.args.gap, release)
+
+        result = await live_release(run.listen_port, clients, releases, self.args.gap,
+                                    lambda i: self.swap(run, builds[(i + 1) % 2]), http_load)
+        run.stop()
+        self.daemon = None
+        m = result.pop("measured")
+        s = summarize(m)
+        return {"switch": switch, "releases": releases, **result, "requests": s["requests"], "failed": s["failed"],
+                "failed_by_kind": {**s["failed_by_client"]["fresh"], **s["failed_by_client"]["keepalive"]}}
 
     async def bluegreen(self, switch: str = "reload") -> tuple[Measured, dict[str, Any]]:
         run = self.start_daemon(self.builds, f"bluegreen-{switch}", switch)
@@ -697,6 +718,19 @@ def kinds(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "0"
 
 
+def print_live(rows: list[dict[str, Any]]) -> None:
+    print(f"\n| {rows[0]['clients']} WebSocket clients (examples/live-app), {rows[0]['releases']} releases under load, "
+          "drain.timeout 5 s | reconnections | to the new build | reconnect p50 / p95 / max | messages lost "
+          "| closed by the drain | how clients saw the close | failed HTTP requests | mean release |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| bluegreen ({r['switch']} switch) | {r['reconnections']} | {r['to_the_new_build']} "
+              f"| {fmt(r['reconnect_s_p50'], ' s', 2)} / {fmt(r['reconnect_s_p95'], ' s', 2)} / "
+              f"{fmt(r['reconnect_s_max'], ' s', 2)} | {r['messages_lost']} of {r['messages']} "
+              f"| {kinds(r['cut_by_the_drain'])} | {kinds(r['closes'])} | {r['failed']} of {r['requests']} "
+              f"{kinds(r['failed_by_kind']) if r['failed'] else ''} | {fmt(r['release_s_mean'], ' s', 2)} |")
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"\nbluegreen bench: {m['cpus']} cores, {m['python']}, {m['nginx']}, node {m['node']}; "
@@ -779,6 +813,8 @@ def print_report(report: dict[str, Any]) -> None:
                     else "baseline: metrics off, default logs")
             print(f"| {what} | {o['scrapes']} in {o['idle_seconds']:.0f} s | {o['rss_mb']:.1f} MB | "
                   f"{o['cpu_percent']:.2f} % | {o['pumps']} ({o['pump_rss_mb']:.1f} MB) | {', '.join(o['access_logs'])} |")
+    if report.get("live"):
+        print_live(report["live"])
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -809,11 +845,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     bench = Bench(args)
     try:
-        if args.only_ops or not (args.only_soak or args.only_scale or args.only_rollback):
+        if args.only_ops or not (args.only_soak or args.only_scale or args.only_rollback or args.only_live):
             print("bench: idle footprint with metrics and log rotation, off then on...", file=sys.stderr)
             report["ops"] = [await bench.ops_footprint(False), await bench.ops_footprint(True, 15.0),
                              await bench.ops_footprint(True, 1.0)]
-        if not args.only_soak and not args.only_scale and not args.only_rollback and not args.only_ops:
+        if not (args.only_soak or args.only_scale or args.only_rollback or args.only_ops or args.only_live):
             print("bench: the CLI's start...", file=sys.stderr)
             report["cli"] = await bench.cli_startup()
             print("bench: bluegreen...", file=sys.stderr)
@@ -830,11 +866,14 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print("bench: nginx recipe...", file=sys.stderr)
             bench_rows.append(summarize(await bench.nginx_recipe()))
             report["approaches"] = bench_rows
-        if (not args.only_soak and not args.only_scale and not args.only_ops) or args.only_rollback:
+        if not (args.only_soak or args.only_scale or args.only_ops or args.only_live) or args.only_rollback:
             print("bench: rollback, warm and cold...", file=sys.stderr)
             report["rollback"] = [await bench.rollbacks(600), await bench.rollbacks(0)]
             print("bench: automatic revert of a bad rollout...", file=sys.stderr)
             report["revert"] = await bench.reverts()
+        if args.only_live or not (args.only_soak or args.only_scale or args.only_rollback or args.only_ops):
+            print("bench: WebSocket clients through releases, runtime then reload switch...", file=sys.stderr)
+            report["live"] = [await bench.live(switch, args.ws_clients, args.live_releases) for switch in ("runtime", "reload")]
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()
@@ -859,12 +898,17 @@ def main() -> int:
     parser.add_argument("--only-scale", action="store_true", help="skip the comparison (with --scale)")
     parser.add_argument("--only-rollback", action="store_true", help="only the warm vs cold rollback comparison")
     parser.add_argument("--only-ops", action="store_true", help="only the idle footprint with metrics and rotation on/off")
+    parser.add_argument("--only-live", action="store_true", help="only the WebSocket clients through releases")
+    parser.add_argument("--ws-clients", type=int, default=500, help="WebSocket clients in the live case (default 500)")
+    parser.add_argument("--live-releases", type=int, default=10, help="releases in the live case (default 10)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     if args.quick:  # a short run; an explicit --releases still counts
         args.releases = args.releases if "--releases" in sys.argv else 2
         args.idle, args.gap, args.rate = 3.0, 1.5, 40
+        args.ws_clients = args.ws_clients if "--ws-clients" in sys.argv else 20
+        args.live_releases = args.live_releases if "--live-releases" in sys.argv else args.releases
     report = asyncio.run(amain(args))
     if args.json:
         print(json.dumps(report, indent=2, default=str))

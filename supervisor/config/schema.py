@@ -119,6 +119,12 @@ def _positive_int(v: Any) -> int:
     return v
 
 
+def _connections(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 64 <= v <= 1_000_000:
+        raise ValueError("expected a whole number from 64 to 1000000")
+    return v
+
+
 def _log_bytes(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < MIN_LOG_BYTES:
         raise ValueError(f"expected a size in bytes, at least {MIN_LOG_BYTES}, like 10485760 for 10 MiB")
@@ -482,6 +488,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "managed: where nginx listens"),
         Key("worker_processes", _workers, 1,
             "managed: a number or `\"auto\"`"),
+        Key("worker_connections", _connections, 1024,
+            "managed: connections each worker may hold; a WebSocket or event stream holds two (its client's "
+            "and the app's), so 500 WebSocket clients need more than 1000 (the daemon's open-files limit "
+            "must allow it)"),
         Key("user", _optional_str, None,
             "managed, daemon run as root: the workers' user",
             shown="root's own"),
@@ -661,6 +671,7 @@ class NginxConfig:
     binary: str
     listen: str
     worker_processes: str
+    worker_connections: int
     user: str | None
     reload_timeout: float
     upstream_file: Path | None
@@ -887,7 +898,7 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
         for key in ("upstream_file", "pid_file"):
             if not n.get(key):
                 problems.append(f'nginx.{key}: required when nginx.mode = "external"')
-        for key in ("listen", "worker_processes", "user"):
+        for key in ("listen", "worker_processes", "worker_connections", "user"):
             if key in data.get("nginx", {}):
                 problems.append(f'nginx.{key}: only used when nginx.mode = "managed"; remove it')
         if n.get("lua_handlers_file") and n.get("switch") != "runtime":
@@ -925,6 +936,7 @@ def _nginx_config(n: dict[str, Any], base: Path) -> NginxConfig:
         binary=binary,
         listen=n["listen"],
         worker_processes=n["worker_processes"],
+        worker_connections=n["worker_connections"],
         user=n["user"],
         reload_timeout=n["reload_timeout"],
         upstream_file=opt("upstream_file"),

@@ -210,4 +210,4 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
                 worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
                 error_log=quote(prefix / "error.log"), shutdown_timeout=drain, access_log=quote(prefix / "access.log"),
                 temp_paths=temp, upstream_file=quote(upstream), seed=seed, listen=n.listen, private_control=private,
-                target=target, bind_var=bind_variable(n.upstream_name))
+                target=target, bind_var=bind_variable(n.upstream_name), worker_connections=n.worker_connections)
