@@ -49,7 +49,7 @@ def short_tmp() -> Iterator[Path]:
 def render_config(d: Path, *, build: Path, ports: tuple[int, int], listen: int, extra: str = "",
                   ready: str = 'url = "http://127.0.0.1:{port}/health"\ntimeout = 30\ninterval = 0.05',
                   drain_timeout: float = 30, stop_timeout: float = 10, nginx: str | None = None,
-                  command: str = '["node", "server.js"]', daemon: str = "", drain: str = "") -> str:
+                  command: str = '["node", "server.js"]', daemon: str = "", drain: str = "", app: str = "") -> str:
     nginx = nginx if nginx is not None else f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2'
     return f"""
 [daemon]
@@ -61,6 +61,7 @@ command = {command}
 env = {{ PORT = "{{port}}" }}
 ports = [{ports[0]}, {ports[1]}]
 build = "{build}"
+{app}
 
 [app.ready]
 {ready}

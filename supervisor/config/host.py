@@ -78,25 +78,45 @@ def lua_missing(binary: str) -> str | None:
     missing = [str(p) for p in (*LUA_MODULES, LUA_LIBRARY) if not p.exists()]
     if missing:
         return f"{', '.join(missing)} not found: install Debian's lua module (apt-get install libnginx-mod-http-lua)"
-    with tempfile.TemporaryDirectory(prefix="bluegreen-lua-") as tmp:
+    why = nginx_refuses(binary, "".join(f"load_module {m};\n" for m in LUA_MODULES),
+                        "    lua_shared_dict probe 64k;\n    init_by_lua_block { require('ngx.balancer') }\n")
+    if why:
+        return (f"{binary} cannot load Debian's lua module ({why}); the module works only with Debian's own "
+                "nginx package (apt-get install nginx libnginx-mod-http-lua)")
+    return None
+
+
+def protocol_missing(binary: str, protocol: str) -> str | None:
+    """Why the managed nginx `binary` cannot serve app.protocol `protocol` (None: it can): grpc
+    needs its HTTP/2 and gRPC modules, tried with `binary -t` as for lua_missing."""
+    if protocol != "grpc":
+        return None
+    why = nginx_refuses(binary, "", "    server {\n        listen 127.0.0.1:9 http2;\n"
+                                    "        location / { grpc_pass grpc://127.0.0.1:9; }\n    }\n")
+    if why:
+        return (f"{binary} cannot proxy gRPC ({why}): it needs the http_v2 and grpc modules, which Debian's nginx "
+                "package has (apt-get install nginx)")
+    return None
+
+
+def nginx_refuses(binary: str, main: str, http: str) -> str | None:
+    """`binary -t` on a throwaway prefix whose nginx.conf has `main` at the top and `http` in its
+    http block: its first error line, or None if it passes."""
+    with tempfile.TemporaryDirectory(prefix="bluegreen-probe-") as tmp:
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text("".join(f"load_module {m};\n" for m in LUA_MODULES)
-                        + f"pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
-                        + "http {\n    lua_shared_dict probe 64k;\n"
+        conf.write_text(main + f"pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n"
                         + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi",
                                                                               "uwsgi", "scgi"))
-                        + "    init_by_lua_block { require('ngx.balancer') }\n}\n")
+                        + http + "}\n")
         try:
             r = subprocess.run([binary, "-t", "-q", "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr"],
                                capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"{binary} -t could not run ({e})"
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "[emerg]" in ln or "[alert]" in ln), lines[0] if lines else "no output")
-        return (f"{binary} cannot load Debian's lua module ({why}); the module works only with Debian's own "
-                "nginx package (apt-get install nginx libnginx-mod-http-lua)")
-    return None
+    if r.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "[emerg]" in ln or "[alert]" in ln), lines[0] if lines else "no output")
 
 
 def resolve_binary(name: str) -> str | None:

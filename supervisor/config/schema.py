@@ -21,7 +21,7 @@ from .. import builds
 from ..errors import ConfigError
 from ..paths import rel as _rel, socket_path as _socket_path, toml
 from ..protocol import shares
-from .host import ephemeral_ports, hook_problems, lua_missing, resolve_binary
+from .host import ephemeral_ports, hook_problems, lua_missing, protocol_missing, resolve_binary
 
 SLOTS = ("blue", "green")
 
@@ -49,6 +49,13 @@ def _nonempty_str(v: Any) -> str:
 
 def _optional_str(v: Any) -> str | None:
     return None if v is None else _nonempty_str(v)
+
+
+def _str_or_none_any(v: Any) -> str | None:
+    """A string, empty allowed (a gRPC service name: "" means the whole server)."""
+    if v is not None and not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
 
 
 def _number(v: Any) -> bool:
@@ -328,6 +335,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "app": (
         Key("command", _argv, REQUIRED,
             "argv list, never run through a shell"),
+        Key("protocol", _choice("http", "grpc"), "http",
+            "what the app speaks on its port: `http` (HTTP/1.1, WebSockets, event streams) or `grpc` (the "
+            "managed nginx listens with `http2` and proxies with `grpc_pass`; readiness is "
+            "`grpc.health.v1.Health/Check`)"),
         Key("cwd", _nonempty_str, "{build}",
             "working directory (by default the build, or the directory holding a file build)"),
         Key("env", _env, {},
@@ -352,6 +363,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "seconds between checks"),
         Key("passes", _positive_int, 1,
             "consecutive passing checks needed"),
+        Key("grpc_service", _str_or_none_any, None,
+            "`app.protocol = \"grpc\"`: the service asked about in `grpc.health.v1.Health/Check` (`\"\"`: the "
+            "whole server); ready when it answers SERVING",
+            shown='`""` (grpc), unused (http)'),
         Key("body", _optional_str, None,
             "the 2xx body must contain this string"),
         Key("log", _regex, None,
@@ -563,6 +578,7 @@ class ReadyConfig:
     passes: int = 1
     body: str | None = None
     log: re.Pattern[str] | None = None
+    grpc_service: str | None = None  # set: readiness is grpc.health.v1.Health/Check for it
 
 
 @dataclass(frozen=True)
@@ -643,6 +659,7 @@ class AppConfig:
     build: Path
     ready: ReadyConfig
     stop: StopConfig
+    protocol: str = "http"
     dirs: tuple[str, ...] = ()
     files: Mapping[str, Path] = field(default_factory=dict)
     restart: RestartConfig = RestartConfig()
@@ -827,6 +844,9 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
             except KeyError:
                 problems.append(f"daemon.{key}: no such group {name!r}")
     _check_app(a, r, v["app.health"], path, problems)
+    if a.get("protocol") == "grpc" and v["release"].get("checks"):
+        problems.append('release.checks: HTTP smoke checks, and app.protocol = "grpc": remove them (the health '
+                        "service says when a gRPC build is ready)")
     _check_nginx(n, a, d, path, data, problems)
     metrics = _host_port(d.get("metrics_listen"))
     if metrics:  # the daemon's own port must be no one else's in this config
@@ -873,6 +893,14 @@ def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Pa
         elif "{port}" not in url:
             problems.append(f"{key}: must contain {{port}}, like \"http://127.0.0.1:{{port}}/health\"; with a fixed "
                             f"port it would check the other slot's app, got {url!r}")
+    if a.get("protocol") == "grpc":
+        for key, value in (("app.ready.url", r.get("url")), ("app.ready.body", r.get("body")),
+                           ("app.health.url", h.get("url"))):
+            if value is not None:
+                problems.append(f'{key}: an HTTP check, and app.protocol = "grpc": remove it (a gRPC app is ready '
+                                "when grpc.health.v1.Health/Check says SERVING: app.ready.grpc_service)")
+    elif r.get("grpc_service") is not None:
+        problems.append('app.ready.grpc_service: only used with app.protocol = "grpc"; remove it, or set the protocol')
     if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
         problems.append(
             f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
@@ -966,7 +994,9 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             ports=a["ports"],
             build=_rel(base, a["build"]),
             ready=ReadyConfig(url=r["url"], timeout=r["timeout"], interval=r["interval"], passes=r["passes"],
-                              body=r["body"], log=r["log"]),
+                              body=r["body"], log=r["log"],
+                              grpc_service=(r["grpc_service"] or "") if a["protocol"] == "grpc" else None),
+            protocol=a["protocol"],
             stop=StopConfig(signal=s["signal"], timeout=s["timeout"]),
             dirs=a["dirs"],
             restart=RestartConfig(attempts=rs["attempts"], backoff=rs["backoff"], backoff_max=rs["backoff_max"],
@@ -1056,6 +1086,10 @@ def machine_problems(v: dict[str, dict[str, Any]], path: Path, *, with_build: bo
             problems += hook_problems(name, _rel(base, argv[0]) if os.sep in argv[0] else Path(argv[0]))
     n = v["nginx"]
     problems += _nginx_file_problems(n, base)
+    if n.get("mode") == "managed" and a.get("protocol", "http") != "http":
+        missing = protocol_missing(resolve_binary(n.get("binary") or "nginx") or "nginx", a["protocol"])
+        if missing:
+            problems.append(f'app.protocol: "{a["protocol"]}": {missing}')
     if n.get("mode") == "managed" and n.get("switch") == "runtime":
         missing = lua_missing(resolve_binary(n.get("binary") or "nginx") or "nginx")
         if missing:

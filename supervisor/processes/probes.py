@@ -18,6 +18,7 @@ import httpx
 
 from ..config.schema import CheckConfig, ReadyConfig
 from ..errors import AppError, ChecksFailed
+from . import grpc_health
 from .logs import Follower
 from .slots import AppProcess, describe_exit, exit_hint, log_tail
 
@@ -42,6 +43,15 @@ async def _http_ok(client: httpx.AsyncClient, url: str, body: str | None) -> tup
     if body is not None and body not in r.text:
         return False, f"HTTP {r.status_code} without {body!r} in the body"
     return True, f"HTTP {r.status_code}"
+
+
+async def grpc_ok(port: int, service: str) -> tuple[bool, str]:
+    """grpc.health.v1.Health/Check for `service`: ready when it answers SERVING."""
+    try:
+        answer = await grpc_health.check(port, service, ATTEMPT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+        return False, type(e).__name__
+    return answer == "SERVING", answer
 
 
 async def tcp_ok(port: int) -> tuple[bool, str]:
@@ -92,7 +102,9 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
     """
     began = time.monotonic()
     deadline = began + ready.timeout
-    target = url or f"tcp://127.0.0.1:{app.port}"
+    grpc = ready.grpc_service
+    target = (url or f"tcp://127.0.0.1:{app.port}" if grpc is None else
+              f"grpc://127.0.0.1:{app.port} grpc.health.v1.Health/Check({grpc!r})")
     watch = LogWatch(app, ready.log) if ready.log else None
     checks = streak = 0
     last = "no check ran"
@@ -109,7 +121,8 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                     streak = 0
                 else:
                     checks += 1
-                    ok, last = await (_http_ok(client, url, ready.body) if url else tcp_ok(app.port))
+                    ok, last = await (grpc_ok(app.port, grpc) if grpc is not None else
+                                      _http_ok(client, url, ready.body) if url else tcp_ok(app.port))
                     streak = streak + 1 if ok else 0
                     if streak >= ready.passes:
                         return ReadyResult(checks, round(time.monotonic() - began, 4), target,

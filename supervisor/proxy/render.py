@@ -206,8 +206,11 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
     # The runtime balancer picks the preview itself; with reloads, the upstream file's maps do.
     target = n.upstream_name if runtime else "$" + route_variable(n.upstream_name)
+    grpc = config.app.protocol == "grpc"
     return fill("nginx.conf", config_path=config.path, load_modules=modules, user=user,
                 worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
                 error_log=quote(prefix / "error.log"), shutdown_timeout=drain, access_log=quote(prefix / "access.log"),
-                temp_paths=temp, upstream_file=quote(upstream), seed=seed, listen=n.listen, private_control=private,
-                target=target, bind_var=bind_variable(n.upstream_name), worker_connections=n.worker_connections)
+                temp_paths=temp, upstream_file=quote(upstream), seed=seed, private_control=private,
+                listen=n.listen + (" http2" if grpc else ""), worker_connections=n.worker_connections,
+                location=fill("location-grpc.conf" if grpc else "location-http.conf", target=target,
+                              bind_var=bind_variable(n.upstream_name)))
