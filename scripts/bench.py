@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+import bench_rpc  # noqa: E402
 from bench_live import live_release  # noqa: E402
 from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, free_ports, http_get, kill_tree, make_build, misbehaving_build  # noqa: E402
@@ -405,14 +406,14 @@ class Bench:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def start_daemon(self, builds: list[Path], name: str, switch: str = "reload", extra: str = "",
-                     daemon: str = "", drain_timeout: float = 30, nginx: str = "") -> DaemonRun:
+                     daemon: str = "", drain_timeout: float = 30, nginx: str = "", **config: str) -> DaemonRun:
         listen, blue, green = free_ports(3)
         d = self.dir / name
         d.mkdir()
         cfg = d / "bluegreen.toml"
         cfg.write_text(render_config(d, build=builds[0], ports=(blue, green), listen=listen, drain_timeout=drain_timeout,
                                      nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 1\n'
-                                           f'switch = "{switch}"\n{nginx}', extra=extra, daemon=daemon))
+                                           f'switch = "{switch}"\n{nginx}', extra=extra, daemon=daemon, **config))
         self.daemon = DaemonRun(dir=d, config=cfg, listen_port=listen, ports=(blue, green)).start()
         return self.daemon
 
@@ -565,6 +566,37 @@ class Bench:
         s = summarize(m)
         return {"switch": switch, "releases": releases, **result, "requests": s["requests"], "failed": s["failed"],
                 "failed_by_kind": {**s["failed_by_client"]["fresh"], **s["failed_by_client"]["keepalive"]}}
+
+    async def rpc(self, service: str, approach: str, clients: int = 8) -> dict[str, Any]:
+        """`clients` RPC clients (bench_rpc.py) through the releases: bluegreen with a switch
+        ("runtime" or "reload"), or "plain restart"."""
+        s = bench_rpc.SERVICES[service]
+        builds = [s["builds"] / "v1", s["builds"] / "v2"]
+        if approach == "plain restart":
+            direct = bench_rpc.Direct(s["argv"], builds[0], free_ports(1)[0], s["ready"])
+            try:
+                result = await asyncio.to_thread(bench_rpc.clients_through, bench_rpc.client_maker(service, direct.port),
+                                                 clients, self.args.releases, self.args.gap,
+                                                 lambda i: direct.restart(builds[(i + 1) % 2]))
+            finally:
+                direct.stop()
+        else:
+            run = self.start_daemon(builds, f"{service}-{approach}", approach, drain_timeout=10,
+                                    command=json.dumps(s["argv"]), **s["config"])
+
+            def release(i: int) -> float:
+                r = subprocess.run([sys.executable, "-m", "supervisor", "swap", "--socket", str(run.socket),
+                                    str(builds[(i + 1) % 2])], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(r.stdout + r.stderr)
+                return (run.status() or {})["last_swap"]["finished_at"] - run.status()["last_swap"]["started_at"]
+
+            result = await asyncio.to_thread(bench_rpc.clients_through, bench_rpc.client_maker(service, run.listen_port),
+                                             clients, self.args.releases, self.args.gap, release)
+            run.stop()
+            self.daemon = None
+        return {"service": service, "approach": approach if approach == "plain restart" else f"bluegreen ({approach})",
+                "clients": clients, **result}
 
     async def bluegreen(self, switch: str = "reload") -> tuple[Measured, dict[str, Any]]:
         run = self.start_daemon(self.builds, f"bluegreen-{switch}", switch)
@@ -731,6 +763,16 @@ def print_live(rows: list[dict[str, Any]]) -> None:
               f"{kinds(r['failed_by_kind']) if r['failed'] else ''} | {fmt(r['release_s_mean'], ' s', 2)} |")
 
 
+def print_rpc(rows: list[dict[str, Any]], releases: int) -> None:
+    print(f"\n| RPC service, {rows[0]['clients']} clients keeping their connections, {releases} releases | calls "
+          "| failed | pooled reconnections | mean release |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['service']}: {r['approach']} | {r['calls']} | {r['failed']} "
+              f"{kinds(r['failed_by_kind']) if r['failed'] else ''} | {r['reconnects'] if r['service'] == 'tcp' else '-'} "
+              f"| {fmt(r['release_s_mean'], ' s', 2)} |")
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"\nbluegreen bench: {m['cpus']} cores, {m['python']}, {m['nginx']}, node {m['node']}; "
@@ -815,6 +857,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{o['cpu_percent']:.2f} % | {o['pumps']} ({o['pump_rss_mb']:.1f} MB) | {', '.join(o['access_logs'])} |")
     if report.get("live"):
         print_live(report["live"])
+    if report.get("rpc"):
+        print_rpc(report["rpc"], report["args"]["releases"])
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -841,39 +885,60 @@ def machine() -> dict[str, Any]:
             "node": node, "kernel": platform.release()}
 
 
+ONLY = ("soak", "scale", "rollback", "ops", "live", "rpc")  # the --only-X flags
+
+
+def wanted(args: argparse.Namespace, section: str) -> bool:
+    """Whether a section runs: the one an --only-X flag names, else every one ("compare" is the
+    approaches' table and the CLI's start, which no flag names alone)."""
+    chosen = [o for o in ONLY if getattr(args, f"only_{o}")]
+    return section in chosen if chosen else True
+
+
+async def compare(bench: Bench, report: dict[str, Any]) -> None:
+    """The CLI's start, then the same release under the same load by every approach."""
+    print("bench: the CLI's start...", file=sys.stderr)
+    report["cli"] = await bench.cli_startup()
+    print("bench: bluegreen...", file=sys.stderr)
+    m, footprint = await bench.bluegreen()
+    rows = [summarize(m)]
+    report["bluegreen_phases"] = bluegreen_phases(m)
+    report["footprint"] = footprint
+    print("bench: bluegreen runtime...", file=sys.stderr)
+    m, report["footprint_runtime"] = await bench.bluegreen("runtime")
+    rows.append(summarize(m))
+    report["bluegreen_runtime_phases"] = bluegreen_phases(m)
+    print("bench: plain restart...", file=sys.stderr)
+    rows.append(summarize(await bench.plain_restart()))
+    print("bench: nginx recipe...", file=sys.stderr)
+    rows.append(summarize(await bench.nginx_recipe()))
+    report["approaches"] = rows
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
     bench = Bench(args)
     try:
-        if args.only_ops or not (args.only_soak or args.only_scale or args.only_rollback or args.only_live):
+        if wanted(args, "ops"):
             print("bench: idle footprint with metrics and log rotation, off then on...", file=sys.stderr)
             report["ops"] = [await bench.ops_footprint(False), await bench.ops_footprint(True, 15.0),
                              await bench.ops_footprint(True, 1.0)]
-        if not (args.only_soak or args.only_scale or args.only_rollback or args.only_ops or args.only_live):
-            print("bench: the CLI's start...", file=sys.stderr)
-            report["cli"] = await bench.cli_startup()
-            print("bench: bluegreen...", file=sys.stderr)
-            m, footprint = await bench.bluegreen()
-            bench_rows = [summarize(m)]
-            report["bluegreen_phases"] = bluegreen_phases(m)
-            report["footprint"] = footprint
-            print("bench: bluegreen runtime...", file=sys.stderr)
-            m, report["footprint_runtime"] = await bench.bluegreen("runtime")
-            bench_rows.append(summarize(m))
-            report["bluegreen_runtime_phases"] = bluegreen_phases(m)
-            print("bench: plain restart...", file=sys.stderr)
-            bench_rows.append(summarize(await bench.plain_restart()))
-            print("bench: nginx recipe...", file=sys.stderr)
-            bench_rows.append(summarize(await bench.nginx_recipe()))
-            report["approaches"] = bench_rows
-        if not (args.only_soak or args.only_scale or args.only_ops or args.only_live) or args.only_rollback:
+        if wanted(args, "compare"):
+            await compare(bench, report)
+        if wanted(args, "rollback"):
             print("bench: rollback, warm and cold...", file=sys.stderr)
             report["rollback"] = [await bench.rollbacks(600), await bench.rollbacks(0)]
             print("bench: automatic revert of a bad rollout...", file=sys.stderr)
             report["revert"] = await bench.reverts()
-        if args.only_live or not (args.only_soak or args.only_scale or args.only_rollback or args.only_ops):
+        if wanted(args, "live"):
             print("bench: WebSocket clients through releases, runtime then reload switch...", file=sys.stderr)
-            report["live"] = [await bench.live(switch, args.ws_clients, args.live_releases) for switch in ("runtime", "reload")]
+            report["live"] = [await bench.live(switch, args.ws_clients, args.live_releases)
+                              for switch in ("runtime", "reload")]
+        if wanted(args, "rpc"):
+            print("bench: RPC services (TCP, gRPC) through releases, beside a plain restart...", file=sys.stderr)
+            report["rpc"] = [await bench.rpc(service, approach) for service, approach in (
+                ("tcp", "reload"), ("tcp", "plain restart"), ("grpc", "runtime"), ("grpc", "reload"),
+                ("grpc", "plain restart"))]
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()
@@ -899,6 +964,7 @@ def main() -> int:
     parser.add_argument("--only-rollback", action="store_true", help="only the warm vs cold rollback comparison")
     parser.add_argument("--only-ops", action="store_true", help="only the idle footprint with metrics and rotation on/off")
     parser.add_argument("--only-live", action="store_true", help="only the WebSocket clients through releases")
+    parser.add_argument("--only-rpc", action="store_true", help="only the TCP and gRPC services through releases")
     parser.add_argument("--ws-clients", type=int, default=500, help="WebSocket clients in the live case (default 500)")
     parser.add_argument("--live-releases", type=int, default=10, help="releases in the live case (default 10)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")

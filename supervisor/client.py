@@ -82,6 +82,9 @@ def drain_line(event: dict[str, Any]) -> str:
     if cut:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(cut.items()))
         text += f"; closed {sum(cut.values())} long-lived connection(s) at the grace ({kinds}): their clients reconnect"
+    if event.get("closed_between_calls"):
+        text += (f"; closed {event['closed_between_calls']} TCP connection(s) between two calls: their clients' "
+                 "next call goes to the new build")
     if event.get("long_lived_ended"):
         text += f"; {event['long_lived_ended']} long-lived connection(s) ended by themselves"
     if event.get("long_lived_left"):

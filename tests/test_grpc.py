@@ -12,37 +12,12 @@ from typing import Any
 
 import pytest
 
+from clients import Calls
 from helpers import ROOT, free_ports, managed_nginx, wait_until
 
 pytestmark = pytest.mark.e2e
 GRPC = ROOT / "examples" / "grpc-app"
 grpc = pytest.importorskip("grpc")  # a test dependency (pyproject's [test]); scripts/test installs it
-
-
-class Calls(threading.Thread):
-    """Unary calls in a loop, on one channel to nginx (HTTP/2, kept open across releases, as a
-    real client's), counting answers by version and failures by status code."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port, self.stopped = port, threading.Event()
-        self.versions: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-
-    def run(self) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            say = channel.unary_unary("/example.Echo/Say")
-            n = 0
-            while not self.stopped.is_set():
-                n += 1
-                try:
-                    self.versions[say(f"call {n}".encode(), timeout=30).decode().split()[0]] += 1
-                except grpc.RpcError as e:
-                    self.failures[str(e.code())] += 1
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.join(60)
 
 
 def grpc_daemon(make_daemon: Any, switch: str, **kw: Any) -> Any:

@@ -67,6 +67,9 @@ async def handle(daemon: Daemon, reply: Any, build: str | None = None, pause: bo
         raise RequestError(f"swap: rollout: {e}") from None
     if step_seconds is not None and step_seconds <= 0:
         raise RequestError("swap: step_seconds must be greater than 0")
+    if (pause or steps) and app.config.app.protocol == "tcp":
+        raise RequestError("swap: a TCP service (app.protocol = \"tcp\") has no preview and no rollout: nginx's "
+                           "stream module sees no header or cookie to choose a connection's build by")
     if steps and build is None:
         raise RequestError("swap: a rollout needs a BUILD (a restart of the same build has nothing to watch)")
     return await app.run_swap(builds.check_build(target), reply, reason="swap" if build else "restart", pause=pause,

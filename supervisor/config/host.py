@@ -66,6 +66,7 @@ def interpreter_problem(program: Path) -> str | None:
 
 LUA_MODULES = (Path("/usr/lib/nginx/modules/ndk_http_module.so"), Path("/usr/lib/nginx/modules/ngx_http_lua_module.so"))
 LUA_LIBRARY = Path("/usr/share/lua/5.1/resty/core.lua")
+STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # Debian's libnginx-mod-stream
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,6 +90,13 @@ def lua_missing(binary: str) -> str | None:
 def protocol_missing(binary: str, protocol: str) -> str | None:
     """Why the managed nginx `binary` cannot serve app.protocol `protocol` (None: it can): grpc
     needs its HTTP/2 and gRPC modules, tried with `binary -t` as for lua_missing."""
+    if protocol == "tcp":
+        if not STREAM_MODULE.exists():
+            return f"{STREAM_MODULE} not found: install Debian's stream module (apt-get install libnginx-mod-stream)"
+        why = nginx_refuses(binary, f"load_module {STREAM_MODULE};\n", "",
+                            "stream {\n    server { listen 127.0.0.1:9; proxy_pass 127.0.0.1:9; }\n}\n")
+        return (f"{binary} cannot load Debian's stream module ({why}); it works only with Debian's own nginx "
+                "package (apt-get install nginx libnginx-mod-stream)") if why else None
     if protocol != "grpc":
         return None
     why = nginx_refuses(binary, "", "    server {\n        listen 127.0.0.1:9 http2;\n"
@@ -99,15 +107,15 @@ def protocol_missing(binary: str, protocol: str) -> str | None:
     return None
 
 
-def nginx_refuses(binary: str, main: str, http: str) -> str | None:
-    """`binary -t` on a throwaway prefix whose nginx.conf has `main` at the top and `http` in its
-    http block: its first error line, or None if it passes."""
+def nginx_refuses(binary: str, main: str, http: str, after: str = "") -> str | None:
+    """`binary -t` on a throwaway prefix whose nginx.conf has `main` at the top, `http` in its
+    http block and `after` after it: its first error line, or None if it passes."""
     with tempfile.TemporaryDirectory(prefix="bluegreen-probe-") as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(main + f"pid {tmp}/nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n"
                         + "".join(f"    {k}_temp_path {tmp}/{k};\n" for k in ("client_body", "proxy", "fastcgi",
                                                                               "uwsgi", "scgi"))
-                        + http + "}\n")
+                        + http + "}\n" + after)
         try:
             r = subprocess.run([binary, "-t", "-q", "-p", f"{tmp}/", "-c", str(conf), "-e", "stderr"],
                                capture_output=True, text=True, timeout=30)

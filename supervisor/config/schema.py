@@ -335,10 +335,11 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "app": (
         Key("command", _argv, REQUIRED,
             "argv list, never run through a shell"),
-        Key("protocol", _choice("http", "grpc"), "http",
-            "what the app speaks on its port: `http` (HTTP/1.1, WebSockets, event streams) or `grpc` (the "
+        Key("protocol", _choice("http", "grpc", "tcp"), "http",
+            "what the app speaks on its port: `http` (HTTP/1.1, WebSockets, event streams), `grpc` (the "
             "managed nginx listens with `http2` and proxies with `grpc_pass`; readiness is "
-            "`grpc.health.v1.Health/Check`)"),
+            "`grpc.health.v1.Health/Check`) or `tcp` (any protocol over TCP, proxied by nginx's `stream` "
+            "module; switched by reloads; readiness by a connect, or `app.ready.send`/`expect`)"),
         Key("cwd", _nonempty_str, "{build}",
             "working directory (by default the build, or the directory holding a file build)"),
         Key("env", _env, {},
@@ -363,6 +364,11 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "seconds between checks"),
         Key("passes", _positive_int, 1,
             "consecutive passing checks needed"),
+        Key("send", _optional_str, None,
+            "`app.protocol = \"tcp\"`: what the readiness check sends once connected (TOML escapes: "
+            "`\"PING\\r\\n\"`); unset: a connect is enough"),
+        Key("expect", _optional_str, None,
+            "`app.protocol = \"tcp\"`: what the reply to `send` must contain"),
         Key("grpc_service", _str_or_none_any, None,
             "`app.protocol = \"grpc\"`: the service asked about in `grpc.health.v1.Health/Check` (`\"\"`: the "
             "whole server); ready when it answers SERVING",
@@ -579,6 +585,8 @@ class ReadyConfig:
     body: str | None = None
     log: re.Pattern[str] | None = None
     grpc_service: str | None = None  # set: readiness is grpc.health.v1.Health/Check for it
+    send: str | None = None  # tcp: the readiness request
+    expect: str | None = None  # tcp: what its reply must contain
 
 
 @dataclass(frozen=True)
@@ -844,9 +852,13 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
             except KeyError:
                 problems.append(f"daemon.{key}: no such group {name!r}")
     _check_app(a, r, v["app.health"], path, problems)
-    if a.get("protocol") == "grpc" and v["release"].get("checks"):
-        problems.append('release.checks: HTTP smoke checks, and app.protocol = "grpc": remove them (the health '
-                        "service says when a gRPC build is ready)")
+    if a.get("protocol", "http") != "http" and v["release"].get("checks"):
+        problems.append(f'release.checks: HTTP smoke checks, and app.protocol = "{a["protocol"]}": remove them '
+                        "(app.ready says when the build is ready)")
+    if a.get("protocol") == "tcp" and n.get("switch") in ("runtime", "auto") and "switch" in data.get("nginx", {}):
+        problems.append(f'nginx.switch: "{n["switch"]}", and app.protocol = "tcp": a TCP service is switched by '
+                        'reloads (Debian\'s nginx has no lua for its stream module): set nginx.switch = "reload" or '
+                        "leave it out")
     _check_nginx(n, a, d, path, data, problems)
     metrics = _host_port(d.get("metrics_listen"))
     if metrics:  # the daemon's own port must be no one else's in this config
@@ -893,14 +905,20 @@ def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Pa
         elif "{port}" not in url:
             problems.append(f"{key}: must contain {{port}}, like \"http://127.0.0.1:{{port}}/health\"; with a fixed "
                             f"port it would check the other slot's app, got {url!r}")
-    if a.get("protocol") == "grpc":
+    protocol = a.get("protocol", "http")
+    if protocol != "http":
+        how = {"grpc": "when grpc.health.v1.Health/Check says SERVING: app.ready.grpc_service",
+               "tcp": "once it accepts a connection, or answers app.ready.send with app.ready.expect"}[protocol]
         for key, value in (("app.ready.url", r.get("url")), ("app.ready.body", r.get("body")),
                            ("app.health.url", h.get("url"))):
             if value is not None:
-                problems.append(f'{key}: an HTTP check, and app.protocol = "grpc": remove it (a gRPC app is ready '
-                                "when grpc.health.v1.Health/Check says SERVING: app.ready.grpc_service)")
-    elif r.get("grpc_service") is not None:
-        problems.append('app.ready.grpc_service: only used with app.protocol = "grpc"; remove it, or set the protocol')
+                problems.append(f'{key}: an HTTP check, and app.protocol = "{protocol}": remove it (the app is '
+                                f"ready {how})")
+    for key, needs in (("grpc_service", "grpc"), ("send", "tcp"), ("expect", "tcp")):
+        if r.get(key) is not None and protocol != needs:
+            problems.append(f'app.ready.{key}: only used with app.protocol = "{needs}"; remove it, or set the protocol')
+    if r.get("expect") is not None and r.get("send") is None:
+        problems.append("app.ready.expect: the reply to app.ready.send, which is not set")
     if "interval" in r and "timeout" in r and r["interval"] >= r["timeout"]:
         problems.append(
             f"app.ready.interval: must be shorter than app.ready.timeout ({r['timeout']}s), got {r['interval']}"
@@ -995,7 +1013,8 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             build=_rel(base, a["build"]),
             ready=ReadyConfig(url=r["url"], timeout=r["timeout"], interval=r["interval"], passes=r["passes"],
                               body=r["body"], log=r["log"],
-                              grpc_service=(r["grpc_service"] or "") if a["protocol"] == "grpc" else None),
+                              grpc_service=(r["grpc_service"] or "") if a["protocol"] == "grpc" else None,
+                              send=r["send"], expect=r["expect"]),
             protocol=a["protocol"],
             stop=StopConfig(signal=s["signal"], timeout=s["timeout"]),
             dirs=a["dirs"],

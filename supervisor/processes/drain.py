@@ -37,6 +37,7 @@ class Drain:
         self.ended = 0  # long-lived connections that closed by themselves within the grace
         self.seen: set[int] = set()  # the long-lived connections open at the last look (inodes)
         self.tried: set[int] = set()  # the ones the daemon tried to close
+        self.between_calls = 0  # a TCP service's connections closed between two calls
 
     def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
         """(short connections in flight, long-lived ones by kind) on the port now."""
@@ -61,6 +62,22 @@ class Drain:
                 self.cut[kind] = self.cut.get(kind, 0) + closed
             self.cut_why = self.cut_why or why
         self.seen = set()
+
+    def close_between_calls(self, long: dict[str, list[sockets.Conn]]) -> None:
+        """A TCP service's connections (a pooled client's) are closed as soon as they are between
+        two calls, grace or not: the client's next call opens a new one, to the new build. Those
+        in a call are left until they answer, or until the grace."""
+        idle = [c for c in long.get("tcp", []) if c.idle and c.inode not in self.tried]
+        if not idle:
+            return
+        self.tried.update(c.inode for c in idle)
+        closed, why = sockets.destroy(idle)
+        self.between_calls += closed
+        self.cut_why = self.cut_why or why
+        long["tcp"] = [c for c in long["tcp"] if c not in idle]
+        if not long["tcp"]:
+            del long["tcp"]
+        self.seen -= {c.inode for c in idle}
 
     def count_ended(self, long: dict[str, list[sockets.Conn]]) -> None:
         """Count the long-lived connections seen before and gone now, before any was closed by us."""
@@ -90,6 +107,7 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
             if proxy.done() and proxy_s is None:
                 proxy_s = now - d.began
             short, long = d.open()
+            d.close_between_calls(long)
             d.count_ended(long)
             if long and now >= d.long_deadline:
                 d.close_long_lived(long)
@@ -114,6 +132,7 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
         "timed_out": bool(short or (held and not d.cut)) and not died,
         "long_lived_cut": d.cut,  # by kind: closed by the daemon at the grace
         "long_lived_ended": d.ended,  # closed by the client or the app within the grace
+        "closed_between_calls": d.between_calls,  # a TCP service's idle connections, closed at once
         "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)
         "cut_error": d.cut_why,
         "died": died,

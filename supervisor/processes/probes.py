@@ -54,12 +54,38 @@ async def grpc_ok(port: int, service: str) -> tuple[bool, str]:
     return answer == "SERVING", answer
 
 
-async def tcp_ok(port: int) -> tuple[bool, str]:
+async def tcp_ok(port: int, send: str | None = None, expect: str | None = None) -> tuple[bool, str]:
+    """A connect; with `send`, that request too, and with `expect`, a reply that contains it."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ATTEMPT_TIMEOUT)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ATTEMPT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as e:
         return False, type(e).__name__
-    writer.close()
+    try:
+        if send is not None:
+            return await asyncio.wait_for(_ask_tcp(reader, writer, send, expect), ATTEMPT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as e:
+        return False, f"{type(e).__name__} after sending app.ready.send"
+    finally:
+        writer.close()
+    return await _closed(writer)
+
+
+async def _ask_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, send: str,
+                   expect: str | None) -> tuple[bool, str]:
+    writer.write(send.encode())
+    await writer.drain()
+    want, got = (expect or "").encode(), b""
+    while want not in got and len(got) < 65536:
+        chunk = await reader.read(4096)
+        if not chunk:
+            return False, f"the connection closed after {got[:60]!r}" if got else "the connection closed unanswered"
+        got += chunk
+        if not want:
+            break
+    return (True, f"answered {got[:60]!r}") if want in got else (False, f"answered {got[:60]!r}")
+
+
+async def _closed(writer: asyncio.StreamWriter) -> tuple[bool, str]:
     try:
         await writer.wait_closed()
     except OSError:
@@ -122,7 +148,8 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                 else:
                     checks += 1
                     ok, last = await (grpc_ok(app.port, grpc) if grpc is not None else
-                                      _http_ok(client, url, ready.body) if url else tcp_ok(app.port))
+                                      _http_ok(client, url, ready.body) if url else
+                                      tcp_ok(app.port, ready.send, ready.expect))
                     streak = streak + 1 if ok else 0
                     if streak >= ready.passes:
                         return ReadyResult(checks, round(time.monotonic() - began, 4), target,

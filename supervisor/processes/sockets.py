@@ -43,10 +43,18 @@ class Conn:
     inode: int
     family: int = socket.AF_INET
     sockid: bytes = b""  # the kernel's inet_diag_sockid (netlink only): what SOCK_DESTROY names
+    # Between two calls (netlink only, None otherwise): nothing unread, nothing unsent, and the app
+    # answered since it last received (or never received anything), as tcp_info's last-data times
+    # and data segment counts tell. A request/response connection (a pooled RPC client's) can be
+    # closed then without cutting a call; in doubt (a request in several segments), it is not.
+    idle: bool | None = None
 
     @property
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, str(self.state))
+
+
+INET_DIAG_INFO = 2  # the tcp_info extension: its last-data times and data segment counts
 
 
 def _request(family: int, port: int, states: frozenset[int], seq: int) -> bytes:
@@ -58,7 +66,7 @@ def _request(family: int, port: int, states: frozenset[int], seq: int) -> bytes:
     for s in states:
         mask |= 1 << s
     # inet_diag_req_v2: family, protocol, ext, pad, states, inet_diag_sockid (48 bytes, zero)
-    req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, mask) + b"\0" * 48
+    req = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), mask) + b"\0" * 48
     body = req + attr
     header = struct.pack("=IHHII", 16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
@@ -90,7 +98,8 @@ def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
                         remote = socket.inet_ntop(socket.AF_INET, raw_dst[:4])
                     else:
                         remote = socket.inet_ntop(socket.AF_INET6, raw_dst)
-                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68]))
+                    idle = _idle(data, offset, length)
+                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68], idle))
                 offset += (length + 3) & ~3
 
 
@@ -110,6 +119,28 @@ def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
         except FileNotFoundError:
             continue
     return out
+
+
+def _idle(data: bytes, offset: int, length: int) -> bool | None:
+    """Whether a dumped socket is between two calls (Conn.idle): its queues (inet_diag_msg) and its
+    tcp_info attribute's last-data times and data segments in."""
+    (rqueue,) = struct.unpack_from("=I", data, offset + 16 + 56)
+    at = offset + 16 + 72
+    while at + 4 <= offset + length:
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4:
+            break
+        if kind == INET_DIAG_INFO and size >= 4 + 160:
+            last_sent, _, last_received = struct.unpack_from("=III", data, at + 4 + 44)  # ms ago
+            segments_in, segments_out = struct.unpack_from("=II", data, at + 4 + 152)  # carrying data
+            # Answered: sent after it last received, or in the same millisecond with as many data
+            # segments out as in (a call's request and answer, one each, or an answer in several).
+            answered = last_sent < last_received or (last_sent == last_received and segments_out >= segments_in)
+            # Not wqueue: on loopback, sent data is in the peer's queue already, its ACK may be delayed.
+            (not_sent,) = struct.unpack_from("=I", data, at + 4 + 144)
+            return rqueue == 0 and not_sent == 0 and (segments_in == 0 or answered)
+        at += (size + 3) & ~3
+    return None
 
 
 def _proc_address(hexaddr: str) -> str:
@@ -194,7 +225,8 @@ def destroy(conns: list[Conn]) -> tuple[int, str]:
 
 # nginx connects long-lived requests to an app from their own loopback address (proxy_bind, the
 # maps in proxy/templates/long-lived.conf), so that the kernel tells them apart from short ones.
-LONG_LIVED = {"websocket": "127.0.0.2", "event-stream": "127.0.0.3", "path": "127.0.0.4"}
+LONG_LIVED = {"websocket": "127.0.0.2", "event-stream": "127.0.0.3", "path": "127.0.0.4",
+              "tcp": "127.0.0.5"}  # every connection of an app.protocol = "tcp" service
 _KIND_OF = {address: kind for kind, address in LONG_LIVED.items()}
 
 

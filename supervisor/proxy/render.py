@@ -11,7 +11,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from ..config.host import LUA_MODULES
+from ..config.host import LUA_MODULES, STREAM_MODULE
 from ..processes.sockets import LONG_LIVED
 from ..config.schema import Config, ReleaseConfig
 
@@ -85,6 +85,12 @@ def render_upstream(name: str, port: int, preview: int | None = None, release: R
                 key=f"~^{token}$" if token else "1", to_preview=f"{name}__preview" if preview is not None else name,
                 preview_upstream="" if preview is None else fill("preview-upstream.conf", name=name, port=preview),
                 long_lived=long_lived_maps(name, long_paths))
+
+
+def render_stream_upstream(name: str, port: int) -> str:
+    """The upstream a TCP service's stream {} block proxies to (no preview, no maps: the stream
+    module sees no header)."""
+    return fill("stream-upstream.conf", name=name, port=port)
 
 
 def parse_upstream_port(text: str) -> int | None:
@@ -193,10 +199,9 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     switch) or the runtime switch's part (render_runtime, here): then the lua module is
     loaded here, and the public listener refuses the control path."""
     n = config.nginx
-    user = ""
-    if os.geteuid() == 0:
-        # Root master: workers default to `nobody`, which may not reach a private state_dir.
-        user = f"user {n.user or 'root'};\n"
+    if config.app.protocol == "tcp":
+        return render_tcp_conf(config, prefix, upstream)
+    user = _user(config)
     temp = "\n".join(f"    {kind}_temp_path {quote(prefix / 'temp' / kind)};" for kind in TEMP_KINDS)
     # One second past the drain timeout: the daemon's own deadline acts first and counts what it
     # cuts; nginx's is the backstop (e.g. when the daemon itself is gone).
@@ -214,3 +219,18 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
                 listen=n.listen + (" http2" if grpc else ""), worker_connections=n.worker_connections,
                 location=fill("location-grpc.conf" if grpc else "location-http.conf", target=target,
                               bind_var=bind_variable(n.upstream_name)))
+
+
+def _user(config: Config) -> str:
+    # Root master: workers default to `nobody`, which may not reach a private state_dir.
+    return f"user {config.nginx.user or 'root'};\n" if os.geteuid() == 0 else ""
+
+
+def render_tcp_conf(config: Config, prefix: Path, upstream: Path) -> str:
+    """The managed nginx.conf of a TCP service: a stream {} block, no http."""
+    n = config.nginx
+    return fill("nginx-tcp.conf", config_path=config.path, stream_module=STREAM_MODULE, user=_user(config),
+                worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
+                error_log=quote(prefix / "error.log"), shutdown_timeout=math.ceil(config.drain.grace) + 1,
+                worker_connections=n.worker_connections, access_log=quote(prefix / "access.log"),
+                upstream_file=quote(upstream), listen=n.listen, name=n.upstream_name, bind=LONG_LIVED["tcp"])

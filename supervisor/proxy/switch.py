@@ -15,6 +15,9 @@ from .runtime import RuntimeSwitch
 def make(config: Config, master: Master, managed: ManagedNginx | None) -> tuple[FrontProxy, str]:
     """The switch nginx.switch asks for, and why it was chosen (for status and the start-up log)."""
     wanted = config.nginx.switch
+    if config.app.protocol == "tcp":
+        return ReloadSwitch(config, master), ("reloads (a TCP service: nginx's stream module has no lua in Debian; "
+                                              "every reload is tested and confirmed)")
     if managed is None:
         if wanted == "runtime":
             return RuntimeSwitch.external(config, master), ("routing table in your nginx's shared memory, changed "

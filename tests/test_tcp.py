@@ -1,0 +1,107 @@
+"""TCP services (app.protocol = "tcp"): examples/tcp-app, a framed RPC server whose clients keep
+their connections open (a pool), behind the managed nginx's stream module, under load.
+
+After the switch (a tested, confirmed reload of the stream upstream), each pooled connection
+to the old build is closed as soon as it is between two calls; a call in flight finishes first."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients import Pooled, call
+from helpers import ROOT, free_ports, wait_until
+
+pytestmark = pytest.mark.e2e
+TCP = ROOT / "examples" / "tcp-app"
+
+
+def tcp_daemon(make_daemon: Any, **kw: Any) -> Any:
+    listen = free_ports(1)[0]
+    return make_daemon(build=TCP / "v1", listen=listen, command='["python3", "server.py"]', app='protocol = "tcp"',
+                       ready='send = "\\u0000\\u0000\\u0000\\u0004PING"\nexpect = "PONG"\ntimeout = 30',
+                       nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2', **kw)
+
+
+def test_pooled_connections_move_to_the_new_build_between_calls_and_no_call_fails(make_daemon: Any) -> None:
+    run = tcp_daemon(make_daemon, drain_timeout=20, stop_timeout=60)
+    assert run.status()["nginx"]["switch"] == "reload"
+    pool = [Pooled(run.listen_port) for _ in range(8)]
+    slow: dict[str, Any] = {}
+
+    def slow_call() -> None:
+        with socket.create_connection(("127.0.0.1", run.listen_port), timeout=60) as conn:
+            slow["answer"] = call(conn, b"sleep 2000")
+
+    for p in pool:
+        p.start()
+    try:
+        wait_until(lambda: sum(sum(p.versions.values()) for p in pool) >= 100, 60, "calls to flow")
+        t = threading.Thread(target=slow_call)
+        t.start()
+        drains = []
+        for build in (TCP / "v2", TCP / "v1", TCP / "v2"):
+            r = run.cli("swap", str(build), "--json", timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
+            drains.append(next(e for e in map(json.loads, r.stdout.splitlines())
+                               if e.get("event") == "drain" and e.get("status") == "done"))
+            want = build.name
+            wait_until(lambda want=want: all(p.versions[want] for p in pool), 60, f"every pooled client on {want}")
+        t.join(60)
+    finally:
+        for p in pool:
+            p.close()
+    assert slow["answer"] == b"v1 sleep 2000"  # the call in flight finished on the old build
+    failures = sum((p.failures for p in pool), Counter())
+    assert not failures, failures
+    # every pooled connection to the old build was closed between two calls: none was cut at the grace
+    assert all(d["closed_between_calls"] >= len(pool) and d["long_lived_cut"] == {} and not d["timed_out"]
+               for d in drains), drains
+    last = run.status()["last_swap"]
+    assert not [w for w in last.get("warnings", []) if w.startswith("stop:")], last  # exited on SIGTERM
+
+
+def test_a_tcp_service_has_no_preview_and_no_rollout(make_daemon: Any) -> None:
+    run = tcp_daemon(make_daemon)
+    for args in (["--pause"], ["--rollout", "50,100"]):
+        r = run.cli("swap", str(TCP / "v2"), *args)
+        assert r.returncode == 2 or r.returncode == 1, r.stdout + r.stderr
+        assert "no preview and no rollout" in r.stderr, r.stderr
+    assert run.status()["active"]["build"].endswith("/v1")
+
+
+def test_check_config_names_a_missing_stream_module_before_anything_starts(short_tmp: Path) -> None:
+    """An nginx that cannot load Debian's stream module (here the real nginx, given a copy of the
+    config whose module path is a file that is no shared object): check-config and the daemon
+    name it and what to install."""
+    from supervisor.config.host import STREAM_MODULE, resolve_binary
+
+    broken = short_tmp / "broken.so"
+    broken.write_text("not a shared object\n")
+    wrapper = short_tmp / "nginx-without-stream"
+    wrapper.write_text(f"""#!/bin/sh
+conf=; prev=
+for a; do [ "$prev" = -c ] && conf=$a; prev=$a; done
+if [ -n "$conf" ]; then
+    sed 's#{STREAM_MODULE}#{broken}#' "$conf" > "$conf.old"
+    for a; do shift; [ "$a" = "$conf" ] && a=$conf.old; set -- "$@" "$a"; done
+fi
+exec {resolve_binary("nginx")} "$@"
+""")
+    wrapper.chmod(0o755)
+    cfg = short_tmp / "tcp.toml"
+    cfg.write_text(f'[app]\nprotocol = "tcp"\ncommand = ["python3", "server.py"]\nports = {free_ports(2)}\n'
+                   f'build = "{TCP / "v1"}"\n[nginx]\nlisten = "127.0.0.1:{free_ports(1)[0]}"\nbinary = "{wrapper}"\n')
+    for argv in (["check-config"], ["daemon"]):
+        r = subprocess.run([sys.executable, "-m", "supervisor", *argv, "-c", str(cfg)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert 'app.protocol: "tcp":' in r.stderr and "libnginx-mod-stream" in r.stderr, r.stderr
