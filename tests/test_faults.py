@@ -170,8 +170,8 @@ def test_drain_timeout_cuts_long_requests_and_says_how_many(make_daemon, release
     r = run.cli("swap", str(make_build(releases, "v2")))
     t.join(60)
     assert r.returncode == 0, r.stderr
-    assert "1 connection(s) still open at the timeout" in r.stdout
-    assert ("warning: drain: 1 connection(s) still open on the old build at drain.timeout (1s): it gets SIGTERM now, "
+    assert "1 request(s) still running at drain.timeout" in r.stdout
+    assert ("warning: drain: 1 request(s) still running on the old build at drain.timeout (1s): it gets SIGTERM now, "
             "and what it has not finished within app.stop.timeout (2s) is cut by SIGKILL") in r.stdout, r.stdout
     # The example app finishes its requests before it exits: only the SIGKILL at 2s cut this one.
     assert "warning: stop: 1 connection(s) left open at drain.timeout were cut: the old build did not exit " \
