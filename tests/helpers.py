@@ -671,3 +671,36 @@ class EventStream(threading.Thread):
     def close(self) -> None:
         self.stopped.set()
         self.join(30)
+
+
+def nginx_rewriting(where: Path, sed: str) -> Path:
+    """The real nginx behind a wrapper that hands it a copy of its config edited by the sed
+    expression `sed`: nginx's own words about a config it cannot run (a module that does not
+    load, a listen parameter it does not know), without another nginx build."""
+    from supervisor.config.host import resolve_binary
+
+    wrapper = where / "nginx-rewriting"
+    wrapper.write_text(f"""#!/bin/sh
+conf=; prev=
+for a; do [ "$prev" = -c ] && conf=$a; prev=$a; done
+if [ -n "$conf" ]; then
+    sed '{sed}' "$conf" > "$conf.old"
+    for a; do shift; [ "$a" = "$conf" ] && a=$conf.old; set -- "$@" "$a"; done
+fi
+exec {resolve_binary("nginx")} "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def refused_before_start(cfg: Path) -> list[str]:
+    """check-config's and the daemon's stderr on `cfg`: both must exit 2 (a config this machine
+    cannot run), the daemon before it starts anything."""
+    out = []
+    for argv in (["check-config"], ["daemon"]):
+        r = subprocess.run([sys.executable, "-m", "supervisor", *argv, "-c", str(cfg)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        out.append(r.stderr)
+    assert not list((cfg.parent / "run").glob("slots/*")), "something started"
+    return out

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from clients import Pooled, call
-from helpers import ROOT, free_ports, wait_until
+from helpers import ROOT, free_ports, nginx_rewriting, refused_before_start, wait_until
 
 pytestmark = pytest.mark.e2e
 TCP = ROOT / "examples" / "tcp-app"
@@ -82,26 +80,13 @@ def test_check_config_names_a_missing_stream_module_before_anything_starts(short
     """An nginx that cannot load Debian's stream module (here the real nginx, given a copy of the
     config whose module path is a file that is no shared object): check-config and the daemon
     name it and what to install."""
-    from supervisor.config.host import STREAM_MODULE, resolve_binary
+    from supervisor.config.host import STREAM_MODULE
 
     broken = short_tmp / "broken.so"
     broken.write_text("not a shared object\n")
-    wrapper = short_tmp / "nginx-without-stream"
-    wrapper.write_text(f"""#!/bin/sh
-conf=; prev=
-for a; do [ "$prev" = -c ] && conf=$a; prev=$a; done
-if [ -n "$conf" ]; then
-    sed 's#{STREAM_MODULE}#{broken}#' "$conf" > "$conf.old"
-    for a; do shift; [ "$a" = "$conf" ] && a=$conf.old; set -- "$@" "$a"; done
-fi
-exec {resolve_binary("nginx")} "$@"
-""")
-    wrapper.chmod(0o755)
+    wrapper = nginx_rewriting(short_tmp, f"s#{STREAM_MODULE}#{broken}#")
     cfg = short_tmp / "tcp.toml"
     cfg.write_text(f'[app]\nprotocol = "tcp"\ncommand = ["python3", "server.py"]\nports = {free_ports(2)}\n'
                    f'build = "{TCP / "v1"}"\n[nginx]\nlisten = "127.0.0.1:{free_ports(1)[0]}"\nbinary = "{wrapper}"\n')
-    for argv in (["check-config"], ["daemon"]):
-        r = subprocess.run([sys.executable, "-m", "supervisor", *argv, "-c", str(cfg)], capture_output=True,
-                           text=True, timeout=60)
-        assert r.returncode == 2, r.stdout + r.stderr
-        assert 'app.protocol: "tcp":' in r.stderr and "libnginx-mod-stream" in r.stderr, r.stderr
+    for err in refused_before_start(cfg):
+        assert 'app.protocol: "tcp":' in err and "libnginx-mod-stream" in err, err
