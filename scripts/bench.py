@@ -572,6 +572,7 @@ class Bench:
         ("runtime" or "reload"), or "plain restart"."""
         s = bench_rpc.SERVICES[service]
         builds = [s["builds"] / "v1", s["builds"] / "v2"]
+        os.environ["BOOT_MS"] = str(self.args.boot_ms)  # the same slow start as the HTTP app's (inherited)
         if approach == "plain restart":
             direct = bench_rpc.Direct(s["argv"], builds[0], free_ports(1)[0], s["ready"])
             try:
@@ -765,12 +766,12 @@ def print_live(rows: list[dict[str, Any]]) -> None:
 
 def print_rpc(rows: list[dict[str, Any]], releases: int) -> None:
     print(f"\n| RPC service, {rows[0]['clients']} clients keeping their connections, {releases} releases | calls "
-          "| failed | pooled reconnections | mean release |")
-    print("|---|---|---|---|---|")
+          "| failed | longest call | pooled reconnections | mean release |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['service']}: {r['approach']} | {r['calls']} | {r['failed']} "
-              f"{kinds(r['failed_by_kind']) if r['failed'] else ''} | {r['reconnects'] if r['service'] == 'tcp' else '-'} "
-              f"| {fmt(r['release_s_mean'], ' s', 2)} |")
+              f"{kinds(r['failed_by_kind']) if r['failed'] else ''} | {r['slowest_call_s'] * 1000:.0f} ms "
+              f"| {r['reconnects'] if r['service'] == 'tcp' else '-'} | {fmt(r['release_s_mean'], ' s', 2)} |")
 
 
 def print_report(report: dict[str, Any]) -> None:

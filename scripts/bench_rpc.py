@@ -6,10 +6,12 @@ on connections clients keep, through releases, beside a plain restart of the sam
   opened again and the call made again, once, as pools do).
 - grpc: examples/grpc-app (grpcio) and grpcio clients, one HTTP/2 channel each, unary calls.
 
-Reported: calls, failed calls, how often a pooled client had to reconnect, and how long a
-release took. The plain restart stops the service (its stop signal, then SIGKILL after 2 s if
-its clients keep it busy) and starts the new build on the same port, clients connected to it
-directly: what "stop the service for a moment" costs.
+Reported: calls, failed calls, the longest call (a pool that waits out a restart fails no
+call, but its callers wait), how often a pooled client had to reconnect, and how long a release
+took. Both services start as slowly as the HTTP app (--boot-ms). The plain restart stops the
+service (its stop signal, then SIGKILL after 2 s if its clients keep it busy) and starts the new
+build on the same port, clients connected to it directly: what "stop the service for a moment"
+costs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def clients_through(make: Callable[[], Any], n: int, releases: int, gap: float,
     failures = sum((t.failures for t in threads), Counter())
     return {"calls": sum(versions.values()) + sum(failures.values()), "failed": sum(failures.values()),
             "failed_by_kind": dict(failures), "reconnects": sum(getattr(t, "reconnects", 0) for t in threads),
+            "slowest_call_s": max(t.slowest for t in threads),
             "versions": dict(versions), "release_s_mean": sum(took) / len(took) if took else None}
 
 

@@ -125,8 +125,22 @@ def _logs_arguments(lg: argparse.ArgumentParser) -> None:
     lg.add_argument("-n", "--lines", type=_lines, default=20, metavar="N", help="lines to show first (default 20)")
 
 
+WITH_VALUE = ("-c", "--config", "--socket", "--timeout")  # the common options that take a value
+
+
+def verb_first(words: list[str]) -> list[str]:
+    """`bluegreen -c app.toml status` as `bluegreen status -c app.toml`: the common options are
+    the subcommands', and people type them first too."""
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] not in ("-h", "--help", "--version", "--"):
+        i += 2 if words[i] in WITH_VALUE else 1
+    if 0 < i < len(words) and (words[i] in BUILT_IN or words[i] in commands.names()):
+        return [words[i], *words[:i], *words[i + 1:]]
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
-    words = sys.argv[1:] if argv is None else argv
+    words = verb_first(sys.argv[1:] if argv is None else argv)
     only = words[0] if words and (words[0] in BUILT_IN or words[0] in commands.names()) else None
     args = build_parser(only).parse_args(words)
     try:

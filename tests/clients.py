@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 
 
@@ -47,6 +48,7 @@ class Pooled(threading.Thread):
         self.versions: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.reconnects = 0
+        self.slowest = 0.0  # seconds: the longest a call took, retries and reconnections included
 
     def run(self) -> None:
         conn = socket.create_connection(("127.0.0.1", self.port), timeout=30)
@@ -54,6 +56,7 @@ class Pooled(threading.Thread):
         while not self.stopped.is_set():
             n += 1
             payload = f"call {n}".encode()
+            began = time.monotonic()
             try:
                 try:
                     answer = call(conn, payload)
@@ -66,6 +69,7 @@ class Pooled(threading.Thread):
                 if echoed != payload:
                     self.failures["wrong answer"] += 1
                 self.versions[version.decode()] += 1
+                self.slowest = max(self.slowest, time.monotonic() - began)
             except (ConnectionError, OSError) as e:
                 self.failures[type(e).__name__] += 1
                 conn.close()
@@ -95,6 +99,7 @@ class Calls(threading.Thread):
         self.port, self.stopped = port, threading.Event()
         self.versions: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
+        self.slowest = 0.0  # seconds: the longest a call that succeeded took
 
     def run(self) -> None:
         import grpc  # a test dependency
@@ -104,8 +109,10 @@ class Calls(threading.Thread):
             n = 0
             while not self.stopped.is_set():
                 n += 1
+                began = time.monotonic()
                 try:
                     self.versions[say(f"call {n}".encode(), timeout=30).decode().split()[0]] += 1
+                    self.slowest = max(self.slowest, time.monotonic() - began)
                 except grpc.RpcError as e:
                     self.failures[str(e.code())] += 1
                     self.stopped.wait(0.01)  # a client backs off a little before its next call

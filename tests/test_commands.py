@@ -73,3 +73,20 @@ def test_a_file_the_cli_cannot_read_is_one_line_never_a_traceback(monkeypatch: p
     assert cli.main(["logs", "daemon", "-c", "/srv/app/bluegreen.toml"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(said) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_options_typed_before_the_verb_are_the_verbs() -> None:
+    assert cli.verb_first(["-c", "app.toml", "status"]) == ["status", "-c", "app.toml"]
+    assert cli.verb_first(["--timeout", "2", "--socket", "s", "swap", "b"]) == ["swap", "--timeout", "2", "--socket",
+                                                                                 "s", "b"]
+    assert cli.verb_first(["-c", "status", "logs"]) == ["logs", "-c", "status"]  # a value named like a verb stays one
+    for words in (["status", "-c", "x"], ["--version"], ["-h", "status"], ["-c", "x", "nope"], []):
+        assert cli.verb_first(words) == words
+
+
+def test_the_cli_builds_only_the_subcommand_it_runs() -> None:
+    """`bluegreen status` neither loads nor describes the other verbs (a third of its start)."""
+    only = cli.build_parser("status")
+    sub = next(a for a in only._actions if a.dest == "command")  # noqa: SLF001 (argparse has no public way)
+    assert list(sub.choices) == ["status"]
+    assert set(next(a for a in cli.build_parser()._actions if a.dest == "command").choices) >= {"status", "swap", "logs"}

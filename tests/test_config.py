@@ -90,6 +90,16 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("[[release.checks]]\npath = '/'\ntimeout = nan", "release.checks[0].timeout: seconds, a positive finite number"),
         ("[daemon]\nmetrics_listen = '8001'", "daemon.metrics_listen: port 8001 is also app.ports (blue); choose"),
         ("[daemon]\nmetrics_listen = '127.0.0.1:8080'", "daemon.metrics_listen: port 8080 is also nginx.listen; choose"),
+        # long-lived paths become nginx parameters; a TCP service has no path, header, cookie or answer to count
+        ("[drain]\nlong_lived_paths = ['/" + "a" * 1100 + "']", "drain.long_lived_paths: a path has at most 1024"),
+        ("[drain]\nlong_lived_grace = -1", "drain.long_lived_grace: expected a number of seconds, 0 or more"),
+        ("[app]\nprotocol = 'tcp'\n[rollout]\nsteps = [5, 100]", 'rollout.steps: app.protocol = "tcp" has no rollout'),
+        ("[app]\nprotocol = 'tcp'\n[release]\nwatch_seconds = 5", 'release.watch_seconds: app.protocol = "tcp" has no'),
+        ("[app]\nprotocol = 'tcp'\n[drain]\nlong_lived_paths = ['/x']", 'drain.long_lived_paths: app.protocol = "tcp"'),
+        ("[app]\nprotocol = 'tcp'\n[nginx]\nswitch = 'runtime'", 'nginx.switch: "runtime", and app.protocol = "tcp"'),
+        ("[app]\nprotocol = 'grpc'\n[app.ready]\nurl = 'http://127.0.0.1:{port}/'", "app.ready.url: an HTTP check"),
+        ("[app.ready]\nexpect = 'PONG'", 'app.ready.expect: only used with app.protocol = "tcp"'),
+        ("[app]\nprotocol = 'udp'", 'app.protocol: expected one of "http", "grpc", "tcp"'),
     ],
 )
 def test_bad_key_is_named(snippet: str, expected: str) -> None:

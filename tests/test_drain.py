@@ -141,3 +141,30 @@ def test_a_close_the_kernel_refuses_is_reported_with_its_reason(listener: socket
     finally:
         ws.close()
         accepted.close()
+
+
+def test_a_short_request_past_drain_timeout_is_reported_even_when_the_grace_is_longer(listener: socket.socket) -> None:
+    """drain.timeout 0.1 s, long-lived grace 0.6 s: the drain goes on for the stream's grace, and
+    the short request still running at 0.1 s is reported as such, though it ended since."""
+    import asyncio
+    import threading
+
+    from supervisor.processes.drain import wait_drained
+
+    port = listener.getsockname()[1]
+    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.3", port)
+    accepted = [listener.accept()[0] for _ in range(2)]
+    done = threading.Timer(0.3, lambda: (accepted[0].close(), short.close()))  # the short one ends at 0.3 s
+
+    async def no_proxy(port: int, deadline: float) -> int:
+        return 0
+
+    done.start()
+    try:
+        result = asyncio.run(wait_drained(port, no_proxy, timeout=0.1, interval=0.01, grace=0.6))
+        assert result["timed_out"] and result["still_open"] == 1
+        assert result["long_lived_cut"] == {"event-stream": 1}
+    finally:
+        done.cancel()
+        for s in [short, stream, *accepted]:
+            s.close()

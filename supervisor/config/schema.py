@@ -138,13 +138,20 @@ def _log_bytes(v: Any) -> int:
     return v
 
 
+MAX_PATH = 1024  # characters in one listed path (each becomes one nginx parameter or lua string)
+
+
 def _url_paths(v: Any) -> tuple[str, ...]:
     """URL paths: each starts with `/`, with no space, quote, backslash or `]`."""
     if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
         raise ValueError('expected a list of paths, like ["/health", "/metrics"]')
     bad = [p for p in v if not re.fullmatch(r"/[^\s\"'\\\]]*", p)]
     if bad:
-        raise ValueError(f"a path starts with / and has no space, quote, backslash or ]; got {bad[0]!r}")
+        raise ValueError(f"a path starts with / and has no space, quote, backslash or ]: {bad[0][:80]!r}")
+    long = [p for p in v if len(p) > MAX_PATH]
+    if long:
+        raise ValueError(f"a path has at most {MAX_PATH} characters (nginx's limit for one parameter is near): "
+                         f"{long[0][:40]!r}... has {len(long[0])}")
     return tuple(v)
 
 
@@ -819,7 +826,9 @@ def _check_keys(data: dict[str, Any], problems: list[str]) -> dict[str, dict[str
             try:
                 values[section][key.name] = key.parse(raw)
             except ValueError as e:
-                problems.append(f"{section}.{key.name}: {e}, got {raw!r}")
+                got = repr(raw)
+                problems.append(f"{section}.{key.name}: {e}" + ("" if got[:40] in str(e) else
+                                                                 f", got {got if len(got) <= 120 else got[:117] + '...'}"))
     for name in data:
         if name not in {s.split(".")[0] for s in SCHEMA}:
             problems.append(f"[{name}]: unknown section (known: {', '.join(s for s in SCHEMA if '.' not in s)})")
@@ -852,13 +861,7 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
             except KeyError:
                 problems.append(f"daemon.{key}: no such group {name!r}")
     _check_app(a, r, v["app.health"], path, problems)
-    if a.get("protocol", "http") != "http" and v["release"].get("checks"):
-        problems.append(f'release.checks: HTTP smoke checks, and app.protocol = "{a["protocol"]}": remove them '
-                        "(app.ready says when the build is ready)")
-    if a.get("protocol") == "tcp" and n.get("switch") in ("runtime", "auto") and "switch" in data.get("nginx", {}):
-        problems.append(f'nginx.switch: "{n["switch"]}", and app.protocol = "tcp": a TCP service is switched by '
-                        'reloads (Debian\'s nginx has no lua for its stream module): set nginx.switch = "reload" or '
-                        "leave it out")
+    _check_protocol(v, data, problems)
     _check_nginx(n, a, d, path, data, problems)
     metrics = _host_port(d.get("metrics_listen"))
     if metrics:  # the daemon's own port must be no one else's in this config
@@ -881,6 +884,26 @@ def _cross_check(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any],
     for name in HOOKS:
         for i, arg in enumerate(v["hooks"].get(name) or ()):
             problems += placeholder_problems(f"hooks.{name}[{i}]", arg)
+
+
+def _check_protocol(v: dict[str, dict[str, Any]], data: dict[str, Any], problems: list[str]) -> None:
+    """What a gRPC or TCP app cannot have: HTTP checks; for TCP also what needs a path, a header,
+    a cookie or counted answers, and the runtime switch."""
+    a, n = v["app"], v["nginx"]
+    if a.get("protocol", "http") != "http" and v["release"].get("checks"):
+        problems.append(f'release.checks: HTTP smoke checks, and app.protocol = "{a["protocol"]}": remove them '
+                        "(app.ready says when the build is ready)")
+    if a.get("protocol") == "tcp":
+        for key, value, what in (("rollout.steps", v["rollout"].get("steps"), "rollout"),
+                                 ("release.watch_seconds", v["release"].get("watch_seconds"), "watch"),
+                                 ("drain.long_lived_paths", v["drain"].get("long_lived_paths"), "long-lived paths")):
+            if value:
+                problems.append(f'{key}: app.protocol = "tcp" has no {what}: nginx\'s stream module sees no path, '
+                                "header or cookie, and counts no answer; remove it")
+    if a.get("protocol") == "tcp" and n.get("switch") in ("runtime", "auto") and "switch" in data.get("nginx", {}):
+        problems.append(f'nginx.switch: "{n["switch"]}", and app.protocol = "tcp": a TCP service is switched by '
+                        'reloads (Debian\'s nginx has no lua for its stream module): set nginx.switch = "reload" or '
+                        "leave it out")
 
 
 def _check_app(a: dict[str, Any], r: dict[str, Any], h: dict[str, Any], path: Path, problems: list[str]) -> None:

@@ -37,6 +37,8 @@ class Drain:
         self.ended = 0  # long-lived connections that closed by themselves within the grace
         self.seen: set[int] = set()  # the long-lived connections open at the last look (inodes)
         self.tried: set[int] = set()  # the ones the daemon tried to close
+        self.late: int | None = None  # short connections still open at drain.timeout (None: not reached)
+        self.held_late = False  # the proxy still held on to the port at drain.timeout
         self.between_calls = 0  # a TCP service's connections closed between two calls
 
     def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
@@ -112,10 +114,14 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
             if long and now >= d.long_deadline:
                 d.close_long_lived(long)
                 long = {}
+            if now >= d.deadline and d.late is None:  # what drain.timeout leaves to the stop signal
+                d.late, d.held_late = short, not proxy.done()
             if proxy.done() and not short and not long:
                 break
-            # Past both deadlines: done, unless old nginx workers are letting go of what was just closed.
-            if now >= end and (proxy.done() or not d.cut or now >= end + CUT_SETTLE):
+            # Past both deadlines: done, unless old nginx workers (no short request left) are letting
+            # go of the long-lived connections just closed.
+            settling = d.cut and not proxy.done() and not short and now < end + CUT_SETTLE
+            if now >= end and not settling:
                 break
             if proxy.done():
                 await asyncio.sleep(interval)
@@ -125,11 +131,15 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
         proxy.cancel()
     held = proxy.result() if proxy.done() and not proxy.cancelled() else 0
     short, long = (0, {}) if died else d.open()
+    if d.late is not None:  # the short requests still running at drain.timeout, even if they ended since
+        short, held_late = max(short, d.late), d.held_late
+    else:
+        held_late = bool(held)
     return {
         "workers_wait": round(proxy_s if proxy_s is not None else time.monotonic() - d.began, 4),
         "old_workers_left": held,
-        "still_open": short,  # short connections the old build still had at the deadline (its stop decides)
-        "timed_out": bool(short or (held and not d.cut)) and not died,
+        "still_open": short,  # short connections the old build still had at drain.timeout (its stop decides)
+        "timed_out": bool(short or (held_late and not d.cut)) and not died,
         "long_lived_cut": d.cut,  # by kind: closed by the daemon at the grace
         "long_lived_ended": d.ended,  # closed by the client or the app within the grace
         "closed_between_calls": d.between_calls,  # a TCP service's idle connections, closed at once

@@ -40,6 +40,7 @@ def ticks(request: bytes, context: grpc.ServicerContext):
         time.sleep(0.1)
 
 
+time.sleep(int(os.environ.get("BOOT_MS", "0")) / 1000)  # a slow start, if asked (the bench)
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
 server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("example.Echo", {
     "Say": grpc.unary_unary_rpc_method_handler(say),

@@ -44,6 +44,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def main() -> None:
+    await asyncio.sleep(int(os.environ.get("BOOT_MS", "0")) / 1000)  # a slow start, if asked (the bench)
     server = await asyncio.start_server(serve, "127.0.0.1", port)
     print(f"[{version} pid {os.getpid()}] serving framed calls on 127.0.0.1:{port}", flush=True)
     stop = asyncio.Event()
