@@ -53,7 +53,12 @@ def numbers(files: list[Path]) -> list[int]:
 
 
 def last_number(files: list[Path]) -> int:
-    found = numbers(files[-2:])
+    """The last line number written (0 while a rotation has just renamed the file away: the
+    pump opens a new one at once, and the caller waits for the number anyway)."""
+    try:
+        found = numbers(files[-2:])
+    except FileNotFoundError:
+        return 0
     return found[-1] if found else 0
 
 
