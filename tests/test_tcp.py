@@ -90,3 +90,54 @@ def test_check_config_names_a_missing_stream_module_before_anything_starts(short
                    f'build = "{TCP / "v1"}"\n[nginx]\nlisten = "127.0.0.1:{free_ports(1)[0]}"\nbinary = "{wrapper}"\n')
     for err in refused_before_start(cfg):
         assert 'app.protocol: "tcp":' in err and "libnginx-mod-stream" in err, err
+
+
+def test_a_tcp_service_behind_your_own_nginx_s_stream_block(make_daemon: Any, short_tmp: Path) -> None:
+    """External mode, as docs/nginx.md shows it: your nginx's stream {} block includes the
+    upstream file bluegreen rewrites, and connects from the TCP kind's address. Pooled clients
+    move between two calls; no call fails."""
+    import os
+
+    from shapes import UserNginx
+    from helpers import stop_all
+    from supervisor.config.host import STREAM_MODULE
+    from supervisor.proxy.render import render_stream_upstream
+
+    prefix = short_tmp / "nginx"
+    (prefix / "conf.d").mkdir(parents=True)
+    listen, blue, green = free_ports(3)
+    (prefix / "conf.d" / "myapp.conf").write_text(render_stream_upstream("myapp", blue))
+    (prefix / "nginx.conf").write_text(f"""load_module {STREAM_MODULE};
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+{"user root;" if os.geteuid() == 0 else ""}
+events {{ worker_connections 256; }}
+stream {{
+    include {prefix}/conf.d/*.conf;
+    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; }}
+}}
+""")
+    user = UserNginx(prefix, listen)
+    user.start()
+    try:
+        run = make_daemon(build=TCP / "v1", ports=(blue, green), listen=listen, command='["python3", "server.py"]',
+                          app='protocol = "tcp"', ready='timeout = 30',
+                          nginx="\n".join(user.external(prefix / "conf.d" / "myapp.conf", "myapp")))
+        pool = [Pooled(listen) for _ in range(4)]
+        for p in pool:
+            p.start()
+        try:
+            wait_until(lambda: all(p.versions["v1"] for p in pool), 60, "calls to flow")
+            for build in (TCP / "v2", TCP / "v1"):
+                r = run.cli("swap", str(build), timeout=300)
+                assert r.returncode == 0 and "between two calls" in r.stdout, r.stdout + r.stderr
+                wait_until(lambda b=build.name: all(p.versions[b] for p in pool), 60, f"every client on {build.name}")
+        finally:
+            for p in pool:
+                p.close()
+        failures = sum((p.failures for p in pool), Counter())
+        assert not failures, failures
+        stop_all([run])
+    finally:
+        user.close()
