@@ -81,7 +81,11 @@ def drain_line(event: dict[str, Any]) -> str:
     cut = event.get("long_lived_cut") or {}
     if cut:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(cut.items()))
-        text += f"; closed {sum(cut.values())} long-lived connection(s) at the grace ({kinds}): their clients reconnect"
+        clean = event.get("long_lived_clean", 0)
+        how = ("with their protocol's goodbye" if clean == sum(cut.values()) else
+               f"{clean} with their protocol's goodbye, the rest by a reset" if clean else "by a reset")
+        text += (f"; closed {sum(cut.values())} long-lived connection(s) at the grace ({kinds}), {how}: their "
+                 "clients reconnect")
     if event.get("closed_between_calls"):
         text += (f"; closed {event['closed_between_calls']} TCP connection(s) between two calls: their clients' "
                  "next call goes to the new build")

@@ -131,7 +131,8 @@ def test_the_live_example_releases_with_its_event_stream_reconnecting_to_the_new
     try:
         wait_until(lambda: len(stream.events) >= 3, 60, "events from v1")
         r = run.cli("swap", str(EXAMPLES / "live-app" / "v2"), timeout=300)
-        assert r.returncode == 0 and "closed 1 long-lived connection(s) at the grace (1 event-stream)" in r.stdout, (
+        assert r.returncode == 0 and "closed 1 long-lived connection(s) at the grace (1 event-stream), with their " \
+            "protocol's goodbye" in r.stdout, (
             r.stdout + r.stderr)
         wait_until(lambda: stream.events[-1][0] == "v2", 60, "events from v2")
         assert stream.lost() == []

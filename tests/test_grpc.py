@@ -104,7 +104,8 @@ def test_a_server_streaming_call_on_a_listed_path_is_closed_at_the_grace_and_cal
                      and e.get("status") == "done")
         assert drain["long_lived_cut"] == {"path": 1}, drain
         wait_until(lambda: got[-1] == "v2", 60, "ticks from v2")
-        assert ends and ends[0] == "StatusCode.INTERNAL", ends  # nginx resets the call (docs: wrapping-your-app)
+        assert ends and ends[0] == "StatusCode.UNAVAILABLE", ends  # its trailers: retryable, "going away"
+        assert drain["long_lived_clean"] == 1, drain
     finally:
         stop.set()
         t.join(30)

@@ -112,12 +112,15 @@ def release_with_live_clients(run: DaemonRun) -> None:
             wait_until(lambda: load.total >= after + 20, 60, "requests after the swap")
         drain, stop = phases["drain"], phases["stop"]
         assert drain["long_lived_cut"] == {"event-stream": 1, "websocket": 1}, drain
+        # closed with their protocol's goodbye: a close frame 1001, the stream's last chunk
+        assert drain["long_lived_clean"] == 2, drain
         assert not drain["timed_out"] and not drain["long_lived_left"], drain
         assert not stop.get("killed") and "SIGKILL" not in stop["how"], stop  # it exited on SIGTERM
         assert not old.is_running()
         wait_until(lambda: any(v == "v2" for v, _ in stream.events) and any(v == "v2" for _, v, _ in sock.messages),
                    60, "both clients to receive from v2")
         assert stream.connections >= 2 and sock.connections >= 2
+        assert sock.closes[:1] == ["closed 1001"] and stream.ends[:1] == ["ended"], (sock.closes, stream.ends)
         assert stream.lost() == [], "events lost across the release"
         assert sock.lost() == [], "messages lost within a connection"
         assert not load.failures, (load.failures, load.examples)

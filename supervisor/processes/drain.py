@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
-from . import sockets
+from . import goodbye, sockets
 
 CUT_SETTLE = 1.0  # seconds the proxy gets to let go once the long-lived connections it held are closed
 
@@ -27,8 +27,8 @@ class Drain:
     """One drain of `port`: the proxy's release (a task), the kernel's view of the port's
     connections, the two deadlines, and what was closed."""
 
-    def __init__(self, port: int, timeout: float, grace: float, interval: float) -> None:
-        self.port, self.interval = port, interval
+    def __init__(self, port: int, timeout: float, grace: float, interval: float, protocol: str = "http") -> None:
+        self.port, self.interval, self.protocol = port, interval, protocol
         self.began = time.monotonic()
         self.deadline = self.began + timeout  # short requests
         self.long_deadline = self.began + grace  # long-lived ones
@@ -40,6 +40,8 @@ class Drain:
         self.late: int | None = None  # short connections still open at drain.timeout (None: not reached)
         self.held_late = False  # the proxy still held on to the port at drain.timeout
         self.between_calls = 0  # a TCP service's connections closed between two calls
+        self.clean = 0  # long-lived connections closed with their protocol's goodbye (not a reset)
+        self.unclean = ""  # why some were reset instead
 
     def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
         """(short connections in flight, long-lived ones by kind) on the port now."""
@@ -59,9 +61,11 @@ class Drain:
             self.tried.update(c.inode for c in conns)
             if not conns:
                 continue
-            closed, why = sockets.destroy(conns)
-            if closed:
-                self.cut[kind] = self.cut.get(kind, 0) + closed
+            clean, reset, unclean, why = goodbye.close(conns, kind, self.port, self.protocol)
+            self.unclean = self.unclean or unclean
+            if clean + reset:
+                self.cut[kind] = self.cut.get(kind, 0) + clean + reset
+            self.clean += clean
             self.cut_why = self.cut_why or why
         self.seen = set()
 
@@ -73,13 +77,38 @@ class Drain:
         if not idle:
             return
         self.tried.update(c.inode for c in idle)
-        closed, why = sockets.destroy(idle)
-        self.between_calls += closed
+        clean, reset, unclean, why = goodbye.close(idle, "tcp", self.port)
+        self.unclean = self.unclean or unclean
+        self.between_calls += clean + reset
         self.cut_why = self.cut_why or why
         long["tcp"] = [c for c in long["tcp"] if c not in idle]
         if not long["tcp"]:
             del long["tcp"]
         self.seen -= {c.inode for c in idle}
+
+    def report(self, proxy_s: float | None, held: int, died: bool) -> dict[str, Any]:
+        """What the drain did, for the swap's drain line: what drain.timeout left running, what
+        was closed and how."""
+        short, long = (0, {}) if died else self.open()
+        if self.late is not None:  # the short requests still running at drain.timeout, even if they ended since
+            short, held_late = max(short, self.late), self.held_late
+        else:
+            held_late = bool(held)
+        return {
+            "workers_wait": round(proxy_s if proxy_s is not None else time.monotonic() - self.began, 4),
+            "old_workers_left": held,
+            "still_open": short,  # short connections the old build still had at drain.timeout (its stop decides)
+            "timed_out": bool(short or (held_late and not self.cut)) and not died,
+            "long_lived_cut": self.cut,  # by kind: closed by the daemon at the grace
+            "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye, not a reset
+            "reset_why": self.unclean,  # why the others were reset
+            "long_lived_ended": self.ended,  # closed by the client or the app within the grace
+            "closed_between_calls": self.between_calls,  # a TCP service's idle connections, closed at once
+            "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)
+            "cut_error": self.cut_why,
+            "died": died,
+            "after": time.monotonic() - self.began,
+        }
 
     def count_ended(self, long: dict[str, list[sockets.Conn]]) -> None:
         """Count the long-lived connections seen before and gone now, before any was closed by us."""
@@ -90,13 +119,14 @@ class Drain:
 
 
 async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitable[int]], timeout: float,
-                       interval: float, watch: Watched | None = None, grace: float | None = None) -> dict[str, Any]:
+                       interval: float, watch: Watched | None = None, grace: float | None = None,
+                       protocol: str = "http") -> dict[str, Any]:
     """Wait until the proxy sends `port` no more short requests (`wait_released`: old nginx
     workers exited, or nginx counts none in flight to it) and the port has no short connection
     in flight, both within `timeout`; close the long-lived connections that outlive `grace`
     (default: `timeout`). Report what was left and what was closed. Stops early if `watch` (the
     new build) dies: waiting would only prolong an outage."""
-    d = Drain(port, timeout, timeout if grace is None else grace, interval)
+    d = Drain(port, timeout, timeout if grace is None else grace, interval, protocol)
     end = max(d.deadline, d.long_deadline)
     proxy = asyncio.ensure_future(wait_released(port, end + CUT_SETTLE))
     died, proxy_s = False, None
@@ -130,21 +160,4 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
     finally:
         proxy.cancel()
     held = proxy.result() if proxy.done() and not proxy.cancelled() else 0
-    short, long = (0, {}) if died else d.open()
-    if d.late is not None:  # the short requests still running at drain.timeout, even if they ended since
-        short, held_late = max(short, d.late), d.held_late
-    else:
-        held_late = bool(held)
-    return {
-        "workers_wait": round(proxy_s if proxy_s is not None else time.monotonic() - d.began, 4),
-        "old_workers_left": held,
-        "still_open": short,  # short connections the old build still had at drain.timeout (its stop decides)
-        "timed_out": bool(short or (held_late and not d.cut)) and not died,
-        "long_lived_cut": d.cut,  # by kind: closed by the daemon at the grace
-        "long_lived_ended": d.ended,  # closed by the client or the app within the grace
-        "closed_between_calls": d.between_calls,  # a TCP service's idle connections, closed at once
-        "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)
-        "cut_error": d.cut_why,
-        "died": died,
-        "after": time.monotonic() - d.began,
-    }
+    return d.report(proxy_s, held, died)

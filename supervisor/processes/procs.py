@@ -102,17 +102,22 @@ def children(pid: int) -> list[int]:
             return []
 
 
-def socket_inodes(pid: int) -> set[int]:
-    """The inodes of the sockets `pid` holds open."""
-    found = set()
+def socket_fds(pid: int) -> dict[int, int]:
+    """The sockets `pid` holds open: inode -> its fd number there."""
+    found = {}
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith("socket:["):
-                found.add(int(target[8:-1]))
+                found[int(target[8:-1])] = int(fd)
     except (OSError, ValueError):
         pass
     return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets `pid` holds open."""
+    return set(socket_fds(pid))
 
 
 def groups(pid: int) -> set[int]:

@@ -48,6 +48,7 @@ class Conn:
     # and data segment counts tell. A request/response connection (a pooled RPC client's) can be
     # closed then without cutting a call; in doubt (a request in several segments), it is not.
     idle: bool | None = None
+    not_sent: int | None = None  # bytes the app wrote that the kernel has not sent yet (netlink only)
 
     @property
     def state_name(self) -> str:
@@ -98,13 +99,17 @@ def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
                         remote = socket.inet_ntop(socket.AF_INET, raw_dst[:4])
                     else:
                         remote = socket.inet_ntop(socket.AF_INET6, raw_dst)
-                    idle = _idle(data, offset, length)
-                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68], idle))
+                    idle, not_sent = _idle(data, offset, length)
+                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68], idle,
+                                    not_sent))
                 offset += (length + 3) & ~3
 
 
 def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
+    """The /proc/net/tcp{,6} fallback. The kernel lists those files in pieces while sockets come
+    and go, so one socket may be listed twice: each is counted once, by inode and peer."""
     out: list[Conn] = []
+    seen: set[tuple[int, str]] = set()
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(name) as f:
@@ -115,15 +120,19 @@ def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
                     if st not in states or int(local.rsplit(":", 1)[1], 16) != port:
                         continue
                     addr, rport = remote.rsplit(":", 1)
-                    out.append(Conn(st, port, _proc_address(addr), int(rport, 16), int(fields[9])))
+                    key = (int(fields[9]), remote)  # (a request socket, SYN_RECV, has inode 0)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(Conn(st, port, _proc_address(addr), int(rport, 16), key[0]))
         except FileNotFoundError:
             continue
     return out
 
 
-def _idle(data: bytes, offset: int, length: int) -> bool | None:
-    """Whether a dumped socket is between two calls (Conn.idle): its queues (inet_diag_msg) and its
-    tcp_info attribute's last-data times and data segments in."""
+def _idle(data: bytes, offset: int, length: int) -> tuple[bool | None, int | None]:
+    """Whether a dumped socket is between two calls (Conn.idle), and how many bytes the app wrote
+    that are not sent yet: its queues (inet_diag_msg) and its tcp_info attribute's last-data
+    times, data segments and unsent bytes."""
     (rqueue,) = struct.unpack_from("=I", data, offset + 16 + 56)
     at = offset + 16 + 72
     while at + 4 <= offset + length:
@@ -138,9 +147,9 @@ def _idle(data: bytes, offset: int, length: int) -> bool | None:
             answered = last_sent < last_received or (last_sent == last_received and segments_out >= segments_in)
             # Not wqueue: on loopback, sent data is in the peer's queue already, its ACK may be delayed.
             (not_sent,) = struct.unpack_from("=I", data, at + 4 + 144)
-            return rqueue == 0 and not_sent == 0 and (segments_in == 0 or answered)
+            return rqueue == 0 and not_sent == 0 and (segments_in == 0 or answered), not_sent
         at += (size + 3) & ~3
-    return None
+    return None, None
 
 
 def _proc_address(hexaddr: str) -> str:

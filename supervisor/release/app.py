@@ -129,7 +129,8 @@ class App:
 
     async def drain(self, port: int, watch: slots.AppProcess | None = None) -> dict[str, Any]:
         d = self.config.drain
-        return await drain.wait_drained(port, self.proxy.wait_released, d.timeout, d.interval, watch, d.grace)
+        return await drain.wait_drained(port, self.proxy.wait_released, d.timeout, d.interval, watch, d.grace,
+                                        self.config.app.protocol)
 
     async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
         s = self.config.app.stop
