@@ -53,7 +53,7 @@ async def run_client(port: int, client: Client, stop: asyncio.Event) -> None:
                     numbers.append(int(n))
                     if stop.is_set():
                         return
-            client.closes.append("ended")
+            client.closes.append(f"close {ws.close_code}" + (f" {ws.close_reason}" if ws.close_reason else ""))
         except ConnectionClosed as e:
             client.closes.append(str(e.rcvd.code) if e.rcvd else "no close frame")
         except (OSError, WebSocketException, asyncio.TimeoutError) as e:
