@@ -82,8 +82,9 @@ def drain_line(event: dict[str, Any]) -> str:
     if cut:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(cut.items()))
         clean = event.get("long_lived_clean", 0)
+        why = event.get("not_clean_why") or "cut"
         how = ("with their protocol's goodbye" if clean == sum(cut.values()) else
-               f"{clean} with their protocol's goodbye, the rest by a reset" if clean else "by a reset")
+               f"{clean} with their protocol's goodbye, {sum(cut.values()) - clean} {why}" if clean else why)
         text += (f"; closed {sum(cut.values())} long-lived connection(s) at the grace ({kinds}), {how}: their "
                  "clients reconnect")
     if event.get("closed_between_calls"):

@@ -187,3 +187,39 @@ def test_a_listed_path_is_long_lived_too_and_is_closed_at_the_grace(make_daemon:
     t.join(60)
     assert phases["drain"]["long_lived_cut"] == {"path": 1}
     assert "answer" not in poll or poll["answer"][0] >= 500, poll  # never a whole answer: it was cut
+
+
+def test_a_websocket_whose_client_does_not_read_is_said_to_be_cut_not_closed_cleanly(make_daemon: Any) -> None:
+    """A client that sends echo requests (1 MB each) and never reads: at the grace the app still has
+    megabytes queued for it, so no close frame can be put after them. The connection is cut, and
+    the drain says so (never "with their protocol's goodbye")."""
+    import base64
+    import os
+    import socket
+
+    run = make_daemon(build=LIVE / "v1", drain_timeout=1, stop_timeout=60)
+    sock = socket.create_connection(("127.0.0.1", run.listen_port), timeout=30)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        payload = b"x" * 1_000_000
+        mask = os.urandom(4)
+        masked = payload  # a binary frame: what it says once unmasked is irrelevant
+        frame = b"\x82\xff" + len(payload).to_bytes(8, "big") + mask + masked
+        sock.settimeout(0.5)
+        sent = 0
+        for _ in range(20):  # until the app's echoes fill every buffer on the way back
+            try:
+                sock.sendall(frame)
+                sent += 1
+            except socket.timeout:
+                break
+        wait_until(lambda: run.status()["active"]["long_lived"] == {"websocket": 1}, 30, "the socket, counted")
+        phases = swap(run, LIVE / "v2")
+        drain = phases["drain"]
+        assert drain["long_lived_cut"] == {"websocket": 1} and drain["long_lived_clean"] == 0, drain
+        assert "still queued for a client that does not read" in drain["not_clean_why"], drain
+    finally:
+        sock.close()

@@ -141,3 +141,29 @@ stream {{
         stop_all([run])
     finally:
         user.close()
+
+
+def test_a_call_still_running_at_drain_timeout_is_said_to_be_cut(make_daemon: Any) -> None:
+    """A client that sends big calls and reads no answer is never between two calls: at
+    drain.timeout its connection is cut, and the drain says it was cut (TCP has no goodbye)."""
+    import struct
+
+    run = tcp_daemon(make_daemon, drain_timeout=1, stop_timeout=60)
+    conn = socket.create_connection(("127.0.0.1", run.listen_port), timeout=30)
+    try:
+        payload = b"x" * 1_000_000
+        conn.settimeout(0.5)
+        for _ in range(20):  # until the answers nobody reads fill every buffer on the way back
+            try:
+                conn.sendall(struct.pack("!I", len(payload)) + payload)
+            except socket.timeout:
+                break
+        wait_until(lambda: run.status()["active"]["long_lived"] == {"tcp": 1}, 30, "the connection, counted")
+        r = run.cli("swap", str(TCP / "v2"), "--json", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        drain = next(e for e in map(json.loads, r.stdout.splitlines()) if e.get("event") == "drain"
+                     and e.get("status") == "done")
+        assert drain["long_lived_cut"] == {"tcp": 1} and drain["long_lived_clean"] == 0, drain
+        assert drain["closed_between_calls"] == 0 and drain["not_clean_why"], drain
+    finally:
+        conn.close()

@@ -41,7 +41,7 @@ class Drain:
         self.held_late = False  # the proxy still held on to the port at drain.timeout
         self.between_calls = 0  # a TCP service's connections closed between two calls
         self.clean = 0  # long-lived connections closed with their protocol's goodbye (not a reset)
-        self.unclean = ""  # why some were reset instead
+        self.unclean = ""  # why some were cut or reset instead
 
     def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
         """(short connections in flight, long-lived ones by kind) on the port now."""
@@ -61,10 +61,10 @@ class Drain:
             self.tried.update(c.inode for c in conns)
             if not conns:
                 continue
-            clean, reset, unclean, why = goodbye.close(conns, kind, self.port, self.protocol)
+            clean, cut, unclean, why = goodbye.close(conns, kind, self.port, self.protocol)
             self.unclean = self.unclean or unclean
-            if clean + reset:
-                self.cut[kind] = self.cut.get(kind, 0) + clean + reset
+            if clean + cut:
+                self.cut[kind] = self.cut.get(kind, 0) + clean + cut
             self.clean += clean
             self.cut_why = self.cut_why or why
         self.seen = set()
@@ -77,9 +77,9 @@ class Drain:
         if not idle:
             return
         self.tried.update(c.inode for c in idle)
-        clean, reset, unclean, why = goodbye.close(idle, "tcp", self.port)
+        clean, cut, unclean, why = goodbye.close(idle, "tcp", self.port, between_calls=True)
         self.unclean = self.unclean or unclean
-        self.between_calls += clean + reset
+        self.between_calls += clean + cut
         self.cut_why = self.cut_why or why
         long["tcp"] = [c for c in long["tcp"] if c not in idle]
         if not long["tcp"]:
@@ -100,8 +100,8 @@ class Drain:
             "still_open": short,  # short connections the old build still had at drain.timeout (its stop decides)
             "timed_out": bool(short or (held_late and not self.cut)) and not died,
             "long_lived_cut": self.cut,  # by kind: closed by the daemon at the grace
-            "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye, not a reset
-            "reset_why": self.unclean,  # why the others were reset
+            "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye
+            "not_clean_why": self.unclean,  # why the others were cut or reset
             "long_lived_ended": self.ended,  # closed by the client or the app within the grace
             "closed_between_calls": self.between_calls,  # a TCP service's idle connections, closed at once
             "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)

@@ -9,12 +9,14 @@ the peer (nginx) reads the goodbye, then an orderly end of stream, and passes bo
   properly (an EventSource then reconnects after its retry delay);
 - a gRPC call on a listed path (a stream): its trailers, grpc-status 14 UNAVAILABLE "going
   away", which clients retry (nginx opens one HTTP/2 connection per call to the app: stream 1);
-- anything else (an HTTP request on a listed path, a TCP service's connection): the orderly end.
+- a TCP service's connection between two calls: the orderly end, which its pool expects.
 
 The goodbye is written only when everything the app wrote has been sent (so it cannot land
 inside a message still queued), in one write, which the kernel never interleaves with the app's
-own writes. Where no copy can be taken (no permission, the app gone), the connection is
-destroyed instead (sockets.destroy: a reset).
+own writes. Otherwise the connection is cut, and counted so: a client that does not read (data
+still queued for it), an HTTP long poll or a TCP call in flight (no goodbye exists for them).
+Where no copy can be taken (no permission, the app gone), it is destroyed (sockets.destroy: a
+reset). The write side is shut only: a client's own close frame in answer is still read.
 """
 
 from __future__ import annotations
@@ -63,40 +65,49 @@ def owners(port: int) -> dict[int, tuple[int, int]]:
     return found
 
 
-def close(conns: list[sockets.Conn], kind: str, port: int, protocol: str = "http") -> tuple[int, int, str, str]:
-    """Close `conns` (of one kind) on `port`: (closed with their goodbye or an orderly end, closed
-    by a reset instead, why a reset was needed, why some could not be closed at all: "" if none)."""
+def close(conns: list[sockets.Conn], kind: str, port: int, protocol: str = "http",
+          between_calls: bool = False) -> tuple[int, int, str, str]:
+    """Close `conns` (of one kind) on `port`. Returns (closed cleanly: with their protocol's
+    goodbye, or between two calls; closed otherwise: cut or reset; why some were not closed
+    cleanly; why some could not be closed at all: "" if none)."""
     where = owners(port) if conns else {}
-    clean, rest, unclean = 0, [], ""
+    clean, cut, rest, unclean = 0, 0, [], ""
+    goodbye = goodbye_of(kind, protocol)
     for conn in conns:
-        problem = ("no process serving the port holds it" if conn.inode not in where else
-                   _say_goodbye(*where[conn.inode], goodbye_of(kind, protocol), conn.not_sent == 0))
+        queued = bool(conn.not_sent)
+        if conn.inode not in where:
+            problem: str | None = "no process serving the port holds it"
+        else:
+            said, problem = _say_goodbye(*where[conn.inode], b"" if queued else goodbye)
         if problem:
             rest.append(conn)
-            unclean = unclean or problem
-        else:
+            unclean = unclean or f"reset: {problem}"
+        elif (said and goodbye) or (between_calls and not queued):
             clean += 1
+        else:
+            cut += 1
+            unclean = unclean or (f"cut with {conn.not_sent} bytes still queued for a client that does not read"
+                                  if queued else f"a {kind} connection has no goodbye: cut")
     reset, why = sockets.destroy(rest) if rest else (0, "")
-    return clean, reset, unclean, why
+    return clean, cut + reset, unclean, why
 
 
-def _say_goodbye(pid: int, fd: int, goodbye: bytes, all_sent: bool) -> str | None:
-    """Write `goodbye` (if the send queue is empty) and shut the connection down; what went
-    wrong, or None."""
+def _say_goodbye(pid: int, fd: int, goodbye: bytes) -> tuple[bool, str | None]:
+    """Write `goodbye` (b"": none) and shut the connection's write side: (whether the goodbye went
+    out whole, what went wrong: None if nothing)."""
     try:
         sock = _copy(pid, fd)
     except OSError as e:
-        return f"no copy of pid {pid}'s socket ({e.strerror})"
+        return False, f"no copy of pid {pid}'s socket ({e.strerror})"
     said = False
     try:
-        if goodbye and all_sent:
-            # A few bytes into an empty send queue: all of them, or none.
+        if goodbye:  # a few bytes into an empty send queue: all of them, or none
             said = sock.send(goodbye, socket.MSG_DONTWAIT) == len(goodbye)
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_WR)
     except OSError as e:
         # nginx may have read the goodbye and closed its side before our shutdown: that is the end we meant
         if not (said and e.errno in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)):
-            return f"pid {pid}'s socket: {e.strerror}"
+            return False, f"pid {pid}'s socket: {e.strerror}"
     finally:
         sock.close()  # our copy only: the app's descriptor stays its own
-    return None
+    return said, None
