@@ -4,8 +4,8 @@ connections counted from outside it (sockets.py).
 Short requests are waited for, up to drain.timeout. Long-lived ones (WebSockets, event streams,
 listed paths: nginx connects them from their own loopback address, sockets.LONG_LIVED) would
 hold a release for as long as a client stays: they get drain.long_lived_grace to end by
-themselves, then the daemon closes them (sockets.destroy) and their clients reconnect, to the
-new build. Neither waits for the other.
+themselves, then the daemon closes them (goodbye.py: with their protocol's goodbye where it
+can) and their clients reconnect, to the new build. Neither waits for the other.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Drain:
         self.between_calls = 0  # a TCP service's connections closed between two calls
         self.clean = 0  # long-lived connections closed with their protocol's goodbye (not a reset)
         self.unclean = ""  # why some were cut or reset instead
+        self.pids: set[int] | None = None  # the processes serving the port (a /proc scan: once)
 
     def open(self) -> tuple[int, dict[str, list[sockets.Conn]]]:
         """(short connections in flight, long-lived ones by kind) on the port now."""
@@ -54,6 +55,12 @@ class Drain:
                 long.setdefault(kind, []).append(conn)
         return short, long
 
+    def serving(self) -> set[int]:
+        """The processes that hold the old build's listener: theirs are the sockets to close."""
+        if self.pids is None:
+            self.pids = sockets.listening_pids(self.port)
+        return self.pids
+
     def close_long_lived(self, long: dict[str, list[sockets.Conn]]) -> None:
         """The grace is over: close what is left (once each); count by kind what was closed."""
         for kind, all_conns in long.items():
@@ -61,7 +68,7 @@ class Drain:
             self.tried.update(c.inode for c in conns)
             if not conns:
                 continue
-            clean, cut, unclean, why = goodbye.close(conns, kind, self.port, self.protocol)
+            clean, cut, unclean, why = goodbye.close(conns, kind, self.serving(), self.protocol)
             self.unclean = self.unclean or unclean
             if clean + cut:
                 self.cut[kind] = self.cut.get(kind, 0) + clean + cut
@@ -77,7 +84,7 @@ class Drain:
         if not idle:
             return
         self.tried.update(c.inode for c in idle)
-        clean, cut, unclean, why = goodbye.close(idle, "tcp", self.port, between_calls=True)
+        clean, cut, unclean, why = goodbye.close(idle, "tcp", self.serving(), between_calls=True)
         self.unclean = self.unclean or unclean
         self.between_calls += clean + cut
         self.cut_why = self.cut_why or why

@@ -40,6 +40,7 @@ def goodbye_of(kind: str, protocol: str) -> bytes:
     """What a connection of `kind` to an app speaking `protocol` is told before it is closed."""
     return GRPC_GOING_AWAY if protocol == "grpc" and kind == "path" else GOODBYE.get(kind, b"")
 
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -56,21 +57,21 @@ def _copy(pid: int, fd: int) -> socket.socket:
     return socket.socket(fileno=ours)
 
 
-def owners(port: int) -> dict[int, tuple[int, int]]:
-    """Socket inode -> (pid, fd) for the processes serving `port` (those holding its listener)."""
+def owners(pids: set[int]) -> dict[int, tuple[int, int]]:
+    """Socket inode -> (pid, fd) for the processes serving a port (sockets.listening_pids)."""
     found: dict[int, tuple[int, int]] = {}
-    for pid in sockets.listening_pids(port):
+    for pid in pids:
         for inode, fd in procs.socket_fds(pid).items():
             found.setdefault(inode, (pid, fd))
     return found
 
 
-def close(conns: list[sockets.Conn], kind: str, port: int, protocol: str = "http",
+def close(conns: list[sockets.Conn], kind: str, pids: set[int], protocol: str = "http",
           between_calls: bool = False) -> tuple[int, int, str, str]:
-    """Close `conns` (of one kind) on `port`. Returns (closed cleanly: with their protocol's
-    goodbye, or between two calls; closed otherwise: cut or reset; why some were not closed
-    cleanly; why some could not be closed at all: "" if none)."""
-    where = owners(port) if conns else {}
+    """Close `conns` (of one kind), held by the processes `pids` serving their port. Returns
+    (closed cleanly: with their protocol's goodbye, or between two calls; closed otherwise: cut
+    or reset; why some were not closed cleanly; why some could not be closed at all: "" if none)."""
+    where = owners(pids) if conns else {}
     clean, cut, rest, unclean = 0, 0, [], ""
     goodbye = goodbye_of(kind, protocol)
     for conn in conns:

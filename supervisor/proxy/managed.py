@@ -21,7 +21,7 @@ from ..fsutil import atomic_write
 from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
-from .render import TEMP_KINDS, render_managed_conf, render_stream_upstream, render_upstream, runtime_part
+from .render import TEMP_KINDS, render_managed_conf, runtime_part, upstream_text
 
 
 class ManagedNginx:
@@ -137,9 +137,7 @@ class ManagedNginx:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, self._conf())
         upstream = (runtime_part(self.config, self.route_path, self.control_path, preload=False) if self.runtime else
-                    render_stream_upstream(self.n.upstream_name, port) if self.config.app.protocol == "tcp" else
-                    render_upstream(self.n.upstream_name, port, release=self.config.release,
-                                    long_paths=self.config.drain.long_lived_paths))
+                    upstream_text(self.config, port))
         try:
             atomic_write(self.upstream_path, upstream.encode())
         except OSError as e:

@@ -23,7 +23,7 @@ from ..fsutil import UndoableFile
 from ..processes import procs
 from .front import RoutingLock, StagedRoute, routing
 from .master import Master, PLAIN_WORKER, run_command, workers
-from .render import parse_upstream_port, render_stream_upstream, render_upstream
+from .render import parse_upstream_port, upstream_text
 
 POLL = 0.005
 STEADY = 0.1  # seconds a new generation's worker count must hold when it is short of the expected one
@@ -43,10 +43,7 @@ class ReloadSwitch(StagedRoute):
         self.n = config.nginx
         self.master = master
         # What the upstream file holds for a port: the upstream block, or the runtime switch's part.
-        self.render = render or (
-            (lambda port: render_stream_upstream(self.n.upstream_name, port)) if config.app.protocol == "tcp" else
-            (lambda port: render_upstream(self.n.upstream_name, port, self.preview_port, config.release,
-                                          self.preview_token, config.drain.long_lived_paths)))
+        self.render = render or (lambda port: upstream_text(config, port, self.preview_port, self.preview_token))
         self.preview_port: int | None = None  # where preview requests go (a paused swap's standby)
         self.preview_token = ""  # what their header or cookie must say ("": 1)
         self.upstream = self.staged = UndoableFile(master.upstream_path)

@@ -12,8 +12,8 @@ import textwrap
 from pathlib import Path
 
 from ..config.host import LUA_MODULES, STREAM_MODULE
-from ..processes.sockets import LONG_LIVED
 from ..config.schema import Config, ReleaseConfig
+from ..processes.sockets import LONG_LIVED
 
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data: nginx's config, with {{ fields }}
@@ -42,17 +42,22 @@ def quote(path: Path | str) -> str:
     return '"' + str(path) + '"'
 
 
+def _variable(name: str, suffix: str) -> str:
+    """An nginx variable named after the upstream (`my-app` -> `my_app_route`)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) + suffix
+
+
 def route_variable(name: str) -> str:
     """The variable naming the upstream each request goes to (the preview's, or the main one):
     `proxy_pass http://$<name>_route;` (the managed nginx uses it; with your own nginx, the preview
     needs it too)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_route"
+    return _variable(name, "_route")
 
 
 def bind_variable(name: str) -> str:
     """The variable naming the address nginx connects a request to the app from: 127.0.0.1, or a
     long-lived kind's own (sockets.LONG_LIVED). `proxy_bind $<name>_bind;` in the location."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", name) + "_bind"
+    return _variable(name, "_bind")
 
 
 def long_lived_maps(name: str, paths: tuple[str, ...] = ()) -> str:
@@ -91,6 +96,22 @@ def render_stream_upstream(name: str, port: int) -> str:
     """The upstream a TCP service's stream {} block proxies to (no preview, no maps: the stream
     module sees no header)."""
     return fill("stream-upstream.conf", name=name, port=port)
+
+
+def upstream_text(config: Config, port: int, preview: int | None = None, token: str = "") -> str:
+    """What the reload switch's upstream file holds for this app: a stream upstream (a TCP
+    service), or the http upstream with its preview and long-lived maps."""
+    name = config.nginx.upstream_name
+    if config.app.protocol == "tcp":
+        return render_stream_upstream(name, port)
+    return render_upstream(name, port, preview, config.release, token, config.drain.long_lived_paths)
+
+
+def shutdown_timeout(config: Config) -> int:
+    """worker_shutdown_timeout: one second past the longer of the drain timeout and the long-lived
+    grace. The daemon's own deadlines act first and count what they close; nginx's is the
+    backstop (e.g. when the daemon itself is gone)."""
+    return math.ceil(max(config.drain.timeout, config.drain.grace)) + 1
 
 
 def parse_upstream_port(text: str) -> int | None:
@@ -203,9 +224,6 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
         return render_tcp_conf(config, prefix, upstream)
     user = _user(config)
     temp = "\n".join(f"    {kind}_temp_path {quote(prefix / 'temp' / kind)};" for kind in TEMP_KINDS)
-    # One second past the drain timeout: the daemon's own deadline acts first and counts what it
-    # cuts; nginx's is the backstop (e.g. when the daemon itself is gone).
-    drain = math.ceil(max(config.drain.timeout, config.drain.grace)) + 1
     modules = "".join(f"load_module {m};\n" for m in LUA_MODULES) if runtime else ""
     seed = textwrap.indent(render_seed(n.upstream_name, prefix / "route"), "    ") if runtime else ""
     private = f"        location ^~ {CONTROL} {{ return 404; }}\n" if runtime else ""
@@ -214,7 +232,8 @@ def render_managed_conf(config: Config, prefix: Path, upstream: Path, runtime: b
     grpc = config.app.protocol == "grpc"
     return fill("nginx.conf", config_path=config.path, load_modules=modules, user=user,
                 worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
-                error_log=quote(prefix / "error.log"), shutdown_timeout=drain, access_log=quote(prefix / "access.log"),
+                error_log=quote(prefix / "error.log"), shutdown_timeout=shutdown_timeout(config),
+                access_log=quote(prefix / "access.log"),
                 temp_paths=temp, upstream_file=quote(upstream), seed=seed, private_control=private,
                 listen=n.listen + (" http2" if grpc else ""), worker_connections=n.worker_connections,
                 location=fill("location-grpc.conf" if grpc else "location-http.conf", target=target,
@@ -231,6 +250,6 @@ def render_tcp_conf(config: Config, prefix: Path, upstream: Path) -> str:
     n = config.nginx
     return fill("nginx-tcp.conf", config_path=config.path, stream_module=STREAM_MODULE, user=_user(config),
                 worker_processes=n.worker_processes, pid_file=quote(prefix / "nginx.pid"),
-                error_log=quote(prefix / "error.log"), shutdown_timeout=math.ceil(config.drain.grace) + 1,
+                error_log=quote(prefix / "error.log"), shutdown_timeout=shutdown_timeout(config),
                 worker_connections=n.worker_connections, access_log=quote(prefix / "access.log"),
                 upstream_file=quote(upstream), listen=n.listen, name=n.upstream_name, bind=LONG_LIVED["tcp"])
