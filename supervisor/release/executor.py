@@ -217,10 +217,11 @@ class SlotOps:
             log.warning("drain of %s: %s", old.slot, result["warning"])
         if result["long_lived_left"]:
             self.still_open += result["long_lived_left"]
-            result["warning"] = (f"{result['long_lived_left']} long-lived connection(s) could not be closed at "
-                                 f"drain.long_lived_grace ({result['cut_error']}): the old build gets {stop.signal.name}"
-                                 f" now, and SIGKILL after app.stop.timeout ({stop.timeout:g}s) if they hold it")
-            log.warning("drain of %s: %s", old.slot, result["warning"])
+            left = (f"{result['long_lived_left']} long-lived connection(s) could not be closed at "
+                    f"drain.long_lived_grace ({result['cut_error']}): the old build gets {stop.signal.name} now, "
+                    f"and SIGKILL after app.stop.timeout ({stop.timeout:g}s) if they hold it")
+            result["warning"] = f"{result['warning']}; {left}" if result.get("warning") else left
+            log.warning("drain of %s: %s", old.slot, left)
         if result["long_lived_cut"]:
             log.info("drain of %s: closed long-lived connections at the grace: %s", old.slot, result["long_lived_cut"])
         del result["after"]
