@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from . import goodbye, sockets
 
 CUT_SETTLE = 1.0  # seconds the proxy gets to let go once the long-lived connections it held are closed
+QUEUED = 0.5  # seconds past the grace a connection with data still queued gets to send it (then its goodbye)
 
 
 class Watched(Protocol):
@@ -61,10 +62,16 @@ class Drain:
             self.pids = sockets.listening_pids(self.port)
         return self.pids
 
-    def close_long_lived(self, long: dict[str, list[sockets.Conn]]) -> None:
-        """The grace is over: close what is left (once each); count by kind what was closed."""
+    def close_long_lived(self, long: dict[str, list[sockets.Conn]], now: float) -> bool:
+        """The grace is over: close what is left (once each); count by kind what was closed. A
+        connection whose app still has data queued (a peer slow for a moment) gets up to QUEUED
+        more, so that its goodbye can follow; True while some wait so."""
+        waiting = False
         for kind, all_conns in long.items():
             conns = [c for c in all_conns if c.inode not in self.tried]
+            if now < self.long_deadline + QUEUED and any(c.not_sent for c in conns):
+                waiting = True
+                conns = [c for c in conns if not c.not_sent]
             self.tried.update(c.inode for c in conns)
             if not conns:
                 continue
@@ -75,6 +82,7 @@ class Drain:
             self.clean += clean
             self.cut_why = self.cut_why or why
         self.seen = set()
+        return waiting
 
     def close_between_calls(self, long: dict[str, list[sockets.Conn]]) -> None:
         """A TCP service's connections (a pooled client's) are closed as soon as they are between
@@ -148,17 +156,18 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
             short, long = d.open()
             d.close_between_calls(long)
             d.count_ended(long)
+            queued = False
             if long and now >= d.long_deadline:
-                d.close_long_lived(long)
+                queued = d.close_long_lived(long, now)
                 long = {}
             if now >= d.deadline and d.late is None:  # what drain.timeout leaves to the stop signal
                 d.late, d.held_late = short, not proxy.done()
-            if proxy.done() and not short and not long:
+            if proxy.done() and not short and not long and not queued:
                 break
             # Past both deadlines: done, unless old nginx workers (no short request left) are letting
             # go of the long-lived connections just closed.
             settling = d.cut and not proxy.done() and not short and now < end + CUT_SETTLE
-            if now >= end and not settling:
+            if now >= end and not settling and not queued:
                 break
             if proxy.done():
                 await asyncio.sleep(interval)
