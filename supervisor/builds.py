@@ -45,6 +45,10 @@ def workdir(build: Path) -> Path:
 def check_build(build: Path) -> Path:
     """The build's real path: a `current -> releases/42` link is resolved now, at release time,
     so status, rollback and crash restarts name (and restart) what was released."""
+    if "\0" in str(build):  # no file has such a name (the kernel's paths end at it)
+        at = str(build).index("\0")
+        raise BuildError(f"build path {clip(str(build))} holds a NUL byte (\\0) at character {at + 1}: no file "
+                         "can be named so; send the path without it")
     if not build.is_absolute():
         raise BuildError(f"build path {clip(str(build))} must be absolute (the CLI resolves relative paths for you)")
     try:

@@ -90,11 +90,31 @@ def drain_line(event: dict[str, Any]) -> str:
     if event.get("closed_between_calls"):
         text += (f"; closed {event['closed_between_calls']} TCP connection(s) between two calls: their clients' "
                  "next call goes to the new build")
+    if event.get("calls_cut"):
+        text += f"; {calls_cut(event)}"
+    if event.get("calls_unknown"):
+        text += f"; {calls_unknown(event)}"
     if event.get("long_lived_ended"):
         text += f"; {event['long_lived_ended']} long-lived connection(s) ended by themselves"
     if event.get("long_lived_left"):
         text += f"; {event['long_lived_left']} long-lived connection(s) could not be closed ({event['cut_error']})"
     return text
+
+
+def calls_cut(event: dict[str, Any]) -> str:
+    """How many of a TCP service's calls the drain cut, and how (the swap's warning says the same)."""
+    how = []
+    if event.get("calls_cut_in_flight"):
+        how.append(f"{event['calls_cut_in_flight']} in flight at drain.long_lived_grace (its connection never rested)")
+    if event.get("calls_cut_arrived"):
+        how.append(f"{event['calls_cut_arrived']} sent as its connection was being closed")
+    return f"CUT {event['calls_cut']} call(s): " + ", ".join(how) + "; their clients got an error"
+
+
+def calls_unknown(event: dict[str, Any]) -> str:
+    """A TCP service's connections closed at the grace whose state nothing proved."""
+    return (f"{event['calls_unknown']} TCP connection(s) closed at drain.long_lived_grace without proof that no call "
+            "was in flight: up to as many call(s) may have been cut")
 
 
 def ago(t: float | None) -> str:

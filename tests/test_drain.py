@@ -61,6 +61,13 @@ def test_proc_fallback_agrees_with_netlink(listener: socket.socket) -> None:
             s.close()
 
 
+def this_process() -> set[int]:
+    """The test itself holds the app's side of these connections (the /proc scans skip it)."""
+    import os
+
+    return {os.getpid()}
+
+
 def connect_from(address: str, port: int) -> socket.socket:
     """A client connection from `address` (what nginx's proxy_bind does for a long-lived request)."""
     c = socket.socket()
@@ -71,10 +78,10 @@ def connect_from(address: str, port: int) -> socket.socket:
 
 def test_long_lived_connections_are_told_apart_by_the_address_nginx_connects_from(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    clients = [connect_from(a, port) for a in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.4")]
+    clients = [connect_from(a, port) for a in ("127.0.0.1", "127.0.0.2", "127.0.0.4", "127.0.0.4", "127.0.0.5")]
     accepted = [listener.accept()[0] for _ in clients]
     try:
-        assert sockets.long_lived(port) == {"websocket": 1, "event-stream": 2, "path": 1}
+        assert sockets.long_lived(port) == {"websocket": 1, "path": 2, "tcp": 1}
         ours = {c.getsockname()[1] for c in clients}  # (a port freed by another test may still have peers)
         by_proc = sorted(c.remote for c in sockets._proc_scan(port, sockets.INFLIGHT_STATES) if c.remote_port in ours)
         by_netlink = sorted(c.remote for c in sockets.connections(port) if c.remote_port in ours)
@@ -86,22 +93,21 @@ def test_long_lived_connections_are_told_apart_by_the_address_nginx_connects_fro
 
 def test_the_drain_closes_long_lived_connections_at_their_grace_and_still_waits_for_short_ones(
         listener: socket.socket) -> None:
-    """Grace 0.2 s, timeout 30 s: the event stream is closed (its client sees a reset) while a
-    short request goes on; the drain ends when the short one ends, not at its timeout."""
+    """Grace 0.2 s, timeout 30 s: the listed path's stream is closed (its client reads the end,
+    with no goodbye: none is proven safe for a listed path) while a short request goes on; the
+    drain ends when the short one ends, not at its timeout."""
     import asyncio
     import threading
 
     from supervisor.processes.drain import wait_drained
 
     port = listener.getsockname()[1]
-    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.3", port)
+    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.4", port)
     accepted = [listener.accept()[0] for _ in range(2)]
     reset = threading.Event()
 
     def client_reads() -> None:
-        try:
-            stream.recv(1)
-        except ConnectionResetError:
+        if stream.recv(1) == b"":
             reset.set()
             accepted[0].close()  # the short request's answer: it ends once the stream was closed
             short.close()
@@ -111,9 +117,9 @@ def test_the_drain_closes_long_lived_connections_at_their_grace_and_still_waits_
 
     threading.Thread(target=client_reads, daemon=True).start()
     try:
-        result = asyncio.run(wait_drained(port, no_proxy, timeout=30, interval=0.01, grace=0.2))
+        result = asyncio.run(wait_drained(port, no_proxy, timeout=30, interval=0.01, grace=0.2, holders=this_process))
         assert reset.is_set()
-        assert result["long_lived_cut"] == {"event-stream": 1}
+        assert result["long_lived_cut"] == {"path": 1} and result["long_lived_clean"] == 0
         assert not result["timed_out"] and result["still_open"] == 0 and result["long_lived_left"] == 0
     finally:
         for s in [short, stream, *accepted]:
@@ -122,15 +128,22 @@ def test_the_drain_closes_long_lived_connections_at_their_grace_and_still_waits_
 
 def test_a_close_the_kernel_refuses_is_reported_with_its_reason(listener: socket.socket,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A daemon without CAP_NET_ADMIN cannot close another process's connection: the drain says
-    how many it could not close and why, and ends at its deadline."""
+    """A daemon without root can neither take a copy of another process's socket nor destroy its
+    connection: the drain says how many it could not close and why, and ends at its deadline."""
     import asyncio
+    import errno
 
+    from supervisor.processes import copies
     from supervisor.processes.drain import wait_drained
 
     port = listener.getsockname()[1]
-    ws = connect_from("127.0.0.2", port)
+    ws = connect_from("127.0.0.4", port)
     accepted = listener.accept()[0]
+
+    def refused(pid: int, fd: int, inode: int) -> socket.socket:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(copies, "take", refused)
     monkeypatch.setattr(sockets, "destroy", lambda conns: (0, "Operation not permitted (needs CAP_NET_ADMIN)"))
 
     async def no_proxy(port: int, deadline: float) -> int:
@@ -154,7 +167,7 @@ def test_a_short_request_past_drain_timeout_is_reported_even_when_the_grace_is_l
     from supervisor.processes.drain import wait_drained
 
     port = listener.getsockname()[1]
-    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.3", port)
+    short, stream = connect_from("127.0.0.1", port), connect_from("127.0.0.4", port)
     accepted = [listener.accept()[0] for _ in range(2)]
     done = threading.Timer(0.3, lambda: (accepted[0].close(), short.close()))  # the short one ends at 0.3 s
 
@@ -165,7 +178,7 @@ def test_a_short_request_past_drain_timeout_is_reported_even_when_the_grace_is_l
     try:
         result = asyncio.run(wait_drained(port, no_proxy, timeout=0.1, interval=0.01, grace=0.6))
         assert result["timed_out"] and result["still_open"] == 1
-        assert result["long_lived_cut"] == {"event-stream": 1}
+        assert result["long_lived_cut"] == {"path": 1}
     finally:
         done.cancel()
         for s in [short, stream, *accepted]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -64,19 +65,31 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     }
 
 
+MEASURED_FOR = 1.0  # seconds an app's memory and connection counts are reused by the next status
+_measured: dict[int, tuple[float, dict[str, Any]]] = {}  # pid -> (when, what)
+
+
 def _with_rss(p: dict[str, Any]) -> dict[str, Any]:
     """The resident memory of the app's whole tree (a start script's server included), and the
-    long-lived connections (WebSockets, event streams, listed paths) open to it, by kind."""
+    long-lived connections (WebSockets, event streams, listed paths) open to it, by kind. Finding
+    the tree reads every process on the host: measured once per MEASURED_FOR, so that a burst of
+    status commands (a monitoring loop) costs one scan."""
     import psutil  # the daemon's side: not imported by the CLI
 
     from ..processes import sockets
 
-    p["long_lived"] = sockets.long_lived(p["port"])
-    try:
-        root = psutil.Process(p["pid"])
-        p["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        p["rss"] = None
+    when, facts = _measured.get(p["pid"], (0.0, {}))
+    if time.monotonic() - when >= MEASURED_FOR:
+        facts = {"long_lived": sockets.long_lived(p["port"])}
+        try:
+            root = psutil.Process(p["pid"])
+            facts["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
+        except psutil.Error:
+            facts["rss"] = None
+        for pid in [pid for pid, (t, _) in _measured.items() if time.monotonic() - t >= MEASURED_FOR]:
+            del _measured[pid]  # processes gone or not asked about: forgotten
+        _measured[p["pid"]] = (time.monotonic(), facts)
+    p.update(facts)
     return p
 
 

@@ -492,14 +492,14 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("interval", _positive, 0.02,
             "seconds between two in-flight counts"),
         Key("long_lived_grace", _optional_seconds_or_zero, None,
-            "seconds long-lived connections to the old build (WebSockets, event streams, "
-            "`long_lived_paths`) get after the switch to end by themselves; then the daemon closes "
+            "seconds long-lived connections to the old build (WebSockets, `long_lived_paths`, a TCP "
+            "service's pooled connections) get after the switch to end by themselves; then the daemon closes "
             "them and their clients reconnect, to the new build. Short requests never wait for them",
             shown="`drain.timeout`"),
         Key("long_lived_paths", _url_paths, [],
             "paths whose requests are long-lived too (a path, or a prefix ending in `/`), besides "
-            "`Upgrade: websocket` requests and those that accept `text/event-stream`: long polling, "
-            "streamed downloads"),
+            "WebSockets: event streams, long polling, streamed downloads. A request header alone "
+            "(`Accept: text/event-stream`) never makes a request long-lived"),
     ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed",

@@ -27,6 +27,7 @@ from ..config.schema import DaemonConfig
 from ..errors import BluegreenError, RequestError
 from ..processes import procs
 from ..release.history import PEER
+from ..aio import within
 
 log = logging.getLogger("bluegreen.control")
 OUTBOX = 1 << 20  # bytes of progress events a client may leave unread; then they are left out, counted
@@ -65,7 +66,8 @@ class ControlServer:
         self._remove_stale()
         old = os.umask(0o177)  # the socket is born 0600: only its owner may drive swaps
         try:
-            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=protocol.MAX_LINE + 1)
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=protocol.MAX_LINE + 1,
+                                                          backlog=_somaxconn())
         finally:
             os.umask(old)
         if self.config.socket_group:
@@ -123,7 +125,7 @@ class ControlServer:
                                      "daemon.allow_groups", code="forbidden")
             timeout = self.config.client_timeout
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+                line = await within(reader.readuntil(b"\n"), timeout)
             except asyncio.IncompleteReadError as e:
                 line = e.partial  # `printf status | socat` sends no newline
                 if not line:
@@ -187,10 +189,10 @@ async def _finish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     """Deliver what was written, say EOF, and read what the client still sends before closing:
     closing a Unix socket with unread input resets the peer, which could lose the reply."""
     try:
-        await asyncio.wait_for(writer.drain(), 5)
+        await within(writer.drain(), 5)
         if writer.can_write_eof():
             writer.write_eof()
-        await asyncio.wait_for(_discard(reader), 1.0)
+        await within(_discard(reader), 1.0)
     except (ConnectionError, OSError, asyncio.TimeoutError, asyncio.CancelledError, asyncio.LimitOverrunError):
         pass
     writer.close()
@@ -211,3 +213,12 @@ def _peer(sock: socket.socket | None) -> dict[str, Any] | None:
     except KeyError:
         user = str(uid)
     return {"user": user, "uid": uid, "gid": gid, "pid": pid}
+
+
+def _somaxconn() -> int:
+    """The longest listen backlog the kernel allows: a monitoring loop's burst of status commands
+    waits in it instead of being refused (asyncio's default is 100)."""
+    try:
+        return max(100, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    except (OSError, ValueError):
+        return 4096

@@ -24,6 +24,7 @@ from ..errors import BluegreenError, PortInUse
 from ..processes import sockets
 from ..processes.sockets import LONG_LIVED
 from ..state import DaemonStatus
+from ..aio import within
 
 if TYPE_CHECKING:
     from ..release.app import App
@@ -157,7 +158,7 @@ class Collector:
             inflight.add_metric([slot, str(port)], n.inflight.get(port, 0))
         yield inflight
         lived = GaugeMetricFamily("bluegreen_long_lived_connections", "Long-lived connections open to the slot's "
-                                  "port, by kind (websocket, event-stream, path: drain.long_lived_paths).",
+                                  "port, by kind (websocket, path: drain.long_lived_paths, tcp).",
                                   labels=["slot", "port", "kind"])
         for slot, port in n.ports.items():
             for kind in LONG_LIVED:
@@ -230,7 +231,7 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head = await within(reader.readuntil(b"\r\n\r\n"), 5)
             method, path = (head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""])[:2]
             if method != "GET":
                 status, body, kind = "405 Method Not Allowed", "only GET\n", "text/plain"
@@ -241,7 +242,7 @@ class MetricsServer:
             data = body.encode()
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(data)}\r\n"
                          "Connection: close\r\n\r\n".encode() + data)
-            await asyncio.wait_for(writer.drain(), 5)
+            await within(writer.drain(), 5)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
             pass
         except Exception:  # a scrape must never take the daemon down

@@ -25,6 +25,7 @@ from ..config.schema import Config, LogsConfig, machine_warnings
 from ..errors import BluegreenError
 from ..processes.logs import DaemonLog
 from ..protocol import Request
+from ..proxy.runtime import route_file_of
 from ..release.app import App
 from ..release.history import History
 from ..state import DaemonStatus
@@ -51,6 +52,8 @@ class Daemon:
         self.signals: asyncio.Queue[Any] = asyncio.Queue()
         self._lock_fd: int | None = None
         self._owner_fd: int | None = None  # the lock beside your upstream file (external mode)
+        self._created: list[Path] = []  # files this start added beside your upstream file: a failed start removes them
+        self._failed_start = False
         self.recorder = Recorder(self.started_at)
         self.history = History(self.state_dir / "history.jsonl", config.logs.max_bytes, config.logs.backups)
         self.app.keeper.observers += [self.recorder.swap_ended, self.history.record]
@@ -89,6 +92,7 @@ class Daemon:
                 log.error("start-up failed: %s", msg)
                 self.notifier.status(f"start-up failed: {msg.splitlines()[0]}")
                 code = 1
+                self._failed_start = True
             else:
                 self.app.set_status(DaemonStatus.SERVING)
                 self.notifier.ready(status_line(self.app))
@@ -102,6 +106,11 @@ class Daemon:
         stop_sig.cancel()
         await self.shutdown()
         return code
+
+    @property
+    def cleanup_bound(self) -> float:
+        """The longest a cancelled swap's or monitor's cleanups may take: drain a standby, then stop it."""
+        return self.config.drain.timeout + self.config.drain.grace + self.config.app.stop.timeout + FORCE_GRACE
 
     async def stop_requested(self) -> Any:
         """The next SIGTERM, SIGINT or `quit`. A SIGHUP on the way (logrotate's convention) reopens
@@ -170,11 +179,13 @@ class Daemon:
         if self.metrics is not None:
             await self.metrics.close()
         self._unlock()
+        for path in self._created if self._failed_start else ():  # your nginx's directory, as it was found
+            path.unlink(missing_ok=True)
         log.info("stopped")
 
     async def _graceful_shutdown(self) -> None:
         if self.monitor_task is not None:
-            await cancelled(self.monitor_task)
+            await cancelled(self.monitor_task, self.cleanup_bound)
         await self._shutdown_steps(graceful=True)
 
     async def _forced_shutdown(self) -> None:
@@ -230,7 +241,7 @@ class Daemon:
                 f"the daemon stopped during the {record.phase}: the old build ({old.slot}, pid {old.pid}) "
                 + ("was handed over to the next daemon, which drains and stops it" if app.keep_serving
                    else "is stopped with the daemon, once nginx has finished its requests"))
-        await cancelled(app.swap_task)
+        await cancelled(app.swap_task, self.cleanup_bound)
 
     def _lock(self) -> None:
         """One daemon per state_dir; with your nginx, also one per upstream file (two daemons
@@ -241,6 +252,7 @@ class Daemon:
         n = self.config.nginx
         if n.mode == "external" and n.upstream_file is not None:
             owner = n.upstream_file.parent / f".{n.upstream_file.name}.owner"  # (not *.conf: nginx never reads it)
+            self._created = [p for p in (owner, route_file_of(n.upstream_file)) if not p.exists()]
             try:
                 self._owner_fd = _take_lock(owner, self.state_dir, lambda other: BluegreenError(
                     f"nginx.upstream_file {n.upstream_file} is already written by another bluegreen daemon "
@@ -269,13 +281,17 @@ class Daemon:
         self._lock_fd = self._owner_fd = None
 
 
-async def cancelled(task: asyncio.Task[Any]) -> None:
-    """Cancel `task` and wait for it to end, cancelling again each second: on Python 3.11 a
-    cancellation that lands as an asyncio.wait_for completes is lost (CPython gh-86296), and a
-    shutdown must not wait for ever on a task that never heard it."""
-    while not task.done():
+async def cancelled(task: asyncio.Task[Any], bound: float) -> None:
+    """Cancel `task` once and wait for it to end: its shielded cleanups (a standby stopped, a
+    preview ended) run to their end and are recorded. No wait on its path loses a cancellation
+    (aio.within), so once is enough; past `bound` seconds (a cleanup that hangs) it is cancelled
+    again, and the shutdown goes on."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=bound)
+    if not task.done():
+        log.warning("%s did not end within %gs of its cancellation: cancelled again", task.get_name(), bound)
         task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
+        await asyncio.wait({task}, timeout=FORCE_GRACE)
 
 
 def status_line(app: App, event: dict[str, Any] | None = None) -> str:

@@ -14,10 +14,11 @@ import asyncio
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
-from . import goodbye, sockets
+from . import calls, goodbye, sockets
 
 CUT_SETTLE = 1.0  # seconds the proxy gets to let go once the long-lived connections it held are closed
 QUEUED = 0.5  # seconds past the grace a connection with data still queued gets to send it (then its goodbye)
+GOODBYE = {"websocket": goodbye.WEBSOCKET_GOING_AWAY}  # the only kind whose goodbye can be proven safe
 
 
 class Watched(Protocol):
@@ -28,8 +29,12 @@ class Drain:
     """One drain of `port`: the proxy's release (a task), the kernel's view of the port's
     connections, the two deadlines, and what was closed."""
 
-    def __init__(self, port: int, timeout: float, grace: float, interval: float, protocol: str = "http") -> None:
+    def __init__(self, port: int, timeout: float, grace: float, interval: float, protocol: str = "http",
+                 holders: Callable[[], set[int]] | None = None, nginx: Callable[[], set[int]] = set) -> None:
         self.port, self.interval, self.protocol = port, interval, protocol
+        self.holders = holders or (lambda: sockets.listening_pids(port))
+        self.nginx = nginx  # nginx's processes (its side of each connection proves a WebSocket)
+        self.unproven: set[int] = set()  # asked for a WebSocket, never switched to one: short requests
         self.began = time.monotonic()
         self.deadline = self.began + timeout  # short requests
         self.long_deadline = self.began + grace  # long-lived ones
@@ -40,7 +45,7 @@ class Drain:
         self.tried: set[int] = set()  # the ones the daemon tried to close
         self.late: int | None = None  # short connections still open at drain.timeout (None: not reached)
         self.held_late = False  # the proxy still held on to the port at drain.timeout
-        self.between_calls = 0  # a TCP service's connections closed between two calls
+        self.calls: calls.CallDrain | None = None  # a TCP service's connections, closed between two calls
         self.clean = 0  # long-lived connections closed with their protocol's goodbye (not a reset)
         self.unclean = ""  # why some were cut or reset instead
         self.pids: set[int] | None = None  # the processes serving the port (a /proc scan: once)
@@ -50,61 +55,56 @@ class Drain:
         short, long = 0, {}
         for conn in sockets.connections(self.port):
             kind = sockets.long_lived_kind(conn)
-            if kind is None:
+            if kind is None or conn.inode in self.unproven:
                 short += 1
             else:
                 long.setdefault(kind, []).append(conn)
         return short, long
 
     def serving(self) -> set[int]:
-        """The processes that hold the old build's listener: theirs are the sockets to close."""
+        """The processes of the old build (its listener's, and those its slot's markers name: a
+        cluster's workers may not hold the listener): theirs are the sockets to close."""
         if self.pids is None:
-            self.pids = sockets.listening_pids(self.port)
+            self.pids = self.holders()
         return self.pids
 
-    def close_long_lived(self, long: dict[str, list[sockets.Conn]], now: float) -> bool:
+    async def close_long_lived(self, long: dict[str, list[sockets.Conn]], now: float) -> bool:
         """The grace is over: close what is left (once each); count by kind what was closed. A
         connection whose app still has data queued (a peer slow for a moment) gets up to QUEUED
-        more, so that its goodbye can follow; True while some wait so."""
+        more, so that its goodbye can follow; True while some wait so. A request that asked for a
+        WebSocket and was not switched to one (goodbye.upgraded) is a short request after all: it
+        is waited for up to drain.timeout, like any."""
         waiting = False
         for kind, all_conns in long.items():
             conns = [c for c in all_conns if c.inode not in self.tried]
+            if kind == "websocket" and conns:
+                proven = goodbye.upgraded(conns, self.port, self.nginx())
+                self.unproven.update(c.inode for c in conns if c.inode not in proven)
+                conns = [c for c in conns if c.inode in proven]
             if now < self.long_deadline + QUEUED and any(c.not_sent for c in conns):
                 waiting = True
                 conns = [c for c in conns if not c.not_sent]
             self.tried.update(c.inode for c in conns)
             if not conns:
                 continue
-            clean, cut, unclean, why = goodbye.close(conns, kind, self.serving(), self.protocol)
-            self.unclean = self.unclean or unclean
-            if clean + cut:
-                self.cut[kind] = self.cut.get(kind, 0) + clean + cut
-            self.clean += clean
-            self.cut_why = self.cut_why or why
+            closed = await goodbye.close(conns, GOODBYE.get(kind, b""), self.serving())
+            self.unclean = self.unclean or closed.unclean
+            if closed.clean + closed.cut:
+                self.cut[kind] = self.cut.get(kind, 0) + closed.clean + closed.cut
+            self.clean += closed.clean
+            self.ended += closed.gone
+            self.cut_why = self.cut_why or closed.failed
         self.seen = set()
         return waiting
-
-    def close_between_calls(self, long: dict[str, list[sockets.Conn]]) -> None:
-        """A TCP service's connections (a pooled client's) are closed as soon as they are between
-        two calls, grace or not: the client's next call opens a new one, to the new build. Those
-        in a call are left until they answer, or until the grace."""
-        idle = [c for c in long.get("tcp", []) if c.idle and c.inode not in self.tried]
-        if not idle:
-            return
-        self.tried.update(c.inode for c in idle)
-        clean, cut, unclean, why = goodbye.close(idle, "tcp", self.serving(), between_calls=True)
-        self.unclean = self.unclean or unclean
-        self.between_calls += clean + cut
-        self.cut_why = self.cut_why or why
-        long["tcp"] = [c for c in long["tcp"] if c not in idle]
-        if not long["tcp"]:
-            del long["tcp"]
-        self.seen -= {c.inode for c in idle}
 
     def report(self, proxy_s: float | None, held: int, died: bool) -> dict[str, Any]:
         """What the drain did, for the swap's drain line: what drain.timeout left running, what
         was closed and how."""
         short, long = (0, {}) if died else self.open()
+        tally = calls.Tally()
+        if self.calls is not None:
+            long.pop("tcp", None)  # the call drain's: counted by it
+            tally = self.calls.snapshot()
         if self.late is not None:  # the short requests still running at drain.timeout, even if they ended since
             short, held_late = max(short, self.late), self.held_late
         else:
@@ -117,10 +117,15 @@ class Drain:
             "long_lived_cut": self.cut,  # by kind: closed by the daemon at the grace
             "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye
             "not_clean_why": self.unclean,  # why the others were cut or reset
-            "long_lived_ended": self.ended,  # closed by the client or the app within the grace
-            "closed_between_calls": self.between_calls,  # a TCP service's idle connections, closed at once
-            "long_lived_left": sum(len(c) for c in long.values()),  # could not be closed (cut_error says why)
-            "cut_error": self.cut_why,
+            "long_lived_ended": self.ended + tally.ended,  # closed by the client or the app within the grace
+            "closed_between_calls": tally.between_calls,  # a TCP service's: proven to cut no call
+            "calls_cut": tally.cut,  # a TCP service's calls lost to a close (each counted, never assumed)
+            "calls_cut_in_flight": tally.cut_in_flight,  # of those: in flight at the grace
+            "calls_cut_arrived": tally.cut_arrived,  # of those: reached the app as its connection closed
+            "calls_unknown": tally.unknown,  # closed at the grace, a call in flight neither proven nor ruled out
+            "long_lived_left": sum(len(c) for c in long.values()) + sum(tally.unreachable.values()),
+            "cut_error": "; ".join([self.cut_why] * bool(self.cut_why) + [f"{n} {why}" for why, n in
+                                                                           tally.unreachable.items()]),
             "died": died,
             "after": time.monotonic() - self.began,
         }
@@ -135,14 +140,20 @@ class Drain:
 
 async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitable[int]], timeout: float,
                        interval: float, watch: Watched | None = None, grace: float | None = None,
-                       protocol: str = "http") -> dict[str, Any]:
+                       protocol: str = "http", holders: Callable[[], set[int]] | None = None,
+                       nginx: Callable[[], set[int]] = set) -> dict[str, Any]:
     """Wait until the proxy sends `port` no more short requests (`wait_released`: old nginx
     workers exited, or nginx counts none in flight to it) and the port has no short connection
     in flight, both within `timeout`; close the long-lived connections that outlive `grace`
     (default: `timeout`). Report what was left and what was closed. Stops early if `watch` (the
-    new build) dies: waiting would only prolong an outage."""
-    d = Drain(port, timeout, timeout if grace is None else grace, interval, protocol)
+    new build) dies: waiting would only prolong an outage. A TCP service's connections are
+    closed between two calls by a calls.CallDrain, which counts what each close cost."""
+    d = Drain(port, timeout, timeout if grace is None else grace, interval, protocol, holders, nginx)
     end = max(d.deadline, d.long_deadline)
+    if protocol == "tcp":
+        d.calls = calls.CallDrain(port, d.serving, d.long_deadline)
+        d.calls.start()
+        end = max(d.deadline, d.long_deadline + calls.QUEUED + calls.SETTLE)
     proxy = asyncio.ensure_future(wait_released(port, end + CUT_SETTLE))
     died, proxy_s = False, None
     try:
@@ -154,19 +165,20 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
             if proxy.done() and proxy_s is None:
                 proxy_s = now - d.began
             short, long = d.open()
-            d.close_between_calls(long)
+            closing = d.calls is not None and not d.calls.settled()
+            long.pop("tcp", None)  # the call drain's
             d.count_ended(long)
             queued = False
             if long and now >= d.long_deadline:
-                queued = d.close_long_lived(long, now)
+                queued = await d.close_long_lived(long, now)
                 long = {}
             if now >= d.deadline and d.late is None:  # what drain.timeout leaves to the stop signal
                 d.late, d.held_late = short, not proxy.done()
-            if proxy.done() and not short and not long and not queued:
+            if proxy.done() and not short and not long and not queued and not closing:
                 break
             # Past both deadlines: done, unless old nginx workers (no short request left) are letting
             # go of the long-lived connections just closed.
-            settling = d.cut and not proxy.done() and not short and now < end + CUT_SETTLE
+            settling = (d.cut or d.calls) and not proxy.done() and not short and now < end + CUT_SETTLE
             if now >= end and not settling and not queued:
                 break
             if proxy.done():
@@ -175,5 +187,7 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
                 await asyncio.wait({proxy}, timeout=interval)
     finally:
         proxy.cancel()
+        if d.calls is not None:
+            await asyncio.get_running_loop().run_in_executor(None, d.calls.stop)
     held = proxy.result() if proxy.done() and not proxy.cancelled() else 0
     return d.report(proxy_s, held, died)

@@ -1,114 +1,139 @@
-"""Closing an app's connections from outside it, cleanly where the protocol allows.
+"""Closing an app's long-lived connections from outside it, with their protocol's goodbye only
+where it is proven safe.
 
-The daemon takes a copy of the app's own socket (pidfd_getfd: root, or the app's user where the
-kernel lets it trace its own processes), writes the protocol's goodbye on it, and shuts it down:
-the peer (nginx) reads the goodbye, then an orderly end of stream, and passes both on.
+The daemon takes a copy of the app's own socket (copies.py: checked to still be the connection
+chosen), and shuts its write side: nginx reads an orderly end of stream and passes it on. Before
+that it may write a goodbye, in one write (the kernel never interleaves it with the app's own):
 
-- a WebSocket: a close frame, code 1001 "going away" (what a server sends when it goes down);
-- an event stream: the last chunk of the chunked answer, so nginx ends the client's answer
-  properly (an EventSource then reconnects after its retry delay);
-- a gRPC call on a listed path (a stream): its trailers, grpc-status 14 UNAVAILABLE "going
-  away", which clients retry (nginx opens one HTTP/2 connection per call to the app: stream 1);
-- a TCP service's connection between two calls: the orderly end, which its pool expects.
+- a WebSocket: a close frame, code 1001 "going away" (what a server sends when it goes down),
+  only on a connection nginx switched to a WebSocket: nginx sets TCP_NODELAY on its own side of
+  an upstream connection when the app answered 101 Switching Protocols, and only then
+  (upgraded()). A request that merely asked for an upgrade is no WebSocket;
+- and only at a proven frame boundary: the app sent nothing for FRAME_QUIET and nothing it
+  wrote is still queued, so its last frame is whole.
 
-The goodbye is written only when everything the app wrote has been sent (so it cannot land
-inside a message still queued), in one write, which the kernel never interleaves with the app's
-own writes. Otherwise the connection is cut, and counted so: a client that does not read (data
-still queued for it), an HTTP long poll or a TCP call in flight (no goodbye exists for them).
-Where no copy can be taken (no permission, the app gone), it is destroyed (sockets.destroy: a
-reset). The write side is shut only: a client's own close frame in answer is still read.
+Everything else is cut, and counted so: a connection with no proven boundary (an app that
+writes all the time, or a client that does not read), a listed path (an HTTP long poll or event
+stream, whose framing nothing outside the app knows), a gRPC call on a listed path (its goodbye
+would have to know whether the call's response headers were sent: nothing outside the app
+proves it, and a wrong guess is a 502 from nginx). Where no copy can be taken (no permission,
+the app gone), the connection is destroyed (sockets.destroy: a reset). The write side is shut
+only: a client's own close frame in answer is still read.
 """
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import errno
-import os
 import socket
+from dataclasses import dataclass
 
-from . import procs, sockets
-from .grpc_health import END_HEADERS, END_STREAM, HEADERS, frame, literal
+from . import copies, sockets, tcpinfo
 
-SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux added it to after 5.6
 WEBSOCKET_GOING_AWAY = b"\x88\x0c\x03\xe9going away"  # FIN + close, 12 bytes: code 1001, its reason
-GRPC_GOING_AWAY = frame(HEADERS, END_STREAM | END_HEADERS, 1,
-                        literal("grpc-status", "14") + literal("grpc-message", "going away: a new build serves"))
-GOODBYE = {"websocket": WEBSOCKET_GOING_AWAY, "event-stream": b"0\r\n\r\n"}
+FRAME_QUIET = 0.02  # seconds the app must have sent nothing for its last frame to count as whole
 
 
-def goodbye_of(kind: str, protocol: str) -> bytes:
-    """What a connection of `kind` to an app speaking `protocol` is told before it is closed."""
-    return GRPC_GOING_AWAY if protocol == "grpc" and kind == "path" else GOODBYE.get(kind, b"")
+@dataclass
+class Closed:
+    """What closing a batch of connections did."""
+
+    clean: int = 0  # closed with their protocol's goodbye
+    cut: int = 0  # closed without one (cut, or reset)
+    unclean: str = ""  # why some were cut or reset
+    failed: str = ""  # why some could not be closed at all ("" if none)
+    gone: int = 0  # closed by their peer before the daemon came to them
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def upgraded(conns: list[sockets.Conn], port: int, nginx: set[int]) -> set[int]:
+    """The app-side inodes of those of `conns` (on the app's `port`) that nginx (its processes
+    `nginx`) switched to a WebSocket: its own side of each carries TCP_NODELAY."""
+    wanted = {c.remote_port: c.inode for c in conns}
+    theirs = {c.local_port: c.inode for c in sockets.peers(port) if c.local_port in wanted}
+    where = copies.owners(nginx) if theirs else {}
+    proven = set()
+    for local_port, inode in theirs.items():
+        if inode not in where:
+            continue
+        try:
+            sock = copies.take(*where[inode], inode)
+        except OSError:
+            continue
+        try:
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+                proven.add(wanted[local_port])
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return proven
 
 
-def _copy(pid: int, fd: int) -> socket.socket:
-    """A copy of `pid`'s file descriptor `fd`, as a socket of ours. Raises OSError."""
-    pidfd = os.pidfd_open(pid)
+async def close(conns: list[sockets.Conn], goodbye: bytes, pids: set[int]) -> Closed:
+    """Close `conns`, held by the processes `pids` serving their port, each with `goodbye` (b"":
+    none) where its app's last frame is proven whole."""
+    out = Closed()
+    where = copies.owners(pids) if conns else {}
+    held: list[tuple[sockets.Conn, socket.socket, tcpinfo.TcpInfo | None]] = []
+    rest: list[sockets.Conn] = []
     try:
-        ours = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if ours < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+        for conn in conns:
+            if conn.inode not in where:
+                rest.append(conn)
+                out.unclean = out.unclean or "reset: no process serving the port holds it"
+                continue
+            try:
+                sock = copies.take(*where[conn.inode], conn.inode)
+            except copies.Replaced:
+                out.gone += 1  # its fd names another file now: this connection is closed already
+                continue
+            except OSError as e:
+                rest.append(conn)
+                out.unclean = out.unclean or f"reset: no copy of its socket ({e.strerror})"
+                continue
+            held.append((conn, sock, _reading(sock)))
+        if goodbye and held:
+            await asyncio.sleep(FRAME_QUIET)  # one wait for all: proves each one's last frame whole
+        for conn, sock, first in held:
+            _end(conn, sock, goodbye if _whole(first, _reading(sock)) else b"", bool(goodbye), out)
     finally:
-        os.close(pidfd)
-    return socket.socket(fileno=ours)
+        for _, sock, _ in held:
+            sock.close()  # our copies only: the app's descriptors stay its own
+    if rest:
+        reset, out.failed = sockets.destroy(rest)
+        out.cut += reset
+    return out
 
 
-def owners(pids: set[int]) -> dict[int, tuple[int, int]]:
-    """Socket inode -> (pid, fd) for the processes serving a port (sockets.listening_pids)."""
-    found: dict[int, tuple[int, int]] = {}
-    for pid in pids:
-        for inode, fd in procs.socket_fds(pid).items():
-            found.setdefault(inode, (pid, fd))
-    return found
-
-
-def close(conns: list[sockets.Conn], kind: str, pids: set[int], protocol: str = "http",
-          between_calls: bool = False) -> tuple[int, int, str, str]:
-    """Close `conns` (of one kind), held by the processes `pids` serving their port. Returns
-    (closed cleanly: with their protocol's goodbye, or between two calls; closed otherwise: cut
-    or reset; why some were not closed cleanly; why some could not be closed at all: "" if none)."""
-    where = owners(pids) if conns else {}
-    clean, cut, rest, unclean = 0, 0, [], ""
-    goodbye = goodbye_of(kind, protocol)
-    for conn in conns:
-        queued = bool(conn.not_sent)
-        if conn.inode not in where:
-            problem: str | None = "no process serving the port holds it"
-        else:
-            said, problem = _say_goodbye(*where[conn.inode], b"" if queued else goodbye)
-        if problem:
-            rest.append(conn)
-            unclean = unclean or f"reset: {problem}"
-        elif (said and goodbye) or (between_calls and not queued):
-            clean += 1
-        else:
-            cut += 1
-            unclean = unclean or (f"cut with {conn.not_sent} bytes still queued for a client that does not read"
-                                  if queued else f"a {kind} connection has no goodbye: cut")
-    reset, why = sockets.destroy(rest) if rest else (0, "")
-    return clean, cut + reset, unclean, why
-
-
-def _say_goodbye(pid: int, fd: int, goodbye: bytes) -> tuple[bool, str | None]:
-    """Write `goodbye` (b"": none) and shut the connection's write side: (whether the goodbye went
-    out whole, what went wrong: None if nothing)."""
+def _reading(sock: socket.socket) -> tcpinfo.TcpInfo | None:
     try:
-        sock = _copy(pid, fd)
-    except OSError as e:
-        return False, f"no copy of pid {pid}'s socket ({e.strerror})"
+        return tcpinfo.read(sock)
+    except OSError:
+        return None
+
+
+def _whole(first: tcpinfo.TcpInfo | None, now: tcpinfo.TcpInfo | None) -> bool:
+    """The app sent nothing between the two readings and nothing it wrote is queued."""
+    return first is not None and now is not None and now.bytes_sent == first.bytes_sent and not now.not_sent
+
+
+def _end(conn: sockets.Conn, sock: socket.socket, goodbye: bytes, wanted: bool, out: Closed) -> None:
+    """Write `goodbye` (b"": none), shut the write side, and count what it was."""
     said = False
     try:
         if goodbye:  # a few bytes into an empty send queue: all of them, or none
             said = sock.send(goodbye, socket.MSG_DONTWAIT) == len(goodbye)
         sock.shutdown(socket.SHUT_WR)
     except OSError as e:
-        # nginx may have read the goodbye and closed its side before our shutdown: that is the end we meant
+        # nginx may have read the goodbye and closed its side before our shutdown: the end we meant
         if not (said and e.errno in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)):
-            return False, f"pid {pid}'s socket: {e.strerror}"
-    finally:
-        sock.close()  # our copy only: the app's descriptor stays its own
-    return said, None
+            out.cut += 1
+            out.unclean = out.unclean or f"cut: {e.strerror}"
+            return
+    if said:
+        out.clean += 1
+        return
+    out.cut += 1
+    if not out.unclean:
+        out.unclean = ("cut: the app was still writing (no whole frame to write its goodbye after)" if wanted
+                       else "cut: no goodbye is proven safe for it")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from ..aio import within
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0x0, 0x1, 0x3, 0x4, 0x7
-END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+END_STREAM, ACK, END_HEADERS, PADDED = 0x1, 0x1, 0x4, 0x8
 STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
 
@@ -57,6 +58,11 @@ def request(port: int, service: str) -> bytes:
             + frame(DATA, END_STREAM, 1, b"\x00" + struct.pack("!I", len(message)) + message))
 
 
+def unpadded(payload: bytes) -> bytes:
+    """A padded frame's data: its first byte says how many bytes of padding end it."""
+    return payload[1:len(payload) - payload[0]] if payload and payload[0] < len(payload) else b""
+
+
 def status_of(body: bytes) -> str:
     """The HealthCheckResponse's status in a gRPC message (5-byte prefix, then field 1, a varint)."""
     if len(body) < 5:
@@ -82,13 +88,17 @@ async def check(port: int, service: str = "", timeout: float = 2.0) -> str:
                 payload = await reader.readexactly(length)
                 if kind == SETTINGS and not flags & ACK:
                     writer.write(frame(SETTINGS, ACK, 0))
-                elif kind in (RST_STREAM, GOAWAY) and stream in (0, 1):
+                elif kind == RST_STREAM and stream == 1:
                     return "the server reset the call"
+                elif kind == GOAWAY and len(payload) >= 8:
+                    last, code = struct.unpack("!II", payload[:8])
+                    if (last & 0x7FFFFFFF) < 1 or code:  # a graceful GOAWAY (NO_ERROR) still answers stream 1
+                        return f"the server refused the call (GOAWAY, error code {code})"
                 elif kind == DATA and stream == 1:
-                    body += payload
+                    body += unpadded(payload) if flags & PADDED else payload
                 if stream == 1 and kind in (DATA, HEADERS) and flags & END_STREAM:
                     return status_of(body)
         finally:
             writer.close()
 
-    return await asyncio.wait_for(call(), timeout)
+    return await within(call(), timeout)

@@ -18,7 +18,8 @@ import httpx
 
 from ..config.schema import CheckConfig, ReadyConfig
 from ..errors import AppError, ChecksFailed
-from . import grpc_health
+from ..aio import within
+from . import grpc_health, sockets
 from .logs import Follower
 from .slots import AppProcess, describe_exit, exit_hint, log_tail
 
@@ -33,9 +34,10 @@ class ReadyResult:
     log_line: str | None = None
 
 
-async def _http_ok(client: httpx.AsyncClient, url: str, body: str | None) -> tuple[bool, str]:
+async def _http_ok(client: httpx.AsyncClient, url: str, body: str | None,
+                   attempt: float = ATTEMPT_TIMEOUT) -> tuple[bool, str]:
     try:
-        r = await client.get(url)
+        r = await client.get(url, timeout=attempt)
     except httpx.HTTPError as e:
         return False, type(e).__name__
     if not 200 <= r.status_code < 300:
@@ -45,24 +47,25 @@ async def _http_ok(client: httpx.AsyncClient, url: str, body: str | None) -> tup
     return True, f"HTTP {r.status_code}"
 
 
-async def grpc_ok(port: int, service: str) -> tuple[bool, str]:
+async def grpc_ok(port: int, service: str, attempt: float = ATTEMPT_TIMEOUT) -> tuple[bool, str]:
     """grpc.health.v1.Health/Check for `service`: ready when it answers SERVING."""
     try:
-        answer = await grpc_health.check(port, service, ATTEMPT_TIMEOUT)
+        answer = await grpc_health.check(port, service, attempt)
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
         return False, type(e).__name__
     return answer == "SERVING", answer
 
 
-async def tcp_ok(port: int, send: str | None = None, expect: str | None = None) -> tuple[bool, str]:
+async def tcp_ok(port: int, send: str | None = None, expect: str | None = None,
+                 attempt: float = ATTEMPT_TIMEOUT) -> tuple[bool, str]:
     """A connect; with `send`, that request too, and with `expect`, a reply that contains it."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), ATTEMPT_TIMEOUT)
+        reader, writer = await within(asyncio.open_connection("127.0.0.1", port), attempt)
     except (OSError, asyncio.TimeoutError) as e:
         return False, type(e).__name__
     try:
         if send is not None:
-            return await asyncio.wait_for(_ask_tcp(reader, writer, send, expect), ATTEMPT_TIMEOUT)
+            return await within(_ask_tcp(reader, writer, send, expect), attempt)
     except (OSError, asyncio.TimeoutError) as e:
         return False, f"{type(e).__name__} after sending app.ready.send"
     finally:
@@ -147,9 +150,10 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                     streak = 0
                 else:
                     checks += 1
-                    ok, last = await (grpc_ok(app.port, grpc) if grpc is not None else
-                                      _http_ok(client, url, ready.body) if url else
-                                      tcp_ok(app.port, ready.send, ready.expect))
+                    attempt = max(0.05, min(ATTEMPT_TIMEOUT, deadline - time.monotonic()))  # never past the timeout
+                    ok, last = await (grpc_ok(app.port, grpc, attempt) if grpc is not None else
+                                      _http_ok(client, url, ready.body, attempt) if url else
+                                      tcp_ok(app.port, ready.send, ready.expect, attempt))
                     streak = streak + 1 if ok else 0
                     if streak >= ready.passes:
                         return ReadyResult(checks, round(time.monotonic() - began, 4), target,
@@ -159,9 +163,8 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
                     tail = await log_tail(app.log_path)
                     raise AppError(
                         f"the {app.slot} slot ({app.build}) was not ready after {ready.timeout:g}s: "
-                        f"{target}: {last} (after {checks} checks). Check that the app listens on "
-                        f"port {app.port} (it gets it via app.env/app.command placeholders), or raise "
-                        f"app.ready.timeout. Last log lines ({app.log_path}):\n" + "\n".join(tail),
+                        f"{target}: {last} (after {checks} checks). {_where_it_listens(app.port)}"
+                        f"Last log lines ({app.log_path}):\n" + "\n".join(tail),
                         code="not_ready",
                         log=tail,
                     )
@@ -170,6 +173,16 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
             exited.cancel()
             if watch is not None:
                 watch.close()
+
+
+def _where_it_listens(port: int) -> str:
+    """What to check when an app never answered on `port`: where it listens, if not where nginx connects."""
+    addresses = sorted({c.local for c in sockets.listening(port)})
+    if addresses and not set(addresses) & {"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1"}:
+        return (f"The app listens on port {port} at {', '.join(addresses)} only, while nginx and this check connect "
+                "to 127.0.0.1: make it listen on 127.0.0.1 (or on every address). ")
+    return (f"Check that the app listens on 127.0.0.1 port {port} (it gets it via app.env/app.command "
+            "placeholders), or raise app.ready.timeout. ")
 
 
 async def _exited_error(app: AppProcess) -> AppError:
@@ -200,7 +213,7 @@ async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str,
             began = time.monotonic()
             result: dict[str, Any] = {"check": check.name, "expected": check.status}
             try:
-                status, text = await asyncio.wait_for(_ask(client, port, check), check.timeout)
+                status, text = await within(_ask(client, port, check), check.timeout)
                 result.update(status=status, got=_first(text))
                 ok = status == check.status and (check.body is None or check.body in text)
                 if status == check.status and not ok:

@@ -26,8 +26,9 @@ from ..config.schema import LogsConfig, expand, render_tokens
 from ..errors import AppError
 from ..fsutil import atomic_write
 from ..state import SlotState
-from . import procs
+from . import procs, sockets
 from .logs import QUOTE_TOTAL, Ident, last_lines, quoted
+from ..aio import within
 
 PUMP = Path(__file__).with_name("logpump.py")
 
@@ -61,7 +62,7 @@ class AppProcess:
         """Once the app exited: wait (briefly) until its pump wrote its last lines to the log."""
         if self.pump is not None:
             try:
-                await asyncio.wait_for(self.pump.wait(), timeout)
+                await within(self.pump.wait(), timeout)
             except asyncio.TimeoutError:
                 pass  # a descendant still holds its output; what is written so far will do
 
@@ -116,6 +117,15 @@ def marked(state_dir: Path | str, slot: str | None = None, key: str = "BLUEGREEN
         except psutil.Error:
             continue
     return found
+
+
+def holders(app: AppProcess) -> set[int]:
+    """The processes that may hold `app`'s connections: its listener's, and every process its
+    slot's markers name (a cluster's workers serve connections they never listened for)."""
+    pids = sockets.listening_pids(app.port)
+    if app.state_dir is not None:
+        pids |= {p.pid for p in marked(app.state_dir, app.slot)}
+    return pids
 
 
 def find_ours(state_dir: Path, slot: str, log_path: Path) -> list[AppProcess]:
@@ -333,7 +343,7 @@ async def stop(proc: AppProcess, sig: signal.Signals, timeout: float) -> dict[st
 
 async def _wait_leader(app: AppProcess, deadline: float) -> bool:
     try:
-        await asyncio.wait_for(app.wait(), max(0.0, deadline - time.monotonic()))
+        await within(app.wait(), max(0.0, deadline - time.monotonic()))
         return True
     except asyncio.TimeoutError:
         return False

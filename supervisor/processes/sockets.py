@@ -11,9 +11,10 @@ import errno
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
-from . import procs
+from . import procs, tcpinfo
 
 # Linux TCP states (include/net/tcp_states.h)
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING = range(1, 12)
@@ -31,7 +32,7 @@ SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_REQ_BYTECODE = 1
-INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE, INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE = 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,27 @@ class Conn:
     inode: int
     family: int = socket.AF_INET
     sockid: bytes = b""  # the kernel's inet_diag_sockid (netlink only): what SOCK_DESTROY names
-    # Between two calls (netlink only, None otherwise): nothing unread, nothing unsent, and the app
-    # answered since it last received (or never received anything), as tcp_info's last-data times
-    # and data segment counts tell. A request/response connection (a pooled RPC client's) can be
-    # closed then without cutting a call; in doubt (a request in several segments), it is not.
-    idle: bool | None = None
-    not_sent: int | None = None  # bytes the app wrote that the kernel has not sent yet (netlink only)
+    info: tcpinfo.TcpInfo | None = None  # what the kernel knows of it (netlink only)
+    local: str = ""  # the address it is bound to (netlink only)
+
+    @property
+    def not_sent(self) -> int | None:
+        """Bytes the app wrote that the kernel has not sent yet (netlink only)."""
+        return self.info.not_sent if self.info is not None else None
 
     @property
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, str(self.state))
 
 
-INET_DIAG_INFO = 2  # the tcp_info extension: its last-data times and data segment counts
+INET_DIAG_INFO = 2  # the tcp_info extension (tcpinfo.py)
 
 
-def _request(family: int, port: int, states: frozenset[int], seq: int) -> bytes:
-    # Bytecode: accept iff port <= sport <= port. A "no" jump past the end rejects.
-    bc = struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, 20) + struct.pack("=BBH", 0, 0, port)
-    bc += struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, 12) + struct.pack("=BBH", 0, 0, port)
+def _request(family: int, port: int, states: frozenset[int], seq: int, remote: bool = False) -> bytes:
+    # Bytecode: accept iff port <= sport <= port (dport: `remote`). A "no" jump past the end rejects.
+    ge, le = (INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE) if remote else (INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE)
+    bc = struct.pack("=BBH", ge, 8, 20) + struct.pack("=BBH", 0, 0, port)
+    bc += struct.pack("=BBH", le, 8, 12) + struct.pack("=BBH", 0, 0, port)
     attr = struct.pack("=HH", 4 + len(bc), INET_DIAG_REQ_BYTECODE) + bc
     mask = 0
     for s in states:
@@ -73,10 +76,10 @@ def _request(family: int, port: int, states: frozenset[int], seq: int) -> bytes:
     return header + body
 
 
-def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
+def _netlink_dump(family: int, port: int, states: frozenset[int], remote: bool = False) -> list[Conn]:
     out: list[Conn] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
-        s.sendto(_request(family, port, states, 1), (0, 0))
+        s.sendto(_request(family, port, states, 1, remote), (0, 0))
         while True:
             data = s.recv(65536)
             offset = 0
@@ -93,15 +96,13 @@ def _netlink_dump(family: int, port: int, states: frozenset[int]) -> list[Conn]:
                     # inet_diag_msg: family, state, timer, retrans, then sockid: sport, dport (big endian)
                     _fam, state = struct.unpack_from("=BB", data, offset + 16)
                     sport, dport = struct.unpack_from("!HH", data, offset + 20)
-                    raw_dst = data[offset + 40 : offset + 56]
+                    raw_src, raw_dst = data[offset + 24 : offset + 40], data[offset + 40 : offset + 56]
                     (inode,) = struct.unpack_from("=I", data, offset + 16 + 68)
-                    if family == socket.AF_INET:
-                        remote = socket.inet_ntop(socket.AF_INET, raw_dst[:4])
-                    else:
-                        remote = socket.inet_ntop(socket.AF_INET6, raw_dst)
-                    idle, not_sent = _idle(data, offset, length)
-                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68], idle,
-                                    not_sent))
+                    size = 4 if family == socket.AF_INET else 16
+                    remote = socket.inet_ntop(family, raw_dst[:size])
+                    local = socket.inet_ntop(family, raw_src[:size])
+                    out.append(Conn(state, sport, remote, dport, inode, family, data[offset + 20 : offset + 68],
+                                    _info(data, offset, length), local))
                 offset += (length + 3) & ~3
 
 
@@ -129,27 +130,18 @@ def _proc_scan(port: int, states: frozenset[int]) -> list[Conn]:
     return out
 
 
-def _idle(data: bytes, offset: int, length: int) -> tuple[bool | None, int | None]:
-    """Whether a dumped socket is between two calls (Conn.idle), and how many bytes the app wrote
-    that are not sent yet: its queues (inet_diag_msg) and its tcp_info attribute's last-data
-    times, data segments and unsent bytes."""
+def _info(data: bytes, offset: int, length: int) -> tcpinfo.TcpInfo | None:
+    """A dumped socket's tcp_info attribute (INET_DIAG_INFO), with its unread bytes (idiag_rqueue)."""
     (rqueue,) = struct.unpack_from("=I", data, offset + 16 + 56)
     at = offset + 16 + 72
     while at + 4 <= offset + length:
         size, kind = struct.unpack_from("=HH", data, at)
         if size < 4:
             break
-        if kind == INET_DIAG_INFO and size >= 4 + 160:
-            last_sent, _, last_received = struct.unpack_from("=III", data, at + 4 + 44)  # ms ago
-            segments_in, segments_out = struct.unpack_from("=II", data, at + 4 + 152)  # carrying data
-            # Answered: sent after it last received, or in the same millisecond with as many data
-            # segments out as in (a call's request and answer, one each, or an answer in several).
-            answered = last_sent < last_received or (last_sent == last_received and segments_out >= segments_in)
-            # Not wqueue: on loopback, sent data is in the peer's queue already, its ACK may be delayed.
-            (not_sent,) = struct.unpack_from("=I", data, at + 4 + 144)
-            return rqueue == 0 and not_sent == 0 and (segments_in == 0 or answered), not_sent
+        if kind == INET_DIAG_INFO:
+            return tcpinfo.parse(data[at + 4 : at + size], rqueue)
         at += (size + 3) & ~3
-    return None, None
+    return None
 
 
 def _proc_address(hexaddr: str) -> str:
@@ -158,18 +150,32 @@ def _proc_address(hexaddr: str) -> str:
     return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
-_netlink_ok = True
+NETLINK_RETRY = 5.0  # seconds /proc is read instead after netlink failed twice in a row
+_netlink_off_until = 0.0
 
 
 def connections(port: int, states: frozenset[int] = INFLIGHT_STATES) -> list[Conn]:
-    """Sockets on this host whose local port is `port`, in one of `states` (IPv4 and IPv6)."""
-    global _netlink_ok
-    if _netlink_ok:
-        try:
-            return _netlink_dump(socket.AF_INET, port, states) + _netlink_dump(socket.AF_INET6, port, states)
-        except OSError:
-            _netlink_ok = False
+    """Sockets on this host whose local port is `port`, in one of `states` (IPv4 and IPv6). A
+    netlink error (a full receive buffer, a signal) is tried again at once; twice in a row, /proc
+    is read instead for NETLINK_RETRY seconds, then netlink again: no error turns it off for good."""
+    global _netlink_off_until
+    if time.monotonic() >= _netlink_off_until:
+        for _ in range(2):
+            try:
+                return _netlink_dump(socket.AF_INET, port, states) + _netlink_dump(socket.AF_INET6, port, states)
+            except OSError:
+                continue
+        _netlink_off_until = time.monotonic() + NETLINK_RETRY
     return _proc_scan(port, states)
+
+
+def peers(port: int) -> list[Conn]:
+    """The other ends of the connections to `port` on this host (nginx's sides, for an app's
+    port): established sockets whose remote port is `port`. Netlink only ([] without it)."""
+    try:
+        return _netlink_dump(socket.AF_INET, port, frozenset({ESTABLISHED}), remote=True)
+    except OSError:
+        return []
 
 
 def inflight(port: int) -> int:
@@ -234,7 +240,8 @@ def destroy(conns: list[Conn]) -> tuple[int, str]:
 
 # nginx connects long-lived requests to an app from their own loopback address (proxy_bind, the
 # maps in proxy/templates/long-lived.conf), so that the kernel tells them apart from short ones.
-LONG_LIVED = {"websocket": "127.0.0.2", "event-stream": "127.0.0.3", "path": "127.0.0.4",
+LONG_LIVED = {"websocket": "127.0.0.2",  # asked for an upgrade (a WebSocket once nginx switches it: goodbye.upgraded)
+              "path": "127.0.0.4",  # a path in drain.long_lived_paths
               "tcp": "127.0.0.5"}  # every connection of an app.protocol = "tcp" service
 _KIND_OF = {address: kind for kind, address in LONG_LIVED.items()}
 

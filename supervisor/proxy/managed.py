@@ -22,6 +22,7 @@ from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
 from .render import TEMP_KINDS, render_managed_conf, runtime_part, upstream_text
+from ..aio import within
 
 
 class ManagedNginx:
@@ -110,7 +111,7 @@ class ManagedNginx:
     async def _wait_exit(self, timeout: float) -> bool:
         if self.proc is not None:
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                await within(self.proc.wait(), timeout)
                 return True
             except asyncio.TimeoutError:
                 return False

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from ..errors import NginxError
 from ..processes import procs
+from ..aio import within
 
 PLAIN_WORKER = "nginx: worker process"
 LOG_TAIL = 65536
@@ -47,7 +48,7 @@ async def run_command(argv: list[str], what: str, code: str, timeout: float = CO
     except OSError as e:
         raise NginxError(f"{what}: cannot run {argv[0]!r}: {e.strerror}", code=code) from e
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await within(proc.communicate(), timeout)
     except (asyncio.TimeoutError, asyncio.CancelledError) as e:
         procs.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()

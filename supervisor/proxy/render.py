@@ -61,16 +61,15 @@ def bind_variable(name: str) -> str:
 
 
 def long_lived_maps(name: str, paths: tuple[str, ...] = ()) -> str:
-    """The maps that set bind_variable(name): a WebSocket upgrade, then an event stream (its
-    Accept header), then drain.long_lived_paths (a path and what is under it, or a prefix ending
-    in `/`; case-sensitive regexes)."""
+    """The maps that set bind_variable(name): a WebSocket upgrade (a candidate: the drain proves
+    it from nginx's side), then drain.long_lived_paths (a path and what is under it, or a prefix
+    ending in `/`; case-sensitive regexes)."""
     def pattern(path: str) -> str:
         literal = re.sub(r"([.^$*+?()\[\]{}|])", r"\\\1", path)
         return f"~^{literal}" if path.endswith("/") else f"~^{literal}(/|$)"
 
     entries = "".join(f'    "{pattern(p)}" {LONG_LIVED["path"]};\n' for p in paths)
-    return fill("long-lived.conf", var=bind_variable(name), paths=entries, websocket=LONG_LIVED["websocket"],
-                event_stream=LONG_LIVED["event-stream"])
+    return fill("long-lived.conf", var=bind_variable(name), paths=entries, websocket=LONG_LIVED["websocket"])
 
 
 def preview_vars(release: ReleaseConfig) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import NginxError
 from .counters import Counters
 from .render import CONTROL
+from ..aio import within
 
 TIMEOUT = 5.0
 
@@ -32,10 +33,10 @@ class Table:
         """One HTTP/1.0 request on the control socket; (status, body)."""
         sock = str(self.path)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(sock), TIMEOUT)
+            reader, writer = await within(asyncio.open_unix_connection(sock), TIMEOUT)
             writer.write(f"{method} {CONTROL}{name} HTTP/1.0\r\nHost: bluegreen\r\nContent-Length: {len(body)}\r\n\r\n"
                          .encode() + body)
-            data = await asyncio.wait_for(reader.read(), TIMEOUT)  # HTTP/1.0: nginx closes after the answer
+            data = await within(reader.read(), TIMEOUT)  # HTTP/1.0: nginx closes after the answer
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
             raise NginxError(f"nginx's control socket {sock} does not answer ({e!r}); is nginx running, with the "

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .. import builds, faults
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
-from ..processes import drain, slots
+from ..processes import drain, procs, slots
 from ..processes.launch import Launcher
 from ..proxy import switch
 from ..proxy.external import ExternalMaster
@@ -127,10 +127,18 @@ class App:
         keep = {p.pid for p in (self.active, self.retiring) if p is not None}
         await self.launcher.free_port(port, keep, lambda what: self.event("leftover_stopped", port=port, detail=what))
 
-    async def drain(self, port: int, watch: slots.AppProcess | None = None) -> dict[str, Any]:
+    async def drain(self, app: slots.AppProcess, watch: slots.AppProcess | None = None) -> dict[str, Any]:
         d = self.config.drain
-        return await drain.wait_drained(port, self.proxy.wait_released, d.timeout, d.interval, watch, d.grace,
-                                        self.config.app.protocol)
+        return await drain.wait_drained(app.port, self.proxy.wait_released, d.timeout, d.interval, watch, d.grace,
+                                        self.config.app.protocol, lambda: slots.holders(app), self.nginx_processes)
+
+    def nginx_processes(self) -> set[int]:
+        """nginx's master and workers (none if it is down)."""
+        try:
+            master = self.master.master_pid()
+        except BluegreenError:
+            return set()
+        return {master, *procs.children(master)}
 
     async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
         s = self.config.app.stop
@@ -138,7 +146,7 @@ class App:
 
     async def retire(self, app: slots.AppProcess, drain: bool) -> None:
         if drain:
-            await self.drain(app.port)
+            await self.drain(app)
         result = await self.stop(app)
         log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
 

@@ -200,7 +200,7 @@ class SlotOps:
     async def drain(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         old = plan.old
         assert old is not None
-        result = await self.app.drain(old.port, watch=standby)
+        result = await self.app.drain(old, watch=standby)
         if result.pop("died"):
             why = slots.describe_exit(standby.returncode)
             raise AppDied(
@@ -246,7 +246,7 @@ class SlotOps:
 
     async def discard(self, standby: slots.AppProcess, *, drain: bool) -> None:
         if drain:
-            result = await self.app.drain(standby.port)
+            result = await self.app.drain(standby)
             if result["timed_out"]:
                 log.warning("drain of standby %s: drain.timeout (%gs) reached with %d connection(s) still open, "
                             "nginx still holding on (%d); stopping it", standby.slot, self.cfg.drain.timeout,

@@ -32,6 +32,7 @@ from ..config.host import interpreter_problem
 from ..config.schema import expand
 from ..errors import HookFailed
 from ..processes import procs, slots
+from ..aio import within
 
 log = logging.getLogger("bluegreen")
 MARKER = "BLUEGREEN_HOOK_STATE_DIR"
@@ -85,7 +86,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             say(f"({shown - SHOWN} more line(s) of hooks.{name} not shown; its last: {' | '.join(tail)})")
 
     try:
-        await asyncio.wait_for(_read_lines(proc, line), timeout)
+        await within(_read_lines(proc, line), timeout)
     except asyncio.TimeoutError:
         await _kill_group(proc)
         raise HookFailed(f"hooks.{name} did not finish within hooks.timeout ({timeout:g}s) and was killed"
@@ -155,7 +156,7 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     """SIGKILL the hook's whole group, then wait (at most 5 s) for the hook itself."""
     procs.killpg(proc.pid, signal.SIGKILL)
     try:
-        await asyncio.wait_for(proc.wait(), 5)
+        await within(proc.wait(), 5)
     except asyncio.TimeoutError:
         pass
 
