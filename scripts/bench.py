@@ -599,6 +599,39 @@ class Bench:
         return {"service": service, "approach": approach if approach == "plain restart" else f"bluegreen ({approach})",
                 "clients": clients, **result}
 
+    async def redis(self, layout: str, approach: str) -> dict[str, Any]:
+        """redis-py callers (bench_rpc.redis_through) through the releases: bluegreen (reload:
+        nginx's stream module) or a plain restart; what failed beside what the drain reported."""
+        s = bench_rpc.SERVICES["redis"]
+        builds = [s["builds"] / "v1", s["builds"] / "v2"]
+        os.environ["BOOT_MS"] = str(self.args.boot_ms)
+        if approach == "plain restart":
+            direct = bench_rpc.Direct(s["argv"], builds[0], free_ports(1)[0], s["ready"])
+            try:
+                result = await asyncio.to_thread(bench_rpc.redis_through, direct.port, self.args.releases,
+                                                 self.args.gap, layout,
+                                                 lambda i: (direct.restart(builds[(i + 1) % 2]), None))
+            finally:
+                direct.stop()
+        else:
+            run = self.start_daemon(builds, f"redis-{layout}", approach, drain_timeout=5, command=json.dumps(s["argv"]),
+                                    **s["config"])
+
+            def release(i: int) -> tuple[float, dict[str, Any] | None]:
+                r = subprocess.run([sys.executable, "-m", "supervisor", "swap", "--socket", str(run.socket),
+                                    str(builds[(i + 1) % 2])], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(r.stdout + r.stderr)
+                last = (run.status() or {})["last_swap"]
+                return last["finished_at"] - last["started_at"], last["details"].get("drain")
+
+            result = await asyncio.to_thread(bench_rpc.redis_through, run.listen_port, self.args.releases,
+                                             self.args.gap, layout, release)
+            run.stop()
+            self.daemon = None
+        return {"layout": layout, "approach": approach if approach == "plain restart" else f"bluegreen ({approach})",
+                **result}
+
     async def bluegreen(self, switch: str = "reload") -> tuple[Measured, dict[str, Any]]:
         run = self.start_daemon(self.builds, f"bluegreen-{switch}", switch)
         proc = psutil.Process(run.proc.pid)
@@ -774,6 +807,20 @@ def print_rpc(rows: list[dict[str, Any]], releases: int) -> None:
               f"| {r['reconnects'] if r['service'] == 'tcp' else '-'} | {fmt(r['release_s_mean'], ' s', 2)} |")
 
 
+def print_redis(rows: list[dict[str, Any]], releases: int) -> None:
+    print(f"\n| redis-py, no retries, {releases} releases | calls (5 ms apart / back to back / slow) | failed (5 ms "
+          "apart / back to back / slow) | reported cut by the drain | longest call | mean release |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        c, f = r["calls"], r["failed"]
+        reported = "-" if r["reported_cut"] is None else (
+            f"{r['reported_cut']}" + (f" (+{r['reported_unknown']} unsure)" if r["reported_unknown"] else ""))
+        print(f"| {r['approach']}, {'one pool' if r['layout'] == 'shared' else 'a connection per caller'} "
+              f"| {c.get('spaced', 0)} / {c.get('back-to-back', 0)} / {c.get('slow', 0)} "
+              f"| {f['spaced']} / {f['back-to-back']} / {f['slow']} | {reported} | {r['slowest_call_s'] * 1000:.0f} ms "
+              f"| {fmt(r['release_s_mean'], ' s', 2)} |")
+
+
 def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"\nbluegreen bench: {m['cpus']} cores, {m['python']}, {m['nginx']}, node {m['node']}; "
@@ -860,6 +907,8 @@ def print_report(report: dict[str, Any]) -> None:
         print_live(report["live"])
     if report.get("rpc"):
         print_rpc(report["rpc"], report["args"]["releases"])
+    if report.get("redis"):
+        print_redis(report["redis"], report["args"]["releases"])
     s = report.get("soak")
     if s:
         print(f"soak ({s['switch_mode']} switch): {s['swaps']} swaps, {s['requests']} requests, {s['failed']} failed "
@@ -940,6 +989,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             report["rpc"] = [await bench.rpc(service, approach) for service, approach in (
                 ("tcp", "reload"), ("tcp", "plain restart"), ("grpc", "runtime"), ("grpc", "reload"),
                 ("grpc", "plain restart"))]
+            print("bench: redis-py callers through releases, beside a plain restart...", file=sys.stderr)
+            report["redis"] = [await bench.redis(layout, approach) for layout in ("shared", "per-caller")
+                               for approach in ("reload", "plain restart")]
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()

@@ -5,6 +5,10 @@ on connections clients keep, through releases, beside a plain restart of the sam
   Pooled: one connection each, reused; a connection closed before any byte of an answer is
   opened again and the call made again, once, as pools do).
 - grpc: examples/grpc-app (grpcio) and grpcio clients, one HTTP/2 channel each, unary calls.
+- redis: examples/redis-app (RESP) and the real redis-py, no retries (tests/clients.py
+  RedisCallers): calls 5 ms apart, back to back, and a slow call (1.5 s) now and then, on one
+  pool, or on a connection each. Reported beside the failed calls: the calls the drain said it
+  cut (they must be the same number).
 
 Reported: calls, failed calls, the longest call (a pool that waits out a restart fails no
 call, but its callers wait), how often a pooled client had to reconnect, and how long a release
@@ -108,7 +112,31 @@ SERVICES = {
                                                            'expect = "PONG"\ntimeout = 30'}},
     "grpc": {"builds": EXAMPLES / "grpc-app", "argv": [sys.executable, "server.py"], "ready": grpc_serving,
              "config": {"app": 'protocol = "grpc"', "ready": 'grpc_service = ""\ntimeout = 30'}},
+    "redis": {"builds": EXAMPLES / "redis-app", "argv": ["python3", "../server.py"], "ready": listening,
+              "config": {"app": 'protocol = "tcp"', "ready": 'send = "PING\\r\\n"\nexpect = "+PONG"\ntimeout = 30'}},
 }
+
+
+def redis_through(port: int, releases: int, gap: float, layout: str,
+                  release: Callable[[int], tuple[float, dict[str, Any] | None]]) -> dict[str, Any]:
+    """redis-py callers (`layout`: "shared" or "per-caller") while `releases` releases happen;
+    each release returns how long it took and its drain's report (None: a plain restart)."""
+    from clients import RedisCallers
+
+    took, drains = [], []
+    with RedisCallers(port, layout=layout) as callers:
+        time.sleep(gap)
+        for i in range(releases):
+            seconds, drain = release(i)
+            took.append(seconds)
+            if drain is not None:
+                drains.append(drain)
+            time.sleep(gap)
+    failed = {kind: callers.failed(kind) for kind in callers.KINDS}
+    return {"calls": dict(callers.calls), "failed": failed, "failed_total": sum(failed.values()),
+            "reported_cut": sum(d.get("calls_cut", 0) for d in drains) if drains else None,
+            "reported_unknown": sum(d.get("calls_unknown", 0) for d in drains) if drains else None,
+            "slowest_call_s": callers.slowest, "release_s_mean": sum(took) / len(took) if took else None}
 
 
 def client_maker(service: str, port: int) -> Callable[[], Any]:

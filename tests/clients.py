@@ -123,37 +123,42 @@ class Calls(threading.Thread):
 
 
 class RedisCallers:
-    """Three kinds of callers on one real redis-py ConnectionPool, with no retries (a pool checks
-    a pooled connection before each use, and that is all): calls `spaced_ms` apart (a web app's
-    cache pool), calls back to back, and a slow call (DEBUG SLEEP `slow_s`) now and then. Counts
-    answers by build and failed calls by kind of caller and error."""
+    """Three kinds of callers through real redis-py pools with no retries (a pool checks a pooled
+    connection before each use, and that is all): calls `spaced_ms` apart (a web app's cache
+    pool), calls back to back, and a slow call (DEBUG SLEEP `slow_s`) now and then. `layout`:
+    "shared" (one ConnectionPool for every caller, as one web app has), "by-kind" (a pool per
+    kind of caller), "per-caller" (a pool each: a connection that rests between its caller's
+    calls). Counts calls and failures by kind, answers by build."""
 
     KINDS = ("spaced", "back-to-back", "slow")
 
     def __init__(self, port: int, spaced: int = 4, back_to_back: int = 2, slow: int = 1, spaced_ms: float = 5.0,
-                 slow_s: float = 1.5, slow_every_s: float = 2.0, shared: bool = True) -> None:
+                 slow_s: float = 1.5, slow_every_s: float = 2.0, layout: str = "shared") -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        def pool() -> redis.ConnectionPool:
-            return redis.ConnectionPool(host="127.0.0.1", port=port, socket_timeout=30, protocol=2,
-                                        retry=Retry(NoBackoff(), 0))
+        def client() -> redis.Redis:
+            return redis.Redis(connection_pool=redis.ConnectionPool(
+                host="127.0.0.1", port=port, socket_timeout=30, protocol=2, retry=Retry(NoBackoff(), 0)))
 
-        self.pools = [pool()] if shared else {kind: pool() for kind in self.KINDS}
-        shared_pool = self.pools[0] if shared else None
-        self.clients = {kind: redis.Redis(connection_pool=shared_pool or self.pools[kind]) for kind in self.KINDS}
+        shared = client()
+        by_kind = {kind: client() for kind in self.KINDS}
+        plan = [("spaced", spaced_ms / 1000)] * spaced + [("back-to-back", 0.0)] * back_to_back
+        plan += [("slow", slow_every_s)] * slow
+        self.clients = [shared if layout == "shared" else by_kind[kind] if layout == "by-kind" else client()
+                        for kind, _ in plan]
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.calls: Counter[str] = Counter()  # by kind
         self.versions: Counter[str] = Counter()  # answers to GET, by build
+        self.last: dict[int, str] = {}  # each caller's last answer's build
         self.failures: Counter[tuple[str, str]] = Counter()  # (kind, error)
         self.examples: list[str] = []
         self.slowest = 0.0
-        plan = [("spaced", spaced_ms / 1000)] * spaced + [("back-to-back", 0.0)] * back_to_back
-        plan += [("slow", slow_every_s)] * slow
-        self.threads = [threading.Thread(target=self.run, args=(kind, pause), daemon=True, name=f"{kind}-{i}") for i, (kind, pause) in enumerate(plan)]
         self.slow_s = slow_s
+        self.threads = [threading.Thread(target=self.run, args=(i, kind, pause), daemon=True, name=f"{kind}-{i}")
+                        for i, (kind, pause) in enumerate(plan)]
 
     def __enter__(self) -> "RedisCallers":
         for t in self.threads:
@@ -163,39 +168,41 @@ class RedisCallers:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, kind: str, pause: float) -> None:
+    def run(self, i: int, kind: str, pause: float) -> None:
         import redis
 
+        client = self.clients[i]
         while not self.stopped.is_set():
             began = time.monotonic()
             try:
                 if kind == "slow":
-                    self.clients[kind].execute_command("DEBUG", "SLEEP", str(self.slow_s))
-                    version = None
-                else:
-                    version = self.clients[kind].get("release").decode()
+                    client.execute_command("DEBUG", "SLEEP", str(self.slow_s))
+                version = client.get("release").decode()
                 with self.lock:
-                    self.calls[kind] += 1
-                    if version:
-                        self.versions[version] += 1
+                    self.calls[kind] += 1 + (kind == "slow")
+                    self.versions[version] += 1
+                    self.last[i] = version
                     self.slowest = max(self.slowest, time.monotonic() - began)
             except redis.RedisError as e:
                 with self.lock:
                     self.calls[kind] += 1
                     self.failures[(kind, type(e).__name__)] += 1
                     if len(self.examples) < 20:
-                        import traceback
-                        self.examples.append(f"{kind}: {e!r} after {time.monotonic() - began:.3f}s" +
-                                             ("".join(traceback.format_exc(limit=-4)) if kind == "spaced" else ""))
+                        self.examples.append(f"{kind}: {e!r} after {time.monotonic() - began:.3f}s")
             if pause:
                 self.stopped.wait(pause)
 
     def failed(self, *kinds: str) -> int:
         return sum(n for (kind, _), n in self.failures.items() if not kinds or kind in kinds)
 
+    def all_on(self, build: str) -> bool:
+        """Every caller's last answer came from `build`."""
+        with self.lock:
+            return len(self.last) == len(self.threads) and set(self.last.values()) == {build}
+
     def close(self) -> None:
         self.stopped.set()
         for t in self.threads:
             t.join(60)
-        for pool in (self.pools if isinstance(self.pools, list) else self.pools.values()):
-            pool.disconnect()
+        for c in {id(c): c for c in self.clients}.values():
+            c.connection_pool.disconnect()

@@ -29,7 +29,7 @@ FAULTS = {
     "logs_removed": "`rm -rf` of the logs folder",
     "state_damaged": "state.json and history.jsonl damaged",
     "second_daemon": "a copied config started beside it",
-    "long_lived": "an event stream open to the old build",
+    "long_lived": "an event stream (a listed path) open to the old build",
 }
 
 BEFORE_SWITCH = ("prepare", "start", "ready", "before_switch", "check")
@@ -221,7 +221,7 @@ for phase in PHASES:
 
 # --- long-lived connections (issue 22): a client's event stream, opened on the old build before
 # the swap, reconnecting whenever it closes (as EventSource does), numbered events
-RELEASED = ("the stream is closed at `drain.long_lived_grace` (short requests are still waited for, up to "
+RELEASED = ("the stream is cut at `drain.long_lived_grace`, and said to be (short requests are still waited for, up to "
             "`drain.timeout`), reconnects to the new build and misses no event; the old build then exits on its "
             "stop signal, never held to `app.stop.timeout`")
 LIVE_TESTS = ("test_a_release_closes_websockets_and_event_streams_at_the_grace_and_they_reconnect_to_the_new_build",)

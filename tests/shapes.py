@@ -179,7 +179,15 @@ def start_on(shape: str, make_daemon: Callable[..., DaemonRun], d: Path, build: 
     nginx = "\n".join(user.external(user.prefix / "conf.d" / "myapp.conf", "myapp", "runtime"))
     run = make_daemon(start=False, ports=(blue, green), listen=listen, build=build, nginx=nginx, extra=extra, **kw)
     try:
-        return (run.start(env=env) if start else run), user
+        if not start:
+            return run, user
+        run.start(env=env)
+        # The daemon's first start loaded its part with a reload: for nginx's 100 ms the previous
+        # workers (your config before it) still take connections; a test's clients start after.
+        from helpers import settled_workers
+
+        settled_workers(user.master.pid)
+        return run, user
     except BaseException:
         user.close()
         raise

@@ -36,6 +36,7 @@ def test_a_file_build_is_a_build(tmp_path: Path) -> None:
     (lambda d: Path("relative/build"), "must be absolute"),
     (lambda d: d / ("a" * 300), "cannot be used: File name too long"),
     (lambda d: (os.symlink(d / "loop", d / "loop"), d / "loop")[1], "cannot be used"),
+    (lambda d: d / "app\0.war", "holds a NUL byte (\\0) at character"),
 ])
 def test_unusable_builds_are_named_never_raised_raw(tmp_path: Path, make, expected: str) -> None:
     with pytest.raises(BuildError) as e:

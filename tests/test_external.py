@@ -217,6 +217,8 @@ def test_runtime_switch_in_a_users_nginx_without_the_module_fails_at_start_and_c
     assert "apt-get install libnginx-mod-http-lua" in out and 'nginx.switch = "reload"' in out, out  # the fix
     assert upstream.read_bytes() == before  # the user's nginx still routes as before
     assert http_get(system_nginx["listen"], "/")[0] == 502  # ... to the blue port, which nothing serves now
+    run.proc.wait(30)
+    assert os.listdir(upstream.parent) == ["upstream.conf"]  # no lock, no route file: the directory as it was
 
 
 @pytest.mark.lua

@@ -138,8 +138,11 @@ def test_old_app_ignoring_sigterm_is_killed_with_its_whole_tree(make_daemon, rel
 
 
 def test_killed_managed_nginx_master_is_restarted(make_daemon) -> None:
+    """The master killed: a new one serves, and the old one's workers, orphans reparented to the
+    daemon (a child subreaper, not a pid 1 that may never reap), are stopped and reaped."""
     run = make_daemon()
     master = run.status()["nginx"]["master_pid"]
+    workers = [p.pid for p in psutil.Process(master).children()]
     os.kill(master, signal.SIGKILL)
     st = wait_until(lambda: (lambda s: s if s and s["nginx"].get("running") and s["nginx"]["master_pid"] != master
                              and s["events"] and s["events"][-1]["event"] == "nginx_restarted"
@@ -147,6 +150,7 @@ def test_killed_managed_nginx_master_is_restarted(make_daemon) -> None:
     run.seen.add(st["nginx"]["master_pid"])
     wait_until(lambda: serves(run, "v1"), 30, "traffic through the new master")
     assert [e["event"] for e in st["events"]][-2:] == ["nginx_died", "nginx_restarted"]
+    wait_until(lambda: not any(psutil.pid_exists(w) for w in workers), 30, "the old workers to be reaped")  # no zombie
     r = run.cli("swap", str(make_build(run.dir / "releases", "v2")))
     assert r.returncode == 0, r.stderr
 
@@ -344,6 +348,8 @@ def test_garbage_on_the_socket_never_hurts(make_daemon, releases: Path) -> None:
     assert raw(run, b"\x00\xff\xfe garbage\n")[0]["error"]["code"] == "bad_request"
     assert raw(run, b'{"cmd": "swap", "build": ["/x"]}\n')[0]["error"]["code"] == "bad_request"
     assert raw(run, b'{"cmd": "swap", "build": "/etc/passwd"}\n')[0]["error"]["code"] == "build_invalid"
+    nul = raw(run, b'{"cmd": "swap", "build": "/srv/app\\u0000.war"}\n')[0]["error"]
+    assert nul["code"] == "build_invalid" and "NUL byte" in nul["message"], nul
     too_long = raw(run, b"{" + b" " * 70000 + b"\n")
     assert too_long[0]["error"]["code"] == "bad_request" and "longer than 65536" in too_long[0]["error"]["message"]
     raw(run, b"stat", read=False)  # half a line, then gone
@@ -468,3 +474,42 @@ def test_a_directory_in_place_of_state_json_is_named_and_no_swap_switches_until_
     wait_until(lambda: state.is_file() and run.status()["daemon"]["state_saved"], 30, "state.json written again")
     assert run.cli("swap", str(v3)).returncode == 0
     assert serves(run, "v3")
+
+
+def test_a_burst_of_status_commands_is_never_refused(make_daemon) -> None:
+    """A monitoring loop's burst: 200 clients connect at once and each sends `status`. The control
+    socket's backlog is the kernel's limit, not asyncio's 100: none is refused (EAGAIN), all answer;
+    the daemon measures the apps' memory once for the burst, not once per command."""
+    import threading
+
+    run = make_daemon()
+    answers: list[bool] = []
+    refused: list[str] = []
+    barrier = threading.Barrier(200)
+
+    def ask() -> None:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(120)
+        try:
+            barrier.wait(30)
+            s.connect(str(run.socket))
+            s.sendall(b"status\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            answers.append(json.loads(data.splitlines()[-1]).get("ok", False))
+        except OSError as e:
+            refused.append(repr(e))
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=ask) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not refused, refused[:5]
+    assert answers.count(True) == 200

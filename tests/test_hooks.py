@@ -217,6 +217,23 @@ def test_a_helper_a_hook_starts_with_setsid_never_outlives_the_hook(make_daemon,
     wait_until(lambda: not running(helper), 10, "the helper to be gone")
 
 
+def test_a_helper_that_clears_its_environment_never_outlives_the_hook_either(make_daemon, short_tmp: Path,
+                                                                            releases: Path) -> None:
+    """`env -i setsid helper &`: no marker of the run is left on it, but once the hook exits it
+    is an orphan, and the daemon (a child subreaper) adopts it: adopted during the run, it is the
+    run's, and stopped; once it exits the daemon reaps it (no zombie left)."""
+    pid_file = short_tmp / "helper.pid"
+    expand = script(short_tmp / "expand", f"env -i setsid sh -c 'echo $$ > {pid_file}; exec sleep 300' &\n"
+                                          f"while [ ! -s {pid_file} ]; do sleep 0.05; done\nexit 0\n")
+    run = make_daemon(extra=hooks(before_switch=[str(expand)], timeout=20))
+    r = run.cli("swap", str(make_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    helper = int(pid_file.read_text())
+    assert f"hooks.before_switch left 1 process(es) running after it ended; stopped: pid {helper}" in r.stdout, r
+    daemon = psutil.Process(run.proc.pid)
+    wait_until(lambda: helper not in [c.pid for c in daemon.children()], 10, "the daemon to reap the helper")
+
+
 
 def test_a_hook_that_prints_a_flood_to_a_client_that_does_not_read_does_not_grow_the_daemon(
         make_daemon, short_tmp: Path, releases: Path) -> None:

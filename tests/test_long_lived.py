@@ -1,9 +1,10 @@
 """Long-lived connections through a release: WebSockets and server-sent events (the live example,
-examples/live-app, unchanged), on both nginx shapes.
+examples/live-app, unchanged: its event stream's path listed), on both nginx shapes.
 
 The policy (docs/how-a-swap-works.md): short requests are waited for up to drain.timeout;
-long-lived ones get drain.long_lived_grace, then the daemon closes them, their clients
-reconnect to the new build, and the swap says how many of which kind it closed.
+long-lived ones get drain.long_lived_grace, then the daemon closes them (a WebSocket that nginx
+switched with its close frame, a listed path cut: no goodbye is proven safe for it), their
+clients reconnect to the new build, and the swap says how many of which kind it closed, and how.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from helpers import ROOT, DaemonRun, EventStream, Load, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 LIVE = ROOT / "examples" / "live-app"
+EVENTS = 'long_lived_paths = ["/events"]'  # as the example's config lists it
 
 
 class Socket(threading.Thread):
@@ -81,7 +83,7 @@ def test_a_release_closes_websockets_and_event_streams_at_the_grace_and_they_rec
     the streams are closed at the grace (2 s), so the old build exits on its SIGTERM at once
     instead of holding the release until its SIGKILL; the clients reconnect to v2 and miss no
     event; short requests alongside never fail."""
-    run, _ = shape(build=LIVE / "v1", drain_timeout=2, stop_timeout=120)
+    run, _ = shape(build=LIVE / "v1", drain_timeout=2, stop_timeout=120, drain=EVENTS)
     release_with_live_clients(run)
 
 
@@ -92,7 +94,7 @@ def test_the_reload_switch_closes_them_too_so_its_old_workers_let_go(make_daemon
 
     listen = free_ports(1)[0]
     run = make_daemon(build=LIVE / "v1", drain_timeout=2, stop_timeout=120, listen=listen,
-                      nginx=managed_nginx(listen, "reload"))
+                      nginx=managed_nginx(listen, "reload"), drain=EVENTS)
     release_with_live_clients(run)
 
 
@@ -103,7 +105,7 @@ def release_with_live_clients(run: DaemonRun) -> None:
     sock.start()
     try:
         wait_until(lambda: len(stream.events) >= 3 and len(sock.messages) >= 3, 60, "both clients to receive from v1")
-        assert run.status()["active"]["long_lived"] == {"event-stream": 1, "websocket": 1}
+        assert run.status()["active"]["long_lived"] == {"path": 1, "websocket": 1}
         old = psutil.Process(run.status()["active"]["pid"])
         with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
             wait_until(lambda: load.total >= 20, 60, "load to flow")
@@ -111,16 +113,17 @@ def release_with_live_clients(run: DaemonRun) -> None:
             after = load.total
             wait_until(lambda: load.total >= after + 20, 60, "requests after the swap")
         drain, stop = phases["drain"], phases["stop"]
-        assert drain["long_lived_cut"] == {"event-stream": 1, "websocket": 1}, drain
-        # closed with their protocol's goodbye: a close frame 1001, the stream's last chunk
-        assert drain["long_lived_clean"] == 2, drain
+        assert drain["long_lived_cut"] == {"path": 1, "websocket": 1}, drain
+        # the WebSocket with its close frame 1001 (nginx switched it); the listed path cut, said so
+        assert drain["long_lived_clean"] == 1 and "no goodbye is proven safe" in drain["not_clean_why"], json.dumps(drain)
         assert not drain["timed_out"] and not drain["long_lived_left"], drain
         assert not stop.get("killed") and "SIGKILL" not in stop["how"], stop  # it exited on SIGTERM
         assert not old.is_running()
         wait_until(lambda: any(v == "v2" for v, _ in stream.events) and any(v == "v2" for _, v, _ in sock.messages),
                    60, "both clients to receive from v2")
         assert stream.connections >= 2 and sock.connections >= 2
-        assert sock.closes[:1] == ["closed 1001"] and stream.ends[:1] == ["ended"], (sock.closes, stream.ends)
+        assert sock.closes[:1] == ["closed 1001"] and stream.ends[:1] == ["RemoteProtocolError"], (sock.closes,
+                                                                                                   stream.ends)
         assert stream.lost() == [], "events lost across the release"
         assert sock.lost() == [], "messages lost within a connection"
         assert not load.failures, (load.failures, load.examples)
@@ -133,7 +136,7 @@ def test_short_requests_are_waited_for_while_long_lived_ones_are_closed_at_their
         make_daemon: Any) -> None:
     """drain.long_lived_grace 0.5 s, drain.timeout 60 s: a 4 s request to the old build finishes
     (200, from v1) after its event stream was closed and had reconnected to v2."""
-    run = make_daemon(build=LIVE / "v1", drain_timeout=60, drain="long_lived_grace = 0.5")
+    run = make_daemon(build=LIVE / "v1", drain_timeout=60, drain=f"long_lived_grace = 0.5\n{EVENTS}")
     stream = EventStream(run.listen_port)
     stream.start()
     slow: dict[str, Any] = {}
@@ -147,12 +150,12 @@ def test_short_requests_are_waited_for_while_long_lived_ones_are_closed_at_their
         wait_until(lambda: len(stream.events) >= 3, 60, "the stream to flow")
         t = threading.Thread(target=slow_request)
         t.start()
-        wait_until(lambda: run.status()["active"]["long_lived"] == {"event-stream": 1}, 30, "the stream, counted")
+        wait_until(lambda: run.status()["active"]["long_lived"] == {"path": 1}, 30, "the stream, counted")
         phases = swap(run, LIVE / "v2")
         t.join(60)
         assert slow["answer"] == (200, "v1 slow 4000\n")
         assert "v2" in slow["stream_versions"], "the stream waited for the slow request"
-        assert phases["drain"]["long_lived_cut"] == {"event-stream": 1}
+        assert phases["drain"]["long_lived_cut"] == {"path": 1}
         assert not phases["drain"]["timed_out"]
         assert stream.lost() == []
     finally:
@@ -223,3 +226,24 @@ def test_a_websocket_whose_client_does_not_read_is_said_to_be_cut_not_closed_cle
         assert "still queued for a client that does not read" in drain["not_clean_why"], drain
     finally:
         sock.close()
+
+
+def test_a_request_header_alone_never_makes_a_request_long_lived(make_daemon: Any) -> None:
+    """`Accept: text/event-stream` on a normal path is a short request: the drain waits for it
+    past the long-lived grace, it finishes on the old build, and nothing is written into its answer."""
+    from supervisor.processes import sockets
+
+    run = make_daemon(build=LIVE / "v1", drain_timeout=60, drain="long_lived_grace = 0.3")
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        answer["got"] = http_get(run.listen_port, "/slow?ms=3000", headers={"Accept": "text/event-stream"}, timeout=60)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    wait_until(lambda: sockets.inflight(run.ports[0]) >= 1, 30, "the request, in flight on v1")
+    assert run.status()["active"]["long_lived"] == {}
+    phases = swap(run, LIVE / "v2")
+    t.join(60)
+    assert answer["got"] == (200, "v1 slow 3000\n"), answer
+    assert phases["drain"]["long_lived_cut"] == {} and not phases["drain"]["timed_out"], phases["drain"]

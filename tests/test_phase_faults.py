@@ -114,7 +114,7 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
     drain = 12 if phase == "drain" else 5  # the drain hold: time to put the fault, a frozen old build waited out
     build = app_build(releases, "v1", gate=gate, stop_gate=phase == "stop")
     run, user = shape(extra, build=build, env=env, drain_timeout=drain, stop_timeout=15 if phase == "stop" else 5,
-                      ready=READY)
+                      ready=READY, drain='long_lived_paths = ["/events"]')  # the long-lived column's stream
     st = run.status()
     held = Held(run, user, gate, phase, old=st["active"]["pid"])
     before_swap(run)

@@ -243,3 +243,80 @@ def test_stopping_an_app_whose_leader_is_long_dead_never_signals_whoever_got_its
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_an_app_listening_on_ipv6_loopback_only_is_named(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    """nginx and the check connect to 127.0.0.1: an app bound to ::1 only is never ready, and the
+    error says where it listens and what to change."""
+    (port,) = free_ports(1)
+    app = spawn(tmp_path, """
+        import os, socket, time
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", int(os.environ["PORT"])))
+        s.listen()
+        while True: time.sleep(1)
+    """, port)
+    try:
+        wait_until(lambda: sockets.listening(port), 20, "the app to listen")
+        with pytest.raises(AppError) as e:
+            loop.run_until_complete(probes.wait_ready(app, ReadyConfig(None, 1.0, 0.05), None))
+        assert e.value.code == "not_ready"
+        assert f"listens on port {port} at ::1 only" in e.value.message and "127.0.0.1" in e.value.message
+    finally:
+        loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+
+
+def test_no_readiness_attempt_runs_past_app_ready_timeout(tmp_path: Path, loop: asyncio.AbstractEventLoop,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt gets at most what is left of app.ready.timeout, never the 2 s an attempt may
+    take otherwise."""
+    from supervisor.processes import grpc_health
+
+    (port,) = free_ports(1)
+    app = spawn(tmp_path, http_app(204), port)
+    given: list[float] = []
+
+    async def never_serving(port: int, service: str = "", timeout: float = 2.0) -> str:
+        given.append(timeout)
+        return "NOT_SERVING"
+
+    monkeypatch.setattr(grpc_health, "check", never_serving)
+    try:
+        with pytest.raises(AppError):
+            loop.run_until_complete(probes.wait_ready(app, ReadyConfig(None, 0.5, 0.05, grpc_service=""), None))
+        assert given and max(given) <= 0.5, given
+    finally:
+        loop.run_until_complete(slots.stop(app, slots.signal.SIGTERM, 5))
+
+
+def test_the_grpc_health_client_reads_padded_frames_and_a_graceful_goaway(loop: asyncio.AbstractEventLoop) -> None:
+    """A server that says GOAWAY with NO_ERROR (it is going down, stream 1 still answered) and pads
+    its DATA frames is SERVING; a GOAWAY that leaves stream 1 out is a refusal."""
+    import struct
+
+    from supervisor.processes import grpc_health as g
+
+    def answer(goaway_last: int) -> bytes:
+        message = b"\x00" + struct.pack("!I", 2) + b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+        padded = bytes([3]) + message + b"\x00" * 3
+        return (g.frame(g.SETTINGS, 0, 0) + g.frame(g.GOAWAY, 0, 0, struct.pack("!II", goaway_last, 0))
+                + g.frame(g.HEADERS, g.END_HEADERS, 1, g.literal(":status", "200"))
+                + g.frame(g.DATA, g.PADDED, 1, padded)
+                + g.frame(g.HEADERS, g.END_HEADERS | g.END_STREAM, 1, g.literal("grpc-status", "0")))
+
+    async def serve(goaway_last: int) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1000)  # the preface and the call
+            writer.write(answer(goaway_last))
+            await writer.drain()
+            await reader.read(1000)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        try:
+            return await g.check(server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+
+    assert loop.run_until_complete(serve(1)) == "SERVING"
+    assert loop.run_until_complete(serve(0)).startswith("the server refused the call (GOAWAY")

@@ -11,7 +11,7 @@ import socket
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -20,6 +20,7 @@ from helpers import ROOT, free_ports, nginx_rewriting, refused_before_start, wai
 
 pytestmark = pytest.mark.e2e
 TCP = ROOT / "examples" / "tcp-app"
+REDIS = ROOT / "examples" / "redis-app"
 
 
 def tcp_daemon(make_daemon: Any, **kw: Any) -> Any:
@@ -29,8 +30,27 @@ def tcp_daemon(make_daemon: Any, **kw: Any) -> Any:
                        nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2', **kw)
 
 
-def test_pooled_connections_move_to_the_new_build_between_calls_and_no_call_fails(make_daemon: Any) -> None:
-    run = tcp_daemon(make_daemon, drain_timeout=20, stop_timeout=60)
+def drains_of(r: Any) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, r.stdout.splitlines()) if e.get("event") == "drain" and e.get("status") == "done"]
+
+
+def through_releases(run: Any, builds: tuple[Path, ...], on: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Swap to each build in turn; after each, wait until `on(build name)`. The drains' events."""
+    drains = []
+    for build in builds:
+        r = run.cli("swap", str(build), "--json", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        drains += drains_of(r)
+        wait_until(lambda b=build.name: on(b), 60, f"every caller on {build.name}")
+    return drains
+
+
+def test_pooled_connections_move_between_calls_and_a_call_in_flight_is_never_cut(make_daemon: Any) -> None:
+    """Pooled clients calling back to back (tests/clients.Pooled: a connection closed before
+    any byte of its answer is opened again and the call made again, once, as pools do) and one
+    slow call in flight at the switch: the slow call finishes on the old build; every pooled
+    connection is moved, and each call a close cost is counted."""
+    run = tcp_daemon(make_daemon, drain_timeout=3, stop_timeout=60)
     assert run.status()["nginx"]["switch"] == "reload"
     pool = [Pooled(run.listen_port) for _ in range(8)]
     slow: dict[str, Any] = {}
@@ -45,14 +65,8 @@ def test_pooled_connections_move_to_the_new_build_between_calls_and_no_call_fail
         wait_until(lambda: sum(sum(p.versions.values()) for p in pool) >= 100, 60, "calls to flow")
         t = threading.Thread(target=slow_call)
         t.start()
-        drains = []
-        for build in (TCP / "v2", TCP / "v1", TCP / "v2"):
-            r = run.cli("swap", str(build), "--json", timeout=300)
-            assert r.returncode == 0, r.stdout + r.stderr
-            drains.append(next(e for e in map(json.loads, r.stdout.splitlines())
-                               if e.get("event") == "drain" and e.get("status") == "done"))
-            want = build.name
-            wait_until(lambda want=want: all(p.versions[want] for p in pool), 60, f"every pooled client on {want}")
+        drains = through_releases(run, (TCP / "v2", TCP / "v1", TCP / "v2"),
+                                  lambda b: all(p.versions[b] for p in pool))
         t.join(60)
     finally:
         for p in pool:
@@ -60,11 +74,54 @@ def test_pooled_connections_move_to_the_new_build_between_calls_and_no_call_fail
     assert slow["answer"] == b"v1 sleep 2000"  # the call in flight finished on the old build
     failures = sum((p.failures for p in pool), Counter())
     assert not failures, failures
-    # every pooled connection to the old build was closed between two calls: none was cut at the grace
-    assert all(d["closed_between_calls"] >= len(pool) and d["long_lived_cut"] == {} and not d["timed_out"]
-               for d in drains), drains
+    assert all(d["long_lived_left"] == 0 and d["calls_unknown"] == 0 for d in drains), drains
+    # every pooled connection was moved: between two calls, or cut at the grace (its call retried)
+    assert all(d["closed_between_calls"] + d["calls_cut"] >= len(pool) for d in drains), drains
+    # Pooled checks no connection before it sends: each close met its next call, which reached the
+    # app (nginx passes it on) and was counted cut; the client opened a connection and called again
+    assert sum(d["calls_cut"] for d in drains) == sum(p.reconnects for p in pool), (drains, [p.reconnects for p in pool])
     last = run.status()["last_swap"]
     assert not [w for w in last.get("warnings", []) if w.startswith("stop:")], last  # exited on SIGTERM
+
+
+@pytest.mark.serial
+def test_redis_py_callers_with_their_own_connections_lose_nothing_but_what_never_rests(make_daemon: Any) -> None:
+    """The real redis-py, no retries, a connection per caller (its pool lends it, checking it
+    first): callers 10 ms apart and slow calls (1.5 s) lose nothing through 3 releases; a caller
+    that calls back to back never rests, so its connection is cut at the grace and may lose the
+    one call it carried then; and every call that failed is one the drain reported cut."""
+    from clients import RedisCallers
+
+    run = make_daemon(example=REDIS / "bluegreen.toml")
+    with RedisCallers(run.listen_port, spaced_ms=10, layout="per-caller") as callers:
+        wait_until(lambda: callers.all_on("v1") and callers.calls["slow"] >= 2, 60, "every caller on v1")
+        drains = through_releases(run, (REDIS / "v2", REDIS / "v1", REDIS / "v2"), callers.all_on)
+    print(f"\nredis-py, a connection each: calls {dict(callers.calls)}, failed {dict(callers.failures)}, "
+          f"drains {[(d['closed_between_calls'], d['calls_cut'], d['calls_unknown']) for d in drains]}")
+    assert callers.failed("spaced", "slow") == 0, (callers.failures, callers.examples)
+    assert callers.failed("back-to-back") <= 2 * len(drains), callers.failures  # one per connection, at most
+    assert callers.failed() == sum(d["calls_cut"] for d in drains), (callers.failures, drains)
+    assert all(d["calls_unknown"] == 0 and d["long_lived_left"] == 0 for d in drains), drains
+
+
+def test_redis_py_callers_on_one_pool_lose_only_calls_the_drain_reports_cut(make_daemon: Any) -> None:
+    """One redis-py ConnectionPool for every caller, as one web app has: its busiest connections
+    never rest and are cut at the grace. Whatever fails, the drain reported, call for call."""
+    from clients import RedisCallers
+
+    run = make_daemon(example=REDIS / "bluegreen.toml")
+    with RedisCallers(run.listen_port, layout="shared") as callers:
+        wait_until(lambda: callers.all_on("v1"), 60, "every caller on v1")
+        drains = through_releases(run, (REDIS / "v2", REDIS / "v1"), callers.all_on)
+    print(f"\nredis-py, one pool: calls {dict(callers.calls)}, failed {dict(callers.failures)}, "
+          f"drains {[(d['closed_between_calls'], d['calls_cut'], d['calls_unknown']) for d in drains]}")
+    cut = sum(d["calls_cut"] for d in drains)
+    assert cut <= callers.failed() <= cut + sum(d["calls_unknown"] for d in drains), (callers.failures, drains)
+    r = run.cli("history", "--json")
+    swaps = [json.loads(line) for line in r.stdout.splitlines()][-len(drains):]
+    for d, swap in zip(drains, swaps):  # history says it too, call for call
+        said = [w for w in swap.get("warnings", []) if f"CUT {d['calls_cut']} call(s)" in w]
+        assert bool(said) == bool(d["calls_cut"]), swap
 
 
 def test_a_tcp_service_has_no_preview_and_no_rollout(make_daemon: Any) -> None:
@@ -94,12 +151,14 @@ def test_check_config_names_a_missing_stream_module_before_anything_starts(short
 
 def test_a_tcp_service_behind_your_own_nginx_s_stream_block(make_daemon: Any, short_tmp: Path) -> None:
     """External mode, as docs/nginx.md shows it: your nginx's stream {} block includes the
-    upstream file bluegreen rewrites, and connects from the TCP kind's address. Pooled clients
-    move between two calls; no call fails."""
+    upstream file bluegreen rewrites, connects from the TCP kind's address, and passes a client's
+    bytes on after the app's side closed (proxy_half_close). redis-py callers through two
+    releases: those whose connection rests lose nothing; what fails, the drain reported."""
     import os
 
-    from shapes import UserNginx
+    from clients import RedisCallers
     from helpers import stop_all
+    from shapes import UserNginx
     from supervisor.config.host import STREAM_MODULE
     from supervisor.proxy.render import render_stream_upstream
 
@@ -115,29 +174,21 @@ error_log {prefix}/error.log notice;
 events {{ worker_connections 256; }}
 stream {{
     include {prefix}/conf.d/*.conf;
-    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; }}
+    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; proxy_half_close on; }}
 }}
 """)
     user = UserNginx(prefix, listen)
     user.start()
     try:
-        run = make_daemon(build=TCP / "v1", ports=(blue, green), listen=listen, command='["python3", "server.py"]',
-                          app='protocol = "tcp"', ready='timeout = 30',
-                          nginx="\n".join(user.external(prefix / "conf.d" / "myapp.conf", "myapp")))
-        pool = [Pooled(listen) for _ in range(4)]
-        for p in pool:
-            p.start()
-        try:
-            wait_until(lambda: all(p.versions["v1"] for p in pool), 60, "calls to flow")
-            for build in (TCP / "v2", TCP / "v1"):
-                r = run.cli("swap", str(build), timeout=300)
-                assert r.returncode == 0 and "between two calls" in r.stdout, r.stdout + r.stderr
-                wait_until(lambda b=build.name: all(p.versions[b] for p in pool), 60, f"every client on {build.name}")
-        finally:
-            for p in pool:
-                p.close()
-        failures = sum((p.failures for p in pool), Counter())
-        assert not failures, failures
+        run = make_daemon(build=REDIS / "v1", ports=(blue, green), listen=listen, command='["python3", "../server.py"]',
+                          app='protocol = "tcp"', ready='send = "PING\\r\\n"\nexpect = "+PONG"\ntimeout = 30',
+                          drain_timeout=3, nginx="\n".join(user.external(prefix / "conf.d" / "myapp.conf", "myapp")))
+        with RedisCallers(listen, spaced=2, back_to_back=1, spaced_ms=10, layout="per-caller") as callers:
+            wait_until(lambda: callers.all_on("v1"), 60, "every caller on v1")
+            drains = through_releases(run, (REDIS / "v2", REDIS / "v1"), callers.all_on)
+        assert callers.failed("spaced", "slow") == 0, (callers.failures, callers.examples)
+        assert callers.failed() == sum(d["calls_cut"] for d in drains), (callers.failures, drains)
+        assert sum(d["closed_between_calls"] for d in drains) >= 2 * 3, drains  # the resting ones, each release
         stop_all([run])
     finally:
         user.close()
@@ -145,7 +196,8 @@ stream {{
 
 def test_a_call_still_running_at_drain_timeout_is_said_to_be_cut(make_daemon: Any) -> None:
     """A client that sends big calls and reads no answer is never between two calls: at
-    drain.timeout its connection is cut, and the drain says it was cut (TCP has no goodbye)."""
+    drain.timeout its connection is cut with a call in flight, and the drain and the swap's
+    record say so."""
     import struct
 
     run = tcp_daemon(make_daemon, drain_timeout=1, stop_timeout=60)
@@ -161,9 +213,8 @@ def test_a_call_still_running_at_drain_timeout_is_said_to_be_cut(make_daemon: An
         wait_until(lambda: run.status()["active"]["long_lived"] == {"tcp": 1}, 30, "the connection, counted")
         r = run.cli("swap", str(TCP / "v2"), "--json", timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
-        drain = next(e for e in map(json.loads, r.stdout.splitlines()) if e.get("event") == "drain"
-                     and e.get("status") == "done")
-        assert drain["long_lived_cut"] == {"tcp": 1} and drain["long_lived_clean"] == 0, drain
-        assert drain["closed_between_calls"] == 0 and drain["not_clean_why"], drain
+        drain = drains_of(r)[0]
+        assert drain["calls_cut_in_flight"] == 1 and drain["closed_between_calls"] == 0, drain
+        assert "CUT 1 call(s)" in run.status()["last_swap"]["warnings"][0], run.status()["last_swap"]
     finally:
         conn.close()

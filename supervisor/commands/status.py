@@ -65,31 +65,32 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     }
 
 
-MEASURED_FOR = 1.0  # seconds an app's memory and connection counts are reused by the next status
-_measured: dict[int, tuple[float, dict[str, Any]]] = {}  # pid -> (when, what)
+MEASURED_FOR = 1.0  # seconds an app's memory is reused by the next status
+_rss: dict[int, tuple[float, int | None]] = {}  # pid -> (when, its tree's memory)
 
 
 def _with_rss(p: dict[str, Any]) -> dict[str, Any]:
     """The resident memory of the app's whole tree (a start script's server included), and the
-    long-lived connections (WebSockets, event streams, listed paths) open to it, by kind. Finding
-    the tree reads every process on the host: measured once per MEASURED_FOR, so that a burst of
-    status commands (a monitoring loop) costs one scan."""
+    long-lived connections (WebSockets, listed paths, TCP) open to it, by kind. Finding the tree
+    reads every process on the host: measured once per MEASURED_FOR, so that a burst of status
+    commands (a monitoring loop) costs one scan; the connections are one netlink dump, each time."""
     import psutil  # the daemon's side: not imported by the CLI
 
     from ..processes import sockets
 
-    when, facts = _measured.get(p["pid"], (0.0, {}))
-    if time.monotonic() - when >= MEASURED_FOR:
-        facts = {"long_lived": sockets.long_lived(p["port"])}
+    p["long_lived"] = sockets.long_lived(p["port"])
+    now = time.monotonic()
+    when, rss = _rss.get(p["pid"], (0.0, None))
+    if now - when >= MEASURED_FOR:
         try:
             root = psutil.Process(p["pid"])
-            facts["rss"] = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
+            rss = sum(q.memory_info().rss for q in [root, *root.children(recursive=True)])
         except psutil.Error:
-            facts["rss"] = None
-        for pid in [pid for pid, (t, _) in _measured.items() if time.monotonic() - t >= MEASURED_FOR]:
-            del _measured[pid]  # processes gone or not asked about: forgotten
-        _measured[p["pid"]] = (time.monotonic(), facts)
-    p.update(facts)
+            rss = None
+        for pid in [pid for pid, (t, _) in _rss.items() if now - t >= MEASURED_FOR]:
+            del _rss[pid]  # processes gone or not asked about: forgotten
+        _rss[p["pid"]] = (now, rss)
+    p["rss"] = rss
     return p
 
 

@@ -1102,6 +1102,12 @@ def machine_warnings(cfg: "Config") -> list[str]:
         warnings.append(f"nginx.listen: port {listen} is inside the kernel's range for outgoing connections "
                         f"({ephemeral.start}-{ephemeral.stop - 1}): an outgoing connection holding it makes the "
                         f"managed nginx fail to start (bind: address in use); choose a port below {ephemeral.start}")
+    said = " ".join((*cfg.app.command, *cfg.app.env, *cfg.app.env.values())).lower()
+    if cfg.app.protocol != "tcp" and "gunicorn" in said and "forwarded" not in said:
+        warnings.append("app.command: gunicorn trusts X-Forwarded-For from 127.0.0.1 only (forwarded_allow_ips), "
+                        "but nginx connects WebSockets and drain.long_lived_paths from 127.0.0.2 and 127.0.0.4 "
+                        "(the drain tells them apart so): add --forwarded-allow-ips 127.0.0.1,127.0.0.2,127.0.0.4 "
+                        "(or FORWARDED_ALLOW_IPS in app.env) for those requests to keep their client's address")
     return warnings
 
 

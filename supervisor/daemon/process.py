@@ -23,6 +23,7 @@ from typing import Any, Callable
 from .. import __version__, commands, faults
 from ..config.schema import Config, LogsConfig, machine_warnings
 from ..errors import BluegreenError
+from ..processes import procs
 from ..processes.logs import DaemonLog
 from ..protocol import Request
 from ..proxy.runtime import route_file_of
@@ -71,6 +72,8 @@ class Daemon:
             raise BluegreenError(f"cannot create {self.state_dir}: {e.strerror}; check daemon.state_dir",
                                  code="config") from None
         self._lock()
+        if not procs.become_subreaper():
+            log.warning("could not become a child subreaper: orphans of the app, its hooks or nginx go to pid 1")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # queued only; the main task reacts
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
@@ -132,12 +135,14 @@ class Daemon:
         daemon). No error ends it: a loop that stopped pinging would have systemd kill a daemon
         that works."""
         interval = min(HOUSEKEEPING, self.notifier.watchdog_interval or HOUSEKEEPING)
+        zombies: set[int] = set()
         while True:
             if self.notifier.watchdog_interval:
                 self.notifier.ping()
             await asyncio.sleep(interval)
             faults.block_loop()  # tests only
             try:
+                zombies = procs.reap(zombies)  # orphans reparented to the daemon, once they exit
                 self.app.keeper.keep_file()
                 if self.notifier.enabled:
                     self.notifier.status(status_line(self.app))

@@ -78,6 +78,11 @@ class Tally:
     def cut(self) -> int:
         return self.cut_in_flight + self.cut_arrived
 
+    @property
+    def closed(self) -> int:
+        """Connections the drain closed, however it went."""
+        return self.between_calls + self.cut + self.unknown
+
 
 class CallDrain(threading.Thread):
     """The connections on `port` (from nginx's TCP address), held by the processes `holders()`

@@ -113,7 +113,8 @@ class Drain:
             "workers_wait": round(proxy_s if proxy_s is not None else time.monotonic() - self.began, 4),
             "old_workers_left": held,
             "still_open": short,  # short connections the old build still had at drain.timeout (its stop decides)
-            "timed_out": bool(short or (held_late and not self.cut)) and not died,
+            # (old nginx workers still holding the connections the drain closed at the grace hold no request)
+            "timed_out": bool(short or (held_late and not self.cut and not tally.closed)) and not died,
             "long_lived_cut": self.cut,  # by kind: closed by the daemon at the grace
             "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye
             "not_clean_why": self.unclean,  # why the others were cut or reset

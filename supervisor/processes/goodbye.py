@@ -10,7 +10,8 @@ that it may write a goodbye, in one write (the kernel never interleaves it with 
   an upstream connection when the app answered 101 Switching Protocols, and only then
   (upgraded()). A request that merely asked for an upgrade is no WebSocket;
 - and only at a proven frame boundary: the app sent nothing for FRAME_QUIET and nothing it
-  wrote is still queued, so its last frame is whole.
+  wrote is still queued, so its last frame is whole (an app that sends now and then is watched
+  for such a pause for up to FRAME_WAIT).
 
 Everything else is cut, and counted so: a connection with no proven boundary (an app that
 writes all the time, or a client that does not read), a listed path (an HTTP long poll or event
@@ -26,12 +27,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import time
 from dataclasses import dataclass
 
 from . import copies, sockets, tcpinfo
 
 WEBSOCKET_GOING_AWAY = b"\x88\x0c\x03\xe9going away"  # FIN + close, 12 bytes: code 1001, its reason
 FRAME_QUIET = 0.02  # seconds the app must have sent nothing for its last frame to count as whole
+FRAME_WAIT = 0.5  # how long a connection is watched for such a pause (an app that writes all the time)
+LOOK = 0.005  # seconds between two readings while waiting for it
 
 
 @dataclass
@@ -92,10 +96,7 @@ async def close(conns: list[sockets.Conn], goodbye: bytes, pids: set[int]) -> Cl
                 out.unclean = out.unclean or f"reset: no copy of its socket ({e.strerror})"
                 continue
             held.append((conn, sock, _reading(sock)))
-        if goodbye and held:
-            await asyncio.sleep(FRAME_QUIET)  # one wait for all: proves each one's last frame whole
-        for conn, sock, first in held:
-            _end(conn, sock, goodbye if _whole(first, _reading(sock)) else b"", bool(goodbye), out)
+        await _at_boundaries(held, goodbye, out)
     finally:
         for _, sock, _ in held:
             sock.close()  # our copies only: the app's descriptors stay its own
@@ -105,6 +106,30 @@ async def close(conns: list[sockets.Conn], goodbye: bytes, pids: set[int]) -> Cl
     return out
 
 
+async def _at_boundaries(held: list[tuple[sockets.Conn, socket.socket, tcpinfo.TcpInfo | None]], goodbye: bytes,
+                         out: Closed) -> None:
+    """End each connection: with `goodbye` as soon as its app has been quiet for FRAME_QUIET with
+    nothing queued (readings every LOOK, for up to FRAME_WAIT), else without it, then."""
+    pending = {id(sock): (conn, sock, first, time.monotonic()) for conn, sock, first in held}
+    deadline = time.monotonic() + (FRAME_WAIT if goodbye else 0.0)
+    while pending:
+        now = time.monotonic()
+        for key, (conn, sock, last, since) in list(pending.items()):
+            reading = _reading(sock)
+            if reading is None or last is None or reading.bytes_sent != last.bytes_sent or reading.not_sent:
+                pending[key] = (conn, sock, reading, now)  # it moved (or is writing): its pause starts again
+                if now < deadline:
+                    continue
+            elif now - since < FRAME_QUIET and now < deadline:
+                continue
+            del pending[key]
+            whole = reading is not None and last is not None and reading.bytes_sent == last.bytes_sent \
+                and not reading.not_sent and now - since >= FRAME_QUIET
+            _end(conn, sock, goodbye if whole else b"", bool(goodbye), out, reading.not_sent if reading else 0)
+        if pending:
+            await asyncio.sleep(LOOK)
+
+
 def _reading(sock: socket.socket) -> tcpinfo.TcpInfo | None:
     try:
         return tcpinfo.read(sock)
@@ -112,12 +137,7 @@ def _reading(sock: socket.socket) -> tcpinfo.TcpInfo | None:
         return None
 
 
-def _whole(first: tcpinfo.TcpInfo | None, now: tcpinfo.TcpInfo | None) -> bool:
-    """The app sent nothing between the two readings and nothing it wrote is queued."""
-    return first is not None and now is not None and now.bytes_sent == first.bytes_sent and not now.not_sent
-
-
-def _end(conn: sockets.Conn, sock: socket.socket, goodbye: bytes, wanted: bool, out: Closed) -> None:
+def _end(conn: sockets.Conn, sock: socket.socket, goodbye: bytes, wanted: bool, out: Closed, queued: int) -> None:
     """Write `goodbye` (b"": none), shut the write side, and count what it was."""
     said = False
     try:
@@ -135,5 +155,6 @@ def _end(conn: sockets.Conn, sock: socket.socket, goodbye: bytes, wanted: bool, 
         return
     out.cut += 1
     if not out.unclean:
-        out.unclean = ("cut: the app was still writing (no whole frame to write its goodbye after)" if wanted
+        out.unclean = (f"cut with {queued} bytes still queued for a client that does not read" if wanted and queued
+                       else "cut: the app was still writing (no whole frame to write its goodbye after)" if wanted
                        else "cut: no goodbye is proven safe for it")

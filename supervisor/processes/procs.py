@@ -127,3 +127,70 @@ def groups(pid: int) -> set[int]:
             return {int(g) for ln in f if ln.startswith("Groups:") for g in ln.split()[1:]}
     except (OSError, ValueError):
         return set()
+
+
+# --- this daemon as a child subreaper: orphans of what it started come back to it
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Have the orphans of every process this daemon started (nginx's workers when their master
+    is killed, a helper a hook or an app started with `env -i setsid`) reparented to it instead
+    of pid 1, which in a container may never reap them. False where the kernel refuses."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def my_children() -> list[int]:
+    """This process's children, every thread's (an orphan is reparented to one of its threads)."""
+    found: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def reap(seen: set[int]) -> set[int]:
+    """Reap the zombie children that were already zombies at the last call (`seen`): no one
+    waits for them (asyncio reaps the children it started at once). Returns the zombies seen now."""
+    now = {pid for pid in my_children() if zombie(pid)}
+    for pid in now & seen:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return now - seen
+
+
+def adopted(since: float) -> list[psutil.Process]:
+    """Orphans reparented to this daemon (a subreaper) that started after `since` (wall clock) and
+    carry none of its markers: what a process it started left behind with a cleared environment
+    (`env -i setsid helper &`). What the daemon starts itself is marked (BLUEGREEN_*) or nginx."""
+    found = []
+    for pid in my_children():
+        env, name = environ(pid), title(pid) or ""
+        if env is None or b"\0BLUEGREEN_" in env or name.startswith("nginx"):
+            continue
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found

@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import builds
+from .. import builds, client
 from ..aio import shielded
 from ..errors import Aborted, AppDied, AppError, BluegreenError, StateError
 from ..processes import probes, slots
@@ -224,6 +224,10 @@ class SlotOps:
             log.warning("drain of %s: %s", old.slot, left)
         if result["long_lived_cut"]:
             log.info("drain of %s: closed long-lived connections at the grace: %s", old.slot, result["long_lived_cut"])
+        for said in ([client.calls_cut(result)] if result["calls_cut"] else []) + (
+                [client.calls_unknown(result)] if result["calls_unknown"] else []):
+            result["warning"] = f"{result['warning']}; {said}" if result.get("warning") else said
+            log.warning("drain of %s: %s", old.slot, said)
         del result["after"]
         return result
 

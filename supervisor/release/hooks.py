@@ -61,6 +61,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             why = bad
         raise HookFailed(f"hooks.{name}: cannot run {args[0]!r}: {why}", hook=name) from None
     began = time.monotonic()
+    started_at = procs.create_time(proc.pid) or time.time() - 1.0  # what the daemon adopts, started since, may be this run's
     tail: list[str] = []
 
     shown = 0
@@ -96,7 +97,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
         raise
     finally:
         hidden()
-        _stop_escaped(name, run_id, say)
+        _stop_escaped(name, run_id, say, started_at)
     if proc.returncode != 0:
         how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0
                else f"exited with status {proc.returncode}")
@@ -121,10 +122,12 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
         await asyncio.gather(reader, return_exceptions=True)
 
 
-def _stop_escaped(name: str, run_id: str, say: Callable[[str], None]) -> None:
-    """Kill what this hook run left running, its group's or not (a `setsid` helper): a hook is a
-    step of a release, and nothing of it outlives the step."""
+def _stop_escaped(name: str, run_id: str, say: Callable[[str], None], since: float) -> None:
+    """Kill what this hook run left running, its group's or not (a `setsid` helper, found by the
+    run's marker; one that cleared its environment too, `env -i setsid`, found as an orphan the
+    daemon adopted during the run): a hook is a step of a release, and nothing of it outlives it."""
     left = slots.marked(run_id, key=RUN_MARKER)
+    left += [p for p in procs.adopted(since) if p.pid not in {q.pid for q in left}]
     for p in left:
         try:
             p.kill()
