@@ -183,3 +183,35 @@ def test_a_short_request_past_drain_timeout_is_reported_even_when_the_grace_is_l
         done.cancel()
         for s in [short, stream, *accepted]:
             s.close()
+
+
+def test_a_netlink_error_falls_back_to_proc_for_a_while_never_for_good(listener: socket.socket,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One netlink error is tried again at once; two in a row read /proc instead, for
+    NETLINK_RETRY seconds only: then netlink again (it once stayed off for the daemon's life)."""
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted = listener.accept()[0]
+    real, calls = sockets._netlink_dump, {"n": 0, "fail": 1}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise OSError(105, "No buffer space available")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sockets, "_netlink_dump", flaky)
+    monkeypatch.setattr(sockets, "_netlink_off_until", 0.0)
+    try:
+        conns = sockets.connections(port)
+        assert len(conns) == 1 and conns[0].info is not None  # the second try answered: netlink's own view
+        calls["fail"] = 2
+        conns = sockets.connections(port)
+        assert len(conns) == 1 and conns[0].info is None  # /proc's (no tcp_info)
+        assert sockets.connections(port)[0].info is None  # still /proc, within NETLINK_RETRY
+        monkeypatch.setattr(sockets, "_netlink_off_until", 0.0)  # (as if NETLINK_RETRY had passed)
+        assert sockets.connections(port)[0].info is not None
+    finally:
+        client.close()
+        accepted.close()

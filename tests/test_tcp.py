@@ -7,6 +7,7 @@ to the old build is closed as soon as it is between two calls; a call in flight 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 from collections import Counter
@@ -218,3 +219,88 @@ def test_a_call_still_running_at_drain_timeout_is_said_to_be_cut(make_daemon: An
         assert "CUT 1 call(s)" in run.status()["last_swap"]["warnings"][0], run.status()["last_swap"]
     finally:
         conn.close()
+
+
+CLUSTER_JS = r"""
+// A line-protocol service under Node's cluster module: the primary holds the listening socket
+// and hands each connection to a worker, which alone holds it from then on.
+const cluster = require('cluster'), net = require('net');
+const version = 'VERSION';
+if (cluster.isPrimary) {
+  for (let i = 0; i < 2; i++) cluster.fork();
+  process.on('SIGTERM', () => { for (const w of Object.values(cluster.workers)) w.process.kill('SIGTERM'); });
+  cluster.on('exit', () => { if (!Object.keys(cluster.workers).length) process.exit(0); });
+} else {
+  const server = net.createServer((sock) => {
+    let buf = '';
+    sock.on('error', () => {});
+    sock.on('data', (d) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i); buf = buf.slice(i + 1);
+        sock.write(line === 'PING' ? 'PONG\n' : `${version} ${line}\n`);
+      }
+    });
+  }).listen(Number(process.env.PORT), '127.0.0.1');
+  process.on('SIGTERM', () => server.close(() => process.exit(0)));
+}
+"""
+
+
+class LineCaller(threading.Thread):
+    """A caller with its own connection, checked before each call as a pool does, 10 ms apart."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stopped = port, threading.Event()
+        self.versions: Counter[str] = Counter()
+        self.failed = 0
+
+    def run(self) -> None:
+        conn, n = socket.create_connection(("127.0.0.1", self.port), timeout=30), 0
+        while not self.stopped.wait(0.01):
+            if select.select([conn], [], [], 0)[0] and conn.recv(1, socket.MSG_PEEK) == b"":
+                conn.close()  # closed by the server while in the pool: a new one
+                conn = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            n += 1
+            try:
+                conn.sendall(f"call {n}\n".encode())
+                answer = conn.makefile("rb").readline()
+                if not answer:
+                    raise ConnectionError("closed mid-call")
+                self.versions[answer.split()[0].decode()] += 1
+            except OSError:
+                self.failed += 1
+                conn.close()
+                conn = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        conn.close()
+
+
+@pytest.mark.serial  # callers 10 ms apart lose nothing only if the close reaches them within that: not on a loaded machine
+def test_a_node_cluster_s_connections_are_found_through_its_workers(make_daemon: Any, short_tmp: Path) -> None:
+    """Node's cluster module: the workers hold the connections, not the listening socket. The drain
+    finds them by the slot's markers, closes each between two calls, and no call fails."""
+    builds = []
+    for name in ("v1", "v2"):
+        d = short_tmp / "cluster" / name
+        d.mkdir(parents=True)
+        (d / "cluster.js").write_text(CLUSTER_JS.replace("VERSION", name))
+        builds.append(d)
+    listen = free_ports(1)[0]
+    run = make_daemon(build=builds[0], listen=listen, command='["node", "cluster.js"]', app='protocol = "tcp"',
+                      ready='send = "PING\\n"\nexpect = "PONG"\ntimeout = 30', drain_timeout=10,
+                      nginx=f'mode = "managed"\nlisten = "127.0.0.1:{listen}"\nworker_processes = 2')
+    callers = [LineCaller(listen) for _ in range(3)]
+    for c in callers:
+        c.start()
+    try:
+        wait_until(lambda: all(c.versions["v1"] for c in callers), 60, "every caller on v1")
+        drains = through_releases(run, (builds[1],), lambda b: all(c.versions[b] for c in callers))
+    finally:
+        for c in callers:
+            c.stopped.set()
+            c.join(30)
+    d = drains[0]
+    assert d["closed_between_calls"] >= 3 and d["long_lived_left"] == 0 and not d["cut_error"], d
+    assert sum(c.failed for c in callers) == 0, ([c.failed for c in callers], d)

@@ -29,9 +29,9 @@ class Drain:
     """One drain of `port`: the proxy's release (a task), the kernel's view of the port's
     connections, the two deadlines, and what was closed."""
 
-    def __init__(self, port: int, timeout: float, grace: float, interval: float, protocol: str = "http",
+    def __init__(self, port: int, timeout: float, grace: float, interval: float,
                  holders: Callable[[], set[int]] | None = None, nginx: Callable[[], set[int]] = set) -> None:
-        self.port, self.interval, self.protocol = port, interval, protocol
+        self.port, self.interval = port, interval
         self.holders = holders or (lambda: sockets.listening_pids(port))
         self.nginx = nginx  # nginx's processes (its side of each connection proves a WebSocket)
         self.unproven: set[int] = set()  # asked for a WebSocket, never switched to one: short requests
@@ -125,8 +125,7 @@ class Drain:
             "calls_cut_arrived": tally.cut_arrived,  # of those: reached the app as its connection closed
             "calls_unknown": tally.unknown,  # closed at the grace, a call in flight neither proven nor ruled out
             "long_lived_left": sum(len(c) for c in long.values()) + sum(tally.unreachable.values()),
-            "cut_error": "; ".join([self.cut_why] * bool(self.cut_why) + [f"{n} {why}" for why, n in
-                                                                           tally.unreachable.items()]),
+            "cut_error": "; ".join(filter(None, [self.cut_why, *(f"{n} {why}" for why, n in tally.unreachable.items())])),
             "died": died,
             "after": time.monotonic() - self.began,
         }
@@ -149,7 +148,7 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
     (default: `timeout`). Report what was left and what was closed. Stops early if `watch` (the
     new build) dies: waiting would only prolong an outage. A TCP service's connections are
     closed between two calls by a calls.CallDrain, which counts what each close cost."""
-    d = Drain(port, timeout, timeout if grace is None else grace, interval, protocol, holders, nginx)
+    d = Drain(port, timeout, timeout if grace is None else grace, interval, holders, nginx)
     end = max(d.deadline, d.long_deadline)
     if protocol == "tcp":
         d.calls = calls.CallDrain(port, d.serving, d.long_deadline)
