@@ -5,6 +5,7 @@ its client at once: no nginx in between."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -92,16 +93,21 @@ def closed(client: socket.socket) -> bool:
         return False
 
 
-def drain_of(app: socket.socket, deadline: float) -> calls.CallDrain:
-    return calls.CallDrain(app.getsockname()[1], lambda: {os.getpid()}, deadline)
+@contextlib.contextmanager
+def draining(app: socket.socket, deadline: float) -> Iterator[calls.CallDrain]:
+    """A call drain of the app's port (this process holds the app's side), stopped at the end."""
+    drain = calls.CallDrain(app.getsockname()[1], lambda: {os.getpid()}, deadline)
+    drain.start()
+    try:
+        yield drain
+    finally:
+        drain.stop()
 
 
 def test_a_connection_at_rest_in_its_rhythm_is_closed_between_two_calls_and_counted_clean(pair) -> None:
     client, app = pair
     Echo(app).start()
-    drain = drain_of(app, time.monotonic() + 60)
-    drain.start()
-    try:
+    with draining(app, time.monotonic() + 60) as drain:
         answers = 0
         while not closed(client):  # a pool's caller: it checks its connection, calls, rests 10 ms
             client.sendall(b"call")
@@ -110,8 +116,6 @@ def test_a_connection_at_rest_in_its_rhythm_is_closed_between_two_calls_and_coun
             time.sleep(0.01)
         assert answers >= 3  # its rhythm was read first
         wait_until(drain.settled, 10, "the closed connection to be counted")
-    finally:
-        drain.stop()
     tally = drain.snapshot()
     assert (tally.between_calls, tally.cut) == (1, 0), tally
 
@@ -121,12 +125,8 @@ def test_a_call_in_flight_is_never_closed_before_the_deadline_then_cut_and_count
     echo = Echo(app, delay=1.0)
     echo.start()
     client.sendall(b"slow call")
-    drain = drain_of(app, time.monotonic() + 0.2)  # past 0.2 + QUEUED s it is cut where it is
-    drain.start()
-    try:
+    with draining(app, time.monotonic() + 0.2) as drain:  # past 0.2 + QUEUED s it is cut where it is
         wait_until(drain.settled, 10, "the connection to be cut and counted")
-    finally:
-        drain.stop()
     assert client.recv(100) == b""  # the answer never came: the call was cut
     tally = drain.snapshot()
     assert (tally.between_calls, tally.cut_in_flight, tally.cut_arrived) == (0, 1, 0), tally
@@ -140,17 +140,13 @@ def test_a_call_that_reaches_the_app_after_the_close_is_counted_as_cut(pair) -> 
     echo.start()
     client.sendall(b"call")
     assert client.recv(100) == b"call ok"
-    drain = drain_of(app, time.monotonic())
-    drain.start()
-    try:
+    with draining(app, time.monotonic()) as drain:
         wait_until(lambda: drain.held and all(h.closed for h in drain.held.values()), 10, "the close")
         client.sendall(b"late call")
         wait_until(lambda: echo.refused, 10, "the app to fail to answer it")
         assert client.recv(100) == b""
         client.close()
         wait_until(drain.settled, 10, "the connection to be counted")
-    finally:
-        drain.stop()
     tally = drain.snapshot()
     assert (tally.between_calls, tally.cut_arrived) == (0, 1), tally
 
