@@ -92,7 +92,7 @@ def drain_line(event: dict[str, Any]) -> str:
                  "next call goes to the new build")
     if event.get("calls_cut"):
         text += f"; {calls_cut(event)}"
-    if event.get("calls_unknown"):
+    if event.get("calls_unknown") or event.get("closed_unconfirmed"):
         text += f"; {calls_unknown(event)}"
     if event.get("long_lived_ended"):
         text += f"; {event['long_lived_ended']} long-lived connection(s) ended by themselves"
@@ -111,10 +111,19 @@ def calls_cut(event: dict[str, Any]) -> str:
     return f"CUT {event['calls_cut']} call(s): " + ", ".join(how) + "; their clients got an error"
 
 
+def drain_warnings(event: dict[str, Any]) -> list[str]:
+    """What a TCP service's drain cost, said as the swap's warnings (and history's)."""
+    return ([calls_cut(event)] if event.get("calls_cut") else []) + (
+        [calls_unknown(event)] if event.get("calls_unknown") or event.get("closed_unconfirmed") else [])
+
+
 def calls_unknown(event: dict[str, Any]) -> str:
-    """A TCP service's connections closed at the grace whose state nothing proved."""
-    return (f"{event['calls_unknown']} TCP connection(s) closed at drain.long_lived_grace without proof that no call "
-            "was in flight: up to as many call(s) may have been cut")
+    """A TCP service's connections whose close nothing proved harmless: up to one call each may be lost."""
+    unknown, unconfirmed = event.get("calls_unknown", 0), event.get("closed_unconfirmed", 0)
+    why = ([f"{unknown} closed at drain.long_lived_grace without proof that no call was in flight"] * bool(unknown)
+           + [f"{unconfirmed} closed between two calls whose clients had not come back to them within a second (a "
+              "client that calls on a closed connection without checking it first loses that call)"] * bool(unconfirmed))
+    return f"up to {unknown + unconfirmed} call(s) may have been lost, not counted: " + "; ".join(why)
 
 
 def ago(t: float | None) -> str:

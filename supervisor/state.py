@@ -63,16 +63,17 @@ class InterruptedSwap:
     # "paused": the standby is a preview nobody promoted (never to be made active by adoption)
     awaiting: str | None = None
     after_switch_done: bool = False  # the contract step ran (else the next daemon says it was skipped)
+    switched_at: float = 0.0  # when traffic left the old build (its commit): the drain's deadlines run from it
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InterruptedSwap":
         _typed(d, "swap", {"phase": str, "reason": str, "build": str, "started_at": _NUMBER + (type(None),),
                            "by": (dict, type(None)), "awaiting": (str, type(None)),
-                           "after_switch_done": (bool, type(None))})
+                           "after_switch_done": (bool, type(None)), "switched_at": _NUMBER + (type(None),)})
         return cls(phase=d["phase"], reason=d["reason"], build=d["build"], old=_slot(d.get("old"), "swap.old"),
                    standby=_slot(d["standby"], "swap.standby") if d.get("standby") else None,
                    started_at=d.get("started_at") or 0.0, by=d.get("by"), awaiting=d.get("awaiting"),
-                   after_switch_done=bool(d.get("after_switch_done")))
+                   after_switch_done=bool(d.get("after_switch_done")), switched_at=d.get("switched_at") or 0.0)
 
 
 _NUMBER = (int, float)

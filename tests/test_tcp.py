@@ -304,3 +304,68 @@ def test_a_node_cluster_s_connections_are_found_through_its_workers(make_daemon:
     d = drains[0]
     assert d["closed_between_calls"] >= 3 and d["long_lived_left"] == 0 and not d["cut_error"], d
     assert sum(c.failed for c in callers) == 0, ([c.failed for c in callers], d)
+
+
+def test_pipelined_clients_are_never_said_to_lose_nothing(make_daemon: Any, short_tmp: Path) -> None:
+    """drain.tcp_calls = "pipelined": redis-py pipelines of a GET and a slow call (the GET's answer
+    looks like a rest while the slow call still runs). No connection is closed in a rest; each
+    is closed at the grace, and what may have been lost is said: never fewer than what failed."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    cfg = short_tmp / "redis.toml"
+    listen = free_ports(1)[0]
+    run = make_daemon(example=REDIS / "bluegreen.toml", listen=listen, start=False)
+    run.config.write_text(run.config.read_text().replace("[drain]\n", '[drain]\ntcp_calls = "pipelined"\n'))
+    run.start()
+    stop, failed, done = threading.Event(), Counter(), Counter()
+
+    def pipelines() -> None:
+        r = redis.Redis(host="127.0.0.1", port=listen, protocol=2, socket_timeout=30, retry=Retry(NoBackoff(), 0))
+        while not stop.wait(0.01):
+            try:
+                p = r.pipeline(transaction=False)
+                p.get("release").execute_command("DEBUG", "SLEEP", "0.2")
+                version = p.execute()[0].decode()
+                done[version] += 1
+            except redis.RedisError as e:
+                failed[type(e).__name__] += 1
+
+    threads = [threading.Thread(target=pipelines, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: done["v1"] >= 6, 60, "pipelines on v1")
+        drains = through_releases(run, (REDIS / "v2",), lambda b: done[b] >= 6)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    d = drains[0]
+    assert d["closed_between_calls"] == 0, d  # no rest is proven: none is called clean
+    assert sum(failed.values()) <= d["calls_cut"] + d["calls_unknown"] + d["closed_unconfirmed"], (failed, d)
+    assert d["calls_unknown"] + d["calls_cut"] >= 1, d
+
+
+def test_a_drain_the_daemon_was_killed_in_is_finished_from_the_switch_and_its_cuts_recorded(make_daemon: Any) -> None:
+    """The daemon is killed (-9) as its TCP drain begins, callers back to back still on the old
+    build. The next daemon finishes the drain within what was left of the grace since the switch
+    (before nginx's own backstop, worker_shutdown_timeout, cuts the old workers' sessions, which
+    no one would count), and history records what it cut: every failed call."""
+    from clients import RedisCallers
+    from test_faults import swap_and_kill_daemon_at
+
+    run = make_daemon(example=REDIS / "bluegreen.toml")
+    with RedisCallers(run.listen_port, spaced=0, back_to_back=2, slow=0, layout="per-caller") as callers:
+        wait_until(lambda: callers.all_on("v1"), 60, "every caller on v1")
+        saved = swap_and_kill_daemon_at(run, REDIS / "v2", "drain")
+        assert saved["swap"]["switched_at"] > 0, saved["swap"]
+        run.start()
+        wait_until(lambda: callers.all_on("v2"), 60, "every caller on v2")
+        wait_until(lambda: (run.status() or {}).get("retiring") is None, 60, "the old build drained and stopped")
+    r = run.cli("history", "--json")
+    swap = [json.loads(line) for line in r.stdout.splitlines()][-1]
+    assert "the next daemon finished it" in " ".join(swap["warnings"]), swap
+    said = [w for w in swap["warnings"] if "CUT" in w]
+    assert callers.failed() == (int(said[0].split("CUT ")[1].split()[0]) if said else 0), (callers.failures, swap)

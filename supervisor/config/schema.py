@@ -500,6 +500,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "paths whose requests are long-lived too (a path, or a prefix ending in `/`), besides "
             "WebSockets: event streams, long polling, streamed downloads. A request header alone "
             "(`Accept: text/event-stream`) never makes a request long-lived"),
+        Key("tcp_calls", _choice("one at a time", "pipelined"), "one at a time",
+            "a TCP service's clients: `one at a time` (each waits for its answer before its next call on "
+            "a connection: pools such as redis-py's, Jedis') lets the drain close a connection between two "
+            "calls, proven from outside the app; `pipelined` (several calls on a connection before their "
+            "answers: ioredis, node-redis, Lettuce, pipelines), which no one outside the app can tell from "
+            "a rest: each connection is closed at `long_lived_grace`, and counted as possibly cutting calls"),
     ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed",
@@ -690,6 +696,7 @@ class DrainConfig:
     interval: float
     long_lived_grace: float | None = None  # None: timeout
     long_lived_paths: tuple[str, ...] = ()
+    tcp_calls: str = "one at a time"
 
     @property
     def grace(self) -> float:
@@ -1047,7 +1054,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
             health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"], long_lived_grace=dr["long_lived_grace"],
-                          long_lived_paths=dr["long_lived_paths"]),
+                          long_lived_paths=dr["long_lived_paths"], tcp_calls=dr["tcp_calls"]),
         release=ReleaseConfig(checks=tuple(v["release"]["checks"]), preview_header=v["release"]["preview_header"],
                               preview_cookie=v["release"]["preview_cookie"],
                               preview_token=v["release"]["preview_token"],

@@ -16,11 +16,15 @@ that took the connection from its pool just before the close reached it) cannot 
 more. Each closed connection is watched until its client lets go (or SETTLE): a byte that came
 in after the decision is a cut call, and counted so. nginx must pass a client's bytes on after
 the app's side closed (`proxy_half_close on`: the managed nginx has it) for every such call to
-reach the app and be counted.
+reach the app and be counted. A close is proven clean only once its client let go of the
+connection having sent nothing (a pool that checks a connection before it lends it); one whose
+client had not come back within SETTLE is counted apart, as unconfirmed.
 
 After the deadline (the drain's grace), a connection that never rests (calls back to back) is
 closed at its next answer, or, QUEUED later, wherever it is: the call it was in is cut, and
-counted.
+counted. Clients that pipeline calls (several on a connection before their answers) make a rest
+unprovable: with `pipelined`, every connection waits for the deadline and its close is counted
+as possibly cutting calls.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class Held:
 class Tally:
     """What became of the old build's connections, for the drain line."""
 
-    between_calls: int = 0  # closed between two calls, and no call came after: proven clean
+    between_calls: int = 0  # closed between two calls, no call came after, its client let go: proven clean
+    unconfirmed: int = 0  # closed between two calls, its client not back within SETTLE: its next call may fail
     cut_in_flight: int = 0  # closed past the deadline with a call in flight: that call is lost
     cut_arrived: int = 0  # a call reached the app after its connection's close was decided: lost
     unknown: int = 0  # closed past the deadline not knowing whether a call was in flight: one may be lost
@@ -81,16 +86,17 @@ class Tally:
     @property
     def closed(self) -> int:
         """Connections the drain closed, however it went."""
-        return self.between_calls + self.cut + self.unknown
+        return self.between_calls + self.unconfirmed + self.cut + self.unknown
 
 
 class CallDrain(threading.Thread):
     """The connections on `port` (from nginx's TCP address), held by the processes `holders()`
     names, closed between two calls; `deadline` (monotonic) ends the wait for rest."""
 
-    def __init__(self, port: int, holders: Callable[[], set[int]], deadline: float) -> None:
+    def __init__(self, port: int, holders: Callable[[], set[int]], deadline: float, pipelined: bool = False) -> None:
         super().__init__(name=f"bluegreen-calls-{port}", daemon=True)
         self.port, self.holders, self.deadline = port, holders, deadline
+        self.pipelined = pipelined  # its clients queue calls behind an answer: no rest proves anything
         self.lock = threading.Lock()
         self.tally = Tally()
         self.held: dict[int, Held] = {}  # by inode
@@ -111,7 +117,8 @@ class CallDrain(threading.Thread):
     def snapshot(self) -> Tally:
         with self.lock:
             t = self.tally
-            return Tally(t.between_calls, t.cut_in_flight, t.cut_arrived, t.unknown, t.ended, dict(t.unreachable))
+            return Tally(t.between_calls, t.unconfirmed, t.cut_in_flight, t.cut_arrived, t.unknown, t.ended,
+                         dict(t.unreachable))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -188,7 +195,8 @@ class CallDrain(threading.Thread):
                 with self.lock:
                     self.tally.ended += 1
                 self.release(held)
-            elif rest and (now >= self.deadline or self.will_rest(held, now)):
+            elif rest and (now >= self.deadline or (not self.pipelined and self.will_rest(held, now))):
+                held.unknown = self.pipelined  # calls may wait behind the answer this rest follows
                 self.close(held, info, now)
             elif now >= self.deadline + QUEUED:
                 held.in_flight, held.unknown = info.in_call, not info.in_call
@@ -235,8 +243,10 @@ class CallDrain(threading.Thread):
                 self.tally.cut_arrived += 1
             elif held.unknown:
                 self.tally.unknown += 1
-            else:
+            elif info.state == tcpinfo.CLOSE:  # its client saw the close and let go, having sent nothing
                 self.tally.between_calls += 1
+            else:  # its client has not come back to it: a call it sends without checking first will fail
+                self.tally.unconfirmed += 1
         self.release(held)
 
     def release(self, held: Held) -> None:

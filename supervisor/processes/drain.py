@@ -120,6 +120,7 @@ class Drain:
             "not_clean_why": self.unclean,  # why the others were cut or reset
             "long_lived_ended": self.ended + tally.ended,  # closed by the client or the app within the grace
             "closed_between_calls": tally.between_calls,  # a TCP service's: proven to cut no call
+            "closed_unconfirmed": tally.unconfirmed,  # closed between two calls, their clients not back yet
             "calls_cut": tally.cut,  # a TCP service's calls lost to a close (each counted, never assumed)
             "calls_cut_in_flight": tally.cut_in_flight,  # of those: in flight at the grace
             "calls_cut_arrived": tally.cut_arrived,  # of those: reached the app as its connection closed
@@ -141,7 +142,7 @@ class Drain:
 async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitable[int]], timeout: float,
                        interval: float, watch: Watched | None = None, grace: float | None = None,
                        protocol: str = "http", holders: Callable[[], set[int]] | None = None,
-                       nginx: Callable[[], set[int]] = set) -> dict[str, Any]:
+                       nginx: Callable[[], set[int]] = set, pipelined: bool = False) -> dict[str, Any]:
     """Wait until the proxy sends `port` no more short requests (`wait_released`: old nginx
     workers exited, or nginx counts none in flight to it) and the port has no short connection
     in flight, both within `timeout`; close the long-lived connections that outlive `grace`
@@ -151,7 +152,7 @@ async def wait_drained(port: int, wait_released: Callable[[int, float], Awaitabl
     d = Drain(port, timeout, timeout if grace is None else grace, interval, holders, nginx)
     end = max(d.deadline, d.long_deadline)
     if protocol == "tcp":
-        d.calls = calls.CallDrain(port, d.serving, d.long_deadline)
+        d.calls = calls.CallDrain(port, d.serving, d.long_deadline, pipelined)
         d.calls.start()
         end = max(d.deadline, d.long_deadline + calls.QUEUED + calls.SETTLE)
     proxy = asyncio.ensure_future(wait_released(port, end + CUT_SETTLE))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,10 +128,15 @@ class App:
         keep = {p.pid for p in (self.active, self.retiring) if p is not None}
         await self.launcher.free_port(port, keep, lambda what: self.event("leftover_stopped", port=port, detail=what))
 
-    async def drain(self, app: slots.AppProcess, watch: slots.AppProcess | None = None) -> dict[str, Any]:
+    async def drain(self, app: slots.AppProcess, watch: slots.AppProcess | None = None,
+                    since: float | None = None) -> dict[str, Any]:
+        """Drain `app`'s port; `since` (wall clock): when traffic left it, if before now (a drain a
+        killed daemon began: nginx's own backstop, worker_shutdown_timeout, runs from then too)."""
         d = self.config.drain
-        return await drain.wait_drained(app.port, self.proxy.wait_released, d.timeout, d.interval, watch, d.grace,
-                                        self.config.app.protocol, lambda: slots.holders(app), self.nginx_processes)
+        gone = max(0.0, time.time() - since) if since else 0.0
+        return await drain.wait_drained(app.port, self.proxy.wait_released, max(0.0, d.timeout - gone), d.interval,
+                                        watch, max(0.0, d.grace - gone), self.config.app.protocol,
+                                        lambda: slots.holders(app), self.nginx_processes, d.tcp_calls == "pipelined")
 
     def nginx_processes(self) -> set[int]:
         """nginx's master and workers (none if it is down)."""
@@ -144,11 +150,12 @@ class App:
         s = self.config.app.stop
         return await slots.stop(app, s.signal, s.timeout if graceful else 0.0)
 
-    async def retire(self, app: slots.AppProcess, drain: bool) -> None:
-        if drain:
-            await self.drain(app)
+    async def retire(self, app: slots.AppProcess, drain: bool, since: float | None = None) -> dict[str, Any] | None:
+        """Drain (if asked) and stop a leftover; the drain's report."""
+        report = await self.drain(app, since=since) if drain else None
         result = await self.stop(app)
         log.info("stopped leftover %s (pid %d): %s", app.slot, app.pid, result["how"])
+        return report
 
     async def retry_save(self) -> None:
         """state.json could not be written after traffic moved: write it once there is room, then
@@ -297,12 +304,13 @@ def _emitter(app: App, plan: Plan[slots.AppProcess]) -> Callable[[dict[str, Any]
             # started, then the new process (the standby until commit). Other phases change
             # neither, so they cost no write; commit's own write records it committed.
             new = app.standby or (app.active if app.active is not old else None)
-            record = app.swap
+            record, before = app.swap, app.keeper.state.swap
             app.keeper.swap_progress(InterruptedSwap(
                 name, plan.reason, str(plan.build), slots.slot_state(old), slots.slot_state(new) if new else None,
                 record.started_at if record else 0.0, record.by if record else None,
                 awaiting="paused" if (name, status) == (Phase.PAUSED.value, "begin") else None,
-                after_switch_done=(name, status) == (Phase.AFTER_SWITCH.value, "done")))
+                after_switch_done=(name, status) == (Phase.AFTER_SWITCH.value, "done"),
+                switched_at=time.time() if name == Phase.COMMIT.value else before.switched_at if before else 0.0))
             if name in (Phase.PAUSED.value, Phase.AFTER_SWITCH.value):
                 app.keeper.save_quietly(durable=False)
             if name == Phase.START.value:

@@ -211,9 +211,11 @@ class SlotOps:
         stop = self.cfg.app.stop
         if result["timed_out"]:
             self.still_open = result["still_open"]
-            result["warning"] = (f"{result['still_open']} request(s) still running on the old build at drain.timeout "
-                                 f"({self.cfg.drain.timeout:g}s): it gets {stop.signal.name} now, and what it has not "
-                                 f"finished within app.stop.timeout ({stop.timeout:g}s) is cut by SIGKILL")
+            running = (f"{result['still_open']} request(s) still running on the old build" if result["still_open"] else
+                       f"nginx still held {result['old_workers_left']} old worker(s) on the old build")
+            result["warning"] = (f"{running} at drain.timeout ({self.cfg.drain.timeout:g}s): it gets "
+                                 f"{stop.signal.name} now, and what it has not finished within app.stop.timeout "
+                                 f"({stop.timeout:g}s) is cut by SIGKILL")
             log.warning("drain of %s: %s", old.slot, result["warning"])
         if result["long_lived_left"]:
             self.still_open += result["long_lived_left"]
@@ -224,8 +226,7 @@ class SlotOps:
             log.warning("drain of %s: %s", old.slot, left)
         if result["long_lived_cut"]:
             log.info("drain of %s: closed long-lived connections at the grace: %s", old.slot, result["long_lived_cut"])
-        for said in ([client.calls_cut(result)] if result["calls_cut"] else []) + (
-                [client.calls_unknown(result)] if result["calls_unknown"] else []):
+        for said in client.drain_warnings(result):
             result["warning"] = f"{result['warning']}; {said}" if result.get("warning") else said
             log.warning("drain of %s: %s", old.slot, said)
         del result["after"]

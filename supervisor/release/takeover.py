@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from .. import client
 from ..config.schema import other_slot
 from ..processes import slots
 from ..state import InterruptedSwap
@@ -52,17 +53,22 @@ async def adopt(app: App) -> bool:
     app.committed(active, None)
     app.event("adopted", slot=active.slot, pid=active.pid, build=str(active.build))
     log.info("adopted %s (pid %d, port %d) serving %s", active.slot, active.pid, active.port, active.build)
+    drained = None
     for p in leftovers:
-        await app.retire(p, drain=True)
-    _end_interrupted(app, state.swap, decision.action)
+        old = state.swap is not None and p.pid == state.swap.old.pid  # its drain goes on from the switch
+        report = await app.retire(p, drain=True, since=state.swap.switched_at if old and state.swap else None)
+        drained = report if old else drained
+    _end_interrupted(app, state.swap, decision.action, drained)
     app.serving(active)
     app.keeper.save()
     return True
 
 
-def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Action) -> None:
+def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Action,
+                     drained: dict[str, Any] | None = None) -> None:
     """The interrupted swap is over now: it ends like any swap (status' last swap, the history,
-    the metrics), as finished (its new build serves) or not (what ran before serves, or a fresh start)."""
+    the metrics), as finished (its new build serves) or not (what ran before serves, or a fresh start),
+    with what the drain this daemon finished did to traffic."""
     app.keeper.swap_progress(None)
     if swap is None:
         return
@@ -74,6 +80,11 @@ def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Ac
     if action is adoption.Action.FINISH:
         record.outcome, record.traffic, record.committed = "done", "moved", True
         record.warnings.append(f"{killed}; the next daemon finished it")
+        if drained is not None:
+            drained.pop("after", None)
+            drained.pop("died", None)
+            record.details["drain"] = drained
+            record.warnings += [f"drain: {said}" for said in client.drain_warnings(drained)]
         hook = app.config.hooks.after_switch
         if hook and swap.reason in RELEASES and not swap.after_switch_done:
             skipped = (f"hook_skipped: hooks.after_switch ({' '.join(hook)}) did not run for the {swap.reason} to "
