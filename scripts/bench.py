@@ -822,7 +822,7 @@ def print_redis(rows: list[dict[str, Any]], releases: int) -> None:
     for r in rows:
         c, f = r["calls"], r["failed"]
         reported = "-" if r["reported_cut"] is None else (
-            f"{r['reported_cut']}" + (f" (+{r['reported_unknown']} unsure)" if r["reported_unknown"] else ""))
+            f"{r['reported_cut']}" + (f" (+{r['reported_unknown']} may have been)" if r["reported_unknown"] else ""))
         print(f"| {r['approach']}, {'one pool' if r['layout'] == 'shared' else 'a connection per caller'} "
               f"| {c.get('spaced', 0)} / {c.get('back-to-back', 0)} / {c.get('slow', 0)} "
               f"| {f['spaced']} / {f['back-to-back']} / {f['slow']} | {reported} | {r['slowest_call_s'] * 1000:.0f} ms "

@@ -135,7 +135,8 @@ def redis_through(port: int, releases: int, gap: float, layout: str,
     failed = {kind: callers.failed(kind) for kind in callers.KINDS}
     return {"calls": dict(callers.calls), "failed": failed, "failed_total": sum(failed.values()),
             "reported_cut": sum(d.get("calls_cut", 0) for d in drains) if drains else None,
-            "reported_unknown": sum(d.get("calls_unknown", 0) for d in drains) if drains else None,
+            "reported_unknown": sum(d.get("calls_unknown", 0) + d.get("closed_unconfirmed", 0) for d in drains)
+            if drains else None,
             "slowest_call_s": callers.slowest, "release_s_mean": sum(took) / len(took) if took else None}
 
 
