@@ -219,9 +219,9 @@ def test_a_helper_a_hook_starts_with_setsid_never_outlives_the_hook(make_daemon,
 
 def test_a_helper_that_clears_its_environment_never_outlives_the_hook_either(make_daemon, short_tmp: Path,
                                                                             releases: Path) -> None:
-    """`env -i setsid helper &`: no marker of the run is left on it, but once the hook exits it
-    is an orphan, and the daemon (a child subreaper) adopts it: adopted during the run, it is the
-    run's, and stopped; once it exits the daemon reaps it (no zombie left)."""
+    """`env -i setsid helper &`: no marker of the run is left on it, but it was seen as the hook's
+    descendant while the hook ran: it is stopped once the hook ends, and (an orphan reparented to
+    the daemon, a child subreaper) reaped: no zombie left."""
     pid_file = short_tmp / "helper.pid"
     expand = script(short_tmp / "expand", f"env -i setsid sh -c 'echo $$ > {pid_file}; exec sleep 300' &\n"
                                           f"while [ ! -s {pid_file} ]; do sleep 0.05; done\nexit 0\n")

@@ -64,7 +64,7 @@ class Held:
     anchor: tcpinfo.TcpInfo | None = None  # its last reading proven at rest
     in_flight: bool = False  # closed with a call proven in flight (past the deadline)
     unknown: bool = False  # closed past the deadline, whether a call was in flight not known
-    arrived: bool = False  # a call came in after the decision
+
 
 
 @dataclass
@@ -203,8 +203,6 @@ class CallDrain(threading.Thread):
                 self.close(held, info, now)
             return
         assert held.decided is not None
-        if not held.arrived and info.data_in > held.decided.data_in:
-            held.arrived = True
         if info.state == tcpinfo.CLOSE or now - held.closed >= SETTLE:
             self.settle(held, info)
 
@@ -239,7 +237,8 @@ class CallDrain(threading.Thread):
         with self.lock:
             if held.in_flight:
                 self.tally.cut_in_flight += 1
-            elif held.arrived and info.bytes_sent == held.decided.bytes_sent:  # no answer went out before the close
+            elif info.data_in - held.decided.data_in > info.data_out - held.decided.data_out:
+                # more calls came in after the decision than answers went out (before the close)
                 self.tally.cut_arrived += 1
             elif held.unknown:
                 self.tally.unknown += 1

@@ -178,18 +178,23 @@ def reap(seen: set[int]) -> set[int]:
     return now - seen
 
 
-def adopted(since: float) -> list[psutil.Process]:
-    """Orphans reparented to this daemon (a subreaper) that started after `since` (wall clock) and
-    carry none of its markers: what a process it started left behind with a cleared environment
-    (`env -i setsid helper &`). What the daemon starts itself is marked (BLUEGREEN_*) or nginx."""
+def note_descendants(pid: int, seen: dict[int, float]) -> None:
+    """Add `pid`'s descendants now to `seen` (pid -> start time): what a process starts may be
+    orphaned later, its parentage lost (an `env -i setsid` helper carries no marker either)."""
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            seen.setdefault(p.pid, p.create_time())
+    except psutil.Error:
+        pass
+
+
+def still_running(seen: dict[int, float]) -> list[psutil.Process]:
+    """Those of `seen` (pid -> start time) that still run: the same processes, not reused pids."""
     found = []
-    for pid in my_children():
-        env, name = environ(pid), title(pid) or ""
-        if env is None or b"\0BLUEGREEN_" in env or name.startswith("nginx"):
-            continue
+    for pid, started in seen.items():
         try:
             p = psutil.Process(pid)
-            if p.create_time() >= since and p.status() != psutil.STATUS_ZOMBIE:
+            if abs(p.create_time() - started) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             continue

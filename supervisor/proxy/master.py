@@ -22,6 +22,15 @@ def workers(master: int) -> dict[int, str]:
     return {pid: name for pid in procs.children(master) if (name := worker_title(pid))}
 
 
+def processes(master: "Master") -> set[int]:
+    """nginx's master and its children (none if it is down)."""
+    try:
+        pid = master.master_pid()
+    except NginxError:
+        return set()
+    return {pid, *procs.children(pid)}
+
+
 def worker_title(pid: int) -> str | None:
     """The title of nginx worker `pid`, serving or shutting down after a reload (it still serves
     its requests then); None if `pid` is gone or no worker (a cache manager, a loader)."""

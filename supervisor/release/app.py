@@ -16,12 +16,12 @@ from typing import Any, Callable
 from .. import builds, faults
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
-from ..processes import drain, procs, slots
+from ..processes import drain, slots
 from ..processes.launch import Launcher
 from ..proxy import switch
 from ..proxy.external import ExternalMaster
 from ..proxy.managed import ManagedNginx
-from ..proxy.master import Master
+from ..proxy.master import Master, processes
 from ..state import DaemonStatus, InterruptedSwap, StateKeeper, StateStore
 from . import hooks, takeover
 from .controller import Release
@@ -136,15 +136,8 @@ class App:
         gone = max(0.0, time.time() - since) if since else 0.0
         return await drain.wait_drained(app.port, self.proxy.wait_released, max(0.0, d.timeout - gone), d.interval,
                                         watch, max(0.0, d.grace - gone), self.config.app.protocol,
-                                        lambda: slots.holders(app), self.nginx_processes, d.tcp_calls == "pipelined")
-
-    def nginx_processes(self) -> set[int]:
-        """nginx's master and workers (none if it is down)."""
-        try:
-            master = self.master.master_pid()
-        except BluegreenError:
-            return set()
-        return {master, *procs.children(master)}
+                                        lambda: slots.holders(app), lambda: processes(self.master),
+                                        d.tcp_calls == "pipelined")
 
     async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
         s = self.config.app.stop

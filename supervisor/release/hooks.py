@@ -61,7 +61,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             why = bad
         raise HookFailed(f"hooks.{name}: cannot run {args[0]!r}: {why}", hook=name) from None
     began = time.monotonic()
-    started_at = procs.create_time(proc.pid) or time.time() - 1.0  # what the daemon adopts, started since, may be this run's
+    spawned: dict[int, float] = {}  # every descendant the hook was seen with: pid -> start time
     tail: list[str] = []
 
     shown = 0
@@ -87,7 +87,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
             say(f"({shown - SHOWN} more line(s) of hooks.{name} not shown; its last: {' | '.join(tail)})")
 
     try:
-        await within(_read_lines(proc, line), timeout)
+        await within(_read_lines(proc, line, spawned), timeout)
     except asyncio.TimeoutError:
         await _kill_group(proc)
         raise HookFailed(f"hooks.{name} did not finish within hooks.timeout ({timeout:g}s) and was killed"
@@ -97,7 +97,7 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
         raise
     finally:
         hidden()
-        _stop_escaped(name, run_id, say, started_at)
+        _stop_escaped(name, run_id, say, spawned)
     if proc.returncode != 0:
         how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode and proc.returncode < 0
                else f"exited with status {proc.returncode}")
@@ -105,14 +105,16 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
     return {"exit": 0, "seconds": round(time.monotonic() - began, 3), "lines": shown}
 
 
-async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None]) -> None:
+async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None], spawned: dict[int, float]) -> None:
     """Every line the hook prints until it exits, then what is left for OUTPUT_GRACE: a helper it
-    started and left running may hold its output open for ever (it is stopped after the hook)."""
+    started and left running may hold its output open for ever (it is stopped after the hook).
+    Meanwhile the hook's descendants are noted in `spawned` (what it leaves behind is stopped)."""
     reader = asyncio.ensure_future(_pump(proc, line))
     try:
         # (not proc.wait(): asyncio wakes it only once the output pipe closed too, which a helper
         # holding the pipe delays for ever; the exit status is set as soon as the hook exits)
         while proc.returncode is None and not reader.done():
+            procs.note_descendants(proc.pid, spawned)
             await asyncio.wait({reader}, timeout=0.05)
         if proc.returncode is None:
             await proc.wait()  # the output closed: the hook is exiting
@@ -122,12 +124,13 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
         await asyncio.gather(reader, return_exceptions=True)
 
 
-def _stop_escaped(name: str, run_id: str, say: Callable[[str], None], since: float) -> None:
+def _stop_escaped(name: str, run_id: str, say: Callable[[str], None], spawned: dict[int, float]) -> None:
     """Kill what this hook run left running, its group's or not (a `setsid` helper, found by the
-    run's marker; one that cleared its environment too, `env -i setsid`, found as an orphan the
-    daemon adopted during the run): a hook is a step of a release, and nothing of it outlives it."""
+    run's marker; one that cleared its environment too, `env -i setsid`, found as the hook's
+    descendant it was seen as, though an orphan now): a hook is a step of a release, and nothing
+    of it outlives the step."""
     left = slots.marked(run_id, key=RUN_MARKER)
-    left += [p for p in procs.adopted(since) if p.pid not in {q.pid for q in left}]
+    left += [p for p in procs.still_running(spawned) if p.pid not in {q.pid for q in left}]
     for p in left:
         try:
             p.kill()
