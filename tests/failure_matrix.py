@@ -11,8 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The drain's own rows (issue 37): the drain held while connections of one kind are open to the
+# old build; tests/test_drain_faults.py walks them.
+DRAIN_ROWS = {
+    "drain: WebSocket": "WebSockets open to the old build",
+    "drain: event stream": "event streams (a listed path) open to the old build",
+    "drain: TCP pool": "a TCP service's pooled connections (redis-py, a connection per caller)",
+    "drain: gRPC stream": "gRPC streams (a listed path) open to the old build",
+}
 PHASES = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "switch", "commit", "drain",
-          "watch", "after_switch", "stop", "warm window", "idle")
+          *DRAIN_ROWS, "watch", "after_switch", "stop", "warm window", "idle")
+SWAP_PHASES = tuple(p for p in PHASES if p not in DRAIN_ROWS)  # the rows of tests/test_phase_faults.py
 
 FAULTS = {
     "kill9": "daemon killed (-9)",
@@ -99,7 +108,7 @@ cell("idle", "master", RESTARTED + " (in-flight requests on its workers finish)"
 
 # --- one nginx worker killed: its own connections fail, the master forks another
 WORKER = "that worker's requests fail; the master forks another"
-for phase in PHASES:
+for phase in SWAP_PHASES:
     if phase == "drain":
         cell(phase, "worker", WORKER + "; the drain is not held up by what it never counted out",
              "test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up")
@@ -107,7 +116,7 @@ for phase in PHASES:
         cell(phase, "worker", WORKER)
 
 # --- an outside reload: the runtime switch's table survives it; the reload switch's file is what nginx loads
-for phase in PHASES:
+for phase in SWAP_PHASES:
     if phase in ("paused", "rollout step"):
         cell(phase, "reload", "nothing changes (the preview, the split stay)",
              "test_nginx_restarted_while_paused_comes_back_with_the_preview" if phase == "paused" else
@@ -116,7 +125,7 @@ for phase in PHASES:
         cell(phase, "reload", "nothing changes")
 
 # --- your nginx stopped and started (systemctl restart nginx, a package upgrade)
-for phase in PHASES:
+for phase in SWAP_PHASES:
     if phase == "paused":
         cell(phase, "restart", "the first requests already route as before; the preview is set again within a second",
              "test_nginx_restarted_while_paused_comes_back_with_the_preview")
@@ -206,7 +215,7 @@ cell("idle", "disk_full", "app output is dropped, never blocking the app, and th
      "test_a_full_disk_drops_output_without_blocking_and_says_so_once_it_can")
 
 # --- the operations surface: logs, state files, a shared nginx (issue 20)
-for phase in PHASES:
+for phase in SWAP_PHASES:
     cell(phase, "logs_removed", "nothing else changes: `daemon.log` and the apps' logs come back with their next line "
          "(nginx's own stderr, `nginx.log`, at its next start)", "test_a_removed_daemon_log_comes_back",
          "test_the_sink_makes_its_directory_again_if_an_operator_removed_it")
@@ -239,12 +248,46 @@ cell("warm window", "long_lived", "closed by the drain before the old build was 
      "untouched by the window", *LIVE_TESTS)
 cell("idle", "long_lived", "nothing happens to it: it stays open on the build that serves")
 
+# --- the drain's rows (issue 37): connections of one kind open to the old build while it drains,
+# the drain held at its start; each fault is put there, then the drain goes on.
+ROWS = tuple(DRAIN_ROWS)
+HTTP_ROWS = ("drain: WebSocket", "drain: event stream")
+AS_USUAL = "the connections are then closed as without the fault (the WebSockets with their close frame)"
+cell(ROWS, "kill9", "the next daemon finishes the drain within what is left of the grace since the switch, and "
+     "records what it closed (and, for a TCP service, what it cut) in history")
+cell(ROWS, "sigterm", "the swap reports success; the daemon stops nginx and both builds: the connections end with "
+     "them")
+cell(ROWS, "master", "the daemon restarts its nginx: the connections through the dead master's workers end, their "
+     "clients reconnect to the new build; the drain counts them ended by themselves, never closed by it")
+cell(ROWS, "worker", "the connections the killed worker held end, their clients reconnect to the new build; the "
+     "drain closes the others")
+cell(ROWS, "reload", "the old workers keep the connections until the drain closes them: " + AS_USUAL)
+cell(HTTP_ROWS + ("drain: TCP pool",), "restart", "your nginx stopped and started: every connection through it "
+     "ends; the clients reconnect to the new build")
+cell("drain: gRPC stream", "restart", "not walked: your own nginx serving gRPC is not a shape of this matrix yet")
+cell(ROWS, "active_killed", "the old build killed: its connections end with it (a call in flight on one fails: the "
+     "app's crash, not the drain's); the clients reconnect to the new build")
+cell(ROWS, "active_frozen", "the old build frozen: nothing ends by itself; at the grace the drain closes the "
+     "connections (a TCP call in flight is cut, and counted), then the stop ends the build with SIGKILL")
+cell(ROWS, "new_killed", "traffic goes back to the old build at once (exit 1): the connections not closed yet stay on "
+     "it, the clients of those closed reconnect to it")
+cell(HTTP_ROWS, "new_frozen", "`app.health.url` finds the new build hung and replaces it; the clients reconnect to "
+     "the replacement")
+cell(("drain: TCP pool", "drain: gRPC stream"), "new_frozen", "the new build hangs, and stays hung: a TCP or gRPC "
+     "service has no liveness check yet (`app.health.url` is HTTP): its calls time out until it is restarted")
+cell(ROWS, "disk_full", "state.json's writes are retried; " + AS_USUAL)
+cell(ROWS, "logs_removed", "the logs come back; " + AS_USUAL)
+cell(ROWS, "state_damaged", "state.json is written whole again; " + AS_USUAL)
+cell(ROWS, "second_daemon", "the copy is refused; " + AS_USUAL)
+cell(ROWS, "long_lived", "n/a: the row's connections are long-lived themselves")
+
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
 
 
 # --- What tests/test_phase_faults.py checks for each cell it walks: every phase held (tests/
 # test_phase_faults.py says how), the fault put there, the phase let go, then what users get.
 EVERY_CELL = "test_a_phase_meets_a_fault"
+EVERY_DRAIN_CELL = "test_a_drain_meets_a_fault"  # tests/test_drain_faults.py: the drain's rows
 
 
 @dataclass(frozen=True)
@@ -270,6 +313,10 @@ def _normal(phase: str) -> Outcome:
 
 
 def _outcome(phase: str, fault: str) -> Outcome | None:
+    if phase in DRAIN_ROWS:  # where traffic ends up is the drain's: only the connections differ
+        unchecked = fault == "long_lived" or (fault == "new_frozen" and phase not in HTTP_ROWS) or (
+            fault == "restart" and phase == "drain: gRPC stream")
+        return None if unchecked else _outcome("drain", fault)
     if fault in ("worker", "reload", "master", "restart", "logs_removed", "state_damaged", "second_daemon",
                  "long_lived"):
         return _normal(phase)
@@ -309,7 +356,8 @@ ONLY_ON = {"master": "managed", "restart": "debian",
 
 def tests_of(phase: str, fault: str) -> tuple[str, ...]:
     tests = CELLS[phase, fault][1]
-    return tests + (EVERY_CELL,) if (phase, fault) in OUTCOMES else tests
+    walker = EVERY_DRAIN_CELL if phase in DRAIN_ROWS else EVERY_CELL
+    return tests + (walker,) if (phase, fault) in OUTCOMES else tests
 
 
 def tests_named() -> set[str]:

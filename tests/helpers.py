@@ -634,6 +634,49 @@ def misbehaving_build(parent: Path, name: str, fail: int = 0, delay_ms: int = 0)
                       .replace("VERSION", name))
 
 
+class WebSocketClient(threading.Thread):
+    """A WebSocket client that reconnects whenever its connection closes."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stopped = port, threading.Event()
+        self.messages: list[tuple[int, str, int]] = []  # (connection, version, n)
+        self.connections = 0
+        self.closes: list[str] = []
+
+    def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed, WebSocketException
+        from websockets.sync.client import connect
+
+        while not self.stopped.is_set():
+            try:
+                with connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=10) as ws:
+                    self.connections += 1
+                    while not self.stopped.is_set():
+                        try:
+                            version, n = str(ws.recv(timeout=1)).split()
+                        except TimeoutError:
+                            continue
+                        self.messages.append((self.connections, version, int(n)))
+            except ConnectionClosed as e:
+                self.closes.append(f"closed {e.rcvd.code if e.rcvd else 'without a close frame'}")
+            except (OSError, WebSocketException) as e:
+                self.closes.append(type(e).__name__)
+            self.stopped.wait(0.1)
+
+    def lost(self) -> list[tuple[int, int]]:
+        """(connection, n) of the messages missing within each connection (each starts at 1)."""
+        missing = []
+        for c in {c for c, _, _ in self.messages}:
+            seen = sorted(n for cc, _, n in self.messages if cc == c)
+            missing += [(c, n) for n in range(1, seen[-1] + 1) if n not in set(seen)]
+        return missing
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(30)
+
+
 class EventStream(threading.Thread):
     """An EventSource as a browser runs it: `Accept: text/event-stream`, and on any close a new
     connection that sends the last id it saw (the app goes on from there)."""

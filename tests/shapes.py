@@ -7,7 +7,8 @@
   external mode with the runtime switch.
 
 And an app that answers what these tests need: `/` (its version), `/health`, `/missing` (404),
-`/boom` (500), `/slow?ms=N`, `/events` (a numbered event stream).
+`/boom` (500), `/slow?ms=N`, `/events` (a numbered event stream), `/ws` (numbered WebSocket
+messages, with the live example's `ws` package).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from helpers import LUA_MODULES, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
+from helpers import LUA_MODULES, ROOT, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
 from supervisor.config.host import resolve_binary
 
 SHAPES = ("managed", "debian")
+WS_MODULE = ROOT / "examples" / "live-app" / "node_modules" / "ws"
 
 APP = """
 const fs = require('fs');
@@ -50,6 +52,14 @@ const server = http.createServer((req, res) => {
   answer(FAIL && (n++ * 37) % 100 < FAIL ? 500 : 200, `hello from ${version}\\n`);
 });
 let n = 0;
+// /ws: a numbered message every 100 ms (the live example's ws package, which bootstrap installs)
+const { WebSocketServer } = require('WS_MODULE');
+new WebSocketServer({ server, path: '/ws' }).on('connection', (ws) => {
+  let m = 0;
+  const t = setInterval(() => ws.send(`${version} ${++m}`), 100);
+  ws.on('close', () => clearInterval(t));
+  ws.on('error', () => clearInterval(t));
+});
 setTimeout(() => server.listen(Number(process.env.PORT), '127.0.0.1'), BOOT_MS);
 const stop = () => server.close(() => process.exit(0));
 process.on('SIGTERM', () => STOP_GATE ? opened(stop) : stop());
@@ -68,7 +78,8 @@ def app_build(parent: Path, name: str, fail: int = 0, boot_ms: int = 0, gate: Pa
 def app_source(name: str, fail: int = 0, boot_ms: int = 0, gate: Path | None = None, stop_gate: bool = False) -> str:
     """APP's text for a build called `name` (see app_build)."""
     return (APP.replace("VERSION", name).replace("FAIL", str(fail)).replace("BOOT_MS", str(boot_ms))
-            .replace("STOP_GATE", "true" if stop_gate else "false").replace("GATE", str(gate or "")))
+            .replace("STOP_GATE", "true" if stop_gate else "false").replace("WS_MODULE", str(WS_MODULE))
+            .replace("GATE", str(gate or "")))
 
 
 # The user's server as Debian's default site grows into a real one: error pages nginx answers

@@ -19,54 +19,11 @@ import httpx
 import psutil
 import pytest
 
-from helpers import ROOT, DaemonRun, EventStream, Load, http_get, wait_until
+from helpers import ROOT, DaemonRun, EventStream, Load, WebSocketClient, http_get, wait_until
 
 pytestmark = pytest.mark.e2e
 LIVE = ROOT / "examples" / "live-app"
 EVENTS = 'long_lived_paths = ["/events"]'  # as the example's config lists it
-
-
-class Socket(threading.Thread):
-    """A WebSocket client that reconnects whenever its connection closes."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port, self.stopped = port, threading.Event()
-        self.messages: list[tuple[int, str, int]] = []  # (connection, version, n)
-        self.connections = 0
-        self.closes: list[str] = []
-
-    def run(self) -> None:
-        from websockets.exceptions import ConnectionClosed, WebSocketException
-        from websockets.sync.client import connect
-
-        while not self.stopped.is_set():
-            try:
-                with connect(f"ws://127.0.0.1:{self.port}/ws", open_timeout=10) as ws:
-                    self.connections += 1
-                    while not self.stopped.is_set():
-                        try:
-                            version, n = str(ws.recv(timeout=1)).split()
-                        except TimeoutError:
-                            continue
-                        self.messages.append((self.connections, version, int(n)))
-            except ConnectionClosed as e:
-                self.closes.append(f"closed {e.rcvd.code if e.rcvd else 'without a close frame'}")
-            except (OSError, WebSocketException) as e:
-                self.closes.append(type(e).__name__)
-            self.stopped.wait(0.1)
-
-    def lost(self) -> list[tuple[int, int]]:
-        """(connection, n) of the messages missing within each connection (each starts at 1)."""
-        missing = []
-        for c in {c for c, _, _ in self.messages}:
-            seen = sorted(n for cc, _, n in self.messages if cc == c)
-            missing += [(c, n) for n in range(1, seen[-1] + 1) if n not in set(seen)]
-        return missing
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.join(30)
 
 
 def swap(run: DaemonRun, build: Path) -> dict[str, dict[str, Any]]:
@@ -100,7 +57,7 @@ def test_the_reload_switch_closes_them_too_so_its_old_workers_let_go(make_daemon
 
 def release_with_live_clients(run: DaemonRun) -> None:
     """The first test's release, on `run`: see its docstring."""
-    stream, sock = EventStream(run.listen_port), Socket(run.listen_port)
+    stream, sock = EventStream(run.listen_port), WebSocketClient(run.listen_port)
     stream.start()
     sock.start()
     try:
