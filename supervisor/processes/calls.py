@@ -49,6 +49,7 @@ RHYTHM = 3  # how many of its last rests a connection's rhythm is read from
 SETTLE = 1.0  # how long a closed connection is watched for a call that reached it after the close
 QUEUED = 0.5  # past the deadline, how long a busy connection gets to reach its next answer
 DISCOVER = 0.05  # seconds between two looks for connections not held yet
+UNOWNED = 1.0  # how long a connection no process of the old build holds is looked for again
 
 
 @dataclass
@@ -102,6 +103,7 @@ class CallDrain(threading.Thread):
         self.held: dict[int, Held] = {}  # by inode
         self.given_up: set[int] = set()  # inodes no copy could be taken of
         self.done: set[int] = set()  # inodes already counted (a socket lingers in the dumps a while)
+        self.unowned: dict[int, float] = {}  # inode -> when it was first found held by no process
         self.open_count = 0  # connections not closed yet (held or not)
         self.looked = False  # the first look for connections is done
         self.stopping = threading.Event()
@@ -145,26 +147,31 @@ class CallDrain(threading.Thread):
                 self.release(held)
 
     def discover(self) -> None:
-        """Take a copy of every connection from nginx to the old build not held yet."""
+        """Take a copy of every connection from nginx to the old build not held yet. One no process
+        holds yet (in the old build's accept queue, or passed from a cluster's primary to a worker)
+        is looked for again, for UNOWNED at most."""
         conns = [c for c in sockets.connections(self.port) if sockets.long_lived_kind(c) == "tcp"]
         skip = self.given_up | self.done
         fresh = [c for c in conns if c.inode not in self.held and c.inode not in skip]
         where = copies.owners(self.holders()) if fresh else {}
+        now = time.monotonic()
         for conn in fresh:
             why = None
-            if conn.inode not in where:
-                why = "no process of the old build holds it"
-            else:
-                try:
-                    sock = copies.take(*where[conn.inode], conn.inode)
-                    info = tcpinfo.read(sock)
-                    if info is None:
-                        sock.close()
-                        why = "this kernel's tcp_info has no byte counters (Linux 4.19 or later needed)"
-                    else:
-                        self.held[conn.inode] = Held(conn, sock, info, time.monotonic())
-                except OSError as e:
-                    why = f"no copy of its socket ({e.strerror or e})"
+            try:
+                if conn.inode not in where:
+                    raise copies.Replaced(0, "no process of the old build holds it")
+                sock = copies.take(*where[conn.inode], conn.inode)
+                info = tcpinfo.read(sock)
+                if info is None:
+                    sock.close()
+                    why = "this kernel's tcp_info has no byte counters (Linux 4.19 or later needed)"
+                else:
+                    self.held[conn.inode] = Held(conn, sock, info, now)
+            except copies.Replaced as e:  # not where the scan saw it (yet): again at the next look
+                if now - self.unowned.setdefault(conn.inode, now) >= UNOWNED:
+                    why = e.strerror if e.errno == 0 else "no process of the old build holds it"
+            except OSError as e:
+                why = f"no copy of its socket ({e.strerror or e})"
             if why:
                 self.given_up.add(conn.inode)
                 with self.lock:
