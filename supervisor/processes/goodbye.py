@@ -52,11 +52,12 @@ class Closed:
 def upgraded(conns: list[sockets.Conn], port: int, nginx: set[int]) -> set[int]:
     """The app-side inodes of those of `conns` (on the app's `port`) that nginx (its processes
     `nginx`) switched to a WebSocket: its own side of each carries TCP_NODELAY."""
-    wanted = {c.remote_port: c.inode for c in conns}
-    theirs = {c.local_port: c.inode for c in sockets.peers(port) if c.local_port in wanted}
+    # (by address and port: nginx binds no port, so one port number serves several source addresses)
+    wanted = {(c.remote.removeprefix("::ffff:"), c.remote_port): c.inode for c in conns}
+    theirs = {(c.local, c.local_port): c.inode for c in sockets.peers(port) if (c.local, c.local_port) in wanted}
     where = copies.owners(nginx) if theirs else {}
     proven = set()
-    for local_port, inode in theirs.items():
+    for end, inode in theirs.items():
         if inode not in where:
             continue
         try:
@@ -65,7 +66,7 @@ def upgraded(conns: list[sockets.Conn], port: int, nginx: set[int]) -> set[int]:
             continue
         try:
             if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
-                proven.add(wanted[local_port])
+                proven.add(wanted[end])
         except OSError:
             pass
         finally:
