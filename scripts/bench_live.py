@@ -96,8 +96,11 @@ def summary(records: list[Client], measured: Any) -> dict[str, Any]:
 
     cut: dict[str, int] = {}
     for s in swaps:
-        for kind, n in (s.get("details", {}).get("drain", {}).get("long_lived_cut") or {}).items():
+        drain = s.get("details", {}).get("drain", {})
+        for kind, n in (drain.get("long_lived_cut") or {}).items():
             cut[kind] = cut.get(kind, 0) + n
+        if drain.get("not_websockets"):
+            cut["drained as requests"] = cut.get("drained as requests", 0) + drain["not_websockets"]
     delays = sorted(d for d, _, _ in reconnects)
     return {
         "reconnections": len(reconnects),

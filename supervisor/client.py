@@ -94,6 +94,9 @@ def drain_line(event: dict[str, Any]) -> str:
         text += f"; {calls_cut(event)}"
     if event.get("calls_unknown") or event.get("closed_unconfirmed"):
         text += f"; {calls_unknown(event)}"
+    if event.get("not_websockets"):
+        text += (f"; {event['not_websockets']} request(s) that asked for a WebSocket were never switched to one by "
+                 "nginx: drained as requests")
     if event.get("long_lived_ended"):
         text += f"; {event['long_lived_ended']} long-lived connection(s) ended by themselves"
     if event.get("long_lived_left"):

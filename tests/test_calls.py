@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from helpers import wait_until
-from supervisor.processes import calls, copies, tcpinfo
+from supervisor.processes import calls, copies, procs, tcpinfo
 from supervisor.processes.tcpinfo import TcpInfo
 
 
@@ -172,3 +174,28 @@ def test_a_copy_is_kept_only_if_the_fd_still_names_the_connection_chosen(pair) -
     copy.close()
     with pytest.raises(copies.Replaced):  # the fd number now names another file
         copies.take(os.getpid(), client.fileno(), inode)
+
+
+CHURN = """
+import os, socket
+kept = socket.socket()
+os.dup2(kept.fileno(), 900)  # after every fd the loop below opens and closes
+print(os.fstat(900).st_ino, flush=True)
+while True:
+    for s in [socket.socket() for _ in range(100)]:
+        s.close()
+"""
+
+
+def test_an_app_closing_connections_while_its_fds_are_read_hides_none_of_the_others() -> None:
+    """A busy app closes connections during every scan of its fd table: the fd that vanished is
+    skipped, not the rest of the table (a stream found so was once reset, not closed with a copy)."""
+    app = subprocess.Popen([sys.executable, "-c", CHURN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None
+        inode = int(app.stdout.readline())
+        missed = sum(inode not in procs.socket_fds(app.pid) for _ in range(2000))
+    finally:
+        app.kill()
+        app.wait()
+    assert missed == 0

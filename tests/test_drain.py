@@ -144,7 +144,7 @@ def test_a_close_the_kernel_refuses_is_reported_with_its_reason(listener: socket
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(copies, "take", refused)
-    monkeypatch.setattr(sockets, "destroy", lambda conns: (0, "Operation not permitted (needs CAP_NET_ADMIN)"))
+    monkeypatch.setattr(sockets, "destroy", lambda conns: (0, 0, "Operation not permitted (needs CAP_NET_ADMIN)"))
 
     async def no_proxy(port: int, deadline: float) -> int:
         return 0

@@ -119,6 +119,7 @@ class Drain:
             "long_lived_clean": self.clean,  # of those, closed with their protocol's goodbye
             "not_clean_why": self.unclean,  # why the others were cut or reset
             "long_lived_ended": self.ended + tally.ended,  # closed by the client or the app within the grace
+            "not_websockets": len(self.unproven),  # asked for a WebSocket, never switched to one: drained as requests
             "closed_between_calls": tally.between_calls,  # a TCP service's: proven to cut no call
             "closed_unconfirmed": tally.unconfirmed,  # closed between two calls, their clients not back yet
             "calls_cut": tally.cut,  # a TCP service's calls lost to a close (each counted, never assumed)

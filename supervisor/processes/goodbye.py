@@ -83,9 +83,8 @@ async def close(conns: list[sockets.Conn], goodbye: bytes, pids: set[int]) -> Cl
     rest: list[sockets.Conn] = []
     try:
         for conn in conns:
-            if conn.inode not in where:
+            if conn.inode not in where:  # not accepted yet, or closed since it was listed (destroy tells)
                 rest.append(conn)
-                out.unclean = out.unclean or "reset: no process serving the port holds it"
                 continue
             try:
                 sock = copies.take(*where[conn.inode], conn.inode)
@@ -102,8 +101,11 @@ async def close(conns: list[sockets.Conn], goodbye: bytes, pids: set[int]) -> Cl
         for _, sock, _ in held:
             sock.close()  # our copies only: the app's descriptors stay its own
     if rest:
-        reset, out.failed = sockets.destroy(rest)
+        reset, gone, out.failed = sockets.destroy(rest)
         out.cut += reset
+        out.gone += gone
+        if reset and not out.unclean:
+            out.unclean = "reset: no process serving the port holds it (not accepted yet)"
     return out
 
 

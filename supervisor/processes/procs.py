@@ -106,12 +106,16 @@ def socket_fds(pid: int) -> dict[int, int]:
     """The sockets `pid` holds open: inode -> its fd number there."""
     found = {}
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:  # one fd at a time: the app closes connections while it is read (a busy app, every scan)
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                found[int(target[8:-1])] = int(fd)
-    except (OSError, ValueError):
-        pass
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found[int(target[8:-1])] = int(fd)
     return found
 
 

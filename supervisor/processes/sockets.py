@@ -213,12 +213,13 @@ def listening_pids(port: int) -> set[int]:
     return {pid for pid in procs.pids() if procs.socket_inodes(pid) & inodes}
 
 
-def destroy(conns: list[Conn]) -> tuple[int, str]:
+def destroy(conns: list[Conn]) -> tuple[int, int, str]:
     """Close these connections from outside their process (netlink SOCK_DESTROY, what `ss -K`
     does): the process sees the connection aborted, its peer a reset. Needs CAP_NET_ADMIN and a
-    kernel built with CONFIG_INET_DIAG_DESTROY. Returns how many were closed, and why the others
-    were not ("" if none failed); a connection already gone counts as closed."""
-    closed, why = 0, ""
+    kernel built with CONFIG_INET_DIAG_DESTROY. Returns how many were reset, how many were gone
+    already (closed by their peer or their app meanwhile: nothing was cut), and why the others
+    were not ("" if none failed)."""
+    closed, gone, why = 0, 0, ""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
         for seq, conn in enumerate(conns, 1):
             if not conn.sockid:
@@ -230,12 +231,14 @@ def destroy(conns: list[Conn]) -> tuple[int, str]:
             data = s.recv(65536)
             kind = struct.unpack_from("=H", data, 4)[0] if len(data) >= 16 else 0
             error = -struct.unpack_from("=i", data, 16)[0] if kind == NLMSG_ERROR and len(data) >= 20 else 0
-            if error in (0, errno.ENOENT):
+            if error == 0:
                 closed += 1
+            elif error == errno.ENOENT:
+                gone += 1
             else:
                 why = why or os.strerror(error) + (" (closing another process's connection needs CAP_NET_ADMIN)"
                                                    if error == errno.EPERM else "")
-    return closed, why
+    return closed, gone, why
 
 
 # nginx connects long-lived requests to an app from their own loopback address (proxy_bind, the
