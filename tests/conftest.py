@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import DaemonRun, example_config, free_ports, make_build, release_ports, stop_all  # noqa: E402
-from shapes import SHAPES  # noqa: E402
+from shapes import SHAPES, stop_with_nginx  # noqa: E402
 
 
 # Tests that measure time or load the machine hard: scripts/test runs them alone, after the
@@ -126,9 +126,4 @@ def shape(request: pytest.FixtureRequest, make_daemon: Callable[..., DaemonRun],
         return started[-1]
 
     yield start
-    try:
-        stop_all([run for run, _ in started])
-    finally:
-        for _, user in started:
-            if user is not None:
-                user.close()
+    stop_with_nginx(started)

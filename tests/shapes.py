@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from helpers import LUA_MODULES, ROOT, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, wait_until
+from helpers import (LUA_MODULES, ROOT, USER_NGINX_CONF, DaemonRun, free_ports, kill_tree, make_build, managed_nginx, stop_all,
+                     wait_until)
 from supervisor.config.host import resolve_binary
 
 SHAPES = ("managed", "debian")
@@ -214,3 +215,40 @@ def os_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def stream_nginx(d: Path, listen: int, upstream_port: int, user: str = "www-data") -> UserNginx:
+    """The user's nginx for a TCP service: its stream {} block includes the upstream file and
+    connects from the TCP kind's address, as docs/nginx.md shows."""
+    from supervisor.config.host import STREAM_MODULE
+    from supervisor.proxy.render import render_stream_upstream
+
+    prefix = d / "nginx"
+    (prefix / "conf.d").mkdir(parents=True)
+    for p in (d, prefix, prefix / "conf.d"):
+        p.chmod(0o755)
+    (prefix / "conf.d" / "myapp.conf").write_text(render_stream_upstream("myapp", upstream_port))
+    (prefix / "nginx.conf").write_text(f"""load_module {STREAM_MODULE};
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+{f'user {user};' if os.geteuid() == 0 else ''}
+events {{ worker_connections 256; }}
+stream {{
+    include {prefix}/conf.d/*.conf;
+    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; proxy_half_close on; }}
+}}
+""")
+    nginx = UserNginx(prefix, listen)
+    nginx.start()
+    return nginx
+
+
+def stop_with_nginx(started: "list[tuple[DaemonRun, UserNginx | None]]") -> None:
+    """Stop every daemon started on a shape, then the user's nginx each ran behind (if any)."""
+    try:
+        stop_all([run for run, _ in started])
+    finally:
+        for _, user in started:
+            if user is not None:
+                user.close()

@@ -22,8 +22,8 @@ import pytest
 from clients import RedisCallers
 from failure_matrix import DRAIN_ROWS, FAULTS, ONLY_ON, OUTCOMES, Outcome
 from helpers import (ROOT, DaemonRun, EventStream, WebSocketClient, answering, free_ports, managed_nginx, running,
-                     stop_all, wait_until)
-from shapes import SHAPES, UserNginx, app_build, start_on
+                     wait_until)
+from shapes import SHAPES, UserNginx, app_build, start_on, stop_with_nginx, stream_nginx
 from test_phase_faults import COMMON, READY, Held, let_go, nothing_left, operations_checked, put, state_disk  # noqa: F401
 
 pytestmark = pytest.mark.e2e
@@ -87,32 +87,6 @@ def tcp_service(shape: str, make_daemon: Any, d: Path, releases: Path, env: dict
         if user is not None:
             user.close()
         raise
-
-
-def stream_nginx(d: Path, listen: int, upstream_port: int) -> UserNginx:
-    from supervisor.config.host import STREAM_MODULE
-    from supervisor.proxy.render import render_stream_upstream
-
-    prefix = d / "nginx"
-    (prefix / "conf.d").mkdir(parents=True)
-    for p in (d, prefix, prefix / "conf.d"):
-        p.chmod(0o755)
-    (prefix / "conf.d" / "myapp.conf").write_text(render_stream_upstream("myapp", upstream_port))
-    user = "user www-data;" if os.geteuid() == 0 else ""
-    (prefix / "nginx.conf").write_text(f"""load_module {STREAM_MODULE};
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-{user}
-events {{ worker_connections 256; }}
-stream {{
-    include {prefix}/conf.d/*.conf;
-    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; proxy_half_close on; }}
-}}
-""")
-    nginx = UserNginx(prefix, listen)
-    nginx.start()
-    return nginx
 
 
 def tcp_clients(run: DaemonRun) -> Clients:
@@ -195,12 +169,7 @@ def cells() -> list[Any]:
 def daemons(make_daemon: Any) -> Iterator[list[tuple[DaemonRun, UserNginx | None]]]:
     started: list[tuple[DaemonRun, UserNginx | None]] = []
     yield started
-    try:
-        stop_all([run for run, _ in started])
-    finally:
-        for _, user in started:
-            if user is not None:
-                user.close()
+    stop_with_nginx(started)
 
 
 @pytest.mark.parametrize("row, fault, shape", cells())

@@ -155,31 +155,13 @@ def test_a_tcp_service_behind_your_own_nginx_s_stream_block(make_daemon: Any, sh
     upstream file bluegreen rewrites, connects from the TCP kind's address, and passes a client's
     bytes on after the app's side closed (proxy_half_close). redis-py callers through two
     releases: those whose connection rests lose nothing; what fails, the drain reported."""
-    import os
-
     from clients import RedisCallers
     from helpers import stop_all
-    from shapes import UserNginx
-    from supervisor.config.host import STREAM_MODULE
-    from supervisor.proxy.render import render_stream_upstream
+    from shapes import stream_nginx
 
-    prefix = short_tmp / "nginx"
-    (prefix / "conf.d").mkdir(parents=True)
     listen, blue, green = free_ports(3)
-    (prefix / "conf.d" / "myapp.conf").write_text(render_stream_upstream("myapp", blue))
-    (prefix / "nginx.conf").write_text(f"""load_module {STREAM_MODULE};
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log notice;
-{"user root;" if os.geteuid() == 0 else ""}
-events {{ worker_connections 256; }}
-stream {{
-    include {prefix}/conf.d/*.conf;
-    server {{ listen 127.0.0.1:{listen}; proxy_pass myapp; proxy_bind 127.0.0.5; proxy_half_close on; }}
-}}
-""")
-    user = UserNginx(prefix, listen)
-    user.start()
+    user = stream_nginx(short_tmp, listen, blue, user="root")
+    prefix = user.prefix
     try:
         run = make_daemon(build=REDIS / "v1", ports=(blue, green), listen=listen, command='["python3", "../server.py"]',
                           app='protocol = "tcp"', ready='send = "PING\\r\\n"\nexpect = "+PONG"\ntimeout = 30',
@@ -306,7 +288,7 @@ def test_a_node_cluster_s_connections_are_found_through_its_workers(make_daemon:
     assert sum(c.failed for c in callers) == 0, ([c.failed for c in callers], d)
 
 
-def test_pipelined_clients_are_never_said_to_lose_nothing(make_daemon: Any, short_tmp: Path) -> None:
+def test_pipelined_clients_are_never_said_to_lose_nothing(make_daemon: Any) -> None:
     """drain.tcp_calls = "pipelined": redis-py pipelines of a GET and a slow call (the GET's answer
     looks like a rest while the slow call still runs). No connection is closed in a rest; each
     is closed at the grace, and what may have been lost is said: never fewer than what failed."""
@@ -314,7 +296,6 @@ def test_pipelined_clients_are_never_said_to_lose_nothing(make_daemon: Any, shor
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    cfg = short_tmp / "redis.toml"
     listen = free_ports(1)[0]
     run = make_daemon(example=REDIS / "bluegreen.toml", listen=listen, start=False)
     run.config.write_text(run.config.read_text().replace("[drain]\n", '[drain]\ntcp_calls = "pipelined"\n'))
