@@ -73,6 +73,16 @@ def final(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> d
     return list(request(sock_path, req, first=first))[-1]
 
 
+def hold_line(h: dict[str, Any]) -> str:
+    """`held 412 requests (the longest 0.42 s), 0 timed out; 3 lost`: a report() in words."""
+    text = f"held {h['held']} request(s) (the longest {h['held_longest']:g} s), {h['hold_timeouts']} timed out"
+    if h.get("still_held"):
+        text += f", {h['still_held']} still held"
+    if h.get("lost"):
+        text += f"; {h['lost']} lost (the app had them when it died)"
+    return text
+
+
 def drain_line(event: dict[str, Any]) -> str:
     """What the drain did to traffic: when nginx let go, what was left running, what was closed."""
     text = f"nginx let go of the old build after {event['workers_wait']:.3f}s"

@@ -53,7 +53,7 @@ def test_crashed_active_app_is_restarted_on_the_other_slot(make_daemon) -> None:
     # after the `restarted` event failed (a 25 s outage would fail the 20 requests after it).
     restarted = next(e for e in st["events"] if e["event"] == "restarted")
     assert load.last_failure_at <= restarted["at"], (dict(load.failures), load.last_failure_at, restarted)
-    print(f"\ncrash restart: {load.total} requests, failures {dict(load.failures)}")
+    print(f"\ncrash restart: {load.total} requests, failures {dict(load.failures)}, {st['events'][-1]}")
 
 
 def test_repeated_crashes_back_off_then_stop_in_a_failed_state(make_daemon, releases: Path) -> None:

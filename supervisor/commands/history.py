@@ -78,6 +78,12 @@ def format_history(entries: list[dict[str, Any]]) -> str:
             done = {"promote": "promoted", "abort": "aborted"}.get(decided["what"], clean(decided["what"]))
             lines.append(f"{'':<21}{done} by {who} at "
                          f"{time.strftime('%H:%M:%S', time.localtime(decided['at']))}")
+        held = e.get("held")
+        if isinstance(held, dict):
+            try:
+                lines.append(f"{'':<21}{clean(client.hold_line(held))}")
+            except (KeyError, TypeError, ValueError):
+                pass  # an edited line: the rest of the entry still shows
         if e.get("error"):
             lines.append(f"{'':<21}{clean(e['error'].get('code') or '?')}: {clean(e['error']['message'])}")
     return "\n".join(lines) + "\n"

@@ -72,6 +72,12 @@ def _positive(v: Any) -> float:
     return _at_most_a_year(v)
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
 def _optional_seconds_or_zero(v: Any) -> float | None:
     return None if v is None else _seconds_or_zero(v)
 
@@ -507,6 +513,19 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "answers: ioredis, node-redis, Lettuce, pipelines), which no one outside the app can tell from "
             "a rest: each connection is closed at `long_lived_grace`, and counted as possibly cutting calls"),
     ),
+    "hold": (
+        Key("timeout", _positive, 10.0,
+            "the runtime switch (an HTTP app): how long a request that arrives while no build can answer (the "
+            "active crashed and its replacement boots, a hung app is replaced) is held inside nginx, waiting "
+            "for a build that answers; past it, `503` with `Retry-After`. 10 s covers a first restart (no "
+            "backoff) of an app that boots in a few seconds, and the second (1 s backoff) of a Node app; a "
+            "client is told rather than left hanging. Keep it below your nginx's `proxy_read_timeout` (60 s)"),
+        Key("retry_idempotent", _bool, False,
+            "a request the crashed app may already have read (bytes of it were sent) is retried on the build "
+            "that answers next if its method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE). Off: it "
+            "fails (502) and the crash event counts it lost. A request that never reached the app is always "
+            "retried, whatever its method"),
+    ),
     "nginx": (
         Key("mode", _choice("managed", "external"), "managed",
             "`managed`: the daemon runs its own nginx; `external`: your nginx"),
@@ -704,6 +723,12 @@ class DrainConfig:
 
 
 @dataclass(frozen=True)
+class HoldConfig:
+    timeout: float = 10.0
+    retry_idempotent: bool = False
+
+
+@dataclass(frozen=True)
 class NginxConfig:
     mode: str
     switch: str
@@ -733,6 +758,7 @@ class Config:
     hooks: HooksConfig = HooksConfig()
     rollout: RolloutConfig = RolloutConfig()
     logs: LogsConfig = LogsConfig()
+    hold: HoldConfig = HoldConfig()
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -1062,6 +1088,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
                               watch_seconds=v["release"]["watch_seconds"]),
         rollout=RolloutConfig(**v["rollout"]),
         logs=LogsConfig(**v["logs"]),
+        hold=HoldConfig(**v["hold"]),
         hooks=HooksConfig(before_switch=_program_from(base, v["hooks"]["before_switch"]),
                           after_switch=_program_from(base, v["hooks"]["after_switch"]),
                           after_failure=_program_from(base, v["hooks"]["after_failure"]),

@@ -12,6 +12,7 @@ import time
 from ..config.schema import expand
 from ..errors import BluegreenError
 from ..processes import probes, slots
+from ..proxy.counters import Hold
 from ..proxy.managed import ManagedNginx
 from ..release.app import App
 from ..state import DaemonStatus
@@ -29,6 +30,7 @@ class Monitor:
         self.nginx_retry_at = 0.0
         self.health_failures = 0
         self.reconcile_failed = False  # said once, until nginx answers again
+        self.hold_seen: Hold | None = None  # nginx's hold counters at the last reconcile: a crash's baseline
 
     async def run(self) -> None:
         """Supervise, whatever runs: nginx always (restarted when it dies, its routing put back
@@ -38,6 +40,7 @@ class Monitor:
         app = self.app
         next_health = time.monotonic() + app.config.app.health.interval
         next_reconcile = 0.0
+        await self.look_at_hold()
         while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
             await self._wait_for_an_exit(POLL)
             if app.status == DaemonStatus.STOPPING:  # what the shutdown stops is never brought back
@@ -76,6 +79,7 @@ class Monitor:
             self.reconcile_failed = True
             return
         self.reconcile_failed = False
+        await self.look_at_hold()
         if again:
             log.warning("nginx had forgotten its routing (restarted?): set again: %s", again)
             self.app.event("routing_restored", what=again)
@@ -137,6 +141,7 @@ class Monitor:
         r = app.config.app.restart
         if self.crashed_pid != dead.pid:  # a new crash, not a retry of the same one
             self.crashed_pid = dead.pid
+            await self.hold_new_requests(dead.port)
             why = hung or dead.exit_reason or slots.describe_exit(dead.returncode)
             log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
                       "" if hung else slots.exit_hint(dead.returncode))
@@ -169,8 +174,31 @@ class Monitor:
         if app.status == DaemonStatus.STOPPING:  # the daemon began to stop meanwhile: it stays stopping
             return
         app.set_status(DaemonStatus.SERVING)
+        held = app.swap.details.get("hold") if app.swap is not None else None
         app.event("restarted", slot=app.active.slot if app.active else None,
-                  pid=app.active.pid if app.active else None)
+                  pid=app.active.pid if app.active else None, **({"hold": held} if held else {}))
+
+    async def look_at_hold(self) -> None:
+        """Keep nginx's hold counters as they were a moment ago, while the active app lives: what
+        its crash is counted from."""
+        if self.app.active is None or not self.app.active.alive():
+            return
+        try:
+            self.hold_seen = await self.app.proxy.hold()
+        except BluegreenError:
+            pass
+
+    async def hold_new_requests(self, port: int) -> None:
+        """Tell nginx `port` cannot answer: new requests are held (not sent into a hung app, nor
+        to a dead one's refused port) until a build answers. Its counters from the last look
+        before the crash are what the restart's record counts from."""
+        app = self.app
+        try:
+            now = await app.proxy.hold(f"down {port}")
+        except BluegreenError as e:
+            log.warning("could not tell nginx to hold new requests: %s", e.message)
+            return
+        app.hold_before = self.hold_seen or now
 
     async def check_health(self) -> None:
         """A liveness check of the active app; after `failures` in a row it counts as hung and is

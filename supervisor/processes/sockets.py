@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import procs, tcpinfo
 
@@ -262,3 +263,17 @@ def long_lived(port: int) -> dict[str, int]:
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def remove_stale_sockets(paths: "list[Path]") -> None:
+    """Unlink those Unix socket files nothing listens on: a killed nginx master leaves its own
+    (nginx removes them only on a clean exit), and the next master cannot bind over them."""
+    for path in paths:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            try:
+                s.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # absent, or not ours to judge (permissions): left alone

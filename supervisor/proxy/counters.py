@@ -1,5 +1,5 @@
-"""What nginx counts per upstream port (the runtime switch's log phase, in bluegreen.lua): the
-numbers a watch judges (release/verdict.py) and the metrics show."""
+"""What nginx counts (the runtime switch's lua, bluegreen.lua): per upstream port, the numbers a
+watch judges (release/verdict.py) and the metrics show; and what its hold server held."""
 
 from __future__ import annotations
 
@@ -53,3 +53,30 @@ class Counters:
 
     def describe(self) -> str:
         return f"{self.failed} of {self.requests} requests failed ({100 * self.error_rate:.1f} %)"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What nginx's hold server counted since nginx started (a restart starts them again)."""
+
+    held: int = 0  # requests sent to the hold server
+    holding: int = 0  # of those, waiting now
+    timed_out: int = 0  # answered 503 at hold.timeout
+    held_ms: int = 0  # milliseconds waited, all held requests together
+    longest_ms: int = 0  # the longest wait since the last outage began (a `down` mark)
+    lost: int = 0  # sent to an app that failed before answering, not retried
+    paused: float = 0.0  # the pause's hold timeout, 0: not paused
+    down: int = 0  # the port known not to answer, 0: none
+
+    def since(self, before: "Hold") -> "Hold":
+        """The counts from `before` to this one (nginx restarted between: all of these)."""
+        if self.held < before.held or self.lost < before.lost:
+            return self
+        return Hold(self.held - before.held, self.holding, self.timed_out - before.timed_out,
+                    self.held_ms - before.held_ms, self.longest_ms, self.lost - before.lost, self.paused, self.down)
+
+    def report(self) -> dict[str, int | float]:
+        """For an event, the history and status: what a crash or a pause cost."""
+        return {"held": self.held, "held_longest": round(self.longest_ms / 1000, 3), "hold_timeouts": self.timed_out,
+                "still_held": self.holding, "lost": self.lost}
+

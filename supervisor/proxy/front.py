@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from ..errors import NginxError
 from ..fsutil import UndoableFile, atomic_write
-from .counters import Counters
+from .counters import Counters, Hold
 
 
 class RoutingLock:
@@ -218,6 +218,11 @@ class FrontProxy(Protocol):
 
     async def routed_port(self) -> int | None:
         """The port the proxy routes to now (None: unknown, or not ours)."""
+        ...
+
+    async def hold(self, change: str = "") -> Hold | None:
+        """nginx's hold counters, after `change` ("pause S", "resume", "down PORT", "up"); None:
+        this switch holds nothing (reloads, a TCP or gRPC service)."""
         ...
 
     async def apply_config(self, port: int) -> dict[str, Any]:

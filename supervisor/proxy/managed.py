@@ -21,7 +21,7 @@ from ..fsutil import atomic_write
 from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
-from .render import TEMP_KINDS, render_managed_conf, runtime_part, upstream_text
+from .render import TEMP_KINDS, free_loopback_port, render_managed_conf, runtime_part, upstream_text
 from ..aio import within
 
 
@@ -38,6 +38,7 @@ class ManagedNginx:
         self.logs = NginxLogs(self.prefix, config.logs.max_bytes, config.logs.backups)
         self.pid_file = self.prefix / "nginx.pid"
         self.route_path = self.prefix / "route"  # the runtime switch's table is seeded from it
+        self.hold_port = 0  # the runtime switch's hold server (render.hold_port_in), when it has one
         self.control_path = self.prefix / "control.sock"
         self.runtime = False  # rendered with the runtime switch (set by whoever chooses the switch)
         self.proc: asyncio.subprocess.Process | None = None
@@ -137,8 +138,9 @@ class ManagedNginx:
         for kind in TEMP_KINDS:
             (self.prefix / "temp" / kind).mkdir(parents=True, exist_ok=True)
         atomic_write(self.conf_path, self._conf())
-        upstream = (runtime_part(self.config, self.route_path, self.control_path, preload=False) if self.runtime else
-                    upstream_text(self.config, port))
+        if self.hold_port and sockets.listening(self.hold_port):  # taken meanwhile (nginx is not running)
+            self.hold_port = free_loopback_port()
+        upstream = (self.runtime_part() if self.runtime else upstream_text(self.config, port))
         try:
             atomic_write(self.upstream_path, upstream.encode())
         except OSError as e:
@@ -179,13 +181,14 @@ class ManagedNginx:
                                  f"{self.n.reload_timeout:g}s; see {self.log.path}", code="nginx_down")
             await asyncio.sleep(0.01)
 
+    def runtime_part(self) -> str:
+        """The runtime switch's part, as this nginx includes it."""
+        return runtime_part(self.config, self.route_path, self.control_path, preload=False, hold_port=self.hold_port)
+
     def _remove_stale_control_socket(self) -> None:
         """A killed master leaves its Unix socket file (nginx removes it only on a clean exit),
         and a new master cannot bind over it. One nobody answers on is stale."""
-        from ..client import answering_pid
-
-        if self.control_path.exists() and answering_pid(self.control_path) is None:
-            self.control_path.unlink(missing_ok=True)
+        sockets.remove_stale_sockets([self.control_path])
 
     def _refuse_held_listen(self) -> None:
         port = int(self.n.listen.rsplit(":", 1)[-1])

@@ -57,6 +57,10 @@ class ReloadSwitch(StagedRoute):
         """The port the upstream file on disk sends traffic to (None if absent or not ours)."""
         return self.port_in(self.upstream.read())
 
+    async def hold(self, change: str = "") -> None:
+        """Nothing is held with reloads: nginx answers 502 while no build can (docs/failure-modes.md)."""
+        return None
+
     def text_for(self, port: int) -> bytes:
         return self.render(port).encode()
 

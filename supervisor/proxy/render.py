@@ -8,11 +8,12 @@ import functools
 import math
 import os
 import re
+import socket
 import textwrap
 from pathlib import Path
 
 from ..config.host import LUA_MODULES, STREAM_MODULE
-from ..config.schema import Config, ReleaseConfig
+from ..config.schema import Config, HoldConfig, ReleaseConfig
 from ..processes.sockets import LONG_LIVED
 
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -134,7 +135,7 @@ def shared_dicts(upstream_name: str) -> tuple[str, str]:
 
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"  # package data: bluegreen.lua, the program nginx runs
-LUA_CONTROLS = ("route", "preview", "split", "stats", "inflight", "handlers", "state")  # as in bluegreen.lua
+LUA_CONTROLS = ("route", "preview", "split", "stats", "inflight", "handlers", "state", "hold")  # as in bluegreen.lua
 
 
 def lua_digest() -> str:
@@ -145,20 +146,55 @@ def lua_digest() -> str:
     return hashlib.sha256((LUA_DIR / "bluegreen.lua").read_bytes()).hexdigest()[:16]
 
 
+# The hold server's addresses, on one loopback port of its own (hold_port_in): a held request goes
+# to HOLD; a request not retried to FAILED or TIMED_OUT, which answer 502 and 504 as nginx would
+# have. TCP, not a Unix socket: nginx binds its side of every connection to the app
+# (proxy_bind, the long-lived kinds) before the balancer picks where it goes.
+HOLD, FAILED, TIMED_OUT = "127.0.0.1", "127.0.0.3", "127.0.0.6"
+HOLD_LISTEN = re.compile(r"^\s*listen " + re.escape(HOLD) + r":(\d+);", re.MULTILINE)
+
+
+def hold_port_in(part: Path) -> int:
+    """The hold server's port: the one the part nginx already has (no reload for a new one), else
+    a free one."""
+    try:
+        found = HOLD_LISTEN.search(part.read_text())
+    except (OSError, UnicodeDecodeError):
+        found = None
+    return int(found.group(1)) if found else free_loopback_port()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOLD, 0))
+        return int(s.getsockname()[1])
+
+
+RETRY_AFTER = 5  # seconds a client held past hold.timeout is told to wait (Retry-After)
+
+
 def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseConfig(),
-            rollout_cookie: str = ROLLOUT_COOKIE, unjudged: tuple[str, ...] = ()) -> str:
-    """One app's settings, as the lua table every call into bluegreen.lua takes."""
+            rollout_cookie: str = ROLLOUT_COOKIE, unjudged: tuple[str, ...] = (),
+            hold: HoldConfig | None = None, hold_port: int = 0) -> str:
+    """One app's settings, as the lua table every call into bluegreen.lua takes (`hold` None: no
+    hold server, as for gRPC)."""
     header, cookie = preview_vars(release)
     table, stats = shared_dicts(upstream_name)
+    addresses = (HOLD, FAILED, TIMED_OUT) if hold else ("", "", "")
     fields = {"name": upstream_name, "table": table, "stats": stats, "route": str(route), "preview_header": header,
-              "preview_cookie": cookie, "rollout_cookie": rollout_cookie, "bind": bind_variable(upstream_name)}
+              "preview_cookie": cookie, "rollout_cookie": rollout_cookie, "bind": bind_variable(upstream_name),
+              "hold": addresses[0], "fail502": addresses[1], "fail504": addresses[2], "retry_after": str(RETRY_AFTER)}
+    h = hold or HoldConfig()
     return ("{" + ", ".join(f"{k} = {_lua_string(v)}" for k, v in fields.items())
+            + f", hold_port = {hold_port if hold else 0}, hold_timeout = {h.timeout!r}"
+            + f", retry_idempotent = {'true' if h.retry_idempotent else 'false'}"
             + ", unjudged = {" + ", ".join(_lua_string(p) for p in unjudged) + "}}")
 
 
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
                    rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True,
-                   unjudged: tuple[str, ...] = (), preload: bool = True, long_paths: tuple[str, ...] = ()) -> str:
+                   unjudged: tuple[str, ...] = (), preload: bool = True, long_paths: tuple[str, ...] = (),
+                   hold: HoldConfig | None = HoldConfig(), hold_port: int = 0) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md):
     this app's shared dicts, its upstream whose balancer is bluegreen.lua's, and its control
     socket. What the lua does is said in supervisor/lua/bluegreen.lua.
@@ -170,17 +206,27 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     Everything here is per app (named after the upstream) except the http-level request
     handlers (render_lua_handlers), which nginx allows once per http block: with `handlers`
     False they are left out, for a file that several apps share (nginx.lua_handlers_file).
+
+    With `hold` (an HTTP app), requests nothing can answer wait in the hold server (on
+    `hold_port`) up to hold.timeout: see bluegreen.lua.
     """
     table, stats = shared_dicts(upstream_name)
-    app = lua_app(upstream_name, route, release, rollout_cookie, unjudged)
+    app = lua_app(upstream_name, route, release, rollout_cookie, unjudged, hold, hold_port)
     control_locations = "".join(fill("control-location.conf", path=CONTROL + name, app=app, name=name)
                                 for name in LUA_CONTROLS)
+    hold_server = ""
+    if hold is not None:
+        hold_server = fill("hold-server.conf", hold=f"{HOLD}:{hold_port}", failed=f"{FAILED}:{hold_port}",
+                           timed_out=f"{TIMED_OUT}:{hold_port}", app=app, name=upstream_name,
+                           bind_var=bind_variable(upstream_name))
     return fill("runtime.conf", digest=lua_digest(), table=table, stats=stats, name=upstream_name, app=app,
                 handlers=render_lua_handlers(preload) if handlers else "", control=control,
-                control_locations=control_locations, long_lived=long_lived_maps(upstream_name, long_paths))
+                control_locations=control_locations, long_lived=long_lived_maps(upstream_name, long_paths),
+                hold_server=hold_server)
 
 
-def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True) -> str:
+def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True,
+                 hold_port: int = 0) -> str:
     """render_runtime for this app's config: what the managed nginx and the user's nginx include.
     The path of app.ready.url is never judged, besides rollout.ignore_paths."""
     from urllib.parse import urlsplit
@@ -189,7 +235,9 @@ def runtime_part(config: Config, route: Path, control: Path, handlers: bool = Tr
     unjudged = config.rollout.ignore_paths + ((urlsplit(ready).path or "/",) if ready else ())
     return render_runtime(config.nginx.upstream_name, route, control, config.release, config.rollout.cookie,
                           handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)), preload=preload,
-                          long_paths=config.drain.long_lived_paths)
+                          long_paths=config.drain.long_lived_paths,
+                          hold=config.hold if config.app.protocol == "http" and hold_port else None,
+                          hold_port=hold_port)
 
 
 def render_lua_handlers(preload: bool = True) -> str:

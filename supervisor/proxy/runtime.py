@@ -18,18 +18,18 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..aio import shielded
 from ..config.schema import Config
 from ..errors import NginxError
 from ..fsutil import UndoableFile
-from .counters import Counters
+from .counters import Counters, Hold
 from .front import RoutingLock, StagedRoute, routing
 from .managed import ManagedNginx
 from .master import Master, worker_title
 from .reload import ReloadSwitch
-from .render import render_lua_handlers, runtime_part
+from .render import hold_port_in, render_lua_handlers, runtime_part
 from .table import Table
 
 log = logging.getLogger("bluegreen")
@@ -91,12 +91,15 @@ class RuntimeSwitch(StagedRoute):
     def traffic_split(self) -> "RuntimeSwitch":
         return self
 
-    def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True) -> None:
+    def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True,
+                 hold_port: Callable[[], int] = lambda: 0) -> None:
         self.control_path = control
         self.table = Table(control)
         self.route_file = self.staged = UndoableFile(route)
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
-        self.text = runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload)
+        self.part = lambda: runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload,
+                                         hold_port=hold_port())
+        self.holds = config.app.protocol == "http"  # a hold server in the part (render_runtime)
         # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
         # share, counters generation). A restarted nginx forgets all but the port (route file).
         self.port: int | None = None
@@ -108,9 +111,16 @@ class RuntimeSwitch(StagedRoute):
         self.reloader = ReloadSwitch(config, master, render=lambda port: self.text)
         self.reloader.lock = self.lock
 
+    @property
+    def text(self) -> str:
+        """The part nginx includes (its hold server's port may change while nginx is down)."""
+        return self.part()
+
     @classmethod
     def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
-        return cls(config, nginx, nginx.route_path, nginx.control_path, preload=False)  # its conf loads the lua
+        nginx.hold_port = hold_port_in(nginx.upstream_path)
+        return cls(config, nginx, nginx.route_path, nginx.control_path, preload=False,  # its conf loads the lua
+                   hold_port=lambda: nginx.hold_port)
 
     @classmethod
     def external(cls, config: Config, master: Master) -> "RuntimeSwitch":
@@ -120,7 +130,9 @@ class RuntimeSwitch(StagedRoute):
         where = config.daemon.state_dir / "switch"
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         where.chmod(0o700)
-        switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock")
+        port = hold_port_in(master.upstream_path)
+        switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock",
+                     hold_port=lambda: port)
         switch.table.hint = (f" and {config.nginx.upstream_file} included in its http block "
                              "(README: the runtime switch with your own nginx)")
         return switch
@@ -252,6 +264,10 @@ class RuntimeSwitch(StagedRoute):
     async def stats(self, gen: int) -> dict[int, Counters]:
         """What nginx counted per upstream port in watch generation `gen`."""
         return await self.table.stats(gen)
+
+    async def hold(self, change: str = "") -> Hold | None:
+        """The hold server's counters (after `change`); None for an app with none (gRPC)."""
+        return await self.table.hold(change) if self.holds else None
 
     async def routed_port(self) -> int | None:
         try:

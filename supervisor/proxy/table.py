@@ -9,6 +9,8 @@ change, each answered with the table's value so that every change is read back.
     GET    /.bluegreen/stats?gen=G    "port kind count" lines
     GET    /.bluegreen/inflight?port=P  "worker-pid count long" lines
     GET    /.bluegreen/handlers       how many control requests the shared log handler counted
+    GET    /.bluegreen/hold           "held holding hold_timeouts held_ms held_longest lost pause down"
+                                      PUT "pause S", "resume", "down PORT", "up"
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 from pathlib import Path
 
 from ..errors import NginxError
-from .counters import Counters
+from .counters import Counters, Hold
 from .render import CONTROL
 from ..aio import within
 
@@ -92,3 +94,20 @@ class Table:
             raise NginxError(f"nginx's control socket gave an unreadable in-flight count {body[:80]!r}",
                              code="nginx_down")
         return {int(pid): (int(n), int(long)) for pid, n, long in counts}
+
+    async def hold(self, change: str = "") -> Hold:
+        """The hold server's counters, after `change` ("pause S", "resume", "down PORT", "up") if given."""
+        if change:
+            status, body = await self.call("PUT", "hold", change.encode())
+            if status != 200:
+                raise NginxError(f"nginx did not take the hold change {change!r}: it answered {status} {body[:80]!r}",
+                                 code="nginx_reload_failed")
+        else:
+            body = await self.read("hold", "the hold counters")
+        parts = body.split()
+        try:
+            held, holding, timed_out, held_ms, longest, lost, pause, down = (float(p) for p in parts)
+        except ValueError:
+            raise NginxError(f"nginx's control socket gave unreadable hold counters {body[:80]!r}",
+                             code="nginx_down") from None
+        return Hold(int(held), int(holding), int(timed_out), int(held_ms), int(longest), int(lost), pause, int(down))

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import builds, faults
+from .. import builds, client, faults
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
 from ..processes import drain, slots
 from ..processes.launch import Launcher
 from ..proxy import switch
+from ..proxy.counters import Hold
 from ..proxy.external import ExternalMaster
 from ..proxy.managed import ManagedNginx
 from ..proxy.master import Master, processes
@@ -31,7 +32,7 @@ from .phases import RELEASES, Phase, Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")
 Reply = Callable[[dict[str, Any]], None]
-
+HELD_SETTLE = 1.0  # seconds a crash restart waits for nginx's held requests to reach the new build before counting
 
 
 class App:
@@ -56,6 +57,7 @@ class App:
         self.warning: str | None = None  # what is wrong right now, and what to do
         self.nginx_down: str | None = None  # why the managed nginx could not be restarted
         self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
+        self.hold_before: Hold | None = None  # nginx's hold counters before a crash, until its restart counts them
         # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
         self.keep_serving = config.daemon.on_stop == "keep"
 
@@ -260,6 +262,8 @@ class App:
         finally:
             self.proxy.forget_undo()
             await self.release.rollouts.end_split(plan)
+            if plan.reason == "recover" and record.committed:
+                await self.count_held(record)
             self.keeper.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.keeper.unsaved:
                 self.keeper.save_quietly()
@@ -267,6 +271,25 @@ class App:
             self.restarts, self.status, self.failure = 0, DaemonStatus.SERVING, None
         log.info("%s to %s done in %.2fs", plan.reason, plan.build, (record.finished_at or 0) - record.started_at)
         return record
+
+    async def count_held(self, record: SwapRecord) -> None:
+        """A crash restart serves: what nginx held since the crash (waiting a moment for those
+        still on their way to the new build) goes in its record, the history and the log."""
+        before, self.hold_before = self.hold_before, None
+        if before is None:
+            return
+        deadline = time.monotonic() + HELD_SETTLE
+        try:
+            now = await self.proxy.hold()
+            while now is not None and now.holding and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                now = await self.proxy.hold()
+        except BluegreenError:
+            return
+        if now is None:
+            return
+        record.details["hold"] = held = now.since(before).report()
+        log.info("the crash restart %s", client.hold_line(held))
 
     def _refuse_swap(self) -> None:
         if self.swapping() and self.release.pause is not None:

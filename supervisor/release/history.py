@@ -42,6 +42,9 @@ def entry(record: dict[str, Any]) -> dict[str, Any]:
         out["error"] = {"code": error.get("code"), "message": (error.get("message") or "").splitlines()[0][:300]}
     if record.get("warnings"):  # a contract step the next daemon could not run, connections cut...
         out["warnings"] = [w[:300] for w in record["warnings"]]
+    held = (record.get("details") or {}).get("hold")
+    if held:
+        out["held"] = held  # a crash restart: what nginx held meanwhile, and lost
     verdict = error.get("verdict") or ((record.get("details") or {}).get("watch") or {}).get("verdict")
     if verdict:
         out["verdict"] = verdict

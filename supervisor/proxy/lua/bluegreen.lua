@@ -11,6 +11,17 @@
 -- What was counted rides in the request variable $bluegreen_request, "port gen app judged long
 -- id cookie", which survives internal redirects (error_page, X-Accel-Redirect, try_files),
 -- unlike ngx.ctx; the http-level log handler counts it out, and counts the answer for the watch.
+--
+-- Holding (app.hold set: an HTTP app behind the runtime switch). Every request may be tried once
+-- more (balancer.set_more_tries). When its app refused the connection (nothing listens: it
+-- crashed), the retry goes to the app's hold server, a loopback port of this same nginx, whose
+-- access handler (M.hold) waits, the request's body buffered, until the table names a port that
+-- is not known to be down, then proxies it there (the balancer picks afresh); past the hold
+-- timeout it answers 503 with Retry-After. A request the app may have read (bytes were sent) is
+-- retried so only if its method is idempotent and app.retry_idempotent; otherwise the retry goes
+-- to a fail address that answers what nginx would have (502, or 504 for a timeout) and is counted
+-- lost. A paused table (`pause`), or a port marked down (by the daemon: a hung app; by a refused
+-- connect), sends new requests to the hold server at once.
 
 local balancer = require("ngx.balancer")
 
@@ -75,16 +86,78 @@ local function pick(app, dict, port)
     return port, id
 end
 
+local IDEMPOTENT = {GET = true, HEAD = true, PUT = true, DELETE = true, OPTIONS = true, TRACE = true}
+
+-- The bytes the last attempt sent to its app ($upstream_bytes_sent has one per attempt).
+local function last_sent()
+    local n = 0
+    for v in (ngx.var.upstream_bytes_sent or ""):gmatch("%d+") do n = tonumber(v) end
+    return n
+end
+
+-- Counts a request in, on `port`: once, and never a subrequest (auth_request, mirror: nginx runs
+-- no log phase for them). Port 0: held, at no app (the hold server counts it in where it goes).
+local function count_in(app, dict, port, id)
+    if ngx.var.bluegreen_request ~= "" or ngx.is_subrequest then return end
+    local long = 0
+    if port ~= 0 then
+        local worker = port .. ":" .. ngx.worker.pid()
+        long = (ngx.var[app.bind] or "127.0.0.1") ~= "127.0.0.1" and 1 or 0
+        dict:incr("inflight:" .. worker, 1, 0)
+        if long == 1 then dict:incr("long:" .. worker, 1, 0) end
+    end
+    ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. app.name .. " "
+        .. judged(app) .. " " .. long .. " " .. id .. " " .. app.rollout_cookie
+end
+
+-- The request counted in on `port` leaves it for the hold server: counted out there now.
+local function count_out_to_hold(dict, port)
+    local state = ngx.var.bluegreen_request
+    local _, rest = state:match("^(%d+)( .*)$")
+    if not rest or port == 0 then return end
+    local worker = port .. ":" .. ngx.worker.pid()
+    dict:incr("inflight:" .. worker, -1, 0)
+    if rest:match("^ %d+ %S+ %d 1") then dict:incr("long:" .. worker, -1, 0) end
+    ngx.var.bluegreen_request = "0" .. rest:gsub("^( %d+ %S+ %d) 1", "%1 0")
+end
+
+local function to_peer(addr, port)
+    local ok, err = balancer.set_current_peer(addr, port)
+    if not ok then
+        ngx.log(ngx.ERR, "bluegreen: ", err)
+        return ngx.exit(502)
+    end
+end
+
+-- The app's port did not answer: hold what it never saw, and what it may have seen if that is
+-- allowed (idempotent, app.retry_idempotent); send the rest to the fail socket (lost).
+local function retry(app, dict, code)
+    local port = tonumber((ngx.var.bluegreen_request or ""):match("^(%d+)")) or 0
+    local sent = last_sent()
+    if code == 502 and (sent == 0 or (app.retry_idempotent and IDEMPOTENT[ngx.req.get_method()])) then
+        if sent == 0 and port ~= 0 then dict:set("down", port) end  -- refused: nothing listens there
+        count_out_to_hold(dict, port)
+        dict:incr("held", 1, 0)
+        return to_peer(app.hold, app.hold_port)
+    end
+    ngx.ctx.bluegreen_lost = true
+    return to_peer(code == 504 and app.fail504 or app.fail502, app.hold_port)
+end
+
 -- balancer_by_lua: picks the port once per request (retries and internal redirects keep it) and
--- counts the request in. Subrequests (auth_request, mirror) are routed but never counted: nginx
--- runs no log phase for them.
+-- counts the request in. A request held by the hold server is routed afresh and never held again.
 function M.balancer(app)
     local dict = ngx.shared[app.table]
+    local held = ngx.ctx.bluegreen_held
+    if app.hold ~= "" and not held then
+        local failed, code = balancer.get_last_failure()
+        if failed then return retry(app, dict, code) end
+    end
     local state = ngx.var.bluegreen_request or ""
     local port
     if state ~= "" then
         local p, name = state:match("^(%d+) %d+ (%S+)")
-        if name == app.name then port = tonumber(p) end
+        if name == app.name and p ~= "0" then port = tonumber(p) end
     end
     if not port then
         local id
@@ -93,20 +166,59 @@ function M.balancer(app)
             ngx.log(ngx.ERR, "bluegreen: no route for ", app.name, " yet (the daemon sets it)")
             return ngx.exit(502)
         end
-        if state == "" and not ngx.is_subrequest then
-            local worker = port .. ":" .. ngx.worker.pid()
-            local long = (ngx.var[app.bind] or "127.0.0.1") ~= "127.0.0.1" and 1 or 0
-            dict:incr("inflight:" .. worker, 1, 0)
-            if long == 1 then dict:incr("long:" .. worker, 1, 0) end
-            ngx.var.bluegreen_request = port .. " " .. (dict:get("gen") or 0) .. " " .. app.name .. " "
-                .. judged(app) .. " " .. long .. " " .. id .. " " .. app.rollout_cookie
+        if app.hold ~= "" and not held and (dict:get("pause") or dict:get("down") == port) then
+            count_in(app, dict, 0, id)
+            dict:incr("held", 1, 0)
+            return to_peer(app.hold, app.hold_port)
         end
+        count_in(app, dict, port, id)
     end
-    local ok, err = balancer.set_current_peer("127.0.0.1", port)
-    if not ok then
-        ngx.log(ngx.ERR, "bluegreen: ", err)
-        return ngx.exit(502)
+    if app.hold ~= "" and not held then balancer.set_more_tries(1) end
+    return to_peer("127.0.0.1", port)
+end
+
+-- Whether `port` accepts a connection: tried by one held request per port every PROBE seconds
+-- (a port marked down comes back by itself: an app restarted by someone else).
+local PROBE = 0.05
+local function back(dict, port)
+    if not dict:add("probe:" .. port, true, PROBE) then return false end
+    local sock = ngx.socket.tcp()
+    sock:settimeout(100)
+    local ok = sock:connect("127.0.0.1", port)
+    sock:close()
+    if ok and dict:get("down") == port then dict:delete("down") end
+    return ok
+end
+
+-- access_by_lua of the hold server (and its fail addresses, which answer as nginx would have). A
+-- held request waits while the table is paused or names a port known to be down, then goes on
+-- to the balancer; past the hold timeout (the pause's own, if it set one) it gets 503 and
+-- Retry-After. Counted: held now, held in all (with the balancer's), seconds held, timeouts.
+function M.hold(app)
+    local addr = ngx.var.server_addr
+    if addr == app.fail502 then return ngx.exit(502) end
+    if addr == app.fail504 then return ngx.exit(504) end
+    local dict = ngx.shared[app.table]
+    ngx.ctx.bluegreen_held = true
+    local start, nap = ngx.now(), 0.002
+    dict:incr("holding", 1, 0)
+    while true do
+        local pause = dict:get("pause")
+        local port = route_port(app, dict)
+        if not pause and port and (dict:get("down") ~= port or back(dict, port)) then break end
+        if ngx.now() - start >= (pause or app.hold_timeout) then
+            dict:incr("holding", -1, 0)
+            dict:incr("hold_timeouts", 1, 0)
+            ngx.header["Retry-After"] = app.retry_after
+            return ngx.exit(503)
+        end
+        ngx.sleep(nap)  -- 2 ms, doubling up to 20: a spare is taken at once, a boot costs no CPU
+        nap = math.min(nap * 2, 0.02)
     end
+    local ms = math.floor((ngx.now() - start) * 1000 + 0.5)
+    dict:incr("holding", -1, 0)
+    dict:incr("held_ms", ms, 0)
+    if ms > (dict:get("held_longest") or 0) then dict:set("held_longest", ms) end
 end
 
 -- Counts one answer of a watch generation `gen` ("0": since nginx started, for the metrics):
@@ -146,6 +258,11 @@ function M.log()
     if not port then return end
     local dict = ngx.shared["bluegreen." .. app]
     if not dict then return end
+    if ngx.ctx.bluegreen_lost or (ngx.var.status == "502" and port ~= "0" and last_sent() > 0
+                                  and (ngx.var.upstream_header_time or "-"):match("-%s*$")) then
+        dict:incr("lost", 1, 0)  -- sent to an app that failed before answering: it may have seen it
+    end
+    if port == "0" then return end  -- held: the hold server's request counts what it got
     local worker = port .. ":" .. ngx.worker.pid()
     dict:incr("inflight:" .. worker, -1, 0)
     if long == "1" then dict:incr("long:" .. worker, -1, 0) end
@@ -214,7 +331,7 @@ function control.route(app)
         local port = tonumber(body("^%s*(%d+)%s*$") or "")
         if not port or port < 1 or port > 65535 then return bad("expected a port number (1-65535)") end
         dict:set("port", port)
-        forget(dict, "preview", "preview_token", "cand", "share")
+        forget(dict, "preview", "preview_token", "cand", "share", "down")
     end
     ngx.say(route_port(app, dict) or "")
 end
@@ -304,6 +421,34 @@ function control.state(app)
     local port = route_port(app, dict)
     ngx.say((port or 0) .. " " .. (dict:get("preview") or 0) .. " " .. (dict:get("cand") or 0)
             .. " " .. (dict:get("share") or 0) .. " " .. (dict:get("gen") or 0))
+end
+
+-- PUT "pause SECONDS" (hold every new request, each up to SECONDS), "resume", "down PORT" (a port
+-- that cannot answer: new requests to it are held), "up" (none is down); GET: answers
+-- "held holding hold_timeouts held_ms held_longest lost pause down" (counters since nginx started;
+-- pause: its timeout, 0 if none).
+local HOLD_KEYS = {"held", "holding", "hold_timeouts", "held_ms", "held_longest", "lost", "pause", "down"}
+function control.hold(app)
+    local dict = ngx.shared[app.table]
+    if ngx.req.get_method() == "PUT" then
+        local what, n = body("^%s*(%a+)%s*(%d*%.?%d*)%s*$")
+        n = tonumber(n or "")
+        if what == "pause" and n and n > 0 then
+            dict:set("pause", n)
+        elseif what == "resume" then
+            dict:delete("pause")
+        elseif what == "down" and n and n >= 1 and n <= 65535 then
+            dict:set("down", n)
+            dict:set("held_longest", 0)  -- an outage begins: its own longest wait
+        elseif what == "up" then
+            dict:delete("down")
+        else
+            return bad("expected: pause SECONDS, resume, down PORT or up")
+        end
+    end
+    local values = {}
+    for i, key in ipairs(HOLD_KEYS) do values[i] = dict:get(key) or 0 end
+    ngx.say(table.concat(values, " "))
 end
 
 -- content_by_lua of /.bluegreen/WHAT.
