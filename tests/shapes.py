@@ -39,6 +39,11 @@ const server = http.createServer((req, res) => {
   if (url.pathname === '/health') return answer(200, 'ok\\n');
   if (url.pathname === '/missing') return answer(404, 'no such page\\n');
   if (url.pathname === '/boom') return answer(500, 'boom\\n');
+  if (url.pathname === '/echo') {  // the request's method and body, as the app read them
+    let body = '';
+    req.on('data', (c) => { body += c; });
+    return req.on('end', () => answer(200, `${version} ${req.method} ${body}\\n`));
+  }
   if (url.pathname === '/gate') {  // says it has the request (GATE.VERSION), answers once the gate opens
     fs.writeFileSync(`${gate}.${version}`, '');
     return opened(() => answer(200, `${version} gate\\n`));

@@ -34,6 +34,7 @@ import pytest
 from failure_matrix import DRAIN_ROWS, FAULTS, ONLY_ON, OUTCOMES, SETTLED, UNTIL_COMMIT, Outcome
 from helpers import DaemonRun, EventStream, answering, describe, free_ports, http_get, running, wait_until
 from shapes import SHAPES, UserNginx, app_build
+from supervisor.processes import sockets
 
 pytestmark = pytest.mark.e2e
 
@@ -66,6 +67,7 @@ class Held:
     gate: Path
     phase: str
     old: int
+    old_port: int = 0
     swap: subprocess.Popen[str] | None = None
     victim: int = 0  # the build killed or frozen
     in_flight: list[Any] = field(default_factory=list)
@@ -118,7 +120,7 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
     run, user = shape(extra, build=build, env=env, drain_timeout=drain, stop_timeout=15 if phase == "stop" else 5,
                       ready=READY, drain='long_lived_paths = ["/events"]')  # the long-lived column's stream
     st = run.status()
-    held = Held(run, user, gate, phase, old=st["active"]["pid"])
+    held = Held(run, user, gate, phase, old=st["active"]["pid"], old_port=st["active"]["port"])
     before_swap(run)
     if phase == "idle":
         return held
@@ -204,6 +206,21 @@ def put(held: Held, fault: str) -> None:
         group(held.victim, signal.SIGKILL if fault.endswith("killed") else signal.SIGSTOP)
     else:
         raise AssertionError(fault)
+
+
+# The phases where the active build's crash leaves nothing to answer until the swap (or the crash
+# restart) switches: a request that arrives meanwhile is held by nginx, not refused.
+HELD_AFTER_A_CRASH = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "idle")
+
+
+def asked_after_the_crash(held: Held) -> tuple[threading.Thread, list[tuple[int, str]]]:
+    """A request sent once the killed build is gone (its port refuses: its pid may be gone a moment
+    before all of its group), answered in a thread: (the thread, its answer)."""
+    wait_until(lambda: not sockets.listening(held.old_port), 10, "the killed build's port to close")
+    answer: list[tuple[int, str]] = []
+    thread = threading.Thread(target=lambda: answer.append(http_get(held.run.listen_port, "/", timeout=90)))
+    thread.start()
+    return thread, answer
 
 
 def copied_daemon(run: DaemonRun) -> str:
@@ -349,6 +366,7 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
     held = hold(shape, releases, short_tmp / "gate", phase, open_stream if fault == "long_lived" else lambda run: None)
     held.stream = stream[0] if stream else None
     put(held, fault)
+    after_the_crash = asked_after_the_crash(held) if fault == "active_killed" and phase in HELD_AFTER_A_CRASH else None
     code = let_go(held, fault)
     if fault == "sigterm":
         nothing_left(held.run)
@@ -374,6 +392,9 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
                     and answering(run.listen_port, {want.serves: 4}))
 
     wait_until(settled, 120, f"the daemon to serve {want.serves} to every request, no swap running", run.output)
+    if after_the_crash is not None:  # held in nginx, then answered by the build that serves next
+        after_the_crash[0].join(60)
+        assert after_the_crash[1] == [(200, f"hello from {want.serves}\n")], after_the_crash[1]
     if held.stream is not None:
         stream_checked(held, want.serves)
     if phase == "drain" and fault in ("sigterm", "reload", "new_killed", "new_frozen"):

@@ -95,6 +95,12 @@ local function last_sent()
     return n
 end
 
+-- The first attempt's value of an $upstream_* variable (one per attempt, ", " between retries and
+-- " : " between internal redirects).
+local function first(name)
+    return (ngx.var[name] or ""):match("^%s*([^,:%s]+)")
+end
+
 -- Counts a request in, on `port`: once, and never a subrequest (auth_request, mirror: nginx runs
 -- no log phase for them). Port 0: held, at no app (the hold server counts it in where it goes).
 local function count_in(app, dict, port, id)
@@ -134,13 +140,13 @@ end
 local function retry(app, dict, code)
     local port = tonumber((ngx.var.bluegreen_request or ""):match("^(%d+)")) or 0
     local sent = last_sent()
+    -- (refused: nothing listens there; reset or closed mid-request: it is dying, or a probe says it is not)
+    if code == 502 and port ~= 0 then dict:set("down", port) end
     if code == 502 and (sent == 0 or (app.retry_idempotent and IDEMPOTENT[ngx.req.get_method()])) then
-        if sent == 0 and port ~= 0 then dict:set("down", port) end  -- refused: nothing listens there
         count_out_to_hold(dict, port)
         dict:incr("held", 1, 0)
         return to_peer(app.hold, app.hold_port)
     end
-    ngx.ctx.bluegreen_lost = true
     return to_peer(code == 504 and app.fail504 or app.fail502, app.hold_port)
 end
 
@@ -177,17 +183,26 @@ function M.balancer(app)
     return to_peer("127.0.0.1", port)
 end
 
--- Whether `port` accepts a connection: tried by one held request per port every PROBE seconds
--- (a port marked down comes back by itself: an app restarted by someone else).
+-- Whether `port`, marked down, answers again (an app restarted by someone else): one held request
+-- per port tries a connection every PROBE seconds, and two in a row must succeed (a dying app's
+-- listener may accept for a moment). Never a port the daemon said is down: a hung app accepts.
 local PROBE = 0.05
 local function back(dict, port)
-    if not dict:add("probe:" .. port, true, PROBE) then return false end
+    if dict:get("down_said") or not dict:add("probe:" .. port, true, PROBE) then return false end
     local sock = ngx.socket.tcp()
     sock:settimeout(100)
     local ok = sock:connect("127.0.0.1", port)
     sock:close()
-    if ok and dict:get("down") == port then dict:delete("down") end
-    return ok
+    if not ok then
+        dict:delete("up:" .. port)
+        return false
+    end
+    if not dict:add("up:" .. port, true, 10) then  -- the second in a row
+        dict:delete("up:" .. port)
+        if dict:get("down") == port then dict:delete("down") end
+        return true
+    end
+    return false
 end
 
 -- access_by_lua of the hold server (and its fail addresses, which answer as nginx would have). A
@@ -258,8 +273,8 @@ function M.log()
     if not port then return end
     local dict = ngx.shared["bluegreen." .. app]
     if not dict then return end
-    if ngx.ctx.bluegreen_lost or (ngx.var.status == "502" and port ~= "0" and last_sent() > 0
-                                  and (ngx.var.upstream_header_time or "-"):match("-%s*$")) then
+    if ngx.var.status == "502" and first("upstream_header_time") == "-"
+            and (tonumber(first("upstream_bytes_sent")) or 0) > 0 then
         dict:incr("lost", 1, 0)  -- sent to an app that failed before answering: it may have seen it
     end
     if port == "0" then return end  -- held: the hold server's request counts what it got
@@ -331,7 +346,7 @@ function control.route(app)
         local port = tonumber(body("^%s*(%d+)%s*$") or "")
         if not port or port < 1 or port > 65535 then return bad("expected a port number (1-65535)") end
         dict:set("port", port)
-        forget(dict, "preview", "preview_token", "cand", "share", "down")
+        forget(dict, "preview", "preview_token", "cand", "share", "down", "down_said")
     end
     ngx.say(route_port(app, dict) or "")
 end
@@ -439,9 +454,10 @@ function control.hold(app)
             dict:delete("pause")
         elseif what == "down" and n and n >= 1 and n <= 65535 then
             dict:set("down", n)
+            dict:set("down_said", true)  -- until a route elsewhere, or "up": no probe says otherwise
             dict:set("held_longest", 0)  -- an outage begins: its own longest wait
         elseif what == "up" then
-            dict:delete("down")
+            forget(dict, "down", "down_said")
         else
             return bad("expected: pause SECONDS, resume, down PORT or up")
         end

@@ -1,0 +1,143 @@
+"""A crash costs no request that arrives after it: nginx holds what no build can answer (the
+runtime switch's hold server), sends it on to the build that answers next, and counts what the
+dead app took with it. Run on both nginx shapes, with real clients (httpx)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import Load, running, wait_until
+from shapes import app_build
+from supervisor.processes import sockets
+
+pytestmark = pytest.mark.e2e
+
+
+def restarted(run: Any, pid: int) -> dict[str, Any]:
+    """The status once the crash restart of `pid` serves, with its `restarted` event."""
+    def done() -> dict[str, Any] | None:
+        st = run.status()
+        ok = st and st["daemon"]["status"] == "serving" and st["active"]["pid"] != pid and st["active"]["alive"] \
+            and any(e["event"] == "restarted" for e in st["events"])
+        return st if ok else None
+    return wait_until(done, 60, "the crash restart to serve", run.output)
+
+
+def crash(run: Any) -> tuple[int, float]:
+    """SIGKILL the active app and wait until it is gone, its port refusing: (its pid, when)."""
+    active = run.status()["active"]
+    os.kill(active["pid"], signal.SIGKILL)
+    wait_until(lambda: not running(active["pid"]) and not sockets.listening(active["port"]), 10, "the app to die")
+    return active["pid"], time.time()
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def call() -> None:
+        try:
+            out.append(fn())
+        except Exception as e:  # noqa: BLE001 (said by the assertion that reads it)
+            out.append(e)
+    t = threading.Thread(target=call)
+    t.start()
+    return t, out
+
+
+def test_a_crash_under_load_fails_only_the_requests_the_dead_app_had(shape: Any, releases: Path) -> None:
+    """Clients without pause through a SIGKILL of the active app, its replacement booting for
+    0.5 s: no request sent after the app died fails; those that failed are exactly the ones nginx
+    counted lost (sent to the app before it died), and the restart's record says what was held."""
+    run, _ = shape(build=app_build(releases, "v1", boot_ms=500))
+    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
+        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+        pid, dead_at = crash(run)
+        st = restarted(run, pid)
+        after = load.total
+        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
+    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
+    assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
+    assert hold["held"] >= 4 and hold["hold_timeouts"] == 0 and hold["still_held"] == 0, hold  # a boot of 0.5 s
+    assert hold["held_longest"] >= 0.4, hold
+    entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
+    assert entry["reason"] == "recover" and entry["held"] == hold, entry
+    assert f"held {hold['held']} request(s)" in run.cli("history").stdout
+
+
+def test_a_post_that_arrives_during_a_crash_reaches_the_next_build_with_its_body(shape: Any,
+                                                                                 releases: Path) -> None:
+    """A request the dead app never saw is retried whatever its method: a POST sent while the
+    replacement boots is answered by it, its body intact."""
+    run, _ = shape(build=app_build(releases, "v1", boot_ms=800))
+    pid, _ = crash(run)
+    r = httpx.post(f"http://127.0.0.1:{run.listen_port}/echo", content=b"order=42", timeout=30)
+    assert (r.status_code, r.text) == (200, "v1 POST order=42\n")
+    restarted(run, pid)
+
+
+def test_a_request_held_past_hold_timeout_gets_503_with_retry_after(shape: Any, releases: Path) -> None:
+    """A replacement that boots for longer than hold.timeout: a request held so long is told to
+    come back (503, Retry-After) rather than left hanging, and counted; the next ones are served."""
+    run, _ = shape("[hold]\ntimeout = 1\n", build=app_build(releases, "v1", boot_ms=3000))
+    pid, _ = crash(run)
+    t0 = time.monotonic()
+    r = httpx.get(f"http://127.0.0.1:{run.listen_port}/api/x", timeout=30)  # (the Debian shape's /api/ keeps
+    waited = time.monotonic() - t0                                          # nginx's own error pages out)
+    assert r.status_code == 503 and r.headers.get("retry-after") == "5", (r.status_code, r.headers)
+    assert 1 <= waited < 10, waited
+    st = restarted(run, pid)
+    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    assert hold["hold_timeouts"] >= 1, hold
+    assert httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30).text == "hello from v1\n"
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["by default", "retry_idempotent"])
+def test_what_the_dead_app_had_is_lost_unless_idempotent_and_allowed(shape: Any, releases: Path,
+                                                                     retry: bool) -> None:
+    """A GET and a POST inside the app when it dies: the POST is lost (502, counted); the GET too,
+    unless hold.retry_idempotent lets nginx send it again to the next build."""
+    run, _ = shape("[hold]\nretry_idempotent = true\n" if retry else "", build=app_build(releases, "v1"))
+    base = f"http://127.0.0.1:{run.listen_port}/slow?ms=3000"
+    get, got = in_thread(lambda: httpx.get(base, timeout=30))
+    post, posted = in_thread(lambda: httpx.post(base, content=b"x", timeout=30))
+    port = run.status()["active"]["port"]
+    wait_until(lambda: sockets.inflight(port) >= 2, 30, "both requests inside the app")
+    pid, _ = crash(run)
+    get.join(60)
+    post.join(60)
+    st = restarted(run, pid)
+    assert posted[0].status_code == 502, posted
+    assert got[0].status_code == (200 if retry else 502), got
+    if retry:
+        assert got[0].text == "v1 slow\n"
+    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    assert hold["lost"] == (1 if retry else 2), hold
+
+
+def test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it(shape: Any,
+                                                                                      releases: Path) -> None:
+    """A frozen app (SIGSTOP) found hung by its liveness checks: from then on new requests are
+    held for its replacement, not sent into the app that would never answer."""
+    health = '[app.health]\nurl = "http://127.0.0.1:{port}/health"\ninterval = 0.2\ntimeout = 0.5\nfailures = 2\n'
+    run, _ = shape(health, build=app_build(releases, "v1", boot_ms=500))
+    pid = run.status()["active"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: any(e["event"] == "unhealthy" for e in run.status()["events"]), 30, "found hung")
+        r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
+        assert (r.status_code, r.text) == (200, "hello from v1\n")
+        st = restarted(run, pid)
+        assert st["active"]["pid"] != pid
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGCONT)
