@@ -3,12 +3,13 @@
 Faults: swaps to random builds, SIGKILL of the active app, of the standby (mid-swap), of an
 nginx worker, and of the daemon itself (then restarted). At the end it checks that every
 answered request was answered correctly, that each failed request is explained by a fault
-that can cause it (a killed app loses its in-flight requests and the ones that arrive until
-its replacement serves; a killed nginx worker loses its connections; nothing else may lose
-any), that exactly one slot is active with nginx pointing at it, that state.json agrees, and
+that can cause it (a killed app loses the requests inside it, and nothing that arrives after:
+nginx holds those for its replacement; a killed nginx worker loses its connections; nothing
+else may lose any), that exactly one slot is active with nginx pointing at it, that state.json agrees, and
 that no process is left once the daemon stops. Exit 0 when all hold. Loopback only, bounded.
 
     scripts/chaos [--duration 120] [--seed N] [--clients 6]
+    scripts/chaos --crashes [--duration 120] [--kill-every 10] [--rate 100]   (scripts/chaos_crashes.py)
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ import psutil  # noqa: E402
 from helpers import DaemonRun, bluegreen, free_ports, http_get, kill_tree, make_build  # noqa: E402
 from conftest import render_config  # noqa: E402
 
-# Failures a fault may explain, and for how long after it (seconds) its direct effect lasts.
-CAUSES = {"kill_app": ("until the replacement serves",), "kill_worker": ("its open connections",)}
+# Failures a fault may explain: a killed app, the requests inside it (sent before it died: it takes
+# up to DYING seconds to close its port after the SIGKILL); a killed nginx worker, its open
+# connections (ending up to WORKER_SLACK seconds later).
+DYING = 0.1
 WORKER_SLACK = 2.0
 
 
@@ -233,8 +236,8 @@ class Chaos:
         for r in failed:
             cause = None
             for f in self.faults:
-                if f.kind == "kill_app" and r.end >= f.at and (f.until is None or r.start <= f.until):
-                    cause = "kill_app"
+                if f.kind == "kill_app" and r.end >= f.at and r.start <= f.at + DYING:
+                    cause = "kill_app"  # it was inside the killed app (what arrives after it is held)
                 elif f.kind == "kill_worker" and r.start <= f.at + 0.05 and r.end >= f.at - 0.05 and \
                         r.end <= f.at + WORKER_SLACK:
                     cause = "kill_worker"
@@ -248,11 +251,16 @@ class Chaos:
         gaps = [f.until - f.at for f in self.faults if f.kind == "kill_app" and f.until]
         if gaps:
             print(f"killed app -> replacement serving (status polled every 0.1s): "
-                  f"{', '.join(f'{g:.2f}s' for g in gaps)}; {sum(gaps):.2f}s without service in all")
+                  f"{', '.join(f'{g:.2f}s' for g in gaps)}; {sum(gaps):.2f}s in all (requests meanwhile held)")
         print(f"faults injected: {dict(kinds)}  swaps: {dict(self.swaps)}")
         print(f"requests: {len(requests)}, answered correctly: {len(requests) - len(failed) - len(wrong)}, "
               f"wrong answers: {len(wrong)}, failed: {len(failed)}")
         print(f"failures explained by a fault: {dict(explained)}")
+        held = self.held()
+        if held:
+            print(f"crash restarts: {len(held)}; nginx held {sum(h['held'] for h in held)} request(s) (the longest "
+                  f"{max(h['held_longest'] for h in held):.3f} s), {sum(h['hold_timeouts'] for h in held)} timed out; "
+                  f"{sum(h['lost'] for h in held)} lost (inside the killed app)")
         t0 = requests[0].start if requests else 0
         for r in unexplained[:10]:
             print(f"  UNEXPLAINED failure at +{r.start - t0:.2f}s..+{r.end - t0:.2f}s: {r.kind}")
@@ -261,6 +269,12 @@ class Chaos:
                 print(f"  fault at +{f.at - t0:.2f}s: {f.kind} {f.detail}"
                       + (f" (serving again at +{f.until - t0:.2f}s)" if f.until else ""))
         return not wrong and not unexplained and len(requests) > 0
+
+    def held(self) -> list[dict]:
+        """What each crash restart's record says nginx held and lost (history)."""
+        r = bluegreen("history", "--json", "-n", "1000", "--socket", str(self.run.socket), timeout=60)
+        entries = [json.loads(line) for line in r.stdout.splitlines()] if r.returncode == 0 else []
+        return [e["held"] for e in entries if e.get("reason") == "recover" and e.get("held")]
 
     def final_checks(self) -> bool:
         ok = True
@@ -303,6 +317,10 @@ class Chaos:
 
 
 def main() -> int:
+    if "--crashes" in sys.argv[1:]:  # the side-by-side crash run: scripts/chaos_crashes.py
+        from chaos_crashes import main as crashes
+
+        return crashes(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=120, help="seconds of fault injection (default 120)")
     parser.add_argument("--seed", type=int, default=int(time.time()), help="random seed (printed; reuse to replay)")

@@ -143,15 +143,25 @@ for phase in SWAP_PHASES:
         cell(phase, "restart", "routes as before at once (the route file)")
 
 # --- the active (old) build killed
-cell(BEFORE_SWITCH, "active_killed", "its requests fail until the swap switches to the new build")
-cell("paused", "active_killed", "the pause is aborted at once, then the same build is started again (`recover`)")
-cell("rollout step", "active_killed", "everyone moves to the new build (it is all that is left)")
+HELD = "a request that arrives meanwhile is held in nginx and answered by it (runtime switch, HTTP; up to hold.timeout, then 503)"
+cell(BEFORE_SWITCH, "active_killed", "the requests it had fail (counted lost); the swap goes on to the new build, and "
+     + HELD, "test_a_phase_meets_a_fault")
+cell("paused", "active_killed", "the pause is aborted at once, then the same build is started again (`recover`); "
+     + HELD, "test_a_phase_meets_a_fault")
+cell("rollout step", "active_killed", "everyone moves to the new build (it is all that is left); " + HELD,
+     "test_a_phase_meets_a_fault")
 cell(("switch", "commit", "drain", "stop"), "active_killed", "nothing more: it was leaving; the new build serves")
 cell(("watch", "after_switch"), "active_killed", "the new build serves; no way back if it fails")
 cell("warm window", "active_killed", "the warm build is no longer warm; `rollback` starts it afresh",
      "test_a_warm_build_that_dies_is_no_longer_warm_and_rollback_starts_it_afresh")
-cell("idle", "active_killed", "the same build is started on the other slot and switched to; requests meanwhile fail",
-     "test_crashed_active_app_is_restarted_on_the_other_slot", "test_repeated_crashes_back_off_then_stop_in_a_failed_state")
+cell("idle", "active_killed", "the same build is started on the other slot and switched to; only the requests the dead "
+     "app had fail (counted lost: `history` says `held N request(s) (the longest T s), 0 timed out; L lost`); " + HELD
+     + "; with the reload switch they get 502",
+     "test_crashed_active_app_is_restarted_on_the_other_slot", "test_repeated_crashes_back_off_then_stop_in_a_failed_state",
+     "test_a_crash_under_load_fails_only_the_requests_the_dead_app_had",
+     "test_a_post_that_arrives_during_a_crash_reaches_the_next_build_with_its_body",
+     "test_a_request_held_past_hold_timeout_gets_503_with_retry_after",
+     "test_what_the_dead_app_had_is_lost_unless_idempotent_and_allowed")
 
 # --- the active build frozen (SIGSTOP, a deadlock): found only with app.health.url
 cell(BEFORE_SWITCH + ("switch", "commit"), "active_frozen", "its requests hang until the swap switches")
@@ -161,8 +171,9 @@ cell("drain", "active_frozen", "the drain waits drain.timeout, then it is killed
      "SIGTERM to the daemon kills it at once", "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app")
 cell(("watch", "after_switch", "stop", "warm window"), "active_frozen", "no traffic reaches it; it is stopped (SIGKILL "
      "after app.stop.timeout)")
-cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash",
-     "test_hung_active_app_is_replaced")
+cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash; from then on new "
+     "requests are held for the replacement, not sent into it (runtime switch, HTTP)",
+     "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it")
 
 # --- the new build killed
 cell(("prepare", "start"), "new_killed", "n/a: nothing started yet")

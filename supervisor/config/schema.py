@@ -514,12 +514,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "a rest: each connection is closed at `long_lived_grace`, and counted as possibly cutting calls"),
     ),
     "hold": (
-        Key("timeout", _positive, 10.0,
+        Key("timeout", _seconds_or_zero, 10.0,
             "the runtime switch (an HTTP app): how long a request that arrives while no build can answer (the "
             "active crashed and its replacement boots, a hung app is replaced) is held inside nginx, waiting "
             "for a build that answers; past it, `503` with `Retry-After`. 10 s covers a first restart (no "
             "backoff) of an app that boots in a few seconds, and the second (1 s backoff) of a Node app; a "
-            "client is told rather than left hanging. Keep it below your nginx's `proxy_read_timeout` (60 s)"),
+            "client is told rather than left hanging. Keep it below your nginx's `proxy_read_timeout` (60 s). "
+            "0: nothing is held (nginx answers 502 while no build can)"),
         Key("retry_idempotent", _bool, False,
             "a request the crashed app may already have read (bytes of it were sent) is retried on the build "
             "that answers next if its method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE). Off: it "

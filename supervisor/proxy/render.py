@@ -236,7 +236,8 @@ def runtime_part(config: Config, route: Path, control: Path, handlers: bool = Tr
     return render_runtime(config.nginx.upstream_name, route, control, config.release, config.rollout.cookie,
                           handlers=handlers, unjudged=tuple(dict.fromkeys(unjudged)), preload=preload,
                           long_paths=config.drain.long_lived_paths,
-                          hold=config.hold if config.app.protocol == "http" and hold_port else None,
+                          hold=config.hold if config.app.protocol == "http" and hold_port and config.hold.timeout
+                          else None,
                           hold_port=hold_port)
 
 

@@ -99,7 +99,7 @@ class RuntimeSwitch(StagedRoute):
         self.handlers = SharedHandlers(config.nginx.lua_handlers_file)
         self.part = lambda: runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload,
                                          hold_port=hold_port())
-        self.holds = config.app.protocol == "http"  # a hold server in the part (render_runtime)
+        self.holds = config.app.protocol == "http" and config.hold.timeout > 0  # a hold server in the part
         # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
         # share, counters generation). A restarted nginx forgets all but the port (route file).
         self.port: int | None = None

@@ -1,0 +1,135 @@
+"""Crashes under load, side by side in one run: the active app SIGKILLed every few seconds while
+an open-loop load runs (half fresh connections, half keep-alive, one request in ten slow), first
+with nothing held (hold.timeout = 0: nginx answers 502 while no build can, bluegreen before the
+hold), then with the hold (the default), on the same schedule. Each failed request is put down to
+its cause: sent before a killed app's port closed and still running then (it was inside the
+killed app), or sent after (nothing could answer it). nginx's own count of what the dead apps had (`lost`) is printed
+beside the clients' count.
+
+    scripts/chaos --crashes [--duration 120] [--kill-every 10] [--rate 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+from bench import OpenLoopLoad  # noqa: E402
+from conftest import render_config  # noqa: E402
+from helpers import DaemonRun, free_ports, make_build  # noqa: E402
+from supervisor.processes import sockets  # noqa: E402
+
+
+async def one_run(label: str, hold_timeout: float, args: argparse.Namespace) -> dict[str, Any]:
+    d = Path(tempfile.mkdtemp(prefix="bg-crashes-"))
+    build = make_build(d / "releases", "v1")
+    listen, blue, green = free_ports(3)
+    config = d / "bluegreen.toml"
+    config.write_text(render_config(d, build=build, ports=(blue, green), listen=listen, drain_timeout=10,
+                                    stop_timeout=5,
+                                    extra="[app.restart]\nattempts = 1000\nbackoff = 0.1\nbackoff_max = 0.5\n"
+                                          f"[hold]\ntimeout = {hold_timeout:g}\n"))
+    run = DaemonRun(dir=d, config=config, listen_port=listen, ports=(blue, green))
+    await asyncio.to_thread(run.start)
+    load = OpenLoopLoad(listen, args.rate)
+    task = asyncio.ensure_future(load.run())
+    kills: list[float] = []
+    gaps: list[float] = []
+    try:
+        await asyncio.sleep(min(args.kill_every / 2, 3))
+        end = time.monotonic() + args.duration
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            st = await asyncio.to_thread(run.status)
+            if st and st["active"] and st["active"]["alive"] and st["daemon"]["status"] == "serving":
+                pid, port = st["active"]["pid"], st["active"]["port"]
+                at = time.time()
+                os.kill(pid, signal.SIGKILL)
+                while sockets.listening(port):  # dying: its listener still takes connections for a moment
+                    await asyncio.sleep(0.001)
+                kills.append(time.time())  # from here its port refuses
+                gaps.append(await serving_again(run, pid) - at)
+            await asyncio.sleep(max(0.0, args.kill_every - (time.monotonic() - t0)))
+        await asyncio.sleep(2)  # the last restart serves under load
+    finally:
+        await load.stop()
+        task.cancel()
+    history = [json.loads(line) for line in (await asyncio.to_thread(run.cli, "history", "--json", "-n", "1000"))
+               .stdout.splitlines()]
+    await asyncio.to_thread(run.stop)
+    shutil.rmtree(d, ignore_errors=True)
+    held = [e["held"] for e in history if e.get("reason") == "recover" and e.get("held")]
+    failed = [r for r in load.results if r.kind != "ok"]
+    inside = [r for r in failed if any(r.start < k and r.end >= k - 0.1 for k in kills)]  # (a kill: at most ms)
+    return {"label": label, "requests": len(load.results), "failed": len(failed), "inside": len(inside),
+            "after": len(failed) - len(inside), "kinds": kinds(failed), "kills": len(kills),
+            "gap": sum(gaps), "held": sum(h["held"] for h in held),
+            "longest": max((h["held_longest"] for h in held), default=0.0),
+            "timeouts": sum(h["hold_timeouts"] for h in held), "lost": sum(h["lost"] for h in held),
+            "counted": bool(held)}
+
+
+async def serving_again(run: DaemonRun, dead: int) -> float:
+    """When the status first shows another live active app (polled every 50 ms)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = await asyncio.to_thread(run.status)
+        if st and st["active"] and st["active"]["pid"] != dead and st["active"]["alive"] \
+                and st["daemon"]["status"] == "serving":
+            return time.time()
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"no replacement served within 60 s of killing pid {dead}:\n{run.output()}")
+
+
+def kinds(results: list[Any]) -> str:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[f"{r.client} {r.kind}"] = counts.get(f"{r.client} {r.kind}", 0) + 1
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "-"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crashes", action="store_true", help="(this mode)")
+    parser.add_argument("--duration", type=float, default=120, help="seconds of kills (default 120)")
+    parser.add_argument("--kill-every", type=float, default=10, help="seconds between two kills (default 10)")
+    parser.add_argument("--rate", type=float, default=100, help="requests per second, open loop (default 100)")
+    args = parser.parse_args(argv)
+    rows = [asyncio.run(one_run("nothing held (hold.timeout = 0)", 0, args)),
+            asyncio.run(one_run("held (hold.timeout = 10)", 10, args))]
+    print(f"\nkill -9 of the active app every {args.kill_every:g} s for {args.duration:g} s, {args.rate:g} requests/s "
+          "open loop (half fresh, half keep-alive), one in ten slow (1 s); example Node app, managed nginx, runtime "
+          "switch\n")
+    print("| run | kills | requests | failed | of which inside the killed app | sent after a kill | nginx counted "
+          "lost | held | longest hold | held past hold.timeout | replacement serving after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        nginx = [str(r["lost"]), str(r["held"]), f"{r['longest']:.3f} s", str(r["timeouts"])] if r["counted"] else \
+            ["-"] * 4  # nothing held: no hold server to count
+        print(f"| {r['label']} | {r['kills']} | {r['requests']} | {r['failed']} | {r['inside']} | {r['after']} | "
+              + " | ".join(nginx) + f" | {r['gap'] / max(1, r['kills']):.2f} s (mean) |")
+    for r in rows:
+        print(f"{r['label']}: failures by client and kind: {r['kinds']}")
+    with_hold = rows[1]
+    ok = with_hold["after"] == 0 and with_hold["failed"] == with_hold["lost"]
+    print("chaos --crashes: " + ("PASS: with the hold, no request sent after a kill failed, and every failure was "
+                                 "one nginx counted lost" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
