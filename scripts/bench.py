@@ -567,6 +567,35 @@ class Bench:
         return {"switch": switch, "releases": releases, **result, "requests": s["requests"], "failed": s["failed"],
                 "failed_by_kind": {**s["failed_by_client"]["fresh"], **s["failed_by_client"]["keepalive"]}}
 
+    async def throughput(self, seconds: float, repeats: int = 3) -> list[dict[str, Any]]:
+        """Requests per second at saturation (`wrk -t2 -c50`, keep-alive clients) through the
+        runtime switch, with nothing held (hold.timeout = 0) and with the hold: the cost of the
+        hold's logic on a normal request. One daemon each, measured alternately, `repeats` times."""
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            return [{"error": "wrk is not installed (apt-get install wrk; scripts/bootstrap --test does)"}]
+        runs = {label: self.start_daemon(self.builds, f"wrk-{n}", "runtime", extra=f"[hold]\ntimeout = {t}\n")
+                for n, (label, t) in enumerate((("hold off (hold.timeout = 0)", 0), ("hold on (hold.timeout = 10)", 10)))}
+        self.daemon = None
+        rates: dict[str, list[float]] = {label: [] for label in runs}
+        try:
+            for _ in range(repeats):
+                for label, run in runs.items():
+                    out = await asyncio.to_thread(subprocess.run, [wrk, "-t2", "-c50", f"-d{seconds:g}s",
+                                                                   f"http://127.0.0.1:{run.listen_port}/"],
+                                                  capture_output=True, text=True)
+                    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("Requests/sec:")), "")
+                    errors = next((ln for ln in out.stdout.splitlines() if "Non-2xx" in ln or "Socket errors" in ln), "")
+                    if not line or errors:
+                        raise RuntimeError(f"wrk against {label}: {out.stdout[-500:]}{out.stderr[-300:]}")
+                    rates[label].append(float(line.split()[1]))
+        finally:
+            for run in runs.values():
+                run.stop()
+        base = statistics.median(rates["hold off (hold.timeout = 0)"])
+        return [{"label": label, "rates": r, "median": statistics.median(r),
+                 "vs_off": statistics.median(r) / base - 1} for label, r in rates.items()]
+
     async def rpc(self, service: str, approach: str, clients: int = 8) -> dict[str, Any]:
         """`clients` RPC clients (bench_rpc.py) through the releases: bluegreen with a switch
         ("runtime" or "reload"), or "plain restart"."""
@@ -791,6 +820,18 @@ def kinds(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "0"
 
 
+def print_throughput(rows: list[dict[str, Any]]) -> None:
+    if "error" in rows[0]:
+        print(f"\nthroughput: {rows[0]['error']}")
+        return
+    print(f"\n| runtime switch, wrk -t2 -c50 (keep-alive), example Node app, 1 nginx worker | requests/s, "
+          f"{len(rows[0]['rates'])} runs (alternating) | median | vs hold off |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {' / '.join(f'{x:,.0f}' for x in r['rates'])} | {r['median']:,.0f} | "
+              f"{r['vs_off'] * 100:+.1f} % |")
+
+
 def print_live(rows: list[dict[str, Any]]) -> None:
     print(f"\n| {rows[0]['clients']} WebSocket clients (examples/live-app), {rows[0]['releases']} releases under load, "
           "drain.timeout 5 s | reconnections | to the new build | reconnect p50 / p95 / max | messages lost "
@@ -911,6 +952,8 @@ def print_report(report: dict[str, Any]) -> None:
                     else "baseline: metrics off, default logs")
             print(f"| {what} | {o['scrapes']} in {o['idle_seconds']:.0f} s | {o['rss_mb']:.1f} MB | "
                   f"{o['cpu_percent']:.2f} % | {o['pumps']} ({o['pump_rss_mb']:.1f} MB) | {', '.join(o['access_logs'])} |")
+    if report.get("throughput"):
+        print_throughput(report["throughput"])
     if report.get("live"):
         print_live(report["live"])
     if report.get("rpc"):
@@ -943,7 +986,7 @@ def machine() -> dict[str, Any]:
             "node": node, "kernel": platform.release()}
 
 
-ONLY = ("soak", "scale", "rollback", "ops", "live", "rpc")  # the --only-X flags
+ONLY = ("soak", "scale", "rollback", "ops", "live", "rpc", "throughput")  # the --only-X flags
 
 
 def wanted(args: argparse.Namespace, section: str) -> bool:
@@ -1000,6 +1043,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print("bench: redis-py callers through releases, beside a plain restart...", file=sys.stderr)
             report["redis"] = [await bench.redis(layout, approach) for layout in ("shared", "per-caller")
                                for approach in ("reload", "plain restart")]
+        if wanted(args, "throughput"):
+            print("bench: requests/s at saturation (wrk), the runtime switch with the hold off and on...",
+                  file=sys.stderr)
+            report["throughput"] = await bench.throughput(args.wrk_seconds, args.wrk_runs)
         if args.soak:
             print(f"bench: soak ({args.soak} swaps)...", file=sys.stderr)
             report["soak"] = await bench.soak()
@@ -1026,6 +1073,10 @@ def main() -> int:
     parser.add_argument("--only-ops", action="store_true", help="only the idle footprint with metrics and rotation on/off")
     parser.add_argument("--only-live", action="store_true", help="only the WebSocket clients through releases")
     parser.add_argument("--only-rpc", action="store_true", help="only the TCP and gRPC services through releases")
+    parser.add_argument("--only-throughput", action="store_true",
+                        help="only requests/s at saturation (wrk) through the runtime switch, hold off and on")
+    parser.add_argument("--wrk-seconds", type=float, default=8, help="seconds of each wrk run (default 8)")
+    parser.add_argument("--wrk-runs", type=int, default=5, help="wrk runs of each variant, alternating (default 5)")
     parser.add_argument("--ws-clients", type=int, default=500, help="WebSocket clients in the live case (default 500)")
     parser.add_argument("--live-releases", type=int, default=10, help="releases in the live case (default 10)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 releases, 3 s idle")
@@ -1036,6 +1087,7 @@ def main() -> int:
         args.idle, args.gap, args.rate = 3.0, 1.5, 40
         args.ws_clients = args.ws_clients if "--ws-clients" in sys.argv else 20
         args.live_releases = args.live_releases if "--live-releases" in sys.argv else args.releases
+        args.wrk_seconds = args.wrk_seconds if "--wrk-seconds" in sys.argv else 1
     report = asyncio.run(amain(args))
     if args.json:
         print(json.dumps(report, indent=2, default=str))

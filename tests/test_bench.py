@@ -31,6 +31,9 @@ def test_bench_quick_smoke() -> None:
     baseline, scraped, _ = report["ops"]  # metrics and rotation off, then on
     assert baseline["scrapes"] == 0 and scraped["scrapes"] >= 1 and scraped["pumps"] == 1
     assert "access.log.1" in scraped["access_logs"] and baseline["access_logs"] == ["access.log"]
+    off, on = report["throughput"]  # wrk through the runtime switch, the hold off then on: measured, not judged
+    assert off["label"].startswith("hold off") and on["label"].startswith("hold on")
+    assert len(off["rates"]) == len(on["rates"]) == 5 and min(off["rates"] + on["rates"]) > 0
 
 
 def test_a_torn_answer_is_an_old_answer_to_a_request_sent_after_the_new_build_answered() -> None:

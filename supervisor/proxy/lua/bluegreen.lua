@@ -127,6 +127,12 @@ local function count_out_to_hold(dict, port)
     ngx.var.bluegreen_request = "0" .. rest:gsub("^( %d+ %S+ %d) 1", "%1 0")
 end
 
+-- "gate": whether anything is paused or down, the one key a normal request reads (set after each
+-- change; a stale one costs a request two reads more, never a wrong route).
+local function set_gate(dict)
+    if dict:get("pause") or dict:get("down") then dict:set("gate", true) else dict:delete("gate") end
+end
+
 local function to_peer(addr, port)
     local ok, err = balancer.set_current_peer(addr, port)
     if not ok then
@@ -141,7 +147,10 @@ local function retry(app, dict, code)
     local port = tonumber((ngx.var.bluegreen_request or ""):match("^(%d+)")) or 0
     local sent = last_sent()
     -- (refused: nothing listens there; reset or closed mid-request: it is dying, or a probe says it is not)
-    if code == 502 and port ~= 0 then dict:set("down", port) end
+    if code == 502 and port ~= 0 then
+        dict:set("down", port)
+        set_gate(dict)
+    end
     if code == 502 and (sent == 0 or (app.retry_idempotent and IDEMPOTENT[ngx.req.get_method()])) then
         count_out_to_hold(dict, port)
         dict:incr("held", 1, 0)
@@ -151,15 +160,17 @@ local function retry(app, dict, code)
 end
 
 -- balancer_by_lua: picks the port once per request (retries and internal redirects keep it) and
--- counts the request in. A request held by the hold server is routed afresh and never held again.
-function M.balancer(app)
+-- counts the request in. `held`: the hold server's upstream, which routes a held request afresh
+-- and never holds it again. (Only a request counted in already can be a retry: the common path
+-- reads one key more than before, "gate", set while anything is paused or down.)
+function M.balancer(app, held)
     local dict = ngx.shared[app.table]
-    local held = ngx.ctx.bluegreen_held
-    if app.hold ~= "" and not held then
+    local state = ngx.var.bluegreen_request or ""
+    local holds = app.hold ~= "" and not held
+    if state ~= "" and holds then
         local failed, code = balancer.get_last_failure()
         if failed then return retry(app, dict, code) end
     end
-    local state = ngx.var.bluegreen_request or ""
     local port
     if state ~= "" then
         local p, name = state:match("^(%d+) %d+ (%S+)")
@@ -172,14 +183,14 @@ function M.balancer(app)
             ngx.log(ngx.ERR, "bluegreen: no route for ", app.name, " yet (the daemon sets it)")
             return ngx.exit(502)
         end
-        if app.hold ~= "" and not held and (dict:get("pause") or dict:get("down") == port) then
+        if holds and dict:get("gate") and (dict:get("pause") or dict:get("down") == port) then
             count_in(app, dict, 0, id)
             dict:incr("held", 1, 0)
             return to_peer(app.hold, app.hold_port)
         end
         count_in(app, dict, port, id)
     end
-    if app.hold ~= "" and not held then balancer.set_more_tries(1) end
+    if holds then balancer.set_more_tries(1) end
     return to_peer("127.0.0.1", port)
 end
 
@@ -199,7 +210,10 @@ local function back(dict, port)
     end
     if not dict:add("up:" .. port, true, 10) then  -- the second in a row
         dict:delete("up:" .. port)
-        if dict:get("down") == port then dict:delete("down") end
+        if dict:get("down") == port then
+            dict:delete("down")
+            set_gate(dict)
+        end
         return true
     end
     return false
@@ -214,7 +228,6 @@ function M.hold(app)
     if addr == app.fail502 then return ngx.exit(502) end
     if addr == app.fail504 then return ngx.exit(504) end
     local dict = ngx.shared[app.table]
-    ngx.ctx.bluegreen_held = true
     local start, nap = ngx.now(), 0.002
     dict:incr("holding", 1, 0)
     while true do
@@ -273,15 +286,14 @@ function M.log()
     if not port then return end
     local dict = ngx.shared["bluegreen." .. app]
     if not dict then return end
-    if ngx.var.status == "502" and first("upstream_header_time") == "-"
-            and (tonumber(first("upstream_bytes_sent")) or 0) > 0 then
+    local status = tonumber(ngx.var.status) or 0
+    if status == 502 and first("upstream_header_time") == "-" and (tonumber(first("upstream_bytes_sent")) or 0) > 0 then
         dict:incr("lost", 1, 0)  -- sent to an app that failed before answering: it may have seen it
     end
     if port == "0" then return end  -- held: the hold server's request counts what it got
     local worker = port .. ":" .. ngx.worker.pid()
     dict:incr("inflight:" .. worker, -1, 0)
     if long == "1" then dict:incr("long:" .. worker, -1, 0) end
-    local status = tonumber(ngx.var.status) or 0
     if is_judged ~= "1" or status == 499 then return end
     count_answer(ngx.shared["bluegreen." .. app .. ".stats"], gen, port, status)
 end
@@ -347,6 +359,7 @@ function control.route(app)
         if not port or port < 1 or port > 65535 then return bad("expected a port number (1-65535)") end
         dict:set("port", port)
         forget(dict, "preview", "preview_token", "cand", "share", "down", "down_said")
+        set_gate(dict)
     end
     ngx.say(route_port(app, dict) or "")
 end
@@ -461,6 +474,7 @@ function control.hold(app)
         else
             return bad("expected: pause SECONDS, resume, down PORT or up")
         end
+        set_gate(dict)
     end
     local values = {}
     for i, key in ipairs(HOLD_KEYS) do values[i] = dict:get(key) or 0 end
