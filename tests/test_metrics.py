@@ -91,11 +91,19 @@ def test_crash_restarts_and_in_flight_requests(make_daemon) -> None:
     slow.join(10)
     wait_until(lambda: value(scrape(port), "bluegreen_nginx_inflight", slot="blue", port=run.ports[0]) == 0, 10,
                "no request in flight")
+    inside = threading.Thread(target=http_get, args=(run.listen_port, "/slow?ms=3000"), daemon=True)
+    inside.start()  # the app dies with it: lost, as nginx counts it
+    wait_until(lambda: value(scrape(port), "bluegreen_nginx_inflight", slot="blue", port=run.ports[0]) == 1, 10,
+               "one request in flight to blue")
     os.kill(run.status()["active"]["pid"], signal.SIGKILL)
     wait_until(lambda: value(scrape(port), "bluegreen_crash_restarts", "bluegreen_crash_restarts_total") == 1
                and value(scrape(port), "bluegreen_daemon_status", status="serving") == 1, 30, "a crash restart")
+    inside.join(10)
     m = scrape(port)
     assert value(m, "bluegreen_swaps", "bluegreen_swaps_total", reason="recover", outcome="done") == 1
+    assert value(m, "bluegreen_nginx_lost_requests", "bluegreen_nginx_lost_requests_total") == 1
+    assert value(m, "bluegreen_nginx_holding") == 0 and value(m, "bluegreen_nginx_paused") == 0
+    assert value(m, "bluegreen_nginx_hold_timeouts", "bluegreen_nginx_hold_timeouts_total") == 0
 
 
 def test_the_reload_switch_has_in_flight_counts_but_no_request_counters(make_daemon) -> None:
@@ -104,7 +112,7 @@ def test_the_reload_switch_has_in_flight_counts_but_no_request_counters(make_dae
                                nginx=f'mode = "managed"\nswitch = "reload"\nlisten = "127.0.0.1:{listen}"')
     http_get(run.listen_port, "/")
     m = scrape(port)
-    assert "bluegreen_nginx_requests" not in m
+    assert "bluegreen_nginx_requests" not in m and "bluegreen_nginx_held_requests" not in m  # no lua: nothing held
     assert value(m, "bluegreen_nginx_inflight", slot="green", port=run.ports[1]) == 0
     assert value(m, "bluegreen_nginx_up") == 1
 

@@ -23,6 +23,7 @@ from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
 from ..processes import sockets
 from ..processes.sockets import LONG_LIVED
+from ..proxy.counters import Hold
 from ..state import DaemonStatus
 from ..aio import within
 
@@ -79,6 +80,7 @@ class NginxSnapshot:
     stats: dict[int, Any] | None  # port -> counters (runtime switch), None otherwise
     inflight: dict[int, int]
     long_lived: dict[int, dict[str, int]]  # port -> kind -> connections open (the kernel's count)
+    hold: Hold | None = None  # the hold server's counters (runtime switch, HTTP), None otherwise
 
 
 class Collector:
@@ -164,6 +166,18 @@ class Collector:
             for kind in LONG_LIVED:
                 lived.add_metric([slot, str(port), kind], n.long_lived.get(port, {}).get(kind, 0))
         yield lived
+        if n.hold is not None:
+            h = n.hold
+            for name, value, what in (
+                    ("held_requests", h.held, "Requests nginx held while no build could answer"),
+                    ("hold_timeouts", h.timed_out, "Held requests answered 503 at hold.timeout"),
+                    ("lost_requests", h.lost, "Requests an app failed before answering (it died with them), "
+                     "not retried")):
+                yield CounterMetricFamily(f"bluegreen_nginx_{name}", f"{what}, since the nginx master started.",
+                                          value=value)
+            yield GaugeMetricFamily("bluegreen_nginx_holding", "Requests held in nginx now.", value=h.holding)
+            yield GaugeMetricFamily("bluegreen_nginx_paused", "1 while nginx holds every new request (a pause).",
+                                    value=int(h.paused > 0))
 
 
 async def render(app: App, rec: Recorder) -> str:
@@ -200,7 +214,13 @@ async def _nginx(app: App) -> NginxSnapshot:
                 n = 0
         inflight[port] = n
     long_lived = {port: sockets.long_lived(port) for port in ports.values()}
-    return NginxSnapshot(up, ports, stats, inflight, long_lived)
+    hold = None
+    if up:
+        try:
+            hold = await app.proxy.hold()
+        except BluegreenError:
+            pass
+    return NginxSnapshot(up, ports, stats, inflight, long_lived, hold)
 
 
 class MetricsServer:
