@@ -44,7 +44,8 @@ def test_every_verb_has_a_spec_a_handler_and_a_cli_runner() -> None:
     for name, verb in commands.load().items():
         assert verb.SPEC.name == name and verb.SPEC.help
         assert callable(verb.handle) and callable(verb.run)
-    assert list(commands.load()) == ["swap", "promote", "abort", "rollback", "cancel", "status", "history", "quit", "help"]
+    assert list(commands.load()) == ["swap", "promote", "abort", "rollback", "cancel", "status", "history", "pause",
+                                     "resume", "quit", "help"]
 
 
 def test_the_cli_offers_every_verb_with_its_own_arguments() -> None:

@@ -141,3 +141,58 @@ def test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_
     finally:
         if running(pid):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_pause_holds_every_new_request_until_resume_and_none_fails(shape: Any, releases: Path) -> None:
+    """`pause` under load (a migration that needs no writes): no request reaches the app, none
+    fails; `resume` lets every held one go to the app, and says what it held."""
+    run, _ = shape(build=app_build(releases, "v1"))
+    with Load(run.listen_port, clients=4, slow_every=1000) as load:
+        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+        r = run.cli("pause")
+        assert r.returncode == 0 and "paused" in r.stdout, r.stdout + r.stderr
+        wait_until(lambda: run.status()["hold"]["holding"] == 4, 30, "every client's request to be held")
+        st = run.status()
+        assert st["hold"]["paused"]["hold"] == 10 and "PAUSED" in run.cli("status").stdout
+        answered = load.ok
+        r = run.cli("resume")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: load.ok >= answered + 20, 30, "requests after the resume")
+    assert not load.failures, dict(load.failures)
+    assert "resumed after" in r.stdout and "0 timed out" in r.stdout, r.stdout
+    assert run.status()["hold"]["paused"] is None
+
+
+def test_a_request_held_past_the_pause_s_hold_gets_503(make_daemon: Any, releases: Path) -> None:
+    run = make_daemon(build=app_build(releases, "v1"))
+    assert run.cli("pause", "--hold", "1").returncode == 0
+    r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
+    assert r.status_code == 503 and r.headers.get("retry-after") == "5", r
+    r = run.cli("resume")
+    assert "1 timed out" in r.stdout, r.stdout
+    assert httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30).status_code == 200
+
+
+def test_a_daemon_killed_while_paused_comes_back_resumed(shape: Any, releases: Path) -> None:
+    """A pause nobody owns is an outage nobody watches: the next daemon resumes it, says so, and
+    the requests held meanwhile are answered."""
+    run, _ = shape(build=app_build(releases, "v1"))
+    assert run.cli("pause", "--hold", "60").returncode == 0
+    held, answer = in_thread(lambda: httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=90))
+    wait_until(lambda: run.status()["hold"]["holding"] == 1, 30, "the request to be held")
+    run.kill()
+    run.start()
+    held.join(60)
+    assert answer[0].status_code == 200, answer
+    st = run.status()
+    assert st["hold"]["paused"] is None and any(e["event"] == "resumed" for e in st["events"]), st["events"]
+    assert "resumed" in run.output()
+
+
+def test_pause_is_refused_with_the_reload_switch_saying_why(make_daemon: Any, releases: Path) -> None:
+    from helpers import free_ports, managed_nginx
+
+    listen = free_ports(1)[0]
+    run = make_daemon(build=app_build(releases, "v1"), listen=listen, nginx=managed_nginx(listen, "reload"))
+    r = run.cli("pause")
+    assert r.returncode != 0 and "the reload switch holds nothing" in r.stderr + r.stdout, r.stdout + r.stderr

@@ -37,7 +37,7 @@ def test_words_request_like_socat_users_type() -> None:
         (b'swap "/unbalanced', "cannot split the words"),
         (b'{"cmd": "status", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", "nested too deeply"),
         (b"x" * 60000, "(60000 characters)"),
-        (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, promote, abort, rollback, cancel, status, history, quit, help"),
+        (b'{"cmd": "deploy"}', "unknown command 'deploy'; known commands: swap, promote, abort, rollback, cancel, status, history, pause, resume, quit, help"),
         (b"launch /x", "unknown command 'launch'"),
         (b'{"cmd": "swap", "build": 42}', "'build' must be a str, got int"),
         (b'{"cmd": "swap", "bulid": "/x"}', "unknown argument 'bulid'"),

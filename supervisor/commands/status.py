@@ -43,6 +43,15 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         n["prefix"] = str(app.managed.prefix)
     else:
         n["upstream_file"] = str(app.master.upstream_path)
+    hold = None
+    try:
+        counts = await app.proxy.hold() if n["running"] else None
+    except BluegreenError:
+        counts = None
+    if counts is not None:  # nginx's own counters: what it holds now, and since its master started
+        hold = {"holding": counts.holding, "held": counts.held, "hold_timeouts": counts.timed_out,
+                "lost": counts.lost, "down": counts.down or None,
+                "paused": {"since": app.paused[0], "hold": app.paused[1]} if app.paused else None}
     state, warm = app.keeper.state, app.release.warm
     return {
         "daemon": {"pid": os.getpid(), "version": __version__, "status": str(app.status),
@@ -62,6 +71,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "last_swap": state.last_swap,
         "history": state.history[-10:],
         "nginx": n,
+        "hold": hold,
     }
 
 
@@ -174,6 +184,13 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"paused   for {_ago(p['since'])}: preview requests ({p['header']}, or cookie {p['cookie']}) go "
                      f"to :{p['standby']['port']}; bluegreen promote | abort (aborted on its own at "
                      f"{client.clock(p['until'])})")
+    h = st.get("hold")
+    if h and h.get("paused"):
+        lines.append(f"PAUSED   for {_ago(h['paused']['since'])}: nginx holds every new request ({h['holding']} now, each "
+                     f"up to {h['paused']['hold']:g} s, then 503); bluegreen resume")
+    elif h and (h["holding"] or h.get("down")):
+        lines.append(f"holding  {h['holding']} request(s) in nginx until a build answers"
+                     + (f" (port {h['down']} is down)" if h.get("down") else ""))
     ro = st.get("rollout")
     if ro:
         lines.append(f"rollout  step {ro['step']} of {ro['steps']}: {ro['share']} % of users on :{ro['port']}; "

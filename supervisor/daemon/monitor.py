@@ -40,6 +40,7 @@ class Monitor:
         app = self.app
         next_health = time.monotonic() + app.config.app.health.interval
         next_reconcile = 0.0
+        await self.resume_an_orphan_pause()
         await self.look_at_hold()
         while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
             await self._wait_for_an_exit(POLL)
@@ -177,6 +178,18 @@ class Monitor:
         held = app.swap.details.get("hold") if app.swap is not None else None
         app.event("restarted", slot=app.active.slot if app.active else None,
                   pid=app.active.pid if app.active else None, **({"hold": held} if held else {}))
+
+    async def resume_an_orphan_pause(self) -> None:
+        """nginx still paused by a daemon that is gone (stopped, killed): resume it. A pause nobody
+        owns would hold every request until each times out, with no one to end it."""
+        try:
+            now = await self.app.proxy.hold()
+            if now is not None and now.paused and self.app.paused is None:
+                await self.app.proxy.hold("resume")
+                log.warning("nginx was paused by a daemon that is gone: resumed (pause again if you still need it)")
+                self.app.event("resumed", why="the daemon that paused is gone", held_now=now.holding)
+        except BluegreenError as e:
+            log.warning("could not look at nginx's pause: %s", e.message)
 
     async def look_at_hold(self) -> None:
         """Keep nginx's hold counters as they were a moment ago, while the active app lives: what

@@ -58,6 +58,7 @@ class App:
         self.nginx_down: str | None = None  # why the managed nginx could not be restarted
         self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
         self.hold_before: Hold | None = None  # nginx's hold counters before a crash, until its restart counts them
+        self.paused: tuple[float, float, Hold] | None = None  # `pause`: since (wall clock), hold per request, counters
         # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
         self.keep_serving = config.daemon.on_stop == "keep"
 
@@ -290,6 +291,45 @@ class App:
             return
         record.details["hold"] = held = now.since(before).report()
         log.info("the crash restart %s", client.hold_line(held))
+
+    # ---- pause and resume: every new request held in nginx
+
+    async def pause(self, hold: float | None) -> dict[str, Any]:
+        """Hold every new request in nginx (each up to `hold`, default hold.timeout) until resume()."""
+        hold = hold or self.config.hold.timeout or 10.0
+        before = await self._holding("pause")
+        now = await self.proxy.hold(f"pause {hold:g}")
+        assert now is not None
+        self.paused = (self.paused[0] if self.paused else time.time(), hold, self.paused[2] if self.paused else before)
+        log.warning("paused: nginx holds every new request (each up to %gs) until `bluegreen resume`", hold)
+        self.event("paused", hold=hold)
+        return {"timeout": hold, "since": self.paused[0]}
+
+    async def resume(self) -> dict[str, Any]:
+        """End the pause; what it held, and for how long."""
+        await self._holding("resume")
+        now = await self.proxy.hold("resume")
+        assert now is not None
+        if self.paused is None:
+            raise BluegreenError("nothing is paused", code="not_paused")
+        since, _, before = self.paused
+        self.paused = None
+        counts = now.since(before)
+        took = time.time() - since
+        log.info("resumed after %.1fs: nginx held %d request(s), %d timed out", took, counts.held, counts.timed_out)
+        self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out)
+        return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out}
+
+    async def _holding(self, verb: str) -> Hold:
+        """nginx's hold counters, or why this app cannot be paused."""
+        why = ("the reload switch holds nothing" if self.proxy.mode != "runtime" else
+               f"an app.protocol = \"{self.config.app.protocol}\" service" if self.config.app.protocol != "http" else
+               "hold.timeout = 0 turns holding off")
+        now = await self.proxy.hold()
+        if now is None:
+            raise BluegreenError(f"cannot {verb}: {why}; pause needs the runtime switch and an HTTP app with "
+                                 "hold.timeout above 0", code="cannot_hold")
+        return now
 
     def _refuse_swap(self) -> None:
         if self.swapping() and self.release.pause is not None:
