@@ -196,3 +196,24 @@ def test_pause_is_refused_with_the_reload_switch_saying_why(make_daemon: Any, re
     run = make_daemon(build=app_build(releases, "v1"), listen=listen, nginx=managed_nginx(listen, "reload"))
     r = run.cli("pause")
     assert r.returncode != 0 and "the reload switch holds nothing" in r.stderr + r.stdout, r.stdout + r.stderr
+
+
+def test_a_pause_survives_an_nginx_restart(shape: Any, releases: Path) -> None:
+    """nginx restarted while paused (the managed master killed, your nginx stopped and started)
+    comes back with an empty table: the daemon pauses it again, and a request is held."""
+    run, user = shape(build=app_build(releases, "v1"))
+    assert run.cli("pause", "--hold", "60").returncode == 0
+    if user is None:
+        master = run.status()["nginx"]["master_pid"]
+        os.kill(master, signal.SIGKILL)
+        wait_until(lambda: run.status()["nginx"].get("master_pid") not in (None, master), 60, "nginx restarted")
+    else:
+        user.stop()
+        user.start()
+    wait_until(lambda: (run.status()["hold"] or {}).get("nginx_paused"), 30, "the pause set again", run.output)
+    assert "the pause" in json.dumps(run.status()["events"][-1]), run.status()["events"]
+    held, answer = in_thread(lambda: httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=90))
+    wait_until(lambda: run.status()["hold"]["holding"] == 1, 30, "the request to be held")
+    assert run.cli("resume").returncode == 0
+    held.join(60)
+    assert answer[0].status_code == 200, answer

@@ -73,7 +73,7 @@ class Monitor:
         with an empty routing table: put back what it was told (the port comes from the route file
         by itself; the preview and a rollout's split do not)."""
         try:
-            again = await self.app.proxy.reconcile()
+            again = ", ".join(filter(None, [await self.app.proxy.reconcile(), await self.pause_again()])) or None
         except BluegreenError as e:
             if not self.reconcile_failed:
                 log.warning("could not read nginx's routing state: %s", e.message)
@@ -114,6 +114,7 @@ class Monitor:
             async with app.proxy.lock:  # no swap changes the routing meanwhile
                 info = await managed.start(port)
                 again = await app.proxy.reconcile()  # the preview, a rollout's split
+                again = ", ".join(filter(None, [again, await self.pause_again()])) or None
         except BluegreenError as e:
             self.nginx_failures += 1
             delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
@@ -190,6 +191,20 @@ class Monitor:
                 self.app.event("resumed", why="the daemon that paused is gone", held_now=now.holding)
         except BluegreenError as e:
             log.warning("could not look at nginx's pause: %s", e.message)
+
+    async def pause_again(self) -> str | None:
+        """A restarted nginx forgot the pause (its table is empty): pause it again."""
+        paused = self.app.paused
+        if paused is None:
+            return None
+        now = await self.app.proxy.hold()
+        if now is None or now.paused:
+            return None
+        await self.app.proxy.hold(f"pause {paused[1]:g}")
+        if self.app.paused is None:  # resumed meanwhile: nginx must not stay paused with nobody to end it
+            await self.app.proxy.hold("resume")
+            return None
+        return "the pause"
 
     async def look_at_hold(self) -> None:
         """Keep nginx's hold counters as they were a moment ago, while the active app lives: what
