@@ -20,8 +20,9 @@ DRAIN_ROWS = {
     "drain: gRPC stream": "gRPC streams (a listed path) open to the old build",
 }
 PHASES = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "switch", "commit", "drain",
-          *DRAIN_ROWS, "watch", "after_switch", "stop", "warm window", "idle")
+          *DRAIN_ROWS, "watch", "after_switch", "stop", "warm window", "idle", "holding")
 SWAP_PHASES = tuple(p for p in PHASES if p not in DRAIN_ROWS)  # the rows of tests/test_phase_faults.py
+UNPAUSED = tuple(p for p in SWAP_PHASES if p != "holding")  # (the holding row says its own cells)
 
 FAULTS = {
     "kill9": "daemon killed (-9)",
@@ -108,7 +109,7 @@ cell("idle", "master", RESTARTED + " (in-flight requests on its workers finish)"
 
 # --- one nginx worker killed: its own connections fail, the master forks another
 WORKER = "that worker's requests fail; the master forks another"
-for phase in SWAP_PHASES:
+for phase in UNPAUSED:
     if phase == "drain":
         cell(phase, "worker", WORKER + "; the drain is not held up by what it never counted out",
              "test_an_nginx_worker_killed_mid_request_does_not_hold_the_drain_up")
@@ -116,7 +117,7 @@ for phase in SWAP_PHASES:
         cell(phase, "worker", WORKER)
 
 # --- an outside reload: the runtime switch's table survives it; the reload switch's file is what nginx loads
-for phase in SWAP_PHASES:
+for phase in UNPAUSED:
     if phase in ("paused", "rollout step"):
         cell(phase, "reload", "nothing changes (the preview, the split stay)",
              "test_nginx_restarted_while_paused_comes_back_with_the_preview" if phase == "paused" else
@@ -125,7 +126,7 @@ for phase in SWAP_PHASES:
         cell(phase, "reload", "nothing changes")
 
 # --- your nginx stopped and started (systemctl restart nginx, a package upgrade)
-for phase in SWAP_PHASES:
+for phase in UNPAUSED:
     if phase == "paused":
         cell(phase, "restart", "the first requests already route as before; the preview is set again within a second",
              "test_nginx_restarted_while_paused_comes_back_with_the_preview")
@@ -226,7 +227,7 @@ cell("idle", "disk_full", "app output is dropped, never blocking the app, and th
      "test_a_full_disk_drops_output_without_blocking_and_says_so_once_it_can")
 
 # --- the operations surface: logs, state files, a shared nginx (issue 20)
-for phase in SWAP_PHASES:
+for phase in UNPAUSED:
     cell(phase, "logs_removed", "nothing else changes: `daemon.log` and the apps' logs come back with their next line "
          "(nginx's own stderr, `nginx.log`, at its next start)", "test_a_removed_daemon_log_comes_back",
          "test_the_sink_makes_its_directory_again_if_an_operator_removed_it")
@@ -292,6 +293,32 @@ cell(ROWS, "state_damaged", "state.json is written whole again; " + AS_USUAL)
 cell(ROWS, "second_daemon", "the copy is refused; " + AS_USUAL)
 cell(ROWS, "long_lived", "n/a: the row's connections are long-lived themselves")
 
+# --- holding: `bluegreen pause` holds every new request in nginx (one is held), then `resume`
+HELD_ANSWERED = "the held request is answered once resumed"
+cell("holding", "kill9", "the next daemon finds nginx paused with nobody to end it: resumes it at once (event "
+     "`resumed`, a warning); the held request is answered", "test_a_daemon_killed_while_paused_comes_back_resumed")
+cell("holding", "sigterm", "the daemon resumes nginx as it stops: with the managed nginx the held request ends with it "
+     "(`on_stop = stop`); with yours it goes on to the app while it still runs")
+cell("holding", "master", "the daemon restarts its nginx and pauses it again (`nginx_restarted` with `routing: the "
+     "pause`); the held requests in the dead master's workers end with them", "test_a_pause_survives_an_nginx_restart")
+cell("holding", "worker", "the requests held in that worker end with it; the others are answered once resumed")
+cell("holding", "reload", "the old workers keep their held requests (the table survives a reload): " + HELD_ANSWERED)
+cell("holding", "restart", "your nginx comes back with an empty table: the daemon pauses it again within a second "
+     "(`routing_restored`: the pause); the requests its stop ended are gone", "test_a_pause_survives_an_nginx_restart")
+cell("holding", "active_killed", "the crash restart runs; the held request waits for the resume, then goes to the "
+     "replacement")
+cell("holding", "active_frozen", "found hung and replaced, as when idle; a held request resumed before the hang is "
+     "found goes into the hung app, and fails (502) when the replacement swap kills it; one resumed after, goes to "
+     "the replacement")
+for fault in ("new_killed", "new_frozen"):
+    cell("holding", fault, "n/a: no swap runs")
+cell("holding", "disk_full", "the pause goes on (nothing it needs is written); the events wait for space; "
+     + HELD_ANSWERED)
+for fault in ("logs_removed", "state_damaged"):
+    cell("holding", fault, "as when idle; " + HELD_ANSWERED)
+cell("holding", "second_daemon", "refused, as when idle; the pause goes on")
+cell("holding", "long_lived", "a stream opened before the pause goes on (a pause holds new requests only)")
+
 assert set(CELLS) == {(p, f) for p in PHASES for f in FAULTS}, sorted({(p, f) for p in PHASES for f in FAULTS} - set(CELLS))
 
 
@@ -312,13 +339,14 @@ class Outcome:
 
 
 UNTIL_COMMIT = BEFORE_SWITCH + ("paused", "rollout step", "switch", "commit")
-SETTLED = ("warm window", "idle")
-NEW_BUILD_RUNS = tuple(p for p in PHASES if p not in ("prepare", "start", "idle"))  # a new build to kill or freeze
+SETTLED = ("warm window", "idle", "holding")
+NO_SWAP = ("idle", "holding")  # holding: `bluegreen pause`, a request held in nginx, then `resume`
+NEW_BUILD_RUNS = tuple(p for p in PHASES if p not in ("prepare", "start") + NO_SWAP)  # a new build to kill or freeze
 
 
 def _normal(phase: str) -> Outcome:
     """The phase let go with nothing wrong: the swap ends and the new build serves."""
-    if phase == "idle":
+    if phase in NO_SWAP:
         return Outcome("v1")
     return Outcome("v2", None if phase in SETTLED else 0)
 
@@ -332,7 +360,7 @@ def _outcome(phase: str, fault: str) -> Outcome | None:
                  "long_lived"):
         return _normal(phase)
     if fault == "kill9":  # the next daemon undoes what was not committed, finishes what was
-        return Outcome("v1" if phase in UNTIL_COMMIT + ("idle",) else "v2")
+        return Outcome("v1" if phase in UNTIL_COMMIT + NO_SWAP else "v2")
     if fault == "sigterm":
         return Outcome(None, 1 if phase in UNTIL_COMMIT and phase != "paused" else
                        None if phase in SETTLED + ("paused",) else 0)
@@ -341,7 +369,7 @@ def _outcome(phase: str, fault: str) -> Outcome | None:
             return Outcome("v1", 1)
         return _normal(phase)  # committed: later writes are retried
     if fault in ("active_killed", "active_frozen"):
-        if phase in ("paused", "idle"):  # the preview ends; the same build starts again
+        if phase in ("paused",) + NO_SWAP:  # the preview ends; the same build starts again
             return Outcome("v1")
         return _normal(phase)
     if phase not in NEW_BUILD_RUNS:

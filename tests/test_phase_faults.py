@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import psutil
 import pytest
 
-from failure_matrix import DRAIN_ROWS, FAULTS, ONLY_ON, OUTCOMES, SETTLED, UNTIL_COMMIT, Outcome
+from failure_matrix import DRAIN_ROWS, FAULTS, NO_SWAP, ONLY_ON, OUTCOMES, SETTLED, UNTIL_COMMIT, Outcome
 from helpers import DaemonRun, EventStream, answering, describe, free_ports, http_get, running, wait_until
 from shapes import SHAPES, UserNginx, app_build
 from supervisor.processes import sockets
@@ -122,6 +122,13 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
     st = run.status()
     held = Held(run, user, gate, phase, old=st["active"]["pid"], old_port=st["active"]["port"])
     before_swap(run)
+    if phase == "holding":  # `pause`, a request held in nginx (answered once `resume`d, in let_go)
+        r = run.cli("pause", "--hold", "150")
+        assert r.returncode == 0, r.stdout + r.stderr
+        threading.Thread(target=lambda: held.in_flight.append(http_get(run.listen_port, "/", timeout=180)),
+                         daemon=True).start()
+        wait_until(lambda: (run.status()["hold"] or {}).get("holding") == 1, 30, "a request held")
+        return held
     if phase == "idle":
         return held
     if phase == "drain":  # a request the old build answers once the gate opens
@@ -269,6 +276,9 @@ def let_go(held: Held, fault: str) -> int | None:
         held.swap.communicate(timeout=180)
         code, held.swap = held.swap.returncode, None
     held.gate.touch()
+    if held.phase == "holding" and fault not in ("kill9", "sigterm"):  # (the next daemon resumes; a stop does)
+        r = held.run.cli("resume")
+        assert r.returncode == 0, r.stdout + r.stderr
     ends_itself = ("kill9", "sigterm") + (("active_killed", "active_frozen") if held.phase == "paused" else ())
     if held.phase in ("paused", "rollout step") and fault not in ends_itself:
         r = held.run.cli("promote")
@@ -308,7 +318,7 @@ def operations_checked(held: Held, fault: str) -> None:
         wait_until(whole, 30, "state.json to be written again", run.output)
         r = run.cli("history", "--json")
         assert r.returncode == 0, r.stdout + r.stderr
-        if held.phase != "idle":  # the swap's own line is whole, not glued to the pasted one
+        if held.phase not in NO_SWAP:  # the swap's own line is whole, not glued to the pasted one
             assert json.loads(r.stdout.splitlines()[-1])["to"].endswith("/v2"), r.stdout
         if held.phase in SETTLED:  # nothing else wrote it: the daemon saw the damage
             assert "written again" in read(state / "logs" / "daemon.log"), run.output()
@@ -392,6 +402,12 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
                     and answering(run.listen_port, {want.serves: 4}))
 
     wait_until(settled, 120, f"the daemon to serve {want.serves} to every request, no swap running", run.output)
+    if phase == "holding" and fault not in ("master", "worker", "restart"):  # (those end their own connections)
+        wait_until(lambda: held.in_flight, 60, "the held request to be answered")
+        if fault == "active_frozen":  # resumed at once: into the hung app, before anything found it hung
+            assert held.in_flight[0][0] == 502, held.in_flight
+        else:
+            assert held.in_flight == [(200, f"hello from {want.serves}\n")], held.in_flight
     if after_the_crash is not None:  # held in nginx, then answered by the build that serves next
         after_the_crash[0].join(60)
         assert after_the_crash[1] == [(200, f"hello from {want.serves}\n")], after_the_crash[1]

@@ -215,6 +215,11 @@ class Daemon:
     async def _shutdown_steps(self, graceful: bool) -> None:
         app = self.app
         await self._settle_swap()
+        if app.paused is not None:  # nobody would be left to end it
+            try:
+                await app.resume()
+            except BluegreenError as e:
+                log.warning("could not resume nginx before stopping: %s (the next daemon resumes it)", e.message)
         if app.keep_serving:
             if app.active is not None and app.active.alive():
                 app.serving(app.active)
