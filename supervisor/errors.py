@@ -35,7 +35,8 @@
                                    forbidden       the socket peer is not allowed
                                    no_previous     rollback with nothing to roll back to
                                    no_swap         cancel with no swap running
-                                   not_paused      promote or abort with no swap paused
+                                   not_paused      promote or abort with no swap paused; resume with no pause
+                                   cannot_hold     pause or resume where nothing is held (reload switch, not HTTP)
                                    too_late        cancel after the switch
                                    cancelled       the swap was cancelled
                                    interrupted     (history, status) the daemon was killed mid-swap; the next one undid it

@@ -48,11 +48,18 @@ def test_the_runtime_part_reads_the_configured_preview_and_rollout_cookies() -> 
     from supervisor.config.schema import ReleaseConfig
     from supervisor.proxy.render import render_runtime
 
-    text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid")
+    from supervisor.config.schema import HoldConfig
+    from supervisor.proxy.render import LUA_CONTROLS
+
+    text = render_runtime("app", Path("/r"), Path("/c"), ReleaseConfig(preview_cookie="pv"), rollout_cookie="uid",
+                          hold=HoldConfig(), hold_port=4321)
     # Every call into bluegreen.lua gets the app's settings: the preview cookie read, the rollout
-    # cookie a new user's id goes back in.
-    assert text.count("preview_cookie = [==[cookie_pv]==]") == 1 + 7  # the balancer, the 7 control locations
-    assert text.count("rollout_cookie = [==[uid]==]") == 8
+    # cookie a new user's id goes back in. (The balancer, each control location, and the hold
+    # server's access handler and balancer.)
+    calls = 1 + len(LUA_CONTROLS) + 2
+    assert text.count("preview_cookie = [==[cookie_pv]==]") == calls
+    assert text.count("rollout_cookie = [==[uid]==]") == calls
+    assert "listen 127.0.0.1:4321;" in text and "hold_port = 4321" in text
 
 
 def test_the_templates_are_files_whose_every_field_is_filled_and_values_are_taken_as_they_are() -> None:

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def handle(daemon: Daemon, reply: Any, hold: float | None = None) -> dict[str, Any]:
     if hold is not None and not 0 < hold <= 3600:
         raise RequestError("pause: hold must be greater than 0 and at most 3600 seconds")
-    return await daemon.app.pause(hold)
+    return await daemon.app.holding.pause(hold)
 
 
 def run(sock: Path, args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ SPEC = CommandSpec(
 
 
 async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
-    return await daemon.app.resume()
+    return await daemon.app.holding.resume()
 
 
 def run(sock: Path, args: argparse.Namespace) -> int:

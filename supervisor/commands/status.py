@@ -51,7 +51,8 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
     if counts is not None:  # nginx's own counters: what it holds now, and since its master started
         hold = {"holding": counts.holding, "held": counts.held, "hold_timeouts": counts.timed_out,
                 "lost": counts.lost, "down": counts.down or None, "nginx_paused": counts.paused > 0,
-                "paused": {"since": app.paused[0], "hold": app.paused[1]} if app.paused else None}
+                "paused": ({"since": app.holding.paused[0], "hold": app.holding.paused[1]}
+                           if app.holding.paused else None)}
     state, warm = app.keeper.state, app.release.warm
     return {
         "daemon": {"pid": os.getpid(), "version": __version__, "status": str(app.status),

@@ -185,7 +185,7 @@ class Monitor:
         owns would hold every request until each times out, with no one to end it."""
         try:
             now = await self.app.proxy.hold()
-            if now is not None and now.paused and self.app.paused is None:
+            if now is not None and now.paused and self.app.holding.paused is None:
                 await self.app.proxy.hold("resume")
                 log.warning("nginx was paused by a daemon that is gone: resumed (pause again if you still need it)")
                 self.app.event("resumed", why="the daemon that paused is gone", held_now=now.holding)
@@ -194,14 +194,14 @@ class Monitor:
 
     async def pause_again(self) -> str | None:
         """A restarted nginx forgot the pause (its table is empty): pause it again."""
-        paused = self.app.paused
+        paused = self.app.holding.paused
         if paused is None:
             return None
         now = await self.app.proxy.hold()
         if now is None or now.paused:
             return None
         await self.app.proxy.hold(f"pause {paused[1]:g}")
-        if self.app.paused is None:  # resumed meanwhile: nginx must not stay paused with nobody to end it
+        if self.app.holding.paused is None:  # resumed meanwhile: nginx must not stay paused with nobody to end it
             await self.app.proxy.hold("resume")
             return None
         return "the pause"
@@ -226,7 +226,7 @@ class Monitor:
         except BluegreenError as e:
             log.warning("could not tell nginx to hold new requests: %s", e.message)
             return
-        app.hold_before = self.hold_seen or now
+        app.holding.crashed(self.hold_seen or now)
 
     async def check_health(self) -> None:
         """A liveness check of the active app; after `failures` in a row it counts as hung and is

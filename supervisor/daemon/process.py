@@ -215,9 +215,9 @@ class Daemon:
     async def _shutdown_steps(self, graceful: bool) -> None:
         app = self.app
         await self._settle_swap()
-        if app.paused is not None:  # nobody would be left to end it
+        if app.holding.paused is not None:  # nobody would be left to end it
             try:
-                await app.resume()
+                await app.holding.resume()
             except BluegreenError as e:
                 log.warning("could not resume nginx before stopping: %s (the next daemon resumes it)", e.message)
         if app.keep_serving:

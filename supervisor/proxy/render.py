@@ -194,7 +194,7 @@ def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseCon
 def render_runtime(upstream_name: str, route: Path, control: Path, release: ReleaseConfig = ReleaseConfig(),
                    rollout_cookie: str = ROLLOUT_COOKIE, handlers: bool = True,
                    unjudged: tuple[str, ...] = (), preload: bool = True, long_paths: tuple[str, ...] = (),
-                   hold: HoldConfig | None = HoldConfig(), hold_port: int = 0) -> str:
+                   hold: HoldConfig | None = None, hold_port: int = 0) -> str:
     """The runtime switch's part of nginx's http block (the tested pattern in NGINX-NOTES.md):
     this app's shared dicts, its upstream whose balancer is bluegreen.lua's, and its control
     socket. What the lua does is said in supervisor/lua/bluegreen.lua.

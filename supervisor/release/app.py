@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import builds, client, faults
+from .. import builds, faults
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
 from ..processes import drain, slots
 from ..processes.launch import Launcher
 from ..proxy import switch
-from ..proxy.counters import Hold
 from ..proxy.external import ExternalMaster
 from ..proxy.managed import ManagedNginx
 from ..proxy.master import Master, processes
@@ -28,11 +27,11 @@ from . import hooks, takeover
 from .controller import Release
 from .executor import SlotOps
 from .history import PEER
+from .holding import Holding
 from .phases import RELEASES, Phase, Plan, SwapRecord, run_swap
 
 log = logging.getLogger("bluegreen")
 Reply = Callable[[dict[str, Any]], None]
-HELD_SETTLE = 1.0  # seconds a crash restart waits for nginx's held requests to reach the new build before counting
 
 
 class App:
@@ -57,8 +56,7 @@ class App:
         self.warning: str | None = None  # what is wrong right now, and what to do
         self.nginx_down: str | None = None  # why the managed nginx could not be restarted
         self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
-        self.hold_before: Hold | None = None  # nginx's hold counters before a crash, until its restart counts them
-        self.paused: tuple[float, float, Hold] | None = None  # `pause`: since (wall clock), hold per request, counters
+        self.holding = Holding(config, self.proxy, self.event)  # what nginx holds: a crash's cost, a pause
         # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
         self.keep_serving = config.daemon.on_stop == "keep"
 
@@ -263,8 +261,7 @@ class App:
         finally:
             self.proxy.forget_undo()
             await self.release.rollouts.end_split(plan)
-            if plan.reason == "recover" and record.committed:
-                await self.count_held(record)
+            await self.holding.count(record)
             self.keeper.swap_ended(record.to_dict(), keep_progress=handed_over)
             if not self.keeper.unsaved:
                 self.keeper.save_quietly()
@@ -272,64 +269,6 @@ class App:
             self.restarts, self.status, self.failure = 0, DaemonStatus.SERVING, None
         log.info("%s to %s done in %.2fs", plan.reason, plan.build, (record.finished_at or 0) - record.started_at)
         return record
-
-    async def count_held(self, record: SwapRecord) -> None:
-        """A crash restart serves: what nginx held since the crash (waiting a moment for those
-        still on their way to the new build) goes in its record, the history and the log."""
-        before, self.hold_before = self.hold_before, None
-        if before is None:
-            return
-        deadline = time.monotonic() + HELD_SETTLE
-        try:
-            now = await self.proxy.hold()
-            while now is not None and now.holding and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                now = await self.proxy.hold()
-        except BluegreenError:
-            return
-        if now is None:
-            return
-        record.details["hold"] = held = now.since(before).report()
-        log.info("the crash restart %s", client.hold_line(held))
-
-    # ---- pause and resume: every new request held in nginx
-
-    async def pause(self, hold: float | None) -> dict[str, Any]:
-        """Hold every new request in nginx (each up to `hold`, default hold.timeout) until resume()."""
-        hold = hold or self.config.hold.timeout or 10.0
-        before = await self._holding("pause")
-        now = await self.proxy.hold(f"pause {hold:g}")
-        assert now is not None
-        self.paused = (self.paused[0] if self.paused else time.time(), hold, self.paused[2] if self.paused else before)
-        log.warning("paused: nginx holds every new request (each up to %gs) until `bluegreen resume`", hold)
-        self.event("paused", hold=hold)
-        return {"timeout": hold, "since": self.paused[0]}
-
-    async def resume(self) -> dict[str, Any]:
-        """End the pause; what it held, and for how long."""
-        await self._holding("resume")
-        now = await self.proxy.hold("resume")
-        assert now is not None
-        if self.paused is None:
-            raise BluegreenError("nothing is paused", code="not_paused")
-        since, _, before = self.paused
-        self.paused = None
-        counts = now.since(before)
-        took = time.time() - since
-        log.info("resumed after %.1fs: nginx held %d request(s), %d timed out", took, counts.held, counts.timed_out)
-        self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out)
-        return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out}
-
-    async def _holding(self, verb: str) -> Hold:
-        """nginx's hold counters, or why this app cannot be paused."""
-        why = ("the reload switch holds nothing" if self.proxy.mode != "runtime" else
-               f"an app.protocol = \"{self.config.app.protocol}\" service" if self.config.app.protocol != "http" else
-               "hold.timeout = 0 turns holding off")
-        now = await self.proxy.hold()
-        if now is None:
-            raise BluegreenError(f"cannot {verb}: {why}; pause needs the runtime switch and an HTTP app with "
-                                 "hold.timeout above 0", code="cannot_hold")
-        return now
 
     def _refuse_swap(self) -> None:
         if self.swapping() and self.release.pause is not None:

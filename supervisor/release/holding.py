@@ -1,0 +1,89 @@
+"""What nginx holds for one app (the runtime switch's hold server: bluegreen.lua): what a crash
+cost, counted from nginx's counters as they were while the app still lived, and the pause an
+operator asks for (`pause`, `resume`). The I/O is the proxy's `hold` call; nothing here routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from .. import client
+from ..config.schema import Config
+from ..errors import BluegreenError
+from ..proxy.counters import Hold
+from ..proxy.front import FrontProxy
+from .phases import SwapRecord
+
+log = logging.getLogger("bluegreen")
+SETTLE = 1.0  # seconds a crash restart waits for nginx's held requests to reach the new build before counting
+
+
+class Holding:
+    def __init__(self, config: Config, proxy: FrontProxy, event: Callable[..., None]) -> None:
+        self.config, self.proxy, self.event = config, proxy, event
+        self.before: Hold | None = None  # nginx's counters before a crash, until its restart counts them
+        self.paused: tuple[float, float, Hold] | None = None  # `pause`: since (wall clock), hold per request, counters
+
+    def crashed(self, before: Hold) -> None:
+        """The active app died (or hung) while nginx's counters were `before`: its restart counts from there."""
+        self.before = before
+
+    async def count(self, record: SwapRecord) -> None:
+        """A crash restart serves: what nginx held since the crash (waiting a moment for those
+        still on their way to the new build) goes in its record, the history and the log."""
+        if record.reason != "recover" or not record.committed:
+            return
+        before, self.before = self.before, None
+        if before is None:
+            return
+        deadline = time.monotonic() + SETTLE
+        try:
+            now = await self.proxy.hold()
+            while now is not None and now.holding and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                now = await self.proxy.hold()
+        except BluegreenError:
+            return
+        if now is None:
+            return
+        record.details["hold"] = held = now.since(before).report()
+        log.info("the crash restart %s", client.hold_line(held))
+
+    async def pause(self, hold: float | None) -> dict[str, Any]:
+        """Hold every new request in nginx (each up to `hold`, default hold.timeout) until resume()."""
+        hold = hold or self.config.hold.timeout or 10.0
+        before = await self._counters("pause")
+        await self.proxy.hold(f"pause {hold:g}")
+        self.paused = (self.paused[0] if self.paused else time.time(), hold, self.paused[2] if self.paused else before)
+        log.warning("paused: nginx holds every new request (each up to %gs) until `bluegreen resume`", hold)
+        self.event("paused", hold=hold)
+        return {"timeout": hold, "since": self.paused[0]}
+
+    async def resume(self) -> dict[str, Any]:
+        """End the pause; what it held, and for how long."""
+        await self._counters("resume")
+        now = await self.proxy.hold("resume")
+        assert now is not None
+        if self.paused is None:
+            raise BluegreenError("nothing is paused", code="not_paused")
+        since, _, before = self.paused
+        self.paused = None
+        counts = now.since(before)
+        took = time.time() - since
+        log.info("resumed after %.1fs: nginx held %d request(s), %d timed out", took, counts.held, counts.timed_out)
+        self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out)
+        return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out}
+
+    async def _counters(self, verb: str) -> Hold:
+        """nginx's hold counters, or why this app cannot be paused."""
+        now = await self.proxy.hold()
+        if now is None:
+            why = ("the reload switch holds nothing" if self.proxy.mode != "runtime" else
+                   f'an app.protocol = "{self.config.app.protocol}" service' if self.config.app.protocol != "http"
+                   else "hold.timeout = 0 turns holding off")
+            raise BluegreenError(f"cannot {verb}: {why}; pause needs the runtime switch and an HTTP app with "
+                                 "hold.timeout above 0", code="cannot_hold")
+        return now
