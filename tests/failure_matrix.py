@@ -266,7 +266,8 @@ ROWS = tuple(DRAIN_ROWS)
 HTTP_ROWS = ("drain: WebSocket", "drain: event stream")
 AS_USUAL = "the connections are then closed as without the fault (the WebSockets with their close frame)"
 cell(ROWS, "kill9", "the next daemon finishes the drain within what is left of the grace since the switch, and "
-     "records what it closed (and, for a TCP service, what it cut) in history")
+     "records what it closed (and, for a TCP service, what it cut) in history; what the killed daemon closed "
+     "before it died is not counted, and the record says so")
 cell(ROWS, "sigterm", "the swap reports success; the daemon stops nginx and both builds: the connections end with "
      "them")
 cell(ROWS, "master", "the daemon restarts its nginx: the connections through the dead master's workers end, their "

@@ -83,6 +83,11 @@ def _end_interrupted(app: App, swap: InterruptedSwap | None, action: adoption.Ac
         if drained is not None:
             drained.pop("after", None)
             drained.pop("died", None)
+            if swap.phase == "drain" and (drained.get("closed_between_calls") is not None):
+                # its drain had begun: what it closed before it died was counted in its memory only
+                drained["uncounted_before_the_kill"] = True
+                record.warnings.append("drain: the killed daemon had begun the drain; connections it closed before "
+                                       "it died are not in these counts")
             record.details["drain"] = drained
             record.warnings += [f"drain: {said}" for said in client.drain_warnings(drained)]
         hook = app.config.hooks.after_switch
