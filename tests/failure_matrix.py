@@ -145,8 +145,9 @@ for phase in UNPAUSED:
 
 # --- the active (old) build killed
 HELD = "a request that arrives meanwhile is held in nginx and answered by it (runtime switch, HTTP; up to hold.timeout, then 503)"
-cell(BEFORE_SWITCH, "active_killed", "the requests it had fail (counted lost); the swap goes on to the new build, and "
-     + HELD, "test_a_phase_meets_a_fault")
+cell(BEFORE_SWITCH, "active_killed", "said at once (event `crash`); the requests it had fail (counted lost); the swap "
+     "goes on to the new build, and " + HELD + "; if the swap fails, the crash restart follows it",
+     "test_a_phase_meets_a_fault", "test_a_crash_while_a_swap_gets_ready_is_said_at_once_and_its_requests_go_to_the_new_build")
 cell("paused", "active_killed", "the pause is aborted at once, then the same build is started again (`recover`); "
      + HELD, "test_a_phase_meets_a_fault")
 cell("rollout step", "active_killed", "everyone moves to the new build (it is all that is left); " + HELD,

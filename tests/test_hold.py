@@ -177,7 +177,7 @@ def test_a_daemon_killed_while_paused_comes_back_resumed(shape: Any, releases: P
     """A pause nobody owns is an outage nobody watches: the next daemon resumes it, says so, and
     the requests held meanwhile are answered."""
     run, _ = shape(build=app_build(releases, "v1"))
-    assert run.cli("pause", "--hold", "60").returncode == 0
+    assert run.cli("pause", "--hold", "55").returncode == 0
     held, answer = in_thread(lambda: httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=90))
     wait_until(lambda: run.status()["hold"]["holding"] == 1, 30, "the request to be held")
     run.kill()
@@ -202,7 +202,7 @@ def test_a_pause_survives_an_nginx_restart(shape: Any, releases: Path) -> None:
     """nginx restarted while paused (the managed master killed, your nginx stopped and started)
     comes back with an empty table: the daemon pauses it again, and a request is held."""
     run, user = shape(build=app_build(releases, "v1"))
-    assert run.cli("pause", "--hold", "60").returncode == 0
+    assert run.cli("pause", "--hold", "55").returncode == 0
     if user is None:
         master = run.status()["nginx"]["master_pid"]
         os.kill(master, signal.SIGKILL)
@@ -217,3 +217,53 @@ def test_a_pause_survives_an_nginx_restart(shape: Any, releases: Path) -> None:
     assert run.cli("resume").returncode == 0
     held.join(60)
     assert answer[0].status_code == 200, answer
+
+
+def test_past_hold_max_requests_one_more_is_told_to_come_back_at_once(make_daemon: Any, releases: Path) -> None:
+    """Each held request takes about three of nginx's connections: past hold.max_requests held at
+    once, the next one gets 503 at once (never a worker out of connections)."""
+    run = make_daemon(build=app_build(releases, "v1"), extra="[hold]\nmax_requests = 3\n")
+    assert run.cli("pause", "--hold", "30").returncode == 0
+    threads = [in_thread(lambda: httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=60)) for _ in range(3)]
+    wait_until(lambda: run.status()["hold"]["holding"] == 3, 30, "three requests held")
+    t0 = time.monotonic()
+    r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=60)
+    assert r.status_code == 503 and r.headers.get("retry-after") == "5" and time.monotonic() - t0 < 5, r
+    assert run.cli("resume").returncode == 0
+    for thread, answer in threads:
+        thread.join(30)
+        assert answer[0].status_code == 200, answer
+
+
+def test_two_crashes_in_a_row_count_each_outage_once(shape: Any, releases: Path) -> None:
+    run, _ = shape(build=app_build(releases, "v1", boot_ms=300))
+    with Load(run.listen_port, clients=4, slow_every=1000) as load:
+        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+        first, _ = crash(run)
+        restarted(run, first)
+        second, _ = crash(run)  # at once: before the daemon looked at nginx's counters again
+        wait_until(lambda: sum(e["event"] == "restarted" for e in run.status()["events"]) == 2, 60,
+                   "the second restart", run.output)
+    counts = [e["hold"] for e in run.status()["events"] if e["event"] == "restarted"]
+    total = run.status()["hold"]
+    assert sum(c["held"] for c in counts) == total["held"], (counts, total)
+    assert sum(c["lost"] for c in counts) == total["lost"] == sum(load.failures.values()), (counts, total)
+
+
+def test_a_crash_while_a_swap_gets_ready_is_said_at_once_and_its_requests_go_to_the_new_build(
+        shape: Any, releases: Path) -> None:
+    """The active build dies while the swap's new build boots: `crash` at once (not when the swap
+    ends), requests meanwhile held, then answered by the new build; the swap counts them."""
+    run, _ = shape(build=app_build(releases, "v1"))
+    swap = run.cli_background("swap", str(app_build(releases, "v2", boot_ms=2000)))
+    wait_until(lambda: run.phase() == "ready", 30, "the swap to wait for the new build")
+    crash(run)
+    wait_until(lambda: any(e["event"] == "crash" and e.get("during") == "swap" for e in run.status()["events"]), 10,
+               "the crash to be said while the swap runs", run.output)
+    assert run.phase() == "ready"
+    r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
+    assert (r.status_code, r.text) == (200, "hello from v2\n")
+    out, err = swap.communicate(timeout=120)
+    assert swap.returncode == 0, out + err
+    entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
+    assert entry["reason"] == "swap" and entry["held"]["held"] >= 1, entry

@@ -123,7 +123,7 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
     held = Held(run, user, gate, phase, old=st["active"]["pid"], old_port=st["active"]["port"])
     before_swap(run)
     if phase == "holding":  # `pause`, a request held in nginx (answered once `resume`d, in let_go)
-        r = run.cli("pause", "--hold", "150")
+        r = run.cli("pause", "--hold", "55")
         assert r.returncode == 0, r.stdout + r.stderr
         threading.Thread(target=lambda: held.in_flight.append(http_get(run.listen_port, "/", timeout=180)),
                          daemon=True).start()

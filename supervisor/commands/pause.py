@@ -31,8 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def handle(daemon: Daemon, reply: Any, hold: float | None = None) -> dict[str, Any]:
-    if hold is not None and not 0 < hold <= 3600:
-        raise RequestError("pause: hold must be greater than 0 and at most 3600 seconds")
+    from ..config.schema import MAX_HOLD
+
+    if hold is not None and not 0 < hold <= MAX_HOLD:
+        raise RequestError(f"pause: hold must be greater than 0 and at most {MAX_HOLD:g} seconds (nginx's "
+                           "proxy_read_timeout, 60 s by default, ends a longer hold with 504)")
     return await daemon.app.holding.pause(hold)
 
 

@@ -72,6 +72,16 @@ def _positive(v: Any) -> float:
     return _at_most_a_year(v)
 
 
+MAX_HOLD = 55.0  # seconds: nginx's default proxy_read_timeout (60 s) ends a longer hold at the first hop
+
+
+def _hold_seconds(v: Any) -> float:
+    if not _number(v) or not 0 <= v <= MAX_HOLD:
+        raise ValueError(f"expected a number of seconds from 0 to {MAX_HOLD:g} (nginx's proxy_read_timeout, 60 s by "
+                         "default, ends a longer hold with 504)" + _NOT_FINITE * _nonfinite(v))
+    return float(v)
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("expected true or false")
@@ -514,13 +524,17 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "a rest: each connection is closed at `long_lived_grace`, and counted as possibly cutting calls"),
     ),
     "hold": (
-        Key("timeout", _seconds_or_zero, 10.0,
+        Key("timeout", _hold_seconds, 10.0,
             "the runtime switch (an HTTP app): how long a request that arrives while no build can answer (the "
             "active crashed and its replacement boots, a hung app is replaced) is held inside nginx, waiting "
             "for a build that answers; past it, `503` with `Retry-After`. 10 s covers a first restart (no "
             "backoff) of an app that boots in a few seconds, and the second (1 s backoff) of a Node app; a "
-            "client is told rather than left hanging. Keep it below your nginx's `proxy_read_timeout` (60 s). "
-            "0: nothing is held (nginx answers 502 while no build can)"),
+            "client is told rather than left hanging. At most 55: nginx's `proxy_read_timeout` (60 s by default) "
+            "ends a longer hold with 504. 0: nothing is held (nginx answers 502 while no build can)"),
+        Key("max_requests", _positive_int, 200,
+            "the most requests held at once; one more gets `503` with `Retry-After` at once. Each held request "
+            "takes about three of nginx's connections (`worker_connections` per worker: 1024 for the managed "
+            "nginx, `nginx.worker_connections`), against two when served: raise both together"),
         Key("retry_idempotent", _bool, False,
             "a request the crashed app may already have read (bytes of it were sent) is retried on the build "
             "that answers next if its method is idempotent (GET, HEAD, PUT, DELETE, OPTIONS, TRACE). Off: it "
@@ -727,6 +741,7 @@ class DrainConfig:
 class HoldConfig:
     timeout: float = 10.0
     retry_idempotent: bool = False
+    max_requests: int = 200
 
 
 @dataclass(frozen=True)

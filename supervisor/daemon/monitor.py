@@ -20,6 +20,7 @@ from ..state import DaemonStatus
 log = logging.getLogger("bluegreen")
 POLL = 0.25
 RECONCILE = 1.0  # seconds between two comparisons of nginx's routing table with what it was told
+BEFORE_THE_SWITCH = ("prepare", "start", "ready", "before_switch", "check")  # a swap's phases with the old build serving
 
 
 class Monitor:
@@ -54,6 +55,7 @@ class Monitor:
                     await self.reconcile()
                 waiting = app.release.pause is not None or app.release.rollouts.rolling is not None
                 if app.swapping() and not waiting:
+                    await self.crashed_during_a_swap()
                     continue  # a short phase: the swap replaces or watches what serves itself
                 if app.keeper.unsaved and not app.swapping():
                     await app.retry_save()
@@ -215,6 +217,23 @@ class Monitor:
             self.hold_seen = await self.app.proxy.hold()
         except BluegreenError:
             pass
+
+    async def crashed_during_a_swap(self) -> None:
+        """The active build died while a swap starts its replacement: said at once (event `crash`),
+        and nginx told to hold new requests for whatever serves next (the swap's new build once
+        it switches, else the crash restart after the swap)."""
+        app = self.app
+        dead = app.active
+        if app.swap is None or app.swap.phase not in BEFORE_THE_SWITCH:
+            return  # from the switch on, the swap itself reacts to a build that dies
+        if dead is None or dead.alive() or self.crashed_pid == dead.pid:
+            return
+        self.crashed_pid = dead.pid
+        why = dead.exit_reason or slots.describe_exit(dead.returncode)
+        log.error("the active app (%s, pid %d, %s) %s, while a swap runs.%s", dead.slot, dead.pid, dead.build, why,
+                  slots.exit_hint(dead.returncode))
+        app.event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build), during="swap")
+        await self.hold_new_requests(dead.port)
 
     async def hold_new_requests(self, port: int) -> None:
         """Tell nginx `port` cannot answer: new requests are held (not sent into a hung app, nor

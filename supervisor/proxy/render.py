@@ -186,7 +186,7 @@ def lua_app(upstream_name: str, route: Path, release: ReleaseConfig = ReleaseCon
               "hold": addresses[0], "fail502": addresses[1], "fail504": addresses[2], "retry_after": str(RETRY_AFTER)}
     h = hold or HoldConfig()
     return ("{" + ", ".join(f"{k} = {_lua_string(v)}" for k, v in fields.items())
-            + f", hold_port = {hold_port if hold else 0}, hold_timeout = {h.timeout!r}"
+            + f", hold_port = {hold_port if hold else 0}, hold_timeout = {h.timeout!r}, hold_max = {h.max_requests}"
             + f", retry_idempotent = {'true' if h.retry_idempotent else 'false'}"
             + ", unjudged = {" + ", ".join(_lua_string(p) for p in unjudged) + "}}")
 

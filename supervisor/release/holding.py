@@ -24,21 +24,26 @@ SETTLE = 1.0  # seconds a crash restart waits for nginx's held requests to reach
 class Holding:
     def __init__(self, config: Config, proxy: FrontProxy, event: Callable[..., None]) -> None:
         self.config, self.proxy, self.event = config, proxy, event
-        self.before: Hold | None = None  # nginx's counters before a crash, until its restart counts them
+        self.before: Hold | None = None  # nginx's counters before a crash, until the swap that serves again counts them
+        self.counted: Hold | None = None  # nginx's counters when the last crash was counted: the next one's floor
         self.paused: tuple[float, float, Hold] | None = None  # `pause`: since (wall clock), hold per request, counters
 
     def crashed(self, before: Hold) -> None:
-        """The active app died (or hung) while nginx's counters were `before`: its restart counts from there."""
-        self.before = before
+        """The active app died (or hung) while nginx's counters were `before` (or later: what an
+        earlier crash's count already took in is not counted twice)."""
+        if self.before is not None:
+            return  # (a crash while the last one's outage lasts: one outage, counted once)
+        floor = self.counted
+        later = floor is not None and floor.held + floor.lost > before.held + before.lost
+        self.before = floor if later else before
 
     async def count(self, record: SwapRecord) -> None:
-        """A crash restart serves: what nginx held since the crash (waiting a moment for those
-        still on their way to the new build) goes in its record, the history and the log."""
-        if record.reason != "recover" or not record.committed:
+        """A swap serves again after a crash (its restart, or a release that was running): what
+        nginx held since the crash (waiting a moment for those still on their way to the new
+        build) goes in its record, the history and the log."""
+        if not record.committed or self.before is None:
             return
         before, self.before = self.before, None
-        if before is None:
-            return
         deadline = time.monotonic() + SETTLE
         try:
             now = await self.proxy.hold()
@@ -49,6 +54,7 @@ class Holding:
             return
         if now is None:
             return
+        self.counted = now
         record.details["hold"] = held = now.since(before).report()
         log.info("the crash restart %s", client.hold_line(held))
 

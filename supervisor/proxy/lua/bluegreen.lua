@@ -166,7 +166,9 @@ end
 function M.balancer(app, held)
     local dict = ngx.shared[app.table]
     local state = ngx.var.bluegreen_request or ""
-    local holds = app.hold ~= "" and not held
+    -- (a request held once is held again if the port it was let go to refuses it: the build the
+    -- table named died meanwhile; never a third time: the second hold server sees X-Bluegreen-Held)
+    local holds = app.hold ~= "" and (not held or (ngx.var.http_x_bluegreen_held or "") == "")
     if state ~= "" and holds then
         local failed, code = balancer.get_last_failure()
         if failed then return retry(app, dict, code) end
@@ -183,7 +185,7 @@ function M.balancer(app, held)
             ngx.log(ngx.ERR, "bluegreen: no route for ", app.name, " yet (the daemon sets it)")
             return ngx.exit(502)
         end
-        if holds and dict:get("gate") and (dict:get("pause") or dict:get("down") == port) then
+        if holds and not held and dict:get("gate") and (dict:get("pause") or dict:get("down") == port) then
             count_in(app, dict, 0, id)
             dict:incr("held", 1, 0)
             return to_peer(app.hold, app.hold_port)
@@ -219,6 +221,14 @@ local function back(dict, port)
     return false
 end
 
+-- A held request told to come back later: 503 with Retry-After (counted with the timeouts).
+local function give_up(app, dict)
+    dict:incr("holding", -1, 0)
+    dict:incr("hold_timeouts", 1, 0)
+    ngx.header["Retry-After"] = app.retry_after
+    return ngx.exit(503)
+end
+
 -- access_by_lua of the hold server (and its fail addresses, which answer as nginx would have). A
 -- held request waits while the table is paused or names a port known to be down, then goes on
 -- to the balancer; past the hold timeout (the pause's own, if it set one) it gets 503 and
@@ -229,16 +239,15 @@ function M.hold(app)
     if addr == app.fail504 then return ngx.exit(504) end
     local dict = ngx.shared[app.table]
     local start, nap = ngx.now(), 0.002
-    dict:incr("holding", 1, 0)
+    if dict:incr("holding", 1, 0) > app.hold_max then  -- full: each held request takes three connections
+        return give_up(app, dict)
+    end
     while true do
         local pause = dict:get("pause")
         local port = route_port(app, dict)
         if not pause and port and (dict:get("down") ~= port or back(dict, port)) then break end
         if ngx.now() - start >= (pause or app.hold_timeout) then
-            dict:incr("holding", -1, 0)
-            dict:incr("hold_timeouts", 1, 0)
-            ngx.header["Retry-After"] = app.retry_after
-            return ngx.exit(503)
+            return give_up(app, dict)
         end
         ngx.sleep(nap)  -- 2 ms, doubling up to 20: a spare is taken at once, a boot costs no CPU
         nap = math.min(nap * 2, 0.02)
@@ -287,8 +296,9 @@ function M.log()
     local dict = ngx.shared["bluegreen." .. app]
     if not dict then return end
     local status = tonumber(ngx.var.status) or 0
-    if status == 502 and first("upstream_header_time") == "-" and (tonumber(first("upstream_bytes_sent")) or 0) > 0 then
-        dict:incr("lost", 1, 0)  -- sent to an app that failed before answering: it may have seen it
+    if (status == 502 or status == 504) and first("upstream_header_time") == "-"
+            and (tonumber(first("upstream_bytes_sent")) or 0) > 0 then
+        dict:incr("lost", 1, 0)  -- sent to an app that failed (or hung) before answering: it may have seen it
     end
     if port == "0" then return end  -- held: the hold server's request counts what it got
     local worker = port .. ":" .. ngx.worker.pid()
