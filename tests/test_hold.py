@@ -267,3 +267,23 @@ def test_a_crash_while_a_swap_gets_ready_is_said_at_once_and_its_requests_go_to_
     assert swap.returncode == 0, out + err
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
     assert entry["reason"] == "swap" and entry["held"]["held"] >= 1, entry
+
+
+def test_a_hold_port_taken_by_another_process_is_changed_for_a_free_one(make_daemon: Any, releases: Path) -> None:
+    """The hold server keeps its port across starts (in nginx's part); one that another process
+    bound meanwhile is changed for a free one, and nginx starts."""
+    import socket
+
+    run = make_daemon(build=app_build(releases, "v1"), start=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: nginx's bind() fails on it all the same
+        port = taken.getsockname()[1]
+        part = run.dir / "run" / "nginx" / "upstream.conf"
+        part.parent.mkdir(parents=True)
+        part.write_text(f"server {{\n    listen 127.0.0.1:{port};\n}}\n")
+        run.start()
+        assert "the hold server's port" in run.output()
+        pid, _ = crash(run)
+        r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
+        assert r.status_code == 200, r
+        restarted(run, pid)

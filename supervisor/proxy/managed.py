@@ -6,6 +6,7 @@ switching its traffic is nginx.ReloadSwitch's job, which reloads it through this
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -21,8 +22,10 @@ from ..fsutil import atomic_write
 from ..processes import sockets, procs
 from ..processes.logs import NginxLogs
 from .master import ErrorLog, run_command, workers
-from .render import TEMP_KINDS, free_loopback_port, render_managed_conf, runtime_part, upstream_text
+from .render import HOLD, TEMP_KINDS, free_loopback_port, render_managed_conf, runtime_part, upstream_text
 from ..aio import within
+
+log = logging.getLogger("bluegreen")
 
 
 class ManagedNginx:
@@ -132,7 +135,18 @@ class ManagedNginx:
         self._refuse_held_listen()
 
     async def start(self, port: int) -> dict[str, Any]:
-        """Write the config for `port`, test it, start nginx, wait until it accepts connections."""
+        """Write the config for `port`, test it, start nginx, wait until it accepts connections. A
+        hold server's port another process took meanwhile is changed for a free one, once."""
+        try:
+            return await self._start(port)
+        except NginxError as e:
+            if not self.hold_port or f"bind() to {HOLD}:{self.hold_port} failed" not in e.message:
+                raise
+            log.warning("the hold server's port %d is taken: starting nginx on another one", self.hold_port)
+            self.hold_port = free_loopback_port()
+            return await self._start(port)
+
+    async def _start(self, port: int) -> dict[str, Any]:
         await self.refuse_what_blocks_a_start()
         self._remove_stale_control_socket()
         for kind in TEMP_KINDS:

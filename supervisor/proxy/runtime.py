@@ -29,7 +29,7 @@ from .front import RoutingLock, StagedRoute, routing
 from .managed import ManagedNginx
 from .master import Master, worker_title
 from .reload import ReloadSwitch
-from .render import hold_port_in, render_lua_handlers, runtime_part
+from .render import HOLD, free_loopback_port, hold_port_in, render_lua_handlers, runtime_part
 from .table import Table
 
 log = logging.getLogger("bluegreen")
@@ -92,7 +92,7 @@ class RuntimeSwitch(StagedRoute):
         return self
 
     def __init__(self, config: Config, master: Master, route: Path, control: Path, preload: bool = True,
-                 hold_port: Callable[[], int] = lambda: 0) -> None:
+                 hold_port: Callable[[], int] = lambda: 0, new_hold_port: Callable[[], None] = lambda: None) -> None:
         self.control_path = control
         self.table = Table(control)
         self.route_file = self.staged = UndoableFile(route)
@@ -100,6 +100,7 @@ class RuntimeSwitch(StagedRoute):
         self.part = lambda: runtime_part(config, route, control, handlers=self.handlers.file is None, preload=preload,
                                          hold_port=hold_port())
         self.holds = config.app.protocol == "http" and config.hold.timeout > 0  # a hold server in the part
+        self.hold_port, self.new_hold_port = hold_port, new_hold_port
         # What nginx was last told, confirmed: all traffic, the preview, the split (candidate,
         # share, counters generation). A restarted nginx forgets all but the port (route file).
         self.port: int | None = None
@@ -119,8 +120,11 @@ class RuntimeSwitch(StagedRoute):
     @classmethod
     def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
         nginx.hold_port = hold_port_in(nginx.upstream_path)
+
+        def new_port() -> None:
+            nginx.hold_port = free_loopback_port()
         return cls(config, nginx, nginx.route_path, nginx.control_path, preload=False,  # its conf loads the lua
-                   hold_port=lambda: nginx.hold_port)
+                   hold_port=lambda: nginx.hold_port, new_hold_port=new_port)
 
     @classmethod
     def external(cls, config: Config, master: Master) -> "RuntimeSwitch":
@@ -130,9 +134,12 @@ class RuntimeSwitch(StagedRoute):
         where = config.daemon.state_dir / "switch"
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         where.chmod(0o700)
-        port = hold_port_in(master.upstream_path)
+        port = [hold_port_in(master.upstream_path)]
+
+        def new_port() -> None:
+            port[0] = free_loopback_port()
         switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock",
-                     hold_port=lambda: port)
+                     hold_port=lambda: port[0], new_hold_port=new_port)
         switch.table.hint = (f" and {config.nginx.upstream_file} included in its http block "
                              "(README: the runtime switch with your own nginx)")
         return switch
@@ -203,9 +210,18 @@ class RuntimeSwitch(StagedRoute):
 
     async def _reload_with_handlers(self, port: int) -> dict[str, Any]:
         """The reload; a handlers file written for it is put back if nginx refuses it, or if
-        nginx turns out not to include it (then the reload is undone too)."""
+        nginx turns out not to include it (then the reload is undone too). A hold server's port
+        taken meanwhile by another process is changed for a free one, and the reload tried again."""
         try:
-            result = await self.reloader.apply_config(port)
+            try:
+                result = await self.reloader.apply_config(port)
+            except NginxError as e:
+                if not self.holds or f"bind() to {HOLD}:{self.hold_port()} failed" not in e.message:
+                    raise
+                log.warning("the hold server's port %d is taken: another one, and nginx reloaded again",
+                            self.hold_port())
+                self.new_hold_port()
+                result = await self.reloader.apply_config(port)
             if self.handlers.file is not None:
                 await self._require_handlers()
         except BaseException:
