@@ -120,11 +120,9 @@ class RuntimeSwitch(StagedRoute):
     @classmethod
     def managed(cls, config: Config, nginx: ManagedNginx) -> "RuntimeSwitch":
         nginx.hold_port = hold_port_in(nginx.upstream_path)
-
-        def new_port() -> None:
-            nginx.hold_port = free_loopback_port()
         return cls(config, nginx, nginx.route_path, nginx.control_path, preload=False,  # its conf loads the lua
-                   hold_port=lambda: nginx.hold_port, new_hold_port=new_port)
+                   hold_port=lambda: nginx.hold_port,
+                   new_hold_port=lambda: setattr(nginx, "hold_port", free_loopback_port()))
 
     @classmethod
     def external(cls, config: Config, master: Master) -> "RuntimeSwitch":
@@ -134,12 +132,9 @@ class RuntimeSwitch(StagedRoute):
         where = config.daemon.state_dir / "switch"
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         where.chmod(0o700)
-        port = [hold_port_in(master.upstream_path)]
-
-        def new_port() -> None:
-            port[0] = free_loopback_port()
+        port = _HoldPort(hold_port_in(master.upstream_path))
         switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock",
-                     hold_port=lambda: port[0], new_hold_port=new_port)
+                     hold_port=port.get, new_hold_port=port.renew)
         switch.table.hint = (f" and {config.nginx.upstream_file} included in its http block "
                              "(README: the runtime switch with your own nginx)")
         return switch
@@ -213,15 +208,7 @@ class RuntimeSwitch(StagedRoute):
         nginx turns out not to include it (then the reload is undone too). A hold server's port
         taken meanwhile by another process is changed for a free one, and the reload tried again."""
         try:
-            try:
-                result = await self.reloader.apply_config(port)
-            except NginxError as e:
-                if not self.holds or f"bind() to {HOLD}:{self.hold_port()} failed" not in e.message:
-                    raise
-                log.warning("the hold server's port %d is taken: another one, and nginx reloaded again",
-                            self.hold_port())
-                self.new_hold_port()
-                result = await self.reloader.apply_config(port)
+            result = await _reload_with_a_free_hold_port(self, port)
             if self.handlers.file is not None:
                 await self._require_handlers()
         except BaseException:
@@ -346,3 +333,28 @@ class RuntimeSwitch(StagedRoute):
         return (f"port {self.port}" + (f", preview to {preview_to}" if preview_to else "")
                 + (f", {split_to[1]} % to {split_to[0]}" if split_to and split_to[0] else "")
                 + (f", counters generation {split_to[2]}" if split_to else ""))
+
+
+class _HoldPort:
+    """The hold server's port in your nginx: kept across starts, changed if another process took it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def get(self) -> int:
+        return self.port
+
+    def renew(self) -> None:
+        self.port = free_loopback_port()
+
+
+async def _reload_with_a_free_hold_port(switch: RuntimeSwitch, port: int) -> dict[str, Any]:
+    """The reload; if another process took the hold server's port, once more on a free one."""
+    try:
+        return await switch.reloader.apply_config(port)
+    except NginxError as e:
+        if not switch.holds or f"bind() to {HOLD}:{switch.hold_port()} failed" not in e.message:
+            raise
+        log.warning("the hold server's port %d is taken: another one, and nginx reloaded again", switch.hold_port())
+        switch.new_hold_port()
+        return await switch.reloader.apply_config(port)
