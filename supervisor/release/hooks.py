@@ -105,6 +105,10 @@ async def run(name: str, argv: tuple[str, ...], context: Mapping[str, str], env:
     return {"exit": 0, "seconds": round(time.monotonic() - began, 3), "lines": shown}
 
 
+NOTE_EVERY = 0.02  # seconds between two looks at a running hook's descendants (a helper started and
+# left in less time than this, with its environment cleared, can be missed: docs/failure-modes.md)
+
+
 async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], None], spawned: dict[int, float]) -> None:
     """Every line the hook prints until it exits, then what is left for OUTPUT_GRACE: a helper it
     started and left running may hold its output open for ever (it is stopped after the hook).
@@ -115,7 +119,7 @@ async def _read_lines(proc: asyncio.subprocess.Process, line: Callable[[str], No
         # holding the pipe delays for ever; the exit status is set as soon as the hook exits)
         while proc.returncode is None and not reader.done():
             procs.note_descendants(proc.pid, spawned)
-            await asyncio.wait({reader}, timeout=0.05)
+            await asyncio.wait({reader}, timeout=NOTE_EVERY)
         if proc.returncode is None:
             await proc.wait()  # the output closed: the hook is exiting
         await asyncio.wait({reader}, timeout=OUTPUT_GRACE)
