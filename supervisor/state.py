@@ -139,13 +139,16 @@ class State:
     # The last release's old build, kept running (no traffic) until `warm_until` (release.keep_warm).
     warm: SlotState | None = None
     warm_until: float | None = None
+    # The hot spare (app.spare): stopped by a restarted daemon, which starts its own.
+    spare: SlotState | None = None
 
     def to_json(self) -> bytes:
         # Written at every swap phase: asdict would deep-copy every event and record first
         # (most of the cost); the lists and dicts here are JSON-ready and only read.
         obj = {"version": VERSION, "active": _plain(self.active), "previous_build": self.previous_build,
                "last_swap": self.last_swap, "history": self.history, "swap": _plain(self.swap), "nginx": self.nginx,
-               "events": self.events, "warm": _plain(self.warm), "warm_until": self.warm_until}
+               "events": self.events, "warm": _plain(self.warm), "warm_until": self.warm_until,
+               "spare": _plain(self.spare)}
         return (json.dumps(obj, indent=2) + "\n").encode()
 
     @classmethod
@@ -166,7 +169,7 @@ class State:
         if obj.get("last_swap") is not None:
             _last_swap(obj["last_swap"])
         _events(obj.get("events") or [])
-        for key in ("swap", "warm"):
+        for key in ("swap", "warm", "spare"):
             if obj.get(key) is not None and not isinstance(obj[key], dict):
                 raise ValueError(f"state.{key}: expected an object or null, got {type(obj[key]).__name__}")
         return cls(
@@ -179,6 +182,7 @@ class State:
             events=list(obj.get("events") or []),
             warm=_slot(warm, "state.warm") if warm else None,
             warm_until=obj.get("warm_until"),
+            spare=_slot(obj["spare"], "state.spare") if obj.get("spare") else None,
         )
 
 
@@ -347,6 +351,10 @@ class StateKeeper:
     def warm(self, app: SlotState | None, until: float | None) -> None:
         """Recorded now, written with the next save: a restarted daemon stops what it names."""
         self.state.warm, self.state.warm_until = app, until
+
+    def spare(self, app: SlotState | None) -> None:
+        """Recorded now, written with the next save: a restarted daemon stops what it names."""
+        self.state.spare = app
 
     def nginx_stopped(self) -> None:
         self.state.nginx = None

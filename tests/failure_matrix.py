@@ -20,7 +20,7 @@ DRAIN_ROWS = {
     "drain: gRPC stream": "gRPC streams (a listed path) open to the old build",
 }
 PHASES = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "switch", "commit", "drain",
-          *DRAIN_ROWS, "watch", "after_switch", "stop", "warm window", "idle", "holding")
+          *DRAIN_ROWS, "watch", "after_switch", "stop", "warm window", "idle", "spare", "holding")
 SWAP_PHASES = tuple(p for p in PHASES if p not in DRAIN_ROWS)  # the rows of tests/test_phase_faults.py
 UNPAUSED = tuple(p for p in SWAP_PHASES if p != "holding")  # (the holding row says its own cells)
 
@@ -98,6 +98,7 @@ cell("idle", "sigterm", "nginx stops gracefully, then the app; socket removed; n
 # --- the managed nginx master killed (your own nginx: the column "stopped and started")
 RESTARTED = "restarted at once, routing where it routed"
 cell(BEFORE_SWITCH + ("commit", "drain", "watch", "after_switch", "stop", "warm window"), "master", RESTARTED)
+cell("spare", "master", RESTARTED + "; the spare is untouched")
 cell("paused", "master", "restarted at once, the preview still on", "test_nginx_restarted_while_paused_comes_back_with_the_preview")
 cell("rollout step", "master", "restarted at once, the split still on",
      "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
@@ -295,6 +296,24 @@ cell(ROWS, "state_damaged", "state.json is written whole again; " + AS_USUAL)
 cell(ROWS, "second_daemon", "the copy is refused; " + AS_USUAL)
 cell(ROWS, "long_lived", "n/a: the row's connections are long-lived themselves")
 
+# --- spare: idle with a hot spare ready (app.spare = true); "the new build" is the spare
+cell("spare", "kill9", "the next daemon adopts the app and nginx, stops the spare the killed one left (state.json "
+     "names it) and starts its own", "test_a_restarted_daemon_stops_the_spare_it_finds_and_starts_its_own")
+cell("spare", "sigterm", "the spare stops with the rest; nothing is left")
+cell("spare", "active_killed", "traffic moves to the spare in one routing change, no boot (`restarted` with `spare: "
+     "true`); only the requests the dead app had fail (counted lost); a request that arrives meanwhile is held for "
+     "the moment of the switch; a new spare boots on the dead app's slot",
+     "test_a_crash_moves_traffic_to_the_spare_with_no_boot_and_a_new_spare_boots_behind")
+cell("spare", "active_frozen", "with app.health.url: found hung after `failures` checks, then replaced by the spare in "
+     "one routing change (the hung one is drained, then killed); a new spare boots")
+cell("spare", "new_killed", "the spare killed: no request notices (it had none); event `spare_failed`, another starts "
+     "after the active's backoff; past app.restart.attempts in a row none does (status: `given up`, and why)",
+     "test_a_spare_that_dies_is_started_again_and_given_up_after_restart_attempts")
+cell("spare", "new_frozen", "the spare frozen: with app.health.url found hung after `failures` checks, killed and "
+     "started again; without it, found at the next crash (its one check then fails) and that crash waits for a boot")
+cell("spare", "disk_full", "as when idle: app output is dropped without blocking the app; the spare stays ready")
+cell("spare", "long_lived", "nothing happens to it: it stays open on the build that serves (the spare has none)")
+
 # --- holding: `bluegreen pause` holds every new request in nginx (one is held), then `resume`
 HELD_ANSWERED = "the held request is answered once resumed"
 cell("holding", "kill9", "the next daemon finds nginx paused with nobody to end it: resumes it at once (event "
@@ -341,8 +360,8 @@ class Outcome:
 
 
 UNTIL_COMMIT = BEFORE_SWITCH + ("paused", "rollout step", "switch", "commit")
-SETTLED = ("warm window", "idle", "holding")
-NO_SWAP = ("idle", "holding")  # holding: `bluegreen pause`, a request held in nginx, then `resume`
+SETTLED = ("warm window", "idle", "spare", "holding")
+NO_SWAP = ("idle", "spare", "holding")  # holding: `bluegreen pause`, a request held in nginx, then `resume`
 NEW_BUILD_RUNS = tuple(p for p in PHASES if p not in ("prepare", "start") + NO_SWAP)  # a new build to kill or freeze
 
 
@@ -374,6 +393,8 @@ def _outcome(phase: str, fault: str) -> Outcome | None:
         if phase in ("paused",) + NO_SWAP:  # the preview ends; the same build starts again
             return Outcome("v1")
         return _normal(phase)
+    if phase == "spare" and fault in ("new_killed", "new_frozen"):  # the spare: started again, no request notices
+        return Outcome("v1")
     if phase not in NEW_BUILD_RUNS:
         return None
     if fault == "new_killed":

@@ -11,7 +11,8 @@ How a phase is held:
   never comes (let go: `promote`); watch: `release.watch_seconds`;
 - drain: a request in flight to the old build, answered once the gate opens;
 - stop: an old build whose SIGTERM waits for the gate;
-- warm window: `release.keep_warm`, after a swap; idle: no swap.
+- warm window: `release.keep_warm`, after a swap; idle: no swap; spare: no swap, `app.spare` on
+  and its spare ready (the "new build" columns kill or freeze the spare).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Held:
         """The new build's pid: the standby until the commit, the active build after it."""
         st = self.run.status()
         assert st is not None
+        if self.phase == "spare":
+            return int(st["spare"]["pid"])
         for key in ("standby", "active", "warm"):
             if st.get(key) and st[key]["build"].endswith("/v2"):
                 return int(st[key]["pid"])
@@ -118,7 +121,8 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
     drain = 12 if phase == "drain" else 5  # the drain hold: time to put the fault, a frozen old build waited out
     build = app_build(releases, "v1", gate=gate, stop_gate=phase == "stop")
     run, user = shape(extra, build=build, env=env, drain_timeout=drain, stop_timeout=15 if phase == "stop" else 5,
-                      ready=READY, drain='long_lived_paths = ["/events"]')  # the long-lived column's stream
+                      ready=READY, drain='long_lived_paths = ["/events"]',  # the long-lived column's stream
+                      app="spare = true" if phase == "spare" else "")
     st = run.status()
     held = Held(run, user, gate, phase, old=st["active"]["pid"], old_port=st["active"]["port"])
     before_swap(run)
@@ -129,7 +133,9 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
                          daemon=True).start()
         wait_until(lambda: (run.status()["hold"] or {}).get("holding") == 1, 30, "a request held")
         return held
-    if phase == "idle":
+    if phase == "spare":
+        spare_ready(run)
+    if phase in ("idle", "spare"):
         return held
     if phase == "drain":  # a request the old build answers once the gate opens
         t = threading.Thread(target=lambda: held.in_flight.append(http_get(run.listen_port, "/gate", timeout=120)),
@@ -156,6 +162,16 @@ def hold(shape: Callable[..., Any], releases: Path, gate: Path, phase: str,
 
 
 READY = 'url = "http://127.0.0.1:{port}/health"\ntimeout = 5\ninterval = 0.05'
+
+
+def spare_ready(run: DaemonRun, not_pid: int = 0) -> int:
+    """Wait until the spare (another process than `not_pid`) is ready and the daemon serves: its pid."""
+    def ready() -> int | None:
+        st = run.status()
+        sp = st and st.get("spare")
+        ok = sp and sp["state"] == "ready" and sp["alive"] and sp["pid"] != not_pid and st["daemon"]["status"] == "serving"
+        return int(sp["pid"]) if ok else None
+    return wait_until(ready, 90, "the spare to be ready", run.output)
 
 
 def group(pid: int, sig: signal.Signals) -> None:
@@ -217,7 +233,7 @@ def put(held: Held, fault: str) -> None:
 
 # The phases where the active build's crash leaves nothing to answer until the swap (or the crash
 # restart) switches: a request that arrives meanwhile is held by nginx, not refused.
-HELD_AFTER_A_CRASH = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "idle")
+HELD_AFTER_A_CRASH = ("prepare", "start", "ready", "before_switch", "check", "paused", "rollout step", "idle", "spare")
 
 
 def asked_after_the_crash(held: Held) -> tuple[threading.Thread, list[tuple[int, str]]]:
@@ -413,6 +429,8 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
         assert after_the_crash[1] == [(200, f"hello from {want.serves}\n")], after_the_crash[1]
     if held.stream is not None:
         stream_checked(held, want.serves)
+    if phase == "spare":  # whatever happened, a spare is ready again (not the build killed or frozen)
+        spare_ready(run, not_pid=held.victim)
     if phase == "drain" and fault in ("sigterm", "reload", "new_killed", "new_frozen"):
         wait_until(lambda: held.in_flight, 60, "the request in flight to be answered")
         assert held.in_flight == [(200, "v1 gate\n")], held.in_flight  # the drain lost nothing

@@ -69,11 +69,20 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         "paused": app.release.pause_info(),
         "rollout": app.release.rollouts.rolling.info() if app.release.rollouts.rolling else None,
         "warm": {**_with_rss(warm.app.to_dict()), "until": warm.until} if warm and warm.usable() else None,
+        "spare": _spare(app.spare.info()),
         "last_swap": state.last_swap,
         "history": state.history[-10:],
         "nginx": n,
         "hold": hold,
     }
+
+
+def _spare(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The spare's state (ready, starting, waiting, given up) and, if one runs, its process."""
+    if info is None or "process" not in info:
+        return info
+    proc = info.pop("process")
+    return {**_with_rss(proc.to_dict()), **info}
 
 
 MEASURED_FOR = 1.0  # seconds an app's memory is reused by the next status
@@ -152,10 +161,27 @@ def _rows(st: dict[str, Any], where: str) -> list[list[str]]:
                                  "no traffic; the way back" if phase in ("watch", "after_switch") else "stopping"))
     if w:
         rows.append(_process_row("warm", w, "no traffic"))
+    sp = st.get("spare")
+    if sp and sp.get("pid"):
+        rows.append(_process_row("spare", sp, "ready, no traffic" if sp["state"] == "ready" else sp["state"]))
     rows.append(["nginx", n["mode"], where.rsplit(":", 1)[-1] if n.get("listen") else "-",
                  str(n.get("master_pid") or "-"), f"switch: {n.get('switch')}", "", "",
                  "running" if n.get("running") else "DOWN"])
     return rows
+
+
+def _crash_lines(st: dict[str, Any]) -> list[str]:
+    """What nginx holds (a pause, a crash's outage), and why no spare runs, if one is asked for."""
+    lines, h, sp = [], st.get("hold"), st.get("spare")
+    if h and h.get("paused"):
+        lines.append(f"PAUSED   for {_ago(h['paused']['since'])}: nginx holds every new request ({h['holding']} now, each "
+                     f"up to {h['paused']['hold']:g} s, then 503); bluegreen resume")
+    elif h and (h["holding"] or h.get("down")):
+        lines.append(f"holding  {h['holding']} request(s) in nginx until a build answers"
+                     + (f" (port {h['down']} is down)" if h.get("down") else ""))
+    if sp and not sp.get("pid"):
+        lines.append(f"spare    none {'(GIVEN UP) ' if sp['state'] == 'given up' else ''}now: {sp.get('why')}")
+    return lines
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -185,13 +211,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"paused   for {_ago(p['since'])}: preview requests ({p['header']}, or cookie {p['cookie']}) go "
                      f"to :{p['standby']['port']}; bluegreen promote | abort (aborted on its own at "
                      f"{client.clock(p['until'])})")
-    h = st.get("hold")
-    if h and h.get("paused"):
-        lines.append(f"PAUSED   for {_ago(h['paused']['since'])}: nginx holds every new request ({h['holding']} now, each "
-                     f"up to {h['paused']['hold']:g} s, then 503); bluegreen resume")
-    elif h and (h["holding"] or h.get("down")):
-        lines.append(f"holding  {h['holding']} request(s) in nginx until a build answers"
-                     + (f" (port {h['down']} is down)" if h.get("down") else ""))
+    lines += _crash_lines(st)
     ro = st.get("rollout")
     if ro:
         lines.append(f"rollout  step {ro['step']} of {ro['steps']}: {ro['share']} % of users on :{ro['port']}; "

@@ -377,6 +377,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             "directories created in the slot dir before each start"),
         Key("files", _env, {},
             "`\"dest\" = \"template\"`: files rendered into the slot dir before each start"),
+        Key("spare", _bool, False,
+            "a hot spare: while no release needs the other slot, it runs the active build, ready and "
+            "checked, with no traffic; a crash (or a hung app) is then one routing change, not a boot. "
+            "Costs one more copy of the app's memory (`status` shows it)"),
     ),
     "app.ready": (
         Key("url", _optional_str, None,
@@ -719,6 +723,7 @@ class AppConfig:
     files: Mapping[str, Path] = field(default_factory=dict)
     restart: RestartConfig = RestartConfig()
     health: HealthConfig = HealthConfig()
+    spare: bool = False
 
     def port(self, slot: str) -> int:
         return self.ports[SLOTS.index(slot)]
@@ -1094,6 +1099,7 @@ def _assemble(v: dict[str, dict[str, Any]], path: Path, data: dict[str, Any]) ->
                                   reset_after=rs["reset_after"]),
             files={dest: _rel(base, src) for dest, src in a["files"].items()},
             health=HealthConfig(url=h["url"], interval=h["interval"], timeout=h["timeout"], failures=h["failures"]),
+            spare=a["spare"],
         ),
         drain=DrainConfig(timeout=dr["timeout"], interval=dr["interval"], long_lived_grace=dr["long_lived_grace"],
                           long_lived_paths=dr["long_lived_paths"], tcp_calls=dr["tcp_calls"]),

@@ -113,6 +113,10 @@ class Collector:
             a = app.active
             build.add_metric([a.slot, str(a.port), str(a.build), a.build.name, str(a.pid)], 1)
         yield build
+        if app.config.app.spare:
+            info = app.spare.info() or {}
+            yield GaugeMetricFamily("bluegreen_spare_ready", "1 while a hot spare (app.spare) is ready: a crash is "
+                                    "then one routing change.", value=int(info.get("state") == "ready"))
 
     def _swaps(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -65,6 +65,7 @@ class Monitor:
                 elif app.config.app.health.url and time.monotonic() >= next_health:
                     next_health = time.monotonic() + app.config.app.health.interval
                     await self.check_health()
+                app.spare.tend()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the monitor must outlive any single failure
@@ -162,25 +163,29 @@ class Monitor:
             app.keeper.save_quietly()
             return
         app.set_status(DaemonStatus.RECOVERING)
-        delay = r.delay(app.restarts)
+        spare = await app.spare.take(dead.build)  # ready: no boot to wait for, so no backoff either
+        delay = 0.0 if spare else r.delay(app.restarts)
         if delay:
             log.info("restart %d of %d in %.1fs", app.restarts, r.attempts, delay)
             await asyncio.sleep(delay)
-        if app.active is not dead:  # a user's swap replaced it meanwhile
+        if app.active is not dead or app.status == DaemonStatus.STOPPING:  # a user's swap replaced it meanwhile
+            await app.spare.discard(spare)
             return
-        if app.status == DaemonStatus.STOPPING:
-            return
+        if spare is not None:
+            log.info("switching to the spare (%s, pid %d)", spare.slot, spare.pid)
         try:
-            await app.run_swap(dead.build, lambda event: None, reason="recover")
+            await app.run_swap(dead.build, lambda event: None, reason="recover", spare=spare)
         except BluegreenError as e:
             log.error("restart %d failed: %s", app.restarts, e.message.splitlines()[0])
+            await app.spare.discard(spare)
             return
         if app.status == DaemonStatus.STOPPING:  # the daemon began to stop meanwhile: it stays stopping
             return
         app.set_status(DaemonStatus.SERVING)
         held = app.swap.details.get("hold") if app.swap is not None else None
         app.event("restarted", slot=app.active.slot if app.active else None,
-                  pid=app.active.pid if app.active else None, **({"hold": held} if held else {}))
+                  pid=app.active.pid if app.active else None, **({"spare": True} if spare else {}),
+                  **({"hold": held} if held else {}))
 
     async def resume_an_orphan_pause(self) -> None:
         """nginx still paused by a daemon that is gone (stopped, killed): resume it. A pause nobody

@@ -199,17 +199,12 @@ class Daemon:
         app = self.app
         if self.monitor_task is not None:
             self.monitor_task.cancel()  # nothing it would restart may come back
+        await app.spare.end("the daemon stops", graceful=False)
         if app.keep_serving:
             return
         if app.managed is not None:
             log.info("managed nginx %s", await app.managed.stop(0.0))
-        app.keeper.nginx_stopped()
-        warm = app.release.drop_warm()
-        for proc in {p.pid: p for p in (app.standby, app.active, app.retiring, warm.app if warm else None)
-                     if p is not None}.values():
-            result = await app.stop(proc, graceful=False)
-            log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])
-        app.retired()
+        await _stop_the_apps(app, graceful=False)
         app.keeper.save_quietly()
 
     async def _shutdown_steps(self, graceful: bool) -> None:
@@ -220,6 +215,7 @@ class Daemon:
                 await app.holding.resume()
             except BluegreenError as e:
                 log.warning("could not resume nginx before stopping: %s (the next daemon resumes it)", e.message)
+        await app.spare.end("the daemon stops", graceful)  # (no traffic: kept for nobody)
         if app.keep_serving:
             if app.active is not None and app.active.alive():
                 app.serving(app.active)
@@ -231,13 +227,7 @@ class Daemon:
         if app.managed is not None:
             how = await app.managed.stop(self.config.drain.timeout if graceful else 0.0)
             log.info("managed nginx %s", how)
-        app.keeper.nginx_stopped()
-        warm = app.release.drop_warm()
-        for proc in (app.standby, app.active, app.retiring, warm.app if warm else None):
-            if proc is not None:
-                result = await app.stop(proc, graceful)
-                log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])
-        app.retired()
+        await _stop_the_apps(app, graceful)
 
     async def _settle_swap(self) -> None:
         """Cancel a running swap. Past its commit only the old build's exit is left: say that it
@@ -375,3 +365,14 @@ def serve(config: Config) -> int:
             loop.run_until_complete(asyncio.wait(left, timeout=FORCE_GRACE))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+async def _stop_the_apps(app: App, graceful: bool) -> None:
+    """Every app process of ours, after nginx: the standby, the active, the old and the warm builds."""
+    app.keeper.nginx_stopped()
+    warm = app.release.drop_warm()
+    for proc in {p.pid: p for p in (app.standby, app.active, app.retiring, warm.app if warm else None)
+                 if p is not None}.values():
+        result = await app.stop(proc, graceful)
+        log.info("%s (pid %d) %s", proc.slot, proc.pid, result["how"])
+    app.retired()

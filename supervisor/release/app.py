@@ -29,6 +29,7 @@ from .executor import SlotOps
 from .history import PEER
 from .holding import Holding
 from .phases import RELEASES, Phase, Plan, SwapRecord, run_swap
+from .spare import Spare
 
 log = logging.getLogger("bluegreen")
 Reply = Callable[[dict[str, Any]], None]
@@ -57,6 +58,7 @@ class App:
         self.nginx_down: str | None = None  # why the managed nginx could not be restarted
         self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
         self.holding = Holding(config, self.proxy, self.event)  # what nginx holds: a crash's cost, a pause
+        self.spare = Spare(self)  # app.spare: the serving build, ready on the other slot
         # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
         self.keep_serving = config.daemon.on_stop == "keep"
 
@@ -205,15 +207,17 @@ class App:
     # ---- swaps
 
     async def run_swap(self, build: Path, reply: Reply, reason: str, pause: bool = False,
-                       rollout: tuple[int, ...] = (), step_seconds: float | None = None) -> dict[str, Any]:
+                       rollout: tuple[int, ...] = (), step_seconds: float | None = None,
+                       spare: slots.AppProcess | None = None) -> dict[str, Any]:
         """Run one swap to `build` as its own task (a client that leaves does not stop it); the
         result, or a BluegreenError whose `traffic` says where traffic is. With `pause`, return
-        once the swap is paused for preview: `promote` or `abort` carries it on."""
-        self._refuse_swap()
+        once the swap is paused for preview: `promote` or `abort` carries it on. `spare`: a crash
+        restart's ready spare, switched to with no start."""
+        _refuse_swap(self)
         if reason == "rollback":
             await self.release.check_warm()
-            self._refuse_swap()  # another swap may have begun meanwhile
-        plan = self.release.plan(build, reason, pause, rollout, step_seconds)
+            _refuse_swap(self)  # another swap may have begun meanwhile
+        plan = self.release.plan(build, reason, pause, rollout, step_seconds, spare)
         old = plan.old
         assert old is not None
         record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason,
@@ -221,7 +225,7 @@ class App:
         self.swap, self.listeners = record, [reply]
         self.release.paused.clear()
         log.info("%s: %s -> %s (port %d)%s", reason, old.build, build, plan.port,
-                 f"; the warm build (pid {plan.warm.pid}) serves again" if plan.warm else "")
+                 f"; the {'spare' if spare else 'warm build'} (pid {plan.warm.pid}) serves" if plan.warm else "")
         task = self.swap_task = asyncio.ensure_future(self._swap(plan, record))
         try:
             if pause and (info := await self.release.until_paused(task)):
@@ -270,20 +274,22 @@ class App:
         log.info("%s to %s done in %.2fs", plan.reason, plan.build, (record.finished_at or 0) - record.started_at)
         return record
 
-    def _refuse_swap(self) -> None:
-        if self.swapping() and self.release.pause is not None:
-            raise Busy(f"a swap to {self.release.pause.standby.build} is paused for preview; `bluegreen promote` or "
-                       "`bluegreen abort` it first", phase="paused")
-        if self.swapping():
-            assert self.swap is not None
-            raise Busy(f"a {self.swap.reason} to {self.swap.build} is in progress (phase: {self.swap.phase}); "
-                       "wait for it to finish (bluegreen status)", phase=self.swap.phase)
-        if self.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING, DaemonStatus.FAILED) \
-                or self.active is None:
-            raise NotReadyYet(f"the daemon is {self.status}; swaps are accepted once it serves")
-        if self.keeper.unsaved and not self.keeper.retry():
-            raise StateError(f"no swap until state.json can be written: {self.keeper.error or self.warning}",
-                             traffic="unchanged")
+
+def _refuse_swap(app: App) -> None:
+    """Why no swap can start now (a BluegreenError), if so."""
+    if app.swapping() and app.release.pause is not None:
+        raise Busy(f"a swap to {app.release.pause.standby.build} is paused for preview; `bluegreen promote` or "
+                   "`bluegreen abort` it first", phase="paused")
+    if app.swapping():
+        assert app.swap is not None
+        raise Busy(f"a {app.swap.reason} to {app.swap.build} is in progress (phase: {app.swap.phase}); "
+                   "wait for it to finish (bluegreen status)", phase=app.swap.phase)
+    if app.status not in (DaemonStatus.SERVING, DaemonStatus.RECOVERING, DaemonStatus.FAILED) \
+            or app.active is None:
+        raise NotReadyYet(f"the daemon is {app.status}; swaps are accepted once it serves")
+    if app.keeper.unsaved and not app.keeper.retry():
+        raise StateError(f"no swap until state.json can be written: {app.keeper.error or app.warning}",
+                         traffic="unchanged")
 
 
 def _emitter(app: App, plan: Plan[slots.AppProcess]) -> Callable[[dict[str, Any]], None]:

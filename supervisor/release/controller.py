@@ -58,16 +58,18 @@ class Release:
         self.warm: Warm | None = None
 
     def plan(self, build: Path, reason: str, pause: bool, rollout: tuple[int, ...] = (),
-             step_seconds: float | None = None) -> Plan[slots.AppProcess]:
+             step_seconds: float | None = None, spare: slots.AppProcess | None = None) -> Plan[slots.AppProcess]:
         """A swap to `build`, with what its kind runs: a release gets the hooks, the checks, the
-        pause it asked for, the warm build when it goes back to it, and keeps its old build warm."""
+        pause it asked for, the warm build when it goes back to it, and keeps its old build warm;
+        a crash restart gets the spare, if one was ready."""
         old = self.app.active
         assert old is not None
         slot = other_slot(old.slot)
         release = reason in RELEASES
         rollout = (rollout or self.app.config.rollout.steps) if reason == "swap" else ()
         kept = self.warm
-        warm = kept.app if kept and kept.usable() and kept.app.build == build and release and not pause else None
+        warm = spare or (kept.app if kept and kept.usable() and kept.app.build == build and release and not pause
+                         else None)
         h = self.app.config.hooks
         watch = self.app.config.release.watch_seconds if reason == "swap" and not rollout else 0.0
         if (rollout or watch) and self.app.proxy.mode != "runtime":

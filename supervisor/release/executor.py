@@ -38,6 +38,7 @@ class SlotOps:
         builds.check_build(plan.build)
         if self.app.release.warm is not None:  # it holds the slot this swap needs
             await self.app.release.end_warm("a new swap needs its slot")
+        await self.app.spare.end("a swap needs its slot")
         if self.app.proxy.preview_port is not None:  # left by an abort whose preview could not be ended
             await self.app.proxy.preview(None)
         await self.app.free_port(plan.port)

@@ -82,7 +82,7 @@ class Plan(Generic[Old]):
     checks: bool = False  # run the smoke checks before the switch
     hooks: frozenset[str] = frozenset()  # the configured hooks this swap runs (releases only)
     pause: bool = False  # stop before the switch for a preview, until promote or abort
-    warm: Old | None = None  # the build already runs there (kept warm): no start, no readiness wait
+    warm: Old | None = None  # the build already runs there (kept warm, a spare): no start, no readiness wait
     keep_warm: float = 0.0  # seconds the old build keeps running after the switch (0: stop it)
     rollback_on_hook: bool = False  # a failed after_switch sends traffic back to the old build
     rollout: tuple[int, ...] = ()  # shares of users (%) the new build gets step by step before everyone
@@ -250,7 +250,7 @@ async def _until_commit(phase: PhaseRunner, plan: Plan[Old], ops: SwapOps[Standb
                         record: SwapRecord) -> Standby:
     if plan.warm is not None:
         standby: Any = plan.warm
-        record.details["warm"] = {"reused": True}
+        record.details["spare" if plan.reason == "recover" else "warm"] = {"reused": True}
     else:
         await phase(Phase.PREPARE, lambda: ops.prepare(plan))
         standby, _ = await phase(Phase.START, lambda: ops.start(plan))

@@ -34,6 +34,10 @@ async def adopt(app: App) -> bool:
     if warm is not None and (decision.active is None or warm.pid != decision.active.pid):
         leftovers.append(warm)  # a restart ends the keep_warm window
     app.keeper.warm(None, None)
+    spare = slots.adopt_state(state.spare, app.state_dir) if state.spare else None
+    if spare is not None and (decision.active is None or spare.pid != decision.active.pid):
+        leftovers.append(spare)  # this daemon boots its own (and watches it from the start)
+    app.keeper.spare(None)
     if decision.unrecorded_slot:  # killed between spawning a standby and recording it
         leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,
                                      app.launcher.log_path(decision.unrecorded_slot))

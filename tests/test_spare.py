@@ -1,0 +1,127 @@
+"""The hot spare (app.spare): the serving build, ready on the other slot with no traffic, so that
+a crash is one routing change; a new spare boots behind; a swap takes the slot and a spare of
+the new build follows; a spare that dies is started again with the active's backoff. Real
+daemons on both nginx shapes, a slow-booting app (a boot waited for would show)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import Load, answering, running, wait_until
+from shapes import app_build
+from test_hold import crash, restarted
+from test_metrics import metrics_daemon, scrape, value
+
+pytestmark = pytest.mark.e2e
+SPARE = "spare = true"
+SLOW = 2500  # ms the app takes to listen: a crash restart that booted would hold requests that long
+
+
+def spare_ready(run: Any, build: str, not_pid: int | None = None) -> dict[str, Any]:
+    """The status once a spare of `build` (another process than `not_pid`) is ready."""
+    def ready() -> dict[str, Any] | None:
+        st = run.status()
+        sp = st and st.get("spare")
+        ok = sp and sp["state"] == "ready" and sp["alive"] and sp["build"].endswith(f"/{build}") \
+            and sp["pid"] != not_pid and st["daemon"]["status"] == "serving"
+        return st if ok else None
+    return wait_until(ready, 60, f"a spare of {build} to be ready", run.output)
+
+
+def test_a_crash_moves_traffic_to_the_spare_with_no_boot_and_a_new_spare_boots_behind(shape: Any,
+                                                                                      releases: Path) -> None:
+    """Under load, the active app SIGKILLed: the spare (already ready) serves, no request sent
+    after the crash fails, and the outage's longest hold is far shorter than one boot of this
+    app; then a new spare of the same build is ready on the dead app's slot."""
+    run, _ = shape(build=app_build(releases, "v1", boot_ms=SLOW), app=SPARE)
+    st = spare_ready(run, "v1")
+    spare, dead_slot = st["spare"], st["active"]["slot"]
+    assert spare["slot"] != dead_slot and spare["rss"] > 0, spare
+    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
+        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+        pid, dead_at = crash(run)
+        st = restarted(run, pid)
+        after = load.total
+        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
+    assert st["active"]["pid"] == spare["pid"], (st["active"], spare)  # the spare itself: nothing booted
+    event = next(e for e in st["events"] if e["event"] == "restarted")
+    assert event.get("spare") is True, event
+    hold = event["hold"]
+    assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
+    assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
+    assert hold["hold_timeouts"] == 0 and hold["held_longest"] < SLOW / 1000, hold  # not a boot: a routing change
+    entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
+    assert entry["reason"] == "recover", entry
+    st = spare_ready(run, "v1", not_pid=spare["pid"])
+    assert st["spare"]["slot"] == dead_slot, st["spare"]
+    assert "spare" in run.cli("status").stdout
+
+
+def test_a_swap_replaces_the_spare_with_the_new_build(make_daemon: Any, releases: Path) -> None:
+    """A swap takes the spare's slot (the spare is stopped, never served), and once it is over a
+    spare of the new build is ready behind it; the metrics say when one is ready."""
+    run, port = metrics_daemon(make_daemon, build=app_build(releases, "v1"), app=SPARE)
+    old_spare = spare_ready(run, "v1")["spare"]
+    assert value(scrape(port), "bluegreen_spare_ready") == 1
+    r = run.cli("swap", str(app_build(releases, "v2")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not running(old_spare["pid"]), old_spare
+    st = spare_ready(run, "v2")
+    assert st["spare"]["slot"] != st["active"]["slot"] and st["active"]["build"].endswith("/v2"), st
+    assert any(e["event"] == "spare_ready" for e in st["events"]), st["events"]
+
+
+def test_rollback_with_keep_warm_still_uses_the_warm_build_and_the_spare_waits_for_its_slot(
+        make_daemon: Any, releases: Path) -> None:
+    """During release.keep_warm the warm old build holds the other slot (status says why there is
+    no spare); rollback is one routing change to it; once the window is over, a spare is back."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE, extra="[release]\nkeep_warm = 4\n")
+    spare_ready(run, "v1")
+    assert run.cli("swap", str(app_build(releases, "v2"))).returncode == 0
+    st = run.status()
+    assert st["warm"] and st["spare"]["state"] == "waiting" and "warm" in st["spare"]["why"], st["spare"]
+    r = run.cli("rollback")
+    assert r.returncode == 0 and "used the warm build" in r.stdout, r.stdout + r.stderr
+    assert answering(run.listen_port, {"v1": 4})
+    spare_ready(run, "v1")  # after the window of the rollback's own warm build (v2)
+
+
+def test_a_spare_that_dies_is_started_again_and_given_up_after_restart_attempts(make_daemon: Any,
+                                                                                 releases: Path) -> None:
+    """A killed spare is noticed and replaced (event spare_failed) with the active's backoff; past
+    app.restart.attempts failures in a row no other is started, and status says so and why."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE,
+                      extra="[app.restart]\nattempts = 2\nbackoff = 0.2\n")
+    first = spare_ready(run, "v1")["spare"]
+    os.killpg(first["pid"], signal.SIGKILL)
+    second = spare_ready(run, "v1", not_pid=first["pid"])["spare"]
+    os.killpg(second["pid"], signal.SIGKILL)
+    st = wait_until(lambda: (s := run.status()) and s["spare"]["state"] == "given up" and s, 30, "the spare given up")
+    assert "exited" in st["spare"]["why"] and st["spare"]["failures"] == 2, st["spare"]
+    assert "GIVEN UP" in run.cli("status").stdout
+    failed = [e for e in st["events"] if e["event"] == "spare_failed"]
+    assert len(failed) == 2 and failed[-1].get("gave_up") is True, failed
+    assert st["daemon"]["status"] == "serving" and answering(run.listen_port, {"v1": 4})
+
+
+def test_a_restarted_daemon_stops_the_spare_it_finds_and_starts_its_own(make_daemon: Any, releases: Path) -> None:
+    """A daemon killed with -9 leaves its spare running: the next one adopts the app, stops that
+    spare (recorded in state.json) and boots a spare it watches itself."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE)
+    old = spare_ready(run, "v1")["spare"]
+    run.kill()
+    run.start()
+    spare_ready(run, "v1", not_pid=old["pid"])
+    wait_until(lambda: not running(old["pid"]), 30, "the old spare to be stopped")
+
+
+def test_the_spare_is_off_by_default_and_says_nothing(make_daemon: Any, releases: Path) -> None:
+    run = make_daemon(build=app_build(releases, "v1"))
+    st = run.status()
+    assert st["spare"] is None and "spare" not in run.cli("status").stdout
