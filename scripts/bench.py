@@ -97,6 +97,7 @@ class OpenLoopLoad:
     def __init__(self, port: int, rate: float, keepalive: bool = True, slow: bool = True, users: bool = False) -> None:
         self.port, self.rate, self.keepalive, self.slow = port, rate, keepalive, slow
         self.users = users  # each request from a new user (its own rollout cookie), for a split
+        self.slow_path = f"/slow?ms={SLOW_MS}"  # (Tomcat's example: /slow.jsp)
         self.results: list[Result] = []
         self.pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -124,7 +125,7 @@ class OpenLoopLoad:
             w.close()
 
     async def one(self, client: str, slow: bool) -> None:
-        path = f"/slow?ms={SLOW_MS}" if slow else "/"
+        path = self.slow_path if slow else "/"
         start = time.time()
         conn = None
         try:

@@ -1,12 +1,14 @@
 """Crashes under load, side by side in one run: the active app SIGKILLed every few seconds while
 an open-loop load runs (half fresh connections, half keep-alive, one request in ten slow), first
 with nothing held (hold.timeout = 0: nginx answers 502 while no build can, bluegreen before the
-hold), then with the hold (the default), on the same schedule. Each failed request is put down to
-its cause: sent before a killed app's port closed and still running then (it was inside the
-killed app), or sent after (nothing could answer it). nginx's own count of what the dead apps had (`lost`) is printed
-beside the clients' count.
+hold), then with the hold (the default), then with the hold and a hot spare (app.spare = true),
+on the same schedule. Each failed request is put down to its cause: sent before a killed app's
+port closed and still running then (it was inside the killed app), or sent after (nothing could
+answer it). nginx's own count of what the dead apps had (`lost`) is printed beside the clients'
+count. With --app tomcat, the Tomcat example (a boot of seconds): the hold, then the hold and a
+spare.
 
-    scripts/chaos --crashes [--duration 120] [--kill-every 10] [--rate 100]
+    scripts/chaos --crashes [--duration 120] [--kill-every 10] [--rate 100] [--app node|tomcat]
 """
 
 from __future__ import annotations
@@ -30,24 +32,42 @@ sys.path.insert(0, str(ROOT))
 
 from bench import OpenLoopLoad  # noqa: E402
 from conftest import render_config  # noqa: E402
-from helpers import DaemonRun, free_ports, make_build  # noqa: E402
+from helpers import DaemonRun, dump_toml, example_config, free_ports, make_build  # noqa: E402
 from supervisor.processes import sockets  # noqa: E402
 
 
-async def one_run(label: str, hold_timeout: float, args: argparse.Namespace) -> dict[str, Any]:
-    d = Path(tempfile.mkdtemp(prefix="bg-crashes-"))
-    build = make_build(d / "releases", "v1")
+def write_config(d: Path, app: str, hold_timeout: float, spare: bool) -> tuple[Path, int, int, int]:
+    """The run's config: the example Node app or the Tomcat example, restarted without end (every
+    kill is a crash to recover from), holding up to `hold_timeout`, with a spare or not."""
+    import tomllib
+
     listen, blue, green = free_ports(3)
     config = d / "bluegreen.toml"
-    config.write_text(render_config(d, build=build, ports=(blue, green), listen=listen, drain_timeout=10,
-                                    stop_timeout=5,
-                                    extra="[app.restart]\nattempts = 1000\nbackoff = 0.1\nbackoff_max = 0.5\n"
-                                          f"[hold]\ntimeout = {hold_timeout:g}\n"))
+    if app == "tomcat":
+        data = tomllib.loads(example_config(ROOT / "examples" / "tomcat" / "bluegreen.toml", config, listen,
+                                            (blue, green)).read_text())
+    else:
+        data = tomllib.loads(render_config(d, build=make_build(d / "releases", "v1"), ports=(blue, green),
+                                           listen=listen, drain_timeout=10, stop_timeout=5))
+    data["app"].update(spare=spare, restart={"attempts": 1000, "backoff": 0.1, "backoff_max": 0.5})
+    data["hold"] = {"timeout": hold_timeout}
+    config.write_text(dump_toml(data))
+    return config, listen, blue, green
+
+
+async def one_run(label: str, hold_timeout: float, args: argparse.Namespace, spare: bool = False) -> dict[str, Any]:
+    d = Path(tempfile.mkdtemp(prefix="bg-crashes-"))
+    config, listen, blue, green = write_config(d, args.app, hold_timeout, spare)
     run = DaemonRun(dir=d, config=config, listen_port=listen, ports=(blue, green))
     await asyncio.to_thread(run.start)
+    if spare:
+        await spare_ready(run)
     load = OpenLoopLoad(listen, args.rate)
+    if args.app == "tomcat":
+        load.slow_path = load.slow_path.replace("/slow", "/slow.jsp")
     task = asyncio.ensure_future(load.run())
     kills: list[float] = []
+    took_spare: list[bool] = []  # each kill: the spare served next (no boot)
     gaps: list[float] = []
     try:
         await asyncio.sleep(min(args.kill_every / 2, 3))
@@ -55,7 +75,8 @@ async def one_run(label: str, hold_timeout: float, args: argparse.Namespace) -> 
         while time.monotonic() < end:
             t0 = time.monotonic()
             st = await asyncio.to_thread(run.status)
-            if st and st["active"] and st["active"]["alive"] and st["daemon"]["status"] == "serving":
+            ready = not spare or (st and (st.get("spare") or {}).get("state") == "ready")
+            if st and st["active"] and st["active"]["alive"] and st["daemon"]["status"] == "serving" and ready:
                 pid, port = st["active"]["pid"], st["active"]["port"]
                 at = time.time()
                 os.kill(pid, signal.SIGKILL)
@@ -63,6 +84,7 @@ async def one_run(label: str, hold_timeout: float, args: argparse.Namespace) -> 
                     await asyncio.sleep(0.001)
                 kills.append(time.time())  # from here its port refuses
                 gaps.append(await serving_again(run, pid) - at)
+                took_spare.append(bool(spare and (await asyncio.to_thread(run.status))["active"]["pid"] == st["spare"]["pid"]))
             await asyncio.sleep(max(0.0, args.kill_every - (time.monotonic() - t0)))
         await asyncio.sleep(2)  # the last restart serves under load
     finally:
@@ -80,7 +102,17 @@ async def one_run(label: str, hold_timeout: float, args: argparse.Namespace) -> 
             "gap": sum(gaps), "held": sum(h["held"] for h in held),
             "longest": max((h["held_longest"] for h in held), default=0.0),
             "timeouts": sum(h["hold_timeouts"] for h in held), "lost": sum(h["lost"] for h in held),
-            "counted": bool(held)}
+            "counted": bool(held), "spare": f"{sum(took_spare)} of {len(took_spare)}" if spare else "-"}
+
+
+async def spare_ready(run: DaemonRun) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        st = await asyncio.to_thread(run.status)
+        if st and (st.get("spare") or {}).get("state") == "ready":
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"no spare was ready within 180 s:\n{run.output()}")
 
 
 async def serving_again(run: DaemonRun, dead: int) -> float:
@@ -108,26 +140,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration", type=float, default=120, help="seconds of kills (default 120)")
     parser.add_argument("--kill-every", type=float, default=10, help="seconds between two kills (default 10)")
     parser.add_argument("--rate", type=float, default=100, help="requests per second, open loop (default 100)")
+    parser.add_argument("--app", choices=("node", "tomcat"), default="node", help="the example app (default node)")
     args = parser.parse_args(argv)
-    rows = [asyncio.run(one_run("nothing held (hold.timeout = 0)", 0, args)),
-            asyncio.run(one_run("held (hold.timeout = 10)", 10, args))]
+    rows = [] if args.app == "tomcat" else [asyncio.run(one_run("nothing held (hold.timeout = 0)", 0, args))]
+    rows += [asyncio.run(one_run("held (hold.timeout = 10)", 10, args)),
+             asyncio.run(one_run("held, with a spare (app.spare = true)", 10, args, spare=True))]
+    what = "the Tomcat example" if args.app == "tomcat" else "the example Node app"
     print(f"\nkill -9 of the active app every {args.kill_every:g} s for {args.duration:g} s, {args.rate:g} requests/s "
-          "open loop (half fresh, half keep-alive), one in ten slow (1 s); example Node app, managed nginx, runtime "
-          "switch\n")
+          f"open loop (half fresh, half keep-alive), one in ten slow (1 s); {what}, managed nginx, runtime switch\n")
     print("| run | kills | requests | failed | of which inside the killed app | sent after a kill | nginx counted "
-          "lost | held | longest hold | held past hold.timeout | replacement serving after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "lost | held | longest hold | held past hold.timeout | replacement serving after | spare served |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         nginx = [str(r["lost"]), str(r["held"]), f"{r['longest']:.3f} s", str(r["timeouts"])] if r["counted"] else \
             ["-"] * 4  # nothing held: no hold server to count
         print(f"| {r['label']} | {r['kills']} | {r['requests']} | {r['failed']} | {r['inside']} | {r['after']} | "
-              + " | ".join(nginx) + f" | {r['gap'] / max(1, r['kills']):.2f} s (mean) |")
+              + " | ".join(nginx) + f" | {r['gap'] / max(1, r['kills']):.2f} s (mean) | {r['spare']} |")
     for r in rows:
         print(f"{r['label']}: failures by client and kind: {r['kinds']}")
-    with_hold = rows[1]
-    ok = with_hold["after"] == 0 and with_hold["failed"] == with_hold["lost"]
-    print("chaos --crashes: " + ("PASS: with the hold, no request sent after a kill failed, and every failure was "
-                                 "one nginx counted lost" if ok else "FAIL"))
+    held = rows[-2:]  # the hold, and the hold with a spare
+    ok = all(r["after"] == 0 and r["failed"] == r["lost"] for r in held)
+    print("chaos --crashes: " + ("PASS: with the hold (and with a spare), no request sent after a kill failed, and "
+                                 "every failure was one nginx counted lost" if ok else "FAIL"))
     return 0 if ok else 1
 
 

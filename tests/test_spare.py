@@ -125,3 +125,15 @@ def test_the_spare_is_off_by_default_and_says_nothing(make_daemon: Any, releases
     run = make_daemon(build=app_build(releases, "v1"))
     st = run.status()
     assert st["spare"] is None and "spare" not in run.cli("status").stdout
+
+
+def test_a_swap_while_the_spare_boots_stops_it_and_takes_its_slot(make_daemon: Any, releases: Path) -> None:
+    """A spare still booting when a swap begins is stopped (its boot cancelled, the process it
+    started stopped too), the swap gets the slot, and a spare of the new build follows."""
+    run = make_daemon(build=app_build(releases, "v1", boot_ms=SLOW), app=SPARE)
+    booting = wait_until(lambda: (s := run.status()) and (s["spare"] or {}).get("state") == "starting" and s["spare"],
+                         60, "the spare to be starting")
+    r = run.cli("swap", str(app_build(releases, "v2", boot_ms=SLOW)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not running(booting["pid"]), booting
+    spare_ready(run, "v2")

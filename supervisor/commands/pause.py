@@ -18,7 +18,7 @@ SPEC = CommandSpec(
     "pause", "hold every new request inside nginx until `resume` (each up to --hold seconds, then 503)",
     {"hold": (float, False)}, order=46,
     description="Hold every new request inside nginx: none reaches the app until `bluegreen resume`; each waits up "
-                "to --timeout seconds (default hold.timeout), then gets 503 with Retry-After. Requests already in the "
+                "to --hold seconds (default hold.timeout), then gets 503 with Retry-After. Requests already in the "
                 "app finish. Runtime switch, HTTP app only. A daemon that stops (or is killed) while paused leaves "
                 "nginx paused only until the next daemon starts, which resumes it: a pause nobody owns is an outage "
                 "nobody watches.",

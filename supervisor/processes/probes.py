@@ -8,7 +8,9 @@ exit status instead of waiting out the timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -139,7 +141,7 @@ async def wait_ready(app: AppProcess, ready: ReadyConfig, url: str | None) -> Re
     last = "no check ran"
     timeout = httpx.Timeout(min(ATTEMPT_TIMEOUT, ready.timeout))
     # trust_env=False: an HTTP_PROXY in the environment must never see loopback checks.
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False, verify=_tls()) as client:
         exited = asyncio.ensure_future(app.wait())
         try:
             while True:
@@ -198,9 +200,18 @@ async def _exited_error(app: AppProcess) -> AppError:
     )
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every probe: httpx builds one per client (loading the CA bundle: 15 ms
+    here), which a crash's switch to the spare would otherwise wait for."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 async def alive(url: str, timeout: float) -> tuple[bool, str]:
     """One liveness check of a running app: 2xx within `timeout` (a hung process never answers)."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), trust_env=False, verify=_tls()) as client:
         return await _http_ok(client, url, None)
 
 
@@ -208,7 +219,7 @@ async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str,
     """Every smoke check against the app on `port` (not through nginx), in order; one result
     each: what it asked, what it got, and whether that was what it expected."""
     results = []
-    async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=_tls()) as client:
         for check in checks:
             began = time.monotonic()
             result: dict[str, Any] = {"check": check.name, "expected": check.status}

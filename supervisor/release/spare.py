@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable
 
+from ..aio import shielded
 from ..config.schema import expand, other_slot
 from ..errors import BluegreenError
 from ..processes import probes, slots
@@ -33,6 +34,7 @@ class Spare:
         self.proc: slots.AppProcess | None = None  # started (booting until `ready`)
         self.ready_at: float | None = None  # wall clock: when it answered its readiness checks
         self.task: asyncio.Task[Any] | None = None  # the boot, a liveness check or a stop running now
+        self.checking = False  # the task is a liveness check (a crash does not wait for it)
         self.failures = 0  # spares in a row that died, hung or never got ready
         self.retry_at = 0.0  # monotonic: no new spare before
         self.health_failures = 0
@@ -66,15 +68,15 @@ class Spare:
                 self.failures = 0  # it ran long enough: the next failure starts a new count
             if self.ready_at is not None and app.config.app.health.url and time.monotonic() >= self.next_health:
                 self.next_health = time.monotonic() + app.config.app.health.interval
-                self._run(self._check_health(proc))
+                self._run(self._check_health(proc), checking=True)
             return
         if self.gave_up is not None and app.active is not None and app.active.build != self.gave_up[0]:
             self.gave_up, self.failures = None, 0  # a new build serves: its spare gets a fresh count
         if self._wanted() and self.gave_up is None and time.monotonic() >= self.retry_at:
             self._run(self._boot())
 
-    def _run(self, work: Awaitable[Any]) -> None:
-        self.task = asyncio.ensure_future(work)
+    def _run(self, work: Awaitable[Any], checking: bool = False) -> None:
+        self.task, self.checking = asyncio.ensure_future(work), checking
 
     async def _boot(self) -> None:
         app = self.app
@@ -117,7 +119,7 @@ class Spare:
         self.health_failures += 1
         if self.health_failures >= h.failures:
             self._failed(f"failed {h.failures} liveness checks in a row (last: {what})")
-            await self._stop(proc, "it stopped answering")
+            await shielded(self._stop(proc, "it stopped answering"))  # (a crash's take() cancels a check)
 
     def _failed(self, why: str) -> None:
         """A spare died, hung or never got ready: the next one waits the active's backoff, and
@@ -167,6 +169,8 @@ class Spare:
         None if there is none."""
         if self.busy():
             assert self.task is not None
+            if self.checking:  # take()'s own check follows
+                self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         proc = self.proc
         if proc is None or self.ready_at is None or not proc.alive() or proc.build != build:
