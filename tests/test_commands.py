@@ -91,3 +91,19 @@ def test_the_cli_builds_only_the_subcommand_it_runs() -> None:
     sub = next(a for a in only._actions if a.dest == "command")  # noqa: SLF001 (argparse has no public way)
     assert list(sub.choices) == ["status"]
     assert set(next(a for a in cli.build_parser()._actions if a.dest == "command").choices) >= {"status", "swap", "logs"}
+
+
+def test_a_verbs_help_names_only_the_options_its_cli_has() -> None:
+    """`bluegreen --help` and `bluegreen VERB --help` speak the CLI's flags (--keep-serving), never the
+    socket's field names (keep=true)."""
+    import re
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    for name, verb in commands.load().items():
+        said = f"{verb.SPEC.help} {verb.SPEC.description}"
+        assert not re.search(r"\b\w+=(true|false)\b", said), (name, said)
+        flags = {o for a in sub.choices[name]._actions for o in a.option_strings}  # noqa: SLF001
+        own = re.sub(r"`(?:bluegreen )?(?!" + name + r"\b)[a-z-]+ [^`]*`", "", said)  # (another verb's line, quoted)
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", own):
+            assert flag in flags, f"`{name}` help names {flag}, which `bluegreen {name}` does not take: {said}"

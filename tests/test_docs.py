@@ -23,8 +23,26 @@ def test_every_link_of_the_readme_into_the_manual_lands() -> None:
     links = re.findall(r"\]\((docs/[^)#]+)(?:#([\w-]+))?\)", readme)
     assert links
     for page, anchor in links:
-        text = (ROOT / page).read_text()
         if anchor:
-            headings = {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower())
-                        for h in re.findall(r"^#+ (.*)$", text, re.M)}
-            assert anchor in headings, f"README links to {page}#{anchor}, which has no such heading"
+            assert anchor in slugs(ROOT / page), f"README links to {page}#{anchor}, which has no such heading"
+
+
+def slugs(page: Path) -> set[str]:
+    """The anchors of a page's headings, as MkDocs makes them."""
+    return {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower())
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_every_pointer_in_a_message_leads_to_a_page_and_section_that_exist() -> None:
+    """What the daemon and the CLI tell users to read (`docs/PAGE.md#section`) exists, and no
+    message points into the README's sections (they moved to docs/)."""
+    sources = [p for p in (ROOT / "supervisor").rglob("*") if p.suffix in (".py", ".lua", ".conf", ".service")]
+    pointers = {(p.relative_to(ROOT), m.group(1), m.group(2))
+                for p in sources for m in re.finditer(r"(docs/[\w-]+\.md)(?:#([\w-]+))?", p.read_text())}
+    assert len(pointers) >= 5, pointers
+    for source, page, anchor in sorted(pointers, key=str):
+        assert (ROOT / page).exists(), f"{source} points to {page}, which does not exist"
+        if anchor:
+            assert anchor in slugs(ROOT / page), f"{source} points to {page}#{anchor}, which has no such heading"
+    stale = [str(p.relative_to(ROOT)) for p in sources if re.search(r"\(README: ", p.read_text())]
+    assert not stale, f"messages point into README sections that moved to docs/: {stale}"

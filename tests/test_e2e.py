@@ -240,3 +240,17 @@ s = socket.socket(); s.bind(("127.0.0.1", {run.ports[1]})); s.listen(); print("b
     finally:
         squatter.kill()
         squatter.wait()
+
+
+def test_a_build_that_dies_at_start_quotes_only_its_own_output(make_daemon, releases: Path) -> None:
+    """The slot's log also holds what the build that ran there before printed: the error quotes
+    this start's lines only, never the previous process's."""
+    run = make_daemon()  # v1 on blue
+    assert run.cli("swap", str(make_build(releases, "v2"))).returncode == 0  # blue's v1 printed, and stopped
+    assert "--- bluegreen" in (run.dir / "run" / "logs" / "blue.log").read_text()
+    before = (run.dir / "run" / "logs" / "blue.log").read_text().splitlines()
+    assert len(before) >= 2, before
+    swap = run.cli("swap", str(make_build(releases, "broken", server_js=CRASHING_APP)))  # to blue
+    assert swap.returncode == 1 and "boom: DATABASE_URL is not set" in swap.stderr, swap.stderr
+    quoted = swap.stderr.split("Last log lines", 1)[1]
+    assert not [line for line in before if line.strip() and line in quoted], (before, quoted)

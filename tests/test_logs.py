@@ -215,3 +215,28 @@ def test_a_build_that_prints_a_huge_line_and_dies_gets_a_bounded_error(make_daem
     assert len(run.cli("status", "--json").stdout) < 100_000
     logs = run.dir / "run" / "logs"  # the log itself keeps it all (rotated at logs.max_bytes, 10 MiB)
     wait_until(lambda: sum(p.stat().st_size for p in logs.glob("green.log*")) > 10 * 1024 * 1024, 30, "the whole line")
+
+
+def test_logs_nginx_with_your_own_nginx_shows_its_error_log_or_says_why_not(short_tmp: Path) -> None:
+    """External mode: `logs nginx` shows nginx.error_log; an empty one is said (on stderr, exit 0),
+    never a silent nothing; one this user cannot read names the group that can."""
+    log = short_tmp / "error.log"
+    log.write_text("")
+    cfg = short_tmp / "bluegreen.toml"
+    cfg.write_text(f'[app]\ncommand = ["node", "server.js"]\nports = [21001, 21002]\nbuild = "{short_tmp}"\n'
+                   f'[daemon]\nstate_dir = "run"\n[nginx]\nmode = "external"\nupstream_file = "{short_tmp}/up.conf"\n'
+                   f'pid_file = "{short_tmp}/nginx.pid"\nerror_log = "{log}"\n')
+    r = bluegreen("logs", "nginx", "-c", str(cfg))
+    assert r.returncode == 0 and r.stdout == "" and f"{log} is empty" in r.stderr, (r.stdout, r.stderr)
+    log.write_text('2026/12/06 10:00:00 [error] 12#12: *3 connect() failed (111: Connection refused)\n')
+    r = bluegreen("logs", "nginx", "-c", str(cfg))
+    assert r.returncode == 0 and "Connection refused" in r.stdout, (r.stdout, r.stderr)
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root (CI runs as root)")
+    log.chmod(0o640)
+    short_tmp.chmod(0o755)
+    cfg.chmod(0o644)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "supervisor", "logs", "nginx", "-c", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and f"cannot read {log}: permission denied" in r.stderr and "(root)" in r.stderr, r.stderr

@@ -5,6 +5,7 @@ status, and nginx's per-slot counters in each switch mode."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -127,3 +128,59 @@ def test_a_metrics_address_in_use_is_named_and_the_daemon_does_not_start(make_da
         assert run.proc is not None and run.proc.wait(60) == 1
     out = run.output()
     assert f"daemon.metrics_listen: 127.0.0.1:{port} is already in use by" in out and "python" in out, out
+
+
+def documented() -> dict[str, tuple[str, frozenset[str]]]:
+    """docs/operations.md's metrics table: {family name: (type, label names)} (a counter's family
+    is its name without `_total`, as prometheus_client's parser names it)."""
+    from helpers import ROOT
+
+    rows = re.findall(r"^\| `(bluegreen_\w+)(?:\{([\w,]+)\})?` \| (\w+) \|", (ROOT / "docs" / "operations.md").read_text(),
+                      re.M)
+    assert len(rows) >= 20, rows
+    return {(name.removesuffix("_total") if kind == "counter" else name): (kind, frozenset(filter(None, labels.split(","))))
+            for name, labels, kind in rows}
+
+
+def served(port: int) -> dict[str, tuple[str, set[frozenset[str]], set[Any]]]:
+    """{family: (type, its samples' label names, its series)} from a real scrape."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out = {}
+    for fam in text_string_to_metric_families(data.partition(b"\r\n\r\n")[2].decode()):
+        names = {frozenset(k for k in s.labels if k != "le") for s in fam.samples}
+        series = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("pid",)))) for s in fam.samples}
+        out[fam.name] = (fam.type, names, series)
+    return out
+
+
+def test_the_metrics_table_in_the_docs_is_what_a_daemon_serves_with_series_that_never_change(make_daemon,
+                                                                                           releases: Path) -> None:
+    """Every documented metric is served with its documented type and labels and nothing else is
+    (runtime switch, HTTP app, a spare: every family shows); and the series a swap's gauges have
+    while it runs are the ones they have at rest (a label that changes value starts a new series)."""
+    from shapes import app_build
+
+    run, port = metrics_daemon(make_daemon, app="spare = true")
+    wait_until(lambda: (run.status()["spare"] or {}).get("state") == "ready", 60, "the spare")
+    idle, docs = served(port), documented()
+    assert set(idle) == set(docs), (sorted(set(idle) - set(docs)), sorted(set(docs) - set(idle)))
+    for name, (kind, labels) in docs.items():
+        assert idle[name][0] == kind, (name, idle[name][0], kind)
+        assert idle[name][1] <= {labels}, (name, idle[name][1], labels)
+    kinds = {dict(labels)["kind"] for _, labels in idle["bluegreen_long_lived_connections"][2]}
+    assert kinds == {"websocket", "path"}, kinds  # an HTTP app's kinds: no `tcp` series that can never move
+    swap = run.cli_background("swap", str(app_build(releases, "v2", boot_ms=3000)))
+    try:
+        wait_until(lambda: run.phase() == "ready", 30, "the swap to be getting ready")
+        during = served(port)
+        m = scrape(port)
+        assert value(m, "bluegreen_swap_phase", phase="ready") == 1 and value(m, "bluegreen_swap_phase", phase="drain") == 0
+        assert value(m, "bluegreen_swap_in_progress", reason="swap") == 1
+    finally:
+        swap.communicate(timeout=60)
+    for name in ("bluegreen_swap_in_progress", "bluegreen_swap_phase", "bluegreen_long_lived_connections"):
+        assert during[name][2] == idle[name][2], (name, during[name][2] ^ idle[name][2])

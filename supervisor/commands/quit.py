@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..daemon.process import Daemon
 
 SPEC = CommandSpec(
-    "quit", "stop the daemon; with keep=true the app and managed nginx keep serving and the next daemon adopts them",
+    "quit", "stop the daemon; with --keep-serving the app and managed nginx keep serving for the next daemon",
     {"keep": (bool, False)}, order=50,
     description="Stop the daemon. By default it stops the app and the managed nginx, like SIGTERM. With "
                 "--keep-serving they keep serving and the next `bluegreen daemon` adopts them without a restart "

@@ -1033,7 +1033,7 @@ def _check_nginx(n: dict[str, Any], a: dict[str, Any], d: dict[str, Any], path: 
         if n.get("switch") == "auto":
             problems.append('nginx.switch: "auto" is for the managed nginx; with your own nginx choose "reload", or '
                             '"runtime" once its config includes the upstream file with the lua module loaded '
-                            "(README: the runtime switch with your own nginx)")
+                            "(see docs/nginx.md#the-runtime-switch-with-your-own-nginx-external-mode)")
     elif mode == "managed":
         for key in ("upstream_file", "pid_file", "error_log", "test_command", "reload_command", "lua_handlers_file"):
             if n.get(key) is not None:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..config.schema import SLOTS
 from ..errors import BluegreenError, PortInUse
 from ..processes import sockets
-from ..processes.sockets import LONG_LIVED
 from ..proxy.counters import Hold
+from ..release.phases import Phase
 from ..state import DaemonStatus
 from ..aio import within
 
@@ -35,6 +35,9 @@ log = logging.getLogger("bluegreen")
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST = 8192
+REASONS = ("swap", "rollback", "restart", "recover")  # (a first start is no swap here)
+# The long-lived kinds an app of each protocol can have (sockets.LONG_LIVED): no series that cannot move.
+KINDS = {"http": ("websocket", "path"), "grpc": ("path",), "tcp": ("tcp",)}
 
 
 class Histogram:
@@ -127,11 +130,17 @@ class Collector:
             swaps.add_metric([reason, outcome], n)
         yield swaps
         swap = self.app.swap if self.app.swapping() else None
-        running = GaugeMetricFamily("bluegreen_swap_in_progress", "1 while a swap runs, labelled with its phase.",
-                                    labels=["phase", "reason"])
-        # While none runs, the sample has no labels (a label set with nothing in it would be a series of its own).
-        running.add_metric([swap.phase or "", swap.reason] if swap is not None else [], int(swap is not None))
+        # The same series at every scrape (a label that changes value would start a new one): 1 for
+        # the running swap's reason and phase, 0 for the others.
+        running = GaugeMetricFamily("bluegreen_swap_in_progress", "1 while a swap of this reason runs.",
+                                    labels=["reason"])
+        for reason in REASONS:
+            running.add_metric([reason], int(swap is not None and swap.reason == reason))
         yield running
+        phase = GaugeMetricFamily("bluegreen_swap_phase", "1 for the phase the running swap is in.", labels=["phase"])
+        for p in Phase:
+            phase.add_metric([p.value], int(swap is not None and swap.phase == p.value))
+        yield phase
         phases = HistogramMetricFamily("bluegreen_swap_phase_duration_seconds", "How long each swap phase took.",
                                        labels=["phase"])
         for phase, h in sorted(self.rec.phases.items()):
@@ -167,7 +176,7 @@ class Collector:
                                   "port, by kind (websocket, path: drain.long_lived_paths, tcp).",
                                   labels=["slot", "port", "kind"])
         for slot, port in n.ports.items():
-            for kind in LONG_LIVED:
+            for kind in KINDS[self.app.config.app.protocol]:
                 lived.add_metric([slot, str(port), kind], n.long_lived.get(port, {}).get(kind, 0))
         yield lived
         if n.hold is not None:

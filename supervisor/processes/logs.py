@@ -272,8 +272,23 @@ def sources(config: Config, which: str) -> list[tuple[str, Path]]:
                         "set nginx.error_log to show its error log here")
     found = [(label, p) for label, p in found if p.exists()]
     if not found:
-        raise LogsError(f"no {which} log yet under {state_dir}: has `bluegreen daemon` run with this config?")
+        where = config.nginx.error_log if which == "nginx" and config.nginx.mode == "external" else state_dir
+        raise LogsError(f"no {which} log yet at {where}: has `bluegreen daemon` run with this config?")
+    for _, p in found:
+        if not os.access(p, os.R_OK):
+            raise LogsError(f"cannot read {p}: permission denied; run this as its owner or a member of its group "
+                            f"({_group(p)}), or as root")
     return found
+
+
+def _group(path: Path) -> str:
+    import grp
+
+    gid = path.stat().st_gid
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def show(found: list[tuple[str, Path]], lines: int, follow: bool, out: TextIO, poll: float = 0.2) -> None:
@@ -282,8 +297,12 @@ def show(found: list[tuple[str, Path]], lines: int, follow: bool, out: TextIO, p
     prefix = len(found) > 1
     followers = [(label, Follower(path, _size(path), ident(path))) for label, path in found]
     for (label, path), (_, f) in zip(found, followers):  # up to where following begins: no line twice
-        for line in last_lines(path, lines, f.offset):
+        shown = last_lines(path, lines, f.offset)
+        for line in shown:
             out.write(f"{label} | {line}\n" if prefix else line + "\n")
+        if not shown and lines:  # (said on stderr: `bluegreen logs | grep` reads only log lines)
+            print(f"bluegreen: {path} is empty" + (": nothing logged yet, following" if follow else ""),
+                  file=sys.stderr)
     out.flush()
     if not follow:
         return

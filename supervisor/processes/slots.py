@@ -350,9 +350,12 @@ async def _wait_leader(app: AppProcess, deadline: float) -> bool:
 
 
 async def log_tail(path: Path, lines: int = 20) -> list[str]:
-    """The last `lines` lines of a log (across its latest rotation), read without blocking the loop,
-    bounded for quoting in an error (logs.quoted: 4 KiB in all)."""
-    return quoted(await _last_lines(path, lines, None, 4 * QUOTE_TOTAL))
+    """The last `lines` lines of this start's output in its slot's log (across its latest
+    rotation; never the previous process's, before this start's `--- bluegreen ... starting`
+    line), read without blocking the loop, bounded for quoting in an error (logs.quoted: 4 KiB in all)."""
+    tail = await _last_lines(path, lines + 1, None, 4 * QUOTE_TOTAL)
+    starts = [i for i, line in enumerate(tail) if line.startswith("--- bluegreen ") and ": starting " in line]
+    return quoted(tail[starts[-1] + 1:] if starts else tail[-lines:])
 
 
 _last_lines = aiofiles.os.wrap(last_lines)  # run in the loop's executor

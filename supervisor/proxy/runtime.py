@@ -136,7 +136,7 @@ class RuntimeSwitch(StagedRoute):
         switch = cls(config, master, route_file_of(master.upstream_path), where / "control.sock",
                      hold_port=port.get, new_hold_port=port.renew)
         switch.table.hint = (f" and {config.nginx.upstream_file} included in its http block "
-                             "(README: the runtime switch with your own nginx)")
+                             "(see docs/nginx.md#the-runtime-switch-with-your-own-nginx-external-mode)")
         return switch
 
     def config_stale(self) -> bool:
@@ -191,7 +191,7 @@ class RuntimeSwitch(StagedRoute):
             elif "is duplicate" in e.message:
                 e.message += ("; another app's runtime switch (or your own lua) already has these handlers in this "
                               "nginx: for several apps, set nginx.lua_handlers_file to the same path in every app's "
-                              "config and include that file once in http {} (README: several apps on one host)")
+                              "config and include that file once in http {} (see docs/nginx.md#several-apps-on-one-host)")
             elif "is not allowed here" in e.message:
                 e.message += (f"; include {self.reloader.upstream.path} once, directly in the http block "
                               "(outside any server or location)")

@@ -144,7 +144,7 @@ class Release:
             from ..proxy.render import route_variable
 
             var = route_variable(self.app.config.nginx.upstream_name)
-            info["needs"] = f"proxy_pass http://${var}; in your server block (README: preview with your own nginx)"
+            info["needs"] = f"proxy_pass http://${var}; in your server block (see docs/releases.md#a-release-with-preview-promote-and-rollback)"
         return info
 
     def decide(self, what: str) -> Decision:
