@@ -277,3 +277,27 @@ def test_preview_in_the_users_nginx_with_the_runtime_switch_needs_nothing_more(
     a = run.cli("abort")
     assert a.returncode == 0, a.stdout + a.stderr
     assert http_get(run.listen_port, "/", headers=PREVIEW) == (200, "hello from v1\n")
+
+
+@pytest.mark.lua
+def test_a_location_written_for_the_reload_switch_works_unchanged_with_the_runtime_switch(
+        make_daemon, system_nginx, releases: Path) -> None:
+    """Moving from `switch = "reload"` to `"runtime"` keeps the preview line the docs asked for
+    (`proxy_pass http://$myapp_route;`): the runtime part defines the variable too (the balancer
+    does the preview), so the daemon starts and the preview still works."""
+    conf = system_nginx["conf"]
+    conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
+    from supervisor.proxy.master import workers
+
+    master = system_nginx["master"].pid
+    before = set(workers(master))
+    subprocess.run(system_nginx["base"] + ["-s", "reload"], check=True)
+    wait_until(lambda: workers(master) and not set(workers(master)) & before, 30, "the user's nginx to reload")
+    run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    r = run.cli("swap", str(make_build(releases, "v2")), "--pause")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert http_get(run.listen_port, "/", headers=PREVIEW) == (200, "hello from v2\n")
+    assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
+    assert run.cli("promote").returncode == 0
+    assert http_get(run.listen_port, "/") == (200, "hello from v2\n")

@@ -222,7 +222,7 @@ def render_runtime(upstream_name: str, route: Path, control: Path, release: Rele
     return fill("runtime.conf", digest=lua_digest(), table=table, stats=stats, name=upstream_name, app=app,
                 handlers=render_lua_handlers(preload) if handlers else "", control=control,
                 control_locations=control_locations, long_lived=long_lived_maps(upstream_name, long_paths),
-                hold_server=hold_server)
+                hold_server=hold_server, route_var=route_variable(upstream_name))
 
 
 def runtime_part(config: Config, route: Path, control: Path, handlers: bool = True, preload: bool = True,
