@@ -76,6 +76,8 @@ def final(sock_path: Path, req: dict[str, Any], first: float = FIRST_REPLY) -> d
 def hold_line(h: dict[str, Any]) -> str:
     """`held 412 requests (the longest 0.42 s), 0 timed out; 3 lost`: a report() in words."""
     text = f"held {h['held']} request(s) (the longest {h['held_longest']:g} s), {h['hold_timeouts']} timed out"
+    if h.get("turned_away"):
+        text += f", {h['turned_away']} turned away at once (hold.max_requests were held)"
     if h.get("still_held"):
         text += f", {h['still_held']} still held"
     if h.get("lost"):
@@ -163,7 +165,7 @@ def _describe(event: dict[str, Any]) -> str:
         return (f"nginx -> :{event['port']} (test {event['test'] * 1000:.0f}ms, reload {event['reload'] * 1000:.0f}ms, "
                 f"confirm {event['confirm'] * 1000:.0f}ms)")
     if name == "drain":
-        return drain_line(event)
+        return event["skipped"] if "skipped" in event else drain_line(event)
     if name == "stop":
         return f"pid {event['pid']} {event['how']}"
     if name == "watch":

@@ -89,8 +89,7 @@ cell("paused", "sigterm", "the preview ends, the standby stops, then nginx and t
 cell("rollout step", "sigterm", "everyone back on the old build, the new one stopped, then nginx and the app stop")
 cell(("commit", "watch", "after_switch", "stop"), "sigterm", "the swap reports success; both builds stop after nginx")
 cell("drain", "sigterm", "the swap reports success; nginx finishes its requests, then both builds stop; a second "
-     "SIGTERM kills everything at once", "test_sigterm_during_the_drain_leaves_no_process_behind",
-     "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app")
+     "SIGTERM kills everything at once", "test_sigterm_during_the_drain_leaves_no_process_behind")
 cell("warm window", "sigterm", "the warm build stops with the rest")
 cell("idle", "sigterm", "nginx stops gracefully, then the app; socket removed; nothing left",
      "test_sigterm_stops_app_and_nginx_and_removes_the_socket")
@@ -171,12 +170,15 @@ cell(BEFORE_SWITCH + ("switch", "commit"), "active_frozen", "its requests hang u
 cell("paused", "active_frozen", "with app.health.url: the pause is aborted and the build replaced")
 cell("rollout step", "active_frozen", "its users' requests hang; the rollout goes on (its verdict judges the new build)")
 cell("drain", "active_frozen", "the drain waits drain.timeout, then it is killed after app.stop.timeout; a second "
-     "SIGTERM to the daemon kills it at once", "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_drains_a_hung_app")
+     "SIGTERM to the daemon kills it at once")
 cell(("watch", "after_switch", "stop", "warm window"), "active_frozen", "no traffic reaches it; it is stopped (SIGKILL "
      "after app.stop.timeout)")
 cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash; from then on new "
-     "requests are held for the replacement, not sent into it (runtime switch, HTTP)",
-     "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it")
+     "requests are held for the replacement, not sent into it (runtime switch, HTTP); the hung app is not drained "
+     "(what is inside never finishes): it gets its stop signal once the replacement serves, SIGKILL after "
+     "app.stop.timeout, and its requests fail then (counted lost); a second SIGTERM to the daemon kills it at once",
+     "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it",
+     "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_stops_a_hung_app")
 
 # --- the new build killed
 cell(("prepare", "start"), "new_killed", "n/a: nothing started yet")

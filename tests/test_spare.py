@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from helpers import Load, answering, running, wait_until
@@ -137,3 +138,55 @@ def test_a_swap_while_the_spare_boots_stops_it_and_takes_its_slot(make_daemon: A
     assert r.returncode == 0, r.stdout + r.stderr
     assert not running(booting["pid"]), booting
     spare_ready(run, "v2")
+
+
+def test_a_hung_spare_at_a_crash_is_killed_at_once_and_the_build_started_afresh(make_daemon: Any,
+                                                                                releases: Path) -> None:
+    """A spare that does not answer when the crash comes is killed (it has nothing to finish), not
+    given app.stop.timeout: the fresh start takes its slot at once, and a request sent after the
+    crash is held and answered (with 60 s of stop timeout waited for, it would time out: 503)."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE, stop_timeout=60)
+    spare = spare_ready(run, "v1")["spare"]
+    os.killpg(spare["pid"], signal.SIGSTOP)
+    pid, _ = crash(run)
+    r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
+    assert (r.status_code, r.text) == (200, "hello from v1\n"), (r.status_code, r.text)
+    st = restarted(run, pid)
+    assert st["active"]["pid"] != spare["pid"] and not running(spare["pid"]), st["active"]
+    event = next(e for e in st["events"] if e["event"] == "restarted")
+    assert "spare" not in event, event  # booted afresh
+    spare_ready(run, "v1", not_pid=spare["pid"])
+
+
+def test_a_ready_spare_is_taken_even_past_restart_attempts(make_daemon: Any, releases: Path) -> None:
+    """app.restart.attempts stops boot loops; taking a ready spare boots nothing, so crashes in a
+    row past it still move traffic to the spare instead of giving up (status never `failed`)."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE, extra="[app.restart]\nattempts = 1\n")
+    for _ in range(3):
+        spare = spare_ready(run, "v1")["spare"]
+        pid, _ = crash(run)
+        st = restarted(run, pid)
+        assert st["active"]["pid"] == spare["pid"] and st["daemon"]["status"] == "serving", st["daemon"]
+        assert answering(run.listen_port, {"v1": 4})
+
+
+def test_a_warm_build_that_dies_is_said_and_frees_its_slot_for_a_spare(make_daemon: Any, releases: Path) -> None:
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE, extra="[release]\nkeep_warm = 600\n")
+    spare_ready(run, "v1")
+    assert run.cli("swap", str(app_build(releases, "v2"))).returncode == 0
+    warm = run.status()["warm"]
+    os.killpg(warm["pid"], signal.SIGKILL)
+    st = spare_ready(run, "v2")  # long before the 600 s window would have ended
+    assert st["warm"] is None and any(e["event"] == "warm_stopped" and "exited" in e["why"] for e in st["events"])
+
+
+def test_a_restarted_daemon_is_not_held_up_by_a_hung_spare_it_finds(make_daemon: Any, releases: Path) -> None:
+    """The previous daemon's spare, hung: stopped in moments (it never had traffic), not after
+    app.stop.timeout, so the new daemon watches what serves at once."""
+    run = make_daemon(build=app_build(releases, "v1"), app=SPARE, stop_timeout=120)
+    old = spare_ready(run, "v1")["spare"]
+    os.killpg(old["pid"], signal.SIGSTOP)
+    run.kill()
+    run.start()  # (waits 60 s until it serves: 120 s of SIGTERM would outlast it)
+    assert not running(old["pid"])
+    spare_ready(run, "v1", not_pid=old["pid"])

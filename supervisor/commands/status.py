@@ -50,6 +50,7 @@ async def handle(daemon: Daemon, reply: Any) -> dict[str, Any]:
         counts = None
     if counts is not None:  # nginx's own counters: what it holds now, and since its master started
         hold = {"holding": counts.holding, "held": counts.held, "hold_timeouts": counts.timed_out,
+                "turned_away": counts.full,
                 "lost": counts.lost, "down": counts.down or None, "nginx_paused": counts.paused > 0,
                 "paused": ({"since": app.holding.paused[0], "hold": app.holding.paused[1]}
                            if app.holding.paused else None)}

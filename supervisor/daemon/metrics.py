@@ -184,6 +184,7 @@ class Collector:
             for name, value, what in (
                     ("held_requests", h.held, "Requests nginx held while no build could answer"),
                     ("hold_timeouts", h.timed_out, "Held requests answered 503 at hold.timeout"),
+                    ("hold_turned_away", h.full, "Requests answered 503 at once: hold.max_requests were held"),
                     ("lost_requests", h.lost, "Requests an app failed before answering (it died with them), "
                      "not retried")):
                 yield CounterMetricFamily(f"bluegreen_nginx_{name}", f"{what}, since the nginx master started.",

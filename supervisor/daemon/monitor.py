@@ -65,6 +65,7 @@ class Monitor:
                 elif app.config.app.health.url and time.monotonic() >= next_health:
                     next_health = time.monotonic() + app.config.app.health.interval
                     await self.check_health()
+                await app.release.notice_a_dead_warm()
                 app.spare.tend()
             except asyncio.CancelledError:
                 raise
@@ -138,7 +139,8 @@ class Monitor:
 
     async def recover(self, hung: str | None = None) -> None:
         """The active app died (or hung, saying `hung`): start the same build on the other slot, with
-        capped backoff; a hung one is drained and stopped by that swap like any old build."""
+        capped backoff (none with a ready spare: it is switched to); a hung one is stopped by that
+        swap once it serves, with no drain (what is inside a hung app never finishes)."""
         app = self.app
         await app.release.abort_pause(f"the active build {hung or 'died'}")  # its standby is no restart
         dead = app.active
@@ -154,7 +156,8 @@ class Monitor:
             fresh = time.time() - dead.started_at >= r.reset_after
         else:
             fresh = False
-        if app.count_restart(reset=fresh) > r.attempts:
+        spare = await app.spare.take(dead.build)  # ready: no boot to wait for, so no backoff either
+        if app.count_restart(reset=fresh) > r.attempts and spare is None:  # (a ready spare costs no boot: taken)
             app.set_status(DaemonStatus.FAILED, f"the app {'stopped answering' if hung else 'crashed'} "
                            f"{app.restarts - 1} times in a row; not restarting it again. Fix the build and "
                            f"`bluegreen swap` to it (see {dead.log_path})")
@@ -163,7 +166,6 @@ class Monitor:
             app.keeper.save_quietly()
             return
         app.set_status(DaemonStatus.RECOVERING)
-        spare = await app.spare.take(dead.build)  # ready: no boot to wait for, so no backoff either
         delay = 0.0 if spare else r.delay(app.restarts)
         if delay:
             log.info("restart %d of %d in %.1fs", app.restarts, r.attempts, delay)
@@ -174,7 +176,7 @@ class Monitor:
         if spare is not None:
             log.info("switching to the spare (%s, pid %d)", spare.slot, spare.pid)
         try:
-            await app.run_swap(dead.build, lambda event: None, reason="recover", spare=spare)
+            await app.run_swap(dead.build, lambda event: None, reason="recover", spare=spare, hung=hung is not None)
         except BluegreenError as e:
             log.error("restart %d failed: %s", app.restarts, e.message.splitlines()[0])
             await app.spare.discard(spare)

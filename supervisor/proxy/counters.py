@@ -67,16 +67,18 @@ class Hold:
     lost: int = 0  # sent to an app that failed before answering, not retried
     paused: float = 0.0  # the pause's hold timeout, 0: not paused
     down: int = 0  # the port known not to answer, 0: none
+    full: int = 0  # turned away at once (503): hold.max_requests were held already
 
     def since(self, before: "Hold") -> "Hold":
         """The counts from `before` to this one (nginx restarted between: all of these)."""
         if self.held < before.held or self.lost < before.lost:
             return self
         return Hold(self.held - before.held, self.holding, self.timed_out - before.timed_out,
-                    self.held_ms - before.held_ms, self.longest_ms, self.lost - before.lost, self.paused, self.down)
+                    self.held_ms - before.held_ms, self.longest_ms, self.lost - before.lost, self.paused, self.down,
+                    self.full - before.full)
 
     def report(self) -> dict[str, int | float]:
         """For an event, the history and status: what a crash or a pause cost."""
         return {"held": self.held, "held_longest": round(self.longest_ms / 1000, 3), "hold_timeouts": self.timed_out,
-                "still_held": self.holding, "lost": self.lost}
+                "turned_away": self.full, "still_held": self.holding, "lost": self.lost}
 

@@ -104,10 +104,11 @@ class Table:
                                  code="nginx_reload_failed")
         else:
             body = await self.read("hold", "the hold counters")
-        parts = body.split()
+        parts = body.split() + ["0"]  # (an nginx still running the program before hold_full: none turned away)
         try:
-            held, holding, timed_out, held_ms, longest, lost, pause, down = (float(p) for p in parts)
+            held, holding, timed_out, held_ms, longest, lost, pause, down, full = (float(p) for p in parts[:9])
         except ValueError:
             raise NginxError(f"nginx's control socket gave unreadable hold counters {body[:80]!r}",
                              code="nginx_down") from None
-        return Hold(int(held), int(holding), int(timed_out), int(held_ms), int(longest), int(lost), pause, int(down))
+        return Hold(int(held), int(holding), int(timed_out), int(held_ms), int(longest), int(lost), pause, int(down),
+                    int(full))

@@ -208,16 +208,16 @@ class App:
 
     async def run_swap(self, build: Path, reply: Reply, reason: str, pause: bool = False,
                        rollout: tuple[int, ...] = (), step_seconds: float | None = None,
-                       spare: slots.AppProcess | None = None) -> dict[str, Any]:
+                       spare: slots.AppProcess | None = None, hung: bool = False) -> dict[str, Any]:
         """Run one swap to `build` as its own task (a client that leaves does not stop it); the
         result, or a BluegreenError whose `traffic` says where traffic is. With `pause`, return
         once the swap is paused for preview: `promote` or `abort` carries it on. `spare`: a crash
-        restart's ready spare, switched to with no start."""
+        restart's ready spare, switched to with no start; `hung`: the build it replaces is hung."""
         _refuse_swap(self)
         if reason == "rollback":
             await self.release.check_warm()
             _refuse_swap(self)  # another swap may have begun meanwhile
-        plan = self.release.plan(build, reason, pause, rollout, step_seconds, spare)
+        plan = self.release.plan(build, reason, pause, rollout, step_seconds, spare, hung)
         old = plan.old
         assert old is not None
         record = SwapRecord(str(build), to_slot=plan.slot, to_port=plan.port, from_slot=old.slot, reason=reason,

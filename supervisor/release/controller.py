@@ -58,7 +58,8 @@ class Release:
         self.warm: Warm | None = None
 
     def plan(self, build: Path, reason: str, pause: bool, rollout: tuple[int, ...] = (),
-             step_seconds: float | None = None, spare: slots.AppProcess | None = None) -> Plan[slots.AppProcess]:
+             step_seconds: float | None = None, spare: slots.AppProcess | None = None,
+             hung: bool = False) -> Plan[slots.AppProcess]:
         """A swap to `build`, with what its kind runs: a release gets the hooks, the checks, the
         pause it asked for, the warm build when it goes back to it, and keeps its old build warm;
         a crash restart gets the spare, if one was ready."""
@@ -82,7 +83,7 @@ class Release:
                     hooks=frozenset(n for n in ("before_switch", "after_switch") if release and h.get(n)),
                     pause=pause, warm=warm, keep_warm=self.app.config.release.keep_warm if release else 0.0,
                     rollback_on_hook=h.after_switch_failed == "rollback", rollout=rollout,
-                    step_seconds=step_seconds or self.app.config.rollout.step_seconds, watch=watch)
+                    step_seconds=step_seconds or self.app.config.rollout.step_seconds, watch=watch, old_hung=hung)
 
     async def check_warm(self) -> None:
         """A rollback is about to reuse the warm build: one readiness check first (no wait). One
@@ -191,6 +192,11 @@ class Release:
         self.app.keeper.warm(None, None)
         return warm
 
+    async def notice_a_dead_warm(self) -> None:
+        """A warm old build that died is said at once (and its slot is free for a spare)."""
+        if self.warm is not None and not self.warm.app.alive():
+            await self.end_warm(f"it exited ({slots.describe_exit(self.warm.app.returncode)})")
+
     async def end_warm(self, why: str) -> None:
         """Stop the warm old build (no traffic goes there: no drain)."""
         warm = self.drop_warm()
@@ -200,5 +206,8 @@ class Release:
             result = await self.app.stop(warm.app)
             log.info("warm %s (pid %d, %s) stopped, %s: %s", warm.app.slot, warm.app.pid, warm.app.build, why,
                      result["how"])
-            self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
+        else:
+            log.warning("the warm %s (pid %d, %s) is gone: %s; `rollback` starts it afresh", warm.app.slot,
+                        warm.app.pid, warm.app.build, why)
+        self.app.event("warm_stopped", slot=warm.app.slot, pid=warm.app.pid, why=why)
         self.app.keeper.save_quietly()

@@ -201,6 +201,8 @@ class SlotOps:
     async def drain(self, plan: AppPlan, standby: slots.AppProcess) -> dict[str, Any]:
         old = plan.old
         assert old is not None
+        if plan.old_hung:  # what is inside it never ends: stopped now, not after drain.timeout
+            return {"skipped": "the old build was found hung: its requests cannot finish (they are counted lost)"}
         result = await self.app.drain(old, watch=standby)
         if result.pop("died"):
             why = slots.describe_exit(standby.returncode)

@@ -84,6 +84,7 @@ class Plan(Generic[Old]):
     pause: bool = False  # stop before the switch for a preview, until promote or abort
     warm: Old | None = None  # the build already runs there (kept warm, a spare): no start, no readiness wait
     keep_warm: float = 0.0  # seconds the old build keeps running after the switch (0: stop it)
+    old_hung: bool = False  # the old build was found hung: no drain (its requests cannot finish), a stop
     rollback_on_hook: bool = False  # a failed after_switch sends traffic back to the old build
     rollout: tuple[int, ...] = ()  # shares of users (%) the new build gets step by step before everyone
     step_seconds: float = 60.0

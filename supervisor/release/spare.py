@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("bluegreen")
+STOP = 2.0  # seconds a spare has to exit on its stop signal: it never had traffic, nothing to finish
 
 
 class Spare:
@@ -119,7 +120,7 @@ class Spare:
         self.health_failures += 1
         if self.health_failures >= h.failures:
             self._failed(f"failed {h.failures} liveness checks in a row (last: {what})")
-            await shielded(self._stop(proc, "it stopped answering"))  # (a crash's take() cancels a check)
+            await shielded(self._stop(proc, "it stopped answering", graceful=False))  # (take() cancels a check)
 
     def _failed(self, why: str) -> None:
         """A spare died, hung or never got ready: the next one waits the active's backoff, and
@@ -137,10 +138,12 @@ class Spare:
         app.event("spare_failed", why=desc, failures=self.failures, **({"gave_up": True} if self.gave_up else {}))
 
     async def _stop(self, proc: slots.AppProcess, why: str, graceful: bool = True) -> None:
-        """Stop the spare (no traffic reaches it: no drain)."""
+        """Stop the spare: no drain, and its stop signal only STOP seconds (SIGKILL at once for one
+        that is hung): it never had traffic, and a crash restart may be waiting for its slot."""
         self._forget()
         if proc.alive():
-            result = await self.app.stop(proc, graceful)
+            s = self.app.config.app.stop
+            result = await slots.stop(proc, s.signal, min(s.timeout, STOP) if graceful else 0.0)
             log.info("spare %s (pid %d) stopped, %s: %s", proc.slot, proc.pid, why, result["how"])
         self.app.keeper.save_quietly()
 
@@ -161,7 +164,7 @@ class Spare:
     async def discard(self, proc: slots.AppProcess | None) -> None:
         """A spare taken for a crash restart that did not run (a user's swap came first)."""
         if proc is not None and proc.alive() and proc is not self.app.active:
-            await self.app.stop(proc)
+            await slots.stop(proc, self.app.config.app.stop.signal, STOP)
 
     async def take(self, build: Path) -> slots.AppProcess | None:
         """A crash: the spare of `build`, ready (a boot under way is waited for: it ends sooner than
@@ -180,7 +183,7 @@ class Spare:
         ok, what = await (probes.alive(url, 2.0) if url else probes.tcp_ok(proc.port, ready.send, ready.expect))
         if not ok:
             log.warning("the spare (pid %d) does not answer (%s): starting the build afresh", proc.pid, what)
-            await self._stop(proc, f"it did not answer ({what})")
+            await self._stop(proc, f"it did not answer ({what})", graceful=False)
             return None
         self._forget()
         self.failures = 0

@@ -13,6 +13,7 @@ from ..processes import slots
 from ..state import InterruptedSwap
 from . import adoption
 from .phases import RELEASES, SwapRecord
+from .spare import STOP as SPARE_STOP
 
 if TYPE_CHECKING:
     from .app import App
@@ -36,7 +37,10 @@ async def adopt(app: App) -> bool:
     app.keeper.warm(None, None)
     spare = slots.adopt_state(state.spare, app.state_dir) if state.spare else None
     if spare is not None and (decision.active is None or spare.pid != decision.active.pid):
-        leftovers.append(spare)  # this daemon boots its own (and watches it from the start)
+        # This daemon boots its own (and watches it from the start). It never had traffic: no
+        # drain, a short stop (a hung one must not keep the new daemon from watching what serves).
+        result = await slots.stop(spare, app.config.app.stop.signal, min(app.config.app.stop.timeout, SPARE_STOP))
+        log.info("stopped the previous daemon's spare %s (pid %d): %s", spare.slot, spare.pid, result["how"])
     app.keeper.spare(None)
     if decision.unrecorded_slot:  # killed between spawning a standby and recording it
         leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,

@@ -221,10 +221,18 @@ local function back(dict, port)
     return false
 end
 
--- A held request told to come back later: 503 with Retry-After (counted with the timeouts).
-local function give_up(app, dict)
+-- A held request told to come back later: 503 with Retry-After. Counted: turned away at once
+-- (`start` nil: hold.max_requests were held already), or timed out, its wait counted with the others'.
+local function give_up(app, dict, start)
     dict:incr("holding", -1, 0)
-    dict:incr("hold_timeouts", 1, 0)
+    if start then
+        local ms = math.floor((ngx.now() - start) * 1000 + 0.5)
+        dict:incr("hold_timeouts", 1, 0)
+        dict:incr("held_ms", ms, 0)
+        if ms > (dict:get("held_longest") or 0) then dict:set("held_longest", ms) end
+    else
+        dict:incr("hold_full", 1, 0)
+    end
     ngx.header["Retry-After"] = app.retry_after
     return ngx.exit(503)
 end
@@ -240,14 +248,14 @@ function M.hold(app)
     local dict = ngx.shared[app.table]
     local start, nap = ngx.now(), 0.002
     if dict:incr("holding", 1, 0) > app.hold_max then  -- full: each held request takes three connections
-        return give_up(app, dict)
+        return give_up(app, dict, nil)
     end
     while true do
         local pause = dict:get("pause")
         local port = route_port(app, dict)
         if not pause and port and (dict:get("down") ~= port or back(dict, port)) then break end
         if ngx.now() - start >= (pause or app.hold_timeout) then
-            return give_up(app, dict)
+            return give_up(app, dict, start)
         end
         ngx.sleep(nap)  -- 2 ms, doubling up to 20: a spare is taken at once, a boot costs no CPU
         nap = math.min(nap * 2, 0.02)
@@ -463,9 +471,9 @@ end
 
 -- PUT "pause SECONDS" (hold every new request, each up to SECONDS), "resume", "down PORT" (a port
 -- that cannot answer: new requests to it are held), "up" (none is down); GET: answers
--- "held holding hold_timeouts held_ms held_longest lost pause down" (counters since nginx started;
--- pause: its timeout, 0 if none).
-local HOLD_KEYS = {"held", "holding", "hold_timeouts", "held_ms", "held_longest", "lost", "pause", "down"}
+-- "held holding hold_timeouts held_ms held_longest lost pause down hold_full" (counters since nginx
+-- started; pause: its timeout, 0 if none).
+local HOLD_KEYS = {"held", "holding", "hold_timeouts", "held_ms", "held_longest", "lost", "pause", "down", "hold_full"}
 function control.hold(app)
     local dict = ngx.shared[app.table]
     if ngx.req.get_method() == "PUT" then
