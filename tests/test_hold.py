@@ -288,3 +288,26 @@ def test_a_hold_port_taken_by_another_process_is_changed_for_a_free_one(make_dae
         r = httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30)
         assert r.status_code == 200, r
         restarted(run, pid)
+
+
+def test_what_nginx_sent_to_the_dying_app_unread_is_answered_by_the_next_build(shape: Any, releases: Path) -> None:
+    """Requests nginx connected to the app's port that the app never read (queued while it was
+    stopped, then it is killed; a dying app's listener does the same for its last milliseconds)
+    are not reset by its death: the daemon holds a copy of the app's listener, hands those
+    connections to the hold server, and the next build answers them; none is counted lost."""
+    run, _ = shape(build=app_build(releases, "v1", boot_ms=300))
+    active = run.status()["active"]
+    port = active["port"]
+    wait_until(lambda: run.proc.pid in sockets.listening_pids(port), 10, "the daemon to keep a copy of the listener")
+    os.killpg(active["pid"], signal.SIGSTOP)
+    asked = [in_thread(lambda: httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=90)) for _ in range(5)]
+    wait_until(lambda: len(sockets.connections(port, frozenset({sockets.ESTABLISHED}))) >= 5, 30,
+               "nginx's five connections queued, unread, at the stopped app's port")
+    os.killpg(active["pid"], signal.SIGKILL)
+    for thread, answer in asked:
+        thread.join(90)
+        assert [(a.status_code, a.text) for a in answer] == [(200, "hello from v1\n")], answer
+    st = restarted(run, active["pid"])
+    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    assert hold["lost"] == 0 and hold["held"] >= 5, hold
+    assert not sockets.listening(port) or run.proc.pid not in sockets.listening_pids(port)  # (the copy let go)

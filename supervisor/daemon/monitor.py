@@ -12,8 +12,10 @@ import time
 from ..config.schema import expand
 from ..errors import BluegreenError
 from ..processes import probes, slots
+from ..processes.slots import AppProcess
 from ..proxy.counters import Hold
 from ..proxy.managed import ManagedNginx
+from ..proxy.render import HOLD
 from ..release.app import App
 from ..state import DaemonStatus
 
@@ -41,10 +43,13 @@ class Monitor:
         app = self.app
         next_health = time.monotonic() + app.config.app.health.interval
         next_reconcile = 0.0
-        await self.resume_an_orphan_pause()
+        await app.holding.resume_an_orphan_pause()
         await self.look_at_hold()
         while app.status != DaemonStatus.STOPPING:  # (a cancellation lost in a wait_for ends it too)
             await self._wait_for_an_exit(POLL)
+            if app.status != DaemonStatus.STOPPING and app.config.hold.timeout and app.config.app.protocol == "http" \
+                    and app.proxy.hold_port():
+                app.catcher.keep(app.active)  # (a dead one is never copied)
             if app.status == DaemonStatus.STOPPING:  # what the shutdown stops is never brought back
                 return
             try:
@@ -77,7 +82,8 @@ class Monitor:
         with an empty routing table: put back what it was told (the port comes from the route file
         by itself; the preview and a rollout's split do not)."""
         try:
-            again = ", ".join(filter(None, [await self.app.proxy.reconcile(), await self.pause_again()])) or None
+            app = self.app
+            again = ", ".join(filter(None, [await app.proxy.reconcile(), await app.holding.pause_again()])) or None
         except BluegreenError as e:
             if not self.reconcile_failed:
                 log.warning("could not read nginx's routing state: %s", e.message)
@@ -118,7 +124,7 @@ class Monitor:
             async with app.proxy.lock:  # no swap changes the routing meanwhile
                 info = await managed.start(port)
                 again = await app.proxy.reconcile()  # the preview, a rollout's split
-                again = ", ".join(filter(None, [again, await self.pause_again()])) or None
+                again = ", ".join(filter(None, [again, await self.app.holding.pause_again()])) or None
         except BluegreenError as e:
             self.nginx_failures += 1
             delay = min(30.0, 0.5 * 2 ** (self.nginx_failures - 1))
@@ -148,7 +154,7 @@ class Monitor:
         r = app.config.app.restart
         if self.crashed_pid != dead.pid:  # a new crash, not a retry of the same one
             self.crashed_pid = dead.pid
-            await self.hold_new_requests(dead.port)
+            await self.hold_new_requests(dead)
             why = hung or dead.exit_reason or slots.describe_exit(dead.returncode)
             log.error("the active app (%s, pid %d, %s) %s.%s", dead.slot, dead.pid, dead.build, why,
                       "" if hung else slots.exit_hint(dead.returncode))
@@ -189,32 +195,6 @@ class Monitor:
                   pid=app.active.pid if app.active else None, **({"spare": True} if spare else {}),
                   **({"hold": held} if held else {}))
 
-    async def resume_an_orphan_pause(self) -> None:
-        """nginx still paused by a daemon that is gone (stopped, killed): resume it. A pause nobody
-        owns would hold every request until each times out, with no one to end it."""
-        try:
-            now = await self.app.proxy.hold()
-            if now is not None and now.paused and self.app.holding.paused is None:
-                await self.app.proxy.hold("resume")
-                log.warning("nginx was paused by a daemon that is gone: resumed (pause again if you still need it)")
-                self.app.event("resumed", why="the daemon that paused is gone", held_now=now.holding)
-        except BluegreenError as e:
-            log.warning("could not look at nginx's pause: %s", e.message)
-
-    async def pause_again(self) -> str | None:
-        """A restarted nginx forgot the pause (its table is empty): pause it again."""
-        paused = self.app.holding.paused
-        if paused is None:
-            return None
-        now = await self.app.proxy.hold()
-        if now is None or now.paused:
-            return None
-        await self.app.proxy.hold(f"pause {paused[1]:g}")
-        if self.app.holding.paused is None:  # resumed meanwhile: nginx must not stay paused with nobody to end it
-            await self.app.proxy.hold("resume")
-            return None
-        return "the pause"
-
     async def look_at_hold(self) -> None:
         """Keep nginx's hold counters as they were a moment ago, while the active app lives: what
         its crash is counted from."""
@@ -240,18 +220,21 @@ class Monitor:
         log.error("the active app (%s, pid %d, %s) %s, while a swap runs.%s", dead.slot, dead.pid, dead.build, why,
                   slots.exit_hint(dead.returncode))
         app.event("crash", slot=dead.slot, pid=dead.pid, exit=why, build=str(dead.build), during="swap")
-        await self.hold_new_requests(dead.port)
+        await self.hold_new_requests(dead)
 
-    async def hold_new_requests(self, port: int) -> None:
-        """Tell nginx `port` cannot answer: new requests are held (not sent into a hung app, nor
-        to a dead one's refused port) until a build answers. Its counters from the last look
+    async def hold_new_requests(self, dead: AppProcess) -> None:
+        """Tell nginx `dead`'s port cannot answer: new requests are held (not sent into a hung app,
+        nor to a dead one's refused port) until a build answers, and what it sent there before it
+        knew goes to the hold server too (processes/catcher.py). Its counters from the last look
         before the crash are what the restart's record counts from."""
         app = self.app
         try:
-            now = await app.proxy.hold(f"down {port}")
+            now = await app.proxy.hold(f"down {dead.port}")
         except BluegreenError as e:
             log.warning("could not tell nginx to hold new requests: %s", e.message)
             return
+        if now is not None:
+            app.catcher.hand_over(dead.pid, (HOLD, app.proxy.hold_port()))
         app.holding.crashed(self.hold_seen or now)
 
     async def check_health(self) -> None:

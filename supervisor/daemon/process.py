@@ -200,6 +200,7 @@ class Daemon:
         if self.monitor_task is not None:
             self.monitor_task.cancel()  # nothing it would restart may come back
         await app.spare.end("the daemon stops", graceful=False)
+        await app.catcher.close()
         if app.keep_serving:
             return
         if app.managed is not None:
@@ -216,6 +217,7 @@ class Daemon:
             except BluegreenError as e:
                 log.warning("could not resume nginx before stopping: %s (the next daemon resumes it)", e.message)
         await app.spare.end("the daemon stops", graceful)  # (no traffic: kept for nobody)
+        await app.catcher.close()
         if app.keep_serving:
             if app.active is not None and app.active.alive():
                 app.serving(app.active)

@@ -125,6 +125,7 @@ def holders(app: AppProcess) -> set[int]:
     pids = sockets.listening_pids(app.port)
     if app.state_dir is not None:
         pids |= {p.pid for p in marked(app.state_dir, app.slot)}
+    pids.discard(os.getpid())  # the daemon's own copy of the listener (processes/catcher.py) serves nothing
     return pids
 
 

@@ -183,6 +183,7 @@ class FrontProxy(Protocol):
     preview_port: int | None  # where requests with the preview header or cookie go (None: no preview)
     port: int | None  # where all traffic was last routed, confirmed (None: not yet known)
     lock: RoutingLock
+    hold_port: Callable[[], int]  # the hold server's port (0: nothing is held)
 
     def traffic_split(self) -> TrafficSplit | None:
         """The same proxy as a TrafficSplit, if it can split traffic (None: reloads only route)."""

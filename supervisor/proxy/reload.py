@@ -33,6 +33,7 @@ class ReloadSwitch(StagedRoute):
     """The FrontProxy that switches by rewriting the upstream file and reloading nginx."""
 
     mode = "reload"
+    hold_port = staticmethod(lambda: 0)  # reloads hold nothing
 
     def traffic_split(self) -> None:
         """Reloads route all traffic, or a preview; they split no share of users and count nothing."""

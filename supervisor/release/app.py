@@ -17,6 +17,7 @@ from .. import builds, faults
 from ..config.schema import Config
 from ..errors import BluegreenError, Busy, NotReadyYet, StateError
 from ..processes import drain, slots
+from ..processes.catcher import Catcher
 from ..processes.launch import Launcher
 from ..proxy import switch
 from ..proxy.external import ExternalMaster
@@ -59,6 +60,7 @@ class App:
         self.restarts = 0  # restarts of a crashed or hung app since it last ran stably
         self.holding = Holding(config, self.proxy, self.event)  # what nginx holds: a crash's cost, a pause
         self.spare = Spare(self)  # app.spare: the serving build, ready on the other slot
+        self.catcher = Catcher()  # a copy of the active app's listener: its death resets nothing
         # On shutdown, leave the app (and a committed swap's old app) to the next daemon.
         self.keep_serving = config.daemon.on_stop == "keep"
 
@@ -128,6 +130,7 @@ class App:
     # ---- processes
 
     async def free_port(self, port: int) -> None:
+        self.catcher.free(port)
         keep = {p.pid for p in (self.active, self.retiring) if p is not None}
         await self.launcher.free_port(port, keep, lambda what: self.event("leftover_stopped", port=port, detail=what))
 
@@ -143,6 +146,7 @@ class App:
                                         d.tcp_calls == "pipelined")
 
     async def stop(self, app: slots.AppProcess, graceful: bool = True) -> dict[str, Any]:
+        self.catcher.drop(app.pid)
         s = self.config.app.stop
         return await slots.stop(app, s.signal, s.timeout if graceful else 0.0)
 
@@ -176,6 +180,7 @@ class App:
     def committed(self, new: slots.AppProcess, old: slots.AppProcess | None) -> None:
         """`new` serves (adopted, or a swap's commit); `old` retires until `retired`."""
         self.active, self.standby, self.retiring = new, None, old
+        self.catcher.drop(old.pid if old else None)
 
     def reverted(self, old: slots.AppProcess) -> None:
         self.active, self.retiring = old, None

@@ -83,6 +83,31 @@ class Holding:
         self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out)
         return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out}
 
+    async def resume_an_orphan_pause(self) -> None:
+        """nginx still paused by a daemon that is gone (stopped, killed): resume it. A pause nobody
+        owns would hold every request until each times out, with no one to end it."""
+        try:
+            now = await self.proxy.hold()
+            if now is not None and now.paused and self.paused is None:
+                await self.proxy.hold("resume")
+                log.warning("nginx was paused by a daemon that is gone: resumed (pause again if you still need it)")
+                self.event("resumed", why="the daemon that paused is gone", held_now=now.holding)
+        except BluegreenError as e:
+            log.warning("could not look at nginx's pause: %s", e.message)
+
+    async def pause_again(self) -> str | None:
+        """A restarted nginx forgot the pause (its table is empty): pause it again."""
+        if self.paused is None:
+            return None
+        now = await self.proxy.hold()
+        if now is None or now.paused:
+            return None
+        await self.proxy.hold(f"pause {self.paused[1]:g}")
+        if self.paused is None:  # resumed meanwhile: nginx must not stay paused with nobody to end it
+            await self.proxy.hold("resume")
+            return None
+        return "the pause"
+
     async def _counters(self, verb: str) -> Hold:
         """nginx's hold counters, or why this app cannot be paused."""
         now = await self.proxy.hold()

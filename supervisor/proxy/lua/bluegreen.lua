@@ -153,7 +153,6 @@ local function retry(app, dict, code)
     end
     if code == 502 and (sent == 0 or (app.retry_idempotent and IDEMPOTENT[ngx.req.get_method()])) then
         count_out_to_hold(dict, port)
-        dict:incr("held", 1, 0)
         return to_peer(app.hold, app.hold_port)
     end
     return to_peer(code == 504 and app.fail504 or app.fail502, app.hold_port)
@@ -187,7 +186,6 @@ function M.balancer(app, held)
         end
         if holds and not held and dict:get("gate") and (dict:get("pause") or dict:get("down") == port) then
             count_in(app, dict, 0, id)
-            dict:incr("held", 1, 0)
             return to_peer(app.hold, app.hold_port)
         end
         count_in(app, dict, port, id)
@@ -247,6 +245,7 @@ function M.hold(app)
     if addr == app.fail504 then return ngx.exit(504) end
     local dict = ngx.shared[app.table]
     local start, nap = ngx.now(), 0.002
+    dict:incr("held", 1, 0)  -- (counted here: what the daemon hands over from a dead app's queue comes in too)
     if dict:incr("holding", 1, 0) > app.hold_max then  -- full: each held request takes three connections
         return give_up(app, dict, nil)
     end
