@@ -176,7 +176,8 @@ cell(("watch", "after_switch", "stop", "warm window"), "active_frozen", "no traf
 cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash; from then on new "
      "requests are held for the replacement, not sent into it (runtime switch, HTTP); the hung app is not drained "
      "(what is inside never finishes): it gets its stop signal once the replacement serves, SIGKILL after "
-     "app.stop.timeout, and its requests fail then (counted lost); a second SIGTERM to the daemon kills it at once",
+     "app.stop.timeout, and the requests it had accepted fail then (counted lost); those still in its queue go to "
+     "the replacement; a second SIGTERM to the daemon kills it at once",
      "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it",
      "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_stops_a_hung_app")
 
@@ -331,8 +332,8 @@ cell("holding", "restart", "your nginx comes back with an empty table: the daemo
 cell("holding", "active_killed", "the crash restart runs; the held request waits for the resume, then goes to the "
      "replacement")
 cell("holding", "active_frozen", "found hung and replaced, as when idle; a held request resumed before the hang is "
-     "found goes into the hung app, and fails (502) when the replacement swap kills it; one resumed after, goes to "
-     "the replacement")
+     "found waits, unread, in the hung app's queue: the daemon hands it to the hold server when it finds the app "
+     "hung, and the replacement answers it")
 for fault in ("new_killed", "new_frozen"):
     cell("holding", fault, "n/a: no swap runs")
 cell("holding", "disk_full", "the pause goes on (nothing it needs is written); the events wait for space; "

@@ -420,10 +420,8 @@ def test_a_phase_meets_a_fault(phase: str, fault: str, state_disk: Path, shape, 
     wait_until(settled, 120, f"the daemon to serve {want.serves} to every request, no swap running", run.output)
     if phase == "holding" and fault not in ("master", "worker", "restart"):  # (those end their own connections)
         wait_until(lambda: held.in_flight, 60, "the held request to be answered")
-        if fault == "active_frozen":  # resumed at once: into the hung app, before anything found it hung
-            assert held.in_flight[0][0] == 502, held.in_flight
-        else:
-            assert held.in_flight == [(200, f"hello from {want.serves}\n")], held.in_flight
+        # (active_frozen: resumed into the hung app's queue, unread; handed to the hold server once found hung)
+        assert held.in_flight == [(200, f"hello from {want.serves}\n")], held.in_flight
     if after_the_crash is not None:  # held in nginx, then answered by the build that serves next
         after_the_crash[0].join(60)
         assert after_the_crash[1] == [(200, f"hello from {want.serves}\n")], after_the_crash[1]
