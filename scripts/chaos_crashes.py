@@ -3,7 +3,7 @@ an open-loop load runs (half fresh connections, half keep-alive, one request in 
 with nothing held (hold.timeout = 0: nginx answers 502 while no build can, bluegreen before the
 hold), then with the hold (the default), then with the hold and a hot spare (app.spare = true),
 on the same schedule. Each failed request is put down to its cause: sent before a killed app's
-port closed and still running then (it was inside the killed app), or sent after (nothing could
+process was gone and still running then (it was inside the killed app), or sent after (nothing could
 answer it). nginx's own count of what the dead apps had (`lost`) is printed beside the clients'
 count. With --app tomcat, the Tomcat example (a boot of seconds): the hold, then the hold and a
 spare.
@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 from bench import OpenLoopLoad  # noqa: E402
 from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, dump_toml, example_config, free_ports, make_build  # noqa: E402
-from supervisor.processes import sockets  # noqa: E402
 
 
 def write_config(d: Path, app: str, hold_timeout: float, spare: bool) -> tuple[Path, int, int, int]:
@@ -77,12 +76,12 @@ async def one_run(label: str, hold_timeout: float, args: argparse.Namespace, spa
             st = await asyncio.to_thread(run.status)
             ready = not spare or (st and (st.get("spare") or {}).get("state") == "ready")
             if st and st["active"] and st["active"]["alive"] and st["daemon"]["status"] == "serving" and ready:
-                pid, port = st["active"]["pid"], st["active"]["port"]
+                pid = st["active"]["pid"]
                 at = time.time()
                 os.kill(pid, signal.SIGKILL)
-                while sockets.listening(port):  # dying: its listener still takes connections for a moment
+                while not gone(pid):  # dying: the kernel tears it down for a moment (the daemon reaps it)
                     await asyncio.sleep(0.001)
-                kills.append(time.time())  # from here its port refuses
+                kills.append(time.time())  # from here nothing of it runs
                 gaps.append(await serving_again(run, pid) - at)
                 took_spare.append(bool(spare and (await asyncio.to_thread(run.status))["active"]["pid"] == st["spare"]["pid"]))
             await asyncio.sleep(max(0.0, args.kill_every - (time.monotonic() - t0)))
@@ -103,6 +102,15 @@ async def one_run(label: str, hold_timeout: float, args: argparse.Namespace, spa
             "longest": max((h["held_longest"] for h in held), default=0.0),
             "timeouts": sum(h["hold_timeouts"] for h in held), "lost": sum(h["lost"] for h in held),
             "counted": bool(held), "spare": f"{sum(took_spare)} of {len(took_spare)}" if spare else "-"}
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 async def spare_ready(run: DaemonRun) -> None:
