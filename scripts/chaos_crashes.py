@@ -9,6 +9,7 @@ count. With --app tomcat, the Tomcat example (a boot of seconds): the hold, then
 spare.
 
     scripts/chaos --crashes [--duration 120] [--kill-every 10] [--rate 100] [--app node|tomcat]
+    scripts/chaos --crashes --pause 5     `bluegreen pause` for 5 s under the same load, then `resume`
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from conftest import render_config  # noqa: E402
 from helpers import DaemonRun, dump_toml, example_config, free_ports, make_build  # noqa: E402
 
 
-def write_config(d: Path, app: str, hold_timeout: float, spare: bool) -> tuple[Path, int, int, int]:
+def write_config(d: Path, app: str, hold_timeout: float, spare: bool,
+                 held_at_most: int = 200) -> tuple[Path, int, int, int]:
     """The run's config: the example Node app or the Tomcat example, restarted without end (every
     kill is a crash to recover from), holding up to `hold_timeout`, with a spare or not."""
     import tomllib
@@ -49,7 +51,9 @@ def write_config(d: Path, app: str, hold_timeout: float, spare: bool) -> tuple[P
         data = tomllib.loads(render_config(d, build=make_build(d / "releases", "v1"), ports=(blue, green),
                                            listen=listen, drain_timeout=10, stop_timeout=5))
     data["app"].update(spare=spare, restart={"attempts": 1000, "backoff": 0.1, "backoff_max": 0.5})
-    data["hold"] = {"timeout": hold_timeout}
+    data["hold"] = {"timeout": hold_timeout, "max_requests": held_at_most}
+    # Each held request takes about three of nginx's connections: raised together.
+    data["nginx"]["worker_connections"] = max(1024, 4 * held_at_most)
     config.write_text(dump_toml(data))
     return config, listen, blue, green
 
@@ -135,6 +139,45 @@ async def serving_again(run: DaemonRun, dead: int) -> float:
     raise SystemExit(f"no replacement served within 60 s of killing pid {dead}:\n{run.output()}")
 
 
+async def pause_run(args: argparse.Namespace) -> int:
+    """`pause` for args.pause seconds under the open-loop load, then `resume`: what failed, and how
+    long the requests sent while paused waited."""
+    d = Path(tempfile.mkdtemp(prefix="bg-pause-"))
+    most = int(args.rate * (args.pause + 1)) + 50  # everything sent while paused is held at once
+    config, listen, blue, green = write_config(d, args.app, 10, False, held_at_most=most)
+    run = DaemonRun(dir=d, config=config, listen_port=listen, ports=(blue, green))
+    await asyncio.to_thread(run.start)
+    load = OpenLoopLoad(listen, args.rate)
+    task = asyncio.ensure_future(load.run())
+    try:
+        await asyncio.sleep(2)
+        began = time.time()
+        paused = await asyncio.to_thread(run.cli, "pause")
+        await asyncio.sleep(args.pause)
+        resumed = await asyncio.to_thread(run.cli, "resume")
+        ended = time.time()
+        await asyncio.sleep(3)
+    finally:
+        await load.stop()
+        task.cancel()
+        await asyncio.to_thread(run.stop)
+        shutil.rmtree(d, ignore_errors=True)
+    during = [r for r in load.results if began <= r.start < ended and not r.slow]
+    failed = [r for r in load.results if r.kind != "ok"]
+    print(f"\n`bluegreen pause` for {args.pause:g} s under {args.rate:g} requests/s open loop (half fresh, half "
+          "keep-alive, one in ten slow), then `resume`; the example Node app, managed nginx, runtime switch, "
+          f"hold.max_requests = {most}, nginx.worker_connections = {max(1024, 4 * most)}\n")
+    print("| requests | sent while paused | failed | longest wait of those sent while paused | resume said |")
+    print("|---|---|---|---|---|")
+    longest = max((r.end - r.start for r in during), default=0.0)
+    print(f"| {len(load.results)} | {len(during)} | {len(failed)} ({kinds(failed)}) | {longest:.2f} s | "
+          f"{resumed.stdout.strip().splitlines()[-1] if resumed.stdout.strip() else resumed.stderr.strip()} |")
+    ok = paused.returncode == 0 and resumed.returncode == 0 and not failed
+    print("chaos --crashes --pause: " + ("PASS: nothing failed; every request sent while paused was answered after "
+                                         "the resume" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
 def kinds(results: list[Any]) -> str:
     counts: dict[str, int] = {}
     for r in results:
@@ -149,7 +192,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kill-every", type=float, default=10, help="seconds between two kills (default 10)")
     parser.add_argument("--rate", type=float, default=100, help="requests per second, open loop (default 100)")
     parser.add_argument("--app", choices=("node", "tomcat"), default="node", help="the example app (default node)")
+    parser.add_argument("--pause", type=float, default=0, metavar="SECONDS",
+                        help="instead: `bluegreen pause` for SECONDS under the load, then `resume`")
     args = parser.parse_args(argv)
+    if args.pause:
+        return asyncio.run(pause_run(args))
     rows = [] if args.app == "tomcat" else [asyncio.run(one_run("nothing held (hold.timeout = 0)", 0, args))]
     rows += [asyncio.run(one_run("held (hold.timeout = 10)", 10, args)),
              asyncio.run(one_run("held, with a spare (app.spare = true)", 10, args, spare=True))]

@@ -29,3 +29,13 @@ def test_crashes_side_by_side_lose_nothing_sent_after_a_kill_with_the_hold() -> 
     print(r.stdout[-3000:], r.stderr[-2000:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "chaos --crashes: PASS" in r.stdout
+
+
+def test_a_pause_under_load_fails_nothing_and_answers_every_held_request() -> None:
+    """scripts/chaos --crashes --pause, short: `pause` for 3 s under open-loop load, then `resume`:
+    no request fails, and those sent while paused are answered after the resume."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos.py"), "--crashes", "--pause", "3", "--rate",
+                        "50"], capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], r.stderr[-2000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "chaos --crashes --pause: PASS" in r.stdout and "| 0 (-) |" in r.stdout

@@ -29,5 +29,6 @@ def run(sock: Path, args: argparse.Namespace) -> int:
         return client.print_error(reply)
     r = reply["result"]
     print(f"resumed after {r['paused_for']:.1f} s: nginx held {r['held']} request(s) meanwhile, "
-          f"{r['hold_timeouts']} timed out (503)")
+          f"{r['hold_timeouts']} timed out (503)" + (f", {r['turned_away']} turned away at once (503: hold.max_requests "
+                                                   "were held)" if r.get("turned_away") else ""))
     return client.EXIT_OK

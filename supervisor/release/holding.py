@@ -79,9 +79,11 @@ class Holding:
         self.paused = None
         counts = now.since(before)
         took = time.time() - since
-        log.info("resumed after %.1fs: nginx held %d request(s), %d timed out", took, counts.held, counts.timed_out)
-        self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out)
-        return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out}
+        log.info("resumed after %.1fs: nginx held %d request(s), %d timed out, %d turned away", took, counts.held,
+                 counts.timed_out, counts.full)
+        self.event("resumed", paused_for=round(took, 3), held=counts.held, hold_timeouts=counts.timed_out,
+                   turned_away=counts.full)
+        return {"paused_for": took, "held": counts.held, "hold_timeouts": counts.timed_out, "turned_away": counts.full}
 
     async def resume_an_orphan_pause(self) -> None:
         """nginx still paused by a daemon that is gone (stopped, killed): resume it. A pause nobody
