@@ -87,7 +87,9 @@ cell(BEFORE_SWITCH + ("switch",), "sigterm", "the swap is cancelled (standby sto
      "and the app stop")
 cell("paused", "sigterm", "the preview ends, the standby stops, then nginx and the app stop")
 cell("rollout step", "sigterm", "everyone back on the old build, the new one stopped, then nginx and the app stop")
-cell(("commit", "watch", "after_switch", "stop"), "sigterm", "the swap reports success; both builds stop after nginx")
+cell(("commit", "watch", "after_switch"), "sigterm", "the swap reports success; both builds stop after nginx")
+cell("stop", "sigterm", "the swap reports success; both builds stop after nginx; a second SIGTERM kills an old build "
+     "still taking its app.stop.timeout at once", "test_a_second_sigterm_forces_the_shutdown_while_a_swap_waits_for_the_old_build_to_stop")
 cell("drain", "sigterm", "the swap reports success; nginx finishes its requests, then both builds stop; a second "
      "SIGTERM kills everything at once", "test_sigterm_during_the_drain_leaves_no_process_behind")
 cell("warm window", "sigterm", "the warm build stops with the rest")
@@ -175,11 +177,9 @@ cell(("watch", "after_switch", "stop", "warm window"), "active_frozen", "no traf
      "after app.stop.timeout)")
 cell("idle", "active_frozen", "with app.health.url: replaced after `failures` checks, like a crash; from then on new "
      "requests are held for the replacement, not sent into it (runtime switch, HTTP); the hung app is not drained "
-     "(what is inside never finishes): it gets its stop signal once the replacement serves, SIGKILL after "
-     "app.stop.timeout, and the requests it had accepted fail then (counted lost); those still in its queue go to "
-     "the replacement; a second SIGTERM to the daemon kills it at once",
-     "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it",
-     "test_a_second_sigterm_forces_the_shutdown_while_a_recovery_stops_a_hung_app")
+     "(what is inside never finishes): it gets SIGKILL once the replacement serves (its stop would hang too), and "
+     "the requests it had accepted fail then (counted lost); those still in its queue go to the replacement",
+     "test_hung_active_app_is_replaced", "test_new_requests_wait_for_the_replacement_of_a_hung_app_instead_of_hanging_in_it")
 
 # --- the new build killed
 cell(("prepare", "start"), "new_killed", "n/a: nothing started yet")

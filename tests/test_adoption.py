@@ -49,9 +49,10 @@ def test_a_swap_killed_before_its_standby_was_recorded_looks_for_it_on_the_other
 
 
 def test_a_dead_old_active_with_a_live_standby_finishes_with_the_standby() -> None:
-    # Never stop a process that may be serving: nginx may already point at it.
+    # Never stop a process that may be serving: nginx may already point at it; but it serves only
+    # once it passes app.ready (the killed daemon may have started it a moment ago).
     d = decide(State(active=BLUE, swap=swap("switch")), alive={202})
-    assert d == Adoption(Action.FINISH, GREEN, (), switch=True)
+    assert d == Adoption(Action.FINISH, GREEN, (), switch=True, ready_first=True)
 
 
 def test_everything_dead_but_a_leftover_starts_fresh_and_stops_the_leftover() -> None:

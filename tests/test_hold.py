@@ -311,3 +311,36 @@ def test_what_nginx_sent_to_the_dying_app_unread_is_answered_by_the_next_build(s
     hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
     assert hold["lost"] == 0 and hold["held"] >= 5, hold
     assert not sockets.listening(port) or run.proc.pid not in sockets.listening_pids(port)  # (the copy let go)
+
+
+WARMING = """
+const http = require('http');
+const began = Date.now();  // listens at once, answers 503 for its first WARM_MS (a JVM warming up)
+http.createServer((req, res) => {
+  const warm = Date.now() - began >= WARM_MS;
+  res.writeHead(warm ? 200 : 503, {'content-type': 'text/plain'});
+  res.end(warm ? 'ready\\n' : 'warming up\\n');
+}).listen(Number(process.env.PORT), '127.0.0.1');
+"""
+
+
+def test_a_daemon_killed_while_a_crash_restart_gets_ready_lets_no_request_reach_it_before_it_is(
+        make_daemon: Any, releases: Path) -> None:
+    """The daemon killed while its crash restart's new build is still getting ready (it listens,
+    and answers 503 for 3 s): the next daemon finishes the restart only once that build passes
+    app.ready; until then nginx holds requests, and none gets the warming-up answer."""
+    from helpers import make_build
+
+    run = make_daemon(build=make_build(releases, "v1", server_js=WARMING.replace("WARM_MS", "0")))
+    warming = make_build(releases, "v2", server_js=WARMING.replace("WARM_MS", "3000"))
+    r = run.cli("swap", str(warming))
+    assert r.returncode == 0, r.stdout + r.stderr  # (its own readiness waited the 3 s)
+    pid = run.status()["active"]["pid"]
+    os.kill(pid, signal.SIGKILL)  # the crash restart starts v2 again: 3 s of warming up
+    wait_until(lambda: run.phase() == "ready", 30, "the crash restart to wait for its build", run.output)
+    run.kill()
+    run.start(wait=False)
+    answers = [httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30) for _ in range(5)]
+    assert [(a.status_code, a.text) for a in answers] == [(200, "ready\n")] * 5, [(a.status_code, a.text)
+                                                                                   for a in answers]
+    wait_until(run.serving, 60, "the next daemon to serve", run.output)

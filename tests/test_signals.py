@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -40,18 +38,16 @@ def test_a_removed_daemon_log_comes_back(make_daemon, releases: Path) -> None:
                "daemon.log to be written again")
 
 
-def test_a_second_sigterm_forces_the_shutdown_while_a_recovery_stops_a_hung_app(make_daemon) -> None:
-    """The first SIGTERM waits for the recovery swap's stop of the hung app (60 s: a hung app is not
-    drained, its requests never finish); the second one must not: nginx and both builds are killed
-    and the daemon exits."""
-    run: DaemonRun = make_daemon(drain_timeout=60, stop_timeout=60,
-                                 extra='[app.health]\nurl = "http://127.0.0.1:{port}/health"\ninterval = 0.2\n'
-                                       'timeout = 0.5\nfailures = 2')
-    hung = run.status()["active"]["pid"]
-    with_request = threading.Thread(target=lambda: _get(run.listen_port, "/slow?ms=100"), daemon=True)
-    os.killpg(os.getpgid(hung), signal.SIGSTOP)
-    with_request.start()  # a request inside the hung app
-    wait_until(lambda: run.phase() == "stop", 60, "the recovery swap to stop the hung app", run.output)
+def test_a_second_sigterm_forces_the_shutdown_while_a_swap_waits_for_the_old_build_to_stop(make_daemon,
+                                                                                          short_tmp: Path) -> None:
+    """The first SIGTERM waits for the swap's stop of an old build that takes its time to exit
+    (60 s of app.stop.timeout); the second one must not: nginx and both builds are killed and
+    the daemon exits."""
+    gate = short_tmp / "gate"  # never opened: the old build's SIGTERM handler waits for it
+    releases = short_tmp / "releases"
+    run: DaemonRun = make_daemon(build=app_build(releases, "v1", gate=gate, stop_gate=True), stop_timeout=60)
+    swap = run.cli_background("swap", str(app_build(releases, "v2")))
+    wait_until(lambda: run.phase() == "stop", 60, "the swap to wait for the old build's stop", run.output)
     assert run.proc is not None
     run.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "shutting down" in run.output(), 30, "the graceful shutdown to begin")
@@ -59,6 +55,7 @@ def test_a_second_sigterm_forces_the_shutdown_while_a_recovery_stops_a_hung_app(
     run.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: run.proc.poll() is not None, 30, "the second SIGTERM to end the daemon", run.output)
     assert "second signal: forcing shutdown" in run.output()
+    swap.communicate(timeout=30)
     # (what got SIGKILL is gone within moments; nothing may have been started again meanwhile)
     wait_until(lambda: run.leftovers() == [], 10, "no process left after a forced shutdown", run.output)
     assert "restarted" not in run.output().split("second signal")[-1]

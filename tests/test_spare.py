@@ -160,7 +160,8 @@ def test_a_hung_spare_at_a_crash_is_killed_at_once_and_the_build_started_afresh(
 
 def test_a_ready_spare_is_taken_even_past_restart_attempts(make_daemon: Any, releases: Path) -> None:
     """app.restart.attempts stops boot loops; taking a ready spare boots nothing, so crashes in a
-    row past it still move traffic to the spare instead of giving up (status never `failed`)."""
+    row past it still move traffic to the spare instead of giving up (status never `failed`), and
+    count for nothing when a crash later needs a boot."""
     run = make_daemon(build=app_build(releases, "v1"), app=SPARE, extra="[app.restart]\nattempts = 1\n")
     for _ in range(3):
         spare = spare_ready(run, "v1")["spare"]
@@ -168,6 +169,13 @@ def test_a_ready_spare_is_taken_even_past_restart_attempts(make_daemon: Any, rel
         st = restarted(run, pid)
         assert st["active"]["pid"] == spare["pid"] and st["daemon"]["status"] == "serving", st["daemon"]
         assert answering(run.listen_port, {"v1": 4})
+    # Those took no boot, so they used none of the attempts: the active and its spare killed
+    # together, the build is booted afresh (not `failed`).
+    spare = spare_ready(run, "v1")["spare"]
+    os.killpg(spare["pid"], signal.SIGKILL)
+    pid, _ = crash(run)
+    st = restarted(run, pid)
+    assert st["daemon"]["status"] == "serving" and st["active"]["pid"] != spare["pid"], st["daemon"]
 
 
 def test_a_warm_build_that_dies_is_said_and_frees_its_slot_for_a_spare(make_daemon: Any, releases: Path) -> None:

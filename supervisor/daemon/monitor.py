@@ -163,7 +163,7 @@ class Monitor:
         else:
             fresh = False
         spare = await app.spare.take(dead.build)  # ready: no boot to wait for, so no backoff either
-        if app.count_restart(reset=fresh) > r.attempts and spare is None:  # (a ready spare costs no boot: taken)
+        if spare is None and app.count_restart(reset=fresh) > r.attempts:  # (restarts count boots: a spare is none)
             app.set_status(DaemonStatus.FAILED, f"the app {'stopped answering' if hung else 'crashed'} "
                            f"{app.restarts - 1} times in a row; not restarting it again. Fix the build and "
                            f"`bluegreen swap` to it (see {dead.log_path})")

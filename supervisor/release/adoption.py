@@ -9,8 +9,8 @@ start fresh; and which leftovers to drain and stop. The caller carries it out.
                                active alive          -> finish: adopt it, retire the old one
                              it had not
                                active alive          -> undo: adopt it, retire the new one
-                             active dead, new alive  -> finish with the new one (it may serve),
-                                                        unless it was paused for a preview nobody
+                             active dead, new alive  -> finish with the new one once it passes
+                                                        app.ready, unless it was paused for a preview nobody
                                                         promoted: then a fresh start of the old build
                              both dead               -> fresh start; stop whatever is left
 After an interrupted swap nobody knows which upstream nginx loaded: it is switched again.
@@ -43,6 +43,7 @@ class Adoption:
     retire: tuple[SlotState, ...] = ()  # live leftovers: drained (unless starting fresh), then stopped
     unrecorded_slot: str | None = None  # a standby may run there unrecorded (killed before it was saved)
     switch: bool = False  # point nginx at the active slot even if its upstream seems right
+    ready_first: bool = False  # the swap had not switched to it: it must pass app.ready before it serves
 
 
 def decide(state: State, alive: Collection[int]) -> Adoption:
@@ -60,7 +61,7 @@ def decide(state: State, alive: Collection[int]) -> Adoption:
     if active is not None:
         return Adoption(Action.UNDO, active, _others(active, standby), unrecorded, switch=True)
     if standby is not None and swap.awaiting != "paused":
-        return Adoption(Action.FINISH, standby, _others(standby, old), switch=True)
+        return Adoption(Action.FINISH, standby, _others(standby, old), switch=True, ready_first=True)
     return Adoption(Action.FRESH, None, _others(None, old, standby), unrecorded)
 
 

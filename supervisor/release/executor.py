@@ -241,7 +241,7 @@ class SlotOps:
             until = self.app.release.keep_warm(plan.old, plan.keep_warm)
             self.app.retired(plan.old)
             return {"pid": plan.old.pid, "how": f"kept warm for {plan.keep_warm:g}s (no traffic)", "warm_until": until}
-        result = await self.app.stop(plan.old)
+        result = await self.app.stop(plan.old, graceful=not plan.old_hung)  # (hung: its stop would hang too)
         self.app.retired(plan.old)
         if self.still_open:  # what became of the connections the drain left open, exactly
             result["warning"] = (f"{self.still_open} connection(s) left open at drain.timeout were cut: the old build "

@@ -180,7 +180,8 @@ class Spare:
             return None
         ready = self.app.config.app.ready
         url = self.app.launcher.url(ready.url, proc)
-        ok, what = await (probes.alive(url, 2.0) if url else probes.tcp_ok(proc.port, ready.send, ready.expect))
+        wait = min(2.0, self.app.config.app.health.timeout)  # (held requests wait for this answer)
+        ok, what = await (probes.alive(url, wait) if url else probes.tcp_ok(proc.port, ready.send, ready.expect, wait))
         if not ok:
             log.warning("the spare (pid %d) does not answer (%s): starting the build afresh", proc.pid, what)
             await self._stop(proc, f"it did not answer ({what})", graceful=False)

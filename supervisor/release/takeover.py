@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import client
 from ..config.schema import other_slot
+from ..errors import BluegreenError
 from ..processes import slots
 from ..state import InterruptedSwap
 from . import adoption
@@ -46,6 +47,9 @@ async def adopt(app: App) -> bool:
         leftovers += slots.find_ours(app.state_dir, decision.unrecorded_slot,
                                      app.launcher.log_path(decision.unrecorded_slot))
     active = slots.adopt_state(decision.active, app.state_dir) if decision.active else None
+    if active is not None and decision.ready_first and not await _ready(app, active):
+        leftovers.append(active)
+        active = None
     if active is None:
         for p in leftovers:  # they would hold the ports the fresh start needs
             await app.retire(p, drain=False)
@@ -69,6 +73,24 @@ async def adopt(app: App) -> bool:
     _end_interrupted(app, state.swap, decision.action, drained)
     app.serving(active)
     app.keeper.save()
+    return True
+
+
+async def _ready(app: App, proc: slots.AppProcess) -> bool:
+    """The interrupted swap's new build passes app.ready before it serves (the killed daemon may
+    have started it a moment ago); nginx holds requests meanwhile. Its log is not read (what it
+    printed before this daemon started is not told apart from earlier runs' lines)."""
+    import dataclasses
+
+    from ..processes import probes
+
+    ready = dataclasses.replace(app.config.app.ready, log=None)
+    try:
+        await probes.wait_ready(proc, ready, app.launcher.url(ready.url, proc))
+    except BluegreenError as e:
+        log.warning("the interrupted swap's new build (pid %d) did not get ready: %s; starting afresh", proc.pid,
+                    e.message.splitlines()[0])
+        return False
     return True
 
 

@@ -245,10 +245,10 @@ function M.hold(app)
     if addr == app.fail504 then return ngx.exit(504) end
     local dict = ngx.shared[app.table]
     local start, nap = ngx.now(), 0.002
-    dict:incr("held", 1, 0)  -- (counted here: what the daemon hands over from a dead app's queue comes in too)
     if dict:incr("holding", 1, 0) > app.hold_max then  -- full: each held request takes three connections
         return give_up(app, dict, nil)
     end
+    dict:incr("held", 1, 0)  -- (counted here: what the daemon hands over from a dead app's queue comes in too)
     while true do
         local pause = dict:get("pause")
         local port = route_port(app, dict)
