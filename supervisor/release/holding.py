@@ -18,7 +18,7 @@ from ..proxy.front import FrontProxy
 from .phases import SwapRecord
 
 log = logging.getLogger("bluegreen")
-SETTLE = 1.0  # seconds a crash restart waits for nginx's held requests to reach the new build before counting
+SETTLE = 1.0  # seconds a crash restart waits, at most, for nginx's counts to settle (held requests on their way)
 
 
 class Holding:
@@ -46,10 +46,12 @@ class Holding:
         before, self.before = self.before, None
         deadline = time.monotonic() + SETTLE
         try:
-            now = await self.proxy.hold()
-            while now is not None and now.holding and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                now = await self.proxy.hold()
+            now, last = await self.proxy.hold(), None
+            # Until nothing is held and two looks 50 ms apart agree: what a stopped app's last
+            # requests cost is logged by nginx a moment after its end.
+            while now is not None and (now.holding or last != now) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05 if not now.holding else 0.02)
+                last, now = now, await self.proxy.hold()
         except BluegreenError:
             return
         if now is None:
