@@ -320,3 +320,23 @@ def test_the_grpc_health_client_reads_padded_frames_and_a_graceful_goaway(loop: 
 
     assert loop.run_until_complete(serve(1)) == "SERVING"
     assert loop.run_until_complete(serve(0)).startswith("the server refused the call (GOAWAY")
+
+
+def test_a_process_whose_exit_has_begun_is_told_apart_before_it_is_reaped() -> None:
+    """A SIGKILLed child not reaped yet is still "running" to psutil; its kernel flags say its
+    exit has begun (the crash count's baseline must not be taken then)."""
+    import os
+    import signal
+    import subprocess
+
+    from supervisor.processes import procs
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not procs.exiting(p.pid) and not procs.exiting(os.getpid())
+        os.kill(p.pid, signal.SIGKILL)
+        wait_until(lambda: procs.exiting(p.pid), 10, "the kill to begin its exit")
+    finally:
+        p.kill()
+        p.wait()
+    assert procs.exiting(p.pid)  # reaped: gone

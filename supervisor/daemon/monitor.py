@@ -11,7 +11,7 @@ import time
 
 from ..config.schema import expand
 from ..errors import BluegreenError
-from ..processes import probes, slots
+from ..processes import probes, procs, slots
 from ..processes.slots import AppProcess
 from ..proxy.counters import Hold
 from ..proxy.managed import ManagedNginx
@@ -198,12 +198,15 @@ class Monitor:
     async def look_at_hold(self) -> None:
         """Keep nginx's hold counters as they were a moment ago, while the active app lives: what
         its crash is counted from."""
-        if self.app.active is None or not self.app.active.alive():
-            return
+        active = self.app.active
         try:
-            self.hold_seen = await self.app.proxy.hold()
+            seen = await self.app.proxy.hold()
         except BluegreenError:
-            pass
+            return
+        # Checked after the read: an app already dying then (killed, not yet reaped) may have had
+        # its lost requests counted in it, and its crash must be counted from an earlier look.
+        if active is not None and active.alive() and not procs.exiting(active.pid):
+            self.hold_seen = seen
 
     async def crashed_during_a_swap(self) -> None:
         """The active build died while a swap starts its replacement: said at once (event `crash`),

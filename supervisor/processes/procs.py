@@ -25,6 +25,20 @@ def alive(pid: int, create_time: float | None = None) -> bool:
         return False
 
 
+PF_EXITING = 0x4  # the kernel's task flag: its exit has begun (a SIGKILL is being carried out)
+
+
+def exiting(pid: int) -> bool:
+    """Whether `pid`'s exit has begun, or is over (a process tearing down is not reaped yet, and
+    psutil still calls it running)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return True
+    return bool(int(fields[6]) & PF_EXITING)  # (flags: the 9th field, the 7th after the name)
+
+
 def running(p: psutil.Process) -> bool:
     """The same rule for a psutil handle (its start time is checked by psutil itself)."""
     try:
