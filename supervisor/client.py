@@ -82,6 +82,8 @@ def hold_line(h: dict[str, Any]) -> str:
         text += f", {h['still_held']} still held"
     if h.get("lost"):
         text += f"; {h['lost']} lost (the app had them when it died)"
+    if h.get("nginx_restarted"):
+        text += "; nginx restarted meanwhile: what its old workers held or lost is not in these counts"
     return text
 
 

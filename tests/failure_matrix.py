@@ -105,9 +105,11 @@ cell("rollout step", "master", "restarted at once, the split still on",
      "test_nginx_restarted_mid_rollout_comes_back_with_the_split")
 cell("switch", "master", "reload switch: the switch fails (`nginx_down`), traffic unchanged; runtime switch: the "
      "route is set on the restarted nginx")
-cell("idle", "master", RESTARTED + " (in-flight requests on its workers finish)",
+cell("idle", "master", RESTARTED + " (in-flight requests on its workers finish); if the app dies with it, the crash "
+     "record says its counts are partial (what the old workers held and lost died with them)",
      "test_killed_managed_nginx_master_is_restarted", "test_a_restarted_nginx_routes_to_the_active_slot",
-     "test_killed_master_is_replaced_without_waiting_for_its_workers_requests")
+     "test_killed_master_is_replaced_without_waiting_for_its_workers_requests",
+     "test_a_crash_as_the_managed_nginx_dies_too_says_its_counts_are_partial")
 
 # --- one nginx worker killed: its own connections fail, the master forks another
 WORKER = "that worker's requests fail; the master forks another"

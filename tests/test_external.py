@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -241,18 +242,24 @@ def test_runtime_part_included_inside_a_server_block_is_refused_with_where_to_pu
 PREVIEW = {"X-Bluegreen-Preview": "1"}
 
 
-def test_preview_in_the_users_nginx_with_the_reload_switch_needs_the_route_variable(
-        make_daemon, system_nginx, releases: Path) -> None:
-    """The README's line: with your own nginx and reloads, `proxy_pass http://$<upstream_name>_route;`
-    (defined by the upstream file's maps) lets the preview through; the pause output says so."""
-    conf = system_nginx["conf"]
-    conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
+def proxy_pass_the_route_variable(system_nginx: dict[str, Any]) -> None:
+    """The user's location as the docs say for the reload switch's preview
+    (`proxy_pass http://$myapp_route;`), loaded by a reload of their nginx."""
     from supervisor.proxy.master import workers
 
+    conf = system_nginx["conf"]
+    conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
     master = system_nginx["master"].pid
     before = set(workers(master))
     subprocess.run(system_nginx["base"] + ["-s", "reload"], check=True)
     wait_until(lambda: workers(master) and not set(workers(master)) & before, 30, "the user's nginx to reload")
+
+
+def test_preview_in_the_users_nginx_with_the_reload_switch_needs_the_route_variable(
+        make_daemon, system_nginx, releases: Path) -> None:
+    """The README's line: with your own nginx and reloads, `proxy_pass http://$<upstream_name>_route;`
+    (defined by the upstream file's maps) lets the preview through; the pause output says so."""
+    proxy_pass_the_route_variable(system_nginx)
     run = external_daemon(make_daemon, system_nginx, releases)
     r = run.cli("swap", str(make_build(releases, "v2")), "--pause")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -285,14 +292,7 @@ def test_a_location_written_for_the_reload_switch_works_unchanged_with_the_runti
     """Moving from `switch = "reload"` to `"runtime"` keeps the preview line the docs asked for
     (`proxy_pass http://$myapp_route;`): the runtime part defines the variable too (the balancer
     does the preview), so the daemon starts and the preview still works."""
-    conf = system_nginx["conf"]
-    conf.write_text(conf.read_text().replace("proxy_pass http://myapp;", "proxy_pass http://$myapp_route;"))
-    from supervisor.proxy.master import workers
-
-    master = system_nginx["master"].pid
-    before = set(workers(master))
-    subprocess.run(system_nginx["base"] + ["-s", "reload"], check=True)
-    wait_until(lambda: workers(master) and not set(workers(master)) & before, 30, "the user's nginx to reload")
+    proxy_pass_the_route_variable(system_nginx)
     run = external_daemon(make_daemon, system_nginx, releases, extra='switch = "runtime"')
     assert http_get(run.listen_port, "/") == (200, "hello from v1\n")
     r = run.cli("swap", str(make_build(releases, "v2")), "--pause")

@@ -40,6 +40,18 @@ def crash(run: Any) -> tuple[int, float]:
     return active["pid"], time.time()
 
 
+def crash_under_load(run: Any) -> tuple[Load, float, dict[str, Any], dict[str, Any]]:
+    """Four clients (one request in five slow) through a SIGKILL of the active app, until the
+    restart serves them: (the clients, when the app died, the status then, the restart's `hold`)."""
+    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
+        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+        pid, dead_at = crash(run)
+        st = restarted(run, pid)
+        after = load.total
+        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
+    return load, dead_at, st, next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+
+
 def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
     out: list[Any] = []
 
@@ -58,13 +70,7 @@ def test_a_crash_under_load_fails_only_the_requests_the_dead_app_had(shape: Any,
     0.5 s: no request sent after the app died fails; those that failed are exactly the ones nginx
     counted lost (sent to the app before it died), and the restart's record says what was held."""
     run, _ = shape(build=app_build(releases, "v1", boot_ms=500))
-    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
-        wait_until(lambda: load.ok >= 20, 30, "load to flow")
-        pid, dead_at = crash(run)
-        st = restarted(run, pid)
-        after = load.total
-        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
-    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    load, dead_at, _, hold = crash_under_load(run)
     assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
     assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
     assert hold["held"] >= 4 and hold["hold_timeouts"] == 0 and hold["still_held"] == 0, hold  # a boot of 0.5 s
@@ -344,3 +350,18 @@ def test_a_daemon_killed_while_a_crash_restart_gets_ready_lets_no_request_reach_
     assert [(a.status_code, a.text) for a in answers] == [(200, "ready\n")] * 5, [(a.status_code, a.text)
                                                                                    for a in answers]
     wait_until(run.serving, 60, "the next daemon to serve", run.output)
+
+
+def test_a_crash_as_the_managed_nginx_dies_too_says_its_counts_are_partial(make_daemon: Any, releases: Path) -> None:
+    """nginx's counters live in its shared memory: when its master dies with the app, what the old
+    workers held and lost is gone, and the restart's record says its counts are partial rather
+    than claim none was lost."""
+    run = make_daemon(build=app_build(releases, "v1"))
+    st = run.status()
+    os.kill(st["nginx"]["master_pid"], signal.SIGKILL)
+    os.killpg(st["active"]["pid"], signal.SIGKILL)
+    st = restarted(run, st["active"]["pid"])
+    hold = next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+    assert hold.get("nginx_restarted") is True, hold
+    assert "nginx restarted meanwhile" in run.cli("history").stdout
+    assert httpx.get(f"http://127.0.0.1:{run.listen_port}/", timeout=30).text == "hello from v1\n"

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import Load, answering, running, wait_until
+from helpers import answering, running, wait_until
 from shapes import app_build
-from test_hold import crash, restarted
+from test_hold import crash, crash_under_load, restarted
 from test_metrics import metrics_daemon, scrape, value
 
 pytestmark = pytest.mark.e2e
@@ -44,16 +44,9 @@ def test_a_crash_moves_traffic_to_the_spare_with_no_boot_and_a_new_spare_boots_b
     st = spare_ready(run, "v1")
     spare, dead_slot = st["spare"], st["active"]["slot"]
     assert spare["slot"] != dead_slot and spare["rss"] > 0, spare
-    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
-        wait_until(lambda: load.ok >= 20, 30, "load to flow")
-        pid, dead_at = crash(run)
-        st = restarted(run, pid)
-        after = load.total
-        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
+    load, dead_at, st, hold = crash_under_load(run)
     assert st["active"]["pid"] == spare["pid"], (st["active"], spare)  # the spare itself: nothing booted
-    event = next(e for e in st["events"] if e["event"] == "restarted")
-    assert event.get("spare") is True, event
-    hold = event["hold"]
+    assert next(e for e in st["events"] if e["event"] == "restarted").get("spare") is True, st["events"]
     assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
     assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
     assert hold["hold_timeouts"] == 0 and hold["held_longest"] < SLOW / 1000, hold  # not a boot: a routing change

@@ -13,7 +13,6 @@ from ..config.schema import expand
 from ..errors import BluegreenError
 from ..processes import probes, procs, slots
 from ..processes.slots import AppProcess
-from ..proxy.counters import Hold
 from ..proxy.managed import ManagedNginx
 from ..proxy.render import HOLD
 from ..release.app import App
@@ -33,7 +32,6 @@ class Monitor:
         self.nginx_retry_at = 0.0
         self.health_failures = 0
         self.reconcile_failed = False  # said once, until nginx answers again
-        self.hold_seen: Hold | None = None  # nginx's hold counters at the last reconcile: a crash's baseline
 
     async def run(self) -> None:
         """Supervise, whatever runs: nginx always (restarted when it dies, its routing put back
@@ -90,6 +88,8 @@ class Monitor:
             self.reconcile_failed = True
             return
         self.reconcile_failed = False
+        if again:  # (before the look: that one is from the new nginx)
+            self.app.holding.nginx_restarted()
         await self.look_at_hold()
         if again:
             log.warning("nginx had forgotten its routing (restarted?): set again: %s", again)
@@ -135,6 +135,7 @@ class Monitor:
             app.event("nginx_restart_failed", error=e.message.splitlines()[0], retry_in=delay)
             return
         self.nginx_failures = 0
+        app.holding.nginx_restarted()
         app.warn(None)
         if app.status == DaemonStatus.RECOVERING:
             app.set_status(DaemonStatus.SERVING)
@@ -205,8 +206,8 @@ class Monitor:
             return
         # Checked after the read: an app already dying then (killed, not yet reaped) may have had
         # its lost requests counted in it, and its crash must be counted from an earlier look.
-        if active is not None and active.alive() and not procs.exiting(active.pid):
-            self.hold_seen = seen
+        if seen is not None and active is not None and active.alive() and not procs.exiting(active.pid):
+            self.app.holding.looked(seen)
 
     async def crashed_during_a_swap(self) -> None:
         """The active build died while a swap starts its replacement: said at once (event `crash`),
@@ -229,16 +230,16 @@ class Monitor:
         """Tell nginx `dead`'s port cannot answer: new requests are held (not sent into a hung app,
         nor to a dead one's refused port) until a build answers, and what it sent there before it
         knew goes to the hold server too (processes/catcher.py). Its counters from the last look
-        before the crash are what the restart's record counts from."""
+        before the crash (holding.looked) are what the restart's record counts from."""
         app = self.app
         try:
             now = await app.proxy.hold(f"down {dead.port}")
         except BluegreenError as e:
             log.warning("could not tell nginx to hold new requests: %s", e.message)
             return
-        if now is not None:
+        if now is not None:  # (the reload switch holds nothing)
             app.catcher.hand_over(dead.pid, (HOLD, app.proxy.hold_port()))
-        app.holding.crashed(self.hold_seen or now)
+            app.holding.crashed(now)
 
     async def check_health(self) -> None:
         """A liveness check of the active app; after `failures` in a row it counts as hung and is

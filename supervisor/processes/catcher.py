@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from typing import Any
 
@@ -35,6 +34,7 @@ CHUNK = 65536
 class Catcher:
     def __init__(self) -> None:
         self.pid = 0  # the app whose listeners are copied (0: none)
+        self.tried = 0  # the last app a copy was tried for (once per process: a scan of /proc)
         self.port = 0
         self.socks: list[socket.socket] = []
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -42,12 +42,13 @@ class Catcher:
 
     def keep(self, app: AppProcess | None) -> None:
         """Copy `app`'s listening sockets (once per process); a copy of another app's is dropped."""
-        if app is None or app.pid == self.pid or not app.alive():
+        if app is None or app.pid in (self.pid, self.tried) or not app.alive():
             return
         self.drop()
+        self.tried = app.pid  # (a copy that cannot be taken is not tried again at every look)
         try:
             inodes = {c.inode for c in sockets.listening(app.port)}
-            owned = copies.owners(holders(app) - {os.getpid()})
+            owned = copies.owners(holders(app))  # (never the daemon itself)
             socks = [copies.take(*owned[inode], inode) for inode in inodes if inode in owned]
         except OSError as e:
             log.debug("no copy of %s's listener (pid %d): %s", app.slot, app.pid, e)
@@ -60,7 +61,7 @@ class Catcher:
             return
         for s in self.socks:
             s.close()
-        self.pid, self.port, self.socks = 0, 0, []
+        self.pid, self.port, self.socks, self.tried = 0, 0, [], 0
 
     def free(self, port: int) -> None:
         """`port` is needed for a new start: nothing of ours may listen there any more."""

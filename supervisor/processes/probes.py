@@ -215,6 +215,13 @@ async def alive(url: str, timeout: float) -> tuple[bool, str]:
         return await _http_ok(client, url, None)
 
 
+async def answers(port: int, ready: ReadyConfig, url: str | None,
+                  timeout: float = ATTEMPT_TIMEOUT) -> tuple[bool, str]:
+    """One readiness check, no wait, of an app about to take traffic at once (the warm build, the
+    spare): its app.ready URL, else a connect (and app.ready.send/expect)."""
+    return await (alive(url, timeout) if url else tcp_ok(port, ready.send, ready.expect, timeout))
+
+
 async def run_checks(port: int, checks: Sequence[CheckConfig]) -> list[dict[str, Any]]:
     """Every smoke check against the app on `port` (not through nginx), in order; one result
     each: what it asked, what it got, and whether that was what it expected."""

@@ -93,8 +93,8 @@ class Release:
             return
         from ..processes import probes
 
-        url = self.app.launcher.url(self.app.config.app.ready.url, warm.app)
-        ok, what = await (probes.alive(url, 2.0) if url else probes.tcp_ok(warm.app.port))
+        ready = self.app.config.app.ready
+        ok, what = await probes.answers(warm.app.port, ready, self.app.launcher.url(ready.url, warm.app))
         if not ok:
             log.warning("the warm %s (pid %d) does not answer (%s): rolling back with a fresh start",
                         warm.app.slot, warm.app.pid, what)

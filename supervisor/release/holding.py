@@ -27,12 +27,26 @@ class Holding:
         self.before: Hold | None = None  # nginx's counters before a crash, until the swap that serves again counts them
         self.counted: Hold | None = None  # nginx's counters when the last crash was counted: the next one's floor
         self.paused: tuple[float, float, Hold] | None = None  # `pause`: since (wall clock), hold per request, counters
+        self.seen: Hold | None = None  # nginx's counters at the last look while the active app lived
+        self.fresh_nginx = False  # nginx restarted since that look: its old workers' counts are gone
+        self.partial = False  # so for the outage being counted: its record says its counts are partial
 
-    def crashed(self, before: Hold) -> None:
-        """The active app died (or hung) while nginx's counters were `before` (or later: what an
-        earlier crash's count already took in is not counted twice)."""
+    def looked(self, seen: Hold) -> None:
+        """nginx's counters while the active app lived (and was not dying): a crash's baseline."""
+        self.seen, self.fresh_nginx = seen, False
+
+    def nginx_restarted(self) -> None:
+        """What the old nginx held and lost died with it: no baseline, no floor from it, and the
+        outage under way (or the next) says its counts are partial."""
+        self.seen, self.counted, self.fresh_nginx = None, None, True
+        self.partial = self.partial or self.before is not None
+
+    def crashed(self, now: Hold) -> None:
+        """The active app died (or hung); nginx's counters are `now` (the last look's are the
+        baseline; what an earlier crash's count already took in is not counted twice)."""
         if self.before is not None:
             return  # (a crash while the last one's outage lasts: one outage, counted once)
+        before, self.partial = self.seen or now, self.fresh_nginx
         floor = self.counted
         later = floor is not None and floor.held + floor.lost > before.held + before.lost
         self.before = floor if later else before
@@ -58,6 +72,8 @@ class Holding:
             return
         self.counted = now
         record.details["hold"] = held = now.since(before).report()
+        if self.partial:
+            held["nginx_restarted"], self.partial = True, False
         log.info("the crash restart %s", client.hold_line(held))
 
     async def pause(self, hold: float | None) -> dict[str, Any]:

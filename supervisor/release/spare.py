@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from ..aio import shielded
-from ..config.schema import expand, other_slot
+from ..config.schema import StopConfig, expand, other_slot
 from ..errors import BluegreenError
 from ..processes import probes, slots
 from ..state import DaemonStatus
@@ -138,12 +138,9 @@ class Spare:
         app.event("spare_failed", why=desc, failures=self.failures, **({"gave_up": True} if self.gave_up else {}))
 
     async def _stop(self, proc: slots.AppProcess, why: str, graceful: bool = True) -> None:
-        """Stop the spare: no drain, and its stop signal only STOP seconds (SIGKILL at once for one
-        that is hung): it never had traffic, and a crash restart may be waiting for its slot."""
         self._forget()
         if proc.alive():
-            s = self.app.config.app.stop
-            result = await slots.stop(proc, s.signal, min(s.timeout, STOP) if graceful else 0.0)
+            result = await stop(proc, self.app.config.app.stop, graceful)
             log.info("spare %s (pid %d) stopped, %s: %s", proc.slot, proc.pid, why, result["how"])
         self.app.keeper.save_quietly()
 
@@ -164,7 +161,7 @@ class Spare:
     async def discard(self, proc: slots.AppProcess | None) -> None:
         """A spare taken for a crash restart that did not run (a user's swap came first)."""
         if proc is not None and proc.alive() and proc is not self.app.active:
-            await slots.stop(proc, self.app.config.app.stop.signal, STOP)
+            await stop(proc, self.app.config.app.stop)
 
     async def take(self, build: Path) -> slots.AppProcess | None:
         """A crash: the spare of `build`, ready (a boot under way is waited for: it ends sooner than
@@ -179,9 +176,8 @@ class Spare:
         if proc is None or self.ready_at is None or not proc.alive() or proc.build != build:
             return None
         ready = self.app.config.app.ready
-        url = self.app.launcher.url(ready.url, proc)
-        wait = min(2.0, self.app.config.app.health.timeout)  # (held requests wait for this answer)
-        ok, what = await (probes.alive(url, wait) if url else probes.tcp_ok(proc.port, ready.send, ready.expect, wait))
+        ok, what = await probes.answers(proc.port, ready, self.app.launcher.url(ready.url, proc),
+                                        min(probes.ATTEMPT_TIMEOUT, self.app.config.app.health.timeout))  # (held)
         if not ok:
             log.warning("the spare (pid %d) does not answer (%s): starting the build afresh", proc.pid, what)
             await self._stop(proc, f"it did not answer ({what})", graceful=False)
@@ -216,3 +212,10 @@ class Spare:
             return f"the daemon is {app.status}"
         left = self.retry_at - time.monotonic()
         return f"the next one starts in {left:.1f}s" if left > 0 else "about to start"
+
+
+async def stop(proc: slots.AppProcess, how: StopConfig, graceful: bool = True) -> dict[str, Any]:
+    """Stop a spare (this daemon's, or one a killed daemon left): no drain, and its stop signal only
+    STOP seconds (SIGKILL at once for one that is hung): it never had traffic, and a crash
+    restart may be waiting for its slot."""
+    return await slots.stop(proc, how.signal, min(how.timeout, STOP) if graceful else 0.0)

@@ -14,7 +14,7 @@ from ..processes import slots
 from ..state import InterruptedSwap
 from . import adoption
 from .phases import RELEASES, SwapRecord
-from .spare import STOP as SPARE_STOP
+from .spare import stop as stop_spare
 
 if TYPE_CHECKING:
     from .app import App
@@ -40,7 +40,7 @@ async def adopt(app: App) -> bool:
     if spare is not None and (decision.active is None or spare.pid != decision.active.pid):
         # This daemon boots its own (and watches it from the start). It never had traffic: no
         # drain, a short stop (a hung one must not keep the new daemon from watching what serves).
-        result = await slots.stop(spare, app.config.app.stop.signal, min(app.config.app.stop.timeout, SPARE_STOP))
+        result = await stop_spare(spare, app.config.app.stop)
         log.info("stopped the previous daemon's spare %s (pid %d): %s", spare.slot, spare.pid, result["how"])
     app.keeper.spare(None)
     if decision.unrecorded_slot:  # killed between spawning a standby and recording it
