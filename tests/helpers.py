@@ -569,6 +569,39 @@ def example_config(example: Path, dest: Path, listen: int, ports: tuple[int, int
     return dest
 
 
+class HttpxClients(ClientThreads):
+    """What users run: httpx clients, each with its own pool of kept-alive connections, one
+    request in `slow_every` slow; every failure counted (a status other than 200, or an error),
+    and when the last one was sent."""
+
+    def __init__(self, port: int, clients: int = 2, slow_every: int = 5, slow_ms: int = 300) -> None:
+        super().__init__(clients)
+        self.url, self.slow_every, self.slow_ms = f"http://127.0.0.1:{port}", slow_every, slow_ms
+        self.ok = 0
+        self.failures: Counter[str] = Counter()
+        self.last_failure_at = 0.0
+
+    def _client(self, index: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=30, trust_env=False) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                path = f"/slow?ms={self.slow_ms}" if n % self.slow_every == 0 else "/"
+                sent = time.time()
+                try:
+                    kind = None if client.get(path).status_code == 200 else "http_error"
+                except httpx.HTTPError as e:
+                    kind = type(e).__name__
+                with self.lock:
+                    if kind is None:
+                        self.ok += 1
+                    else:
+                        self.failures[kind] += 1
+                        self.last_failure_at = max(self.last_failure_at, sent)
+
+
 class KeepAlive(ClientThreads):
     """Clients that each keep one connection open and send a request every few milliseconds;
     every answer is recorded with the times it was asked for and arrived, every failure counted."""

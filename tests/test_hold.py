@@ -9,13 +9,14 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from helpers import Load, running, wait_until
+from helpers import HttpxClients, Load, running, wait_until
 from shapes import app_build
 from supervisor.processes import sockets
 
@@ -40,16 +41,21 @@ def crash(run: Any) -> tuple[int, float]:
     return active["pid"], time.time()
 
 
-def crash_under_load(run: Any) -> tuple[Load, float, dict[str, Any], dict[str, Any]]:
-    """Four clients (one request in five slow) through a SIGKILL of the active app, until the
-    restart serves them: (the clients, when the app died, the status then, the restart's `hold`)."""
-    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load:
-        wait_until(lambda: load.ok >= 20, 30, "load to flow")
+def crash_under_load(run: Any) -> tuple[Counter[str], float, float, dict[str, Any], dict[str, Any]]:
+    """Clients through a SIGKILL of the active app until the restart serves them: four on fresh
+    connections, and two httpx clients on kept-alive ones (what users run); one request in five
+    slow. (Every failure by kind, when the last failed one was sent, when the app died, the status
+    then, the restart's `hold`.)"""
+    with Load(run.listen_port, clients=4, slow_every=5, slow_ms=300) as load, \
+            HttpxClients(run.listen_port, clients=2) as pooled:
+        wait_until(lambda: load.ok >= 20 and pooled.ok >= 20, 30, "load to flow")
         pid, dead_at = crash(run)
         st = restarted(run, pid)
-        after = load.total
-        wait_until(lambda: load.total >= after + 20, 30, "requests after the restart")
-    return load, dead_at, st, next(e for e in st["events"] if e["event"] == "restarted")["hold"]
+        after = load.total + pooled.ok
+        wait_until(lambda: load.total + pooled.ok >= after + 20, 30, "requests after the restart")
+    failures = load.failures + Counter({f"httpx {k}": n for k, n in pooled.failures.items()})
+    return (failures, max(load.last_failure_at, pooled.last_failure_at), dead_at, st,
+            next(e for e in st["events"] if e["event"] == "restarted")["hold"])
 
 
 def in_thread(fn: Any) -> tuple[threading.Thread, list[Any]]:
@@ -70,9 +76,9 @@ def test_a_crash_under_load_fails_only_the_requests_the_dead_app_had(shape: Any,
     0.5 s: no request sent after the app died fails; those that failed are exactly the ones nginx
     counted lost (sent to the app before it died), and the restart's record says what was held."""
     run, _ = shape(build=app_build(releases, "v1", boot_ms=500))
-    load, dead_at, _, hold = crash_under_load(run)
-    assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
-    assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
+    failures, last_failure_at, dead_at, _, hold = crash_under_load(run)
+    assert last_failure_at <= dead_at, (dict(failures), last_failure_at, dead_at)
+    assert sum(failures.values()) == hold["lost"], (dict(failures), hold)
     assert hold["held"] >= 4 and hold["hold_timeouts"] == 0 and hold["still_held"] == 0, hold  # a boot of 0.5 s
     assert hold["held_longest"] >= 0.4, hold
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])

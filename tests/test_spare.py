@@ -44,11 +44,11 @@ def test_a_crash_moves_traffic_to_the_spare_with_no_boot_and_a_new_spare_boots_b
     st = spare_ready(run, "v1")
     spare, dead_slot = st["spare"], st["active"]["slot"]
     assert spare["slot"] != dead_slot and spare["rss"] > 0, spare
-    load, dead_at, st, hold = crash_under_load(run)
+    failures, last_failure_at, dead_at, st, hold = crash_under_load(run)
     assert st["active"]["pid"] == spare["pid"], (st["active"], spare)  # the spare itself: nothing booted
     assert next(e for e in st["events"] if e["event"] == "restarted").get("spare") is True, st["events"]
-    assert load.last_failure_at <= dead_at, (dict(load.failures), load.last_failure_at, dead_at)
-    assert sum(load.failures.values()) == hold["lost"], (dict(load.failures), hold)
+    assert last_failure_at <= dead_at, (dict(failures), last_failure_at, dead_at)
+    assert sum(failures.values()) == hold["lost"], (dict(failures), hold)
     assert hold["hold_timeouts"] == 0 and hold["held_longest"] < SLOW / 1000, hold  # not a boot: a routing change
     entry = json.loads(run.cli("history", "--json").stdout.splitlines()[-1])
     assert entry["reason"] == "recover", entry
